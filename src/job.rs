@@ -1,0 +1,244 @@
+//! Jobs as plain data: what is asked ([`JobSpec`]), what happens ([`JobEvent`]),
+//! and how it ends ([`Outcome`], [`JobResult`]). No I/O and no threads here.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// A job's id: unique within one manager, counting up from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct JobId(pub u64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What a worker must offer to run a job: every listed tag, and the platform if one is named.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Requirements {
+    /// Tags the worker must all have.
+    pub tags: BTreeSet<String>,
+    /// The platform the worker must report (for example `linux-x86_64`), if any.
+    pub platform: Option<String>,
+}
+
+impl Requirements {
+    /// Whether a worker with these tags and this platform may run the job.
+    pub fn matches(&self, tags: &BTreeSet<String>, platform: &str) -> bool {
+        self.platform.as_deref().is_none_or(|p| p == platform) && self.tags.is_subset(tags)
+    }
+}
+
+impl fmt::Display for Requirements {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tags: Vec<&str> = self.tags.iter().map(String::as_str).collect();
+        write!(f, "tags [{}]", tags.join(","))?;
+        if let Some(p) = &self.platform {
+            write!(f, ", platform {p}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A job: a bash script and what the worker running it must offer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Run as `/bin/bash -c SCRIPT` in a fresh private temp folder.
+    pub script: String,
+    /// Which workers may run it.
+    pub requirements: Requirements,
+}
+
+impl JobSpec {
+    /// A job that runs `script` on any worker.
+    pub fn new(script: impl Into<String>) -> JobSpec {
+        JobSpec {
+            script: script.into(),
+            requirements: Requirements::default(),
+        }
+    }
+
+    /// Only workers with this tag may run the job (adds to earlier tags).
+    pub fn require_tag(mut self, tag: impl Into<String>) -> JobSpec {
+        self.requirements.tags.insert(tag.into());
+        self
+    }
+
+    /// Only workers reporting this platform (for example `linux-x86_64`) may run the job.
+    pub fn require_platform(mut self, platform: impl Into<String>) -> JobSpec {
+        self.requirements.platform = Some(platform.into());
+        self
+    }
+}
+
+/// Which output stream bytes came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Stream {
+    /// The job's standard output.
+    Stdout,
+    /// The job's standard error.
+    Stderr,
+}
+
+impl Stream {
+    /// `"stdout"` or `"stderr"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        }
+    }
+}
+
+/// How a job ended. Every submitted job gets exactly one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The script exited with this code.
+    Exited(i32),
+    /// The script was killed by this signal.
+    Signaled(i32),
+    /// The job ran past its deadline and was killed.
+    TimedOut,
+    /// The job was cancelled (before or while running).
+    Cancelled,
+    /// The worker running the job went away before it finished.
+    WorkerLost,
+    /// The job was never run, for this reason (for example: the manager is shutting down).
+    Rejected(String),
+    /// The worker could not start the script (for example: no `/bin/bash`, no temp folder).
+    SpawnFailed(String),
+}
+
+impl Outcome {
+    /// The outcome's name as used in the CLI's JSON: `exited`, `signaled`, `timed_out`,
+    /// `cancelled`, `worker_lost`, `rejected`, `spawn_failed`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Exited(_) => "exited",
+            Outcome::Signaled(_) => "signaled",
+            Outcome::TimedOut => "timed_out",
+            Outcome::Cancelled => "cancelled",
+            Outcome::WorkerLost => "worker_lost",
+            Outcome::Rejected(_) => "rejected",
+            Outcome::SpawnFailed(_) => "spawn_failed",
+        }
+    }
+
+    /// The exit code, for [`Outcome::Exited`].
+    pub fn exit_code(&self) -> Option<i32> {
+        match self {
+            Outcome::Exited(c) => Some(*c),
+            _ => None,
+        }
+    }
+
+    /// True only for `Exited(0)`.
+    pub fn success(&self) -> bool {
+        *self == Outcome::Exited(0)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Exited(c) => write!(f, "exited with code {c}"),
+            Outcome::Signaled(s) => write!(f, "killed by signal {s}"),
+            Outcome::TimedOut => write!(f, "timed out"),
+            Outcome::Cancelled => write!(f, "cancelled"),
+            Outcome::WorkerLost => write!(f, "worker lost"),
+            Outcome::Rejected(r) => write!(f, "rejected: {r}"),
+            Outcome::SpawnFailed(r) => write!(f, "spawn failed: {r}"),
+        }
+    }
+}
+
+/// What happens to a job, in order: `Queued`, then `Started`, any number of `Output`
+/// and `Warning`, and always exactly one `Finished` last.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobEvent {
+    /// The job waits in the manager's queue.
+    Queued,
+    /// A worker took the job.
+    Started {
+        /// The worker's name.
+        worker: String,
+    },
+    /// Bytes the job wrote, as they were produced (never truncated).
+    Output {
+        /// Which stream.
+        stream: Stream,
+        /// The bytes, in order; chunk boundaries carry no meaning.
+        bytes: Vec<u8>,
+    },
+    /// Something worth knowing that did not change the outcome
+    /// (for example: the worker could not delete the job's temp folder).
+    Warning(String),
+    /// The job ended. Nothing follows.
+    Finished(Outcome),
+}
+
+/// A finished job: its outcome and everything it wrote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobResult {
+    /// The job.
+    pub id: JobId,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Its standard output.
+    pub stdout: Vec<u8>,
+    /// Its standard error.
+    pub stderr: Vec<u8>,
+    /// The worker that ran it last, if any did.
+    pub worker: Option<String>,
+    /// Warnings seen on the way (see [`JobEvent::Warning`]).
+    pub warnings: Vec<String>,
+}
+
+impl JobResult {
+    /// Standard output as (lossy) UTF-8.
+    pub fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+
+    /// Standard error as (lossy) UTF-8.
+    pub fn stderr_text(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirements_match_tag_subsets_and_platform() {
+        let worker_tags: BTreeSet<String> = ["gpu", "big"].iter().map(|s| s.to_string()).collect();
+        assert!(Requirements::default().matches(&worker_tags, "linux-x86_64"));
+        let r = JobSpec::new("x").require_tag("gpu").requirements;
+        assert!(r.matches(&worker_tags, "any"));
+        let r = JobSpec::new("x")
+            .require_tag("gpu")
+            .require_tag("arm")
+            .requirements;
+        assert!(!r.matches(&worker_tags, "any"));
+        let r = JobSpec::new("x")
+            .require_platform("linux-x86_64")
+            .requirements;
+        assert!(r.matches(&worker_tags, "linux-x86_64"));
+        assert!(!r.matches(&worker_tags, "macos-aarch64"));
+    }
+
+    #[test]
+    fn outcome_names_are_the_cli_names() {
+        assert_eq!(Outcome::Exited(0).name(), "exited");
+        assert_eq!(Outcome::WorkerLost.name(), "worker_lost");
+        assert_eq!(Outcome::SpawnFailed("x".into()).name(), "spawn_failed");
+        assert!(Outcome::Exited(0).success());
+        assert!(!Outcome::Exited(1).success());
+        assert_eq!(Outcome::Signaled(9).exit_code(), None);
+    }
+}

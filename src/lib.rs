@@ -1,0 +1,4 @@
+pub mod error;
+pub mod job;
+pub mod protocol;
+pub mod tls;

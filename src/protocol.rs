@@ -1,0 +1,316 @@
+//! The wire protocol: message types and the frame codec over any `Read`/`Write`.
+//! No sockets and no threads here (see `docs/PROTOCOL.md`).
+//!
+//! A frame is a 4-byte big-endian length followed by that many body bytes. The first
+//! frame each way is a hello whose body starts with [`MAGIC`] and the 4-byte big-endian
+//! [`PROTOCOL_VERSION`], so that peers of any version can read each other's version
+//! and refuse with a readable reason. Every later body is one bincode-encoded message;
+//! bincode is called from [`encode_into`] and [`decode`] only.
+
+use crate::error::{Error, Result};
+use crate::job::{JobId, JobSpec, Outcome, Stream};
+use bincode::Options;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::io::{self, BufReader, Read};
+
+/// The first four bytes of every hello.
+pub const MAGIC: [u8; 4] = *b"WPL\x01";
+/// The protocol version this build speaks. Peers of another version are refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The default largest frame body accepted, checked before any allocation.
+pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
+/// The largest chunk of job output put into one message: with its framing and TLS
+/// record overhead it stays under loopback's 65,483-byte segment (see docs/PERFORMANCE.md).
+pub const OUTPUT_CHUNK: usize = 60_000;
+
+/// What a worker says about itself when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    /// The worker's name (unique among connected workers).
+    pub name: String,
+    /// Its tags.
+    pub tags: BTreeSet<String>,
+    /// Its platform, for example `linux-x86_64`.
+    pub platform: String,
+    /// How many jobs it runs at once.
+    pub slots: u32,
+}
+
+/// The manager's answer to an accepted hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The id the manager gave this connection.
+    pub worker_id: u64,
+    /// How often each side sends a heartbeat when it has nothing else to send.
+    pub heartbeat_interval_ms: u64,
+    /// After how long without any frame a side declares the link dead.
+    pub heartbeat_timeout_ms: u64,
+}
+
+/// Worker → manager, after the hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerMessage {
+    /// Bytes a job wrote; `seq` counts the job's output messages from 0.
+    Output {
+        /// The job.
+        job: JobId,
+        /// Which stream.
+        stream: Stream,
+        /// Per-job message counter.
+        seq: u64,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// A job ended. Sent after all of its output.
+    Finished {
+        /// The job.
+        job: JobId,
+        /// How it ended.
+        outcome: Outcome,
+        /// Set when the job's temp folder could not be deleted.
+        cleanup_error: Option<String>,
+    },
+    /// Nothing to say; the link is alive.
+    Heartbeat,
+}
+
+/// Manager → worker, after the welcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManagerMessage {
+    /// Run this job.
+    Run {
+        /// Its id.
+        job: JobId,
+        /// What to run.
+        spec: JobSpec,
+    },
+    /// Stop this job (it ends `Cancelled`).
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+    /// Nothing to say; the link is alive.
+    Heartbeat,
+    /// The manager is going away on purpose.
+    Shutdown,
+}
+
+/// A message type that has a heartbeat, so a link can keep itself alive generically.
+pub(crate) trait Heartbeat {
+    /// The heartbeat message.
+    fn heartbeat() -> Self;
+    /// Whether this is one.
+    fn is_heartbeat(&self) -> bool;
+}
+
+impl Heartbeat for WorkerMessage {
+    fn heartbeat() -> Self {
+        WorkerMessage::Heartbeat
+    }
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, WorkerMessage::Heartbeat)
+    }
+}
+
+impl Heartbeat for ManagerMessage {
+    fn heartbeat() -> Self {
+        ManagerMessage::Heartbeat
+    }
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, ManagerMessage::Heartbeat)
+    }
+}
+
+fn options(limit: usize) -> impl Options {
+    bincode::DefaultOptions::new().with_limit(limit as u64)
+}
+
+/// Appends one frame (length + bincode body) holding `msg` to `out`.
+pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<()> {
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    options(DEFAULT_MAX_FRAME)
+        .serialize_into(&mut *out, msg)
+        .map_err(|e| Error::Protocol(format!("cannot encode message: {e}")))?;
+    let len = (out.len() - start - 4) as u32;
+    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Decodes one frame body; trailing bytes and nested lengths past the frame are errors.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
+    options(body.len())
+        .deserialize(body)
+        .map_err(|e| Error::Protocol(format!("undecodable message: {e}")))
+}
+
+/// Appends a hello frame: magic, version, then `rest`.
+pub fn hello_frame_into(out: &mut Vec<u8>, rest: &[u8]) {
+    let len = (MAGIC.len() + 4 + rest.len()) as u32;
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
+    out.extend_from_slice(rest);
+}
+
+/// Splits a hello body into the peer's version and the rest; a wrong magic is an error.
+pub fn parse_hello(body: &[u8]) -> Result<(u32, &[u8])> {
+    if body.len() < 8 || body[..4] != MAGIC {
+        return Err(Error::Protocol(
+            "the peer is not a workpool peer (bad hello magic)".into(),
+        ));
+    }
+    let version = u32::from_be_bytes(body[4..8].try_into().expect("4 bytes"));
+    Ok((version, &body[8..]))
+}
+
+/// Reads whole frames from a byte stream, refusing a length over the limit before
+/// allocating anything for it.
+pub struct FrameReader<R: Read> {
+    inner: BufReader<R>,
+    max_frame: usize,
+}
+
+impl<R: Read> FrameReader<R> {
+    /// A reader of frames of at most `max_frame` body bytes.
+    pub fn new(inner: R, max_frame: usize) -> FrameReader<R> {
+        FrameReader {
+            inner: BufReader::with_capacity(64 * 1024, inner),
+            max_frame,
+        }
+    }
+
+    /// The next frame body; `Ok(None)` when the stream ends cleanly between frames.
+    pub fn read_frame(&mut self) -> Result<Option<Vec<u8>>> {
+        let mut header = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match self.inner.read(&mut header[got..]) {
+                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) => {
+                    return Err(Error::Protocol(
+                        "connection closed inside a frame header".into(),
+                    ));
+                }
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("reading from the peer", e)),
+            }
+        }
+        let len = u32::from_be_bytes(header) as usize;
+        if len > self.max_frame {
+            return Err(Error::Protocol(format!(
+                "frame of {len} bytes exceeds the limit of {} bytes",
+                self.max_frame
+            )));
+        }
+        // Grow with the bytes that really arrive, not with the announced length.
+        let mut body = Vec::with_capacity(len.min(64 * 1024));
+        (&mut self.inner)
+            .take(len as u64)
+            .read_to_end(&mut body)
+            .map_err(|e| Error::io("reading from the peer", e))?;
+        if body.len() != len {
+            return Err(Error::Protocol(format!(
+                "connection closed inside a frame ({} of {len} bytes)",
+                body.len()
+            )));
+        }
+        Ok(Some(body))
+    }
+
+    /// The wrapped reader.
+    pub fn get_ref(&self) -> &R {
+        self.inner.get_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames_of(bytes: &[u8]) -> Vec<Result<Option<Vec<u8>>>> {
+        let mut r = FrameReader::new(bytes, 1024);
+        let mut out = Vec::new();
+        loop {
+            let f = r.read_frame();
+            let stop = !matches!(f, Ok(Some(_)));
+            out.push(f);
+            if stop {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_through_frames() {
+        let mut buf = Vec::new();
+        let a = WorkerMessage::Output {
+            job: JobId(7),
+            stream: Stream::Stderr,
+            seq: 3,
+            bytes: b"hi\n".to_vec(),
+        };
+        let b = WorkerMessage::Finished {
+            job: JobId(7),
+            outcome: Outcome::Exited(2),
+            cleanup_error: None,
+        };
+        encode_into(&mut buf, &a).unwrap();
+        encode_into(&mut buf, &b).unwrap();
+        let frames = frames_of(&buf);
+        assert_eq!(frames.len(), 3);
+        let got_a: WorkerMessage = decode(frames[0].as_ref().unwrap().as_ref().unwrap()).unwrap();
+        let got_b: WorkerMessage = decode(frames[1].as_ref().unwrap().as_ref().unwrap()).unwrap();
+        assert_eq!((got_a, got_b), (a, b));
+        assert!(matches!(frames[2], Ok(None)));
+    }
+
+    #[test]
+    fn an_oversized_length_is_refused_before_reading_the_body() {
+        let bytes = [0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let err = frames_of(&bytes).pop().unwrap().unwrap_err();
+        assert!(err.to_string().contains("exceeds the limit"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_frame_is_an_error_not_a_clean_end() {
+        let err = frames_of(&[0, 0, 0, 9, 1, 2]).pop().unwrap().unwrap_err();
+        assert!(err.to_string().contains("2 of 9 bytes"), "{err}");
+        let err = frames_of(&[0, 0]).pop().unwrap().unwrap_err();
+        assert!(err.to_string().contains("header"), "{err}");
+    }
+
+    #[test]
+    fn trailing_garbage_in_a_body_does_not_decode() {
+        let mut buf = Vec::new();
+        encode_into(&mut buf, &ManagerMessage::Heartbeat).unwrap();
+        let mut body = buf[4..].to_vec();
+        body.push(0);
+        assert!(decode::<ManagerMessage>(&body).is_err());
+    }
+
+    #[test]
+    fn hello_carries_magic_and_version() {
+        let mut buf = Vec::new();
+        hello_frame_into(&mut buf, b"rest");
+        let body = frames_of(&buf).remove(0).unwrap().unwrap();
+        assert_eq!(
+            parse_hello(&body).unwrap(),
+            (PROTOCOL_VERSION, &b"rest"[..])
+        );
+        assert!(parse_hello(b"GET / HTTP/1.1").is_err());
+    }
+
+    #[test]
+    fn a_lying_inner_length_cannot_allocate_past_the_frame() {
+        // An Output whose byte vector claims 2^40 bytes inside a 16-byte frame.
+        let mut body = vec![0u8]; // variant 0: Output
+        body.extend_from_slice(&[7, 0, 3]); // job, stream, seq
+        body.push(0xfc); // varint marker: u64 follows
+        body.extend_from_slice(&(1u64 << 40).to_le_bytes());
+        assert!(decode::<WorkerMessage>(&body).is_err());
+    }
+}
