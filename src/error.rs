@@ -21,6 +21,8 @@ pub enum Error {
     Pem(String),
     /// A configuration value that cannot work (the message names it).
     InvalidConfig(String),
+    /// A job that cannot be accepted as given (the message says why).
+    InvalidJob(String),
     /// The peer broke the wire protocol: bad magic, undecodable frame, oversized frame.
     Protocol(String),
     /// The peer speaks another protocol version.
@@ -65,6 +67,7 @@ impl fmt::Display for Error {
             Error::Tls(m) => write!(f, "TLS: {m}"),
             Error::Pem(m) => write!(f, "PEM: {m}"),
             Error::InvalidConfig(m) => write!(f, "invalid configuration: {m}"),
+            Error::InvalidJob(m) => write!(f, "invalid job: {m}"),
             Error::Protocol(m) => write!(f, "protocol error: {m}"),
             Error::VersionMismatch { ours, theirs } => write!(
                 f,

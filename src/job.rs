@@ -49,6 +49,8 @@ pub struct JobSpec {
     pub script: String,
     /// Which workers may run it.
     pub requirements: Requirements,
+    /// Higher runs first among queued jobs a worker could take; FIFO within a priority.
+    pub priority: i32,
 }
 
 impl JobSpec {
@@ -57,7 +59,14 @@ impl JobSpec {
         JobSpec {
             script: script.into(),
             requirements: Requirements::default(),
+            priority: 0,
         }
+    }
+
+    /// Sets the priority (default 0; higher first).
+    pub fn priority(mut self, priority: i32) -> JobSpec {
+        self.priority = priority;
+        self
     }
 
     /// Only workers with this tag may run the job (adds to earlier tags).

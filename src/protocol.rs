@@ -221,6 +221,11 @@ impl<R: Read> FrameReader<R> {
         Ok(Some(body))
     }
 
+    /// Changes the largest frame accepted from now on.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// The wrapped reader.
     pub fn get_ref(&self) -> &R {
         self.inner.get_ref()

@@ -562,7 +562,7 @@ pub(crate) fn split(
         end: 0,
         eof: false,
     };
-    let closer = Closer(tcp.try_clone()?);
+    let closer = Closer(Arc::new(tcp.try_clone()?));
     let writer = WriteHalf {
         tcp,
         tls,
@@ -573,8 +573,8 @@ pub(crate) fn split(
 
 /// Closes the socket under both halves from any thread: a blocked read returns at once,
 /// a blocked write fails.
-#[derive(Debug)]
-pub(crate) struct Closer(TcpStream);
+#[derive(Clone, Debug)]
+pub(crate) struct Closer(Arc<TcpStream>);
 
 impl Closer {
     pub(crate) fn close(&self) {
@@ -596,6 +596,13 @@ pub(crate) struct ReadHalf {
     start: usize,
     end: usize,
     eof: bool,
+}
+
+impl ReadHalf {
+    /// The socket underneath (for timeouts).
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
 }
 
 impl Read for ReadHalf {

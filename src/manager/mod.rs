@@ -1,0 +1,616 @@
+//! The manager: listens on one port, accepts workers over mutual TLS, queues jobs and
+//! hands them out. [`Manager`] is the public handle; the [`dispatcher`] thread owns the
+//! scheduling state; each worker connection has a reader thread (the one that accepted
+//! it) and a writer thread (see `link`).
+
+mod dispatcher;
+mod queue;
+
+use crate::error::{Error, Result};
+use crate::job::{JobEvent, JobId, JobResult, JobSpec, Outcome, Stream};
+use crate::link::{self, Liveness, Outbound, Timing};
+use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, Welcome, WorkerMessage};
+use crate::tls::{self, Identity, TrustRoots};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
+use dispatcher::{Dispatcher, Event, LinkHandle, Routes, deliver_last};
+use queue::QueuedJob;
+use std::collections::{BTreeSet, HashMap};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// How many events a job's channel holds before the worker's link waits for the
+/// submitter to read (about 7.5 MiB of output at most per job).
+const JOB_EVENT_CAPACITY: usize = 128;
+
+/// How the manager authenticates workers.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ManagerSecurity {
+    /// Mutual TLS: the manager shows `identity`; a worker must present a certificate
+    /// that is one of, or chains to one of, `worker_roots`.
+    MutualTls {
+        /// The manager's certificate and key.
+        identity: Identity,
+        /// Worker certificates (pinned) or the CAs that issue them.
+        worker_roots: TrustRoots,
+    },
+    /// No encryption and no authentication. Anyone who can reach the port can take jobs.
+    /// Logged loudly; for tests and trusted loopback only.
+    InsecurePlaintext,
+}
+
+/// Settings of a manager.
+#[derive(Clone, Debug)]
+pub struct ManagerConfig {
+    /// Address to listen on, e.g. `127.0.0.1:9001` (port 0 picks a free port).
+    pub listen: String,
+    /// How workers are authenticated.
+    pub security: ManagerSecurity,
+    /// Most jobs waiting for a worker; beyond it `submit` fails with [`Error::QueueFull`].
+    pub queue_capacity: usize,
+    /// Deadline for a new connection's TLS handshake and hello.
+    pub handshake_timeout: Duration,
+    /// Most connections in handshake at once; more are dropped at once.
+    pub max_handshakes: usize,
+    /// A link that has sent nothing for this long sends a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A link that has heard nothing for this long is closed (its jobs end `WorkerLost`).
+    pub heartbeat_timeout: Duration,
+    /// On shutdown, how long running jobs may go on before they are cancelled.
+    pub shutdown_grace: Duration,
+    /// Largest frame accepted from a worker.
+    pub max_frame: usize,
+}
+
+impl ManagerConfig {
+    /// A mutual-TLS manager listening on `listen`, with defaults for everything else.
+    pub fn new(listen: impl Into<String>, identity: Identity, worker_roots: TrustRoots) -> ManagerConfig {
+        ManagerConfig::with_security(listen, ManagerSecurity::MutualTls { identity, worker_roots })
+    }
+
+    /// A manager without TLS. Anyone who can reach the port can take and answer jobs.
+    pub fn insecure_plaintext(listen: impl Into<String>) -> ManagerConfig {
+        ManagerConfig::with_security(listen, ManagerSecurity::InsecurePlaintext)
+    }
+
+    fn with_security(listen: impl Into<String>, security: ManagerSecurity) -> ManagerConfig {
+        ManagerConfig {
+            listen: listen.into(),
+            security,
+            queue_capacity: 100_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
+            heartbeat_interval: Duration::from_secs(1),
+            heartbeat_timeout: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(10),
+            max_frame: DEFAULT_MAX_FRAME,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::InvalidConfig(m.into()));
+        if self.queue_capacity == 0 {
+            return bad("queue_capacity must be at least 1");
+        }
+        if self.max_handshakes == 0 {
+            return bad("max_handshakes must be at least 1");
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
+            return bad("heartbeat_timeout must be longer than a non-zero heartbeat_interval");
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake_timeout must not be zero");
+        }
+        if self.max_frame < 1024 {
+            return bad("max_frame must be at least 1024 bytes");
+        }
+        Ok(())
+    }
+}
+
+/// A connected worker, as the manager sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerInfo {
+    /// The manager's id for this connection.
+    pub id: u64,
+    /// The name the worker announced.
+    pub name: String,
+    /// Where it connected from.
+    pub address: Option<SocketAddr>,
+    /// Its tags.
+    pub tags: BTreeSet<String>,
+    /// Its platform, e.g. `linux-x86_64`.
+    pub platform: String,
+    /// How many jobs it runs at once.
+    pub slots: u32,
+    /// How many it runs now.
+    pub running: usize,
+}
+
+/// Things that happen to the pool (see [`Manager::subscribe`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManagerEvent {
+    /// A worker connected and was accepted.
+    WorkerJoined(WorkerInfo),
+    /// A worker's connection ended; its running jobs ended `WorkerLost`.
+    WorkerLeft {
+        /// The manager's id for the connection.
+        id: u64,
+        /// Its name.
+        name: String,
+        /// Why, in words.
+        reason: String,
+    },
+}
+
+/// State shared by the public handle, the acceptor and the link threads.
+pub(crate) struct Shared {
+    events: Sender<Event>,
+    /// Jobs accepted and not yet started (the queue's length, counted at submit time
+    /// so that a full queue refuses synchronously).
+    queued: AtomicUsize,
+    capacity: usize,
+    next_job: AtomicU64,
+    closing: AtomicBool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    timing: Timing,
+    handshake_timeout: Duration,
+    max_handshakes: usize,
+    max_frame: usize,
+    handshaking: AtomicUsize,
+    /// Every open connection, so that shutdown can cut them all.
+    connections: Mutex<HashMap<u64, TcpStream>>,
+    next_connection: AtomicU64,
+    link_threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running manager. Dropping it shuts it down without a grace period.
+pub struct Manager {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    grace: Duration,
+    threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+}
+
+impl Manager {
+    /// Binds the listening port and starts the manager's threads.
+    pub fn bind(config: ManagerConfig) -> Result<Manager> {
+        config.validate()?;
+        let tls = match &config.security {
+            ManagerSecurity::MutualTls { identity, worker_roots } => Some(tls::server_config(identity, worker_roots)?),
+            ManagerSecurity::InsecurePlaintext => {
+                log::warn!(
+                    "manager on {} runs WITHOUT TLS: anyone who can reach it can take jobs and forge results",
+                    config.listen
+                );
+                None
+            }
+        };
+        let listener =
+            TcpListener::bind(&config.listen).map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+        let local_addr = listener.local_addr().map_err(|e| Error::io("reading the bound address", e))?;
+        let (tx, rx) = unbounded();
+        let shared = Arc::new(Shared {
+            events: tx,
+            queued: AtomicUsize::new(0),
+            capacity: config.queue_capacity,
+            next_job: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+            tls,
+            timing: Timing {
+                heartbeat_interval: config.heartbeat_interval,
+                heartbeat_timeout: config.heartbeat_timeout,
+            },
+            handshake_timeout: config.handshake_timeout,
+            max_handshakes: config.max_handshakes,
+            max_frame: config.max_frame,
+            handshaking: AtomicUsize::new(0),
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+            link_threads: Mutex::new(Vec::new()),
+        });
+        let d = Dispatcher::new(shared.clone());
+        let dispatcher = std::thread::Builder::new()
+            .name("wp-dispatcher".into())
+            .spawn(move || d.run(rx))
+            .map_err(|e| Error::io("starting the dispatcher thread", e))?;
+        let s = shared.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("wp-acceptor".into())
+            .spawn(move || accept_loop(listener, s))
+            .map_err(|e| Error::io("starting the acceptor thread", e))?;
+        log::info!("manager listening on {local_addr}");
+        Ok(Manager {
+            shared,
+            local_addr,
+            grace: config.shutdown_grace,
+            threads: Mutex::new(Some((dispatcher, acceptor))),
+        })
+    }
+
+    /// The address the manager listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Queues a job; it starts as soon as a matching worker has a free slot.
+    /// Fails with [`Error::QueueFull`] when the queue holds its capacity, and with
+    /// [`Error::ShutDown`] once shutdown has begun.
+    pub fn submit(&self, spec: JobSpec) -> Result<JobHandle> {
+        let s = &self.shared;
+        if s.closing.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        let size = spec.script.len() + spec.requirements.tags.iter().map(String::len).sum::<usize>();
+        if size > s.max_frame / 2 {
+            return Err(Error::InvalidJob(format!(
+                "the job is {size} bytes; at most {} are accepted",
+                s.max_frame / 2
+            )));
+        }
+        if spec.script.trim().is_empty() {
+            return Err(Error::InvalidJob("the script is empty".into()));
+        }
+        s.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < s.capacity).then_some(q + 1))
+            .map_err(|_| Error::QueueFull { capacity: s.capacity })?;
+        let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
+        let _ = tx.send(JobEvent::Queued);
+        let job = QueuedJob {
+            id,
+            spec,
+            events: tx,
+            since: Instant::now(),
+        };
+        if s.events.send(Event::Submit(job)).is_err() {
+            s.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::ShutDown);
+        }
+        Ok(JobHandle {
+            id,
+            events: rx,
+            shared: self.shared.clone(),
+            partial: Partial::default(),
+        })
+    }
+
+    /// Cancels a job: a queued one never starts; a running one is killed. Either way it
+    /// ends `Cancelled` (unless it finished first).
+    pub fn cancel(&self, id: JobId) -> Result<()> {
+        let (tx, rx) = bounded(1);
+        self.shared
+            .events
+            .send(Event::Cancel { id, reply: Some(tx) })
+            .map_err(|_| Error::ShutDown)?;
+        rx.recv().map_err(|_| Error::ShutDown)?
+    }
+
+    /// The connected workers.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        let (tx, rx) = bounded(1);
+        if self.shared.events.send(Event::Workers(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    /// A stream of pool events (workers joining and leaving) from now on.
+    pub fn subscribe(&self) -> Receiver<ManagerEvent> {
+        let (tx, rx) = unbounded();
+        let _ = self.shared.events.send(Event::Subscribe(tx));
+        rx
+    }
+
+    /// Shuts down gracefully: stops taking jobs, ends queued jobs `Rejected`, lets
+    /// running jobs finish within the configured grace period and cancels the rest,
+    /// says goodbye to the workers, and returns when every manager thread has ended.
+    pub fn shutdown(&self) {
+        self.shutdown_within(self.grace);
+    }
+
+    /// [`Manager::shutdown`] with a grace period of its own.
+    pub fn shutdown_within(&self, grace: Duration) {
+        let Some((dispatcher, acceptor)) = lock(&self.threads).take() else {
+            return;
+        };
+        let s = &self.shared;
+        s.closing.store(true, Ordering::Release);
+        let _ = s.events.send(Event::Shutdown { grace });
+        let _ = dispatcher.join();
+        // Wake the acceptor from accept() by connecting to it.
+        let mut wake = self.local_addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let _ = acceptor.join();
+        for tcp in lock(&s.connections).values() {
+            let _ = tcp.shutdown(std::net::Shutdown::Both);
+        }
+        let threads: Vec<JoinHandle<()>> = lock(&s.link_threads).drain(..).collect();
+        for t in threads {
+            let _ = t.join();
+        }
+        log::info!("manager on {} shut down", self.local_addr);
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.shutdown_within(Duration::ZERO);
+    }
+}
+
+fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    for conn in listener.incoming() {
+        if shared.closing.load(Ordering::Acquire) {
+            break;
+        }
+        let tcp = match conn {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                // Out of descriptors or similar: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        let peer = tcp.peer_addr().ok();
+        if shared.handshaking.fetch_add(1, Ordering::AcqRel) >= shared.max_handshakes {
+            shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+            log::warn!(
+                "dropping connection from {}: {} connections are already in handshake",
+                peer.map_or("?".into(), |p| p.to_string()),
+                shared.max_handshakes
+            );
+            continue;
+        }
+        let conn_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = tcp.try_clone() {
+            lock(&shared.connections).insert(conn_id, c);
+        }
+        let s = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("wp-link".into())
+            .spawn(move || {
+                serve_connection(&s, tcp, peer);
+                lock(&s.connections).remove(&conn_id);
+            });
+        match spawned {
+            Ok(handle) => {
+                let mut threads = lock(&shared.link_threads);
+                threads.retain(|t| !t.is_finished());
+                threads.push(handle);
+            }
+            Err(e) => {
+                shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+                lock(&shared.connections).remove(&conn_id);
+                log::error!("cannot start a link thread: {e}");
+            }
+        }
+    }
+}
+
+/// One worker connection, on its own thread: handshake, registration, then this thread
+/// reads while a second one writes.
+fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAddr>) {
+    let who = peer.map_or("?".into(), |p| p.to_string());
+    let deadline = Instant::now() + shared.handshake_timeout;
+    let accepted = link::accept(tcp, shared.tls.as_ref(), deadline);
+    shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+    let (mut est, hello) = match accepted {
+        Ok(x) => x,
+        Err(e) => {
+            log::warn!("refused connection from {who}: {e}");
+            return;
+        }
+    };
+    let live = Liveness::new();
+    let (out_tx, out_rx) = unbounded::<Outbound<ManagerMessage>>();
+    let routes: Arc<Routes> = Arc::default();
+    let (reply_tx, reply_rx) = bounded(1);
+    let name = hello.name.clone();
+    let register = Event::Register {
+        hello,
+        peer,
+        link: LinkHandle {
+            out: out_tx,
+            routes: routes.clone(),
+            live: live.clone(),
+            closer: est.closer.clone(),
+        },
+        reply: reply_tx,
+    };
+    if shared.events.send(register).is_err() {
+        link::refuse(&mut est.writer, "the manager is shutting down");
+        return;
+    }
+    let worker_id = match reply_rx.recv() {
+        Ok(Ok(id)) => id,
+        Ok(Err(reason)) => {
+            link::refuse(&mut est.writer, &reason);
+            return;
+        }
+        Err(_) => {
+            link::refuse(&mut est.writer, "the manager is shutting down");
+            return;
+        }
+    };
+    let label = format!("worker {name} ({who})");
+    let welcome = Welcome {
+        worker_id,
+        heartbeat_interval_ms: shared.timing.heartbeat_interval.as_millis() as u64,
+        heartbeat_timeout_ms: shared.timing.heartbeat_timeout.as_millis() as u64,
+    };
+    let started = link::welcome(&mut est, &welcome, shared.max_frame).and_then(|()| link::go_live(&est, shared.timing));
+    let writer = match started {
+        Ok(()) => link::spawn_writer(label.clone(), est.writer, est.closer.clone(), out_rx, live.clone(), shared.timing)
+            .map_err(|e| Error::io("starting a link writer thread", e)),
+        Err(e) => Err(e),
+    };
+    let result = match &writer {
+        Ok(_) => link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
+            on_worker_message(shared, worker_id, &label, &routes, &live, msg);
+            true
+        }),
+        Err(e) => Err(Error::Protocol(e.to_string())),
+    };
+    live.mark_closed();
+    est.closer.close();
+    let reason = match result {
+        Ok(()) => "it closed the connection".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let _ = shared.events.send(Event::LinkClosed {
+        worker: worker_id,
+        reason,
+    });
+    if let Ok(w) = writer {
+        let _ = w.join();
+    }
+}
+
+fn on_worker_message(shared: &Shared, worker: u64, label: &str, routes: &Routes, live: &Liveness, msg: WorkerMessage) {
+    match msg {
+        WorkerMessage::Output { job, stream, bytes, .. } => {
+            let tx = lock(routes).get(&job).cloned();
+            match tx {
+                Some(tx) => {
+                    link::send_patiently(&tx, JobEvent::Output { stream, bytes }, live);
+                }
+                None => log::debug!("{label}: output for job {job}, which it does not run (ignored)"),
+            }
+        }
+        WorkerMessage::Finished {
+            job,
+            outcome,
+            cleanup_error,
+        } => {
+            let tx = lock(routes).remove(&job);
+            match tx {
+                Some(tx) => {
+                    let mut last = Vec::with_capacity(2);
+                    if let Some(e) = cleanup_error {
+                        log::warn!("{label}: job {job}: {e}");
+                        last.push(JobEvent::Warning(e));
+                    }
+                    last.push(JobEvent::Finished(outcome));
+                    deliver_last(tx, last);
+                    let _ = shared.events.send(Event::JobEnded { worker, job });
+                }
+                None => log::warn!("{label}: reported job {job} finished, which it does not run (ignored)"),
+            }
+        }
+        WorkerMessage::Heartbeat => {}
+    }
+}
+
+#[derive(Default)]
+struct Partial {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    worker: Option<String>,
+    warnings: Vec<String>,
+}
+
+/// A submitted job: its events as they happen, and its result at the end.
+pub struct JobHandle {
+    id: JobId,
+    events: Receiver<JobEvent>,
+    shared: Arc<Shared>,
+    partial: Partial,
+}
+
+impl JobHandle {
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+
+    /// The job's events, in order, ending with exactly one [`JobEvent::Finished`].
+    /// Events taken from here are not seen by [`JobHandle::wait`].
+    pub fn events(&self) -> &Receiver<JobEvent> {
+        &self.events
+    }
+
+    /// Asks for the job to be cancelled (see [`Manager::cancel`]); does not wait.
+    pub fn cancel(&self) -> Result<()> {
+        self.shared
+            .events
+            .send(Event::Cancel { id: self.id, reply: None })
+            .map_err(|_| Error::ShutDown)
+    }
+
+    /// Waits for the job to end; returns its outcome and everything it wrote.
+    pub fn wait(mut self) -> JobResult {
+        loop {
+            let ev = self.events.recv().ok();
+            if let Some(r) = self.absorb(ev) {
+                return r;
+            }
+        }
+    }
+
+    /// Like [`JobHandle::wait`], but gives up after `timeout` (output received so far is
+    /// kept for the next call). Once it has returned a result, do not call it again.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<JobResult> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = match self.events.recv_deadline(deadline) {
+                Ok(ev) => Some(ev),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+            };
+            if let Some(r) = self.absorb(ev) {
+                return Some(r);
+            }
+        }
+    }
+
+    /// Takes one event into the partial result; returns the result at the end.
+    /// `None` means the channel closed without a `Finished`, which happens only when
+    /// the manager went away under the job.
+    fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
+        let outcome = match ev {
+            None => Outcome::Rejected("the manager shut down".into()),
+            Some(JobEvent::Finished(o)) => o,
+            Some(JobEvent::Output { stream, bytes }) => {
+                match stream {
+                    Stream::Stdout => self.partial.stdout.extend_from_slice(&bytes),
+                    Stream::Stderr => self.partial.stderr.extend_from_slice(&bytes),
+                }
+                return None;
+            }
+            Some(JobEvent::Started { worker }) => {
+                self.partial.worker = Some(worker);
+                return None;
+            }
+            Some(JobEvent::Warning(w)) => {
+                self.partial.warnings.push(w);
+                return None;
+            }
+            Some(JobEvent::Queued) => return None,
+        };
+        let p = std::mem::take(&mut self.partial);
+        Some(JobResult {
+            id: self.id,
+            outcome,
+            stdout: p.stdout,
+            stderr: p.stderr,
+            worker: p.worker,
+            warnings: p.warnings,
+        })
+    }
+}

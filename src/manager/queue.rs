@@ -1,0 +1,137 @@
+//! Jobs waiting for a worker, grouped by requirement class. Within a class jobs are
+//! ordered by priority (higher first), then by submission order. A worker with a free
+//! slot takes the first job among the classes it satisfies, so the cost of a pick
+//! grows with the number of distinct classes, not with the number of queued jobs.
+//! Owned by the dispatcher thread; no locking.
+
+use crate::job::{JobEvent, JobId, JobSpec, Requirements};
+use crossbeam_channel::Sender;
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Instant;
+
+/// A job waiting in the queue.
+pub(crate) struct QueuedJob {
+    pub id: JobId,
+    pub spec: JobSpec,
+    pub events: Sender<JobEvent>,
+    pub since: Instant,
+}
+
+/// Where a job sits in its class: (higher priority first, then older first).
+type Key = (Reverse<i32>, u64);
+
+#[derive(Default)]
+pub(crate) struct Queue {
+    classes: HashMap<Requirements, BTreeMap<Key, QueuedJob>>,
+    /// Where each queued job is, for cancellation.
+    index: HashMap<JobId, (Requirements, Key)>,
+    next_seq: u64,
+}
+
+impl Queue {
+    pub(crate) fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub(crate) fn push(&mut self, job: QueuedJob) {
+        let key = (Reverse(job.spec.priority), self.next_seq);
+        self.next_seq += 1;
+        let class = job.spec.requirements.clone();
+        self.index.insert(job.id, (class.clone(), key));
+        self.classes.entry(class).or_default().insert(key, job);
+    }
+
+    /// Takes the first job a worker with these tags and platform may run.
+    pub(crate) fn pop_for(&mut self, tags: &BTreeSet<String>, platform: &str) -> Option<QueuedJob> {
+        let (class, key) = self
+            .classes
+            .iter()
+            .filter(|(class, _)| class.matches(tags, platform))
+            .filter_map(|(class, jobs)| jobs.first_key_value().map(|(k, _)| (class, *k)))
+            .min_by_key(|(_, k)| *k)?;
+        let class = class.clone();
+        self.take(&class, key)
+    }
+
+    /// Takes a job out by id (for cancellation).
+    pub(crate) fn remove(&mut self, id: JobId) -> Option<QueuedJob> {
+        let (class, key) = self.index.get(&id)?.clone();
+        self.take(&class, key)
+    }
+
+    fn take(&mut self, class: &Requirements, key: Key) -> Option<QueuedJob> {
+        let jobs = self.classes.get_mut(class)?;
+        let job = jobs.remove(&key)?;
+        if jobs.is_empty() {
+            self.classes.remove(class);
+        }
+        self.index.remove(&job.id);
+        Some(job)
+    }
+
+    /// Empties the queue, in no particular order.
+    pub(crate) fn drain(&mut self) -> impl Iterator<Item = QueuedJob> + '_ {
+        self.index.clear();
+        self.classes.drain().flat_map(|(_, jobs)| jobs.into_values())
+    }
+
+    /// When the longest-waiting job was queued.
+    pub(crate) fn oldest(&self) -> Option<Instant> {
+        self.classes.values().flat_map(|jobs| jobs.values().map(|j| j.since)).min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: u64, spec: JobSpec) -> QueuedJob {
+        QueuedJob {
+            id: JobId(id),
+            spec,
+            events: crossbeam_channel::unbounded().0,
+            since: Instant::now(),
+        }
+    }
+
+    fn tags(t: &[&str]) -> BTreeSet<String> {
+        t.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_worker_takes_the_oldest_job_it_can_run() {
+        let mut q = Queue::default();
+        q.push(job(1, JobSpec::new("a").require_tag("gpu")));
+        q.push(job(2, JobSpec::new("b")));
+        q.push(job(3, JobSpec::new("c").require_tag("gpu")));
+        assert_eq!(q.pop_for(&tags(&[]), "p").unwrap().id, JobId(2));
+        assert!(q.pop_for(&tags(&[]), "p").is_none());
+        assert_eq!(q.pop_for(&tags(&["gpu"]), "p").unwrap().id, JobId(1));
+        assert_eq!(q.pop_for(&tags(&["gpu"]), "p").unwrap().id, JobId(3));
+        assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn priority_comes_before_age_and_age_breaks_ties() {
+        let mut q = Queue::default();
+        q.push(job(1, JobSpec::new("a")));
+        q.push(job(2, JobSpec::new("b").priority(5)));
+        q.push(job(3, JobSpec::new("c").priority(5).require_tag("x")));
+        q.push(job(4, JobSpec::new("d").priority(-1)));
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(&tags(&["x"]), "p").map(|j| j.id.0)).collect();
+        assert_eq!(order, vec![2, 3, 1, 4]);
+    }
+
+    #[test]
+    fn removing_by_id_leaves_the_rest_in_order() {
+        let mut q = Queue::default();
+        for i in 1..=4 {
+            q.push(job(i, JobSpec::new("x")));
+        }
+        assert_eq!(q.remove(JobId(2)).unwrap().id, JobId(2));
+        assert!(q.remove(JobId(2)).is_none());
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(&tags(&[]), "p").map(|j| j.id.0)).collect();
+        assert_eq!(order, vec![1, 3, 4]);
+    }
+}
