@@ -1,6 +1,7 @@
 pub mod error;
 pub mod job;
-pub mod protocol;
-pub mod tls;
 pub(crate) mod link;
 pub mod manager;
+pub mod protocol;
+pub mod tls;
+pub mod worker;

@@ -66,7 +66,10 @@ impl Liveness {
 
     /// How long since the last frame arrived.
     pub(crate) fn silent_for(&self) -> Duration {
-        Duration::from_millis(self.now_ms().saturating_sub(self.last_rx_ms.load(Ordering::Relaxed)))
+        Duration::from_millis(
+            self.now_ms()
+                .saturating_sub(self.last_rx_ms.load(Ordering::Relaxed)),
+        )
     }
 
     fn stale(&self, timeout: Duration) -> bool {
@@ -89,7 +92,6 @@ pub(crate) struct Established {
     pub reader: FrameReader<ReadHalf>,
     pub writer: WriteHalf,
     pub closer: Closer,
-    pub peer: Option<SocketAddr>,
 }
 
 /// Sets the socket options every link uses: no Nagle delay (frames are latency-bound)
@@ -130,7 +132,10 @@ fn read_hello_frame(reader: &mut FrameReader<ReadHalf>, deadline: Instant) -> Re
         Ok(Some(body)) => Ok(body),
         Ok(None) => Err(Error::Protocol("connection closed before the hello".into())),
         Err(Error::Io { source, .. })
-            if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
         {
             Err(Error::Timeout("no hello before the deadline".into()))
         }
@@ -141,9 +146,12 @@ fn read_hello_frame(reader: &mut FrameReader<ReadHalf>, deadline: Instant) -> Re
     }
 }
 
-fn establish(mut tcp: TcpStream, conn: Option<Connection>, deadline: Instant) -> Result<Established> {
+fn establish(
+    mut tcp: TcpStream,
+    conn: Option<Connection>,
+    deadline: Instant,
+) -> Result<Established> {
     tune_socket(&tcp);
-    let peer = tcp.peer_addr().ok();
     let conn = match conn {
         Some(mut c) => {
             tls::handshake(&mut c, &mut tcp, deadline)?;
@@ -151,12 +159,12 @@ fn establish(mut tcp: TcpStream, conn: Option<Connection>, deadline: Instant) ->
         }
         None => None,
     };
-    let (read, writer, closer) = tls::split(tcp, conn).map_err(|e| Error::io("splitting the connection", e))?;
+    let (read, writer, closer) =
+        tls::split(tcp, conn).map_err(|e| Error::io("splitting the connection", e))?;
     Ok(Established {
         reader: FrameReader::new(read, MAX_HELLO),
         writer,
         closer,
-        peer,
     })
 }
 
@@ -168,7 +176,9 @@ pub(crate) fn accept(
     deadline: Instant,
 ) -> Result<(Established, WorkerHello)> {
     let conn = match tls {
-        Some(cfg) => Some(Connection::Server(rustls::ServerConnection::new(cfg.clone())?)),
+        Some(cfg) => Some(Connection::Server(rustls::ServerConnection::new(
+            cfg.clone(),
+        )?)),
         None => None,
     };
     let mut est = establish(tcp, conn, deadline)?;
@@ -195,7 +205,9 @@ pub(crate) fn welcome(est: &mut Established, welcome: &Welcome, max_frame: usize
     protocol::encode_into(&mut rest, welcome)?;
     let mut frame = Vec::new();
     protocol::hello_frame_into(&mut frame, &rest);
-    est.writer.write_all(&frame).map_err(|e| Error::io("sending the welcome", e))?;
+    est.writer
+        .write_all(&frame)
+        .map_err(|e| Error::io("sending the welcome", e))?;
     est.reader.set_max_frame(max_frame);
     Ok(())
 }
@@ -244,9 +256,13 @@ pub(crate) fn connect(
     };
     let conn = match tls {
         Some(cfg) => {
-            let name = ServerName::try_from(server_name.to_string())
-                .map_err(|_| Error::InvalidConfig(format!("{server_name:?} is not a valid host name")))?;
-            Some(Connection::Client(rustls::ClientConnection::new(cfg.clone(), name)?))
+            let name = ServerName::try_from(server_name.to_string()).map_err(|_| {
+                Error::InvalidConfig(format!("{server_name:?} is not a valid host name"))
+            })?;
+            Some(Connection::Client(rustls::ClientConnection::new(
+                cfg.clone(),
+                name,
+            )?))
         }
         None => None,
     };
@@ -255,7 +271,9 @@ pub(crate) fn connect(
     protocol::encode_into(&mut body, hello)?;
     let mut frame = Vec::new();
     protocol::hello_frame_into(&mut frame, &body[4..]);
-    est.writer.write_all(&frame).map_err(|e| Error::io("sending the hello", e))?;
+    est.writer
+        .write_all(&frame)
+        .map_err(|e| Error::io("sending the hello", e))?;
     let reply = read_hello_frame(&mut est.reader, deadline)?;
     let (version, rest) = protocol::parse_hello(&reply)?;
     let refused = rest.first() == Some(&REPLY_REFUSED);
@@ -276,7 +294,9 @@ pub(crate) fn connect(
             est.reader.set_max_frame(max_frame);
             Ok((est, welcome))
         }
-        Some((&REPLY_REFUSED, reason)) => Err(Error::Refused(String::from_utf8_lossy(reason).into_owned())),
+        Some((&REPLY_REFUSED, reason)) => {
+            Err(Error::Refused(String::from_utf8_lossy(reason).into_owned()))
+        }
         _ => Err(Error::Protocol("unreadable answer to the hello".into())),
     }
 }
@@ -304,59 +324,63 @@ pub(crate) fn spawn_writer<M>(
 where
     M: Serialize + Heartbeat + Send + 'static,
 {
-    std::thread::Builder::new().name("wp-link-writer".into()).spawn(move || {
-        let mut buf = Vec::with_capacity(BATCH_BYTES + 1024);
-        let mut last_tx = Instant::now();
-        loop {
-            let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
-            let mut closing = false;
-            buf.clear();
-            match rx.recv_timeout(wait) {
-                Ok(Outbound::Message(m)) => {
-                    encode_or_log(&mut buf, &m, &label);
-                    while buf.len() < BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(Outbound::Message(m)) => encode_or_log(&mut buf, &m, &label),
-                            Ok(Outbound::Close) => {
-                                closing = true;
-                                break;
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => {
-                                closing = true;
-                                break;
+    std::thread::Builder::new()
+        .name("wp-link-writer".into())
+        .spawn(move || {
+            let mut buf = Vec::with_capacity(BATCH_BYTES + 1024);
+            let mut last_tx = Instant::now();
+            loop {
+                let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
+                let mut closing = false;
+                buf.clear();
+                match rx.recv_timeout(wait) {
+                    Ok(Outbound::Message(m)) => {
+                        encode_or_log(&mut buf, &m, &label);
+                        while buf.len() < BATCH_BYTES {
+                            match rx.try_recv() {
+                                Ok(Outbound::Message(m)) => encode_or_log(&mut buf, &m, &label),
+                                Ok(Outbound::Close) => {
+                                    closing = true;
+                                    break;
+                                }
+                                Err(TryRecvError::Empty) => break,
+                                Err(TryRecvError::Disconnected) => {
+                                    closing = true;
+                                    break;
+                                }
                             }
                         }
                     }
-                }
-                Ok(Outbound::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
-                Err(RecvTimeoutError::Timeout) => encode_or_log(&mut buf, &M::heartbeat(), &label),
-            }
-            if !buf.is_empty() {
-                if let Err(e) = writer.write_all(&buf) {
-                    if !live.is_closed() {
-                        log::warn!("{label}: write failed: {e}; closing the link");
+                    Ok(Outbound::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
+                    Err(RecvTimeoutError::Timeout) => {
+                        encode_or_log(&mut buf, &M::heartbeat(), &label)
                     }
+                }
+                if !buf.is_empty() {
+                    if let Err(e) = writer.write_all(&buf) {
+                        if !live.is_closed() {
+                            log::warn!("{label}: write failed: {e}; closing the link");
+                        }
+                        break;
+                    }
+                    last_tx = Instant::now();
+                }
+                if closing {
+                    writer.close();
+                    return;
+                }
+                if live.stale(timing.heartbeat_timeout) {
+                    log::warn!(
+                        "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
+                        live.silent_for().as_secs_f64(),
+                        timing.heartbeat_timeout.as_secs_f64()
+                    );
                     break;
                 }
-                last_tx = Instant::now();
             }
-            if closing {
-                writer.close();
-                return;
-            }
-            if live.stale(timing.heartbeat_timeout) {
-                log::warn!(
-                    "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
-                    live.silent_for().as_secs_f64(),
-                    timing.heartbeat_timeout.as_secs_f64()
-                );
-                break;
-            }
-        }
-        live.mark_closed();
-        closer.close();
-    })
+            live.mark_closed();
+            closer.close();
+        })
 }
 
 fn encode_or_log<M: Serialize>(buf: &mut Vec<u8>, m: &M, label: &str) {
@@ -398,7 +422,11 @@ where
 /// Sends on a bounded channel, waiting while it is full, but giving up when the link is
 /// closing so that a consumer that stopped reading cannot pin a link thread forever.
 /// Returns false when the message was not delivered.
-pub(crate) fn send_patiently<T>(tx: &crossbeam_channel::Sender<T>, mut msg: T, live: &Liveness) -> bool {
+pub(crate) fn send_patiently<T>(
+    tx: &crossbeam_channel::Sender<T>,
+    mut msg: T,
+    live: &Liveness,
+) -> bool {
     loop {
         match tx.send_timeout(msg, Duration::from_millis(200)) {
             Ok(()) => return true,

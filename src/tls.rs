@@ -580,10 +580,6 @@ impl Closer {
     pub(crate) fn close(&self) {
         let _ = self.0.shutdown(Shutdown::Both);
     }
-
-    pub(crate) fn peer_addr(&self) -> Option<std::net::SocketAddr> {
-        self.0.peer_addr().ok()
-    }
 }
 
 /// The reading half: plaintext out of the socket.

@@ -82,13 +82,15 @@ pub(crate) fn deliver_last(tx: Sender<JobEvent>, events: Vec<JobEvent>) {
             Err(TrySendError::Disconnected(_)) => return,
             Err(TrySendError::Full(ev)) => {
                 let rest: Vec<JobEvent> = std::iter::once(ev).chain(events).collect();
-                let _ = std::thread::Builder::new().name("wp-deliver".into()).spawn(move || {
-                    for ev in rest {
-                        if tx.send(ev).is_err() {
-                            return;
+                let _ = std::thread::Builder::new()
+                    .name("wp-deliver".into())
+                    .spawn(move || {
+                        for ev in rest {
+                            if tx.send(ev).is_err() {
+                                return;
+                            }
                         }
-                    }
-                });
+                    });
                 return;
             }
         }
@@ -189,7 +191,12 @@ impl Dispatcher {
     fn submit(&mut self, job: QueuedJob) {
         if self.closing {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            deliver_last(job.events, vec![JobEvent::Finished(Outcome::Rejected("the manager is shutting down".into()))]);
+            deliver_last(
+                job.events,
+                vec![JobEvent::Finished(Outcome::Rejected(
+                    "the manager is shutting down".into(),
+                ))],
+            );
             return;
         }
         match self.pick_worker(&job) {
@@ -206,7 +213,10 @@ impl Dispatcher {
         let before = self.workers.range(..self.cursor);
         for (&id, w) in after.chain(before) {
             let free = w.free();
-            if free > 0 && req.matches(&w.info.tags, &w.info.platform) && best.is_none_or(|(f, _)| free > f) {
+            if free > 0
+                && req.matches(&w.info.tags, &w.info.platform)
+                && best.is_none_or(|(f, _)| free > f)
+            {
                 best = Some((free, id));
             }
         }
@@ -256,12 +266,21 @@ impl Dispatcher {
         }
         let worker = self.running.get(&id).ok_or(Error::UnknownJob(id.0))?;
         if let Some(w) = self.workers.get(worker) {
-            let _ = w.link.out.send(Outbound::Message(ManagerMessage::Cancel { job: id }));
+            let _ = w
+                .link
+                .out
+                .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
         }
         Ok(())
     }
 
-    fn register(&mut self, hello: WorkerHello, peer: Option<SocketAddr>, link: LinkHandle, reply: Sender<Result<u64, String>>) {
+    fn register(
+        &mut self,
+        hello: WorkerHello,
+        peer: Option<SocketAddr>,
+        link: LinkHandle,
+        reply: Sender<Result<u64, String>>,
+    ) {
         let refusal = if self.closing {
             Some("the manager is shutting down".to_string())
         } else if hello.slots == 0 {
@@ -269,12 +288,19 @@ impl Dispatcher {
         } else if hello.name.is_empty() || hello.name.len() > 256 {
             Some("a worker name must have 1 to 256 bytes".to_string())
         } else if self.workers.values().any(|w| w.info.name == hello.name) {
-            Some(format!("a worker named {:?} is already connected", hello.name))
+            Some(format!(
+                "a worker named {:?} is already connected",
+                hello.name
+            ))
         } else {
             None
         };
         if let Some(reason) = refusal {
-            log::warn!("refusing worker {:?} from {}: {reason}", hello.name, fmt_addr(peer));
+            log::warn!(
+                "refusing worker {:?} from {}: {reason}",
+                hello.name,
+                fmt_addr(peer)
+            );
             let _ = reply.send(Err(reason));
             return;
         }
@@ -333,9 +359,16 @@ impl Dispatcher {
     fn begin_shutdown(&mut self) {
         self.closing = true;
         let queued: Vec<QueuedJob> = self.queue.drain().collect();
-        self.shared.queued.fetch_sub(queued.len(), Ordering::Relaxed);
+        self.shared
+            .queued
+            .fetch_sub(queued.len(), Ordering::Relaxed);
         for job in queued {
-            deliver_last(job.events, vec![JobEvent::Finished(Outcome::Rejected("the manager is shutting down".into()))]);
+            deliver_last(
+                job.events,
+                vec![JobEvent::Finished(Outcome::Rejected(
+                    "the manager is shutting down".into(),
+                ))],
+            );
         }
     }
 
@@ -346,7 +379,10 @@ impl Dispatcher {
         for w in self.workers.values() {
             let cut: Vec<(JobId, Sender<JobEvent>)> = lock(&w.link.routes).drain().collect();
             for (id, tx) in cut {
-                let _ = w.link.out.send(Outbound::Message(ManagerMessage::Cancel { job: id }));
+                let _ = w
+                    .link
+                    .out
+                    .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
                 deliver_last(tx, vec![JobEvent::Finished(Outcome::Cancelled)]);
             }
             let _ = w.link.out.send(Outbound::Message(ManagerMessage::Shutdown));

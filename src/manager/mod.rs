@@ -67,8 +67,18 @@ pub struct ManagerConfig {
 
 impl ManagerConfig {
     /// A mutual-TLS manager listening on `listen`, with defaults for everything else.
-    pub fn new(listen: impl Into<String>, identity: Identity, worker_roots: TrustRoots) -> ManagerConfig {
-        ManagerConfig::with_security(listen, ManagerSecurity::MutualTls { identity, worker_roots })
+    pub fn new(
+        listen: impl Into<String>,
+        identity: Identity,
+        worker_roots: TrustRoots,
+    ) -> ManagerConfig {
+        ManagerConfig::with_security(
+            listen,
+            ManagerSecurity::MutualTls {
+                identity,
+                worker_roots,
+            },
+        )
     }
 
     /// A manager without TLS. Anyone who can reach the port can take and answer jobs.
@@ -185,7 +195,10 @@ impl Manager {
     pub fn bind(config: ManagerConfig) -> Result<Manager> {
         config.validate()?;
         let tls = match &config.security {
-            ManagerSecurity::MutualTls { identity, worker_roots } => Some(tls::server_config(identity, worker_roots)?),
+            ManagerSecurity::MutualTls {
+                identity,
+                worker_roots,
+            } => Some(tls::server_config(identity, worker_roots)?),
             ManagerSecurity::InsecurePlaintext => {
                 log::warn!(
                     "manager on {} runs WITHOUT TLS: anyone who can reach it can take jobs and forge results",
@@ -194,9 +207,11 @@ impl Manager {
                 None
             }
         };
-        let listener =
-            TcpListener::bind(&config.listen).map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
-        let local_addr = listener.local_addr().map_err(|e| Error::io("reading the bound address", e))?;
+        let listener = TcpListener::bind(&config.listen)
+            .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| Error::io("reading the bound address", e))?;
         let (tx, rx) = unbounded();
         let shared = Arc::new(Shared {
             events: tx,
@@ -249,7 +264,13 @@ impl Manager {
         if s.closing.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let size = spec.script.len() + spec.requirements.tags.iter().map(String::len).sum::<usize>();
+        let size = spec.script.len()
+            + spec
+                .requirements
+                .tags
+                .iter()
+                .map(String::len)
+                .sum::<usize>();
         if size > s.max_frame / 2 {
             return Err(Error::InvalidJob(format!(
                 "the job is {size} bytes; at most {} are accepted",
@@ -260,8 +281,12 @@ impl Manager {
             return Err(Error::InvalidJob("the script is empty".into()));
         }
         s.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q < s.capacity).then_some(q + 1))
-            .map_err(|_| Error::QueueFull { capacity: s.capacity })?;
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < s.capacity).then_some(q + 1)
+            })
+            .map_err(|_| Error::QueueFull {
+                capacity: s.capacity,
+            })?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
         let _ = tx.send(JobEvent::Queued);
@@ -269,7 +294,6 @@ impl Manager {
             id,
             spec,
             events: tx,
-            since: Instant::now(),
         };
         if s.events.send(Event::Submit(job)).is_err() {
             s.queued.fetch_sub(1, Ordering::Relaxed);
@@ -289,7 +313,10 @@ impl Manager {
         let (tx, rx) = bounded(1);
         self.shared
             .events
-            .send(Event::Cancel { id, reply: Some(tx) })
+            .send(Event::Cancel {
+                id,
+                reply: Some(tx),
+            })
             .map_err(|_| Error::ShutDown)?;
         rx.recv().map_err(|_| Error::ShutDown)?
     }
@@ -454,10 +481,18 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         heartbeat_interval_ms: shared.timing.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: shared.timing.heartbeat_timeout.as_millis() as u64,
     };
-    let started = link::welcome(&mut est, &welcome, shared.max_frame).and_then(|()| link::go_live(&est, shared.timing));
+    let started = link::welcome(&mut est, &welcome, shared.max_frame)
+        .and_then(|()| link::go_live(&est, shared.timing));
     let writer = match started {
-        Ok(()) => link::spawn_writer(label.clone(), est.writer, est.closer.clone(), out_rx, live.clone(), shared.timing)
-            .map_err(|e| Error::io("starting a link writer thread", e)),
+        Ok(()) => link::spawn_writer(
+            label.clone(),
+            est.writer,
+            est.closer.clone(),
+            out_rx,
+            live.clone(),
+            shared.timing,
+        )
+        .map_err(|e| Error::io("starting a link writer thread", e)),
         Err(e) => Err(e),
     };
     let result = match &writer {
@@ -482,15 +517,26 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     }
 }
 
-fn on_worker_message(shared: &Shared, worker: u64, label: &str, routes: &Routes, live: &Liveness, msg: WorkerMessage) {
+fn on_worker_message(
+    shared: &Shared,
+    worker: u64,
+    label: &str,
+    routes: &Routes,
+    live: &Liveness,
+    msg: WorkerMessage,
+) {
     match msg {
-        WorkerMessage::Output { job, stream, bytes, .. } => {
+        WorkerMessage::Output {
+            job, stream, bytes, ..
+        } => {
             let tx = lock(routes).get(&job).cloned();
             match tx {
                 Some(tx) => {
                     link::send_patiently(&tx, JobEvent::Output { stream, bytes }, live);
                 }
-                None => log::debug!("{label}: output for job {job}, which it does not run (ignored)"),
+                None => {
+                    log::debug!("{label}: output for job {job}, which it does not run (ignored)")
+                }
             }
         }
         WorkerMessage::Finished {
@@ -510,7 +556,9 @@ fn on_worker_message(shared: &Shared, worker: u64, label: &str, routes: &Routes,
                     deliver_last(tx, last);
                     let _ = shared.events.send(Event::JobEnded { worker, job });
                 }
-                None => log::warn!("{label}: reported job {job} finished, which it does not run (ignored)"),
+                None => log::warn!(
+                    "{label}: reported job {job} finished, which it does not run (ignored)"
+                ),
             }
         }
         WorkerMessage::Heartbeat => {}
@@ -549,7 +597,10 @@ impl JobHandle {
     pub fn cancel(&self) -> Result<()> {
         self.shared
             .events
-            .send(Event::Cancel { id: self.id, reply: None })
+            .send(Event::Cancel {
+                id: self.id,
+                reply: None,
+            })
             .map_err(|_| Error::ShutDown)
     }
 

@@ -8,14 +8,12 @@ use crate::job::{JobEvent, JobId, JobSpec, Requirements};
 use crossbeam_channel::Sender;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::Instant;
 
 /// A job waiting in the queue.
 pub(crate) struct QueuedJob {
     pub id: JobId,
     pub spec: JobSpec,
     pub events: Sender<JobEvent>,
-    pub since: Instant,
 }
 
 /// Where a job sits in its class: (higher priority first, then older first).
@@ -30,6 +28,7 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.index.len()
     }
@@ -73,12 +72,9 @@ impl Queue {
     /// Empties the queue, in no particular order.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = QueuedJob> + '_ {
         self.index.clear();
-        self.classes.drain().flat_map(|(_, jobs)| jobs.into_values())
-    }
-
-    /// When the longest-waiting job was queued.
-    pub(crate) fn oldest(&self) -> Option<Instant> {
-        self.classes.values().flat_map(|jobs| jobs.values().map(|j| j.since)).min()
+        self.classes
+            .drain()
+            .flat_map(|(_, jobs)| jobs.into_values())
     }
 }
 
@@ -91,7 +87,6 @@ mod tests {
             id: JobId(id),
             spec,
             events: crossbeam_channel::unbounded().0,
-            since: Instant::now(),
         }
     }
 
@@ -119,7 +114,8 @@ mod tests {
         q.push(job(2, JobSpec::new("b").priority(5)));
         q.push(job(3, JobSpec::new("c").priority(5).require_tag("x")));
         q.push(job(4, JobSpec::new("d").priority(-1)));
-        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(&tags(&["x"]), "p").map(|j| j.id.0)).collect();
+        let order: Vec<u64> =
+            std::iter::from_fn(|| q.pop_for(&tags(&["x"]), "p").map(|j| j.id.0)).collect();
         assert_eq!(order, vec![2, 3, 1, 4]);
     }
 
@@ -131,7 +127,8 @@ mod tests {
         }
         assert_eq!(q.remove(JobId(2)).unwrap().id, JobId(2));
         assert!(q.remove(JobId(2)).is_none());
-        let order: Vec<u64> = std::iter::from_fn(|| q.pop_for(&tags(&[]), "p").map(|j| j.id.0)).collect();
+        let order: Vec<u64> =
+            std::iter::from_fn(|| q.pop_for(&tags(&[]), "p").map(|j| j.id.0)).collect();
         assert_eq!(order, vec![1, 3, 4]);
     }
 }
