@@ -193,6 +193,7 @@ impl WorkerConfig {
 struct Status {
     connected: AtomicBool,
     sessions: AtomicU64,
+    attempts: AtomicU64,
 }
 
 /// A running worker. Dropping it stops it.
@@ -231,6 +232,7 @@ impl Worker {
         let status = Arc::new(Status {
             connected: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
         });
         let name = config.name.clone();
         let st = status.clone();
@@ -259,6 +261,11 @@ impl Worker {
     /// How many times it has been accepted by a manager so far.
     pub fn sessions(&self) -> u64 {
         self.status.sessions.load(Ordering::Relaxed)
+    }
+
+    /// How many times it has tried to connect so far (successful or not).
+    pub fn connection_attempts(&self) -> u64 {
+        self.status.attempts.load(Ordering::Relaxed)
     }
 
     /// Stops: kills running jobs (the manager ends them `WorkerLost`), cleans up their
@@ -346,14 +353,16 @@ impl WorkerLoop {
                 .trim_start_matches('[')
                 .trim_end_matches(']')
                 .to_string();
-            match link::connect(
+            let attempt = link::connect(
                 &self.address,
                 &server_name,
                 self.tls.as_ref(),
                 &hello,
                 deadline,
                 self.config.max_frame,
-            ) {
+            );
+            self.status.attempts.fetch_add(1, Ordering::Relaxed);
+            match attempt {
                 Ok((est, welcome)) => {
                     failures = 0;
                     self.status.sessions.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,178 @@
+//! Shared test fixtures: certificates made on the spot, a manager on 127.0.0.1:0,
+//! workers in this process or in a child process, and waits with deadlines.
+#![allow(dead_code)]
+
+use crossbeam_channel::Receiver;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use workpool::job::{JobEvent, JobSpec, Outcome};
+use workpool::manager::{Manager, ManagerConfig, ManagerEvent};
+use workpool::tls::{GeneratedCertificate, Identity, TrustRoots, generate_self_signed};
+use workpool::worker::{Worker, WorkerConfig};
+
+/// Generous: the machines are small and shared.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct Certs {
+    pub manager: GeneratedCertificate,
+    pub workers: Vec<GeneratedCertificate>,
+}
+
+impl Certs {
+    pub fn new(workers: usize) -> Certs {
+        Certs {
+            manager: generate_self_signed(&["localhost", "127.0.0.1"]).unwrap(),
+            workers: (0..workers)
+                .map(|i| generate_self_signed(&[&format!("worker-{i}")]).unwrap())
+                .collect(),
+        }
+    }
+
+    pub fn manager_identity(&self) -> Identity {
+        Identity::from_pem(
+            self.manager.cert_pem.as_bytes(),
+            self.manager.key_pem.as_bytes(),
+        )
+        .unwrap()
+    }
+
+    pub fn worker_roots(&self) -> TrustRoots {
+        let mut r = TrustRoots::new();
+        for w in &self.workers {
+            r.add_pem(w.cert_pem.as_bytes()).unwrap();
+        }
+        r
+    }
+
+    pub fn manager_config(&self) -> ManagerConfig {
+        let mut c = ManagerConfig::new("127.0.0.1:0", self.manager_identity(), self.worker_roots());
+        c.shutdown_grace = Duration::from_secs(5);
+        c
+    }
+
+    pub fn worker_config(&self, port: u16, i: usize, name: &str) -> WorkerConfig {
+        let w = &self.workers[i];
+        let mut c = WorkerConfig::new(
+            "127.0.0.1",
+            port,
+            Identity::from_pem(w.cert_pem.as_bytes(), w.key_pem.as_bytes()).unwrap(),
+            TrustRoots::from_pem(self.manager.cert_pem.as_bytes()).unwrap(),
+        )
+        .name(name);
+        c.backoff_initial = Duration::from_millis(20);
+        c.backoff_max = Duration::from_millis(300);
+        c
+    }
+
+    /// Writes every certificate and key as PEM files into `dir` (the CLI's file names).
+    pub fn write_to(&self, dir: &Path) {
+        std::fs::write(dir.join("host-cert.pem"), &self.manager.cert_pem).unwrap();
+        std::fs::write(dir.join("host-key.pem"), &self.manager.key_pem).unwrap();
+        for (i, w) in self.workers.iter().enumerate() {
+            std::fs::write(dir.join(format!("worker-{i}-cert.pem")), &w.cert_pem).unwrap();
+            std::fs::write(dir.join(format!("worker-{i}-key.pem")), &w.key_pem).unwrap();
+        }
+    }
+}
+
+/// A manager with `workers` in-process workers (one slot each unless changed), all joined.
+pub struct Cluster {
+    pub certs: Certs,
+    pub manager: Manager,
+    pub events: Receiver<ManagerEvent>,
+    pub workers: Vec<Worker>,
+}
+
+impl Cluster {
+    pub fn new(workers: usize) -> Cluster {
+        Cluster::with(workers, |_, c| c)
+    }
+
+    /// Like `new`, with each worker's config adjusted by `f(index, config)`.
+    pub fn with(n: usize, f: impl Fn(usize, WorkerConfig) -> WorkerConfig) -> Cluster {
+        let certs = Certs::new(n.max(1));
+        let manager = Manager::bind(certs.manager_config()).unwrap();
+        let events = manager.subscribe();
+        let port = manager.local_addr().port();
+        let workers: Vec<Worker> = (0..n)
+            .map(|i| Worker::start(f(i, certs.worker_config(port, i, &format!("w{i}")))).unwrap())
+            .collect();
+        wait_joined(&events, n);
+        Cluster {
+            certs,
+            manager,
+            events,
+            workers,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.manager.local_addr().port()
+    }
+}
+
+/// Waits until `n` workers have joined (per the manager's events); returns their names.
+pub fn wait_joined(events: &Receiver<ManagerEvent>, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + DEADLINE;
+    let mut names = Vec::new();
+    while names.len() < n {
+        match events.recv_deadline(deadline) {
+            Ok(ManagerEvent::WorkerJoined(info)) => names.push(info.name),
+            Ok(_) => {}
+            Err(e) => panic!(
+                "only {} of {n} workers joined before the deadline: {e}",
+                names.len()
+            ),
+        }
+    }
+    names
+}
+
+/// Waits for the next event of a job, with the deadline.
+pub fn next_event(events: &Receiver<JobEvent>) -> JobEvent {
+    events
+        .recv_timeout(DEADLINE)
+        .expect("a job event before the deadline")
+}
+
+/// Waits for the condition, checking it every few milliseconds, up to the deadline.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Submits and waits for the result.
+pub fn run(manager: &Manager, spec: JobSpec) -> workpool::job::JobResult {
+    let mut h = manager.submit(spec).unwrap();
+    h.wait_timeout(DEADLINE)
+        .expect("the job ends before the deadline")
+}
+
+pub fn exited(code: i32) -> Outcome {
+    Outcome::Exited(code)
+}
+
+/// A fresh private scratch folder for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("workpool-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A port that was free a moment ago (for a worker that must start before its manager).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether a process exists (signal 0).
+pub fn alive(pid: i32) -> bool {
+    unsafe { libc::kill(pid, 0) == 0 }
+}
