@@ -166,6 +166,17 @@ pub fn parse_hello(body: &[u8]) -> Result<(u32, &[u8])> {
     Ok((version, &body[8..]))
 }
 
+fn read_error(e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        // rustls' text points to its manual; say what happened instead.
+        return Error::io(
+            "reading from the peer",
+            io::Error::new(e.kind(), "the connection was cut (no TLS close_notify)"),
+        );
+    }
+    Error::io("reading from the peer", e)
+}
+
 /// Reads whole frames from a byte stream, refusing a length over the limit before
 /// allocating anything for it.
 pub struct FrameReader<R: Read> {
@@ -196,7 +207,7 @@ impl<R: Read> FrameReader<R> {
                 }
                 Ok(n) => got += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("reading from the peer", e)),
+                Err(e) => return Err(read_error(e)),
             }
         }
         let len = u32::from_be_bytes(header) as usize;
@@ -211,7 +222,7 @@ impl<R: Read> FrameReader<R> {
         (&mut self.inner)
             .take(len as u64)
             .read_to_end(&mut body)
-            .map_err(|e| Error::io("reading from the peer", e))?;
+            .map_err(read_error)?;
         if body.len() != len {
             return Err(Error::Protocol(format!(
                 "connection closed inside a frame ({} of {len} bytes)",

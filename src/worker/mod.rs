@@ -503,9 +503,8 @@ impl WorkerLoop {
                 }
             }
         }
-        if matches!(end, SessionEnd::Stop) {
-            let _ = out_tx.send(Outbound::Close);
-        }
+        // Say goodbye properly (close_notify) whether we leave or the manager did.
+        let _ = out_tx.send(Outbound::Close);
         drop(out_tx);
         let _ = writer.join();
         live.mark_closed();

@@ -1,0 +1,855 @@
+//! The workpool command line: a drop-in for the seed's `manager`, `worker` and
+//! `generate-tls-certificates` subcommands, plus `demo`, which runs a manager and two
+//! workers in this process on loopback with fresh certificates.
+//!
+//! ```text
+//! cargo run --release --example workpool -- demo
+//! cargo run --release --example workpool -- generate-tls-certificates --number-of-workers 2 --hostname localhost
+//! cargo run --release --example workpool -- manager --security-pool-certificate host-cert.pem \
+//!     --security-pool-key host-key.pem --security-worker-certificates worker-0-cert.pem worker-1-cert.pem
+//! cargo run --release --example workpool -- worker --security-pool-certificate host-cert.pem \
+//!     --security-worker-certificate worker-0-cert.pem --security-worker-key worker-0-key.pem
+//! ```
+//!
+//! Set `RUST_LOG=debug` for more log lines (they go to stderr).
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+use workpool::job::{JobEvent, JobId, JobSpec, Outcome, Stream};
+use workpool::manager::{Manager, ManagerConfig, ManagerEvent, WorkerInfo};
+use workpool::tls::{Identity, TrustRoots, generate_self_signed};
+use workpool::worker::{Worker, WorkerConfig};
+
+const USAGE: &str = "\
+workpool: run shell commands on a pool of workers over mutual TLS
+
+USAGE:
+  workpool manager [OPTIONS]      accept workers; read jobs from stdin, one per line
+  workpool worker [OPTIONS]       connect to a manager and run its jobs
+  workpool generate-tls-certificates [OPTIONS]
+  workpool demo [--interactive] [--json]
+                                  a manager and two workers in this process, on loopback
+
+Run `workpool SUBCOMMAND --help` for a subcommand's options.";
+
+const MANAGER_HELP: &str = "\
+workpool manager: accept workers and run the jobs read from stdin
+
+OPTIONS:
+  -h, --host HOST                         address to listen on [default: 127.0.0.1]
+  -p, --port PORT                         port to listen on [default: 9001]
+      --security-pool-certificate FILE    the manager's certificate (PEM)
+      --security-pool-key FILE            the manager's private key (PEM)
+      --security-worker-certificates FILE [FILE ...]
+                                          worker certificates or CAs to trust (repeatable)
+      --json                              one JSON object per line on stdout
+      --insecure-plaintext                no TLS at all (anyone who reaches the port can take jobs)
+      --help                              this text
+
+STDIN: each non-empty line is a job, submitted at once (`/bin/bash -c LINE` on a worker).
+  exit               shut down gracefully (queued jobs are rejected, running ones finish)
+  :tags a,b          jobs after this line need workers with tags a and b (`:tags` clears)
+  :platform P        jobs after this line need platform P, e.g. linux-x86_64 (`:platform` clears)
+  :workers           list the connected workers
+  :help              this list
+At the end of stdin the manager waits for every job to end, then exits 0.";
+
+const WORKER_HELP: &str = "\
+workpool worker: connect to a manager and run its jobs (reconnects by itself)
+
+OPTIONS:
+  -h, --host HOST                         the manager's host [default: 127.0.0.1]
+  -p, --port PORT                         the manager's port [default: 9001]
+      --security-pool-certificate FILE    the manager's certificate, or its CA (PEM)
+      --security-worker-certificate FILE  this worker's certificate (PEM)
+      --security-worker-key FILE          this worker's private key (PEM)
+      --name NAME                         name shown to the manager [default: HOSTNAME-PID]
+      --tag TAG                           a tag jobs can require (repeatable)
+      --slots N                           jobs run at once [default: 1]
+      --no-verify-hostname                do not check that the manager's certificate names HOST
+      --insecure-plaintext                no TLS at all
+      --help                              this text
+SIGINT or SIGTERM stops the worker: its running jobs are killed and cleaned up.";
+
+const GENERATE_HELP: &str = "\
+workpool generate-tls-certificates: write self-signed certificates for a manager and its workers
+
+OPTIONS:
+      --number-of-workers N   how many worker certificates [default: 1]
+      --hostname HOST         the manager's host name (also valid: localhost, 127.0.0.1) [required]
+      --output-dir DIR        where to write them [default: .]
+Writes host-cert.pem host-key.pem worker-0-cert.pem worker-0-key.pem ...";
+
+const DEMO_HELP: &str = "\
+workpool demo: a manager and two workers in this process, on loopback, with fresh certificates,
+running a short showcase (streaming output, queueing, tag routing, a failing job).
+
+OPTIONS:
+      --interactive   after the showcase, keep reading jobs from stdin like `manager`
+      --json          one JSON object per line on stdout
+      --help          this text";
+
+/// A command-line failure: the message, and whether it was the user's input (exit 2).
+struct Failure {
+    message: String,
+    usage: bool,
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        message: message.into(),
+        usage: true,
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> Failure {
+    Failure {
+        message: e.to_string(),
+        usage: false,
+    }
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // The demo is about job output; the daemons log what they do.
+    let default_log = if args.first().map(String::as_str) == Some("demo") {
+        "warn"
+    } else {
+        "info"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_log)).init();
+    let result = match args.first().map(String::as_str) {
+        Some("manager") => run_manager(&args[1..]),
+        Some("worker") => run_worker(&args[1..]),
+        Some("generate-tls-certificates") => generate(&args[1..]),
+        Some("demo") => demo(&args[1..]),
+        Some("--help") | Some("help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(usage(format!("unknown subcommand {other:?}; try --help"))),
+        None => Err(usage(format!("a subcommand is needed\n\n{USAGE}"))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("workpool: error: {}", f.message);
+            ExitCode::from(if f.usage { 2 } else { 1 })
+        }
+    }
+}
+
+/// Parsed options: each flag's values in order (flags without a value get one "").
+struct Options(HashMap<&'static str, Vec<String>>);
+
+/// A flag: its names, and how many values it takes (0, 1, or `MANY` until the next flag).
+type Spec = (&'static [&'static str], usize);
+const MANY: usize = usize::MAX;
+
+fn parse(args: &[String], specs: &[Spec], help: &str) -> Result<Options, Failure> {
+    let mut found: HashMap<&'static str, Vec<String>> = HashMap::new();
+    let mut i = 0;
+    while i < args.len() {
+        let arg = &args[i];
+        if arg == "--help" {
+            println!("{help}");
+            std::process::exit(0);
+        }
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let Some(&(names, arity)) = specs.iter().find(|(names, _)| names.contains(&name)) else {
+            return Err(usage(format!("unknown option {arg:?}; try --help")));
+        };
+        let key = names[0];
+        let values = found.entry(key).or_default();
+        i += 1;
+        match (arity, inline) {
+            (0, None) => values.push(String::new()),
+            (0, Some(_)) => return Err(usage(format!("{key} takes no value"))),
+            (_, Some(v)) => values.push(v),
+            (1, None) => {
+                let v = args
+                    .get(i)
+                    .ok_or_else(|| usage(format!("{key} needs a value")))?;
+                values.push(v.clone());
+                i += 1;
+            }
+            (_, None) => {
+                let start = values.len();
+                while i < args.len() && !args[i].starts_with('-') {
+                    values.push(args[i].clone());
+                    i += 1;
+                }
+                if values.len() == start {
+                    return Err(usage(format!("{key} needs at least one value")));
+                }
+            }
+        }
+    }
+    Ok(Options(found))
+}
+
+impl Options {
+    fn one(&self, key: &str) -> Result<Option<&str>, Failure> {
+        match self.0.get(key).map(Vec::as_slice) {
+            None | Some([]) => Ok(None),
+            Some([v]) => Ok(Some(v)),
+            Some(_) => Err(usage(format!("{key} given more than once"))),
+        }
+    }
+
+    fn required(&self, key: &str, why: &str) -> Result<&str, Failure> {
+        self.one(key)?
+            .ok_or_else(|| usage(format!("{key} is required{why}")))
+    }
+
+    fn all(&self, key: &str) -> &[String] {
+        self.0.get(key).map_or(&[], Vec::as_slice)
+    }
+
+    fn flag(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, Failure> {
+        match self.one(key)? {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| usage(format!("{key}: {v:?} is not a valid number"))),
+        }
+    }
+}
+
+const HOST: &[&str] = &["--host", "-h"];
+const PORT: &[&str] = &["--port", "-p"];
+const POOL_CERT: &[&str] = &["--security-pool-certificate"];
+const POOL_KEY: &[&str] = &["--security-pool-key"];
+const WORKER_CERTS: &[&str] = &["--security-worker-certificates"];
+const WORKER_CERT: &[&str] = &["--security-worker-certificate"];
+const WORKER_KEY: &[&str] = &["--security-worker-key"];
+const PLAINTEXT: &[&str] = &["--insecure-plaintext"];
+const JSON: &[&str] = &["--json"];
+
+fn run_manager(args: &[String]) -> Result<(), Failure> {
+    let o = parse(
+        args,
+        &[
+            (HOST, 1),
+            (PORT, 1),
+            (POOL_CERT, 1),
+            (POOL_KEY, 1),
+            (WORKER_CERTS, MANY),
+            (PLAINTEXT, 0),
+            (JSON, 0),
+        ],
+        MANAGER_HELP,
+    )?;
+    let host = o.one("--host")?.unwrap_or("127.0.0.1");
+    let port: u16 = o.number("--port", 9001)?;
+    let listen = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let config = if o.flag("--insecure-plaintext") {
+        ManagerConfig::insecure_plaintext(listen)
+    } else {
+        let why = " (or --insecure-plaintext)";
+        let cert = o.required("--security-pool-certificate", why)?;
+        let key = o.required("--security-pool-key", why)?;
+        if o.all("--security-worker-certificates").is_empty() {
+            return Err(usage(format!(
+                "--security-worker-certificates is required{why}"
+            )));
+        }
+        let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
+        let roots =
+            TrustRoots::from_pem_files(o.all("--security-worker-certificates")).map_err(failed)?;
+        ManagerConfig::new(listen, identity, roots)
+    };
+    let manager = Arc::new(Manager::bind(config).map_err(failed)?);
+    let console = Console::new(manager.clone(), o.flag("--json"));
+    if !console.json {
+        eprintln!(
+            "workpool manager listening on {}; one job per line, `exit` to quit, `:help` for directives",
+            manager.local_addr()
+        );
+    }
+    watch_signals_for_manager(manager.clone());
+    console.run(std::io::stdin().lock());
+    Ok(())
+}
+
+/// SIGINT/SIGTERM on the manager: the same graceful shutdown as `exit`.
+fn watch_signals_for_manager(manager: Arc<Manager>) {
+    let signals = block_signals();
+    std::thread::spawn(move || {
+        let sig = wait_signal(&signals);
+        log::info!("signal {sig}: shutting down");
+        manager.shutdown();
+        std::process::exit(128 + sig);
+    });
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and every thread it starts from now on, so
+/// that one thread can take them with `sigwait` (children get a clean mask from std).
+fn block_signals() -> libc::sigset_t {
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn run_worker(args: &[String]) -> Result<(), Failure> {
+    let o = parse(
+        args,
+        &[
+            (HOST, 1),
+            (PORT, 1),
+            (POOL_CERT, 1),
+            (WORKER_CERT, 1),
+            (WORKER_KEY, 1),
+            (&["--name"], 1),
+            (&["--tag"], 1),
+            (&["--slots"], 1),
+            (&["--no-verify-hostname"], 0),
+            (PLAINTEXT, 0),
+        ],
+        WORKER_HELP,
+    )?;
+    let host = o.one("--host")?.unwrap_or("127.0.0.1");
+    let port: u16 = o.number("--port", 9001)?;
+    let mut config = if o.flag("--insecure-plaintext") {
+        WorkerConfig::insecure_plaintext(host, port)
+    } else {
+        let why = " (or --insecure-plaintext)";
+        let pool = o.required("--security-pool-certificate", why)?;
+        let cert = o.required("--security-worker-certificate", why)?;
+        let key = o.required("--security-worker-key", why)?;
+        let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
+        let roots = TrustRoots::from_pem_files([pool]).map_err(failed)?;
+        let c = WorkerConfig::new(host, port, identity, roots);
+        if o.flag("--no-verify-hostname") {
+            c.no_verify_hostname()
+        } else {
+            c
+        }
+    };
+    if let Some(name) = o.one("--name")? {
+        config.name = name.to_string();
+    }
+    for tag in o.all("--tag") {
+        config = config.tag(tag.clone());
+    }
+    config.slots = o.number("--slots", 1)?;
+    let signals = block_signals();
+    let worker = Worker::start(config).map_err(failed)?;
+    eprintln!(
+        "workpool worker {} started; connecting to {host}:{port}",
+        worker.name()
+    );
+    let sig = wait_signal(&signals);
+    log::info!("signal {sig}: stopping");
+    worker.stop();
+    Ok(())
+}
+
+fn generate(args: &[String]) -> Result<(), Failure> {
+    let o = parse(
+        args,
+        &[
+            (&["--number-of-workers"], 1),
+            (&["--hostname"], 1),
+            (&["--output-dir"], 1),
+        ],
+        GENERATE_HELP,
+    )?;
+    let n: usize = o.number("--number-of-workers", 1)?;
+    let host = o.required("--hostname", "")?;
+    let dir = PathBuf::from(o.one("--output-dir")?.unwrap_or("."));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
+    let mut names = vec![host];
+    for extra in ["localhost", "127.0.0.1"] {
+        if !names.contains(&extra) {
+            names.push(extra);
+        }
+    }
+    let write = |file: &str, text: &str, private: bool| -> Result<(), Failure> {
+        let path = dir.join(file);
+        write_file(&path, text, private)
+            .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
+        println!("wrote {}", path.display());
+        Ok(())
+    };
+    let host_cert = generate_self_signed(&names).map_err(failed)?;
+    write("host-cert.pem", &host_cert.cert_pem, false)?;
+    write("host-key.pem", &host_cert.key_pem, true)?;
+    for i in 0..n {
+        let mut names = vec![format!("worker-{i}")];
+        names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let c = generate_self_signed(&refs).map_err(failed)?;
+        write(&format!("worker-{i}-cert.pem"), &c.cert_pem, false)?;
+        write(&format!("worker-{i}-key.pem"), &c.key_pem, true)?;
+    }
+    Ok(())
+}
+
+fn write_file(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)?;
+    f.write_all(text.as_bytes())
+}
+
+const SHOWCASE: &[&str] = &[
+    "echo streaming, one line at a time:; for i in 1 2 3 4; do echo \"  tick $i\"; sleep 0.25; done",
+    ":tags big",
+    "echo this job needed the tag big and ran on $(hostname) as job $WORKPOOL_JOB_ID",
+    ":tags",
+    "sleep 0.4; echo queued job A done",
+    "sleep 0.4; echo queued job B done",
+    "sleep 0.4; echo queued job C done",
+    "echo this one fails >&2; exit 3",
+    ":workers",
+];
+
+fn demo(args: &[String]) -> Result<(), Failure> {
+    let o = parse(args, &[(&["--interactive"], 0), (JSON, 0)], DEMO_HELP)?;
+    let host = generate_self_signed(&["localhost", "127.0.0.1"]).map_err(failed)?;
+    let worker_certs: Vec<_> = ["alpha", "beta"]
+        .iter()
+        .map(|n| generate_self_signed(&[n]))
+        .collect::<Result<_, _>>()
+        .map_err(failed)?;
+    let mut roots = TrustRoots::new();
+    for c in &worker_certs {
+        roots.add_pem(c.cert_pem.as_bytes()).map_err(failed)?;
+    }
+    let identity =
+        Identity::from_pem(host.cert_pem.as_bytes(), host.key_pem.as_bytes()).map_err(failed)?;
+    let manager = Arc::new(
+        Manager::bind(ManagerConfig::new("127.0.0.1:0", identity, roots)).map_err(failed)?,
+    );
+    let console = Console::new(manager.clone(), o.flag("--json"));
+    let joined = manager.subscribe();
+    let port = manager.local_addr().port();
+    let mut workers = Vec::new();
+    for (i, (name, c)) in ["alpha", "beta"].iter().zip(&worker_certs).enumerate() {
+        let identity =
+            Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).map_err(failed)?;
+        let roots = TrustRoots::from_pem(host.cert_pem.as_bytes()).map_err(failed)?;
+        let mut config = WorkerConfig::new("127.0.0.1", port, identity, roots).name(*name);
+        if i == 1 {
+            config = config.tag("big");
+        }
+        workers.push(Worker::start(config).map_err(failed)?);
+    }
+    let mut seen = 0;
+    while seen < workers.len() {
+        match joined.recv_timeout(Duration::from_secs(30)) {
+            Ok(ManagerEvent::WorkerJoined(_)) => seen += 1,
+            Ok(_) => {}
+            Err(_) => return Err(failed("the demo workers did not join within 30 s")),
+        }
+    }
+    if !console.json {
+        eprintln!(
+            "demo: manager on {} with workers alpha (1 slot) and beta (1 slot, tag big), mutual TLS\n",
+            manager.local_addr()
+        );
+    }
+    let mut console = console;
+    for line in SHOWCASE {
+        if !console.json {
+            console.say(&format!("> {line}"));
+        }
+        console.line(line);
+    }
+    if o.flag("--interactive") {
+        if !console.json {
+            console
+                .say("demo: now reading jobs from stdin (`exit` to quit, `:help` for directives)");
+        }
+        console.run(std::io::stdin().lock());
+    } else {
+        console.wait_for_jobs();
+    }
+    for w in &workers {
+        w.stop();
+    }
+    manager.shutdown();
+    Ok(())
+}
+
+/// Reads job lines and directives, submits jobs, and prints what happens.
+struct Console {
+    manager: Arc<Manager>,
+    json: bool,
+    out: Arc<Mutex<()>>,
+    tags: BTreeSet<String>,
+    platform: Option<String>,
+    printers: Vec<JoinHandle<()>>,
+}
+
+impl Console {
+    fn new(manager: Arc<Manager>, json: bool) -> Console {
+        let out = Arc::new(Mutex::new(()));
+        if json {
+            emit(
+                &out,
+                false,
+                &format!(
+                    "{{\"event\":\"listening\",\"address\":{}}}",
+                    json_str(&manager.local_addr().to_string())
+                ),
+            );
+        }
+        let pool = manager.subscribe();
+        let o = out.clone();
+        std::thread::spawn(move || {
+            for ev in pool {
+                let line = match (&ev, json) {
+                    (ManagerEvent::WorkerJoined(w), true) => format!(
+                        "{{\"event\":\"worker_joined\",\"worker\":{},\"tags\":{},\"platform\":{},\"slots\":{}}}",
+                        json_str(&w.name),
+                        json_list(&w.tags),
+                        json_str(&w.platform),
+                        w.slots
+                    ),
+                    (ManagerEvent::WorkerLeft { name, reason, .. }, true) => format!(
+                        "{{\"event\":\"worker_left\",\"worker\":{},\"reason\":{}}}",
+                        json_str(name),
+                        json_str(reason)
+                    ),
+                    (ManagerEvent::WorkerJoined(w), false) => {
+                        format!("worker {} joined ({})", w.name, describe(w))
+                    }
+                    (ManagerEvent::WorkerLeft { name, reason, .. }, false) => {
+                        format!("worker {name} left: {reason}")
+                    }
+                    _ => continue,
+                };
+                emit(&o, false, &line);
+            }
+        });
+        Console {
+            manager,
+            json,
+            out,
+            tags: BTreeSet::new(),
+            platform: None,
+            printers: Vec::new(),
+        }
+    }
+
+    fn say(&self, text: &str) {
+        emit(&self.out, false, text);
+    }
+
+    fn complain(&self, text: &str) {
+        if self.json {
+            emit(
+                &self.out,
+                false,
+                &format!("{{\"event\":\"error\",\"message\":{}}}", json_str(text)),
+            );
+        } else {
+            emit(&self.out, true, &format!("workpool: {text}"));
+        }
+    }
+
+    fn run(mut self, input: impl BufRead) {
+        for line in input.lines() {
+            let Ok(line) = line else { break };
+            if !self.line(&line) {
+                self.manager.shutdown();
+                break;
+            }
+        }
+        self.finish();
+    }
+
+    /// Waits for every job to end, then shuts the manager down.
+    fn finish(&mut self) {
+        self.wait_for_jobs();
+        self.manager.shutdown();
+    }
+
+    fn wait_for_jobs(&mut self) {
+        for p in self.printers.drain(..) {
+            let _ = p.join();
+        }
+    }
+
+    /// Handles one line; false means `exit`.
+    fn line(&mut self, line: &str) -> bool {
+        let line = line.trim();
+        if line.is_empty() {
+            return true;
+        }
+        if line == "exit" {
+            return false;
+        }
+        if let Some(directive) = line.strip_prefix(':') {
+            self.directive(directive);
+            return true;
+        }
+        let mut spec = JobSpec::new(line);
+        spec.requirements.tags = self.tags.clone();
+        spec.requirements.platform = self.platform.clone();
+        match self.manager.submit(spec) {
+            Ok(handle) => {
+                let id = handle.id();
+                if self.json {
+                    self.say(&format!(
+                        "{{\"event\":\"submitted\",\"job\":{id},\"command\":{}}}",
+                        json_str(line)
+                    ));
+                }
+                let (out, json) = (self.out.clone(), self.json);
+                self.printers.push(std::thread::spawn(move || {
+                    print_job(id, handle.events(), &out, json)
+                }));
+            }
+            Err(e) => self.complain(&format!("job not submitted: {e}")),
+        }
+        true
+    }
+
+    fn directive(&mut self, d: &str) {
+        let (name, arg) = match d.split_once(char::is_whitespace) {
+            Some((n, a)) => (n, a.trim()),
+            None => (d, ""),
+        };
+        match name {
+            "tags" => {
+                self.tags = arg
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(String::from)
+                    .collect();
+            }
+            "platform" => self.platform = (!arg.is_empty()).then(|| arg.to_string()),
+            "workers" => {
+                let workers = self.manager.workers();
+                if self.json {
+                    let list: Vec<String> = workers
+                        .iter()
+                        .map(|w| {
+                            format!(
+                                "{{\"worker\":{},\"address\":{},\"tags\":{},\"platform\":{},\"slots\":{},\"running\":{}}}",
+                                json_str(&w.name),
+                                w.address.map_or("null".into(), |a| json_str(&a.to_string())),
+                                json_list(&w.tags),
+                                json_str(&w.platform),
+                                w.slots,
+                                w.running
+                            )
+                        })
+                        .collect();
+                    self.say(&format!(
+                        "{{\"event\":\"workers\",\"workers\":[{}]}}",
+                        list.join(",")
+                    ));
+                } else if workers.is_empty() {
+                    self.say("no workers connected");
+                } else {
+                    for w in &workers {
+                        self.say(&format!("worker {}: {}", w.name, describe(w)));
+                    }
+                }
+            }
+            "help" => self.say(
+                MANAGER_HELP
+                    .split_once("STDIN:")
+                    .map_or(MANAGER_HELP, |(_, s)| s)
+                    .trim(),
+            ),
+            _ => self.complain(&format!("unknown directive :{name} (try :help)")),
+        }
+    }
+}
+
+fn describe(w: &WorkerInfo) -> String {
+    let tags: Vec<&str> = w.tags.iter().map(String::as_str).collect();
+    format!(
+        "{}, {} slot(s), {} running, tags [{}], from {}",
+        w.platform,
+        w.slots,
+        w.running,
+        tags.join(","),
+        w.address.map_or("?".into(), |a| a.to_string())
+    )
+}
+
+/// Prints one job's events as they come (a thread per job).
+fn print_job(
+    id: JobId,
+    events: &crossbeam_channel::Receiver<JobEvent>,
+    out: &Mutex<()>,
+    json: bool,
+) {
+    let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+    let mut worker: Option<String> = None;
+    for ev in events {
+        match ev {
+            JobEvent::Queued => {}
+            JobEvent::Started { worker: w } => {
+                if json {
+                    emit(
+                        out,
+                        false,
+                        &format!(
+                            "{{\"event\":\"started\",\"job\":{id},\"worker\":{}}}",
+                            json_str(&w)
+                        ),
+                    );
+                }
+                worker = Some(w);
+            }
+            JobEvent::Output { stream, bytes } => {
+                if json {
+                    emit(
+                        out,
+                        false,
+                        &format!(
+                            "{{\"event\":\"output\",\"job\":{id},\"stream\":\"{}\",\"data\":{}}}",
+                            stream.name(),
+                            json_str(&String::from_utf8_lossy(&bytes))
+                        ),
+                    );
+                } else {
+                    let buf = &mut partial[stream as usize];
+                    buf.extend_from_slice(&bytes);
+                    if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
+                        let lines: Vec<u8> = buf.drain(..=end).collect();
+                        print_lines(id, stream, &lines, out);
+                    }
+                }
+            }
+            JobEvent::Warning(w) => {
+                if json {
+                    emit(
+                        out,
+                        false,
+                        &format!(
+                            "{{\"event\":\"warning\",\"job\":{id},\"message\":{}}}",
+                            json_str(&w)
+                        ),
+                    );
+                } else {
+                    emit(out, true, &format!("[{id}] warning: {w}"));
+                }
+            }
+            JobEvent::Finished(outcome) => {
+                if json {
+                    let mut extra = String::new();
+                    match &outcome {
+                        Outcome::Signaled(s) => extra = format!(",\"signal\":{s}"),
+                        Outcome::Rejected(r) | Outcome::SpawnFailed(r) => {
+                            extra = format!(",\"reason\":{}", json_str(r))
+                        }
+                        _ => {}
+                    }
+                    emit(
+                        out,
+                        false,
+                        &format!(
+                            "{{\"event\":\"finished\",\"job\":{id},\"outcome\":\"{}\",\"exit_code\":{},\"worker\":{}{extra}}}",
+                            outcome.name(),
+                            outcome.exit_code().map_or("null".into(), |c| c.to_string()),
+                            worker.as_deref().map_or("null".into(), json_str)
+                        ),
+                    );
+                } else {
+                    for stream in [Stream::Stdout, Stream::Stderr] {
+                        let rest = std::mem::take(&mut partial[stream as usize]);
+                        if !rest.is_empty() {
+                            print_lines(id, stream, &rest, out);
+                        }
+                    }
+                    let line = match &outcome {
+                        Outcome::Exited(code) => format!("[{id}] Exit code      : {code}"),
+                        other => format!("[{id}] Ended          : {other}"),
+                    };
+                    emit(out, false, &line);
+                }
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
+fn print_lines(id: JobId, stream: Stream, bytes: &[u8], out: &Mutex<()>) {
+    let text = String::from_utf8_lossy(bytes);
+    let (label, to_stderr) = match stream {
+        Stream::Stdout => ("Standard Output", false),
+        Stream::Stderr => ("Standard Error ", true),
+    };
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| format!("[{id}] {label}: {l}"))
+        .collect();
+    emit(out, to_stderr, &lines.join("\n"));
+}
+
+/// Writes whole lines under one lock so that concurrent jobs never interleave a line.
+fn emit(lock: &Mutex<()>, to_stderr: bool, text: &str) {
+    let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+    if to_stderr {
+        let _ = writeln!(std::io::stderr().lock(), "{text}");
+    } else {
+        let mut o = std::io::stdout().lock();
+        let _ = writeln!(o, "{text}");
+        let _ = o.flush();
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_list(items: &BTreeSet<String>) -> String {
+    let v: Vec<String> = items.iter().map(|s| json_str(s)).collect();
+    format!("[{}]", v.join(","))
+}
