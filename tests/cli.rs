@@ -71,7 +71,10 @@ fn the_json_stream_shows_each_job_from_submission_to_its_end() {
     // Wait for the join to show in the stream, so that `:workers` below lists the worker.
     let mut rest = String::new();
     while !rest.contains("worker_joined") {
-        assert!(stdout.read_line(&mut rest).unwrap() > 0, "the manager ended early");
+        assert!(
+            stdout.read_line(&mut rest).unwrap() > 0,
+            "the manager ended early"
+        );
     }
     {
         let mut stdin = child.stdin.take().unwrap();
