@@ -2,8 +2,9 @@
 //! and how it ends ([`Outcome`], [`JobResult`]). No I/O and no threads here.
 
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::time::Duration;
 
 /// A job's id: unique within one manager, counting up from 1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -51,6 +52,18 @@ pub struct JobSpec {
     pub requirements: Requirements,
     /// Higher runs first among queued jobs a worker could take; FIFO within a priority.
     pub priority: i32,
+    /// Deadline from the start: then SIGTERM, SIGKILL after the grace period, and the job
+    /// ends [`Outcome::TimedOut`].
+    pub timeout: Option<Duration>,
+    /// Between SIGTERM and SIGKILL on a timeout or cancel (the worker's default if unset).
+    pub kill_grace: Option<Duration>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Bytes fed to the job's standard input (empty: stdin is `/dev/null`).
+    pub stdin: Vec<u8>,
+    /// How many times the job is queued again after ending [`Outcome::WorkerLost`]
+    /// (default 0: at most once, since a script may not be safe to run twice).
+    pub retries: u32,
 }
 
 impl JobSpec {
@@ -60,7 +73,86 @@ impl JobSpec {
             script: script.into(),
             requirements: Requirements::default(),
             priority: 0,
+            timeout: None,
+            kill_grace: None,
+            env: BTreeMap::new(),
+            stdin: Vec::new(),
+            retries: 0,
         }
+    }
+
+    /// Sets a deadline (see [`JobSpec::timeout`]).
+    pub fn timeout(mut self, timeout: Duration) -> JobSpec {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the grace between SIGTERM and SIGKILL.
+    pub fn kill_grace(mut self, grace: Duration) -> JobSpec {
+        self.kill_grace = Some(grace);
+        self
+    }
+
+    /// Adds an environment variable.
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> JobSpec {
+        self.env.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the bytes fed to standard input.
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> JobSpec {
+        self.stdin = bytes.into();
+        self
+    }
+
+    /// Sets how many times the job may be re-queued after its worker is lost.
+    pub fn retries(mut self, retries: u32) -> JobSpec {
+        self.retries = retries;
+        self
+    }
+
+    /// Checks what a worker cannot check for itself; `Err` says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.script.trim().is_empty() {
+            return Err("the script is empty".into());
+        }
+        if self.script.contains('\0') {
+            return Err("the script contains a NUL byte".into());
+        }
+        for (name, value) in &self.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') {
+                return Err(format!("{name:?} is not a valid environment variable name"));
+            }
+            if value.contains('\0') {
+                return Err(format!("the value of {name} contains a NUL byte"));
+            }
+            if name.starts_with("WORKPOOL_") {
+                return Err(format!("{name}: WORKPOOL_ variables are set by the worker"));
+            }
+        }
+        if self.timeout.is_some_and(|t| t.is_zero()) {
+            return Err("a timeout must be longer than zero".into());
+        }
+        Ok(())
+    }
+
+    /// Roughly how many bytes the job takes on the wire.
+    pub fn wire_size(&self) -> usize {
+        self.script.len()
+            + self.stdin.len()
+            + self
+                .requirements
+                .tags
+                .iter()
+                .map(|t| t.len() + 8)
+                .sum::<usize>()
+            + self.requirements.platform.as_ref().map_or(0, String::len)
+            + self
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 16)
+                .sum::<usize>()
+            + 64
     }
 
     /// Sets the priority (default 0; higher first).

@@ -4,7 +4,9 @@
 //! reader loop (decoding frames, noting liveness). It knows messages, not jobs.
 
 use crate::error::{Error, Result};
-use crate::protocol::{self, FrameReader, Heartbeat, PROTOCOL_VERSION, Welcome, WorkerHello};
+use crate::protocol::{
+    self, DEFAULT_MAX_FRAME, FrameReader, Heartbeat, PROTOCOL_VERSION, Welcome, WorkerHello,
+};
 use crate::tls::{self, Closer, ReadHalf, WriteHalf};
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
 use rustls::pki_types::ServerName;
@@ -37,12 +39,12 @@ pub(crate) enum Outbound<M> {
     Close,
 }
 
-/// Shared by a link's two threads: when a frame last arrived, and whether the reader
-/// is stalled handing a message on (then silence is our doing, not the peer's).
+/// Shared by a link's two threads: when a frame last arrived, and whether the link is
+/// being closed. (The reader never blocks on anything but the socket, so silence is
+/// always the peer's.)
 pub(crate) struct Liveness {
     epoch: Instant,
     last_rx_ms: AtomicU64,
-    delivering: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -51,7 +53,6 @@ impl Liveness {
         Arc::new(Liveness {
             epoch: Instant::now(),
             last_rx_ms: AtomicU64::new(0),
-            delivering: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         })
     }
@@ -73,10 +74,10 @@ impl Liveness {
     }
 
     fn stale(&self, timeout: Duration) -> bool {
-        !self.delivering.load(Ordering::Relaxed) && self.silent_for() > timeout
+        self.silent_for() > timeout
     }
 
-    /// Marks the link as going away; a reader stalled on delivery gives up.
+    /// Marks the link as going away (its errors are then expected, not news).
     pub(crate) fn mark_closed(&self) {
         self.closed.store(true, Ordering::Relaxed);
     }
@@ -200,7 +201,7 @@ const REPLY_WELCOME: u8 = 0;
 const REPLY_REFUSED: u8 = 1;
 
 /// Manager side: accepts the worker and switches the link to its working limits.
-pub(crate) fn welcome(est: &mut Established, welcome: &Welcome, max_frame: usize) -> Result<()> {
+pub(crate) fn welcome(est: &mut Established, welcome: &Welcome) -> Result<()> {
     let mut rest = vec![REPLY_WELCOME];
     protocol::encode_into(&mut rest, welcome)?;
     let mut frame = Vec::new();
@@ -208,7 +209,7 @@ pub(crate) fn welcome(est: &mut Established, welcome: &Welcome, max_frame: usize
     est.writer
         .write_all(&frame)
         .map_err(|e| Error::io("sending the welcome", e))?;
-    est.reader.set_max_frame(max_frame);
+    est.reader.set_max_frame(DEFAULT_MAX_FRAME);
     Ok(())
 }
 
@@ -230,7 +231,6 @@ pub(crate) fn connect(
     tls: Option<&Arc<ClientConfig>>,
     hello: &WorkerHello,
     deadline: Instant,
-    max_frame: usize,
 ) -> Result<(Established, Welcome)> {
     let addrs: Vec<SocketAddr> = address
         .to_socket_addrs()
@@ -291,7 +291,7 @@ pub(crate) fn connect(
     match rest.split_first() {
         Some((&REPLY_WELCOME, welcome)) => {
             let welcome: Welcome = protocol::decode(welcome.get(4..).unwrap_or_default())?;
-            est.reader.set_max_frame(max_frame);
+            est.reader.set_max_frame(DEFAULT_MAX_FRAME);
             Ok((est, welcome))
         }
         Some((&REPLY_REFUSED, reason)) => {
@@ -409,34 +409,8 @@ where
         if msg.is_heartbeat() {
             continue;
         }
-        live.delivering.store(true, Ordering::Relaxed);
-        let go_on = deliver(msg);
-        live.delivering.store(false, Ordering::Relaxed);
-        live.touch();
-        if !go_on {
+        if !deliver(msg) {
             return Ok(());
-        }
-    }
-}
-
-/// Sends on a bounded channel, waiting while it is full, but giving up when the link is
-/// closing so that a consumer that stopped reading cannot pin a link thread forever.
-/// Returns false when the message was not delivered.
-pub(crate) fn send_patiently<T>(
-    tx: &crossbeam_channel::Sender<T>,
-    mut msg: T,
-    live: &Liveness,
-) -> bool {
-    loop {
-        match tx.send_timeout(msg, Duration::from_millis(200)) {
-            Ok(()) => return true,
-            Err(crossbeam_channel::SendTimeoutError::Timeout(m)) => {
-                if live.is_closed() {
-                    return false;
-                }
-                msg = m;
-            }
-            Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return false,
         }
     }
 }

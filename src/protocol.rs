@@ -41,6 +41,8 @@ pub struct WorkerHello {
 /// The manager's answer to an accepted hello.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Welcome {
+    /// A random id of this manager instance: job ids are only unique within one.
+    pub manager_id: u64,
     /// The id the manager gave this connection.
     pub worker_id: u64,
     /// How often each side sends a heartbeat when it has nothing else to send.
@@ -91,6 +93,16 @@ pub enum ManagerMessage {
         /// The job.
         job: JobId,
     },
+    /// Stop reading this job's output for now: its submitter is behind.
+    Pause {
+        /// The job.
+        job: JobId,
+    },
+    /// Go on reading this job's output.
+    Resume {
+        /// The job.
+        job: JobId,
+    },
     /// Nothing to say; the link is alive.
     Heartbeat,
     /// The manager is going away on purpose.
@@ -131,9 +143,10 @@ fn options(limit: usize) -> impl Options {
 pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<()> {
     let start = out.len();
     out.extend_from_slice(&[0; 4]);
-    options(DEFAULT_MAX_FRAME)
-        .serialize_into(&mut *out, msg)
-        .map_err(|e| Error::Protocol(format!("cannot encode message: {e}")))?;
+    if let Err(e) = options(DEFAULT_MAX_FRAME).serialize_into(&mut *out, msg) {
+        out.truncate(start);
+        return Err(Error::Protocol(format!("cannot encode message: {e}")));
+    }
     let len = (out.len() - start - 4) as u32;
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
     Ok(())

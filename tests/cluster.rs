@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
 use workpool::job::{JobEvent, JobSpec, Outcome, Stream};
 use workpool::manager::{Manager, ManagerEvent};
 use workpool::tls::{Identity, TrustRoots, generate_self_signed};
@@ -414,6 +415,59 @@ fn three_hundred_jobs_over_three_two_slot_workers_each_end_exactly_once() {
         3,
         "every worker took work: {per_worker:?}"
     );
+}
+
+#[test]
+fn a_submitter_that_reads_slowly_holds_back_only_its_own_job() {
+    // Short heartbeats: a link stalled behind the slow reader would be declared dead.
+    let c = Cluster::custom(
+        1,
+        |m| {
+            m.heartbeat_interval = Duration::from_millis(100);
+            m.heartbeat_timeout = Duration::from_millis(800);
+        },
+        |_, cfg| cfg.slots(2),
+    );
+    // B writes far more than its channel holds, and nobody reads it for a while.
+    let b = c
+        .manager
+        .submit(JobSpec::new("head -c 30000000 /dev/zero; echo end"))
+        .unwrap();
+    // Meanwhile A, on the same worker and link, outlives the heartbeat timeout and ends well.
+    let a = run(&c.manager, JobSpec::new("sleep 2; echo a"));
+    assert_eq!(a.outcome, exited(0));
+    assert_eq!(a.stdout_text(), "a\n");
+    let r = b.wait();
+    assert_eq!(r.outcome, exited(0));
+    assert_eq!(r.stdout.len(), 30_000_004);
+    assert!(r.stdout.ends_with(b"end\n"));
+}
+
+#[test]
+fn nothing_follows_finished_even_when_shutdown_cuts_a_streaming_job() {
+    for round in 0..3 {
+        let c = Cluster::new(1);
+        let h = c.manager.submit(JobSpec::new("yes streaming")).unwrap();
+        // Read a little, slowly enough that the channel fills, then shut down under it.
+        let mut seen = 0;
+        while seen < 20 {
+            if let JobEvent::Output { .. } = next_event(h.events()) {
+                seen += 1;
+            }
+        }
+        c.manager.shutdown_within(Duration::ZERO);
+        let mut finished = 0;
+        for ev in h.events().iter() {
+            match ev {
+                JobEvent::Finished(o) => {
+                    assert_eq!(o, Outcome::Cancelled, "round {round}");
+                    finished += 1;
+                }
+                other => assert_eq!(finished, 0, "round {round}: {other:?} after Finished"),
+            }
+        }
+        assert_eq!(finished, 1, "round {round}");
+    }
 }
 
 /// Not a test on its own: the body of a worker process for tests that kill one.

@@ -5,13 +5,14 @@
 //! route table, and whoever removes a job's route delivers its single `Finished`.
 
 use super::queue::{Queue, QueuedJob};
+use super::sink::JobSink;
 use super::{ManagerEvent, Shared, WorkerInfo};
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, Outcome};
 use crate::link::{Liveness, Outbound};
 use crate::protocol::{ManagerMessage, WorkerHello};
 use crate::tls::Closer;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -19,8 +20,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Where a running job's events go, per link: shared by the dispatcher and that link's
-/// reader. Removing an entry is the right to deliver the job's `Finished`.
-pub(crate) type Routes = Mutex<HashMap<JobId, Sender<JobEvent>>>;
+/// reader. Events are pushed under this lock (pushing never blocks), and removing an entry
+/// is the right to deliver the job's `Finished`: so nothing follows it.
+pub(crate) type Routes = Mutex<HashMap<JobId, Arc<JobSink>>>;
 
 /// How long a closing manager waits for its links to say goodbye before cutting them.
 const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -69,31 +71,6 @@ struct WorkerEntry {
 impl WorkerEntry {
     fn free(&self) -> usize {
         (self.info.slots as usize).saturating_sub(self.running.len())
-    }
-}
-
-/// Delivers a job's last events. Never blocks the caller: if the job's channel is full
-/// (its reader is behind), a short-lived thread waits to hand them over.
-pub(crate) fn deliver_last(tx: Sender<JobEvent>, events: Vec<JobEvent>) {
-    let mut events = events.into_iter();
-    while let Some(ev) = events.next() {
-        match tx.try_send(ev) {
-            Ok(()) => {}
-            Err(TrySendError::Disconnected(_)) => return,
-            Err(TrySendError::Full(ev)) => {
-                let rest: Vec<JobEvent> = std::iter::once(ev).chain(events).collect();
-                let _ = std::thread::Builder::new()
-                    .name("wp-deliver".into())
-                    .spawn(move || {
-                        for ev in rest {
-                            if tx.send(ev).is_err() {
-                                return;
-                            }
-                        }
-                    });
-                return;
-            }
-        }
     }
 }
 
@@ -191,12 +168,9 @@ impl Dispatcher {
     fn submit(&mut self, job: QueuedJob) {
         if self.closing {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            deliver_last(
-                job.events,
-                vec![JobEvent::Finished(Outcome::Rejected(
-                    "the manager is shutting down".into(),
-                ))],
-            );
+            job.events.push(JobEvent::Finished(Outcome::Rejected(
+                "the manager is shutting down".into(),
+            )));
             return;
         }
         match self.pick_worker(&job) {
@@ -230,10 +204,11 @@ impl Dispatcher {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
-        lock(&w.link.routes).insert(job.id, job.events.clone());
-        let _ = job.events.try_send(JobEvent::Started {
+        job.events.set_producer(Some(w.link.out.clone()));
+        job.events.push(JobEvent::Started {
             worker: w.info.name.clone(),
         });
+        lock(&w.link.routes).insert(job.id, job.events);
         let _ = w.link.out.send(Outbound::Message(ManagerMessage::Run {
             job: job.id,
             spec: job.spec,
@@ -261,7 +236,7 @@ impl Dispatcher {
     fn cancel(&mut self, id: JobId) -> Result<()> {
         if let Some(job) = self.queue.remove(id) {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            deliver_last(job.events, vec![JobEvent::Finished(Outcome::Cancelled)]);
+            job.events.push(JobEvent::Finished(Outcome::Cancelled));
             return Ok(());
         }
         let worker = self.running.get(&id).ok_or(Error::UnknownJob(id.0))?;
@@ -342,11 +317,11 @@ impl Dispatcher {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
-        let lost: Vec<(JobId, Sender<JobEvent>)> = lock(&w.link.routes).drain().collect();
-        for (id, tx) in lost {
+        let lost: Vec<(JobId, Arc<JobSink>)> = lock(&w.link.routes).drain().collect();
+        for (id, sink) in lost {
             self.running.remove(&id);
             log::warn!("job {id} lost: worker {} went away", w.info.name);
-            deliver_last(tx, vec![JobEvent::Finished(Outcome::WorkerLost)]);
+            sink.push(JobEvent::Finished(Outcome::WorkerLost));
         }
         log::info!("worker {} left: {reason}", w.info.name);
         self.notify(ManagerEvent::WorkerLeft {
@@ -363,12 +338,9 @@ impl Dispatcher {
             .queued
             .fetch_sub(queued.len(), Ordering::Relaxed);
         for job in queued {
-            deliver_last(
-                job.events,
-                vec![JobEvent::Finished(Outcome::Rejected(
-                    "the manager is shutting down".into(),
-                ))],
-            );
+            job.events.push(JobEvent::Finished(Outcome::Rejected(
+                "the manager is shutting down".into(),
+            )));
         }
     }
 
@@ -377,13 +349,13 @@ impl Dispatcher {
     fn finish(mut self, rx: &Receiver<Event>) {
         self.begin_shutdown();
         for w in self.workers.values() {
-            let cut: Vec<(JobId, Sender<JobEvent>)> = lock(&w.link.routes).drain().collect();
-            for (id, tx) in cut {
+            let cut: Vec<(JobId, Arc<JobSink>)> = lock(&w.link.routes).drain().collect();
+            for (id, sink) in cut {
                 let _ = w
                     .link
                     .out
                     .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
-                deliver_last(tx, vec![JobEvent::Finished(Outcome::Cancelled)]);
+                sink.push(JobEvent::Finished(Outcome::Cancelled));
             }
             let _ = w.link.out.send(Outbound::Message(ManagerMessage::Shutdown));
             let _ = w.link.out.send(Outbound::Close);

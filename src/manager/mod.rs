@@ -5,15 +5,17 @@
 
 mod dispatcher;
 mod queue;
+mod sink;
 
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobResult, JobSpec, Outcome, Stream};
 use crate::link::{self, Liveness, Outbound, Timing};
-use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, Welcome, WorkerMessage};
+use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage};
 use crate::tls::{self, Identity, TrustRoots};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
-use dispatcher::{Dispatcher, Event, LinkHandle, Routes, deliver_last};
+use dispatcher::{Dispatcher, Event, LinkHandle, Routes};
 use queue::QueuedJob;
+use sink::JobSink;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -24,6 +26,9 @@ use std::time::{Duration, Instant};
 /// How many events a job's channel holds before the worker's link waits for the
 /// submitter to read (about 7.5 MiB of output at most per job).
 const JOB_EVENT_CAPACITY: usize = 128;
+
+/// The largest job accepted: half a frame, so that a `Run` always fits one.
+pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
 
 /// How the manager authenticates workers.
 #[derive(Clone, Debug)]
@@ -61,8 +66,6 @@ pub struct ManagerConfig {
     pub heartbeat_timeout: Duration,
     /// On shutdown, how long running jobs may go on before they are cancelled.
     pub shutdown_grace: Duration,
-    /// Largest frame accepted from a worker.
-    pub max_frame: usize,
 }
 
 impl ManagerConfig {
@@ -96,7 +99,6 @@ impl ManagerConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
-            max_frame: DEFAULT_MAX_FRAME,
         }
     }
 
@@ -113,9 +115,6 @@ impl ManagerConfig {
         }
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout must not be zero");
-        }
-        if self.max_frame < 1024 {
-            return bad("max_frame must be at least 1024 bytes");
         }
         Ok(())
     }
@@ -170,7 +169,7 @@ pub(crate) struct Shared {
     timing: Timing,
     handshake_timeout: Duration,
     max_handshakes: usize,
-    max_frame: usize,
+    manager_id: u64,
     handshaking: AtomicUsize,
     /// Every open connection, so that shutdown can cut them all.
     connections: Mutex<HashMap<u64, TcpStream>>,
@@ -226,7 +225,17 @@ impl Manager {
             },
             handshake_timeout: config.handshake_timeout,
             max_handshakes: config.max_handshakes,
-            max_frame: config.max_frame,
+            manager_id: {
+                use std::hash::{BuildHasher, Hasher};
+                // Randomly keyed per process by the standard library.
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u128(
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_nanos()),
+                );
+                h.finish()
+            },
             handshaking: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
@@ -264,21 +273,12 @@ impl Manager {
         if s.closing.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
-        let size = spec.script.len()
-            + spec
-                .requirements
-                .tags
-                .iter()
-                .map(String::len)
-                .sum::<usize>();
-        if size > s.max_frame / 2 {
+        spec.validate().map_err(Error::InvalidJob)?;
+        let size = spec.wire_size();
+        if size > MAX_JOB_BYTES {
             return Err(Error::InvalidJob(format!(
-                "the job is {size} bytes; at most {} are accepted",
-                s.max_frame / 2
+                "the job is {size} bytes (script, stdin, environment); at most {MAX_JOB_BYTES} are accepted"
             )));
-        }
-        if spec.script.trim().is_empty() {
-            return Err(Error::InvalidJob("the script is empty".into()));
         }
         s.queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
@@ -289,11 +289,12 @@ impl Manager {
             })?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
-        let _ = tx.send(JobEvent::Queued);
+        let sink = JobSink::new(id, tx);
+        sink.push(JobEvent::Queued);
         let job = QueuedJob {
             id,
             spec,
-            events: tx,
+            events: sink,
         };
         if s.events.send(Event::Submit(job)).is_err() {
             s.queued.fetch_sub(1, Ordering::Relaxed);
@@ -477,12 +478,13 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     };
     let label = format!("worker {name} ({who})");
     let welcome = Welcome {
+        manager_id: shared.manager_id,
         worker_id,
         heartbeat_interval_ms: shared.timing.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: shared.timing.heartbeat_timeout.as_millis() as u64,
     };
-    let started = link::welcome(&mut est, &welcome, shared.max_frame)
-        .and_then(|()| link::go_live(&est, shared.timing));
+    let started =
+        link::welcome(&mut est, &welcome).and_then(|()| link::go_live(&est, shared.timing));
     let writer = match started {
         Ok(()) => link::spawn_writer(
             label.clone(),
@@ -497,8 +499,7 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     };
     let result = match &writer {
         Ok(_) => link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
-            on_worker_message(shared, worker_id, &label, &routes, &live, msg);
-            true
+            on_worker_message(shared, worker_id, &label, &routes, msg)
         }),
         Err(e) => Err(Error::Protocol(e.to_string())),
     };
@@ -517,23 +518,29 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     }
 }
 
+/// Acts on one message from a worker; false when it broke the protocol (the link closes).
 fn on_worker_message(
     shared: &Shared,
     worker: u64,
     label: &str,
     routes: &Routes,
-    live: &Liveness,
     msg: WorkerMessage,
-) {
+) -> bool {
     match msg {
         WorkerMessage::Output {
             job, stream, bytes, ..
         } => {
-            let tx = lock(routes).get(&job).cloned();
-            match tx {
-                Some(tx) => {
-                    link::send_patiently(&tx, JobEvent::Output { stream, bytes }, live);
-                }
+            if bytes.len() > OUTPUT_CHUNK {
+                log::warn!(
+                    "{label}: an output message of {} bytes (at most {OUTPUT_CHUNK} allowed); closing the link",
+                    bytes.len()
+                );
+                return false;
+            }
+            // Pushed under the routes lock (pushing never blocks), so that no output can
+            // slip in after whoever removes the route has delivered `Finished`.
+            match lock(routes).get(&job) {
+                Some(sink) => sink.push(JobEvent::Output { stream, bytes }),
                 None => {
                     log::debug!("{label}: output for job {job}, which it does not run (ignored)")
                 }
@@ -544,16 +551,14 @@ fn on_worker_message(
             outcome,
             cleanup_error,
         } => {
-            let tx = lock(routes).remove(&job);
-            match tx {
-                Some(tx) => {
-                    let mut last = Vec::with_capacity(2);
+            let sink = lock(routes).remove(&job);
+            match sink {
+                Some(sink) => {
                     if let Some(e) = cleanup_error {
                         log::warn!("{label}: job {job}: {e}");
-                        last.push(JobEvent::Warning(e));
+                        sink.push(JobEvent::Warning(e));
                     }
-                    last.push(JobEvent::Finished(outcome));
-                    deliver_last(tx, last);
+                    sink.push(JobEvent::Finished(outcome));
                     let _ = shared.events.send(Event::JobEnded { worker, job });
                 }
                 None => log::warn!(
@@ -563,6 +568,7 @@ fn on_worker_message(
         }
         WorkerMessage::Heartbeat => {}
     }
+    true
 }
 
 #[derive(Default)]

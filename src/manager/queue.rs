@@ -4,16 +4,17 @@
 //! grows with the number of distinct classes, not with the number of queued jobs.
 //! Owned by the dispatcher thread; no locking.
 
-use crate::job::{JobEvent, JobId, JobSpec, Requirements};
-use crossbeam_channel::Sender;
+use super::sink::JobSink;
+use crate::job::{JobId, JobSpec, Requirements};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 /// A job waiting in the queue.
 pub(crate) struct QueuedJob {
     pub id: JobId,
     pub spec: JobSpec,
-    pub events: Sender<JobEvent>,
+    pub events: Arc<JobSink>,
 }
 
 /// Where a job sits in its class: (higher priority first, then older first).
@@ -86,7 +87,7 @@ mod tests {
         QueuedJob {
             id: JobId(id),
             spec,
-            events: crossbeam_channel::unbounded().0,
+            events: JobSink::new(JobId(id), crossbeam_channel::unbounded().0),
         }
     }
 

@@ -5,14 +5,15 @@
 //! a writer thread; each job has a thread of its own (see `executor`).
 
 mod executor;
+mod tree;
 
 use crate::error::{Error, Result};
-use crate::job::JobId;
+use crate::job::Outcome;
 use crate::link::{self, Liveness, Outbound, Timing};
-use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, Welcome, WorkerHello, WorkerMessage};
+use crate::protocol::{ManagerMessage, Welcome, WorkerHello, WorkerMessage};
 use crate::tls::{self, Identity, TrustRoots};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
-use executor::{ExecEvent, RunningJob};
+use executor::{ExecEvent, JobKey, RunningJob};
 use rustls::ClientConfig;
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -67,8 +68,9 @@ pub struct WorkerConfig {
     pub backoff_initial: Duration,
     /// Longest wait between attempts.
     pub backoff_max: Duration,
-    /// Largest frame accepted from the manager.
-    pub max_frame: usize,
+    /// Between SIGTERM and SIGKILL when a job times out or is cancelled, unless the job
+    /// sets its own.
+    pub kill_grace: Duration,
 }
 
 /// `OS-ARCH` of this machine, e.g. `linux-x86_64`.
@@ -124,7 +126,7 @@ impl WorkerConfig {
             connect_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
-            max_frame: DEFAULT_MAX_FRAME,
+            kill_grace: Duration::from_secs(5),
         }
     }
 
@@ -228,6 +230,7 @@ impl Worker {
                 None
             }
         };
+        executor::sweep_stale_dirs(&config.work_dir);
         let (stop_tx, stop_rx) = bounded(1);
         let status = Arc::new(Status {
             connected: AtomicBool::new(false),
@@ -304,7 +307,9 @@ struct WorkerLoop {
     tls: Option<Arc<ClientConfig>>,
     stop: Receiver<()>,
     status: Arc<Status>,
-    jobs: HashMap<JobId, Job>,
+    jobs: HashMap<JobKey, Job>,
+    /// The id of the manager of the current session.
+    manager: u64,
     exec_tx: Sender<ExecEvent>,
     exec_rx: Receiver<ExecEvent>,
     rng: u64,
@@ -318,7 +323,7 @@ impl WorkerLoop {
         status: Arc<Status>,
     ) -> WorkerLoop {
         // Bounded: a job that writes faster than the link drains waits on its pipe.
-        let (exec_tx, exec_rx) = bounded(256);
+        let (exec_tx, exec_rx) = bounded(64);
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
@@ -331,6 +336,7 @@ impl WorkerLoop {
             stop,
             status,
             jobs: HashMap::new(),
+            manager: 0,
             exec_tx,
             exec_rx,
             rng: seed | 1,
@@ -359,7 +365,6 @@ impl WorkerLoop {
                 self.tls.as_ref(),
                 &hello,
                 deadline,
-                self.config.max_frame,
             );
             self.status.attempts.fetch_add(1, Ordering::Relaxed);
             match attempt {
@@ -440,6 +445,7 @@ impl WorkerLoop {
 
     /// Runs one accepted connection until it ends.
     fn session(&mut self, est: link::Established, welcome: &Welcome) -> SessionEnd {
+        self.manager = welcome.manager_id;
         let timing = Timing {
             heartbeat_interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(10)),
             heartbeat_timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(20)),
@@ -454,7 +460,7 @@ impl WorkerLoop {
             ..
         } = est;
         let live = Liveness::new();
-        let (out_tx, out_rx) = bounded::<Outbound<WorkerMessage>>(256);
+        let (out_tx, out_rx) = bounded::<Outbound<WorkerMessage>>(64);
         let label = format!("manager {}", self.address);
         let writer =
             match link::spawn_writer(label, writer, closer.clone(), out_rx, live.clone(), timing) {
@@ -491,10 +497,11 @@ impl WorkerLoop {
                 recv(self.exec_rx) -> ev => if let Ok(ev) = ev { self.on_exec(ev, Some(&out_tx)); },
             }
         };
-        for (id, job) in self.jobs.iter_mut() {
+        for (key, job) in self.jobs.iter_mut() {
             if !job.orphaned {
+                let id = key.job;
                 job.orphaned = true;
-                job.handle.cancel();
+                job.handle.kill();
                 match &end {
                     SessionEnd::Stop => log::info!("worker stopping: killed job {id}"),
                     SessionEnd::Lost(_) => {
@@ -521,43 +528,43 @@ impl WorkerLoop {
     }
 
     fn on_manager(&mut self, msg: ManagerMessage, out: &Sender<Outbound<WorkerMessage>>) {
+        let manager = self.manager;
+        let key = |job| JobKey { manager, job };
         match msg {
             ManagerMessage::Run { job, spec } => {
                 let running = self.jobs.values().filter(|j| !j.orphaned).count();
-                if running >= self.config.slots as usize || self.jobs.contains_key(&job) {
+                if running >= self.config.slots as usize || self.jobs.contains_key(&key(job)) {
                     log::error!(
                         "the manager sent job {job} beyond this worker's slots; refusing it"
                     );
                     let _ = out.send(Outbound::Message(WorkerMessage::Finished {
                         job,
-                        outcome: crate::job::Outcome::Rejected(
-                            "the worker has no free slot".into(),
-                        ),
+                        outcome: Outcome::Rejected("the worker has no free slot".into()),
                         cleanup_error: None,
                     }));
                     return;
                 }
                 log::debug!("starting job {job}");
-                match executor::start(
-                    job,
+                let started = executor::start(
+                    key(job),
                     spec,
                     self.config.work_dir.clone(),
+                    self.config.kill_grace,
                     self.exec_tx.clone(),
-                ) {
+                );
+                match started {
                     Ok(handle) => {
-                        self.jobs.insert(
-                            job,
-                            Job {
-                                handle,
-                                seq: 0,
-                                orphaned: false,
-                            },
-                        );
+                        let entry = Job {
+                            handle,
+                            seq: 0,
+                            orphaned: false,
+                        };
+                        self.jobs.insert(key(job), entry);
                     }
                     Err(e) => {
                         let _ = out.send(Outbound::Message(WorkerMessage::Finished {
                             job,
-                            outcome: crate::job::Outcome::SpawnFailed(format!(
+                            outcome: Outcome::SpawnFailed(format!(
                                 "cannot start a job thread: {e}"
                             )),
                             cleanup_error: None,
@@ -566,9 +573,20 @@ impl WorkerLoop {
                 }
             }
             ManagerMessage::Cancel { job } => {
-                if let Some(j) = self.jobs.get(&job) {
+                if let Some(j) = self.jobs.get(&key(job)) {
                     log::info!("cancelling job {job}");
                     j.handle.cancel();
+                }
+            }
+            ManagerMessage::Pause { job } => {
+                if let Some(j) = self.jobs.get(&key(job)) {
+                    log::debug!("pausing the output of job {job}: its submitter is behind");
+                    j.handle.pause(true);
+                }
+            }
+            ManagerMessage::Resume { job } => {
+                if let Some(j) = self.jobs.get(&key(job)) {
+                    j.handle.pause(false);
                 }
             }
             ManagerMessage::Shutdown => {
@@ -580,8 +598,8 @@ impl WorkerLoop {
 
     fn on_exec(&mut self, ev: ExecEvent, out: Option<&Sender<Outbound<WorkerMessage>>>) {
         let msg = match ev {
-            ExecEvent::Output { job, stream, bytes } => {
-                let Some(j) = self.jobs.get_mut(&job) else {
+            ExecEvent::Output { key, stream, bytes } => {
+                let Some(j) = self.jobs.get_mut(&key) else {
                     return;
                 };
                 if j.orphaned {
@@ -589,26 +607,26 @@ impl WorkerLoop {
                 }
                 j.seq += 1;
                 WorkerMessage::Output {
-                    job,
+                    job: key.job,
                     stream,
                     seq: j.seq - 1,
                     bytes,
                 }
             }
             ExecEvent::Finished {
-                job,
+                key,
                 outcome,
                 cleanup_error,
             } => {
-                let Some(j) = self.jobs.remove(&job) else {
+                let Some(j) = self.jobs.remove(&key) else {
                     return;
                 };
-                log::debug!("job {job} ended: {outcome}");
+                log::debug!("job {} ended: {outcome}", key.job);
                 if j.orphaned {
                     return;
                 }
                 WorkerMessage::Finished {
-                    job,
+                    job: key.job,
                     outcome,
                     cleanup_error,
                 }
@@ -624,7 +642,7 @@ impl WorkerLoop {
     fn shut_down(&mut self) {
         for job in self.jobs.values_mut() {
             job.orphaned = true;
-            job.handle.cancel();
+            job.handle.kill();
         }
         let deadline = Instant::now() + STOP_WAIT;
         while !self.jobs.is_empty() {

@@ -90,8 +90,19 @@ impl Cluster {
 
     /// Like `new`, with each worker's config adjusted by `f(index, config)`.
     pub fn with(n: usize, f: impl Fn(usize, WorkerConfig) -> WorkerConfig) -> Cluster {
+        Cluster::custom(n, |_| {}, f)
+    }
+
+    /// Like `with`, with the manager's config adjusted by `m` too.
+    pub fn custom(
+        n: usize,
+        m: impl FnOnce(&mut ManagerConfig),
+        f: impl Fn(usize, WorkerConfig) -> WorkerConfig,
+    ) -> Cluster {
         let certs = Certs::new(n.max(1));
-        let manager = Manager::bind(certs.manager_config()).unwrap();
+        let mut config = certs.manager_config();
+        m(&mut config);
+        let manager = Manager::bind(config).unwrap();
         let events = manager.subscribe();
         let port = manager.local_addr().port();
         let workers: Vec<Worker> = (0..n)

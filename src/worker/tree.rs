@@ -1,0 +1,176 @@
+//! Finding every process a job started, to signal them all. A job's processes are:
+//! its process group; on Linux also every process that still carries the job's token in
+//! its environment (`WORKPOOL_JOB_TOKEN`, inherited through `fork`, `setsid`, `nohup`,
+//! double forks), and, while the job's shell lives, every descendant of it (found
+//! through the parent links in `/proc`, which also covers a descendant that cleared its
+//! environment). Elsewhere only the process group is reached.
+//!
+//! Not used: making the worker a child subreaper. It is a process-wide setting that would
+//! also make the worker responsible for reaping orphans of a program that embeds it.
+
+/// The variable that marks a job's processes.
+pub(crate) const TOKEN_VAR: &str = "WORKPOOL_JOB_TOKEN";
+
+/// A fresh random token for one run of a job.
+pub(crate) fn new_token() -> String {
+    let mut bytes = [0u8; 16];
+    #[cfg(target_os = "linux")]
+    let filled = {
+        let n = unsafe { libc::getrandom(bytes.as_mut_ptr() as *mut libc::c_void, bytes.len(), 0) };
+        n == bytes.len() as isize
+    };
+    #[cfg(not(target_os = "linux"))]
+    let filled = false;
+    if !filled {
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in bytes.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Sends `sig` to the job's process group, to every process marked with its token, and
+/// (if `root` has not exited) to the root's descendants. Returns how many processes
+/// outside the process group were signalled.
+pub(crate) fn signal_job(root: i32, token: &str, sig: i32, root_alive: bool) -> usize {
+    if root <= 1 {
+        return 0; // never -1 (everyone) or the group of init
+    }
+    unsafe { libc::kill(-root, sig) };
+    let mut hit = 0;
+    for pid in others(root, token, root_alive) {
+        if unsafe { libc::kill(pid, sig) } == 0 {
+            hit += 1;
+        }
+    }
+    hit
+}
+
+/// After the job's shell has exited (and before it is reaped, so that its process group
+/// id cannot be reused): kills everything left, repeating while killing uncovers more
+/// (a process forked between the scan and the kill). Returns how many were killed
+/// outside the process group.
+pub(crate) fn kill_leftovers(root: i32, token: &str) -> usize {
+    let mut total = 0;
+    for _ in 0..16 {
+        let n = signal_job(root, token, libc::SIGKILL, false);
+        total += n;
+        if n == 0 {
+            break;
+        }
+    }
+    total
+}
+
+#[cfg(target_os = "linux")]
+fn others(root: i32, token: &str, root_alive: bool) -> Vec<i32> {
+    use std::io::Read;
+    let me = std::process::id() as i32;
+    let marker = format!("{TOKEN_VAR}={token}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parent_of: Vec<(i32, i32)> = Vec::new();
+    let mut found = Vec::new();
+    let mut buf = Vec::with_capacity(4096);
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || pid == root {
+            continue;
+        }
+        buf.clear();
+        let marked = std::fs::File::open(format!("/proc/{pid}/environ"))
+            .and_then(|mut f| f.read_to_end(&mut buf))
+            .is_ok()
+            && buf.split(|&b| b == 0).any(|var| var == marker.as_bytes());
+        if marked {
+            found.push(pid);
+        } else if root_alive {
+            if let Some(ppid) = parent(pid) {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    if root_alive {
+        // Descendants of the root that no longer carry the token.
+        let mut frontier = vec![root];
+        frontier.extend(found.iter().copied());
+        while let Some(p) = frontier.pop() {
+            for &(child, ppid) in &parent_of {
+                if ppid == p && !found.contains(&child) {
+                    found.push(child);
+                    frontier.push(child);
+                }
+            }
+        }
+    }
+    found
+}
+
+#[cfg(target_os = "linux")]
+fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn others(_root: i32, _token: &str, _root_alive: bool) -> Vec<i32> {
+    Vec::new()
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_fresh() {
+        let (a, b) = (new_token(), new_token());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_marked_process_in_another_session_is_found_and_killed() {
+        use std::os::unix::process::{CommandExt, ExitStatusExt};
+        let token = new_token();
+        let mut root = std::process::Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut child = std::process::Command::new("setsid")
+            .args(["sleep", "600"])
+            .env(TOKEN_VAR, &token)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        // `setsid` execs sleep in the same process once it runs in a new session; the
+        // token is there either way.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !others(root.id() as i32, &token, false).contains(&pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the marked process was never found"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(kill_leftovers(root.id() as i32, &token) >= 1);
+        assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert_eq!(root.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+}
