@@ -81,11 +81,9 @@ impl JobSink {
             Err(TrySendError::Full(ev)) => {
                 s.backlog.push_back(ev);
                 s.pumping = true;
-                if !s.ended {
-                    if let Some(p) = &s.producer {
-                        let _ = p.send(Outbound::Message(ManagerMessage::Pause { job: self.job }));
-                        s.paused = true;
-                    }
+                if let Some(p) = s.producer.as_ref().filter(|_| !s.ended) {
+                    let _ = p.send(Outbound::Message(ManagerMessage::Pause { job: self.job }));
+                    s.paused = true;
                 }
                 let me = self.clone();
                 let spawned = std::thread::Builder::new()

@@ -287,15 +287,16 @@ impl Supervisor {
             self.term_sent = Some(now);
             self.signal_all(libc::SIGTERM);
         }
-        if let Some(t) = self.term_sent {
-            if !self.killed && now >= t + self.grace {
-                log::info!(
-                    "job {}: still running {:?} after SIGTERM; sending SIGKILL",
-                    self.key.job,
-                    self.grace
-                );
-                self.signal_all(libc::SIGKILL);
-            }
+        if let Some(t) = self
+            .term_sent
+            .filter(|t| !self.killed && now >= *t + self.grace)
+        {
+            log::info!(
+                "job {}: still running {:?} after SIGTERM; sending SIGKILL",
+                self.key.job,
+                now - t
+            );
+            self.signal_all(libc::SIGKILL);
         }
         let escalation = self
             .term_sent

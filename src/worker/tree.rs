@@ -98,10 +98,8 @@ fn others(root: i32, token: &str, root_alive: bool) -> Vec<i32> {
             && buf.split(|&b| b == 0).any(|var| var == marker.as_bytes());
         if marked {
             found.push(pid);
-        } else if root_alive {
-            if let Some(ppid) = parent(pid) {
-                parent_of.push((pid, ppid));
-            }
+        } else if root_alive && let Some(ppid) = parent(pid) {
+            parent_of.push((pid, ppid));
         }
     }
     if root_alive {
