@@ -668,8 +668,11 @@ impl WriteHalf {
                     conn.write_tls(&mut self.out)?;
                 }
             }
-            self.tcp.write_all(&self.out)?;
+            let sent = self.tcp.write_all(&self.out);
+            // Sent or not, these bytes must never be sent again (a later close would
+            // repeat half a record).
             self.out.clear();
+            sent?;
             if rest.is_empty() {
                 return Ok(());
             }

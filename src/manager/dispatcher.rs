@@ -24,6 +24,9 @@ use std::time::{Duration, Instant};
 /// is the right to deliver the job's `Finished`: so nothing follows it.
 pub(crate) type Routes = Mutex<HashMap<JobId, Arc<JobSink>>>;
 
+/// The most slots one worker may announce.
+pub(crate) const MAX_SLOTS: u32 = 1024;
+
 /// How long a closing manager waits for its links to say goodbye before cutting them.
 const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
@@ -258,8 +261,11 @@ impl Dispatcher {
     ) {
         let refusal = if self.closing {
             Some("the manager is shutting down".to_string())
-        } else if hello.slots == 0 {
-            Some("a worker must offer at least one slot".to_string())
+        } else if hello.slots == 0 || hello.slots > MAX_SLOTS {
+            Some(format!(
+                "a worker must offer 1 to {MAX_SLOTS} slots, not {}",
+                hello.slots
+            ))
         } else if hello.name.is_empty() || hello.name.len() > 256 {
             Some("a worker name must have 1 to 256 bytes".to_string())
         } else if self.workers.values().any(|w| w.info.name == hello.name) {

@@ -184,6 +184,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A running manager. Dropping it shuts it down without a grace period.
 pub struct Manager {
     shared: Arc<Shared>,
+    /// Shared with the acceptor, so that its descriptor stays ours until shutdown is done.
+    listener: Arc<TcpListener>,
     local_addr: SocketAddr,
     grace: Duration,
     threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
@@ -246,14 +248,16 @@ impl Manager {
             .name("wp-dispatcher".into())
             .spawn(move || d.run(rx))
             .map_err(|e| Error::io("starting the dispatcher thread", e))?;
-        let s = shared.clone();
+        let listener = Arc::new(listener);
+        let (s, l) = (shared.clone(), listener.clone());
         let acceptor = std::thread::Builder::new()
             .name("wp-acceptor".into())
-            .spawn(move || accept_loop(listener, s))
+            .spawn(move || accept_loop(&l, s))
             .map_err(|e| Error::io("starting the acceptor thread", e))?;
         log::info!("manager listening on {local_addr}");
         Ok(Manager {
             shared,
+            listener,
             local_addr,
             grace: config.shutdown_grace,
             threads: Mutex::new(Some((dispatcher, acceptor))),
@@ -354,7 +358,13 @@ impl Manager {
         s.closing.store(true, Ordering::Release);
         let _ = s.events.send(Event::Shutdown { grace });
         let _ = dispatcher.join();
-        // Wake the acceptor from accept() by connecting to it.
+        // Wake the acceptor from accept(): on Linux shutting the listener down does it;
+        // connecting to it works everywhere the address is reachable.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
+        }
         let mut wake = self.local_addr;
         if wake.ip().is_unspecified() {
             wake.set_ip(match wake {
@@ -381,7 +391,7 @@ impl Drop for Manager {
     }
 }
 
-fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
     for conn in listener.incoming() {
         if shared.closing.load(Ordering::Acquire) {
             break;
