@@ -20,7 +20,7 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use workpool::job::{JobEvent, JobId, JobSpec, Outcome, Stream};
+use workpool::job::{JobEvent, JobId, JobSpec, JobState, Outcome, Stream};
 use workpool::manager::{Manager, ManagerConfig, ManagerEvent, WorkerInfo};
 use workpool::tls::{Identity, TrustRoots, generate_self_signed};
 use workpool::worker::{Worker, WorkerConfig};
@@ -55,6 +55,12 @@ STDIN: each non-empty line is a job, submitted at once (`/bin/bash -c LINE` on a
   exit               shut down gracefully (queued jobs are rejected, running ones finish)
   :tags a,b          jobs after this line need workers with tags a and b (`:tags` clears)
   :platform P        jobs after this line need platform P, e.g. linux-x86_64 (`:platform` clears)
+  :timeout 30s       jobs after this line get SIGTERM after 30 s, SIGKILL 5 s later (`:timeout` clears)
+  :env NAME=VALUE    jobs after this line get this variable (repeat for more; `:env` clears)
+  :priority N        jobs after this line have priority N (higher first; default 0)
+  :retries N         jobs after this line run again up to N times if their worker is lost
+  :cancel ID         cancel job ID (queued: it never starts; running: TERM, then KILL)
+  :jobs              list queued and running jobs
   :workers           list the connected workers
   :help              this list
 At the end of stdin the manager waits for every job to end, then exits 0.";
@@ -510,8 +516,8 @@ struct Console {
     manager: Arc<Manager>,
     json: bool,
     out: Arc<Mutex<()>>,
-    tags: BTreeSet<String>,
-    platform: Option<String>,
+    /// What the directives set for the jobs that follow: requirements, timeout, env, ...
+    template: JobSpec,
     printers: Vec<JoinHandle<()>>,
 }
 
@@ -560,8 +566,7 @@ impl Console {
             manager,
             json,
             out,
-            tags: BTreeSet::new(),
-            platform: None,
+            template: JobSpec::new(""),
             printers: Vec::new(),
         }
     }
@@ -618,9 +623,10 @@ impl Console {
             self.directive(directive);
             return true;
         }
-        let mut spec = JobSpec::new(line);
-        spec.requirements.tags = self.tags.clone();
-        spec.requirements.platform = self.platform.clone();
+        let spec = JobSpec {
+            script: line.to_string(),
+            ..self.template.clone()
+        };
         match self.manager.submit(spec) {
             Ok(handle) => {
                 let id = handle.id();
@@ -640,6 +646,50 @@ impl Console {
         true
     }
 
+    fn list_jobs(&self) {
+        let jobs = self.manager.jobs();
+        if self.json {
+            let list: Vec<String> = jobs
+                .iter()
+                .map(|j| {
+                    let (state, worker) = match &j.state {
+                        JobState::Running { worker } => ("running", json_str(worker)),
+                        _ => ("queued", "null".into()),
+                    };
+                    format!(
+                        "{{\"job\":{},\"state\":\"{state}\",\"worker\":{worker},\"since_seconds\":{:.3},\"attempt\":{},\"priority\":{},\"command\":{}}}",
+                        j.id,
+                        j.since.as_secs_f64(),
+                        j.attempt,
+                        j.priority,
+                        json_str(&j.script)
+                    )
+                })
+                .collect();
+            self.say(&format!(
+                "{{\"event\":\"jobs\",\"jobs\":[{}]}}",
+                list.join(",")
+            ));
+        } else if jobs.is_empty() {
+            self.say("no jobs queued or running");
+        } else {
+            for j in &jobs {
+                let state = match &j.state {
+                    JobState::Running { worker } => format!("running on {worker}"),
+                    _ => "queued".to_string(),
+                };
+                self.say(&format!(
+                    "job {}: {state} for {:.1} s (attempt {}, priority {}): {}",
+                    j.id,
+                    j.since.as_secs_f64(),
+                    j.attempt,
+                    j.priority,
+                    j.script
+                ));
+            }
+        }
+    }
+
     fn directive(&mut self, d: &str) {
         let (name, arg) = match d.split_once(char::is_whitespace) {
             Some((n, a)) => (n, a.trim()),
@@ -647,14 +697,44 @@ impl Console {
         };
         match name {
             "tags" => {
-                self.tags = arg
+                self.template.requirements.tags = arg
                     .split(',')
                     .map(str::trim)
                     .filter(|t| !t.is_empty())
                     .map(String::from)
                     .collect();
             }
-            "platform" => self.platform = (!arg.is_empty()).then(|| arg.to_string()),
+            "platform" => {
+                self.template.requirements.platform = (!arg.is_empty()).then(|| arg.to_string())
+            }
+            "timeout" if arg.is_empty() => self.template.timeout = None,
+            "timeout" => match parse_duration(arg) {
+                Some(d) if !d.is_zero() => self.template.timeout = Some(d),
+                _ => self.complain(&format!("not a duration: {arg:?} (try 30s, 500ms, 2m)")),
+            },
+            "env" if arg.is_empty() => self.template.env.clear(),
+            "env" => match arg.split_once('=') {
+                Some((k, v)) if !k.is_empty() && !k.starts_with("WORKPOOL_") => {
+                    self.template.env.insert(k.to_string(), v.to_string());
+                }
+                _ => self.complain(&format!("expected :env NAME=VALUE, got {arg:?}")),
+            },
+            "priority" => match if arg.is_empty() { Ok(0) } else { arg.parse() } {
+                Ok(p) => self.template.priority = p,
+                Err(_) => self.complain(&format!("not a priority: {arg:?} (an integer)")),
+            },
+            "retries" => match if arg.is_empty() { Ok(0) } else { arg.parse() } {
+                Ok(r) => self.template.retries = r,
+                Err(_) => self.complain(&format!("not a retry count: {arg:?}")),
+            },
+            "cancel" => match arg.parse::<u64>() {
+                Ok(id) => match self.manager.cancel(JobId(id)) {
+                    Ok(()) => {}
+                    Err(e) => self.complain(&format!("cannot cancel job {id}: {e}")),
+                },
+                Err(_) => self.complain(&format!("expected :cancel JOB-ID, got {arg:?}")),
+            },
+            "jobs" => self.list_jobs(),
             "workers" => {
                 let workers = self.manager.workers();
                 if self.json {
@@ -752,6 +832,21 @@ fn print_job(
                     }
                 }
             }
+            JobEvent::Requeued { attempt } => {
+                if json {
+                    emit(
+                        out,
+                        false,
+                        &format!("{{\"event\":\"requeued\",\"job\":{id},\"attempt\":{attempt}}}"),
+                    );
+                } else {
+                    emit(
+                        out,
+                        false,
+                        &format!("[{id}] worker lost; queued again (attempt {attempt})"),
+                    );
+                }
+            }
             JobEvent::Warning(w) => {
                 if json {
                     emit(
@@ -829,6 +924,24 @@ fn emit(lock: &Mutex<()>, to_stderr: bool, text: &str) {
         let _ = writeln!(o, "{text}");
         let _ = o.flush();
     }
+}
+
+/// `30s`, `500ms`, `2m`, `1h`, `1.5s`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let scale = match unit.trim() {
+        "" | "s" | "sec" => 1.0,
+        "ms" => 0.001,
+        "m" | "min" => 60.0,
+        "h" => 3600.0,
+        _ => return None,
+    };
+    Duration::try_from_secs_f64(n * scale).ok()
 }
 
 fn json_str(s: &str) -> String {

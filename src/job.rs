@@ -275,6 +275,12 @@ pub enum JobEvent {
         /// The bytes, in order; chunk boundaries carry no meaning.
         bytes: Vec<u8>,
     },
+    /// The job's worker was lost and the job waits in the queue again (see
+    /// [`JobSpec::retries`]); output of the lost attempt has already been delivered.
+    Requeued {
+        /// The attempt that comes next (2 for the first retry).
+        attempt: u32,
+    },
     /// Something worth knowing that did not change the outcome
     /// (for example: the worker could not delete the job's temp folder).
     Warning(String),
@@ -297,6 +303,41 @@ pub struct JobResult {
     pub worker: Option<String>,
     /// Warnings seen on the way (see [`JobEvent::Warning`]).
     pub warnings: Vec<String>,
+    /// How many times the job was started (more than 1 after retries).
+    pub attempts: u32,
+    /// Whether `stdout` or `stderr` were cut at the manager's `result_output_limit`
+    /// (the live [`JobEvent::Output`] events are never cut).
+    pub truncated: bool,
+}
+
+/// Where a job that has not ended is (see `Manager::job`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// Running on this worker.
+    Running {
+        /// The worker's name.
+        worker: String,
+    },
+}
+
+/// A job that has not ended yet, as the manager sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobStatus {
+    /// The job.
+    pub id: JobId,
+    /// Queued or running where.
+    pub state: JobState,
+    /// How long it has been in that state.
+    pub since: Duration,
+    /// Which attempt this is (1 unless it was retried).
+    pub attempt: u32,
+    /// Its script.
+    pub script: String,
+    /// Its priority.
+    pub priority: i32,
 }
 
 impl JobResult {

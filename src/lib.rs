@@ -54,6 +54,8 @@ pub mod tls;
 pub mod worker;
 
 pub use error::{Error, Result};
-pub use job::{JobEvent, JobId, JobResult, JobSpec, Outcome, Requirements, Stream};
+pub use job::{
+    JobEvent, JobId, JobResult, JobSpec, JobState, JobStatus, Outcome, Requirements, Stream,
+};
 pub use manager::{JobHandle, Manager, ManagerConfig, ManagerEvent, ManagerSecurity, WorkerInfo};
 pub use worker::{Worker, WorkerConfig, WorkerSecurity};

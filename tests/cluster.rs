@@ -425,6 +425,7 @@ fn a_submitter_that_reads_slowly_holds_back_only_its_own_job() {
         |m| {
             m.heartbeat_interval = Duration::from_millis(100);
             m.heartbeat_timeout = Duration::from_millis(800);
+            m.result_output_limit = 64 << 20;
         },
         |_, cfg| cfg.slots(2),
     );
@@ -471,43 +472,10 @@ fn nothing_follows_finished_even_when_shutdown_cuts_a_streaming_job() {
 }
 
 /// Not a test on its own: the body of a worker process for tests that kill one.
-/// Runs only when started by `spawn_worker_process` with its environment.
 #[test]
 #[ignore]
 fn worker_process_helper() {
-    let Ok(port) = std::env::var("WP_HELPER_PORT") else {
-        return;
-    };
-    let dir = std::path::PathBuf::from(std::env::var("WP_HELPER_DIR").unwrap());
-    let cfg = WorkerConfig::new(
-        "127.0.0.1",
-        port.parse().unwrap(),
-        Identity::from_pem_files(dir.join("worker-0-cert.pem"), dir.join("worker-0-key.pem"))
-            .unwrap(),
-        TrustRoots::from_pem_files([dir.join("host-cert.pem")]).unwrap(),
-    )
-    .name(std::env::var("WP_HELPER_NAME").unwrap());
-    let _w = Worker::start(cfg).unwrap();
-    // Serve until killed (the test kills this process by PID).
-    loop {
-        std::thread::park();
-    }
-}
-
-fn spawn_worker_process(dir: &std::path::Path, port: u16, name: &str) -> std::process::Child {
-    std::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "worker_process_helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("WP_HELPER_PORT", port.to_string())
-        .env("WP_HELPER_DIR", dir)
-        .env("WP_HELPER_NAME", name)
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap()
+    worker_process_main();
 }
 
 #[test]

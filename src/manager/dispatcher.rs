@@ -8,7 +8,7 @@ use super::queue::{Queue, QueuedJob};
 use super::sink::JobSink;
 use super::{ManagerEvent, Shared, WorkerInfo};
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, Outcome};
+use crate::job::{JobEvent, JobId, JobSpec, JobState, JobStatus, Outcome};
 use crate::link::{Liveness, Outbound};
 use crate::protocol::{ManagerMessage, WorkerHello};
 use crate::tls::Closer;
@@ -45,6 +45,10 @@ pub(crate) enum Event {
         reply: Option<Sender<Result<()>>>,
     },
     Workers(Sender<Vec<WorkerInfo>>),
+    Jobs {
+        only: Option<JobId>,
+        reply: Sender<Vec<JobStatus>>,
+    },
     Subscribe(Sender<ManagerEvent>),
     Register {
         hello: WorkerHello,
@@ -77,12 +81,20 @@ impl WorkerEntry {
     }
 }
 
+struct Running {
+    worker: u64,
+    spec: JobSpec,
+    attempt: u32,
+    since: Instant,
+    cancelled: bool,
+}
+
 pub(crate) struct Dispatcher {
     shared: Arc<Shared>,
     queue: Queue,
     workers: BTreeMap<u64, WorkerEntry>,
-    /// Which worker runs each started job.
-    running: HashMap<JobId, u64>,
+    /// Every started job: where it runs, and what is needed to run it again.
+    running: HashMap<JobId, Running>,
     subscribers: Vec<Sender<ManagerEvent>>,
     next_worker: u64,
     /// Where the rotation among equally free workers continues.
@@ -139,6 +151,9 @@ impl Dispatcher {
                 let _ = reply.send(self.workers.values().map(Self::info).collect());
             }
             Event::Subscribe(tx) => self.subscribers.push(tx),
+            Event::Jobs { only, reply } => {
+                let _ = reply.send(self.jobs(only));
+            }
             Event::Register {
                 hello,
                 peer,
@@ -212,12 +227,63 @@ impl Dispatcher {
             worker: w.info.name.clone(),
         });
         lock(&w.link.routes).insert(job.id, job.events);
+        // The spec stays here too, in case the job must run again elsewhere.
         let _ = w.link.out.send(Outbound::Message(ManagerMessage::Run {
             job: job.id,
-            spec: job.spec,
+            spec: job.spec.clone(),
         }));
         w.running.insert(job.id);
-        self.running.insert(job.id, worker);
+        self.running.insert(
+            job.id,
+            Running {
+                worker,
+                spec: job.spec,
+                attempt: job.attempt,
+                since: Instant::now(),
+                cancelled: false,
+            },
+        );
+    }
+
+    fn jobs(&self, only: Option<JobId>) -> Vec<JobStatus> {
+        let queued = |j: &QueuedJob| JobStatus {
+            id: j.id,
+            state: JobState::Queued,
+            since: j.since.elapsed(),
+            attempt: j.attempt,
+            script: j.spec.script.clone(),
+            priority: j.spec.priority,
+        };
+        let running = |id: JobId, r: &Running| JobStatus {
+            id,
+            state: JobState::Running {
+                worker: self
+                    .workers
+                    .get(&r.worker)
+                    .map_or_else(String::new, |w| w.info.name.clone()),
+            },
+            since: r.since.elapsed(),
+            attempt: r.attempt,
+            script: r.spec.script.clone(),
+            priority: r.spec.priority,
+        };
+        let mut all: Vec<JobStatus> = match only {
+            Some(id) => self
+                .queue
+                .get(id)
+                .map(queued)
+                .or_else(|| self.running.get(&id).map(|r| running(id, r)))
+                .into_iter()
+                .collect(),
+            None => self
+                .queue
+                .iter()
+                .map(queued)
+                .chain(self.running.iter().map(|(&id, r)| running(id, r)))
+                .collect(),
+        };
+        all.sort_by_key(|j| j.id);
+        all
     }
 
     /// Gives a worker queued jobs while it has free slots.
@@ -242,8 +308,9 @@ impl Dispatcher {
             job.events.push(JobEvent::Finished(Outcome::Cancelled));
             return Ok(());
         }
-        let worker = self.running.get(&id).ok_or(Error::UnknownJob(id.0))?;
-        if let Some(w) = self.workers.get(worker) {
+        let running = self.running.get_mut(&id).ok_or(Error::UnknownJob(id.0))?;
+        running.cancelled = true;
+        if let Some(w) = self.workers.get(&running.worker) {
             let _ = w
                 .link
                 .out
@@ -324,10 +391,44 @@ impl Dispatcher {
             return;
         };
         let lost: Vec<(JobId, Arc<JobSink>)> = lock(&w.link.routes).drain().collect();
+        let mut requeued = false;
         for (id, sink) in lost {
-            self.running.remove(&id);
-            log::warn!("job {id} lost: worker {} went away", w.info.name);
-            sink.push(JobEvent::Finished(Outcome::WorkerLost));
+            let Some(r) = self.running.remove(&id) else {
+                sink.push(JobEvent::Finished(Outcome::WorkerLost));
+                continue;
+            };
+            if r.cancelled {
+                sink.push(JobEvent::Finished(Outcome::Cancelled));
+            } else if r.attempt <= r.spec.retries && !self.closing {
+                log::warn!(
+                    "job {id} lost with worker {}; queueing attempt {} of {}",
+                    w.info.name,
+                    r.attempt + 1,
+                    r.spec.retries + 1
+                );
+                sink.set_producer(None);
+                sink.push(JobEvent::Requeued {
+                    attempt: r.attempt + 1,
+                });
+                self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                self.queue.push(QueuedJob {
+                    id,
+                    spec: r.spec,
+                    events: sink,
+                    attempt: r.attempt + 1,
+                    since: Instant::now(),
+                });
+                requeued = true;
+            } else {
+                log::warn!("job {id} lost: worker {} went away", w.info.name);
+                sink.push(JobEvent::Finished(Outcome::WorkerLost));
+            }
+        }
+        if requeued {
+            let ids: Vec<u64> = self.workers.keys().copied().collect();
+            for id in ids {
+                self.fill(id);
+            }
         }
         log::info!("worker {} left: {reason}", w.info.name);
         self.notify(ManagerEvent::WorkerLeft {

@@ -8,7 +8,7 @@ mod queue;
 mod sink;
 
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, JobResult, JobSpec, Outcome, Stream};
+use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Outcome, Stream};
 use crate::link::{self, Liveness, Outbound, Timing};
 use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage};
 use crate::tls::{self, Identity, TrustRoots};
@@ -66,6 +66,9 @@ pub struct ManagerConfig {
     pub heartbeat_timeout: Duration,
     /// On shutdown, how long running jobs may go on before they are cancelled.
     pub shutdown_grace: Duration,
+    /// Most bytes of each stream that [`JobHandle::wait`] keeps (16 MiB by default);
+    /// beyond it the result says `truncated`. Live output events are never cut.
+    pub result_output_limit: usize,
 }
 
 impl ManagerConfig {
@@ -99,6 +102,7 @@ impl ManagerConfig {
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            result_output_limit: 16 << 20,
         }
     }
 
@@ -170,6 +174,7 @@ pub(crate) struct Shared {
     handshake_timeout: Duration,
     max_handshakes: usize,
     manager_id: u64,
+    result_limit: usize,
     handshaking: AtomicUsize,
     /// Every open connection, so that shutdown can cut them all.
     connections: Mutex<HashMap<u64, TcpStream>>,
@@ -238,6 +243,7 @@ impl Manager {
                 );
                 h.finish()
             },
+            result_limit: config.result_output_limit,
             handshaking: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
@@ -299,6 +305,8 @@ impl Manager {
             id,
             spec,
             events: sink,
+            attempt: 1,
+            since: Instant::now(),
         };
         if s.events.send(Event::Submit(job)).is_err() {
             s.queued.fetch_sub(1, Ordering::Relaxed);
@@ -324,6 +332,30 @@ impl Manager {
             })
             .map_err(|_| Error::ShutDown)?;
         rx.recv().map_err(|_| Error::ShutDown)?
+    }
+
+    /// Where a job is, if it has not ended: queued (for how long) or running (where, for
+    /// how long, which attempt). `None` for a job that ended or never existed.
+    pub fn job(&self, id: JobId) -> Option<JobStatus> {
+        self.query_jobs(Some(id)).pop()
+    }
+
+    /// Every job that has not ended, by id.
+    pub fn jobs(&self) -> Vec<JobStatus> {
+        self.query_jobs(None)
+    }
+
+    fn query_jobs(&self, only: Option<JobId>) -> Vec<JobStatus> {
+        let (tx, rx) = bounded(1);
+        if self
+            .shared
+            .events
+            .send(Event::Jobs { only, reply: tx })
+            .is_err()
+        {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
     }
 
     /// The connected workers.
@@ -564,12 +596,14 @@ fn on_worker_message(
             let sink = lock(routes).remove(&job);
             match sink {
                 Some(sink) => {
+                    // The dispatcher hears of it first: whoever sees `Finished` and then
+                    // asks the manager finds the job gone and the slot free.
+                    let _ = shared.events.send(Event::JobEnded { worker, job });
                     if let Some(e) = cleanup_error {
                         log::warn!("{label}: job {job}: {e}");
                         sink.push(JobEvent::Warning(e));
                     }
                     sink.push(JobEvent::Finished(outcome));
-                    let _ = shared.events.send(Event::JobEnded { worker, job });
                 }
                 None => log::warn!(
                     "{label}: reported job {job} finished, which it does not run (ignored)"
@@ -585,6 +619,8 @@ fn on_worker_message(
 struct Partial {
     stdout: Vec<u8>,
     stderr: Vec<u8>,
+    attempts: u32,
+    truncated: bool,
     worker: Option<String>,
     warnings: Vec<String>,
 }
@@ -650,25 +686,32 @@ impl JobHandle {
     /// `None` means the channel closed without a `Finished`, which happens only when
     /// the manager went away under the job.
     fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
+        let p = &mut self.partial;
         let outcome = match ev {
             None => Outcome::Rejected("the manager shut down".into()),
             Some(JobEvent::Finished(o)) => o,
             Some(JobEvent::Output { stream, bytes }) => {
-                match stream {
-                    Stream::Stdout => self.partial.stdout.extend_from_slice(&bytes),
-                    Stream::Stderr => self.partial.stderr.extend_from_slice(&bytes),
+                let buf = match stream {
+                    Stream::Stdout => &mut p.stdout,
+                    Stream::Stderr => &mut p.stderr,
+                };
+                let room = self.shared.result_limit.saturating_sub(buf.len());
+                if bytes.len() > room {
+                    p.truncated = true;
                 }
+                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
                 return None;
             }
             Some(JobEvent::Started { worker }) => {
-                self.partial.worker = Some(worker);
+                p.worker = Some(worker);
+                p.attempts += 1;
                 return None;
             }
             Some(JobEvent::Warning(w)) => {
-                self.partial.warnings.push(w);
+                p.warnings.push(w);
                 return None;
             }
-            Some(JobEvent::Queued) => return None,
+            Some(_) => return None,
         };
         let p = std::mem::take(&mut self.partial);
         Some(JobResult {
@@ -678,6 +721,8 @@ impl JobHandle {
             stderr: p.stderr,
             worker: p.worker,
             warnings: p.warnings,
+            attempts: p.attempts,
+            truncated: p.truncated,
         })
     }
 }

@@ -9,12 +9,16 @@ use crate::job::{JobId, JobSpec, Requirements};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// A job waiting in the queue.
 pub(crate) struct QueuedJob {
     pub id: JobId,
     pub spec: JobSpec,
     pub events: Arc<JobSink>,
+    /// 1 for the first run; one more per retry.
+    pub attempt: u32,
+    pub since: Instant,
 }
 
 /// Where a job sits in its class: (higher priority first, then older first).
@@ -70,6 +74,17 @@ impl Queue {
         Some(job)
     }
 
+    /// Every queued job, in no particular order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &QueuedJob> {
+        self.classes.values().flat_map(|jobs| jobs.values())
+    }
+
+    /// One queued job.
+    pub(crate) fn get(&self, id: JobId) -> Option<&QueuedJob> {
+        let (class, key) = self.index.get(&id)?;
+        self.classes.get(class)?.get(key)
+    }
+
     /// Empties the queue, in no particular order.
     pub(crate) fn drain(&mut self) -> impl Iterator<Item = QueuedJob> + '_ {
         self.index.clear();
@@ -88,6 +103,8 @@ mod tests {
             id: JobId(id),
             spec,
             events: JobSink::new(JobId(id), crossbeam_channel::unbounded().0),
+            attempt: 1,
+            since: Instant::now(),
         }
     }
 

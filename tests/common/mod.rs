@@ -187,3 +187,43 @@ pub fn free_port() -> u16 {
 pub fn alive(pid: i32) -> bool {
     unsafe { libc::kill(pid, 0) == 0 }
 }
+
+/// The body of a worker process started by `spawn_worker_process`: the test binary runs
+/// itself with `worker_process_helper --exact --ignored`, and that ignored test calls this.
+/// Without the environment it returns at once, so that running ignored tests is harmless.
+pub fn worker_process_main() {
+    let Ok(port) = std::env::var("WP_HELPER_PORT") else {
+        return;
+    };
+    let dir = PathBuf::from(std::env::var("WP_HELPER_DIR").unwrap());
+    let cfg = WorkerConfig::new(
+        "127.0.0.1",
+        port.parse().unwrap(),
+        Identity::from_pem_files(dir.join("worker-0-cert.pem"), dir.join("worker-0-key.pem"))
+            .unwrap(),
+        TrustRoots::from_pem_files([dir.join("host-cert.pem")]).unwrap(),
+    )
+    .name(std::env::var("WP_HELPER_NAME").unwrap());
+    let _w = Worker::start(cfg).unwrap();
+    // Serve until killed (the test kills this process by PID).
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Starts a worker in a child process of its own (see `worker_process_main`).
+pub fn spawn_worker_process(dir: &Path, port: u16, name: &str) -> std::process::Child {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "worker_process_helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("WP_HELPER_PORT", port.to_string())
+        .env("WP_HELPER_DIR", dir)
+        .env("WP_HELPER_NAME", name)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
