@@ -321,3 +321,118 @@ fn the_demo_runs_its_showcase_and_exits_zero() {
     );
     assert_eq!(count("worker_joined"), 2);
 }
+
+#[test]
+fn job_control_directives_shape_the_jobs_that_follow() {
+    let dir = scratch("cli-directives");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let mut child = Command::new(cli())
+        .args(manager_args(&dir))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut stdin = child.stdin.take().unwrap();
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr: std::net::SocketAddr = serde_json::from_str::<Value>(&first).unwrap()["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // No worker yet: everything queues, so :cancel and :jobs see queued jobs.
+    stdin
+        .write_all(
+            b":timeout 1s\nsleep 600\n:timeout\n:env GREETING=hello there\necho \"$GREETING\"\n:env\n\
+              :priority 5\necho high\n:priority\ntouch never-runs\n:cancel 4\n:jobs\n:bogus\n",
+        )
+        .unwrap();
+    let mut seen = String::new();
+    while !seen.contains("\"event\":\"jobs\"") {
+        assert!(
+            stdout.read_line(&mut seen).unwrap() > 0,
+            "the manager ended early"
+        );
+    }
+    let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    let events = json_lines(&(seen + &rest));
+    let finished = |job: u64| -> &Value {
+        events
+            .iter()
+            .find(|e| e["event"] == "finished" && e["job"] == job)
+            .unwrap_or_else(|| panic!("job {job} never finished"))
+    };
+    assert_eq!(finished(1)["outcome"], "timed_out");
+    assert_eq!(finished(2)["outcome"], "exited");
+    assert_eq!(finished(4)["outcome"], "cancelled");
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["event"] == "started" && e["job"] == 4)
+    );
+    let out2: String = events
+        .iter()
+        .filter(|e| e["event"] == "output" && e["job"] == 2)
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert_eq!(out2, "hello there\n");
+    let jobs = events.iter().find(|e| e["event"] == "jobs").unwrap();
+    let listed: Vec<(u64, i64, &str)> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            (
+                j["job"].as_u64().unwrap(),
+                j["priority"].as_i64().unwrap(),
+                j["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![(1, 0, "queued"), (2, 0, "queued"), (3, 5, "queued")]
+    );
+    // The job with priority 5 started before the older ones of priority 0.
+    let started: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "started")
+        .map(|e| e["job"].as_u64().unwrap())
+        .collect();
+    assert_eq!(started[0], 3, "{started:?}");
+    assert!(events.iter().any(|e| {
+        e["event"] == "error"
+            && e["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown directive :bogus")
+    }));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_help_text_lists_every_directive() {
+    let (code, out, _) = run_cli(&["manager", "--help"]);
+    assert_eq!(code, 0);
+    for d in [
+        ":tags",
+        ":platform",
+        ":timeout",
+        ":env",
+        ":priority",
+        ":retries",
+        ":cancel",
+        ":jobs",
+        ":workers",
+        "exit",
+    ] {
+        assert!(out.contains(d), "--help lacks {d}");
+    }
+}
