@@ -80,7 +80,8 @@ OPTIONS:
       --no-verify-hostname                do not check that the manager's certificate names HOST
       --insecure-plaintext                no TLS at all
       --help                              this text
-SIGINT or SIGTERM stops the worker: its running jobs are killed and cleaned up.";
+SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones finish, then
+exits. A second SIGTERM or SIGINT stops it at once: running jobs are killed and cleaned up.";
 
 const GENERATE_HELP: &str = "\
 workpool generate-tls-certificates: write self-signed certificates for a manager and its workers
@@ -372,9 +373,19 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
         "workpool worker {} started; connecting to {host}:{port}",
         worker.name()
     );
+    // First SIGTERM/SIGINT: drain (no new jobs; leave when the running ones end).
+    // A second one: stop now, killing what still runs.
     let sig = wait_signal(&signals);
-    log::info!("signal {sig}: stopping");
-    worker.stop();
+    log::info!("signal {sig}: draining; send it again to stop at once");
+    worker.drain(None);
+    let worker = Arc::new(worker);
+    let w = worker.clone();
+    std::thread::spawn(move || {
+        let sig = wait_signal(&signals);
+        log::info!("signal {sig}: stopping now");
+        w.stop();
+    });
+    while !worker.wait(Duration::from_secs(3600)) {}
     Ok(())
 }
 

@@ -321,6 +321,12 @@ pub enum JobState {
         /// The worker's name.
         worker: String,
     },
+    /// Its worker's connection dropped; the job waits (up to the reconnect grace) for
+    /// that worker to come back with it.
+    Disconnected {
+        /// The worker's name.
+        worker: String,
+    },
 }
 
 /// A job that has not ended yet, as the manager sees it.

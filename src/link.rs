@@ -93,6 +93,8 @@ pub(crate) struct Established {
     pub reader: FrameReader<ReadHalf>,
     pub writer: WriteHalf,
     pub closer: Closer,
+    /// The peer's certificate (DER), when TLS is on: the worker's identity.
+    pub peer_cert: Option<Vec<u8>>,
 }
 
 /// Sets the socket options every link uses: no Nagle delay (frames are latency-bound)
@@ -160,12 +162,18 @@ fn establish(
         }
         None => None,
     };
+    let peer_cert = conn
+        .as_ref()
+        .and_then(|c| c.peer_certificates())
+        .and_then(|certs| certs.first())
+        .map(|c| c.as_ref().to_vec());
     let (read, writer, closer) =
         tls::split(tcp, conn).map_err(|e| Error::io("splitting the connection", e))?;
     Ok(Established {
         reader: FrameReader::new(read, MAX_HELLO),
         writer,
         closer,
+        peer_cert,
     })
 }
 

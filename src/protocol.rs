@@ -36,6 +36,19 @@ pub struct WorkerHello {
     pub platform: String,
     /// How many jobs it runs at once.
     pub slots: u32,
+    /// The manager instance its held jobs belong to (after a reconnect).
+    pub manager_id: Option<u64>,
+    /// Jobs it still holds for that manager: running, or ended and not yet acknowledged.
+    pub jobs: Vec<HeldJob>,
+}
+
+/// A job a reconnecting worker still holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldJob {
+    /// The job.
+    pub job: JobId,
+    /// Whether it has ended (its `Finished` may not have arrived).
+    pub finished: bool,
 }
 
 /// The manager's answer to an accepted hello.
@@ -49,6 +62,11 @@ pub struct Welcome {
     pub heartbeat_interval_ms: u64,
     /// After how long without any frame a side declares the link dead.
     pub heartbeat_timeout_ms: u64,
+    /// How long the manager waits for a lost worker to come back before its jobs end.
+    pub reconnect_grace_ms: u64,
+    /// Held jobs the manager still waits for, with the output `seq` it expects next.
+    /// Every other held job is to be dropped (killed if it still runs).
+    pub resume: Vec<(JobId, u64)>,
 }
 
 /// Worker → manager, after the hello.
@@ -76,6 +94,10 @@ pub enum WorkerMessage {
     },
     /// Nothing to say; the link is alive.
     Heartbeat,
+    /// The worker takes no new jobs; it leaves when its running jobs have ended.
+    Draining,
+    /// The worker is leaving on purpose: its jobs will not come back.
+    Goodbye,
 }
 
 /// Manager → worker, after the welcome.
@@ -100,6 +122,11 @@ pub enum ManagerMessage {
     },
     /// Go on reading this job's output.
     Resume {
+        /// The job.
+        job: JobId,
+    },
+    /// The job's `Finished` arrived: the worker may forget it.
+    Ended {
         /// The job.
         job: JobId,
     },

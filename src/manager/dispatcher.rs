@@ -1,8 +1,9 @@
 //! The dispatcher: the one thread that owns all scheduling state (the queue, the
-//! worker table, which job runs where). Everything else talks to it through one
-//! channel of [`Event`]s, so no lock guards scheduling state. Job output does not pass
-//! through here: link readers hand it straight to the job's channel via the link's
-//! route table, and whoever removes a job's route delivers its single `Finished`.
+//! worker table, which job runs where, the jobs of workers that are reconnecting).
+//! Everything else talks to it through one channel of [`Event`]s, so no lock guards
+//! scheduling state. Job output does not pass through here: link readers push it into
+//! the job's sink via the link's route table, and whoever removes a job's route
+//! delivers its single `Finished`.
 
 use super::queue::{Queue, QueuedJob};
 use super::sink::JobSink;
@@ -19,10 +20,17 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Where a running job's events go, per link: shared by the dispatcher and that link's
-/// reader. Events are pushed under this lock (pushing never blocks), and removing an entry
-/// is the right to deliver the job's `Finished`: so nothing follows it.
-pub(crate) type Routes = Mutex<HashMap<JobId, Arc<JobSink>>>;
+/// A running job's place on its link: where its events go, and the output `seq` the
+/// manager expects next (so that output replayed after a reconnect is taken once).
+pub(crate) struct Route {
+    pub sink: Arc<JobSink>,
+    pub next_seq: u64,
+}
+
+/// The routes of one link, shared by the dispatcher and that link's reader. Events are
+/// pushed under this lock (pushing never blocks), and removing an entry is the right to
+/// deliver the job's `Finished`: so nothing follows it.
+pub(crate) type Routes = Mutex<HashMap<JobId, Route>>;
 
 /// The most slots one worker may announce.
 pub(crate) const MAX_SLOTS: u32 = 1024;
@@ -37,6 +45,10 @@ pub(crate) struct LinkHandle {
     pub live: Arc<Liveness>,
     pub closer: Closer,
 }
+
+/// What the dispatcher answers to a registration: the worker's id and the held jobs
+/// it is to go on with (with the next output seq expected), or a refusal.
+pub(crate) type Registration = Result<(u64, Vec<(JobId, u64)>), String>;
 
 pub(crate) enum Event {
     Submit(QueuedJob),
@@ -53,12 +65,19 @@ pub(crate) enum Event {
     Register {
         hello: WorkerHello,
         peer: Option<SocketAddr>,
+        cert: Option<Vec<u8>>,
         link: LinkHandle,
-        reply: Sender<Result<u64, String>>,
+        reply: Sender<Registration>,
     },
     JobEnded {
         worker: u64,
         job: JobId,
+    },
+    Draining {
+        worker: u64,
+    },
+    Goodbye {
+        worker: u64,
     },
     LinkClosed {
         worker: u64,
@@ -71,18 +90,34 @@ pub(crate) enum Event {
 
 struct WorkerEntry {
     info: WorkerInfo,
+    cert: Option<Vec<u8>>,
     running: HashSet<JobId>,
     link: LinkHandle,
+    /// Said goodbye: its jobs end at once when the link closes.
+    leaving: bool,
 }
 
 impl WorkerEntry {
     fn free(&self) -> usize {
+        if self.info.draining {
+            return 0;
+        }
         (self.info.slots as usize).saturating_sub(self.running.len())
     }
 }
 
+/// The jobs of a worker whose link dropped, kept for `reconnect_grace` in case the same
+/// worker (same name, same certificate) comes back.
+struct Detached {
+    name: String,
+    cert: Option<Vec<u8>>,
+    jobs: Vec<(JobId, Route)>,
+    until: Instant,
+}
+
 struct Running {
-    worker: u64,
+    /// The worker running it; `None` while that worker is reconnecting.
+    worker: Option<u64>,
     spec: JobSpec,
     attempt: u32,
     since: Instant,
@@ -95,11 +130,20 @@ pub(crate) struct Dispatcher {
     workers: BTreeMap<u64, WorkerEntry>,
     /// Every started job: where it runs, and what is needed to run it again.
     running: HashMap<JobId, Running>,
+    detached: Vec<Detached>,
     subscribers: Vec<Sender<ManagerEvent>>,
     next_worker: u64,
     /// Where the rotation among equally free workers continues.
     cursor: u64,
     closing: bool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn fmt_addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "?".into(), |a| a.to_string())
 }
 
 impl Dispatcher {
@@ -109,6 +153,7 @@ impl Dispatcher {
             queue: Queue::default(),
             workers: BTreeMap::new(),
             running: HashMap::new(),
+            detached: Vec::new(),
             subscribers: Vec::new(),
             next_worker: 1,
             cursor: 0,
@@ -117,21 +162,31 @@ impl Dispatcher {
     }
 
     pub(crate) fn run(mut self, rx: Receiver<Event>) {
-        let mut deadline: Option<Instant> = None;
+        let mut shutdown_at: Option<Instant> = None;
         loop {
-            let ev = match deadline {
+            let wake = self
+                .detached
+                .iter()
+                .map(|d| d.until)
+                .chain(shutdown_at)
+                .min();
+            let ev = match wake {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
                 Some(d) => rx.recv_deadline(d),
             };
             match ev {
                 Ok(Event::Shutdown { grace }) => {
                     self.begin_shutdown();
-                    deadline = Some(Instant::now() + grace);
+                    shutdown_at = Some(Instant::now() + grace);
                 }
                 Ok(ev) => self.handle(ev),
-                Err(_) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
             }
-            if self.closing && self.running.is_empty() {
+            self.expire_detached(Instant::now());
+            if self.closing
+                && (self.running.is_empty() || shutdown_at.is_some_and(|t| Instant::now() >= t))
+            {
                 break;
             }
         }
@@ -150,22 +205,34 @@ impl Dispatcher {
             Event::Workers(reply) => {
                 let _ = reply.send(self.workers.values().map(Self::info).collect());
             }
-            Event::Subscribe(tx) => self.subscribers.push(tx),
             Event::Jobs { only, reply } => {
                 let _ = reply.send(self.jobs(only));
             }
+            Event::Subscribe(tx) => self.subscribers.push(tx),
             Event::Register {
                 hello,
                 peer,
+                cert,
                 link,
                 reply,
-            } => self.register(hello, peer, link, reply),
+            } => self.register(hello, peer, cert, link, reply),
             Event::JobEnded { worker, job } => {
                 self.running.remove(&job);
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.running.remove(&job);
                 }
                 self.fill(worker);
+            }
+            Event::Draining { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    log::info!("worker {} is draining: no new jobs for it", w.info.name);
+                    w.info.draining = true;
+                }
+            }
+            Event::Goodbye { worker } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.leaving = true;
+                }
             }
             Event::LinkClosed { worker, reason } => self.link_closed(worker, &reason),
             Event::Shutdown { .. } => {}
@@ -226,7 +293,13 @@ impl Dispatcher {
         job.events.push(JobEvent::Started {
             worker: w.info.name.clone(),
         });
-        lock(&w.link.routes).insert(job.id, job.events);
+        lock(&w.link.routes).insert(
+            job.id,
+            Route {
+                sink: job.events,
+                next_seq: 0,
+            },
+        );
         // The spec stays here too, in case the job must run again elsewhere.
         let _ = w.link.out.send(Outbound::Message(ManagerMessage::Run {
             job: job.id,
@@ -236,13 +309,36 @@ impl Dispatcher {
         self.running.insert(
             job.id,
             Running {
-                worker,
+                worker: Some(worker),
                 spec: job.spec,
                 attempt: job.attempt,
                 since: Instant::now(),
                 cancelled: false,
             },
         );
+    }
+
+    /// Gives a worker queued jobs while it has free slots.
+    fn fill(&mut self, worker: u64) {
+        if self.closing {
+            return;
+        }
+        while let Some(w) = self.workers.get(&worker) {
+            if w.free() == 0 {
+                break;
+            }
+            let Some(job) = self.queue.pop_for(&w.info.tags, &w.info.platform) else {
+                break;
+            };
+            self.start(job, worker);
+        }
+    }
+
+    fn fill_all(&mut self) {
+        let ids: Vec<u64> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.fill(id);
+        }
     }
 
     fn jobs(&self, only: Option<JobId>) -> Vec<JobStatus> {
@@ -254,18 +350,27 @@ impl Dispatcher {
             script: j.spec.script.clone(),
             priority: j.spec.priority,
         };
-        let running = |id: JobId, r: &Running| JobStatus {
-            id,
-            state: JobState::Running {
-                worker: self
-                    .workers
-                    .get(&r.worker)
-                    .map_or_else(String::new, |w| w.info.name.clone()),
-            },
-            since: r.since.elapsed(),
-            attempt: r.attempt,
-            script: r.spec.script.clone(),
-            priority: r.spec.priority,
+        let running = |id: JobId, r: &Running| {
+            let state = match r.worker.and_then(|w| self.workers.get(&w)) {
+                Some(w) => JobState::Running {
+                    worker: w.info.name.clone(),
+                },
+                None => JobState::Disconnected {
+                    worker: self
+                        .detached
+                        .iter()
+                        .find(|d| d.jobs.iter().any(|(j, _)| *j == id))
+                        .map_or_else(String::new, |d| d.name.clone()),
+                },
+            };
+            JobStatus {
+                id,
+                state,
+                since: r.since.elapsed(),
+                attempt: r.attempt,
+                script: r.spec.script.clone(),
+                priority: r.spec.priority,
+            }
         };
         let mut all: Vec<JobStatus> = match only {
             Some(id) => self
@@ -286,22 +391,6 @@ impl Dispatcher {
         all
     }
 
-    /// Gives a worker queued jobs while it has free slots.
-    fn fill(&mut self, worker: u64) {
-        if self.closing {
-            return;
-        }
-        while let Some(w) = self.workers.get(&worker) {
-            if w.free() == 0 {
-                break;
-            }
-            let Some(job) = self.queue.pop_for(&w.info.tags, &w.info.platform) else {
-                break;
-            };
-            self.start(job, worker);
-        }
-    }
-
     fn cancel(&mut self, id: JobId) -> Result<()> {
         if let Some(job) = self.queue.remove(id) {
             self.shared.queued.fetch_sub(1, Ordering::Relaxed);
@@ -310,11 +399,24 @@ impl Dispatcher {
         }
         let running = self.running.get_mut(&id).ok_or(Error::UnknownJob(id.0))?;
         running.cancelled = true;
-        if let Some(w) = self.workers.get(&running.worker) {
-            let _ = w
-                .link
-                .out
-                .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
+        match running.worker.and_then(|w| self.workers.get(&w)) {
+            Some(w) => {
+                let _ = w
+                    .link
+                    .out
+                    .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
+            }
+            None => {
+                // Its worker is reconnecting: end it now; if the worker comes back, it is
+                // told to drop the job.
+                for d in &mut self.detached {
+                    if let Some(i) = d.jobs.iter().position(|(j, _)| *j == id) {
+                        let (_, route) = d.jobs.remove(i);
+                        route.sink.push(JobEvent::Finished(Outcome::Cancelled));
+                    }
+                }
+                self.running.remove(&id);
+            }
         }
         Ok(())
     }
@@ -323,8 +425,9 @@ impl Dispatcher {
         &mut self,
         hello: WorkerHello,
         peer: Option<SocketAddr>,
+        cert: Option<Vec<u8>>,
         link: LinkHandle,
-        reply: Sender<Result<u64, String>>,
+        reply: Sender<Registration>,
     ) {
         let refusal = if self.closing {
             Some("the manager is shutting down".to_string())
@@ -335,11 +438,6 @@ impl Dispatcher {
             ))
         } else if hello.name.is_empty() || hello.name.len() > 256 {
             Some("a worker name must have 1 to 256 bytes".to_string())
-        } else if self.workers.values().any(|w| w.info.name == hello.name) {
-            Some(format!(
-                "a worker named {:?} is already connected",
-                hello.name
-            ))
         } else {
             None
         };
@@ -352,8 +450,36 @@ impl Dispatcher {
             let _ = reply.send(Err(reason));
             return;
         }
+        // A second connection under a connected worker's name: the same worker (same
+        // certificate) reconnecting before its old link was found dead replaces it;
+        // anyone else is refused.
+        let namesake = self
+            .workers
+            .iter()
+            .find(|(_, w)| w.info.name == hello.name)
+            .map(|(&id, w)| (id, w.cert == cert));
+        match namesake {
+            Some((old, true)) => {
+                if let Some(w) = self.workers.get(&old) {
+                    w.link.live.mark_closed();
+                    w.link.closer.close();
+                }
+                self.link_closed(old, "replaced by a new connection of the same worker");
+            }
+            Some((_, false)) => {
+                let reason = format!("a worker named {:?} is already connected", hello.name);
+                log::warn!(
+                    "refusing worker from {}: {reason} (with another certificate)",
+                    fmt_addr(peer)
+                );
+                let _ = reply.send(Err(reason));
+                return;
+            }
+            None => {}
+        }
         let id = self.next_worker;
         self.next_worker += 1;
+        let resume = self.reattach(&hello, &cert, id, &link);
         let info = WorkerInfo {
             id,
             name: hello.name,
@@ -362,73 +488,103 @@ impl Dispatcher {
             platform: hello.platform,
             slots: hello.slots,
             running: 0,
+            draining: false,
         };
-        if reply.send(Ok(id)).is_err() {
+        let resumed: HashSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
+        if reply.send(Ok((id, resume))).is_err() {
+            // The link died before the welcome: its jobs go back to waiting for it.
+            let routes: Vec<(JobId, Route)> = lock(&link.routes).drain().collect();
+            self.detach(&info.name, cert, routes);
             return;
         }
         log::info!(
-            "worker {} joined from {} ({} slot(s), tags [{}], {})",
+            "worker {} joined from {} ({} slot(s), tags [{}], {}){}",
             info.name,
             fmt_addr(peer),
             info.slots,
             info.tags.iter().cloned().collect::<Vec<_>>().join(","),
-            info.platform
+            info.platform,
+            if resumed.is_empty() {
+                String::new()
+            } else {
+                format!(", resuming {} job(s)", resumed.len())
+            }
         );
         self.notify(ManagerEvent::WorkerJoined(info.clone()));
         self.workers.insert(
             id,
             WorkerEntry {
                 info,
-                running: HashSet::new(),
+                cert,
+                running: resumed,
                 link,
+                leaving: false,
             },
         );
         self.fill(id);
+    }
+
+    /// Gives a returning worker back the jobs it still holds for this manager; settles
+    /// the ones it no longer has. Returns what it is to go on with.
+    fn reattach(
+        &mut self,
+        hello: &WorkerHello,
+        cert: &Option<Vec<u8>>,
+        id: u64,
+        link: &LinkHandle,
+    ) -> Vec<(JobId, u64)> {
+        let Some(i) = self
+            .detached
+            .iter()
+            .position(|d| d.name == hello.name && d.cert == *cert)
+        else {
+            return Vec::new();
+        };
+        let d = self.detached.swap_remove(i);
+        let ours = hello.manager_id == Some(self.shared.manager_id);
+        let mut resume = Vec::new();
+        for (job, route) in d.jobs {
+            let held = ours && hello.jobs.iter().any(|h| h.job == job);
+            if !held {
+                log::warn!("job {job}: worker {} came back without it", d.name);
+                self.settle(job, route);
+                continue;
+            }
+            resume.push((job, route.next_seq));
+            route.sink.set_producer(Some(link.out.clone()));
+            let cancelled = self.running.get(&job).is_some_and(|r| r.cancelled);
+            if let Some(r) = self.running.get_mut(&job) {
+                r.worker = Some(id);
+            }
+            lock(&link.routes).insert(job, route);
+            if cancelled {
+                let _ = link
+                    .out
+                    .send(Outbound::Message(ManagerMessage::Cancel { job }));
+            }
+        }
+        resume
     }
 
     fn link_closed(&mut self, worker: u64, reason: &str) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
-        let lost: Vec<(JobId, Arc<JobSink>)> = lock(&w.link.routes).drain().collect();
-        let mut requeued = false;
-        for (id, sink) in lost {
-            let Some(r) = self.running.remove(&id) else {
-                sink.push(JobEvent::Finished(Outcome::WorkerLost));
-                continue;
-            };
-            if r.cancelled {
-                sink.push(JobEvent::Finished(Outcome::Cancelled));
-            } else if r.attempt <= r.spec.retries && !self.closing {
-                log::warn!(
-                    "job {id} lost with worker {}; queueing attempt {} of {}",
-                    w.info.name,
-                    r.attempt + 1,
-                    r.spec.retries + 1
-                );
-                sink.set_producer(None);
-                sink.push(JobEvent::Requeued {
-                    attempt: r.attempt + 1,
-                });
-                self.shared.queued.fetch_add(1, Ordering::Relaxed);
-                self.queue.push(QueuedJob {
-                    id,
-                    spec: r.spec,
-                    events: sink,
-                    attempt: r.attempt + 1,
-                    since: Instant::now(),
-                });
-                requeued = true;
-            } else {
-                log::warn!("job {id} lost: worker {} went away", w.info.name);
-                sink.push(JobEvent::Finished(Outcome::WorkerLost));
+        let routes: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
+        let grace = self.shared.reconnect_grace;
+        if w.leaving || grace.is_zero() || self.closing || routes.is_empty() {
+            for (job, route) in routes {
+                log::warn!("job {job} lost: worker {} went away", w.info.name);
+                self.settle(job, route);
             }
-        }
-        if requeued {
-            let ids: Vec<u64> = self.workers.keys().copied().collect();
-            for id in ids {
-                self.fill(id);
-            }
+        } else {
+            log::warn!(
+                "worker {} lost with {} job(s) running; they wait {:.1} s for it to come back",
+                w.info.name,
+                routes.len(),
+                grace.as_secs_f64()
+            );
+            self.detach(&w.info.name, w.cert, routes);
         }
         log::info!("worker {} left: {reason}", w.info.name);
         self.notify(ManagerEvent::WorkerLeft {
@@ -436,6 +592,71 @@ impl Dispatcher {
             name: w.info.name.clone(),
             reason: reason.to_string(),
         });
+        self.fill_all();
+    }
+
+    fn detach(&mut self, name: &str, cert: Option<Vec<u8>>, jobs: Vec<(JobId, Route)>) {
+        for (job, route) in &jobs {
+            route.sink.set_producer(None);
+            if let Some(r) = self.running.get_mut(job) {
+                r.worker = None;
+            }
+        }
+        self.detached.push(Detached {
+            name: name.to_string(),
+            cert,
+            jobs,
+            until: Instant::now() + self.shared.reconnect_grace,
+        });
+    }
+
+    fn expire_detached(&mut self, now: Instant) {
+        let (expired, kept): (Vec<Detached>, Vec<Detached>) = std::mem::take(&mut self.detached)
+            .into_iter()
+            .partition(|d| d.until <= now);
+        self.detached = kept;
+        for d in expired {
+            for (job, route) in d.jobs {
+                log::warn!(
+                    "job {job} lost: worker {} did not come back in time",
+                    d.name
+                );
+                self.settle(job, route);
+            }
+        }
+    }
+
+    /// Ends a job whose worker is gone for good: queued again if it has retries left,
+    /// else `WorkerLost` (or `Cancelled`, if that was asked for).
+    fn settle(&mut self, job: JobId, route: Route) {
+        let Some(r) = self.running.remove(&job) else {
+            route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
+            return;
+        };
+        if r.cancelled {
+            route.sink.push(JobEvent::Finished(Outcome::Cancelled));
+        } else if r.attempt <= r.spec.retries && !self.closing {
+            log::warn!(
+                "job {job}: queueing attempt {} of {}",
+                r.attempt + 1,
+                r.spec.retries + 1
+            );
+            route.sink.set_producer(None);
+            route.sink.push(JobEvent::Requeued {
+                attempt: r.attempt + 1,
+            });
+            self.shared.queued.fetch_add(1, Ordering::Relaxed);
+            self.queue.push(QueuedJob {
+                id: job,
+                spec: r.spec,
+                events: route.sink,
+                attempt: r.attempt + 1,
+                since: Instant::now(),
+            });
+            self.fill_all();
+        } else {
+            route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
+        }
     }
 
     fn begin_shutdown(&mut self) {
@@ -451,18 +672,25 @@ impl Dispatcher {
         }
     }
 
-    /// Ends what is still running as cancelled, says goodbye to every worker, waits a
-    /// little for the links to close, and answers whatever is still in the channel.
+    /// Ends what is still running as cancelled (and what waits for a lost worker as
+    /// lost), says goodbye to every worker, waits a little for the links to close, and
+    /// answers whatever is still in the channel.
     fn finish(mut self, rx: &Receiver<Event>) {
         self.begin_shutdown();
+        for d in std::mem::take(&mut self.detached) {
+            for (job, route) in d.jobs {
+                self.running.remove(&job);
+                route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
+            }
+        }
         for w in self.workers.values() {
-            let cut: Vec<(JobId, Arc<JobSink>)> = lock(&w.link.routes).drain().collect();
-            for (id, sink) in cut {
+            let cut: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
+            for (id, route) in cut {
                 let _ = w
                     .link
                     .out
                     .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
-                sink.push(JobEvent::Finished(Outcome::Cancelled));
+                route.sink.push(JobEvent::Finished(Outcome::Cancelled));
             }
             let _ = w.link.out.send(Outbound::Message(ManagerMessage::Shutdown));
             let _ = w.link.out.send(Outbound::Close);
@@ -483,12 +711,4 @@ impl Dispatcher {
             self.handle(ev);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn fmt_addr(a: Option<SocketAddr>) -> String {
-    a.map_or_else(|| "?".into(), |a| a.to_string())
 }

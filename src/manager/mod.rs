@@ -66,6 +66,10 @@ pub struct ManagerConfig {
     pub heartbeat_timeout: Duration,
     /// On shutdown, how long running jobs may go on before they are cancelled.
     pub shutdown_grace: Duration,
+    /// How long the jobs of a worker whose connection dropped wait for that worker (same
+    /// name, same certificate) to come back and go on with them; then they end
+    /// `WorkerLost` (or are retried). Zero ends them at once.
+    pub reconnect_grace: Duration,
     /// Most bytes of each stream that [`JobHandle::wait`] keeps (16 MiB by default);
     /// beyond it the result says `truncated`. Live output events are never cut.
     pub result_output_limit: usize,
@@ -103,6 +107,7 @@ impl ManagerConfig {
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             result_output_limit: 16 << 20,
+            reconnect_grace: Duration::from_secs(10),
         }
     }
 
@@ -141,6 +146,8 @@ pub struct WorkerInfo {
     pub slots: u32,
     /// How many it runs now.
     pub running: usize,
+    /// Whether it is draining: it takes no new jobs and leaves when its jobs end.
+    pub draining: bool,
 }
 
 /// Things that happen to the pool (see [`Manager::subscribe`]).
@@ -175,6 +182,7 @@ pub(crate) struct Shared {
     max_handshakes: usize,
     manager_id: u64,
     result_limit: usize,
+    reconnect_grace: Duration,
     handshaking: AtomicUsize,
     /// Every open connection, so that shutdown can cut them all.
     connections: Mutex<HashMap<u64, TcpStream>>,
@@ -244,6 +252,7 @@ impl Manager {
                 h.finish()
             },
             result_limit: config.result_output_limit,
+            reconnect_grace: config.reconnect_grace,
             handshaking: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
@@ -495,8 +504,9 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     let register = Event::Register {
         hello,
         peer,
+        cert: est.peer_cert.clone(),
         link: LinkHandle {
-            out: out_tx,
+            out: out_tx.clone(),
             routes: routes.clone(),
             live: live.clone(),
             closer: est.closer.clone(),
@@ -507,8 +517,8 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         link::refuse(&mut est.writer, "the manager is shutting down");
         return;
     }
-    let worker_id = match reply_rx.recv() {
-        Ok(Ok(id)) => id,
+    let (worker_id, resume) = match reply_rx.recv() {
+        Ok(Ok(x)) => x,
         Ok(Err(reason)) => {
             link::refuse(&mut est.writer, &reason);
             return;
@@ -524,6 +534,8 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         worker_id,
         heartbeat_interval_ms: shared.timing.heartbeat_interval.as_millis() as u64,
         heartbeat_timeout_ms: shared.timing.heartbeat_timeout.as_millis() as u64,
+        reconnect_grace_ms: shared.reconnect_grace.as_millis() as u64,
+        resume,
     };
     let started =
         link::welcome(&mut est, &welcome).and_then(|()| link::go_live(&est, shared.timing));
@@ -541,7 +553,7 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     };
     let result = match &writer {
         Ok(_) => link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
-            on_worker_message(shared, worker_id, &label, &routes, msg)
+            on_worker_message(shared, worker_id, &label, &routes, &out_tx, msg)
         }),
         Err(e) => Err(Error::Protocol(e.to_string())),
     };
@@ -566,11 +578,15 @@ fn on_worker_message(
     worker: u64,
     label: &str,
     routes: &Routes,
+    out: &Sender<Outbound<ManagerMessage>>,
     msg: WorkerMessage,
 ) -> bool {
     match msg {
         WorkerMessage::Output {
-            job, stream, bytes, ..
+            job,
+            stream,
+            seq,
+            bytes,
         } => {
             if bytes.len() > OUTPUT_CHUNK {
                 log::warn!(
@@ -581,34 +597,53 @@ fn on_worker_message(
             }
             // Pushed under the routes lock (pushing never blocks), so that no output can
             // slip in after whoever removes the route has delivered `Finished`.
-            match lock(routes).get(&job) {
-                Some(sink) => sink.push(JobEvent::Output { stream, bytes }),
-                None => {
-                    log::debug!("{label}: output for job {job}, which it does not run (ignored)")
-                }
+            let mut routes = lock(routes);
+            let Some(route) = routes.get_mut(&job) else {
+                log::debug!("{label}: output for job {job}, which it does not run (ignored)");
+                return true;
+            };
+            if seq < route.next_seq {
+                return true; // replayed after a reconnect, and already delivered
             }
+            if seq > route.next_seq {
+                let lost = seq - route.next_seq;
+                log::warn!("{label}: job {job}: {lost} output message(s) lost in a reconnect");
+                route.sink.push(JobEvent::Warning(format!(
+                    "{lost} output message(s) were lost while the worker reconnected"
+                )));
+            }
+            route.next_seq = seq + 1;
+            route.sink.push(JobEvent::Output { stream, bytes });
         }
         WorkerMessage::Finished {
             job,
             outcome,
             cleanup_error,
         } => {
-            let sink = lock(routes).remove(&job);
-            match sink {
-                Some(sink) => {
+            let route = lock(routes).remove(&job);
+            // Acknowledged either way: the worker may forget the job.
+            let _ = out.send(Outbound::Message(ManagerMessage::Ended { job }));
+            match route {
+                Some(route) => {
                     // The dispatcher hears of it first: whoever sees `Finished` and then
                     // asks the manager finds the job gone and the slot free.
                     let _ = shared.events.send(Event::JobEnded { worker, job });
                     if let Some(e) = cleanup_error {
                         log::warn!("{label}: job {job}: {e}");
-                        sink.push(JobEvent::Warning(e));
+                        route.sink.push(JobEvent::Warning(e));
                     }
-                    sink.push(JobEvent::Finished(outcome));
+                    route.sink.push(JobEvent::Finished(outcome));
                 }
                 None => log::warn!(
                     "{label}: reported job {job} finished, which it does not run (ignored)"
                 ),
             }
+        }
+        WorkerMessage::Draining => {
+            let _ = shared.events.send(Event::Draining { worker });
+        }
+        WorkerMessage::Goodbye => {
+            let _ = shared.events.send(Event::Goodbye { worker });
         }
         WorkerMessage::Heartbeat => {}
     }

@@ -46,11 +46,14 @@ impl JobSink {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets (or clears) the link the job's output comes from.
+    /// Sets (or clears) the link the job's output comes from. A job whose submitter is
+    /// still behind is paused on its new link too.
     pub(crate) fn set_producer(&self, producer: Option<Producer>) {
         let mut s = self.lock();
         s.producer = producer;
-        s.paused = false;
+        if let Some(p) = s.producer.as_ref().filter(|_| s.paused) {
+            let _ = p.send(Outbound::Message(ManagerMessage::Pause { job: self.job }));
+        }
     }
 
     /// Whether `Finished` has been accepted.

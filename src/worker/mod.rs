@@ -9,13 +9,14 @@ mod tree;
 
 use crate::error::{Error, Result};
 use crate::job::Outcome;
+use crate::job::{JobId, Stream};
 use crate::link::{self, Liveness, Outbound, Timing};
-use crate::protocol::{ManagerMessage, Welcome, WorkerHello, WorkerMessage};
+use crate::protocol::{HeldJob, ManagerMessage, Welcome, WorkerHello, WorkerMessage};
 use crate::tls::{self, Identity, TrustRoots};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use executor::{ExecEvent, JobKey, RunningJob};
 use rustls::ClientConfig;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,9 @@ pub struct WorkerConfig {
     /// Between SIGTERM and SIGKILL when a job times out or is cancelled, unless the job
     /// sets its own.
     pub kill_grace: Duration,
+    /// Per job, how much output is kept for a reconnect: recently sent output that may
+    /// not have arrived, and output made while disconnected (beyond that the job waits).
+    pub reconnect_buffer: usize,
 }
 
 /// `OS-ARCH` of this machine, e.g. `linux-x86_64`.
@@ -127,6 +131,7 @@ impl WorkerConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             kill_grace: Duration::from_secs(5),
+            reconnect_buffer: 8 << 20,
         }
     }
 
@@ -198,11 +203,18 @@ struct Status {
     attempts: AtomicU64,
 }
 
+enum Control {
+    Stop,
+    Drain(Option<Instant>),
+}
+
 /// A running worker. Dropping it stops it.
 pub struct Worker {
     name: String,
-    stop: Sender<()>,
+    control: Sender<Control>,
     status: Arc<Status>,
+    /// Disconnected when the worker thread has ended.
+    done: Receiver<()>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -231,7 +243,8 @@ impl Worker {
             }
         };
         executor::sweep_stale_dirs(&config.work_dir);
-        let (stop_tx, stop_rx) = bounded(1);
+        let (control_tx, control_rx) = unbounded();
+        let (done_tx, done_rx) = bounded::<()>(0);
         let status = Arc::new(Status {
             connected: AtomicBool::new(false),
             sessions: AtomicU64::new(0),
@@ -241,12 +254,16 @@ impl Worker {
         let st = status.clone();
         let thread = std::thread::Builder::new()
             .name(format!("wp-worker-{name}"))
-            .spawn(move || WorkerLoop::new(config, tls, stop_rx, st).run())
+            .spawn(move || {
+                let _done = done_tx;
+                WorkerLoop::new(config, tls, control_rx, st).run()
+            })
             .map_err(|e| Error::io("starting the worker thread", e))?;
         Ok(Worker {
             name,
-            stop: stop_tx,
+            control: control_tx,
             status,
+            done: done_rx,
             thread: Mutex::new(Some(thread)),
         })
     }
@@ -271,13 +288,36 @@ impl Worker {
         self.status.attempts.load(Ordering::Relaxed)
     }
 
-    /// Stops: kills running jobs (the manager ends them `WorkerLost`), cleans up their
-    /// folders, closes the connection, and returns when the worker's threads are gone.
+    /// Starts draining and returns at once: the worker takes no new jobs (the manager
+    /// stops routing to it), lets the running ones finish and report, then leaves. With
+    /// a deadline, jobs still running then are killed (they end `Cancelled`).
+    /// [`Worker::wait`] tells when it has left; [`Worker::stop`] cuts it short.
+    pub fn drain(&self, deadline: Option<Duration>) {
+        let _ = self
+            .control
+            .send(Control::Drain(deadline.map(|d| Instant::now() + d)));
+    }
+
+    /// Waits until the worker has left (after a drain), up to `timeout`; true if it has.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        let left = matches!(
+            self.done.recv_timeout(timeout),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        );
+        if left && let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+        left
+    }
+
+    /// Stops now: kills running jobs (the manager, told goodbye, ends them `WorkerLost`),
+    /// cleans up their folders, closes the connection, and returns when the worker's
+    /// threads are gone.
     pub fn stop(&self) {
         let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return;
         };
-        let _ = self.stop.try_send(());
+        let _ = self.control.send(Control::Stop);
         let _ = t.join();
     }
 }
@@ -288,12 +328,49 @@ impl Drop for Worker {
     }
 }
 
+/// One job this worker holds: running, or ended and not yet acknowledged.
 struct Job {
     handle: RunningJob,
-    seq: u64,
-    /// Killed because its manager connection was lost or the worker stops: its
-    /// remaining events are not sent anywhere.
-    orphaned: bool,
+    next_seq: u64,
+    /// Output made while disconnected, not yet handed to any link.
+    unsent: VecDeque<(u64, Stream, Vec<u8>)>,
+    unsent_bytes: usize,
+    /// Output recently handed to a link, kept to be sent again after a reconnect.
+    replay: VecDeque<(u64, Stream, Vec<u8>)>,
+    replay_bytes: usize,
+    /// Paused by us: too much output waits for a link.
+    held_back: bool,
+    /// How it ended, once it has; kept until the manager acknowledges it.
+    finished: Option<(Outcome, Option<String>)>,
+    /// Killed and forgotten: its manager no longer waits for it.
+    dropped: bool,
+}
+
+impl Job {
+    fn new(handle: RunningJob) -> Job {
+        Job {
+            handle,
+            next_seq: 0,
+            unsent: VecDeque::new(),
+            unsent_bytes: 0,
+            replay: VecDeque::new(),
+            replay_bytes: 0,
+            held_back: false,
+            finished: None,
+            dropped: false,
+        }
+    }
+
+    fn remember(&mut self, entry: (u64, Stream, Vec<u8>), limit: usize) {
+        self.replay_bytes += entry.2.len();
+        self.replay.push_back(entry);
+        while self.replay_bytes > limit {
+            match self.replay.pop_front() {
+                Some((_, _, b)) => self.replay_bytes -= b.len(),
+                None => break,
+            }
+        }
+    }
 }
 
 enum SessionEnd {
@@ -301,15 +378,21 @@ enum SessionEnd {
     Lost(String),
 }
 
+type Out = Sender<Outbound<WorkerMessage>>;
+
 struct WorkerLoop {
     config: WorkerConfig,
     address: String,
     tls: Option<Arc<ClientConfig>>,
-    stop: Receiver<()>,
+    control: Receiver<Control>,
     status: Arc<Status>,
     jobs: HashMap<JobKey, Job>,
-    /// The id of the manager of the current session.
-    manager: u64,
+    /// The manager whose jobs this worker holds (from the last welcome).
+    manager: Option<u64>,
+    /// That manager's reconnect grace: after it, held jobs are given up.
+    grace: Duration,
+    disconnected_since: Option<Instant>,
+    draining: Option<Option<Instant>>,
     exec_tx: Sender<ExecEvent>,
     exec_rx: Receiver<ExecEvent>,
     rng: u64,
@@ -319,7 +402,7 @@ impl WorkerLoop {
     fn new(
         config: WorkerConfig,
         tls: Option<Arc<ClientConfig>>,
-        stop: Receiver<()>,
+        control: Receiver<Control>,
         status: Arc<Status>,
     ) -> WorkerLoop {
         // Bounded: a job that writes faster than the link drains waits on its pipe.
@@ -328,29 +411,49 @@ impl WorkerLoop {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
             ^ ((std::process::id() as u64) << 32)
-            ^ (&stop as *const _ as u64);
+            ^ (&control as *const _ as u64);
         WorkerLoop {
             address: config.address(),
             config,
             tls,
-            stop,
+            control,
             status,
             jobs: HashMap::new(),
-            manager: 0,
+            manager: None,
+            grace: Duration::ZERO,
+            disconnected_since: None,
+            draining: None,
             exec_tx,
             exec_rx,
             rng: seed | 1,
         }
     }
 
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
     fn run(mut self) {
         let mut failures: u32 = 0;
         loop {
+            if self.drained() {
+                break;
+            }
             let hello = WorkerHello {
                 name: self.config.name.clone(),
                 tags: self.config.tags.clone(),
                 platform: self.config.platform.clone(),
                 slots: self.config.slots,
+                manager_id: self.manager,
+                jobs: self
+                    .jobs
+                    .iter()
+                    .filter(|(k, j)| !j.dropped && Some(k.manager) == self.manager)
+                    .map(|(k, j)| HeldJob {
+                        job: k.job,
+                        finished: j.finished.is_some(),
+                    })
+                    .collect(),
             };
             let deadline = Instant::now() + self.config.connect_timeout;
             let server_name = self
@@ -374,19 +477,26 @@ impl WorkerLoop {
                     self.status.connected.store(true, Ordering::Relaxed);
                     log::info!(
                         "worker {} connected to the manager at {}",
-                        self.config.name,
+                        self.name(),
                         self.address
                     );
-                    let end = self.session(est, &welcome);
+                    let end = self.session(est, welcome);
                     self.status.connected.store(false, Ordering::Relaxed);
                     match end {
                         SessionEnd::Stop => break,
                         SessionEnd::Lost(why) => {
+                            self.disconnected_since = Some(Instant::now());
+                            let held = self.jobs.values().filter(|j| !j.dropped).count();
                             log::warn!(
-                                "worker {}: lost the manager at {}: {why}",
-                                self.config.name,
-                                self.address
-                            )
+                                "worker {}: lost the manager at {}: {why}{}",
+                                self.name(),
+                                self.address,
+                                if held > 0 {
+                                    format!("; {held} job(s) go on while it reconnects")
+                                } else {
+                                    String::new()
+                                }
+                            );
                         }
                     }
                 }
@@ -394,7 +504,8 @@ impl WorkerLoop {
                     failures = failures.saturating_add(1);
                     let msg = format!(
                         "worker {}: cannot join the manager at {}: {e}",
-                        self.config.name, self.address
+                        self.name(),
+                        self.address
                     );
                     if failures == 1
                         || failures.is_multiple_of(10)
@@ -431,21 +542,81 @@ impl WorkerLoop {
         d.mul_f64(0.5 + 0.5 * frac)
     }
 
-    /// Waits between attempts while handling job events; true when told to stop.
+    /// Whether a drain is complete: nothing held any more.
+    fn drained(&self) -> bool {
+        self.draining.is_some() && self.jobs.values().all(|j| j.dropped)
+    }
+
+    /// Waits between attempts while handling job events; true when it is time to leave.
     fn idle(&mut self, delay: Duration) -> bool {
         let deadline = Instant::now() + delay;
         loop {
+            self.give_up_if_abandoned();
+            if self.drain_deadline_passed() || self.drained() {
+                return self.drained();
+            }
             select! {
-                recv(self.stop) -> _ => return true,
+                recv(self.control) -> c => match c {
+                    Ok(Control::Drain(d)) => self.begin_drain(d, None),
+                    _ => return true,
+                },
                 recv(self.exec_rx) -> ev => if let Ok(ev) = ev { self.on_exec(ev, None); },
                 default(deadline.saturating_duration_since(Instant::now())) => return false,
             }
         }
     }
 
+    /// Held jobs of a manager that has surely given up on them (its reconnect grace has
+    /// passed) are killed rather than left running for nobody.
+    fn give_up_if_abandoned(&mut self) {
+        let Some(since) = self.disconnected_since else {
+            return;
+        };
+        if since.elapsed() <= self.grace {
+            return;
+        }
+        let mut n = 0;
+        for job in self.jobs.values_mut().filter(|j| !j.dropped) {
+            job.dropped = true;
+            job.handle.kill();
+            n += 1;
+        }
+        if n > 0 {
+            log::warn!(
+                "worker {}: killed {n} job(s): no manager for longer than its reconnect grace ({:.1} s)",
+                self.config.name,
+                self.grace.as_secs_f64()
+            );
+        }
+        self.jobs.retain(|_, j| j.finished.is_none() || !j.dropped);
+    }
+
+    fn drain_deadline_passed(&mut self) -> bool {
+        let Some(Some(deadline)) = self.draining else {
+            return false;
+        };
+        if Instant::now() < deadline {
+            return false;
+        }
+        for job in self.jobs.values().filter(|j| j.finished.is_none()) {
+            job.handle.kill();
+        }
+        false
+    }
+
+    fn begin_drain(&mut self, deadline: Option<Instant>, out: Option<&Out>) {
+        log::info!(
+            "worker {} draining: no new jobs; leaving when the running ones end",
+            self.config.name
+        );
+        self.draining = Some(deadline);
+        if let Some(out) = out {
+            let _ = out.send(Outbound::Message(WorkerMessage::Draining));
+        }
+    }
+
     /// Runs one accepted connection until it ends.
-    fn session(&mut self, est: link::Established, welcome: &Welcome) -> SessionEnd {
-        self.manager = welcome.manager_id;
+    fn session(&mut self, est: link::Established, welcome: Welcome) -> SessionEnd {
         let timing = Timing {
             heartbeat_interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(10)),
             heartbeat_timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(20)),
@@ -487,28 +658,36 @@ impl WorkerLoop {
                 return SessionEnd::Lost(format!("cannot start a reader thread: {e}"));
             }
         };
+        self.resume(&welcome, &out_tx);
+        if self.draining.is_some() {
+            let _ = out_tx.send(Outbound::Message(WorkerMessage::Draining));
+        }
         let end = loop {
+            if self.drain_deadline_passed() || self.drained() {
+                break SessionEnd::Stop;
+            }
+            let tick = crossbeam_channel::after(Duration::from_millis(500));
             select! {
-                recv(self.stop) -> _ => break SessionEnd::Stop,
+                recv(self.control) -> c => match c {
+                    Ok(Control::Drain(d)) => self.begin_drain(d, Some(&out_tx)),
+                    _ => break SessionEnd::Stop,
+                },
                 recv(in_rx) -> msg => match msg {
                     Ok(m) => self.on_manager(m, &out_tx),
                     Err(_) => break SessionEnd::Lost(String::new()),
                 },
                 recv(self.exec_rx) -> ev => if let Ok(ev) = ev { self.on_exec(ev, Some(&out_tx)); },
+                recv(tick) -> _ => {}
             }
         };
-        for (key, job) in self.jobs.iter_mut() {
-            if !job.orphaned {
-                let id = key.job;
-                job.orphaned = true;
+        if matches!(end, SessionEnd::Stop) {
+            // Leaving on purpose: the manager ends what is left at once.
+            for (key, job) in self.jobs.iter_mut().filter(|(_, j)| !j.dropped) {
+                job.dropped = true;
                 job.handle.kill();
-                match &end {
-                    SessionEnd::Stop => log::info!("worker stopping: killed job {id}"),
-                    SessionEnd::Lost(_) => {
-                        log::warn!("killed job {id}: the connection to its manager was lost")
-                    }
-                }
+                log::info!("worker stopping: killed job {}", key.job);
             }
+            let _ = out_tx.send(Outbound::Message(WorkerMessage::Goodbye));
         }
         // Say goodbye properly (close_notify) whether we leave or the manager did.
         let _ = out_tx.send(Outbound::Close);
@@ -527,19 +706,100 @@ impl WorkerLoop {
         }
     }
 
-    fn on_manager(&mut self, msg: ManagerMessage, out: &Sender<Outbound<WorkerMessage>>) {
-        let manager = self.manager;
+    /// After a welcome: goes on with the held jobs the manager still waits for (sending
+    /// again what it may have missed), and drops the others.
+    fn resume(&mut self, welcome: &Welcome, out: &Out) {
+        let same_manager = self.manager == Some(welcome.manager_id);
+        self.manager = Some(welcome.manager_id);
+        self.grace = Duration::from_millis(welcome.reconnect_grace_ms);
+        self.disconnected_since = None;
+        let wanted: HashMap<JobId, u64> = welcome.resume.iter().copied().collect();
+        let limit = self.config.reconnect_buffer;
+        for (key, job) in self.jobs.iter_mut().filter(|(_, j)| !j.dropped) {
+            let next = if same_manager {
+                wanted.get(&key.job).copied()
+            } else {
+                None
+            };
+            let Some(next) = next else {
+                job.dropped = true;
+                if job.finished.is_none() {
+                    job.handle.kill();
+                    log::warn!(
+                        "killed job {}: its manager {} no longer waits for it",
+                        key.job,
+                        if same_manager {
+                            "(after its reconnect grace)"
+                        } else {
+                            "(a new manager answered)"
+                        }
+                    );
+                }
+                continue;
+            };
+            let replay = std::mem::take(&mut job.replay);
+            let unsent = std::mem::take(&mut job.unsent);
+            (job.replay_bytes, job.unsent_bytes) = (0, 0);
+            for (seq, stream, bytes) in replay
+                .into_iter()
+                .chain(unsent)
+                .filter(|(seq, _, _)| *seq >= next)
+            {
+                job.remember((seq, stream, bytes.clone()), limit);
+                let _ = out.send(Outbound::Message(WorkerMessage::Output {
+                    job: key.job,
+                    stream,
+                    seq,
+                    bytes,
+                }));
+            }
+            if let Some((outcome, cleanup_error)) = &job.finished {
+                let _ = out.send(Outbound::Message(WorkerMessage::Finished {
+                    job: key.job,
+                    outcome: outcome.clone(),
+                    cleanup_error: cleanup_error.clone(),
+                }));
+            }
+            // Pauses belonged to the old link; the manager pauses again if it must.
+            job.held_back = false;
+            job.handle.pause(false);
+        }
+        self.jobs
+            .retain(|_, j| !(j.dropped && j.finished.is_some()));
+        let resumed = self.jobs.values().filter(|j| !j.dropped).count();
+        if resumed > 0 {
+            log::info!(
+                "worker {}: going on with {resumed} job(s) after reconnecting",
+                self.config.name
+            );
+        }
+    }
+
+    fn on_manager(&mut self, msg: ManagerMessage, out: &Out) {
+        let manager = self.manager.unwrap_or_default();
         let key = |job| JobKey { manager, job };
         match msg {
             ManagerMessage::Run { job, spec } => {
-                let running = self.jobs.values().filter(|j| !j.orphaned).count();
-                if running >= self.config.slots as usize || self.jobs.contains_key(&key(job)) {
+                let running = self
+                    .jobs
+                    .values()
+                    .filter(|j| !j.dropped && j.finished.is_none())
+                    .count();
+                let refusal = if self.draining.is_some() {
+                    Some("the worker is draining")
+                } else if running >= self.config.slots as usize || self.jobs.contains_key(&key(job))
+                {
                     log::error!(
                         "the manager sent job {job} beyond this worker's slots; refusing it"
                     );
+                    Some("the worker has no free slot")
+                } else {
+                    None
+                };
+                if let Some(why) = refusal {
                     let _ = out.send(Outbound::Message(WorkerMessage::Finished {
                         job,
-                        outcome: Outcome::Rejected("the worker has no free slot".into()),
+                        outcome: Outcome::Rejected(why.into()),
                         cleanup_error: None,
                     }));
                     return;
@@ -554,12 +814,7 @@ impl WorkerLoop {
                 );
                 match started {
                     Ok(handle) => {
-                        let entry = Job {
-                            handle,
-                            seq: 0,
-                            orphaned: false,
-                        };
-                        self.jobs.insert(key(job), entry);
+                        self.jobs.insert(key(job), Job::new(handle));
                     }
                     Err(e) => {
                         let _ = out.send(Outbound::Message(WorkerMessage::Finished {
@@ -586,7 +841,16 @@ impl WorkerLoop {
             }
             ManagerMessage::Resume { job } => {
                 if let Some(j) = self.jobs.get(&key(job)) {
-                    j.handle.pause(false);
+                    j.handle.pause(j.held_back);
+                }
+            }
+            ManagerMessage::Ended { job } => {
+                if self
+                    .jobs
+                    .get(&key(job))
+                    .is_some_and(|j| j.finished.is_some())
+                {
+                    self.jobs.remove(&key(job));
                 }
             }
             ManagerMessage::Shutdown => {
@@ -596,21 +860,39 @@ impl WorkerLoop {
         }
     }
 
-    fn on_exec(&mut self, ev: ExecEvent, out: Option<&Sender<Outbound<WorkerMessage>>>) {
-        let msg = match ev {
+    /// A job event: sent on the link if there is one (and kept for a replay), else kept
+    /// until there is.
+    fn on_exec(&mut self, ev: ExecEvent, out: Option<&Out>) {
+        let limit = self.config.reconnect_buffer;
+        let out = out.filter(|_| self.disconnected_since.is_none());
+        match ev {
             ExecEvent::Output { key, stream, bytes } => {
                 let Some(j) = self.jobs.get_mut(&key) else {
                     return;
                 };
-                if j.orphaned {
+                if j.dropped {
                     return;
                 }
-                j.seq += 1;
-                WorkerMessage::Output {
-                    job: key.job,
-                    stream,
-                    seq: j.seq - 1,
-                    bytes,
+                let seq = j.next_seq;
+                j.next_seq += 1;
+                match out {
+                    Some(out) => {
+                        j.remember((seq, stream, bytes.clone()), limit);
+                        let _ = out.send(Outbound::Message(WorkerMessage::Output {
+                            job: key.job,
+                            stream,
+                            seq,
+                            bytes,
+                        }));
+                    }
+                    None => {
+                        j.unsent_bytes += bytes.len();
+                        j.unsent.push_back((seq, stream, bytes));
+                        if j.unsent_bytes > limit && !j.held_back {
+                            j.held_back = true;
+                            j.handle.pause(true);
+                        }
+                    }
                 }
             }
             ExecEvent::Finished {
@@ -618,22 +900,24 @@ impl WorkerLoop {
                 outcome,
                 cleanup_error,
             } => {
-                let Some(j) = self.jobs.remove(&key) else {
+                let Some(j) = self.jobs.get_mut(&key) else {
                     return;
                 };
                 log::debug!("job {} ended: {outcome}", key.job);
-                if j.orphaned {
+                if j.dropped {
+                    self.jobs.remove(&key);
                     return;
                 }
-                WorkerMessage::Finished {
-                    job: key.job,
-                    outcome,
-                    cleanup_error,
+                if let Some(out) = out {
+                    let _ = out.send(Outbound::Message(WorkerMessage::Finished {
+                        job: key.job,
+                        outcome: outcome.clone(),
+                        cleanup_error: cleanup_error.clone(),
+                    }));
                 }
+                // Kept until the manager says it has it.
+                j.finished = Some((outcome, cleanup_error));
             }
-        };
-        if let Some(out) = out {
-            let _ = out.send(Outbound::Message(msg));
         }
     }
 
@@ -641,9 +925,10 @@ impl WorkerLoop {
     /// folders removed.
     fn shut_down(&mut self) {
         for job in self.jobs.values_mut() {
-            job.orphaned = true;
+            job.dropped = true;
             job.handle.kill();
         }
+        self.jobs.retain(|_, j| j.finished.is_none());
         let deadline = Instant::now() + STOP_WAIT;
         while !self.jobs.is_empty() {
             match self.exec_rx.recv_deadline(deadline) {

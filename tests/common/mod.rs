@@ -47,6 +47,8 @@ impl Certs {
     pub fn manager_config(&self) -> ManagerConfig {
         let mut c = ManagerConfig::new("127.0.0.1:0", self.manager_identity(), self.worker_roots());
         c.shutdown_grace = Duration::from_secs(5);
+        // Short, so that tests of lost workers end quickly (tests of the grace set it).
+        c.reconnect_grace = Duration::from_millis(500);
         c
     }
 
