@@ -946,3 +946,45 @@ impl WorkerLoop {
         log::info!("worker {} stopped", self.config.name);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter_in_the_upper_half() {
+        let config = WorkerConfig::insecure_plaintext("127.0.0.1", 1);
+        let (initial, max) = (config.backoff_initial, config.backoff_max);
+        let mut loops: Vec<WorkerLoop> = (0..50)
+            .map(|_| {
+                WorkerLoop::new(
+                    config.clone(),
+                    None,
+                    unbounded().1,
+                    Arc::new(Status {
+                        connected: AtomicBool::new(false),
+                        sessions: AtomicU64::new(0),
+                        attempts: AtomicU64::new(0),
+                    }),
+                )
+            })
+            .collect();
+        for failures in 1..12u32 {
+            let full = initial.saturating_mul(1 << (failures - 1)).min(max);
+            let delays: Vec<Duration> = loops.iter_mut().map(|l| l.backoff(failures)).collect();
+            for d in &delays {
+                assert!(
+                    *d >= full / 2 && *d <= full,
+                    "failure {failures}: {d:?} not in [{:?}, {full:?}]",
+                    full / 2
+                );
+            }
+            let distinct: std::collections::BTreeSet<Duration> = delays.iter().copied().collect();
+            assert!(
+                distinct.len() > 40,
+                "50 workers must not retry in lockstep: {} distinct delays",
+                distinct.len()
+            );
+        }
+    }
+}

@@ -229,3 +229,123 @@ pub fn spawn_worker_process(dir: &Path, port: u16, name: &str) -> std::process::
         .spawn()
         .unwrap()
 }
+
+/// A TCP relay between workers and a manager that the test controls: it can cut every
+/// connection (as a dropped link), refuse new ones (as a network that stays down), or
+/// black-hole existing ones (bytes vanish, sockets stay open: a cut cable).
+pub struct Relay {
+    pub port: u16,
+    state: std::sync::Arc<RelayState>,
+}
+
+#[derive(Default)]
+struct RelayState {
+    conns: std::sync::Mutex<
+        Vec<(
+            std::net::TcpStream,
+            std::net::TcpStream,
+            std::sync::Arc<std::sync::atomic::AtomicBool>,
+        )>,
+    >,
+    refusing: std::sync::atomic::AtomicBool,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Relay {
+    pub fn start(target: std::net::SocketAddr) -> Relay {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = std::sync::Arc::new(RelayState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if st.stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if st.refusing.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                let hole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    let hole = hole.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16384];
+                        loop {
+                            match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if hole.load(Ordering::SeqCst) {
+                                        continue; // the bytes vanish
+                                    }
+                                    if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                st.conns.lock().unwrap().push((client, server, hole));
+            }
+        });
+        Relay { port, state }
+    }
+
+    /// Closes every relayed connection now.
+    pub fn cut(&self) {
+        for (a, b, _) in self.state.conns.lock().unwrap().drain(..) {
+            let _ = a.shutdown(std::net::Shutdown::Both);
+            let _ = b.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// New connections are dropped at once (true) or relayed again (false).
+    pub fn refuse(&self, refusing: bool) {
+        self.state
+            .refusing
+            .store(refusing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Existing connections silently lose every byte from now on; their sockets stay open.
+    pub fn black_hole(&self) {
+        for (_, _, hole) in self.state.conns.lock().unwrap().iter() {
+            hole.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.state
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.cut();
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+/// Reads a job's events to the end: (every stdout byte in order, every Finished).
+pub fn drain_job(events: &Receiver<JobEvent>) -> (Vec<u8>, Vec<Outcome>, Vec<JobEvent>) {
+    let (mut out, mut ends, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    while let Ok(ev) = events.recv_timeout(DEADLINE) {
+        match &ev {
+            JobEvent::Output {
+                stream: workpool::Stream::Stdout,
+                bytes,
+            } => out.extend_from_slice(bytes),
+            JobEvent::Finished(o) => ends.push(o.clone()),
+            _ => {}
+        }
+        all.push(ev);
+    }
+    (out, ends, all)
+}
