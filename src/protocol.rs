@@ -281,6 +281,11 @@ impl<R: Read> FrameReader<R> {
     pub fn get_ref(&self) -> &R {
         self.inner.get_ref()
     }
+
+    /// The wrapped reader, mutably (bytes it has buffered are not seen through it).
+    pub fn get_mut(&mut self) -> &mut R {
+        self.inner.get_mut()
+    }
 }
 
 #[cfg(test)]

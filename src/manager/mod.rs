@@ -621,10 +621,10 @@ fn on_worker_message(
             cleanup_error,
         } => {
             let route = lock(routes).remove(&job);
-            // Acknowledged either way: the worker may forget the job.
-            let _ = out.send(Outbound::Message(ManagerMessage::Ended { job }));
             match route {
                 Some(route) => {
+                    // Acknowledged: the worker may forget the job.
+                    let _ = out.send(Outbound::Message(ManagerMessage::Ended { job }));
                     // The dispatcher hears of it first: whoever sees `Finished` and then
                     // asks the manager finds the job gone and the slot free.
                     let _ = shared.events.send(Event::JobEnded { worker, job });
