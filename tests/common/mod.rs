@@ -198,8 +198,9 @@ pub fn worker_process_main() {
         return;
     };
     let dir = PathBuf::from(std::env::var("WP_HELPER_DIR").unwrap());
+    let host = std::env::var("WP_HELPER_HOST").unwrap_or_else(|_| "127.0.0.1".into());
     let cfg = WorkerConfig::new(
-        "127.0.0.1",
+        host,
         port.parse().unwrap(),
         Identity::from_pem_files(dir.join("worker-0-cert.pem"), dir.join("worker-0-key.pem"))
             .unwrap(),
