@@ -433,3 +433,68 @@ fn thousands_of_random_well_formed_messages_do_not_upset_the_manager() {
     }
     still_serving(&c);
 }
+
+#[test]
+fn another_certificate_cannot_take_over_a_disconnected_worker_s_jobs() {
+    let certs = Certs::new(2);
+    let mut cfg = certs.manager_config();
+    cfg.reconnect_grace = Duration::from_secs(3);
+    let manager = workpool::Manager::bind(cfg).unwrap();
+    let pool = manager.subscribe();
+    let relay = Relay::start(manager.local_addr());
+    let _victim = Worker::start(certs.worker_config(relay.port, 0, "victim")).unwrap();
+    wait_joined(&pool, 1);
+    let h = manager
+        .submit(JobSpec::new("echo working; sleep 600"))
+        .unwrap();
+    while !matches!(next_event(h.events()), workpool::JobEvent::Output { .. }) {}
+    // The attacker holds a trusted certificate of its own; it learns the manager's id
+    // from a welcome under another name.
+    let attacker = &certs.workers[1];
+    let port = manager.local_addr().port();
+    let scout = {
+        let mut tls = tls_to(port, Some(attacker));
+        tls.write_all(&hello_bytes("scout", protocol::PROTOCOL_VERSION))
+            .unwrap();
+        let mut reader = FrameReader::new(tls, 1 << 20);
+        let reply = reader.read_frame().unwrap().unwrap();
+        let (_, rest) = protocol::parse_hello(&reply).unwrap();
+        protocol::decode::<protocol::Welcome>(&rest[5..]).unwrap()
+    };
+    relay.refuse(true);
+    relay.cut();
+    wait_until("the victim is gone", || {
+        !manager.workers().iter().any(|w| w.name == "victim")
+    });
+    // Now it claims the victim's name and job.
+    let claim = WorkerHello {
+        name: "victim".into(),
+        tags: Default::default(),
+        platform: "linux-x86_64".into(),
+        slots: 1,
+        manager_id: Some(scout.manager_id),
+        jobs: vec![protocol::HeldJob {
+            job: h.id(),
+            finished: false,
+        }],
+    };
+    let mut body = Vec::new();
+    protocol::encode_into(&mut body, &claim).unwrap();
+    let mut frame = Vec::new();
+    protocol::hello_frame_into(&mut frame, &body[4..]);
+    let mut tls = tls_to(port, Some(attacker));
+    tls.write_all(&frame).unwrap();
+    let mut reader = FrameReader::new(tls, 1 << 20);
+    let reply = reader.read_frame().unwrap().unwrap();
+    let (_, rest) = protocol::parse_hello(&reply).unwrap();
+    assert_eq!(rest[0], 0, "the free name is granted");
+    let welcome: protocol::Welcome = protocol::decode(&rest[5..]).unwrap();
+    assert!(
+        welcome.resume.is_empty(),
+        "the job was handed to another certificate: {:?}",
+        welcome.resume
+    );
+    // The job waits for its own worker, and when that does not come back, ends lost.
+    let (_, ends, _) = drain_job(h.events());
+    assert_eq!(ends, vec![Outcome::WorkerLost]);
+}
