@@ -46,10 +46,12 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod ffi;
 pub mod job;
 pub(crate) mod link;
 pub mod manager;
 pub mod protocol;
+pub(crate) mod thread;
 pub mod tls;
 pub mod worker;
 

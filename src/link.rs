@@ -332,63 +332,59 @@ pub(crate) fn spawn_writer<M>(
 where
     M: Serialize + Heartbeat + Send + 'static,
 {
-    std::thread::Builder::new()
-        .name("wp-link-writer".into())
-        .spawn(move || {
-            let mut buf = Vec::with_capacity(BATCH_BYTES + 1024);
-            let mut last_tx = Instant::now();
-            loop {
-                let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
-                let mut closing = false;
-                buf.clear();
-                match rx.recv_timeout(wait) {
-                    Ok(Outbound::Message(m)) => {
-                        encode_or_log(&mut buf, &m, &label);
-                        while buf.len() < BATCH_BYTES {
-                            match rx.try_recv() {
-                                Ok(Outbound::Message(m)) => encode_or_log(&mut buf, &m, &label),
-                                Ok(Outbound::Close) => {
-                                    closing = true;
-                                    break;
-                                }
-                                Err(TryRecvError::Empty) => break,
-                                Err(TryRecvError::Disconnected) => {
-                                    closing = true;
-                                    break;
-                                }
+    crate::thread::spawn("wp-link-writer", move || {
+        let mut buf = Vec::with_capacity(BATCH_BYTES + 1024);
+        let mut last_tx = Instant::now();
+        loop {
+            let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
+            let mut closing = false;
+            buf.clear();
+            match rx.recv_timeout(wait) {
+                Ok(Outbound::Message(m)) => {
+                    encode_or_log(&mut buf, &m, &label);
+                    while buf.len() < BATCH_BYTES {
+                        match rx.try_recv() {
+                            Ok(Outbound::Message(m)) => encode_or_log(&mut buf, &m, &label),
+                            Ok(Outbound::Close) => {
+                                closing = true;
+                                break;
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                closing = true;
+                                break;
                             }
                         }
                     }
-                    Ok(Outbound::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
-                    Err(RecvTimeoutError::Timeout) => {
-                        encode_or_log(&mut buf, &M::heartbeat(), &label)
+                }
+                Ok(Outbound::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
+                Err(RecvTimeoutError::Timeout) => encode_or_log(&mut buf, &M::heartbeat(), &label),
+            }
+            if !buf.is_empty() {
+                if let Err(e) = writer.write_all(&buf) {
+                    if !live.is_closed() {
+                        log::warn!("{label}: write failed: {e}; closing the link");
                     }
-                }
-                if !buf.is_empty() {
-                    if let Err(e) = writer.write_all(&buf) {
-                        if !live.is_closed() {
-                            log::warn!("{label}: write failed: {e}; closing the link");
-                        }
-                        break;
-                    }
-                    last_tx = Instant::now();
-                }
-                if closing {
-                    writer.close();
-                    return;
-                }
-                if live.stale(timing.heartbeat_timeout) {
-                    log::warn!(
-                        "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
-                        live.silent_for().as_secs_f64(),
-                        timing.heartbeat_timeout.as_secs_f64()
-                    );
                     break;
                 }
+                last_tx = Instant::now();
             }
-            live.mark_closed();
-            closer.close();
-        })
+            if closing {
+                writer.close();
+                return;
+            }
+            if live.stale(timing.heartbeat_timeout) {
+                log::warn!(
+                    "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
+                    live.silent_for().as_secs_f64(),
+                    timing.heartbeat_timeout.as_secs_f64()
+                );
+                break;
+            }
+        }
+        live.mark_closed();
+        closer.close();
+    })
 }
 
 fn encode_or_log<M: Serialize>(buf: &mut Vec<u8>, m: &M, label: &str) {

@@ -259,15 +259,11 @@ impl Manager {
             link_threads: Mutex::new(Vec::new()),
         });
         let d = Dispatcher::new(shared.clone());
-        let dispatcher = std::thread::Builder::new()
-            .name("wp-dispatcher".into())
-            .spawn(move || d.run(rx))
+        let dispatcher = crate::thread::spawn("wp-dispatcher", move || d.run(rx))
             .map_err(|e| Error::io("starting the dispatcher thread", e))?;
         let listener = Arc::new(listener);
         let (s, l) = (shared.clone(), listener.clone());
-        let acceptor = std::thread::Builder::new()
-            .name("wp-acceptor".into())
-            .spawn(move || accept_loop(&l, s))
+        let acceptor = crate::thread::spawn("wp-acceptor", move || accept_loop(&l, s))
             .map_err(|e| Error::io("starting the acceptor thread", e))?;
         log::info!("manager listening on {local_addr}");
         Ok(Manager {
@@ -461,12 +457,10 @@ fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
             lock(&shared.connections).insert(conn_id, c);
         }
         let s = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("wp-link".into())
-            .spawn(move || {
-                serve_connection(&s, tcp, peer);
-                lock(&s.connections).remove(&conn_id);
-            });
+        let spawned = crate::thread::spawn("wp-link", move || {
+            serve_connection(&s, tcp, peer);
+            lock(&s.connections).remove(&conn_id);
+        });
         match spawned {
             Ok(handle) => {
                 let mut threads = lock(&shared.link_threads);

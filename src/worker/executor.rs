@@ -125,17 +125,15 @@ pub(crate) fn start(
         wake: wake_w,
     });
     let c = control.clone();
-    std::thread::Builder::new()
-        .name(format!("wp-job-{}", key.job))
-        .spawn(move || {
-            let grace = spec.kill_grace.unwrap_or(default_grace);
-            let (outcome, cleanup_error) = run(key, &spec, &work_dir, grace, &c, &wake_r, &events);
-            let _ = events.send(ExecEvent::Finished {
-                key,
-                outcome,
-                cleanup_error,
-            });
-        })?;
+    crate::thread::spawn(format!("wp-job-{}", key.job), move || {
+        let grace = spec.kill_grace.unwrap_or(default_grace);
+        let (outcome, cleanup_error) = run(key, &spec, &work_dir, grace, &c, &wake_r, &events);
+        let _ = events.send(ExecEvent::Finished {
+            key,
+            outcome,
+            cleanup_error,
+        });
+    })?;
     Ok(RunningJob { control })
 }
 
@@ -229,12 +227,7 @@ fn run(
 /// an EPIPE here, never a SIGPIPE (blocked on this thread; matters when embedded in C).
 fn feed_stdin(mut stdin: std::process::ChildStdin, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGPIPE);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        }
+        crate::thread::block_sigpipe();
         let _ = stdin.write_all(&bytes);
     })
 }

@@ -252,13 +252,11 @@ impl Worker {
         });
         let name = config.name.clone();
         let st = status.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("wp-worker-{name}"))
-            .spawn(move || {
-                let _done = done_tx;
-                WorkerLoop::new(config, tls, control_rx, st).run()
-            })
-            .map_err(|e| Error::io("starting the worker thread", e))?;
+        let thread = crate::thread::spawn(format!("wp-worker-{name}"), move || {
+            let _done = done_tx;
+            WorkerLoop::new(config, tls, control_rx, st).run()
+        })
+        .map_err(|e| Error::io("starting the worker thread", e))?;
         Ok(Worker {
             name,
             control: control_tx,
@@ -640,16 +638,13 @@ impl WorkerLoop {
             };
         let (in_tx, in_rx) = unbounded::<ManagerMessage>();
         let (l2, c2) = (live.clone(), closer.clone());
-        let reader = std::thread::Builder::new()
-            .name("wp-link-reader".into())
-            .spawn(move || {
-                let r = link::read_messages(&mut reader, &l2, |m: ManagerMessage| {
-                    in_tx.send(m).is_ok()
-                });
-                l2.mark_closed();
-                c2.close();
-                r
-            });
+        let reader = crate::thread::spawn("wp-link-reader", move || {
+            let r =
+                link::read_messages(&mut reader, &l2, |m: ManagerMessage| in_tx.send(m).is_ok());
+            l2.mark_closed();
+            c2.close();
+            r
+        });
         let reader = match reader {
             Ok(r) => Some(r),
             Err(e) => {

@@ -1,0 +1,51 @@
+/*
+ * lone_worker: one worker, embedded in a C program, serving a manager elsewhere (for
+ * example the CLI: `workpool manager ...`). It runs until its standard input closes.
+ *
+ *   ./lone_worker HOST PORT CERT_DIR NAME
+ * uses CERT_DIR/worker-0-cert.pem, worker-0-key.pem and host-cert.pem.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "workpool.h"
+
+static void check(wp_result r, const char *what) {
+    if (r != WP_RESULT_OK) {
+        char msg[512];
+        wp_last_error_message(msg, sizeof msg);
+        fprintf(stderr, "%s failed: %s: %s\n", what, wp_result_name(r), msg);
+        exit(1);
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc != 5) {
+        fprintf(stderr, "usage: %s HOST PORT CERT_DIR NAME\n", argv[0]);
+        return 2;
+    }
+    char cert[1024], key[1024], root[1024];
+    snprintf(cert, sizeof cert, "%s/worker-0-cert.pem", argv[3]);
+    snprintf(key, sizeof key, "%s/worker-0-key.pem", argv[3]);
+    snprintf(root, sizeof root, "%s/host-cert.pem", argv[3]);
+
+    wp_worker_config *wc = NULL;
+    check(wp_worker_config_new(&wc), "wp_worker_config_new");
+    check(wp_worker_config_set_manager(wc, argv[1], (uint16_t)atoi(argv[2])), "set_manager");
+    check(wp_worker_config_set_identity_pem_files(wc, cert, key), "identity");
+    check(wp_worker_config_add_manager_root_pem_file(wc, root), "manager root");
+    check(wp_worker_config_set_name(wc, argv[4]), "set_name");
+    check(wp_worker_config_set_slots(wc, 2), "set_slots");
+    wp_worker *worker = NULL;
+    check(wp_worker_start(wc, &worker), "wp_worker_start");
+    wp_worker_config_free(wc);
+    printf("worker %s started\n", argv[4]);
+    fflush(stdout);
+
+    /* Serve until stdin closes. */
+    while (getchar() != EOF) {
+    }
+    wp_worker_free(worker);
+    printf("worker stopped\n");
+    return 0;
+}

@@ -1,0 +1,395 @@
+//! The C ABI: the committed header matches the generated one, the C example programs
+//! compile with `-Wall -Wextra -Werror` against the static library and run on loopback
+//! with real TLS (and clean under valgrind), and every entry point copes with NULL,
+//! bad text and panics.
+
+mod common;
+
+use common::*;
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::ptr;
+use workpool::ffi::*;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn the_committed_header_is_the_generated_one() {
+    let generated = Path::new(env!("OUT_DIR")).join("workpool.h");
+    let committed = root().join("include/workpool.h");
+    let (g, c) = (
+        std::fs::read_to_string(&generated).unwrap(),
+        std::fs::read_to_string(&committed).unwrap(),
+    );
+    assert!(
+        g == c,
+        "include/workpool.h is stale; fix: cp {} {}",
+        generated.display(),
+        committed.display()
+    );
+}
+
+/// Builds the static library (cargo test does not) and returns its path.
+fn static_lib() -> PathBuf {
+    let profile_dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "--lib", "--quiet"]).current_dir(root());
+    if release {
+        cmd.arg("--release");
+    }
+    // Build into this test's own target directory.
+    cmd.env("CARGO_TARGET_DIR", profile_dir.parent().unwrap());
+    assert!(
+        cmd.status().unwrap().success(),
+        "building the static library failed"
+    );
+    let lib = profile_dir.join("libworkpool.a");
+    assert!(lib.exists(), "{} is missing", lib.display());
+    lib
+}
+
+fn compile(source: &str, out: &Path, lib: &Path) {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let result = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
+        .arg(root().join("include"))
+        .arg(root().join("examples/c").join(source))
+        .arg(lib)
+        .args([
+            "-lgcc_s",
+            "-lutil",
+            "-lrt",
+            "-lpthread",
+            "-lm",
+            "-ldl",
+            "-lc",
+            "-o",
+        ])
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        result.status.success(),
+        "{cc} {source}: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+}
+
+#[test]
+fn the_c_programs_compile_warning_free_and_run_a_pool() {
+    let dir = scratch("c-abi");
+    let certs = Certs::new(2);
+    certs.write_to(&dir);
+    let lib = static_lib();
+    let embedded = dir.join("embedded_pool");
+    compile("embedded_pool.c", &embedded, &lib);
+    let out = Command::new(&embedded).arg(&dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for line in [
+        "bad address: WP_RESULT_INVALID_ARGUMENT (\"not an address\" is not a HOST:PORT address)",
+        "manager on port ok",
+        "job 1 stdout: hello from job 1",
+        "job 2 stderr: to stderr",
+        "job 2 finished: exited 3",
+        "job 3 stdout: line 1",
+        "job 4 stdout: no newline",
+        "sum of exit codes: 3",
+        "done",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert_eq!(text.matches("started on c-worker-").count(), 4, "{text}");
+    assert_eq!(text.matches("finished: exited").count(), 4, "{text}");
+
+    // The lone worker serves the CLI manager.
+    let lone = dir.join("lone_worker");
+    compile("lone_worker.c", &lone, &lib);
+    lone_worker_serves_the_cli_manager(&dir, &lone);
+
+    // Under valgrind, where the machine has it: no invalid accesses, nothing definitely lost.
+    if Command::new("valgrind").arg("--version").output().is_ok() {
+        let v = Command::new("valgrind")
+            .args([
+                "--quiet",
+                "--error-exitcode=99",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite",
+            ])
+            .arg(format!(
+                "--suppressions={}",
+                root().join("tests/valgrind.supp").display()
+            ))
+            .arg(&embedded)
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "valgrind: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+    } else {
+        eprintln!("valgrind is not installed: the memory check was skipped");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
+    use std::io::{BufRead, BufReader, Write};
+    let cli = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/workpool");
+    let f = |n: &str| dir.join(n).display().to_string();
+    let mut manager = Command::new(&cli)
+        .args(["manager", "-p", "0", "--json"])
+        .args([
+            "--security-pool-certificate",
+            &f("host-cert.pem"),
+            "--security-pool-key",
+            &f("host-key.pem"),
+        ])
+        .args(["--security-worker-certificates", &f("worker-0-cert.pem")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut events = BufReader::new(manager.stdout.take().unwrap());
+    let mut line = String::new();
+    events.read_line(&mut line).unwrap();
+    let listening: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let port = listening["address"]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let mut worker = Command::new(lone)
+        .args(["127.0.0.1", &port, &dir.display().to_string(), "c-lone"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    manager
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"echo served by $(basename $PWD | cut -c1-12)\nexit 5\n")
+        .unwrap();
+    // End of the manager's stdin: it waits for both jobs, then exits.
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut events, &mut rest).unwrap();
+    assert!(manager.wait().unwrap().success());
+    let lines: Vec<serde_json::Value> = rest
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let finished: Vec<&serde_json::Value> =
+        lines.iter().filter(|e| e["event"] == "finished").collect();
+    assert_eq!(finished.len(), 2, "{rest}");
+    assert!(finished.iter().all(|e| e["worker"] == "c-lone"), "{rest}");
+    assert!(finished.iter().any(|e| e["exit_code"] == 5));
+    assert!(rest.contains("served by workpool-job"), "{rest}");
+    drop(worker.stdin.take());
+    let out = worker.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("worker stopped"));
+}
+
+fn last_error() -> String {
+    let mut buf = [0u8; 256];
+    let n = unsafe { wp_last_error_message(buf.as_mut_ptr() as *mut _, buf.len()) };
+    String::from_utf8_lossy(&buf[..n.min(255)]).into_owned()
+}
+
+#[test]
+fn null_arguments_are_refused_and_free_null_is_fine() {
+    use wp_result::*;
+    unsafe {
+        assert_eq!(
+            wp_manager_config_new(ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert!(last_error().contains("is NULL"));
+        let text = CString::new("x").unwrap();
+        assert_eq!(
+            wp_manager_config_set_listen(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_config_set_identity_pem_files(ptr::null_mut(), text.as_ptr(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_config_add_worker_root_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_start(ptr::null(), ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(wp_manager_port(ptr::null()), 0);
+        assert_eq!(
+            wp_manager_submit(ptr::null_mut(), text.as_ptr(), ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_new(ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_set_manager(ptr::null_mut(), text.as_ptr(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_set_identity_pem_files(ptr::null_mut(), text.as_ptr(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_add_manager_root_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_set_name(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_add_tag(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_set_slots(ptr::null_mut(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_set_verify_hostname(ptr::null_mut(), true),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_start(ptr::null(), ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        let mut ev = std::mem::MaybeUninit::<wp_event>::uninit();
+        assert_eq!(
+            wp_job_next_event(ptr::null_mut(), 0, ev.as_mut_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(wp_job_cancel(ptr::null_mut()), WP_RESULT_NULL_PARAMETER);
+        assert_eq!(wp_job_id(ptr::null()), 0);
+        // NULL strings and outputs on a real handle, too.
+        let mut mc = ptr::null_mut();
+        assert_eq!(wp_manager_config_new(&mut mc), WP_RESULT_OK);
+        assert_eq!(
+            wp_manager_config_set_listen(mc, ptr::null()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_start(mc, ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        wp_manager_config_free(mc);
+        wp_manager_config_free(ptr::null_mut());
+        wp_manager_free(ptr::null_mut());
+        wp_worker_config_free(ptr::null_mut());
+        wp_worker_free(ptr::null_mut());
+        wp_job_free(ptr::null_mut());
+        assert_eq!(
+            wp_last_error_message(ptr::null_mut(), 0),
+            last_error().len()
+        );
+    }
+}
+
+#[test]
+fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
+    use wp_result::*;
+    unsafe {
+        let mut mc = ptr::null_mut();
+        assert_eq!(wp_manager_config_new(&mut mc), WP_RESULT_OK);
+        let not_utf8 = CString::new(vec![b'a', 0xff, b'b']).unwrap();
+        assert_eq!(
+            wp_manager_config_set_listen(mc, not_utf8.as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("UTF-8"), "{}", last_error());
+        let bad = CString::new("nowhere").unwrap();
+        assert_eq!(
+            wp_manager_config_set_listen(mc, bad.as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        // Without an identity the manager cannot start, and *out stays untouched.
+        let mut manager: *mut wp_manager = std::ptr::dangling_mut::<wp_manager>();
+        assert_eq!(
+            wp_manager_start(mc, &mut manager),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            manager,
+            std::ptr::dangling_mut::<wp_manager>(),
+            "a failed call wrote its output"
+        );
+        let missing = CString::new("/nonexistent/cert.pem").unwrap();
+        assert_eq!(
+            wp_manager_config_set_identity_pem_files(mc, missing.as_ptr(), missing.as_ptr()),
+            WP_RESULT_IO
+        );
+        assert!(last_error().contains("/nonexistent/cert.pem"));
+        wp_manager_config_free(mc);
+
+        let mut wc = ptr::null_mut();
+        assert_eq!(wp_worker_config_new(&mut wc), WP_RESULT_OK);
+        assert_eq!(
+            wp_worker_config_set_name(wc, not_utf8.as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            wp_worker_config_add_tag(wc, not_utf8.as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        let empty = CString::new("").unwrap();
+        assert_eq!(
+            wp_worker_config_set_manager(wc, empty.as_ptr(), 9001),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            wp_worker_config_set_slots(wc, 0),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        let mut worker: *mut wp_worker = ptr::null_mut();
+        assert_eq!(wp_worker_start(wc, &mut worker), WP_RESULT_INVALID_ARGUMENT);
+        assert!(worker.is_null());
+        wp_worker_config_free(wc);
+        let name = wp_result_name(WP_RESULT_QUEUE_FULL);
+        assert_eq!(
+            std::ffi::CStr::from_ptr(name).to_str().unwrap(),
+            "WP_RESULT_QUEUE_FULL"
+        );
+    }
+}
+
+#[test]
+fn a_panic_inside_becomes_wp_result_panic() {
+    assert_eq!(wp_debug_panic(), wp_result::WP_RESULT_PANIC);
+    assert!(last_error().contains("panicked"));
+}
