@@ -50,6 +50,7 @@ pub mod ffi;
 pub mod job;
 pub(crate) mod link;
 pub mod manager;
+pub mod metrics;
 pub mod protocol;
 pub(crate) mod thread;
 pub mod tls;

@@ -11,6 +11,7 @@ use super::{ManagerEvent, Shared, WorkerInfo};
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobState, JobStatus, Outcome};
 use crate::link::{Liveness, Outbound};
+use crate::metrics::{Histogram, Stats, WorkerStats};
 use crate::protocol::{ManagerMessage, WorkerHello};
 use crate::tls::Closer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -57,6 +58,7 @@ pub(crate) enum Event {
         reply: Option<Sender<Result<()>>>,
     },
     Workers(Sender<Vec<WorkerInfo>>),
+    Stats(Sender<Stats>),
     Jobs {
         only: Option<JobId>,
         reply: Sender<Vec<JobStatus>>,
@@ -92,6 +94,8 @@ struct WorkerEntry {
     info: WorkerInfo,
     cert: Option<Vec<u8>>,
     running: HashSet<JobId>,
+    jobs_run: u64,
+    connected_at: Instant,
     link: LinkHandle,
     /// Said goodbye: its jobs end at once when the link closes.
     leaving: bool,
@@ -136,6 +140,8 @@ pub(crate) struct Dispatcher {
     /// Where the rotation among equally free workers continues.
     cursor: u64,
     closing: bool,
+    queue_wait: Histogram,
+    dispatch_latency: Histogram,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,6 +164,8 @@ impl Dispatcher {
             next_worker: 1,
             cursor: 0,
             closing: false,
+            queue_wait: Histogram::default(),
+            dispatch_latency: Histogram::default(),
         }
     }
 
@@ -204,6 +212,9 @@ impl Dispatcher {
             }
             Event::Workers(reply) => {
                 let _ = reply.send(self.workers.values().map(Self::info).collect());
+            }
+            Event::Stats(reply) => {
+                let _ = reply.send(self.stats());
             }
             Event::Jobs { only, reply } => {
                 let _ = reply.send(self.jobs(only));
@@ -259,7 +270,11 @@ impl Dispatcher {
             return;
         }
         match self.pick_worker(&job) {
-            Some(w) => self.start(job, w),
+            Some(w) => {
+                let since = job.since;
+                self.start(job, w);
+                self.dispatch_latency.observe(since.elapsed());
+            }
             None => self.queue.push(job),
         }
     }
@@ -289,6 +304,8 @@ impl Dispatcher {
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
+        self.queue_wait.observe(job.since.elapsed());
+        w.jobs_run += 1;
         job.events.set_producer(Some(w.link.out.clone()));
         job.events.push(JobEvent::Started {
             worker: w.info.name.clone(),
@@ -338,6 +355,39 @@ impl Dispatcher {
         let ids: Vec<u64> = self.workers.keys().copied().collect();
         for id in ids {
             self.fill(id);
+        }
+    }
+
+    fn stats(&self) -> Stats {
+        let c = &self.shared.counters;
+        let per_worker: Vec<WorkerStats> = self
+            .workers
+            .values()
+            .map(|w| WorkerStats {
+                name: w.info.name.clone(),
+                jobs_run: w.jobs_run,
+                running: w.running.len(),
+                slots: w.info.slots,
+                draining: w.info.draining,
+                last_heard: w.link.live.silent_for(),
+                connected_for: w.connected_at.elapsed(),
+            })
+            .collect();
+        Stats {
+            workers: self.workers.len(),
+            workers_draining: per_worker.iter().filter(|w| w.draining).count(),
+            slots_total: per_worker.iter().map(|w| w.slots as usize).sum(),
+            slots_busy: per_worker.iter().map(|w| w.running).sum(),
+            jobs_queued: self.queue.len(),
+            jobs_running: self.running.len(),
+            jobs_disconnected: self.detached.iter().map(|d| d.jobs.len()).sum(),
+            jobs_submitted: c.submitted.load(Ordering::Relaxed),
+            jobs_finished: c.finished_by_outcome(),
+            oldest_queued_wait: self.queue.oldest().map(|t| t.elapsed()),
+            queue_wait: self.queue_wait.clone(),
+            dispatch_latency: self.dispatch_latency.clone(),
+            output_bytes: c.output_bytes.load(Ordering::Relaxed),
+            per_worker,
         }
     }
 
@@ -517,6 +567,8 @@ impl Dispatcher {
                 info,
                 cert,
                 running: resumed,
+                jobs_run: 0,
+                connected_at: Instant::now(),
                 link,
                 leaving: false,
             },

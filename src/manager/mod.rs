@@ -10,6 +10,7 @@ mod sink;
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Outcome, Stream};
 use crate::link::{self, Liveness, Outbound, Timing};
+use crate::metrics::{Counters, MetricsServer, Stats};
 use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage};
 use crate::tls::{self, Identity, TrustRoots};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
@@ -70,6 +71,9 @@ pub struct ManagerConfig {
     /// name, same certificate) to come back and go on with them; then they end
     /// `WorkerLost` (or are retried). Zero ends them at once.
     pub reconnect_grace: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), if anywhere;
+    /// e.g. `127.0.0.1:9100`.
+    pub metrics_addr: Option<String>,
     /// Most bytes of each stream that [`JobHandle::wait`] keeps (16 MiB by default);
     /// beyond it the result says `truncated`. Live output events are never cut.
     pub result_output_limit: usize,
@@ -107,6 +111,7 @@ impl ManagerConfig {
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             result_output_limit: 16 << 20,
+            metrics_addr: None,
             reconnect_grace: Duration::from_secs(10),
         }
     }
@@ -181,6 +186,7 @@ pub(crate) struct Shared {
     handshake_timeout: Duration,
     max_handshakes: usize,
     manager_id: u64,
+    counters: Arc<Counters>,
     result_limit: usize,
     reconnect_grace: Duration,
     handshaking: AtomicUsize,
@@ -202,6 +208,8 @@ pub struct Manager {
     local_addr: SocketAddr,
     grace: Duration,
     threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+    metrics: Mutex<Option<MetricsServer>>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Manager {
@@ -251,6 +259,7 @@ impl Manager {
                 );
                 h.finish()
             },
+            counters: Arc::default(),
             result_limit: config.result_output_limit,
             reconnect_grace: config.reconnect_grace,
             handshaking: AtomicUsize::new(0),
@@ -266,7 +275,24 @@ impl Manager {
         let acceptor = crate::thread::spawn("wp-acceptor", move || accept_loop(&l, s))
             .map_err(|e| Error::io("starting the acceptor thread", e))?;
         log::info!("manager listening on {local_addr}");
+        let metrics = match &config.metrics_addr {
+            Some(addr) => {
+                let s = shared.clone();
+                let snapshot = Arc::new(move || query_stats(&s));
+                let server = MetricsServer::start(addr, snapshot)
+                    .map_err(|e| Error::io(format!("binding the metrics endpoint {addr}"), e))?;
+                log::info!(
+                    "metrics on http://{}/metrics",
+                    server.local_addr().map_or(addr.clone(), |a| a.to_string())
+                );
+                Some(server)
+            }
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().and_then(MetricsServer::local_addr);
         Ok(Manager {
+            metrics: Mutex::new(metrics),
+            metrics_addr,
             shared,
             listener,
             local_addr,
@@ -304,7 +330,8 @@ impl Manager {
             })?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
-        let sink = JobSink::new(id, tx);
+        let sink = JobSink::new(id, tx, s.counters.clone());
+        s.counters.submitted.fetch_add(1, Ordering::Relaxed);
         sink.push(JobEvent::Queued);
         let job = QueuedJob {
             id,
@@ -363,6 +390,32 @@ impl Manager {
         rx.recv().unwrap_or_default()
     }
 
+    /// A snapshot of the manager's numbers (workers, slots, jobs by state and outcome,
+    /// queue-wait and dispatch-latency histograms, bytes streamed, per-worker figures).
+    pub fn stats(&self) -> Stats {
+        query_stats(&self.shared).unwrap_or_else(|| Stats {
+            workers: 0,
+            workers_draining: 0,
+            slots_total: 0,
+            slots_busy: 0,
+            jobs_queued: 0,
+            jobs_running: 0,
+            jobs_disconnected: 0,
+            jobs_submitted: self.shared.counters.submitted.load(Ordering::Relaxed),
+            jobs_finished: Vec::new(),
+            oldest_queued_wait: None,
+            queue_wait: Default::default(),
+            dispatch_latency: Default::default(),
+            output_bytes: self.shared.counters.output_bytes.load(Ordering::Relaxed),
+            per_worker: Vec::new(),
+        })
+    }
+
+    /// Where the metrics endpoint listens, if it was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// The connected workers.
     pub fn workers(&self) -> Vec<WorkerInfo> {
         let (tx, rx) = bounded(1);
@@ -392,6 +445,7 @@ impl Manager {
             return;
         };
         let s = &self.shared;
+        drop(lock(&self.metrics).take());
         s.closing.store(true, Ordering::Release);
         let _ = s.events.send(Event::Shutdown { grace });
         let _ = dispatcher.join();
@@ -426,6 +480,12 @@ impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown_within(Duration::ZERO);
     }
+}
+
+fn query_stats(shared: &Shared) -> Option<Stats> {
+    let (tx, rx) = bounded(1);
+    shared.events.send(Event::Stats(tx)).ok()?;
+    rx.recv_timeout(Duration::from_secs(5)).ok()
 }
 
 fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
@@ -607,6 +667,10 @@ fn on_worker_message(
                 )));
             }
             route.next_seq = seq + 1;
+            shared
+                .counters
+                .output_bytes
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
             route.sink.push(JobEvent::Output { stream, bytes });
         }
         WorkerMessage::Finished {

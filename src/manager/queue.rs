@@ -33,7 +33,6 @@ pub(crate) struct Queue {
 }
 
 impl Queue {
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.index.len()
     }
@@ -74,6 +73,11 @@ impl Queue {
         Some(job)
     }
 
+    /// When the longest-waiting job was queued.
+    pub(crate) fn oldest(&self) -> Option<Instant> {
+        self.iter().map(|j| j.since).min()
+    }
+
     /// Every queued job, in no particular order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &QueuedJob> {
         self.classes.values().flat_map(|jobs| jobs.values())
@@ -102,7 +106,7 @@ mod tests {
         QueuedJob {
             id: JobId(id),
             spec,
-            events: JobSink::new(JobId(id), crossbeam_channel::unbounded().0),
+            events: JobSink::new(JobId(id), crossbeam_channel::unbounded().0, Arc::default()),
             attempt: 1,
             since: Instant::now(),
         }

@@ -7,6 +7,7 @@
 
 use crate::job::{JobEvent, JobId};
 use crate::link::Outbound;
+use crate::metrics::Counters;
 use crate::protocol::ManagerMessage;
 use crossbeam_channel::{Sender, TrySendError};
 use std::collections::VecDeque;
@@ -19,6 +20,7 @@ pub(crate) struct JobSink {
     job: JobId,
     tx: Sender<JobEvent>,
     state: Mutex<State>,
+    counters: Arc<Counters>,
 }
 
 #[derive(Default)]
@@ -34,11 +36,12 @@ struct State {
 }
 
 impl JobSink {
-    pub(crate) fn new(job: JobId, tx: Sender<JobEvent>) -> Arc<JobSink> {
+    pub(crate) fn new(job: JobId, tx: Sender<JobEvent>, counters: Arc<Counters>) -> Arc<JobSink> {
         Arc::new(JobSink {
             job,
             tx,
             state: Mutex::default(),
+            counters,
         })
     }
 
@@ -68,8 +71,10 @@ impl JobSink {
         if s.ended {
             return;
         }
-        if matches!(ev, JobEvent::Finished(_)) {
+        if let JobEvent::Finished(outcome) = &ev {
+            // The one place every job's end passes exactly once: count it here.
             s.ended = true;
+            self.counters.finished(outcome);
         }
         if s.abandoned {
             return;
@@ -166,7 +171,7 @@ mod tests {
     fn a_full_channel_pauses_the_producer_and_keeps_the_order() {
         let (tx, rx) = bounded(2);
         let (ptx, prx) = unbounded();
-        let sink = JobSink::new(JobId(9), tx);
+        let sink = JobSink::new(JobId(9), tx, Arc::default());
         sink.set_producer(Some(ptx));
         for n in 0..10 {
             sink.push(out(n)); // never blocks, though only 2 fit
@@ -189,7 +194,7 @@ mod tests {
     fn a_dropped_handle_resumes_the_producer_and_discards() {
         let (tx, rx) = bounded(1);
         let (ptx, prx) = unbounded();
-        let sink = JobSink::new(JobId(3), tx);
+        let sink = JobSink::new(JobId(3), tx, Arc::default());
         sink.set_producer(Some(ptx));
         sink.push(out(0));
         sink.push(out(1)); // full: pause, pump waits
