@@ -237,7 +237,7 @@ impl Stats {
             "Time from submission to the job being handed to a free worker's link.",
             &self.dispatch_latency,
         );
-        let per: [(&str, &str, fn(&WorkerStats) -> String); 4] = [
+        let per: [(&str, &str, WorkerValue); 4] = [
             (
                 "workpool_worker_running_jobs",
                 "Jobs a worker runs now.",
@@ -278,6 +278,9 @@ impl Stats {
         o
     }
 }
+
+/// How one per-worker metric is read off a worker.
+type WorkerValue = fn(&WorkerStats) -> String;
 
 fn histogram(o: &mut String, name: &str, help: &str, h: &Histogram) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} histogram");
