@@ -52,11 +52,11 @@ fn parse_prometheus(body: &str) -> HashMap<String, f64> {
             typed.contains(name) || typed.contains(family),
             "no TYPE before {line}"
         );
-        if let Some(labels) = key.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line}");
-            }
-        }
+        let labels = &key[name.len()..];
+        assert!(
+            labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+            "{line}"
+        );
         samples.insert(key.to_string(), value);
     }
     samples
