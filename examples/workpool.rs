@@ -48,6 +48,7 @@ OPTIONS:
       --security-worker-certificates FILE [FILE ...]
                                           worker certificates or CAs to trust (repeatable)
       --json                              one JSON object per line on stdout
+      --metrics-address ADDR              serve Prometheus metrics at http://ADDR/metrics
       --insecure-plaintext                no TLS at all (anyone who reaches the port can take jobs)
       --help                              this text
 
@@ -62,6 +63,7 @@ STDIN: each non-empty line is a job, submitted at once (`/bin/bash -c LINE` on a
   :cancel ID         cancel job ID (queued: it never starts; running: TERM, then KILL)
   :jobs              list queued and running jobs
   :workers           list the connected workers
+  :status            workers, slots, jobs by state and outcome, queue wait, bytes streamed
   :help              this list
 At the end of stdin the manager waits for every job to end, then exits 0.";
 
@@ -256,6 +258,7 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
             (WORKER_CERTS, MANY),
             (PLAINTEXT, 0),
             (JSON, 0),
+            (&["--metrics-address"], 1),
         ],
         MANAGER_HELP,
     )?;
@@ -282,8 +285,13 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
             TrustRoots::from_pem_files(o.all("--security-worker-certificates")).map_err(failed)?;
         ManagerConfig::new(listen, identity, roots)
     };
+    let mut config = config;
+    config.metrics_addr = o.one("--metrics-address")?.map(String::from);
     let manager = Arc::new(Manager::bind(config).map_err(failed)?);
     let console = Console::new(manager.clone(), o.flag("--json"));
+    if !console.json && unsafe { libc::isatty(1) } == 1 {
+        show_progress(manager.clone());
+    }
     if !console.json {
         eprintln!(
             "workpool manager listening on {}; one job per line, `exit` to quit, `:help` for directives",
@@ -293,6 +301,30 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
     watch_signals_for_manager(manager.clone());
     console.run(std::io::stdin().lock());
     Ok(())
+}
+
+/// On a terminal, a line on stderr every few seconds while jobs are queued or running.
+fn show_progress(manager: Arc<Manager>) {
+    std::thread::spawn(move || {
+        let mut last = String::new();
+        loop {
+            std::thread::sleep(Duration::from_secs(3));
+            let s = manager.stats();
+            if s.jobs_queued + s.jobs_running == 0 {
+                continue;
+            }
+            let line = format!(
+                "progress: {} queued, {} running, {} done",
+                s.jobs_queued,
+                s.jobs_running,
+                s.jobs_ended()
+            );
+            if line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+        }
+    });
 }
 
 /// SIGINT/SIGTERM on the manager: the same graceful shutdown as `exit`.
@@ -657,6 +689,77 @@ impl Console {
         true
     }
 
+    fn status(&self) {
+        let s = self.manager.stats();
+        let ms = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| {
+                format!("{:.3} ms", d.as_secs_f64() * 1e3)
+            })
+        };
+        if self.json {
+            let finished: Vec<String> = s
+                .jobs_finished
+                .iter()
+                .map(|(n, c)| format!("\"{n}\":{c}"))
+                .collect();
+            self.say(&format!(
+                "{{\"event\":\"status\",\"workers\":{},\"workers_draining\":{},\"slots\":{},\"slots_busy\":{},\"queued\":{},\"running\":{},\"submitted\":{},\"finished\":{{{}}},\"oldest_queued_wait_seconds\":{},\"output_bytes\":{}}}",
+                s.workers,
+                s.workers_draining,
+                s.slots_total,
+                s.slots_busy,
+                s.jobs_queued,
+                s.jobs_running,
+                s.jobs_submitted,
+                finished.join(","),
+                s.oldest_queued_wait.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64())),
+                s.output_bytes
+            ));
+            return;
+        }
+        let done: Vec<String> = s
+            .jobs_finished
+            .iter()
+            .filter(|(_, c)| *c > 0)
+            .map(|(n, c)| format!("{n} {c}"))
+            .collect();
+        let done = if done.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", done.join(", "))
+        };
+        self.say(&format!(
+            "status: {} worker(s) ({} draining), {}/{} slots busy, {} queued{}, {} running, {} done{}, {} bytes streamed",
+            s.workers,
+            s.workers_draining,
+            s.slots_busy,
+            s.slots_total,
+            s.jobs_queued,
+            s.oldest_queued_wait.map_or(String::new(), |d| format!(" (oldest {:.1} s)", d.as_secs_f64())),
+            s.jobs_running,
+            s.jobs_ended(),
+            done,
+            s.output_bytes
+        ));
+        self.say(&format!(
+            "  queue wait p50 {} p99 {}; dispatch p50 {} p99 {}",
+            ms(s.queue_wait.quantile(0.5)),
+            ms(s.queue_wait.quantile(0.99)),
+            ms(s.dispatch_latency.quantile(0.5)),
+            ms(s.dispatch_latency.quantile(0.99))
+        ));
+        for w in &s.per_worker {
+            self.say(&format!(
+                "  worker {}: {} running, {} jobs, heard {:.1} s ago, connected {:.0} s",
+                w.name,
+                w.running,
+                w.jobs_run,
+                w.last_heard.as_secs_f64(),
+                w.connected_for.as_secs_f64()
+            ));
+        }
+    }
+
     fn list_jobs(&self) {
         let jobs = self.manager.jobs();
         if self.json {
@@ -746,6 +849,7 @@ impl Console {
                 Err(_) => self.complain(&format!("expected :cancel JOB-ID, got {arg:?}")),
             },
             "jobs" => self.list_jobs(),
+            "status" => self.status(),
             "workers" => {
                 let workers = self.manager.workers();
                 if self.json {

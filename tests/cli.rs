@@ -436,3 +436,29 @@ fn the_help_text_lists_every_directive() {
         assert!(out.contains(d), "--help lacks {d}");
     }
 }
+
+#[test]
+fn status_reports_the_numbers_as_json() {
+    let dir = scratch("cli-status");
+    Certs::new(1).write_to(&dir);
+    let out = Command::new(cli())
+        .args(manager_args(&dir))
+        .args(["--metrics-address", "127.0.0.1:0"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"echo queued\n:status\nexit\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let events = json_lines(&String::from_utf8(out.stdout).unwrap());
+    let status = events.iter().find(|e| e["event"] == "status").expect("a status event");
+    assert_eq!(status["queued"], 1);
+    assert_eq!(status["workers"], 0);
+    assert_eq!(status["submitted"], 1);
+    assert!(status["oldest_queued_wait_seconds"].as_f64().is_some());
+    std::fs::remove_dir_all(dir).unwrap();
+}
