@@ -449,13 +449,19 @@ fn status_reports_the_numbers_as_json() {
         .stderr(Stdio::null())
         .spawn()
         .and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(b"echo queued\n:status\nexit\n")?;
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(b"echo queued\n:status\nexit\n")?;
             c.wait_with_output()
         })
         .unwrap();
     assert!(out.status.success());
     let events = json_lines(&String::from_utf8(out.stdout).unwrap());
-    let status = events.iter().find(|e| e["event"] == "status").expect("a status event");
+    let status = events
+        .iter()
+        .find(|e| e["event"] == "status")
+        .expect("a status event");
     assert_eq!(status["queued"], 1);
     assert_eq!(status["workers"], 0);
     assert_eq!(status["submitted"], 1);
