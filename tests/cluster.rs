@@ -536,3 +536,33 @@ fn a_stopped_worker_ends_its_jobs_as_worker_lost_and_leaves_nothing_running() {
         "the job's shell {pid} survived its worker's stop"
     );
 }
+
+#[test]
+fn a_job_goes_to_the_matching_worker_with_the_most_free_slots() {
+    let c = Cluster::with(2, |i, cfg| cfg.slots(if i == 0 { 3 } else { 1 }));
+    let dir = scratch("freest");
+    let flag = dir.join("go");
+    let block = JobSpec::new(format!(
+        "while [ ! -e {} ]; do sleep 0.02; done",
+        flag.display()
+    ));
+    let mut on = Vec::new();
+    let mut handles = Vec::new();
+    for _ in 0..3 {
+        let h = c.manager.submit(block.clone()).unwrap();
+        assert_eq!(next_event(h.events()), JobEvent::Queued);
+        match next_event(h.events()) {
+            JobEvent::Started { worker } => on.push(worker),
+            other => panic!("{other:?}"),
+        }
+        handles.push(h);
+    }
+    // w0 has 3 free, w1 1: w0 first (3 > 1), again (2 > 1), then a tie (1 = 1) goes on in
+    // turn from w0, to w1.
+    assert_eq!(on, ["w0", "w0", "w1"]);
+    std::fs::write(&flag, "").unwrap();
+    for h in handles {
+        assert_eq!(h.wait().outcome, exited(0));
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

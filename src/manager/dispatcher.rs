@@ -15,7 +15,7 @@ use crate::metrics::{Histogram, Stats, WorkerStats};
 use crate::protocol::{ManagerMessage, WorkerHello};
 use crate::tls::Closer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -92,6 +92,8 @@ pub(crate) enum Event {
 
 struct WorkerEntry {
     info: WorkerInfo,
+    /// Its free slots as last recorded in `by_free`.
+    indexed_free: usize,
     cert: Option<Vec<u8>>,
     running: HashSet<JobId>,
     jobs_run: u64,
@@ -139,6 +141,9 @@ pub(crate) struct Dispatcher {
     next_worker: u64,
     /// Where the rotation among equally free workers continues.
     cursor: u64,
+    /// Workers by how many free slots they have (0 not kept), so that a job finds the
+    /// freest worker without looking at every worker.
+    by_free: BTreeMap<usize, BTreeSet<u64>>,
     closing: bool,
     queue_wait: Histogram,
     dispatch_latency: Histogram,
@@ -163,6 +168,7 @@ impl Dispatcher {
             subscribers: Vec::new(),
             next_worker: 1,
             cursor: 0,
+            by_free: BTreeMap::new(),
             closing: false,
             queue_wait: Histogram::default(),
             dispatch_latency: Histogram::default(),
@@ -232,6 +238,7 @@ impl Dispatcher {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.running.remove(&job);
                 }
+                self.reindex(worker);
                 self.fill(worker);
             }
             Event::Draining { worker } => {
@@ -239,6 +246,7 @@ impl Dispatcher {
                     log::info!("worker {} is draining: no new jobs for it", w.info.name);
                     w.info.draining = true;
                 }
+                self.reindex(worker);
             }
             Event::Goodbye { worker } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
@@ -279,24 +287,50 @@ impl Dispatcher {
         }
     }
 
-    /// The matching worker with the most free slots; ties go round in turn.
+    /// The matching worker with the most free slots; ties go round in turn. Looks at the
+    /// freest workers first and stops at the first match.
     fn pick_worker(&mut self, job: &QueuedJob) -> Option<u64> {
         let req = &job.spec.requirements;
-        let mut best: Option<(usize, u64)> = None;
-        let after = self.workers.range(self.cursor..);
-        let before = self.workers.range(..self.cursor);
-        for (&id, w) in after.chain(before) {
-            let free = w.free();
-            if free > 0
-                && req.matches(&w.info.tags, &w.info.platform)
-                && best.is_none_or(|(f, _)| free > f)
-            {
-                best = Some((free, id));
+        let cursor = self.cursor;
+        let found = self.by_free.values().rev().find_map(|ids| {
+            ids.range(cursor..)
+                .chain(ids.range(..cursor))
+                .find(|id| {
+                    self.workers
+                        .get(id)
+                        .is_some_and(|w| req.matches(&w.info.tags, &w.info.platform))
+                })
+                .copied()
+        })?;
+        self.cursor = found + 1;
+        Some(found)
+    }
+
+    /// Records a worker's current number of free slots in `by_free` (or drops it from
+    /// there when it is gone).
+    fn reindex(&mut self, worker: u64) {
+        let now = self
+            .workers
+            .get(&worker)
+            .map(|w| (w.indexed_free, w.free()));
+        if let Some((old, new)) = now
+            && old == new
+        {
+            return;
+        }
+        // Few distinct free counts exist, so this walk is short.
+        for ids in self.by_free.values_mut() {
+            ids.remove(&worker);
+        }
+        self.by_free.retain(|_, ids| !ids.is_empty());
+        if let Some((_, new)) = now {
+            if let Some(w) = self.workers.get_mut(&worker) {
+                w.indexed_free = new;
+            }
+            if new > 0 {
+                self.by_free.entry(new).or_default().insert(worker);
             }
         }
-        let (_, id) = best?;
-        self.cursor = id + 1;
-        Some(id)
     }
 
     fn start(&mut self, job: QueuedJob, worker: u64) {
@@ -323,6 +357,7 @@ impl Dispatcher {
             spec: job.spec.clone(),
         }));
         w.running.insert(job.id);
+        self.reindex(worker);
         self.running.insert(
             job.id,
             Running {
@@ -569,10 +604,12 @@ impl Dispatcher {
                 running: resumed,
                 jobs_run: 0,
                 connected_at: Instant::now(),
+                indexed_free: 0,
                 link,
                 leaving: false,
             },
         );
+        self.reindex(id);
         self.fill(id);
     }
 
@@ -622,6 +659,7 @@ impl Dispatcher {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
+        self.reindex(worker);
         let routes: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
         let grace = self.shared.reconnect_grace;
         if w.leaving || grace.is_zero() || self.closing || routes.is_empty() {

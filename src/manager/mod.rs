@@ -24,9 +24,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// How many events a job's channel holds before the worker's link waits for the
-/// submitter to read (about 7.5 MiB of output at most per job).
-const JOB_EVENT_CAPACITY: usize = 128;
+/// How many events a job's channel holds before its sink keeps a backlog and pauses the
+/// job (about 1.9 MiB of output). The channel reserves its slots up front, so this is
+/// also most of what a queued job costs (see docs/PERFORMANCE.md).
+const JOB_EVENT_CAPACITY: usize = 32;
 
 /// The largest job accepted: half a frame, so that a `Run` always fits one.
 pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
