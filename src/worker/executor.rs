@@ -200,6 +200,7 @@ fn run(
         term_sent: None,
         killed: false,
         exited: None,
+        started: Instant::now(),
     };
     job.pump(&mut child, control, wake, events);
     if let Some(f) = feeder {
@@ -244,6 +245,7 @@ struct Supervisor {
     term_sent: Option<Instant>,
     killed: bool,
     exited: Option<Instant>,
+    started: Instant,
 }
 
 impl Supervisor {
@@ -324,7 +326,7 @@ impl Supervisor {
             if self.exited.is_none() && exit_watch.has_exited_now() {
                 self.exited = Some(Instant::now());
                 // Whatever the script left behind goes with it.
-                let escaped = tree::kill_leftovers(self.pid, &self.token);
+                let escaped = tree::kill_leftovers(self.pid, &self.token, self.started.elapsed());
                 if escaped > 0 {
                     log::info!(
                         "job {}: killed {escaped} process(es) it left running",

@@ -45,7 +45,7 @@ pub(crate) fn signal_job(root: i32, token: &str, sig: i32, root_alive: bool) -> 
     }
     unsafe { libc::kill(-root, sig) };
     let mut hit = 0;
-    for pid in others(root, token, root_alive) {
+    for pid in others(root, token, root_alive, Scope::All) {
         if unsafe { libc::kill(pid, sig) } == 0 {
             hit += 1;
         }
@@ -57,10 +57,28 @@ pub(crate) fn signal_job(root: i32, token: &str, sig: i32, root_alive: bool) -> 
 /// id cannot be reused): kills everything left, repeating while killing uncovers more
 /// (a process forked between the scan and the kill). Returns how many were killed
 /// outside the process group.
-pub(crate) fn kill_leftovers(root: i32, token: &str) -> usize {
+///
+/// `ran_for` is how long the job ran. A job's processes were all created after its
+/// shell, so for a short job (under a second: the pid counter cannot have wrapped round)
+/// only processes with pids allocated since are read; a longer job gets a full scan.
+pub(crate) fn kill_leftovers(root: i32, token: &str, ran_for: std::time::Duration) -> usize {
+    if root <= 1 {
+        return 0;
+    }
+    let scope = if ran_for < std::time::Duration::from_secs(1) {
+        Scope::born_after(root)
+    } else {
+        Scope::All
+    };
     let mut total = 0;
     for _ in 0..16 {
-        let n = signal_job(root, token, libc::SIGKILL, false);
+        unsafe { libc::kill(-root, libc::SIGKILL) };
+        let mut n = 0;
+        for pid in others(root, token, false, scope) {
+            if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
+                n += 1;
+            }
+        }
         total += n;
         if n == 0 {
             break;
@@ -69,8 +87,45 @@ pub(crate) fn kill_leftovers(root: i32, token: &str) -> usize {
     total
 }
 
+/// Which processes a scan reads.
+#[derive(Clone, Copy, Debug)]
+enum Scope {
+    All,
+    /// Only pids allocated after `root` and up to `last` (the newest pid), counting round
+    /// the kernel's `pid_max`.
+    After {
+        root: i32,
+        last: i32,
+        max: i32,
+    },
+}
+
+impl Scope {
+    fn born_after(root: i32) -> Scope {
+        let read = |f: &str| std::fs::read_to_string(f).ok()?.trim().parse::<i32>().ok();
+        match (
+            read("/proc/sys/kernel/ns_last_pid"),
+            read("/proc/sys/kernel/pid_max"),
+        ) {
+            (Some(last), Some(max)) if max > 0 => Scope::After { root, last, max },
+            _ => Scope::All,
+        }
+    }
+
+    fn includes(self, pid: i32) -> bool {
+        match self {
+            Scope::All => true,
+            Scope::After { root, last, max } => {
+                let dist = |a: i32, b: i32| (b - a).rem_euclid(max);
+                let d = dist(root, pid);
+                d > 0 && d <= dist(root, last)
+            }
+        }
+    }
+}
+
 #[cfg(target_os = "linux")]
-fn others(root: i32, token: &str, root_alive: bool) -> Vec<i32> {
+fn others(root: i32, token: &str, root_alive: bool, scope: Scope) -> Vec<i32> {
     use std::io::Read;
     let me = std::process::id() as i32;
     let marker = format!("{TOKEN_VAR}={token}");
@@ -88,7 +143,7 @@ fn others(root: i32, token: &str, root_alive: bool) -> Vec<i32> {
         else {
             continue;
         };
-        if pid == me || pid == root {
+        if pid == me || pid == root || !scope.includes(pid) {
             continue;
         }
         buf.clear();
@@ -127,13 +182,31 @@ fn parent(pid: i32) -> Option<i32> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn others(_root: i32, _token: &str, _root_alive: bool) -> Vec<i32> {
+fn others(_root: i32, _token: &str, _root_alive: bool, _scope: Scope) -> Vec<i32> {
     Vec::new()
 }
 
 #[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_short_job_scope_counts_round_pid_max() {
+        let s = Scope::After {
+            root: 100,
+            last: 200,
+            max: 1000,
+        };
+        assert!(s.includes(101) && s.includes(200));
+        assert!(!s.includes(100) && !s.includes(201) && !s.includes(50));
+        let wrapped = Scope::After {
+            root: 990,
+            last: 20,
+            max: 1000,
+        };
+        assert!(wrapped.includes(995) && wrapped.includes(5) && wrapped.includes(20));
+        assert!(!wrapped.includes(500) && !wrapped.includes(990));
+    }
 
     #[test]
     fn tokens_are_fresh() {
@@ -160,14 +233,15 @@ mod tests {
         // `setsid` execs sleep in the same process once it runs in a new session; the
         // token is there either way.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !others(root.id() as i32, &token, false).contains(&pid) {
+        while !others(root.id() as i32, &token, false, Scope::All).contains(&pid) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the marked process was never found"
             );
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        assert!(kill_leftovers(root.id() as i32, &token) >= 1);
+        // Started after the root, so the short-job scan covers it too.
+        assert!(kill_leftovers(root.id() as i32, &token, std::time::Duration::ZERO) >= 1);
         assert_eq!(child.wait().unwrap().signal(), Some(libc::SIGKILL));
         assert_eq!(root.wait().unwrap().signal(), Some(libc::SIGKILL));
     }
