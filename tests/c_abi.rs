@@ -152,23 +152,8 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
 
 fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
     use std::io::{BufRead, BufReader, Write};
-    let cli = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/workpool");
-    let f = |n: &str| dir.join(n).display().to_string();
-    let mut manager = Command::new(&cli)
-        .args(["manager", "-p", "0", "--json"])
-        .args([
-            "--security-pool-certificate",
-            &f("host-cert.pem"),
-            "--security-pool-key",
-            &f("host-key.pem"),
-        ])
-        .args(["--security-worker-certificates", &f("worker-0-cert.pem")])
+    let mut manager = Command::new(cli())
+        .args(manager_args(dir))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -5,43 +5,10 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use workpool::manager::{Manager, ManagerConfig};
 use workpool::tls::{Identity, TrustRoots};
 use workpool::worker::{Worker, WorkerConfig};
-
-/// The example binary that `cargo test` builds next to this test.
-fn cli() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap();
-    let bin = profile_dir.join("examples").join("workpool");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "--example", "workpool"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    bin
-}
-
-fn manager_args(dir: &std::path::Path) -> Vec<String> {
-    let f = |n: &str| dir.join(n).display().to_string();
-    vec![
-        "manager".into(),
-        "-p".into(),
-        "0".into(),
-        "--json".into(),
-        "--security-pool-certificate".into(),
-        f("host-cert.pem"),
-        "--security-pool-key".into(),
-        f("host-key.pem"),
-        "--security-worker-certificates".into(),
-        f("worker-0-cert.pem"),
-    ]
-}
 
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()

@@ -195,24 +195,10 @@ fn after_a_manager_restart_workers_take_work_at_once_and_old_jobs_are_killed() {
     let certs = Certs::new(1);
     certs.write_to(&dir);
     let port = free_port();
-    let f = |n: &str| dir.join(n).display().to_string();
-    let bin = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples/workpool");
-    assert!(bin.exists(), "cargo test builds the example CLI first");
-    let mut first = std::process::Command::new(&bin)
-        .args(["manager", "-p", &port.to_string(), "--json"])
-        .args([
-            "--security-pool-certificate",
-            &f("host-cert.pem"),
-            "--security-pool-key",
-            &f("host-key.pem"),
-        ])
-        .args(["--security-worker-certificates", &f("worker-0-cert.pem")])
+    let mut args = manager_args(&dir);
+    args[2] = port.to_string(); // -p PORT instead of 0
+    let mut first = std::process::Command::new(cli())
+        .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -269,6 +269,30 @@ macro_rules! out {
     };
 }
 
+/// Loads an identity from two PEM files into a configuration.
+unsafe fn set_identity(
+    slot: &mut Option<Identity>,
+    cert_path: *const c_char,
+    key_path: *const c_char,
+) -> wp_result {
+    let (cert, key) = (text!(cert_path), text!(key_path));
+    match Identity::from_pem_files(cert, key) {
+        Ok(id) => {
+            *slot = Some(id);
+            WP_RESULT_OK
+        }
+        Err(e) => from_error(e),
+    }
+}
+
+/// Adds the certificates of a PEM file to trust roots.
+unsafe fn add_root(roots: &mut TrustRoots, path: *const c_char) -> wp_result {
+    match roots.add_pem_file(text!(path)) {
+        Ok(()) => WP_RESULT_OK,
+        Err(e) => from_error(e),
+    }
+}
+
 fn boxed<T>(out: *mut *mut T, value: T) -> wp_result {
     unsafe { *out = Box::into_raw(Box::new(value)) };
     WP_RESULT_OK
@@ -366,14 +390,7 @@ pub unsafe extern "C" fn wp_manager_config_set_identity_pem_files(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        let (cert, key) = (text!(cert_path), text!(key_path));
-        match Identity::from_pem_files(cert, key) {
-            Ok(id) => {
-                config.identity = Some(id);
-                WP_RESULT_OK
-            }
-            Err(e) => from_error(e),
-        }
+        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
     })
 }
 
@@ -386,11 +403,7 @@ pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        let path = text!(path);
-        match config.worker_roots.add_pem_file(path) {
-            Ok(()) => WP_RESULT_OK,
-            Err(e) => from_error(e),
-        }
+        unsafe { add_root(&mut config.worker_roots, path) }
     })
 }
 
@@ -525,14 +538,7 @@ pub unsafe extern "C" fn wp_worker_config_set_identity_pem_files(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        let (cert, key) = (text!(cert_path), text!(key_path));
-        match Identity::from_pem_files(cert, key) {
-            Ok(id) => {
-                config.identity = Some(id);
-                WP_RESULT_OK
-            }
-            Err(e) => from_error(e),
-        }
+        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
     })
 }
 
@@ -544,11 +550,7 @@ pub unsafe extern "C" fn wp_worker_config_add_manager_root_pem_file(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        let path = text!(path);
-        match config.manager_roots.add_pem_file(path) {
-            Ok(()) => WP_RESULT_OK,
-            Err(e) => from_error(e),
-        }
+        unsafe { add_root(&mut config.manager_roots, path) }
     })
 }
 

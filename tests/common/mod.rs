@@ -350,3 +350,36 @@ pub fn drain_job(events: &Receiver<JobEvent>) -> (Vec<u8>, Vec<Outcome>, Vec<Job
     }
     (out, ends, all)
 }
+
+/// The example binary that `cargo test` builds next to this test.
+pub fn cli() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bin = profile_dir.join("examples").join("workpool");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--example", "workpool"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    bin
+}
+
+/// Arguments for a CLI manager on any free port, JSON out, trusting `worker-0`.
+pub fn manager_args(dir: &std::path::Path) -> Vec<String> {
+    let f = |n: &str| dir.join(n).display().to_string();
+    vec![
+        "manager".into(),
+        "-p".into(),
+        "0".into(),
+        "--json".into(),
+        "--security-pool-certificate".into(),
+        f("host-cert.pem"),
+        "--security-pool-key".into(),
+        f("host-key.pem"),
+        "--security-worker-certificates".into(),
+        f("worker-0-cert.pem"),
+    ]
+}
