@@ -40,6 +40,8 @@ pub struct WorkerHello {
     pub manager_id: Option<u64>,
     /// Jobs it still holds for that manager: running, or ended and not yet acknowledged.
     pub jobs: Vec<HeldJob>,
+    /// Whether it is draining (takes no new jobs).
+    pub draining: bool,
 }
 
 /// A job a reconnecting worker still holds.
@@ -96,6 +98,14 @@ pub enum WorkerMessage {
     Heartbeat,
     /// The worker takes no new jobs; it leaves when its running jobs have ended.
     Draining,
+    /// The worker did not take this job (it is draining, or has no free slot): not an
+    /// ending; the manager queues the job again.
+    Declined {
+        /// The job.
+        job: JobId,
+        /// Why, in words.
+        reason: String,
+    },
     /// The worker is leaving on purpose: its jobs will not come back.
     Goodbye,
 }

@@ -92,6 +92,7 @@ fn sample(rng: &mut Rng) -> Vec<u8> {
                 tags: ["a".to_string()].into(),
                 platform: "p".into(),
                 slots: 3,
+                draining: true,
                 manager_id: Some(rng.next()),
                 jobs: vec![HeldJob {
                     job,

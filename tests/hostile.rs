@@ -98,6 +98,7 @@ fn hello_bytes(name: &str, version: u32) -> Vec<u8> {
         slots: 1,
         manager_id: None,
         jobs: vec![],
+        draining: false,
     };
     let mut body = Vec::new();
     protocol::encode_into(&mut body, &hello).unwrap();
@@ -472,6 +473,7 @@ fn another_certificate_cannot_take_over_a_disconnected_worker_s_jobs() {
         tags: Default::default(),
         platform: "linux-x86_64".into(),
         slots: 1,
+        draining: false,
         manager_id: Some(scout.manager_id),
         jobs: vec![protocol::HeldJob {
             job: h.id(),

@@ -78,6 +78,11 @@ pub(crate) enum Event {
     Draining {
         worker: u64,
     },
+    Declined {
+        worker: u64,
+        job: JobId,
+        route: Route,
+    },
     Goodbye {
         worker: u64,
     },
@@ -248,6 +253,28 @@ impl Dispatcher {
                 }
                 self.reindex(worker);
             }
+            Event::Declined { worker, job, route } => {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.running.remove(&job);
+                }
+                self.reindex(worker);
+                match self.running.remove(&job) {
+                    Some(r) => {
+                        route.sink.set_producer(None);
+                        route.sink.push(JobEvent::Requeued { attempt: r.attempt });
+                        self.shared.queued.fetch_add(1, Ordering::Relaxed);
+                        self.queue.push(QueuedJob {
+                            id: job,
+                            spec: r.spec,
+                            events: route.sink,
+                            attempt: r.attempt,
+                            since: Instant::now(),
+                        });
+                        self.fill_all();
+                    }
+                    None => route.sink.push(JobEvent::Finished(Outcome::WorkerLost)),
+                }
+            }
             Event::Goodbye { worker } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.leaving = true;
@@ -340,10 +367,10 @@ impl Dispatcher {
         };
         self.queue_wait.observe(job.since.elapsed());
         w.jobs_run += 1;
-        job.events.set_producer(Some(w.link.out.clone()));
         job.events.push(JobEvent::Started {
             worker: w.info.name.clone(),
         });
+        let sink = job.events.clone();
         lock(&w.link.routes).insert(
             job.id,
             Route {
@@ -356,6 +383,9 @@ impl Dispatcher {
             job: job.id,
             spec: job.spec.clone(),
         }));
+        // After `Run`: a job whose submitter is still behind (a retry) is paused on its
+        // new worker, which by now knows the job.
+        sink.set_producer(Some(w.link.out.clone()));
         w.running.insert(job.id);
         self.reindex(worker);
         self.running.insert(
@@ -573,7 +603,7 @@ impl Dispatcher {
             platform: hello.platform,
             slots: hello.slots,
             running: 0,
-            draining: false,
+            draining: hello.draining,
         };
         let resumed: HashSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
         if reply.send(Ok((id, resume))).is_err() {

@@ -698,6 +698,13 @@ fn on_worker_message(
                 ),
             }
         }
+        WorkerMessage::Declined { job, reason } => {
+            let route = lock(routes).remove(&job);
+            log::info!("{label}: declined job {job} ({reason}); queueing it again");
+            if let Some(route) = route {
+                let _ = shared.events.send(Event::Declined { worker, job, route });
+            }
+        }
         WorkerMessage::Draining => {
             let _ = shared.events.send(Event::Draining { worker });
         }

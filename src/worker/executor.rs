@@ -25,11 +25,14 @@ use std::time::{Duration, Instant};
 /// stay open (held by a process that escaped every kill) before reading stops.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 
-/// Which run of which job: job ids are per manager, so the key names the manager too.
+/// Which run of which job: job ids are per manager, so the key names the manager too,
+/// and a retried job can come back to the same worker while its killed earlier run is
+/// still ending, so each run has a number of its own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct JobKey {
     pub manager: u64,
     pub job: JobId,
+    pub run: u64,
 }
 
 /// What a running job reports.
@@ -81,14 +84,18 @@ impl RunningJob {
         self.control.poke();
     }
 
-    /// SIGKILL to all its processes now.
+    /// SIGKILL to all its processes now. A paused job is unpaused, so that what is left
+    /// of its output drains (to be dropped by the caller) and the process is reaped.
     pub(crate) fn kill(&self) {
         self.control.request.store(KILL, Ordering::SeqCst);
+        self.control.paused.store(false, Ordering::SeqCst);
         self.control.poke();
     }
 
-    /// Stops (or resumes) reading its output; the job blocks once its pipes fill.
+    /// Stops (or resumes) reading its output; the job blocks once its pipes fill. A
+    /// killed job is not paused again.
     pub(crate) fn pause(&self, paused: bool) {
+        let paused = paused && self.control.request.load(Ordering::SeqCst) != KILL;
         self.control.paused.store(paused, Ordering::SeqCst);
         self.control.poke();
     }
@@ -600,6 +607,7 @@ mod tests {
         JobKey {
             manager: 0,
             job: JobId(n),
+            run: n,
         }
     }
 
@@ -759,6 +767,16 @@ mod tests {
         };
         assert_eq!(outcome, Outcome::Exited(0));
         assert_eq!(total, 3_000_000);
+    }
+
+    #[test]
+    fn a_killed_job_that_was_paused_still_ends() {
+        let (job, rx) = start_job(JobSpec::new("echo up; yes"));
+        assert!(first_line(&rx).starts_with("up\n"));
+        job.pause(true);
+        job.kill();
+        job.pause(true); // too late: a killed job is not paused again
+        assert_eq!(collect(&rx).0, Outcome::Cancelled);
     }
 
     #[test]

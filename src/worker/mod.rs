@@ -387,6 +387,8 @@ struct WorkerLoop {
     jobs: HashMap<JobKey, Job>,
     /// The manager whose jobs this worker holds (from the last welcome).
     manager: Option<u64>,
+    /// Numbers the runs of jobs (see `JobKey::run`).
+    next_run: u64,
     /// That manager's reconnect grace: after it, held jobs are given up.
     grace: Duration,
     disconnected_since: Option<Instant>,
@@ -418,6 +420,7 @@ impl WorkerLoop {
             status,
             jobs: HashMap::new(),
             manager: None,
+            next_run: 0,
             grace: Duration::ZERO,
             disconnected_since: None,
             draining: None,
@@ -442,6 +445,7 @@ impl WorkerLoop {
                 tags: self.config.tags.clone(),
                 platform: self.config.platform.clone(),
                 slots: self.config.slots,
+                draining: self.draining.is_some(),
                 manager_id: self.manager,
                 jobs: self
                     .jobs
@@ -453,7 +457,15 @@ impl WorkerLoop {
                     })
                     .collect(),
             };
-            let deadline = Instant::now() + self.config.connect_timeout;
+            self.give_up_if_abandoned();
+            // Never still be connecting when the manager gives up on the jobs held here.
+            let mut deadline = Instant::now() + self.config.connect_timeout;
+            if let Some(since) = self.disconnected_since
+                && self.jobs.values().any(|j| !j.dropped)
+            {
+                deadline = deadline
+                    .min((since + self.grace).max(Instant::now() + Duration::from_millis(100)));
+            }
             let server_name = self
                 .config
                 .host
@@ -706,7 +718,11 @@ impl WorkerLoop {
     fn resume(&mut self, welcome: &Welcome, out: &Out) {
         let same_manager = self.manager == Some(welcome.manager_id);
         self.manager = Some(welcome.manager_id);
-        self.grace = Duration::from_millis(welcome.reconnect_grace_ms);
+        // The manager's grace clock may have started up to a heartbeat timeout before
+        // this worker noticed the loss: give up that much earlier, so that an old run
+        // never goes on next to a retry of the same job.
+        self.grace = Duration::from_millis(welcome.reconnect_grace_ms)
+            .saturating_sub(Duration::from_millis(welcome.heartbeat_timeout_ms));
         self.disconnected_since = None;
         let wanted: HashMap<JobId, u64> = welcome.resume.iter().copied().collect();
         let limit = self.config.reconnect_buffer;
@@ -770,9 +786,17 @@ impl WorkerLoop {
         }
     }
 
+    /// The live (not dropped) run of a job of the current manager.
+    fn live(&self, job: JobId) -> Option<JobKey> {
+        let manager = self.manager.unwrap_or_default();
+        self.jobs
+            .iter()
+            .find(|(k, j)| k.manager == manager && k.job == job && !j.dropped)
+            .map(|(k, _)| *k)
+    }
+
     fn on_manager(&mut self, msg: ManagerMessage, out: &Out) {
         let manager = self.manager.unwrap_or_default();
-        let key = |job| JobKey { manager, job };
         match msg {
             ManagerMessage::Run { job, spec } => {
                 let running = self
@@ -782,26 +806,31 @@ impl WorkerLoop {
                     .count();
                 let refusal = if self.draining.is_some() {
                     Some("the worker is draining")
-                } else if running >= self.config.slots as usize || self.jobs.contains_key(&key(job))
-                {
+                } else if running >= self.config.slots as usize || self.live(job).is_some() {
                     log::error!(
-                        "the manager sent job {job} beyond this worker's slots; refusing it"
+                        "the manager sent job {job} beyond this worker's slots; declining it"
                     );
                     Some("the worker has no free slot")
                 } else {
                     None
                 };
                 if let Some(why) = refusal {
-                    let _ = out.send(Outbound::Message(WorkerMessage::Finished {
+                    // Not an ending: the manager queues the job again.
+                    let _ = out.send(Outbound::Message(WorkerMessage::Declined {
                         job,
-                        outcome: Outcome::Rejected(why.into()),
-                        cleanup_error: None,
+                        reason: why.into(),
                     }));
                     return;
                 }
                 log::debug!("starting job {job}");
+                self.next_run += 1;
+                let key = JobKey {
+                    manager,
+                    job,
+                    run: self.next_run,
+                };
                 let started = executor::start(
-                    key(job),
+                    key,
                     spec,
                     self.config.work_dir.clone(),
                     self.config.kill_grace,
@@ -809,7 +838,7 @@ impl WorkerLoop {
                 );
                 match started {
                     Ok(handle) => {
-                        self.jobs.insert(key(job), Job::new(handle));
+                        self.jobs.insert(key, Job::new(handle));
                     }
                     Err(e) => {
                         let _ = out.send(Outbound::Message(WorkerMessage::Finished {
@@ -823,29 +852,25 @@ impl WorkerLoop {
                 }
             }
             ManagerMessage::Cancel { job } => {
-                if let Some(j) = self.jobs.get(&key(job)) {
+                if let Some(j) = self.live(job).and_then(|k| self.jobs.get(&k)) {
                     log::info!("cancelling job {job}");
                     j.handle.cancel();
                 }
             }
             ManagerMessage::Pause { job } => {
-                if let Some(j) = self.jobs.get(&key(job)) {
+                if let Some(j) = self.live(job).and_then(|k| self.jobs.get(&k)) {
                     log::debug!("pausing the output of job {job}: its submitter is behind");
                     j.handle.pause(true);
                 }
             }
             ManagerMessage::Resume { job } => {
-                if let Some(j) = self.jobs.get(&key(job)) {
+                if let Some(j) = self.live(job).and_then(|k| self.jobs.get(&k)) {
                     j.handle.pause(j.held_back);
                 }
             }
             ManagerMessage::Ended { job } => {
-                if self
-                    .jobs
-                    .get(&key(job))
-                    .is_some_and(|j| j.finished.is_some())
-                {
-                    self.jobs.remove(&key(job));
+                if let Some(k) = self.live(job).filter(|k| self.jobs[k].finished.is_some()) {
+                    self.jobs.remove(&k);
                 }
             }
             ManagerMessage::Shutdown => {
