@@ -316,6 +316,114 @@ fn shutdown_lets_running_jobs_finish_within_the_grace_and_cancels_the_rest() {
     assert!(matches!(outcomes[2].as_slice(), [Outcome::Rejected(_)]));
 }
 
+#[test]
+fn stopping_a_worker_whose_job_is_paused_for_a_slow_submitter_ends_and_reaps_it() {
+    let c = Cluster::new(1);
+    let h = c.manager.submit(JobSpec::new("echo $$; exec yes")).unwrap();
+    let pid: i32 = loop {
+        if let JobEvent::Output { bytes, .. } = next_event(h.events()) {
+            break String::from_utf8_lossy(&bytes)
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+        }
+    };
+    // Nobody reads on: the job's channel fills, and the manager pauses the job.
+    wait_until("the submitter is well behind", || {
+        c.manager.stats().output_bytes > 4 << 20
+    });
+    c.workers[0].stop();
+    // Killed and reaped: not even a zombie is left.
+    assert!(!alive(pid), "the paused job {pid} was never reaped");
+    assert!(matches!(
+        drain_job(h.events()).1.last(),
+        Some(Outcome::WorkerLost)
+    ));
+}
+
+#[test]
+fn a_retry_can_come_back_to_the_same_worker_while_its_old_run_is_being_killed() {
+    let certs = Certs::new(1);
+    let mut cfg = certs.manager_config();
+    fast_heartbeats(&mut cfg);
+    cfg.reconnect_grace = Duration::from_millis(300);
+    let manager = Manager::bind(cfg).unwrap();
+    let pool = manager.subscribe();
+    let relay = Relay::start(manager.local_addr());
+    let worker = Worker::start(certs.worker_config(relay.port, 0, "far")).unwrap();
+    wait_joined(&pool, 1);
+    let dir = scratch("retry-same-worker");
+    let mark = dir.join("first");
+    let script = format!(
+        "if [ -e {m} ]; then echo second; else touch {m}; echo first; exec sleep 600; fi",
+        m = mark.display()
+    );
+    let h = manager.submit(JobSpec::new(script).retries(1)).unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("first") {
+        if let JobEvent::Output { bytes, .. } = next_event(h.events()) {
+            seen.extend(bytes);
+        }
+    }
+    // The manager sees the link drop now; the worker only after its heartbeat timeout, by
+    // when the manager has given up and queued the retry, which goes to the same worker.
+    relay.cut_manager_side();
+    let (out, ends, all) = drain_job(h.events());
+    assert_eq!(ends, vec![exited(0)], "{all:?}");
+    assert_eq!(out, b"second\n");
+    assert!(all.contains(&JobEvent::Requeued { attempt: 2 }));
+    assert!(all.contains(&JobEvent::Started {
+        worker: "far".into()
+    }));
+    assert!(worker.sessions() >= 2);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_draining_worker_that_reconnects_is_given_no_new_work() {
+    let certs = Certs::new(1);
+    let mut cfg = certs.manager_config();
+    fast_heartbeats(&mut cfg);
+    cfg.reconnect_grace = Duration::from_secs(30);
+    let manager = Manager::bind(cfg).unwrap();
+    let pool = manager.subscribe();
+    let relay = Relay::start(manager.local_addr());
+    let worker = Worker::start(certs.worker_config(relay.port, 0, "leaving").slots(2)).unwrap();
+    wait_joined(&pool, 1);
+    let dir = scratch("drain-reconnect");
+    let flag = dir.join("go");
+    let first = manager
+        .submit(JobSpec::new(format!(
+            "echo up; while [ ! -e {} ]; do sleep 0.02; done",
+            flag.display()
+        )))
+        .unwrap();
+    while !matches!(next_event(first.events()), JobEvent::Output { .. }) {}
+    worker.drain(None);
+    wait_until("the manager sees the drain", || {
+        manager.workers().first().is_some_and(|w| w.draining)
+    });
+    let second = manager.submit(JobSpec::new("echo second")).unwrap();
+    relay.cut();
+    wait_until("the worker is back", || {
+        worker.sessions() >= 2 && manager.workers().len() == 1
+    });
+    assert!(manager.workers()[0].draining, "it came back draining");
+    std::fs::write(&flag, "").unwrap();
+    assert_eq!(drain_job(first.events()).1, vec![exited(0)]);
+    assert!(worker.wait(DEADLINE), "the drained worker left");
+    assert_eq!(
+        manager.job(second.id()).map(|j| j.state),
+        Some(workpool::JobState::Queued)
+    );
+    let _next = Worker::start(certs.worker_config(manager.local_addr().port(), 0, "next")).unwrap();
+    let r = second.wait();
+    assert_eq!((r.outcome, r.worker.as_deref()), (exited(0), Some("next")));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// Not a test on its own: the body of a worker process for tests that stop or kill one.
 #[test]
 #[ignore]

@@ -239,15 +239,19 @@ pub struct Relay {
     state: std::sync::Arc<RelayState>,
 }
 
+/// One relayed connection: the worker's side, the manager's side, and whether its bytes
+/// vanish.
+type Relayed = (
+    std::net::TcpStream,
+    std::net::TcpStream,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+);
+
 #[derive(Default)]
 struct RelayState {
-    conns: std::sync::Mutex<
-        Vec<(
-            std::net::TcpStream,
-            std::net::TcpStream,
-            std::sync::Arc<std::sync::atomic::AtomicBool>,
-        )>,
-    >,
+    conns: std::sync::Mutex<Vec<Relayed>>,
+    /// When a relayed connection ends, leave the worker's side open (it learns nothing).
+    keep_worker_side: std::sync::atomic::AtomicBool,
     refusing: std::sync::atomic::AtomicBool,
     stopped: std::sync::atomic::AtomicBool,
 }
@@ -276,6 +280,7 @@ impl Relay {
                 for (from, to) in [(&client, &server), (&server, &client)] {
                     let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
                     let hole = hole.clone();
+                    let (st, worker_side) = (st.clone(), client.try_clone().unwrap());
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 16384];
                         loop {
@@ -291,8 +296,13 @@ impl Relay {
                                 }
                             }
                         }
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                        let _ = from.shutdown(std::net::Shutdown::Both);
+                        let keep = st.keep_worker_side.load(Ordering::SeqCst);
+                        for s in [&to, &from] {
+                            let is_worker_side = s.peer_addr().ok() == worker_side.peer_addr().ok();
+                            if !(keep && is_worker_side) {
+                                let _ = s.shutdown(std::net::Shutdown::Both);
+                            }
+                        }
                     });
                 }
                 st.conns.lock().unwrap().push((client, server, hole));
@@ -306,6 +316,17 @@ impl Relay {
         for (a, b, _) in self.state.conns.lock().unwrap().drain(..) {
             let _ = a.shutdown(std::net::Shutdown::Both);
             let _ = b.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Closes only the manager's side of every relayed connection: the manager sees the
+    /// link drop at once, the worker only when its heartbeats go unanswered.
+    pub fn cut_manager_side(&self) {
+        self.state
+            .keep_worker_side
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for (_, server, _) in self.state.conns.lock().unwrap().drain(..) {
+            let _ = server.shutdown(std::net::Shutdown::Both);
         }
     }
 
