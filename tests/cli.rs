@@ -10,6 +10,24 @@ use workpool::manager::{Manager, ManagerConfig};
 use workpool::tls::{Identity, TrustRoots};
 use workpool::worker::{Worker, WorkerConfig};
 
+/// Runs a CLI manager with no workers over `stdin`, to its end; returns its JSON events.
+fn manager_session(dir: &std::path::Path, extra: &[&str], stdin: &[u8]) -> Vec<Value> {
+    let out = Command::new(cli())
+        .args(manager_args(dir))
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(stdin)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    json_lines(&String::from_utf8(out.stdout).unwrap())
+}
+
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l:?}: {e}")))
@@ -108,22 +126,7 @@ fn the_json_stream_shows_each_job_from_submission_to_its_end() {
 fn exit_is_not_a_job_and_rejects_what_is_still_queued() {
     let dir = scratch("cli-exit");
     Certs::new(1).write_to(&dir);
-    let out = Command::new(cli())
-        .args(manager_args(&dir))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(b"echo waits\nexit\necho never\n")?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success());
-    let events = json_lines(&String::from_utf8(out.stdout).unwrap());
+    let events = manager_session(&dir, &[], b"echo waits\nexit\necho never\n");
     let submitted: Vec<&Value> = events
         .iter()
         .filter(|e| e["event"] == "submitted")
@@ -408,23 +411,11 @@ fn the_help_text_lists_every_directive() {
 fn status_reports_the_numbers_as_json() {
     let dir = scratch("cli-status");
     Certs::new(1).write_to(&dir);
-    let out = Command::new(cli())
-        .args(manager_args(&dir))
-        .args(["--metrics-address", "127.0.0.1:0"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin
-                .take()
-                .unwrap()
-                .write_all(b"echo queued\n:status\nexit\n")?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    assert!(out.status.success());
-    let events = json_lines(&String::from_utf8(out.stdout).unwrap());
+    let events = manager_session(
+        &dir,
+        &["--metrics-address", "127.0.0.1:0"],
+        b"echo queued\n:status\nexit\n",
+    );
     let status = events
         .iter()
         .find(|e| e["event"] == "status")

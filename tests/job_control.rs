@@ -91,7 +91,7 @@ fn cancelling_a_running_job_kills_every_process_it_started_even_in_new_sessions(
         sleep 600 & echo $!
         setsid sleep 600 > /dev/null 2>&1 & echo $!
         ( setsid sleep 600 > /dev/null 2>&1 & echo $! )
-        ( ( nohup sleep 600 > /dev/null 2>&1 & echo $! ) & )
+        ( nohup sleep 600 > /dev/null 2>&1 & echo $! )
         bash -c 'setsid bash -c "sleep 600 & echo \$!; wait" > /dev/null 2>&1 & echo $!' 
         echo $$ ready
         wait

@@ -359,6 +359,23 @@ impl Job {
         }
     }
 
+    /// Sends output on a link, keeping a copy for a replay after a reconnect.
+    fn send_output(
+        &mut self,
+        job: JobId,
+        (seq, stream, bytes): (u64, Stream, Vec<u8>),
+        limit: usize,
+        out: &Out,
+    ) {
+        self.remember((seq, stream, bytes.clone()), limit);
+        let _ = out.send(Outbound::Message(WorkerMessage::Output {
+            job,
+            stream,
+            seq,
+            bytes,
+        }));
+    }
+
     fn remember(&mut self, entry: (u64, Stream, Vec<u8>), limit: usize) {
         self.replay_bytes += entry.2.len();
         self.replay.push_back(entry);
@@ -751,18 +768,12 @@ impl WorkerLoop {
             let replay = std::mem::take(&mut job.replay);
             let unsent = std::mem::take(&mut job.unsent);
             (job.replay_bytes, job.unsent_bytes) = (0, 0);
-            for (seq, stream, bytes) in replay
+            for entry in replay
                 .into_iter()
                 .chain(unsent)
                 .filter(|(seq, _, _)| *seq >= next)
             {
-                job.remember((seq, stream, bytes.clone()), limit);
-                let _ = out.send(Outbound::Message(WorkerMessage::Output {
-                    job: key.job,
-                    stream,
-                    seq,
-                    bytes,
-                }));
+                job.send_output(key.job, entry, limit, out);
             }
             if let Some((outcome, cleanup_error)) = &job.finished {
                 let _ = out.send(Outbound::Message(WorkerMessage::Finished {
@@ -896,15 +907,7 @@ impl WorkerLoop {
                 let seq = j.next_seq;
                 j.next_seq += 1;
                 match out {
-                    Some(out) => {
-                        j.remember((seq, stream, bytes.clone()), limit);
-                        let _ = out.send(Outbound::Message(WorkerMessage::Output {
-                            job: key.job,
-                            stream,
-                            seq,
-                            bytes,
-                        }));
-                    }
+                    Some(out) => j.send_output(key.job, (seq, stream, bytes), limit, out),
                     None => {
                         j.unsent_bytes += bytes.len();
                         j.unsent.push_back((seq, stream, bytes));
