@@ -60,6 +60,7 @@ pub struct JobSpec {
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
     /// Bytes fed to the job's standard input (empty: stdin is `/dev/null`).
+    #[serde(with = "crate::protocol::byte_buf")]
     pub stdin: Vec<u8>,
     /// How many times the job is queued again after ending [`Outcome::WorkerLost`]
     /// (default 0: at most once, since a script may not be safe to run twice).

@@ -83,6 +83,7 @@ pub enum WorkerMessage {
         /// Per-job message counter.
         seq: u64,
         /// The bytes.
+        #[serde(with = "byte_buf")]
         bytes: Vec<u8>,
     },
     /// A job ended. Sent after all of its output.
@@ -169,6 +170,40 @@ impl Heartbeat for ManagerMessage {
     }
     fn is_heartbeat(&self) -> bool {
         matches!(self, ManagerMessage::Heartbeat)
+    }
+}
+
+/// `Vec<u8>` as one run of bytes rather than a sequence of `u8`s: the same bytes on the
+/// wire under bincode, but copied in one go instead of element by element, and checked
+/// against the size limit before anything is allocated.
+pub(crate) mod byte_buf {
+    use serde::{Deserializer, Serializer, de};
+    use std::fmt;
+
+    pub(crate) fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(bytes)
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_byte_buf(Bytes)
+    }
+
+    struct Bytes;
+
+    impl<'de> de::Visitor<'de> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("bytes")
+        }
+
+        fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(v.to_vec())
+        }
+
+        fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(v)
+        }
     }
 }
 
