@@ -768,14 +768,16 @@ impl Console {
                 .map(|j| {
                     let (state, worker) = match &j.state {
                         JobState::Running { worker } => ("running", json_str(worker)),
+                        JobState::Disconnected { worker } => ("disconnected", json_str(worker)),
                         _ => ("queued", "null".into()),
                     };
                     format!(
-                        "{{\"job\":{},\"state\":\"{state}\",\"worker\":{worker},\"since_seconds\":{:.3},\"attempt\":{},\"priority\":{},\"command\":{}}}",
+                        "{{\"job\":{},\"state\":\"{state}\",\"worker\":{worker},\"since_seconds\":{:.3},\"attempt\":{},\"priority\":{},\"output_paused\":{},\"command\":{}}}",
                         j.id,
                         j.since.as_secs_f64(),
                         j.attempt,
                         j.priority,
+                        j.output_paused,
                         json_str(&j.script)
                     )
                 })
@@ -789,7 +791,13 @@ impl Console {
         } else {
             for j in &jobs {
                 let state = match &j.state {
+                    JobState::Running { worker } if j.output_paused => {
+                        format!("running on {worker} (output paused: the reader is behind)")
+                    }
                     JobState::Running { worker } => format!("running on {worker}"),
+                    JobState::Disconnected { worker } => {
+                        format!("waiting for {worker} to reconnect")
+                    }
                     _ => "queued".to_string(),
                 };
                 self.say(&format!(

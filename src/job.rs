@@ -345,6 +345,9 @@ pub struct JobStatus {
     pub script: String,
     /// Its priority.
     pub priority: i32,
+    /// Whether its worker was told to stop reading its output for now because the
+    /// submitter is behind (the job waits on its own writes meanwhile).
+    pub output_paused: bool,
 }
 
 impl JobResult {

@@ -330,12 +330,9 @@ fn stopping_a_worker_whose_job_is_paused_for_a_slow_submitter_ends_and_reaps_it(
                 .unwrap();
         }
     };
-    // Nobody reads on: the job's channel fills, and the next output (which goes to the
-    // backlog) makes the manager pause the job.
-    wait_until("the job's channel is full", || h.events().is_full());
-    let at_full = c.manager.stats().output_bytes;
-    wait_until("more output came after that", || {
-        c.manager.stats().output_bytes > at_full
+    // Nobody reads on: the job's channel fills, and the manager pauses the job.
+    wait_until("the job is paused", || {
+        c.manager.job(h.id()).is_some_and(|j| j.output_paused)
     });
     c.workers[0].stop();
     // Killed and reaped: not even a zombie is left.

@@ -464,9 +464,18 @@ impl Dispatcher {
             attempt: j.attempt,
             script: j.spec.script.clone(),
             priority: j.spec.priority,
+            output_paused: false,
         };
         let running = |id: JobId, r: &Running| {
-            let state = match r.worker.and_then(|w| self.workers.get(&w)) {
+            let worker = r.worker.and_then(|w| self.workers.get(&w));
+            let output_paused = worker
+                .and_then(|w| {
+                    lock(&w.link.routes)
+                        .get(&id)
+                        .map(|route| route.sink.is_paused())
+                })
+                .unwrap_or(false);
+            let state = match worker {
                 Some(w) => JobState::Running {
                     worker: w.info.name.clone(),
                 },
@@ -485,6 +494,7 @@ impl Dispatcher {
                 attempt: r.attempt,
                 script: r.spec.script.clone(),
                 priority: r.spec.priority,
+                output_paused,
             }
         };
         let mut all: Vec<JobStatus> = match only {

@@ -59,6 +59,11 @@ impl JobSink {
         }
     }
 
+    /// Whether the job's worker has been told to pause its output.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
     /// Whether `Finished` has been accepted.
     #[cfg(test)]
     pub(crate) fn ended(&self) -> bool {
