@@ -151,25 +151,13 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
 }
 
 fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
-    use std::io::{BufRead, BufReader, Write};
-    let mut manager = Command::new(cli())
-        .args(manager_args(dir))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut events = BufReader::new(manager.stdout.take().unwrap());
-    let mut line = String::new();
-    events.read_line(&mut line).unwrap();
-    let listening: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let port = listening["address"]
-        .as_str()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .to_string();
+    use std::io::Write;
+    let CliManager {
+        child: mut manager,
+        stdout: mut events,
+        addr,
+    } = start_cli_manager(dir);
+    let port = addr.port().to_string();
     let mut worker = Command::new(lone)
         .args(["127.0.0.1", &port, &dir.display().to_string(), "c-lone"])
         .stdin(Stdio::piped())

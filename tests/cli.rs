@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::process::{Command, Stdio};
 use workpool::manager::{Manager, ManagerConfig};
 use workpool::tls::{Identity, TrustRoots};
@@ -39,19 +39,11 @@ fn the_json_stream_shows_each_job_from_submission_to_its_end() {
     let dir = scratch("cli-json");
     let certs = Certs::new(1);
     certs.write_to(&dir);
-    let mut child = Command::new(cli())
-        .args(manager_args(&dir))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let listening: Value = serde_json::from_str(&first).unwrap();
-    assert_eq!(listening["event"], "listening");
-    let addr: std::net::SocketAddr = listening["address"].as_str().unwrap().parse().unwrap();
+    let CliManager {
+        mut child,
+        mut stdout,
+        addr,
+    } = start_cli_manager(&dir);
     let _worker = Worker::start(certs.worker_config(addr.port(), 0, "cli-w").tag("gpu")).unwrap();
     // Wait for the join to show in the stream, so that `:workers` below lists the worker.
     let mut rest = String::new();
@@ -297,22 +289,12 @@ fn job_control_directives_shape_the_jobs_that_follow() {
     let dir = scratch("cli-directives");
     let certs = Certs::new(1);
     certs.write_to(&dir);
-    let mut child = Command::new(cli())
-        .args(manager_args(&dir))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let CliManager {
+        mut child,
+        mut stdout,
+        addr,
+    } = start_cli_manager(&dir);
     let mut stdin = child.stdin.take().unwrap();
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let addr: std::net::SocketAddr = serde_json::from_str::<Value>(&first).unwrap()["address"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
     // No worker yet: everything queues, so :cancel and :jobs see queued jobs.
     stdin
         .write_all(

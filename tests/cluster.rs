@@ -490,15 +490,7 @@ fn a_killed_worker_s_running_job_ends_as_worker_lost() {
     let h = manager
         .submit(JobSpec::new("echo $$; exec sleep 600"))
         .unwrap();
-    let pgid: i32 = loop {
-        match next_event(h.events()) {
-            JobEvent::Output { bytes, .. } => {
-                break String::from_utf8(bytes).unwrap().trim().parse().unwrap();
-            }
-            JobEvent::Finished(o) => panic!("ended early: {o}"),
-            _ => {}
-        }
-    };
+    let pgid = first_number(h.events());
     child.kill().unwrap(); // SIGKILL, by PID
     child.wait().unwrap();
     let mut ends = Vec::new();
@@ -524,11 +516,7 @@ fn a_stopped_worker_ends_its_jobs_as_worker_lost_and_leaves_nothing_running() {
         .manager
         .submit(JobSpec::new("echo $$; sleep 600"))
         .unwrap();
-    let pid: i32 = loop {
-        if let JobEvent::Output { bytes, .. } = next_event(h.events()) {
-            break String::from_utf8(bytes).unwrap().trim().parse().unwrap();
-        }
-    };
+    let pid = first_number(h.events());
     c.workers[0].stop();
     assert_eq!(h.wait().outcome, Outcome::WorkerLost);
     assert!(

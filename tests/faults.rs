@@ -108,11 +108,7 @@ fn a_black_holed_link_is_noticed_by_heartbeats_and_nothing_is_lost() {
 fn a_cut_longer_than_the_grace_ends_the_job_worker_lost_and_the_worker_kills_it() {
     let (_certs, manager, pool, relay, worker) = relayed(Duration::from_millis(800));
     let h = manager.submit(JobSpec::new("echo $$; sleep 600")).unwrap();
-    let pid: i32 = loop {
-        if let JobEvent::Output { bytes, .. } = next_event(h.events()) {
-            break String::from_utf8(bytes).unwrap().trim().parse().unwrap();
-        }
-    };
+    let pid = first_number(h.events());
     relay.refuse(true);
     relay.cut();
     let (_, ends, _) = drain_job(h.events());
@@ -146,11 +142,7 @@ fn a_stopped_worker_is_declared_dead_gets_no_work_and_its_jobs_end_worker_lost()
     let mut child = spawn_worker_process(&dir, manager.local_addr().port(), "frozen");
     wait_joined(&pool, 1);
     let h = manager.submit(JobSpec::new("echo $$; sleep 600")).unwrap();
-    let pgid: i32 = loop {
-        if let JobEvent::Output { bytes, .. } = next_event(h.events()) {
-            break String::from_utf8(bytes).unwrap().trim().parse().unwrap();
-        }
-    };
+    let pgid = first_number(h.events());
     let pid = child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     // Its TCP connection stays open; only the heartbeat timeout can tell.
@@ -320,16 +312,7 @@ fn shutdown_lets_running_jobs_finish_within_the_grace_and_cancels_the_rest() {
 fn stopping_a_worker_whose_job_is_paused_for_a_slow_submitter_ends_and_reaps_it() {
     let c = Cluster::new(1);
     let h = c.manager.submit(JobSpec::new("echo $$; exec yes")).unwrap();
-    let pid: i32 = loop {
-        if let JobEvent::Output { bytes, .. } = next_event(h.events()) {
-            break String::from_utf8_lossy(&bytes)
-                .split_whitespace()
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
-        }
-    };
+    let pid = first_number(h.events());
     // Nobody reads on: the job's channel fills, and the manager pauses the job.
     wait_until("the job is paused", || {
         c.manager.job(h.id()).is_some_and(|j| j.output_paused)

@@ -404,3 +404,52 @@ pub fn manager_args(dir: &std::path::Path) -> Vec<String> {
         f("worker-0-cert.pem"),
     ]
 }
+
+/// Waits for a job's first output and reads the number it starts with (the tests' jobs
+/// print `$$` first, to be found by PID later).
+pub fn first_number(events: &Receiver<JobEvent>) -> i32 {
+    loop {
+        match next_event(events) {
+            JobEvent::Output { bytes, .. } => {
+                let text = String::from_utf8_lossy(&bytes);
+                let first = text.split_whitespace().next().unwrap_or_default();
+                return first
+                    .parse()
+                    .unwrap_or_else(|_| panic!("no number first in {text:?}"));
+            }
+            JobEvent::Finished(o) => panic!("ended before any output: {o}"),
+            _ => {}
+        }
+    }
+}
+
+/// A CLI manager (`manager_args`, any free port, JSON out) and where it listens.
+pub struct CliManager {
+    pub child: std::process::Child,
+    pub stdout: std::io::BufReader<std::process::ChildStdout>,
+    pub addr: std::net::SocketAddr,
+}
+
+/// Starts a CLI manager and reads its `listening` event.
+pub fn start_cli_manager(dir: &Path) -> CliManager {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    let mut child = std::process::Command::new(cli())
+        .args(manager_args(dir))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let listening: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(listening["event"], "listening", "{first}");
+    let addr = listening["address"].as_str().unwrap().parse().unwrap();
+    CliManager {
+        child,
+        stdout,
+        addr,
+    }
+}
