@@ -289,6 +289,7 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
     config.metrics_addr = o.one("--metrics-address")?.map(String::from);
     let manager = Arc::new(Manager::bind(config).map_err(failed)?);
     let console = Console::new(manager.clone(), o.flag("--json"));
+    // SAFETY: isatty only reads the state of descriptor 1; any value is a valid argument.
     if !console.json && unsafe { libc::isatty(1) } == 1 {
         show_progress(manager.clone());
     }
@@ -341,6 +342,8 @@ fn watch_signals_for_manager(manager: Arc<Manager>) {
 /// Blocks SIGINT and SIGTERM in this thread and every thread it starts from now on, so
 /// that one thread can take them with `sigwait` (children get a clean mask from std).
 fn block_signals() -> libc::sigset_t {
+    // SAFETY: the set is a local that sigemptyset initialises before use, and the
+    // pointers passed are to it and to locals that outlive the calls.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -353,6 +356,7 @@ fn block_signals() -> libc::sigset_t {
 
 fn wait_signal(set: &libc::sigset_t) -> i32 {
     let mut sig = 0;
+    // SAFETY: `set` is an initialised signal set and `sig` a live local for the answer.
     unsafe { libc::sigwait(set, &mut sig) };
     sig
 }

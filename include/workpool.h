@@ -130,20 +130,30 @@ typedef uint32_t wp_outcome;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// A submitted job. Use from one thread at a time. `wp_job_free` forgets it (the job
-// itself goes on; cancel it first if it should not).
+// A submitted job. Made by `wp_manager_submit`; `wp_job_free`, called once, forgets it
+// (the job itself goes on; cancel it first if it should not). Threads: use from one
+// thread at a time (`wp_job_next_event` hands out bytes that live in the handle), though
+// the thread may change from call to call; different jobs may be used at once.
 typedef struct wp_job wp_job;
 
-// A running manager. `wp_manager_free` shuts it down, then frees it.
+// A running manager. Made by `wp_manager_start`; `wp_manager_free` (called once, after
+// every other call on it has returned) shuts it down, then frees it. Threads: every
+// other `wp_manager_*` function may be called from several threads at once.
 typedef struct wp_manager wp_manager;
 
-// Settings for `wp_manager_start`. Free with `wp_manager_config_free`.
+// Settings for `wp_manager_start`. Made by `wp_manager_config_new`; freed once with
+// `wp_manager_config_free`. Threads: use from one thread at a time (setters change it);
+// `wp_manager_start` only reads it, so one config may start several managers.
 typedef struct wp_manager_config wp_manager_config;
 
-// A running worker. `wp_worker_free` stops it, then frees it.
+// A running worker. Made by `wp_worker_start`; `wp_worker_free` (called once, after
+// every other call on it has returned) stops it, then frees it. Threads: every other
+// `wp_worker_*` function may be called from several threads at once.
 typedef struct wp_worker wp_worker;
 
-// Settings for `wp_worker_start`. Free with `wp_worker_config_free`.
+// Settings for `wp_worker_start`. Made by `wp_worker_config_new`; freed once with
+// `wp_worker_config_free`. Threads: use from one thread at a time (setters change it);
+// `wp_worker_start` only reads it.
 typedef struct wp_worker_config wp_worker_config;
 
 // One job event. `data` points into the job handle and stays valid until the next call
@@ -168,8 +178,11 @@ typedef struct wp_event {
 extern "C" {
 #endif // __cplusplus
 
-// A static, NUL-terminated name for a result, e.g. `"WP_RESULT_OK"`.
-const char *wp_result_name(wp_result result);
+// A static, NUL-terminated name for a result code, e.g. `"WP_RESULT_OK"`;
+// `"WP_RESULT_UNKNOWN"` for a value that is not a `wp_result`. It takes a plain
+// integer, so any value a C program passes is safe. Callable from any thread; the
+// string is never freed.
+const char *wp_result_name(uint32_t result);
 
 // Copies this thread's last failure message into `buf` (NUL-terminated, cut to fit)
 // and returns its full length in bytes (without the NUL). `buf` may be NULL to ask the

@@ -105,6 +105,7 @@ pub(crate) fn tune_socket(tcp: &TcpStream) {
     {
         use std::os::fd::AsRawFd;
         let fd = tcp.as_raw_fd();
+        // SAFETY: `value` is a live c_int whose size is the length passed; `fd` is the stream's own.
         let set = |level, name, value: libc::c_int| unsafe {
             libc::setsockopt(
                 fd,

@@ -361,6 +361,7 @@ impl Drop for MetricsServer {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
+            // SAFETY: shutting down a descriptor we own (the listener is alive in `self`) has no memory effects.
             unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
         }
         if let Some(a) = self.local_addr() {

@@ -24,6 +24,7 @@ where
 
 /// Blocks SIGPIPE on the calling thread.
 pub(crate) fn block_sigpipe() {
+    // SAFETY: the set is a local that sigemptyset initialises before use; the old mask is not asked for (NULL).
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);

@@ -122,8 +122,8 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
     compile("lone_worker.c", &lone, &lib);
     lone_worker_serves_the_cli_manager(&dir, &lone);
 
-    // Under valgrind, where the machine has it: no invalid accesses, nothing definitely lost.
-    if Command::new("valgrind").arg("--version").output().is_ok() {
+    // Under valgrind: no invalid accesses, nothing definitely lost.
+    if have_tool("valgrind") {
         let v = Command::new("valgrind")
             .args([
                 "--quiet",
@@ -145,7 +145,10 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
             String::from_utf8_lossy(&v.stderr)
         );
     } else {
-        eprintln!("valgrind is not installed: the memory check was skipped");
+        missing_prerequisite(
+            "the valgrind check of the C example",
+            "valgrind is not installed",
+        );
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -192,6 +195,7 @@ fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
 
 fn last_error() -> String {
     let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for `buf.len()` bytes, which is the length passed.
     let n = unsafe { wp_last_error_message(buf.as_mut_ptr() as *mut _, buf.len()) };
     String::from_utf8_lossy(&buf[..n.min(255)]).into_owned()
 }
@@ -199,6 +203,8 @@ fn last_error() -> String {
 #[test]
 fn null_arguments_are_refused_and_free_null_is_fine() {
     use wp_result::*;
+    // SAFETY: every pointer passed is NULL (the point of the test), a live local, or a handle
+    // returned by the library and freed once.
     unsafe {
         assert_eq!(
             wp_manager_config_new(ptr::null_mut()),
@@ -297,6 +303,8 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
 #[test]
 fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
     use wp_result::*;
+    // SAFETY: every pointer passed is a NUL-terminated literal, a live local, or a handle
+    // returned by the library and freed once.
     unsafe {
         let mut mc = ptr::null_mut();
         assert_eq!(wp_manager_config_new(&mut mc), WP_RESULT_OK);
@@ -353,12 +361,33 @@ fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
         assert_eq!(wp_worker_start(wc, &mut worker), WP_RESULT_INVALID_ARGUMENT);
         assert!(worker.is_null());
         wp_worker_config_free(wc);
-        let name = wp_result_name(WP_RESULT_QUEUE_FULL);
+        let name = wp_result_name(WP_RESULT_QUEUE_FULL as u32);
         assert_eq!(
             std::ffi::CStr::from_ptr(name).to_str().unwrap(),
             "WP_RESULT_QUEUE_FULL"
         );
+        // Any integer a C program passes is answered, none is taken for a Rust enum.
+        for code in [12, 9999, u32::MAX] {
+            let name = wp_result_name(code);
+            assert_eq!(
+                std::ffi::CStr::from_ptr(name).to_str().unwrap(),
+                "WP_RESULT_UNKNOWN"
+            );
+        }
     }
+}
+
+#[test]
+fn a_normal_build_does_not_export_the_panic_hook() {
+    let lib = std::fs::read(static_lib()).unwrap();
+    let hook = b"wp_debug_panic";
+    assert!(
+        !lib.windows(hook.len()).any(|w| w == hook),
+        "the static library of a normal build holds wp_debug_panic"
+    );
+    // ... while the public entry points are there.
+    let name = b"wp_result_name";
+    assert!(lib.windows(name.len()).any(|w| w == name));
 }
 
 #[test]

@@ -505,6 +505,7 @@ fn a_killed_worker_s_running_job_ends_as_worker_lost() {
         ManagerEvent::WorkerLeft { ref name, .. } if name == "doomed"
     ));
     // The job's own processes outlive a SIGKILLed worker; clean them up by group.
+    // SAFETY: kill has no memory effects; the group is the job's own, printed by it.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     std::fs::remove_dir_all(dir).unwrap();
 }

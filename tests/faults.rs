@@ -144,6 +144,7 @@ fn a_stopped_worker_is_declared_dead_gets_no_work_and_its_jobs_end_worker_lost()
     let h = manager.submit(JobSpec::new("echo $$; sleep 600")).unwrap();
     let pgid = first_number(h.events());
     let pid = child.id() as i32;
+    // SAFETY: kill has no memory effects; the pid is our own child's.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
     // Its TCP connection stays open; only the heartbeat timeout can tell.
     let (_, ends, _) = drain_job(h.events());
@@ -155,9 +156,11 @@ fn a_stopped_worker_is_declared_dead_gets_no_work_and_its_jobs_end_worker_lost()
         Worker::start(certs.worker_config(manager.local_addr().port(), 0, "fresh")).unwrap();
     let r = queued.wait();
     assert_eq!((r.outcome, r.worker.as_deref()), (exited(0), Some("fresh")));
+    // SAFETY: kill has no memory effects; the pid is our own child's.
     unsafe { libc::kill(pid, libc::SIGCONT) };
     child.kill().unwrap();
     child.wait().unwrap();
+    // SAFETY: kill has no memory effects; the group is the job's own, printed by it.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     std::fs::remove_dir_all(dir).unwrap();
 }

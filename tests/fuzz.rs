@@ -14,15 +14,19 @@ static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
+// SAFETY: every method forwards to the system allocator with the same arguments,
+// so its contract is the system allocator's; the counters are only bookkeeping.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
         PEAK.fetch_max(now, Ordering::Relaxed);
         LARGEST.fetch_max(l.size(), Ordering::Relaxed);
+        // SAFETY: the caller's layout is passed on unchanged.
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: `p` was allocated by `alloc` above with layout `l`, as the caller guarantees.
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
@@ -33,6 +37,7 @@ unsafe impl GlobalAlloc for Counting {
             LIVE.fetch_sub(l.size() - new, Ordering::Relaxed);
         }
         LARGEST.fetch_max(new, Ordering::Relaxed);
+        // SAFETY: `p` was allocated by this allocator with layout `l`, as the caller guarantees.
         unsafe { System.realloc(p, l, new) }
     }
 }

@@ -296,6 +296,7 @@ fn with_retries_a_job_whose_worker_is_killed_runs_again_elsewhere() {
         1
     );
     // The first attempt's processes outlived their SIGKILLed worker; clean them up.
+    // SAFETY: kill has no memory effects; the group is the first attempt's, printed by it.
     unsafe { libc::kill(-first_pgid, libc::SIGKILL) };
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -1,7 +1,8 @@
 //! A worker behind NAT: in a network namespace of its own, routed through a second
 //! namespace that masquerades its traffic, it dials out to a manager that lives in a
 //! third namespace and takes work, while the manager cannot reach it at all. Needs root,
-//! `ip` and `iptables`; without them the test says why it is skipped. Everything happens
+//! `ip` and `iptables`; without them it fails under `CI=true` (which installs them) and
+//! elsewhere says loudly why it is skipped. Everything happens
 //! inside namespaces this test creates: none of them has a route anywhere else, and the
 //! machine's own namespace is not touched.
 
@@ -153,6 +154,7 @@ impl Nat {
         use std::os::fd::AsRawFd;
         let f = std::fs::File::open(format!("/var/run/netns/{}", self.manager)).unwrap();
         assert_eq!(
+            // SAFETY: `f` is an open descriptor of a network namespace file for the duration of the call.
             unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) },
             0,
             "setns"
@@ -169,13 +171,12 @@ impl Drop for Nat {
 }
 
 fn skip_reason() -> Option<String> {
+    // SAFETY: geteuid cannot fail and touches no memory.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root".into());
     }
     for tool in ["ip", "iptables"] {
-        if Command::new(tool).arg("-V").output().is_err()
-            && Command::new(tool).arg("--version").output().is_err()
-        {
+        if !have_tool(tool) {
             return Some(format!("no `{tool}` on this machine"));
         }
     }
@@ -184,15 +185,17 @@ fn skip_reason() -> Option<String> {
 
 #[test]
 fn a_worker_behind_nat_dials_out_and_runs_jobs_though_the_manager_cannot_reach_it() {
+    const TEST: &str = "the NAT test";
     if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
+        return missing_prerequisite(TEST, &why);
     }
     let nat = match Nat::setup() {
         Ok(n) => n,
         Err(e) => {
-            eprintln!("skipped: network namespaces are not available here: {e}");
-            return;
+            return missing_prerequisite(
+                TEST,
+                &format!("network namespaces are not available here: {e}"),
+            );
         }
     };
     let dir = scratch("nat");

@@ -121,19 +121,25 @@ pub struct wp_event {
     pub exit_code: i32,
 }
 
-/// Settings for `wp_manager_start`. Free with `wp_manager_config_free`.
+/// Settings for `wp_manager_start`. Made by `wp_manager_config_new`; freed once with
+/// `wp_manager_config_free`. Threads: use from one thread at a time (setters change it);
+/// `wp_manager_start` only reads it, so one config may start several managers.
 pub struct wp_manager_config {
     listen: String,
     identity: Option<Identity>,
     worker_roots: TrustRoots,
 }
 
-/// A running manager. `wp_manager_free` shuts it down, then frees it.
+/// A running manager. Made by `wp_manager_start`; `wp_manager_free` (called once, after
+/// every other call on it has returned) shuts it down, then frees it. Threads: every
+/// other `wp_manager_*` function may be called from several threads at once.
 pub struct wp_manager {
     inner: Manager,
 }
 
-/// Settings for `wp_worker_start`. Free with `wp_worker_config_free`.
+/// Settings for `wp_worker_start`. Made by `wp_worker_config_new`; freed once with
+/// `wp_worker_config_free`. Threads: use from one thread at a time (setters change it);
+/// `wp_worker_start` only reads it.
 pub struct wp_worker_config {
     host: Option<String>,
     port: u16,
@@ -145,14 +151,18 @@ pub struct wp_worker_config {
     verify_hostname: bool,
 }
 
-/// A running worker. `wp_worker_free` stops it, then frees it.
+/// A running worker. Made by `wp_worker_start`; `wp_worker_free` (called once, after
+/// every other call on it has returned) stops it, then frees it. Threads: every other
+/// `wp_worker_*` function may be called from several threads at once.
 pub struct wp_worker {
     /// Held for its `Drop`, which stops the worker.
     _inner: Worker,
 }
 
-/// A submitted job. Use from one thread at a time. `wp_job_free` forgets it (the job
-/// itself goes on; cancel it first if it should not).
+/// A submitted job. Made by `wp_manager_submit`; `wp_job_free`, called once, forgets it
+/// (the job itself goes on; cancel it first if it should not). Threads: use from one
+/// thread at a time (`wp_job_next_event` hands out bytes that live in the handle), though
+/// the thread may change from call to call; different jobs may be used at once.
 pub struct wp_job {
     inner: JobHandle,
     /// The bytes of the last event handed out.
@@ -209,6 +219,8 @@ macro_rules! ffi {
 /// Turns a pointer argument into a reference, or returns `WP_RESULT_NULL_PARAMETER`.
 macro_rules! arg {
     ($p:expr) => {
+        // SAFETY: the C caller passes NULL or a pointer to a live handle of this type (the
+        // header's contract for every handle argument); NULL is answered above the deref.
         match unsafe { $p.as_ref() } {
             Some(r) => r,
             None => {
@@ -224,6 +236,8 @@ macro_rules! arg {
 /// Same, mutably.
 macro_rules! arg_mut {
     ($p:expr) => {
+        // SAFETY: as in `arg!`, and the caller does not use the handle from another thread
+        // during the call (each mutating function's contract in the header).
         match unsafe { $p.as_mut() } {
             Some(r) => r,
             None => {
@@ -245,6 +259,8 @@ macro_rules! text {
                 concat!(stringify!($p), " is NULL"),
             );
         }
+        // SAFETY: checked non-NULL just above; the caller passes a NUL-terminated string that
+        // stays valid for the call (the header's contract for every string argument).
         match unsafe { CStr::from_ptr($p) }.to_str() {
             Ok(s) => s,
             Err(_) => {
@@ -294,20 +310,27 @@ unsafe fn add_root(roots: &mut TrustRoots, path: *const c_char) -> wp_result {
 }
 
 fn boxed<T>(out: *mut *mut T, value: T) -> wp_result {
+    // SAFETY: every caller checked `out` with `out!` first, and the C caller passes a
+    // writable `**out` (the header's contract).
     unsafe { *out = Box::into_raw(Box::new(value)) };
     WP_RESULT_OK
 }
 
 fn free<T>(p: *mut T) {
     if !p.is_null() {
+        // SAFETY: `p` is non-NULL and, by the `_free` contract, came from `boxed` for this
+        // type and is freed only once.
         drop(unsafe { Box::from_raw(p) });
     }
 }
 
-/// A static, NUL-terminated name for a result, e.g. `"WP_RESULT_OK"`.
+/// A static, NUL-terminated name for a result code, e.g. `"WP_RESULT_OK"`;
+/// `"WP_RESULT_UNKNOWN"` for a value that is not a `wp_result`. It takes a plain
+/// integer, so any value a C program passes is safe. Callable from any thread; the
+/// string is never freed.
 #[unsafe(no_mangle)]
-pub extern "C" fn wp_result_name(result: wp_result) -> *const c_char {
-    let name: &'static [u8] = match result as u32 {
+pub extern "C" fn wp_result_name(result: u32) -> *const c_char {
+    let name: &'static [u8] = match result {
         0 => b"WP_RESULT_OK\0",
         1 => b"WP_RESULT_TIMEOUT\0",
         2 => b"WP_RESULT_NULL_PARAMETER\0",
@@ -335,6 +358,8 @@ pub unsafe extern "C" fn wp_last_error_message(buf: *mut c_char, len: usize) -> 
             let msg = e.borrow();
             if !buf.is_null() && len > 0 {
                 let n = msg.len().min(len - 1);
+                // SAFETY: `buf` is non-NULL and writable for `len` bytes (the caller's promise); `n + 1
+                // <= len`, and `msg` is a live string of at least `n` bytes.
                 unsafe {
                     std::ptr::copy_nonoverlapping(msg.as_ptr(), buf as *mut u8, n);
                     *buf.add(n) = 0;
@@ -390,6 +415,7 @@ pub unsafe extern "C" fn wp_manager_config_set_identity_pem_files(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
+        // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
         unsafe { set_identity(&mut config.identity, cert_path, key_path) }
     })
 }
@@ -403,6 +429,7 @@ pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
+        // SAFETY: the path is the caller's NUL-terminated string, checked by `text!`.
         unsafe { add_root(&mut config.worker_roots, path) }
     })
 }
@@ -441,6 +468,7 @@ pub unsafe extern "C" fn wp_manager_start(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_manager_port(manager: *const wp_manager) -> u16 {
     ffi!(0, {
+        // SAFETY: NULL or a live manager handle, as the header requires.
         match unsafe { manager.as_ref() } {
             Some(m) => m.inner.local_addr().port(),
             None => 0,
@@ -479,6 +507,7 @@ pub unsafe extern "C" fn wp_manager_submit(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_manager_free(manager: *mut wp_manager) {
     ffi!((), {
+        // SAFETY: NULL or a live manager handle, freed here once, as the header requires.
         if let Some(m) = unsafe { manager.as_ref() } {
             m.inner.shutdown();
         }
@@ -538,6 +567,7 @@ pub unsafe extern "C" fn wp_worker_config_set_identity_pem_files(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
+        // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
         unsafe { set_identity(&mut config.identity, cert_path, key_path) }
     })
 }
@@ -550,6 +580,7 @@ pub unsafe extern "C" fn wp_worker_config_add_manager_root_pem_file(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
+        // SAFETY: the path is the caller's NUL-terminated string, checked by `text!`.
         unsafe { add_root(&mut config.manager_roots, path) }
     })
 }
@@ -756,6 +787,7 @@ pub unsafe extern "C" fn wp_job_next_event(
             event.data = job.data.as_ptr();
             event.len = job.data.len();
         }
+        // SAFETY: `out` was checked non-NULL with `out!` and is writable, as the header requires.
         unsafe { *out = event };
         WP_RESULT_OK
     })
@@ -777,6 +809,7 @@ pub unsafe extern "C" fn wp_job_cancel(job: *mut wp_job) -> wp_result {
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_job_id(job: *const wp_job) -> u64 {
     ffi!(0, {
+        // SAFETY: NULL or a live job handle, as the header requires.
         match unsafe { job.as_ref() } {
             Some(j) => j.inner.id().0,
             None => 0,
@@ -791,7 +824,9 @@ pub unsafe extern "C" fn wp_job_free(job: *mut wp_job) {
 }
 
 /// Test hook: panics inside the boundary, to show that the panic becomes
-/// `WP_RESULT_PANIC`. Not in the header.
+/// `WP_RESULT_PANIC`. Not in the header, and only built with the `test-hooks` feature,
+/// which the crate's own tests turn on: a normal build does not export it.
+#[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 #[unsafe(no_mangle)]
 pub extern "C" fn wp_debug_panic() -> wp_result {

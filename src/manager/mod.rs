@@ -455,6 +455,7 @@ impl Manager {
         #[cfg(target_os = "linux")]
         {
             use std::os::fd::AsRawFd;
+            // SAFETY: shutting down a descriptor we own (the listener is alive in `self`) has no memory effects.
             unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
         }
         let mut wake = self.local_addr;

@@ -67,6 +67,7 @@ impl Control {
     fn poke(&self) {
         let b = [1u8];
         // Non-blocking: a full pipe already holds a wake-up.
+        // SAFETY: one byte from a live local to a descriptor this struct owns.
         unsafe { libc::write(self.wake.as_raw_fd(), b.as_ptr() as *const libc::c_void, 1) };
     }
 }
@@ -103,11 +104,14 @@ impl RunningJob {
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe writes.
     if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: pipe succeeded, so both descriptors are new and owned by nobody else.
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     for fd in [&r, &w] {
+        // SAFETY: fcntl on a descriptor we own; no memory is passed.
         unsafe {
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
@@ -391,6 +395,7 @@ impl Supervisor {
             let timeout_ms = wake_at.map_or(-1, |w| {
                 w.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
             });
+            // SAFETY: `fds` is a live array of `fds.len()` pollfd entries.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -410,6 +415,7 @@ impl Supervisor {
                 if fds[i].revents == 0 {
                     continue;
                 }
+                // SAFETY: `buf` is writable for `buf.len()` bytes; `fd` is a pipe we own.
                 let r = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
                 if r > 0 {
                     let bytes = buf[..r as usize].to_vec();
@@ -440,6 +446,7 @@ impl Supervisor {
 
 fn drain_wake(wake: &OwnedFd) {
     let mut b = [0u8; 64];
+    // SAFETY: `b` is writable for its length; the descriptor is owned by the caller's `OwnedFd`.
     while unsafe {
         libc::read(
             wake.as_raw_fd(),
@@ -461,7 +468,9 @@ impl ExitWatch {
     fn new(pid: i32) -> ExitWatch {
         #[cfg(target_os = "linux")]
         let pidfd = {
+            // SAFETY: pidfd_open takes two integers and returns a new descriptor or -1.
             let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+            // SAFETY: a non-negative result of pidfd_open is a new descriptor owned by nobody else.
             (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
         };
         #[cfg(not(target_os = "linux"))]
@@ -474,7 +483,9 @@ impl ExitWatch {
     }
 
     fn waitid(&self, flags: libc::c_int) -> bool {
+        // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable siginfo_t for waitid to fill.
         let r = unsafe {
             libc::waitid(
                 libc::P_PID,
@@ -483,6 +494,7 @@ impl ExitWatch {
                 libc::WEXITED | libc::WNOWAIT | flags,
             )
         };
+        // SAFETY: `info` was zeroed and then filled by waitid; si_pid reads a field of it.
         r == 0 && unsafe { info.si_pid() } != 0
     }
 
@@ -584,6 +596,7 @@ pub(crate) fn sweep_stale_dirs(work_dir: &Path) {
         );
         let Some(owner) = owner else { continue };
         let gone = owner > 0
+            // SAFETY: signal 0 only asks whether the process exists.
             && unsafe { libc::kill(owner, 0) } != 0
             && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
         if gone && e.file_type().is_ok_and(|t| t.is_dir()) {
@@ -830,6 +843,7 @@ mod tests {
 
     fn gone(pid: i32) -> bool {
         // Gone, or a zombie waiting for a parent that is not us.
+        // SAFETY: signal 0 only asks whether the process exists.
         (unsafe { libc::kill(pid, 0) }) != 0
             || std::fs::read_to_string(format!("/proc/{pid}/stat"))
                 .map(|s| s[s.rfind(')').unwrap() + 2..].starts_with('Z'))

@@ -84,6 +84,7 @@ pub fn detect_platform() -> String {
 
 fn hostname() -> String {
     let mut buf = [0u8; 256];
+    // SAFETY: `buf` is writable for `buf.len()` bytes, the length passed.
     let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     if r == 0 && end > 0 {

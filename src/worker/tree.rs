@@ -16,6 +16,7 @@ pub(crate) fn new_token() -> String {
     let mut bytes = [0u8; 16];
     #[cfg(target_os = "linux")]
     let filled = {
+        // SAFETY: `bytes` is writable for `bytes.len()` bytes, the length passed.
         let n = unsafe { libc::getrandom(bytes.as_mut_ptr() as *mut libc::c_void, bytes.len(), 0) };
         n == bytes.len() as isize
     };
@@ -43,9 +44,11 @@ pub(crate) fn signal_job(root: i32, token: &str, sig: i32, root_alive: bool) -> 
     if root <= 1 {
         return 0; // never -1 (everyone) or the group of init
     }
+    // SAFETY: kill has no memory effects; `root > 1`, so this is never everyone or init's group.
     unsafe { libc::kill(-root, sig) };
     let mut hit = 0;
     for pid in others(root, token, root_alive, Scope::All) {
+        // SAFETY: kill has no memory effects.
         if unsafe { libc::kill(pid, sig) } == 0 {
             hit += 1;
         }
@@ -72,9 +75,11 @@ pub(crate) fn kill_leftovers(root: i32, token: &str, ran_for: std::time::Duratio
     };
     let mut total = 0;
     for _ in 0..16 {
+        // SAFETY: kill has no memory effects; `root > 1` was checked above.
         unsafe { libc::kill(-root, libc::SIGKILL) };
         let mut n = 0;
         for pid in others(root, token, false, scope) {
+            // SAFETY: kill has no memory effects.
             if unsafe { libc::kill(pid, libc::SIGKILL) } == 0 {
                 n += 1;
             }
