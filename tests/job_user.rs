@@ -203,6 +203,17 @@ fn a_job_user_needs_a_root_worker_and_a_user_that_exists() {
         assert!(m.contains("is root (uid 0)"), "{m}");
         let m = cli_refusal("no-such-user-for-workpool", false);
         assert!(m.contains("there is no such user"), "{m}");
+        // A work dir the job user cannot enter.
+        let closed = scratch("job-user-closed");
+        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let mut cfg = config("nobody");
+        cfg.work_dir = closed.clone();
+        let m = match Worker::start(cfg) {
+            Ok(_) => panic!("a worker started with a work dir its job user cannot enter"),
+            Err(e) => e.to_string(),
+        };
+        assert!(m.contains("cannot enter the work dir"), "{m}");
+        std::fs::remove_dir(closed).unwrap();
         // The CLI started as an unprivileged user.
         let m = cli_refusal("nobody", true);
         assert!(m.contains(unprivileged), "{m}");

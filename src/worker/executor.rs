@@ -232,23 +232,31 @@ fn inherit_nothing(fd_limit: libc::c_int) {
     }
 }
 
-/// Checks at start that jobs can be run as `user` from `work_dir` (the identity switch
-/// is allowed here, the user may run `/bin/bash`), by running `/bin/bash -c true` so.
-pub(crate) fn probe(user: &JobUser, work_dir: &Path) -> io::Result<()> {
+/// Checks at start that jobs can run as `user` in folders under `work_dir`: that this
+/// process may take on the user's identity, and that the user may run `/bin/bash` and
+/// enter `work_dir` (its job folders' paths must work for it). The answer says what
+/// failed.
+pub(crate) fn probe(user: &JobUser, work_dir: &Path) -> Result<(), String> {
     let mut cmd = Command::new("/bin/bash");
-    cmd.args(["-c", "true"])
-        .current_dir(work_dir)
+    cmd.args(["-c", "cd -- \"$1\"", "bash"])
+        .arg(work_dir)
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     prepare(&mut cmd, Some(user));
-    let status = cmd.spawn()?.wait()?;
+    let status = cmd
+        .spawn()
+        .and_then(|mut c| c.wait())
+        .map_err(|e| format!("cannot start /bin/bash as that user: {e}"))?;
     if status.success() {
         Ok(())
     } else {
-        Err(io::Error::other(format!(
-            "/bin/bash -c true ended with {status}"
-        )))
+        Err(format!(
+            "that user cannot enter the work dir {} (it needs search permission on every \
+             folder of the path)",
+            work_dir.display()
+        ))
     }
 }
 

@@ -213,12 +213,8 @@ impl WorkerConfig {
             return Ok(None);
         };
         let user = JobUser::resolve(name)?;
-        executor::probe(&user, &self.work_dir).map_err(|e| {
-            Error::InvalidConfig(format!(
-                "job_user {name:?}: a job cannot be started as that user from {}: {e}",
-                self.work_dir.display()
-            ))
-        })?;
+        executor::probe(&user, &self.work_dir)
+            .map_err(|why| Error::InvalidConfig(format!("job_user {name:?}: {why}")))?;
         Ok(Some(user))
     }
 
