@@ -177,8 +177,11 @@ fn a_job_user_needs_a_root_worker_and_a_user_that_exists() {
         Ok(_) => panic!("a worker with job_user {user:?} started"),
         Err(e) => e.to_string(),
     };
+    // A copy of the CLI that nobody may run wherever the build is.
+    let bin = scratch("job-user-cli");
+    std::fs::copy(cli(), bin.join("workpool")).unwrap();
     let cli_refusal = |user: &str, as_nobody: bool| {
-        let mut cmd = Command::new(cli());
+        let mut cmd = Command::new(bin.join("workpool"));
         cmd.args([
             "worker",
             "--insecure-plaintext",
@@ -257,6 +260,7 @@ fn a_job_user_needs_a_root_worker_and_a_user_that_exists() {
         let m = cli_refusal("nobody", false);
         assert!(m.contains(unprivileged), "{m}");
     }
+    std::fs::remove_dir_all(bin).unwrap();
 }
 
 #[test]

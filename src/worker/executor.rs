@@ -1152,7 +1152,11 @@ mod tests {
             .unwrap()
             .expect("a user called nobody");
         std::os::unix::fs::chown(&base, Some(nobody.uid), Some(nobody.gid)).unwrap();
-        let out = Command::new(std::env::current_exe().unwrap())
+        // A copy of this test program that nobody may run wherever the build is.
+        let bin = scratch("unprivileged-removal-bin");
+        let exe = bin.join("tests");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let out = Command::new(&exe)
             .args([
                 "worker::executor::tests::unprivileged_removal_child",
                 "--exact",
@@ -1172,6 +1176,7 @@ mod tests {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(!base.exists(), "the child did not run to its end");
+        std::fs::remove_dir_all(bin).unwrap();
     }
 
     fn gone(pid: i32) -> bool {

@@ -249,6 +249,15 @@ fn unlink(dir: &OwnedFd, name: &CStr, flags: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// An entry that changed kind (or filled up) between being looked at and being removed
+/// was swapped by a process of the job: the next round of `empty` takes it as it is now.
+fn swapped_is_fine(r: io::Result<()>, changed_kind: libc::c_int) -> io::Result<()> {
+    match r {
+        Err(e) if errno_is(&e, &[changed_kind, libc::ENOTEMPTY, libc::EEXIST]) => Ok(()),
+        r => r,
+    }
+}
+
 struct Walk<'a> {
     /// The folder being removed; deep subfolders are moved up into it.
     top: &'a OwnedFd,
@@ -294,7 +303,7 @@ impl Walk<'_> {
             Err(e) => return Err(e),
         };
         if !is_dir(&st) {
-            return unlink(dir, name, 0);
+            return swapped_is_fine(unlink(dir, name, 0), libc::EISDIR);
         }
         if st.st_dev != self.dev {
             return Err(mounted());
@@ -318,7 +327,8 @@ impl Walk<'_> {
         self.give_back(&sub, &st)?;
         self.empty(&sub, depth + 1)?;
         drop(sub);
-        unlink(dir, name, libc::AT_REMOVEDIR)
+        let removed = unlink(dir, name, libc::AT_REMOVEDIR);
+        swapped_is_fine(removed, libc::ENOTDIR)
     }
 
     /// Moves a folder too deep to enter up into the top folder (on the same file system:
@@ -398,6 +408,72 @@ mod tests {
             Removal::Removed
         );
         assert!(!base.join("top").exists());
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    /// A process of the job swaps a subfolder and a symlink to a folder outside, back and
+    /// forth, while the job's folder is deleted: the delete never goes through the link.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_subfolder_swapped_for_a_symlink_during_the_delete_is_not_followed() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let base = scratch("swap");
+        let outside = base.join("outside");
+        std::fs::create_dir_all(outside.join("inner")).unwrap();
+        for i in 0..20 {
+            std::fs::write(outside.join(format!("keep-{i}")), "x").unwrap();
+            std::fs::write(outside.join(format!("inner/keep-{i}")), "x").unwrap();
+        }
+        let wd = open_dir(&base).unwrap();
+        let swaps = Arc::new(AtomicU64::new(0));
+        for round in 0..100 {
+            let top = base.join("top");
+            std::fs::create_dir_all(top.join("sub/inner")).unwrap();
+            for i in 0..20 {
+                std::fs::write(top.join(format!("sub/f-{i}")), "x").unwrap();
+                std::fs::write(top.join(format!("sub/inner/f-{i}")), "x").unwrap();
+            }
+            symlink(&outside, top.join("alt")).unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (a, b) = (
+                c_string(top.join("sub").as_os_str()).unwrap(),
+                c_string(top.join("alt").as_os_str()).unwrap(),
+            );
+            let (st, sw) = (stop.clone(), swaps.clone());
+            let swapper = std::thread::spawn(move || {
+                while !st.load(Ordering::Relaxed) {
+                    // SAFETY: two NUL-terminated paths.
+                    let r = unsafe {
+                        libc::renameat2(
+                            libc::AT_FDCWD,
+                            a.as_ptr(),
+                            libc::AT_FDCWD,
+                            b.as_ptr(),
+                            libc::RENAME_EXCHANGE,
+                        )
+                    };
+                    if r == 0 {
+                        sw.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+            let removed = remove_tree(&wd, c"top", |_| true);
+            stop.store(true, Ordering::Relaxed);
+            swapper.join().unwrap();
+            assert_eq!(removed.unwrap(), Removal::Removed, "round {round}");
+            for i in 0..20 {
+                assert!(outside.join(format!("keep-{i}")).exists(), "round {round}");
+                assert!(
+                    outside.join(format!("inner/keep-{i}")).exists(),
+                    "round {round}"
+                );
+            }
+        }
+        assert!(
+            swaps.load(Ordering::Relaxed) > 0,
+            "the swapper never swapped"
+        );
         std::fs::remove_dir_all(base).unwrap();
     }
 
