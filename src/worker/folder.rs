@@ -316,7 +316,7 @@ impl Walk<'_> {
             Err(e) if errno_is(&e, &[libc::ENOENT]) => return Ok(()),
             // Swapped for a symlink (or a file) since the lstat: remove that, not its target.
             Err(e) if errno_is(&e, &[libc::ELOOP, libc::ENOTDIR, libc::EMLINK]) => {
-                return unlink(dir, name, 0);
+                return swapped_is_fine(unlink(dir, name, 0), libc::EISDIR);
             }
             Err(e) => return Err(e),
         };
@@ -360,7 +360,7 @@ impl Walk<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::unix::fs::{PermissionsExt, symlink};
 
@@ -411,29 +411,39 @@ mod tests {
         std::fs::remove_dir_all(base).unwrap();
     }
 
-    /// A process of the job swaps a subfolder and a symlink to a folder outside, back and
-    /// forth, while the job's folder is deleted: the delete never goes through the link.
+    /// A process of the job swaps a subfolder (holding a folder locked with mode 000) and
+    /// a symlink to a folder outside, back and forth, while the job's folder is deleted,
+    /// `rounds` times: the delete never goes through the link (the folder outside keeps
+    /// its files and modes, its locked subfolder stays locked). Also run by an
+    /// unprivileged user (`executor::tests`), where permissions must be given back.
     #[cfg(target_os = "linux")]
-    #[test]
-    fn a_subfolder_swapped_for_a_symlink_during_the_delete_is_not_followed() {
+    pub(crate) fn delete_while_swapping(base: &Path, rounds: usize) {
+        use std::os::unix::fs::PermissionsExt;
         use std::sync::Arc;
         use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-        let base = scratch("swap");
+        let set_mode = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
         let outside = base.join("outside");
         std::fs::create_dir_all(outside.join("inner")).unwrap();
+        std::fs::create_dir_all(outside.join("locked")).unwrap();
         for i in 0..20 {
             std::fs::write(outside.join(format!("keep-{i}")), "x").unwrap();
             std::fs::write(outside.join(format!("inner/keep-{i}")), "x").unwrap();
         }
-        let wd = open_dir(&base).unwrap();
+        set_mode(&outside.join("locked"), 0o000);
+        set_mode(&outside, 0o500);
+        let wd = open_dir(base).unwrap();
         let swaps = Arc::new(AtomicU64::new(0));
-        for round in 0..100 {
+        for round in 0..rounds {
             let top = base.join("top");
             std::fs::create_dir_all(top.join("sub/inner")).unwrap();
+            std::fs::create_dir_all(top.join("sub/locked")).unwrap();
             for i in 0..20 {
                 std::fs::write(top.join(format!("sub/f-{i}")), "x").unwrap();
                 std::fs::write(top.join(format!("sub/inner/f-{i}")), "x").unwrap();
             }
+            set_mode(&top.join("sub/locked"), 0o000);
             symlink(&outside, top.join("alt")).unwrap();
             let stop = Arc::new(AtomicBool::new(false));
             let (a, b) = (
@@ -462,6 +472,16 @@ mod tests {
             stop.store(true, Ordering::Relaxed);
             swapper.join().unwrap();
             assert_eq!(removed.unwrap(), Removal::Removed, "round {round}");
+            assert_eq!(
+                mode(&outside),
+                0o500,
+                "round {round}: outside's mode changed"
+            );
+            assert_eq!(
+                mode(&outside.join("locked")),
+                0o000,
+                "round {round}: outside/locked was opened up"
+            );
             for i in 0..20 {
                 assert!(outside.join(format!("keep-{i}")).exists(), "round {round}");
                 assert!(
@@ -474,6 +494,16 @@ mod tests {
             swaps.load(Ordering::Relaxed) > 0,
             "the swapper never swapped"
         );
+        set_mode(&outside, 0o700);
+        set_mode(&outside.join("locked"), 0o700);
+        std::fs::remove_dir_all(outside).unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_subfolder_swapped_for_a_symlink_during_the_delete_is_not_followed() {
+        let base = scratch("swap");
+        delete_while_swapping(&base, 100);
         std::fs::remove_dir_all(base).unwrap();
     }
 
