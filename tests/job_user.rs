@@ -167,6 +167,14 @@ fn every_process_of_a_job_user_job_is_found_and_killed() {
     for pid in pids {
         wait_until(&format!("process {pid} of the job is dead"), || dead(pid));
     }
+    // What a script that exits leaves running is killed too.
+    let r = run(
+        &c.manager,
+        JobSpec::new("setsid sleep 600 > /dev/null 2>&1 & echo $!"),
+    );
+    assert_eq!(r.outcome, Outcome::Exited(0));
+    let pid: i32 = r.stdout_text().trim().parse().unwrap();
+    wait_until(&format!("leftover {pid} is dead"), || dead(pid));
 }
 
 #[test]

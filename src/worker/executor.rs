@@ -972,7 +972,11 @@ mod tests {
             std::env::var("CI").as_deref() != Ok("true"),
             "{test} needs root, and CI runs tests as root"
         );
-        eprintln!("!!!!! SKIPPED {test}: it needs root (not running as root) !!!!!");
+        // Straight to stderr, past the test harness's capture, so that it is seen.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("!!!!! SKIPPED {test}: it needs root (not running as root) !!!!!\n").as_bytes(),
+        );
         false
     }
 
