@@ -80,6 +80,9 @@ OPTIONS:
       --tag TAG                           a tag jobs can require (repeatable)
       --slots N                           jobs run at once [default: 1]
       --no-verify-hostname                do not check that the manager's certificate names HOST
+      --job-user NAME                     run every job as this user, its primary group and no
+                                          other group, so that jobs cannot read this worker's key
+                                          (the worker must be started as root)
       --insecure-plaintext                no TLS at all
       --help                              this text
 SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones finish, then
@@ -374,6 +377,7 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
             (&["--tag"], 1),
             (&["--slots"], 1),
             (&["--no-verify-hostname"], 0),
+            (&["--job-user"], 1),
             (PLAINTEXT, 0),
         ],
         WORKER_HELP,
@@ -403,6 +407,9 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
         config = config.tag(tag.clone());
     }
     config.slots = o.number("--slots", 1)?;
+    if let Some(user) = o.one("--job-user")? {
+        config = config.job_user(user);
+    }
     let signals = block_signals();
     let worker = Worker::start(config).map_err(failed)?;
     eprintln!(

@@ -252,6 +252,12 @@ wp_result wp_worker_config_set_slots(struct wp_worker_config *config, uint32_t s
 // Turns the check that the manager's certificate names its host on (default) or off.
 wp_result wp_worker_config_set_verify_hostname(struct wp_worker_config *config, bool verify);
 
+// Runs every job as the user called `user`, with its primary group and no other group,
+// so that jobs cannot read the worker's key or other users' files (their folders belong
+// to that user). `wp_worker_start` fails (`WP_RESULT_INVALID_ARGUMENT`) unless the
+// process runs as root and the user exists and is not root.
+wp_result wp_worker_config_set_job_user(struct wp_worker_config *config, const char *user);
+
 // Frees a configuration. NULL is fine.
 void wp_worker_config_free(struct wp_worker_config *config);
 

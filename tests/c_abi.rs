@@ -161,8 +161,11 @@ fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
         addr,
     } = start_cli_manager(dir);
     let port = addr.port().to_string();
+    // As root (as in CI), its jobs run as `nobody`.
+    let job_user = running_as_root().then_some("nobody");
     let mut worker = Command::new(lone)
         .args(["127.0.0.1", &port, &dir.display().to_string(), "c-lone"])
+        .args(job_user)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -171,7 +174,10 @@ fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
         .stdin
         .take()
         .unwrap()
-        .write_all(b"echo served by $(basename $PWD | cut -c1-12)\nexit 5\n")
+        .write_all(
+            b"echo served by $(basename $PWD | cut -c1-12)\nexit 5\n\
+              ls /proc/$$/fd > fds; echo fds $(cat fds) as $(id -un)\n",
+        )
         .unwrap();
     // End of the manager's stdin: it waits for both jobs, then exits.
     let mut rest = String::new();
@@ -183,10 +189,19 @@ fn lone_worker_serves_the_cli_manager(dir: &Path, lone: &Path) {
         .collect();
     let finished: Vec<&serde_json::Value> =
         lines.iter().filter(|e| e["event"] == "finished").collect();
-    assert_eq!(finished.len(), 2, "{rest}");
+    assert_eq!(finished.len(), 3, "{rest}");
     assert!(finished.iter().all(|e| e["worker"] == "c-lone"), "{rest}");
     assert!(finished.iter().any(|e| e["exit_code"] == 5));
     assert!(rest.contains("served by workpool-job"), "{rest}");
+    // The host's own descriptor (opened without O_CLOEXEC) did not reach the job.
+    let user = match job_user {
+        Some(u) => u.to_string(),
+        None => String::from_utf8(Command::new("id").arg("-un").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_string(),
+    };
+    assert!(rest.contains(&format!("fds 0 1 2 as {user}")), "{rest}");
     drop(worker.stdin.take());
     let out = worker.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -263,6 +278,10 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
         );
         assert_eq!(
             wp_worker_config_set_verify_hostname(ptr::null_mut(), true),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_set_job_user(ptr::null_mut(), text.as_ptr()),
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(
@@ -356,6 +375,14 @@ fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
         assert_eq!(
             wp_worker_config_set_slots(wc, 0),
             WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            wp_worker_config_set_job_user(wc, empty.as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            wp_worker_config_set_job_user(wc, ptr::null()),
+            WP_RESULT_NULL_PARAMETER
         );
         let mut worker: *mut wp_worker = ptr::null_mut();
         assert_eq!(wp_worker_start(wc, &mut worker), WP_RESULT_INVALID_ARGUMENT);

@@ -149,6 +149,7 @@ pub struct wp_worker_config {
     tags: Vec<String>,
     slots: u32,
     verify_hostname: bool,
+    job_user: Option<String>,
 }
 
 /// A running worker. Made by `wp_worker_start`; `wp_worker_free` (called once, after
@@ -531,6 +532,7 @@ pub unsafe extern "C" fn wp_worker_config_new(out: *mut *mut wp_worker_config) -
                 tags: Vec::new(),
                 slots: 1,
                 verify_hostname: true,
+                job_user: None,
             },
         )
     })
@@ -650,6 +652,26 @@ pub unsafe extern "C" fn wp_worker_config_set_verify_hostname(
     })
 }
 
+/// Runs every job as the user called `user`, with its primary group and no other group,
+/// so that jobs cannot read the worker's key or other users' files (their folders belong
+/// to that user). `wp_worker_start` fails (`WP_RESULT_INVALID_ARGUMENT`) unless the
+/// process runs as root and the user exists and is not root.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_job_user(
+    config: *mut wp_worker_config,
+    user: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let user = text!(user);
+        if user.is_empty() {
+            return fail(WP_RESULT_INVALID_ARGUMENT, "the job user's name is empty");
+        }
+        config.job_user = Some(user.to_string());
+        WP_RESULT_OK
+    })
+}
+
 /// Frees a configuration. NULL is fine.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_worker_config_free(config: *mut wp_worker_config) {
@@ -682,6 +704,9 @@ pub unsafe extern "C" fn wp_worker_start(
         }
         if !c.verify_hostname {
             rust = rust.no_verify_hostname();
+        }
+        if let Some(user) = &c.job_user {
+            rust = rust.job_user(user.clone());
         }
         match Worker::start(rust) {
             Ok(w) => boxed(out, wp_worker { _inner: w }),

@@ -1,19 +1,23 @@
 //! Runs one job: `/bin/bash -c SCRIPT` in a fresh 0700 folder under the work dir, in its
 //! own process group, with the job's environment (plus `WORKPOOL_JOB_ID` and the token of
-//! `tree`) and its stdin bytes (or `/dev/null`). One thread per job polls the two output
+//! `tree`) and its stdin bytes (or `/dev/null`), no other inherited descriptor, and as the
+//! job user if the worker has one. One thread per job polls the two output
 //! pipes, the process (a pidfd on Linux) and a wake-up pipe for commands, and sends output
 //! as it comes. Timeouts and cancels send SIGTERM to every process of the job and SIGKILL
 //! after the grace period. When the script exits, whatever it left running is killed,
 //! the process is reaped, the folder is deleted, and `Finished` is sent last.
 //! Nothing here knows about connections.
 
+use super::folder::{self, Removal};
+use super::job_user::{self, JobUser};
 use super::tree;
 use crate::job::{JobId, JobSpec, Outcome, Stream};
 use crate::protocol::OUTPUT_CHUNK;
 use crossbeam_channel::Sender;
+use std::ffi::{CString, OsStr};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -120,12 +124,14 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// Starts a job on a thread of its own. Its events, `Finished` last, go to `events`.
+/// Starts a job on a thread of its own, as `user` if given. Its events, `Finished` last,
+/// go to `events`.
 pub(crate) fn start(
     key: JobKey,
     spec: JobSpec,
     work_dir: PathBuf,
     default_grace: Duration,
+    user: Option<JobUser>,
     events: Sender<ExecEvent>,
 ) -> io::Result<RunningJob> {
     let (wake_r, wake_w) = pipe()?;
@@ -138,7 +144,16 @@ pub(crate) fn start(
     let c = control.clone();
     crate::thread::spawn(format!("wp-job-{}", key.job), move || {
         let grace = spec.kill_grace.unwrap_or(default_grace);
-        let (outcome, cleanup_error) = run(key, &spec, &work_dir, grace, &c, &wake_r, &events);
+        let (outcome, cleanup_error) = run(
+            key,
+            &spec,
+            &work_dir,
+            user.as_ref(),
+            grace,
+            &c,
+            &wake_r,
+            &events,
+        );
         let _ = events.send(ExecEvent::Finished {
             key,
             outcome,
@@ -152,16 +167,115 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What a job's process is given beyond its script: the job user's identity (and
+/// `HOME`, `USER`, `LOGNAME`, which the job's own environment may override), and no
+/// inherited descriptor beyond stdin, stdout and stderr.
+fn prepare(cmd: &mut Command, user: Option<&JobUser>) {
+    let ids = user.map(|u| {
+        cmd.env("HOME", &u.home)
+            .env("USER", &u.name)
+            .env("LOGNAME", &u.name);
+        (u.uid, u.gid)
+    });
+    let fd_limit = fd_limit();
+    // SAFETY: the closure runs in the child between fork and exec. It makes only
+    // async-signal-safe system calls (close_range or fcntl, setgroups, setgid, setuid),
+    // allocates nothing and takes no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            inherit_nothing(fd_limit);
+            match ids {
+                Some((uid, gid)) => job_user::switch_to(uid, gid),
+                None => Ok(()),
+            }
+        })
+    };
+}
+
+/// Below what descriptor numbers `inherit_nothing` looks when the kernel lacks
+/// `close_range` (Linux < 5.11): the descriptor limit, capped.
+fn fd_limit() -> libc::c_int {
+    // SAFETY: all-zero bytes are a valid `rlimit`, filled in by the call.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: `lim` is a valid, writable `rlimit`.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1 << 16;
+    }
+    lim.rlim_cur.min(1 << 20) as libc::c_int
+}
+
+/// In the child before exec: marks every descriptor from 3 up close-on-exec, so that the
+/// job gets only 0, 1 and 2 however careless the program embedding the worker was with
+/// its own descriptors. (Marking rather than closing keeps std's close-on-exec pipe that
+/// reports a failed exec working.)
+fn inherit_nothing(fd_limit: libc::c_int) {
+    #[cfg(target_os = "linux")]
+    {
+        let (first, last): (libc::c_uint, libc::c_uint) = (3, libc::c_uint::MAX);
+        // SAFETY: a system call on integers.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                first,
+                last,
+                libc::CLOSE_RANGE_CLOEXEC,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+    for fd in 3..fd_limit {
+        // SAFETY: fcntl on a number that may or may not be an open descriptor (EBADF).
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Checks at start that jobs can run as `user` in folders under `work_dir`: that this
+/// process may take on the user's identity, and that the user may run `/bin/bash` and
+/// enter `work_dir` (its job folders' paths must work for it). The answer says what
+/// failed.
+pub(crate) fn probe(user: &JobUser, work_dir: &Path) -> Result<(), String> {
+    let mut cmd = Command::new("/bin/bash");
+    cmd.args(["-c", "cd -- \"$1\"", "bash"])
+        .arg(work_dir)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    prepare(&mut cmd, Some(user));
+    let status = cmd
+        .spawn()
+        .and_then(|mut c| c.wait())
+        .map_err(|e| format!("cannot start /bin/bash as that user: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "that user cannot enter the work dir {} (it needs search permission on every \
+             folder of the path)",
+            work_dir.display()
+        ))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run(
     key: JobKey,
     spec: &JobSpec,
     work_dir: &Path,
+    user: Option<&JobUser>,
     grace: Duration,
     control: &Control,
     wake: &OwnedFd,
     events: &Sender<ExecEvent>,
 ) -> (Outcome, Option<String>) {
-    let dir = match make_job_dir(work_dir, key.job) {
+    let dir = match make_job_dir(work_dir, key.job, user) {
         Ok(d) => d,
         Err(e) => {
             let why = format!("cannot create a job folder in {}: {e}", work_dir.display());
@@ -169,10 +283,12 @@ fn run(
         }
     };
     let token = tree::new_token();
-    let spawned = Command::new("/bin/bash")
+    let mut cmd = Command::new("/bin/bash");
+    prepare(&mut cmd, user);
+    let spawned = cmd
         .arg("-c")
         .arg(&spec.script)
-        .current_dir(&dir)
+        .current_dir(&dir.path)
         .envs(&spec.env)
         .env("WORKPOOL_JOB_ID", key.job.0.to_string())
         .env(tree::TOKEN_VAR, &token)
@@ -189,8 +305,9 @@ fn run(
         Ok(c) => c,
         Err(e) => {
             let cleanup = remove_job_dir(&dir);
+            let who = user.map_or(String::new(), |u| format!(" as user {}", u.name));
             return (
-                Outcome::SpawnFailed(format!("cannot run /bin/bash: {e}")),
+                Outcome::SpawnFailed(format!("cannot run /bin/bash{who}: {e}")),
                 cleanup,
             );
         }
@@ -517,9 +634,21 @@ static DIR_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// The prefix of every job folder: `workpool-job-JOB-WORKERPID-NONCE`.
 const DIR_PREFIX: &str = "workpool-job-";
 
+/// A job's folder: its name in the work dir (held open), and what identifies it.
+struct JobDir {
+    parent: OwnedFd,
+    name: CString,
+    path: PathBuf,
+    /// (device, inode): anything put in its place later is not it.
+    id: (libc::dev_t, libc::ino_t),
+}
+
 /// Creates a new private folder for a job (mode 0700; `mkdir` fails rather than reuse
-/// anything that exists, so a planted folder or link is never entered).
-fn make_job_dir(work_dir: &Path, job: JobId) -> io::Result<PathBuf> {
+/// anything that exists, so a planted folder or link is never entered), owned by the job
+/// user if there is one.
+fn make_job_dir(work_dir: &Path, job: JobId, user: Option<&JobUser>) -> io::Result<JobDir> {
+    let parent = folder::open_dir(work_dir)?;
+    let owner = user.map(|u| (u.uid, u.gid));
     let mut last = None;
     for _ in 0..16 {
         let nonce = DIR_COUNTER.fetch_add(1, Ordering::Relaxed)
@@ -527,12 +656,17 @@ fn make_job_dir(work_dir: &Path, job: JobId) -> io::Result<PathBuf> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64)
                 .rotate_left(17));
-        let dir = work_dir.join(format!(
-            "{DIR_PREFIX}{job}-{}-{nonce:016x}",
-            std::process::id()
-        ));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => return Ok(dir),
+        let name = format!("{DIR_PREFIX}{job}-{}-{nonce:016x}", std::process::id());
+        let c_name = folder::c_string(OsStr::new(&name))?;
+        match folder::make_private_dir(&parent, &c_name, owner) {
+            Ok(id) => {
+                return Ok(JobDir {
+                    parent,
+                    name: c_name,
+                    path: work_dir.join(name),
+                    id,
+                });
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => last = Some(e),
             Err(e) => return Err(e),
         }
@@ -540,73 +674,72 @@ fn make_job_dir(work_dir: &Path, job: JobId) -> io::Result<PathBuf> {
     Err(last.unwrap_or_else(|| io::Error::other("no unique folder name")))
 }
 
-/// Deletes a job's folder, first giving back any permission the job took away from its
-/// own subfolders; a failure is logged and returned for the job's result.
-fn remove_job_dir(dir: &Path) -> Option<String> {
-    let first = match std::fs::remove_dir_all(dir) {
-        Ok(()) => return None,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
-        Err(e) => e,
+/// Deletes a job's folder — if it is still the one made for the job — giving back any
+/// permission the job took away from its own subfolders and following no symlink; a
+/// failure is logged and returned for the job's result.
+fn remove_job_dir(dir: &JobDir) -> Option<String> {
+    let removed = folder::remove_tree(&dir.parent, &dir.name, |st| {
+        (st.st_dev, st.st_ino) == dir.id
+    });
+    let msg = match removed {
+        Ok(Removal::Removed | Removal::Gone) => return None,
+        Ok(Removal::NotAFolder) => format!(
+            "the job folder {} was replaced by something that is not a folder; left alone",
+            dir.path.display()
+        ),
+        Ok(Removal::Refused { owner }) => format!(
+            "the job folder {} was replaced by another folder (of uid {owner}); left alone",
+            dir.path.display()
+        ),
+        Err(e) => format!(
+            "could not delete the job folder {}: {e}",
+            dir.path.display()
+        ),
     };
-    restore_permissions(dir);
-    match std::fs::remove_dir_all(dir) {
-        Ok(()) => None,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            let msg = format!(
-                "could not delete the job folder {}: {e} (first try: {first})",
-                dir.display()
-            );
-            log::warn!("{msg}");
-            Some(msg)
-        }
-    }
-}
-
-fn restore_permissions(dir: &Path) {
-    let Ok(meta) = std::fs::symlink_metadata(dir) else {
-        return;
-    };
-    if !meta.is_dir() {
-        return;
-    }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            restore_permissions(&e.path());
-        }
-    }
+    log::warn!("{msg}");
+    Some(msg)
 }
 
 /// Deletes job folders left by worker processes that no longer exist (a worker killed
-/// with SIGKILL cannot clean up). Folders of live workers are left alone.
-pub(crate) fn sweep_stale_dirs(work_dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(work_dir) else {
+/// with SIGKILL cannot clean up). Folders of live workers, folders of users other than
+/// `owners` (this worker's user and its job user) and anything that is not a folder are
+/// left alone; nothing is followed (see `folder`).
+pub(crate) fn sweep_stale_dirs(work_dir: &Path, owners: &[libc::uid_t]) {
+    let Ok(wd) = folder::open_dir(work_dir) else {
         return;
     };
-    for e in entries.flatten() {
-        let name = e.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
+    let Ok(names) = folder::list(&wd) else {
+        return;
+    };
+    for name in names {
+        let Some(rest) = name.to_str().ok().and_then(|n| n.strip_prefix(DIR_PREFIX)) else {
             continue;
         };
         let mut parts = rest.split('-');
-        let (_job, owner) = (
+        let (_job, worker) = (
             parts.next(),
             parts.next().and_then(|p| p.parse::<i32>().ok()),
         );
-        let Some(owner) = owner else { continue };
-        let gone = owner > 0
-            // SAFETY: signal 0 only asks whether the process exists.
-            && unsafe { libc::kill(owner, 0) } != 0
+        let Some(worker) = worker else { continue };
+        // SAFETY: signal 0 only checks whether the process exists.
+        let gone = worker > 0
+            && unsafe { libc::kill(worker, 0) } != 0
             && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
-        if gone && e.file_type().is_ok_and(|t| t.is_dir()) {
-            log::info!(
-                "removing {}, left by worker process {owner}, which is gone",
-                e.path().display()
-            );
-            if let Some(err) = remove_job_dir(&e.path()) {
-                log::warn!("{err}");
-            }
+        if !gone {
+            continue;
+        }
+        let shown = work_dir.join(OsStr::from_bytes(name.to_bytes()));
+        match folder::remove_tree(&wd, &name, |st| owners.contains(&st.st_uid)) {
+            Ok(Removal::Removed) => log::info!(
+                "removed {}, left by worker process {worker}, which is gone",
+                shown.display()
+            ),
+            Ok(Removal::Refused { owner }) => log::info!(
+                "left {} alone: it looks like a job folder but belongs to uid {owner}",
+                shown.display()
+            ),
+            Ok(Removal::Gone | Removal::NotAFolder) => {}
+            Err(e) => log::warn!("could not delete {}: {e}", shown.display()),
         }
     }
 }
@@ -631,6 +764,7 @@ mod tests {
             spec,
             std::env::temp_dir(),
             Duration::from_secs(5),
+            None,
             tx,
         )
         .unwrap();
@@ -800,6 +934,7 @@ mod tests {
             JobSpec::new("true"),
             "/nonexistent/workpool".into(),
             Duration::from_secs(1),
+            None,
             tx,
         )
         .unwrap();
@@ -812,7 +947,15 @@ mod tests {
     #[test]
     fn a_failed_delete_is_reported() {
         // /proc entries cannot be removed, even by root.
-        let r = remove_job_dir(Path::new("/proc/self/fd"));
+        let meta = std::fs::metadata("/proc/self/fd").unwrap();
+        use std::os::unix::fs::MetadataExt;
+        let dir = JobDir {
+            parent: folder::open_dir(Path::new("/proc/self")).unwrap(),
+            name: c"fd".to_owned(),
+            path: "/proc/self/fd".into(),
+            id: (meta.dev(), meta.ino()),
+        };
+        let r = remove_job_dir(&dir);
         assert!(r.unwrap().contains("could not delete"));
     }
 
@@ -826,19 +969,234 @@ mod tests {
         assert!(!Path::new(String::from_utf8(out).unwrap().trim()).exists());
     }
 
+    fn euid() -> libc::uid_t {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() }
+    }
+
+    /// Whether this process runs as root. Without root, a test that needs it fails under
+    /// `CI=true` (CI runs as root) and prints a loud skip line otherwise.
+    fn root_or_skip(test: &str) -> bool {
+        if euid() == 0 {
+            return true;
+        }
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "{test} needs root, and CI runs tests as root"
+        );
+        // Straight to stderr, past the test harness's capture, so that it is seen.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("!!!!! SKIPPED {test}: it needs root (not running as root) !!!!!\n").as_bytes(),
+        );
+        false
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("workpool-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        base
+    }
+
+    fn mode(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    /// A folder outside any job, as a job would like to reach it: files, and a subfolder
+    /// locked with mode 000 (a walk that gave permissions back through a symlink would
+    /// open it).
+    fn outside_target(base: &Path) -> PathBuf {
+        let outside = base.join("outside");
+        std::fs::create_dir_all(outside.join("locked")).unwrap();
+        std::fs::write(outside.join("precious"), "keep me").unwrap();
+        std::fs::write(outside.join("locked/inner"), "keep me too").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            outside.join("locked"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
+        outside
+    }
+
+    /// The outside folder is as `outside_target` made it.
+    fn assert_untouched(outside: &Path) {
+        assert_eq!(
+            std::fs::read_to_string(outside.join("precious")).unwrap(),
+            "keep me"
+        );
+        assert_eq!(
+            mode(&outside.join("locked")),
+            0o000,
+            "the locked folder was opened up"
+        );
+        use std::os::unix::fs::PermissionsExt;
+        let locked = outside.join("locked");
+        std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(locked.join("inner")).unwrap(),
+            "keep me too"
+        );
+    }
+
     #[test]
     fn stale_folders_of_dead_workers_are_swept_and_live_ones_kept() {
-        let base = std::env::temp_dir().join(format!("workpool-sweep-{}", std::process::id()));
-        std::fs::create_dir_all(&base).unwrap();
+        let base = scratch("sweep");
         // A pid that cannot exist (above the kernel's limit) and our own, live pid.
         let dead = base.join(format!("{DIR_PREFIX}7-{}-00", i32::MAX));
         let live = base.join(format!("{DIR_PREFIX}8-{}-00", std::process::id()));
         std::fs::create_dir_all(dead.join("sub")).unwrap();
         std::fs::create_dir_all(&live).unwrap();
-        sweep_stale_dirs(&base);
+        sweep_stale_dirs(&base, &[euid()]);
         assert!(!dead.exists());
         assert!(live.exists());
         std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn the_sweep_leaves_other_users_folders_and_symlinks_alone_and_follows_nothing() {
+        let base = scratch("sweep-foreign");
+        let outside = outside_target(&base);
+        // Named as by a worker process that cannot exist (a pid above the kernel's limit).
+        let stale_in = |base: &Path, n: u32| base.join(format!("{DIR_PREFIX}{n}-{}-00", i32::MAX));
+        let stale = |n: u32| stale_in(&base, n);
+        // A look-alike that is a symlink to a folder outside.
+        std::os::unix::fs::symlink(&outside, stale(1)).unwrap();
+        // A stale folder of ours that holds symlinks to it.
+        std::fs::create_dir_all(stale(2).join("sub")).unwrap();
+        std::os::unix::fs::symlink(&outside, stale(2).join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("locked"), stale(2).join("sub/link")).unwrap();
+        // A look-alike of ours, swept by a worker that only owns folders of other users.
+        std::fs::create_dir_all(stale(3)).unwrap();
+        std::fs::write(stale(3).join("f"), "x").unwrap();
+        sweep_stale_dirs(&base, &[euid().wrapping_add(1)]);
+        assert!(
+            stale(3).join("f").exists(),
+            "a folder of another owner was swept"
+        );
+        sweep_stale_dirs(&base, &[euid()]);
+        assert!(!stale(2).exists() && !stale(3).exists());
+        assert!(std::fs::symlink_metadata(stale(1)).unwrap().is_symlink());
+        assert_untouched(&outside);
+        std::fs::remove_dir_all(&base).unwrap();
+
+        if !root_or_skip("the_sweep_leaves_other_users_folders_and_symlinks_alone (foreign owner)")
+        {
+            return;
+        }
+        // Really another user's: nobody's look-alike is left alone by a root worker...
+        let base = scratch("sweep-foreign-root");
+        let stale = |n: u32| stale_in(&base, n);
+        std::fs::create_dir_all(stale(4).join("sub")).unwrap();
+        std::fs::write(stale(4).join("sub/f"), "x").unwrap();
+        let nobody = job_user::lookup("nobody")
+            .unwrap()
+            .expect("a user called nobody");
+        for p in [stale(4), stale(4).join("sub"), stale(4).join("sub/f")] {
+            std::os::unix::fs::lchown(&p, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        }
+        sweep_stale_dirs(&base, &[0]);
+        assert!(
+            stale(4).join("sub/f").exists(),
+            "nobody's folder was swept by root"
+        );
+        // ... and swept by one whose jobs run as nobody.
+        sweep_stale_dirs(&base, &[0, nobody.uid]);
+        assert!(!stale(4).exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_symlink_planted_in_the_job_folder_is_not_followed_when_it_is_deleted() {
+        let base = scratch("planted");
+        let outside = outside_target(&base);
+        let o = outside.display();
+        let (result, out, _, cleanup) = run_job(JobSpec::new(format!(
+            "ln -s {o} link; ln -s {o}/locked locked-link; mkdir -p sub/deeper; \
+             ln -s {o} sub/deeper/link; ln -s {o}/precious sub/file-link; \
+             chmod 000 sub/deeper sub; chmod 500 .; pwd"
+        )));
+        assert_eq!(result, Outcome::Exited(0));
+        assert_eq!(cleanup, None);
+        assert!(!Path::new(String::from_utf8(out).unwrap().trim()).exists());
+        assert_untouched(&outside);
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// The body of `an_unprivileged_worker_gives_back_permissions_without_following_links`,
+    /// run by a process of an unprivileged user (where root would need no permission
+    /// back). Without its variable it does nothing.
+    #[test]
+    #[ignore]
+    fn unprivileged_removal_child() {
+        if let Ok(base) = std::env::var("WP_UNPRIVILEGED_REMOVAL") {
+            unprivileged_removal(Path::new(&base));
+        }
+    }
+
+    fn unprivileged_removal(base: &Path) {
+        assert_ne!(euid(), 0);
+        let outside = outside_target(base);
+        let job = base.join("job");
+        std::fs::create_dir_all(job.join("sub/deeper")).unwrap();
+        std::fs::write(job.join("sub/deeper/f"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, job.join("link")).unwrap();
+        std::os::unix::fs::symlink(outside.join("locked"), job.join("sub/link")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        for p in [job.join("sub/deeper"), job.join("sub"), job.clone()] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o000)).unwrap();
+        }
+        let wd = folder::open_dir(base).unwrap();
+        let removed = folder::remove_tree(&wd, c"job", |_| true).unwrap();
+        assert_eq!(removed, Removal::Removed);
+        assert!(!job.exists());
+        assert_untouched(&outside);
+        std::fs::remove_dir_all(&outside).unwrap();
+        // A process of the job swaps a locked subfolder and a symlink during the delete.
+        #[cfg(target_os = "linux")]
+        folder::tests::delete_while_swapping(base, 50);
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
+    #[test]
+    fn an_unprivileged_worker_gives_back_permissions_without_following_links() {
+        let base = scratch("unprivileged-removal");
+        if euid() != 0 {
+            // Already unprivileged: run the body here.
+            unprivileged_removal(&base);
+            return;
+        }
+        let nobody = job_user::lookup("nobody")
+            .unwrap()
+            .expect("a user called nobody");
+        std::os::unix::fs::chown(&base, Some(nobody.uid), Some(nobody.gid)).unwrap();
+        // A copy of this test program that nobody may run wherever the build is.
+        let bin = scratch("unprivileged-removal-bin");
+        let exe = bin.join("tests");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        let out = Command::new(&exe)
+            .args([
+                "worker::executor::tests::unprivileged_removal_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("WP_UNPRIVILEGED_REMOVAL", &base)
+            .uid(nobody.uid)
+            .gid(nobody.gid)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!base.exists(), "the child did not run to its end");
+        std::fs::remove_dir_all(bin).unwrap();
     }
 
     fn gone(pid: i32) -> bool {

@@ -5,6 +5,8 @@
 //! a writer thread; each job has a thread of its own (see `executor`).
 
 mod executor;
+mod folder;
+mod job_user;
 mod tree;
 
 use crate::error::{Error, Result};
@@ -15,6 +17,7 @@ use crate::protocol::{HeldJob, ManagerMessage, Welcome, WorkerHello, WorkerMessa
 use crate::tls::{self, Identity, TrustRoots};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use executor::{ExecEvent, JobKey, RunningJob};
+use job_user::JobUser;
 use rustls::ClientConfig;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -75,6 +78,12 @@ pub struct WorkerConfig {
     /// Per job, how much output is kept for a reconnect: recently sent output that may
     /// not have arrived, and output made while disconnected (beyond that the job waits).
     pub reconnect_buffer: usize,
+    /// Runs every job as this user, with its primary group and no supplementary groups,
+    /// so that a job cannot read the worker's key or other users' files; its job folders
+    /// belong to that user. The worker must run as root, and [`Worker::start`] refuses a
+    /// user that does not exist (or is root). `None` (the default): jobs run as the
+    /// worker's own user.
+    pub job_user: Option<String>,
 }
 
 /// `OS-ARCH` of this machine, e.g. `linux-x86_64`.
@@ -133,6 +142,7 @@ impl WorkerConfig {
             backoff_max: Duration::from_secs(10),
             kill_grace: Duration::from_secs(5),
             reconnect_buffer: 8 << 20,
+            job_user: None,
         }
     }
 
@@ -151,6 +161,12 @@ impl WorkerConfig {
     /// Sets the number of slots.
     pub fn slots(mut self, slots: u32) -> WorkerConfig {
         self.slots = slots;
+        self
+    }
+
+    /// Runs every job as this user (see [`WorkerConfig::job_user`]).
+    pub fn job_user(mut self, name: impl Into<String>) -> WorkerConfig {
+        self.job_user = Some(name.into());
         self
     }
 
@@ -186,7 +202,21 @@ impl WorkerConfig {
                 self.work_dir.display()
             ));
         }
+        if self.job_user.as_deref() == Some("") {
+            return bad("job_user is empty".into());
+        }
         Ok(())
+    }
+
+    /// The job user, looked up, once it is known that jobs can run as it.
+    fn resolve_job_user(&self) -> Result<Option<JobUser>> {
+        let Some(name) = &self.job_user else {
+            return Ok(None);
+        };
+        let user = JobUser::resolve(name)?;
+        executor::probe(&user, &self.work_dir)
+            .map_err(|why| Error::InvalidConfig(format!("job_user {name:?}: {why}")))?;
+        Ok(Some(user))
     }
 
     fn address(&self) -> String {
@@ -243,7 +273,11 @@ impl Worker {
                 None
             }
         };
-        executor::sweep_stale_dirs(&config.work_dir);
+        let job_user = config.resolve_job_user()?;
+        // SAFETY: geteuid has no preconditions.
+        let mut owners = vec![unsafe { libc::geteuid() }];
+        owners.extend(job_user.as_ref().map(|u| u.uid));
+        executor::sweep_stale_dirs(&config.work_dir, &owners);
         let (control_tx, control_rx) = unbounded();
         let (done_tx, done_rx) = bounded::<()>(0);
         let status = Arc::new(Status {
@@ -255,7 +289,9 @@ impl Worker {
         let st = status.clone();
         let thread = crate::thread::spawn(format!("wp-worker-{name}"), move || {
             let _done = done_tx;
-            WorkerLoop::new(config, tls, control_rx, st).run()
+            let mut worker = WorkerLoop::new(config, tls, control_rx, st);
+            worker.job_user = job_user;
+            worker.run()
         })
         .map_err(|e| Error::io("starting the worker thread", e))?;
         Ok(Worker {
@@ -414,6 +450,8 @@ struct WorkerLoop {
     exec_tx: Sender<ExecEvent>,
     exec_rx: Receiver<ExecEvent>,
     rng: u64,
+    /// Who runs the jobs (`WorkerConfig::job_user`, looked up); `None`: this process's user.
+    job_user: Option<JobUser>,
 }
 
 impl WorkerLoop {
@@ -445,6 +483,7 @@ impl WorkerLoop {
             exec_tx,
             exec_rx,
             rng: seed | 1,
+            job_user: None,
         }
     }
 
@@ -846,6 +885,7 @@ impl WorkerLoop {
                     spec,
                     self.config.work_dir.clone(),
                     self.config.kill_grace,
+                    self.job_user.clone(),
                     self.exec_tx.clone(),
                 );
                 match started {

@@ -476,3 +476,28 @@ pub fn start_cli_manager(dir: &Path) -> CliManager {
         addr,
     }
 }
+
+/// Whether the tests run as root (they do in CI).
+pub fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// For a test that needs root: true when running as root. Otherwise it fails the test
+/// under `CI=true` (CI runs as root, so the test must really run there) and prints a loud
+/// skip line elsewhere.
+pub fn root_or_skip(test: &str) -> bool {
+    if running_as_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root, and CI runs tests as root"
+    );
+    // Straight to stderr, past the test harness's capture, so that it is seen.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("!!!!! SKIPPED {test}: it needs root (not running as root) !!!!!\n").as_bytes(),
+    );
+    false
+}
