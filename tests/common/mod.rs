@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use workpool::job::{JobEvent, JobSpec, Outcome};
 use workpool::manager::{Manager, ManagerConfig, ManagerEvent};
-use workpool::tls::{GeneratedCertificate, Identity, TrustRoots, generate_self_signed};
+use workpool::tls::{
+    DEFAULT_VALIDITY_DAYS, GeneratedCertificate, Identity, TrustRoots,
+    generate_manager_certificate, generate_worker_certificate,
+};
 use workpool::worker::{Worker, WorkerConfig};
 
 /// Generous: the machines are small and shared.
@@ -21,9 +24,16 @@ pub struct Certs {
 impl Certs {
     pub fn new(workers: usize) -> Certs {
         Certs {
-            manager: generate_self_signed(&["localhost", "127.0.0.1"]).unwrap(),
+            manager: generate_manager_certificate(
+                &["localhost", "127.0.0.1"],
+                DEFAULT_VALIDITY_DAYS,
+            )
+            .unwrap(),
             workers: (0..workers)
-                .map(|i| generate_self_signed(&[&format!("worker-{i}")]).unwrap())
+                .map(|i| {
+                    generate_worker_certificate(&[&format!("worker-{i}")], DEFAULT_VALIDITY_DAYS)
+                        .unwrap()
+                })
                 .collect(),
         }
     }
