@@ -139,7 +139,10 @@ fn worker_certificates_issued_by_a_trusted_ca_are_accepted_and_others_are_not() 
         .name("the-ca"),
     )
     .unwrap();
-    assert!(!joins(&ca_as_worker), "the CA's certificate joined as a worker");
+    assert!(
+        !joins(&ca_as_worker),
+        "the CA's certificate joined as a worker"
+    );
     assert_eq!(manager.workers().len(), 1);
 }
 

@@ -408,7 +408,9 @@ pub unsafe extern "C" fn wp_manager_config_set_identity_pem_files(
 
 /// Pins the self-signed worker certificates in a PEM file: a worker presenting exactly
 /// one of them is accepted (within its validity period). A pinned certificate is accepted
-/// only as itself, never as the issuer of another, even when it says `CA:TRUE`.
+/// only as itself, never as the issuer of another, even when it says `CA:TRUE`. A
+/// certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+/// its CA instead.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_manager_config_add_worker_certificate_pem_file(
     config: *mut wp_manager_config,
@@ -584,6 +586,8 @@ pub unsafe extern "C" fn wp_worker_config_set_identity_pem_files(
 /// Pins the manager's self-signed certificate(s) in a PEM file: a manager presenting
 /// exactly one of them is accepted (within its validity period). A pinned certificate is
 /// accepted only as itself, never as the issuer of another, even when it says `CA:TRUE`.
+/// A certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+/// its CA instead.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_worker_config_add_manager_certificate_pem_file(
     config: *mut wp_worker_config,
