@@ -302,9 +302,9 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
             o.all("--security-worker-ca"),
         );
         if pinned.is_empty() && cas.is_empty() {
-            return Err(usage(format!(
-                "--security-worker-certificates or --security-worker-ca is required{why}"
-            )));
+            return Err(usage(
+                "--security-worker-certificates is required (or --security-worker-ca, or --insecure-plaintext)",
+            ));
         }
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
         let mut trust = PeerTrust::pinned_pem_files(pinned).map_err(failed)?;
@@ -412,9 +412,9 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
         let pool = o.one("--security-pool-certificate")?;
         let cas = o.all("--security-pool-ca");
         if pool.is_none() && cas.is_empty() {
-            return Err(usage(format!(
-                "--security-pool-certificate or --security-pool-ca is required{why}"
-            )));
+            return Err(usage(
+                "--security-pool-certificate is required (or --security-pool-ca, or --insecure-plaintext)",
+            ));
         }
         let cert = o.required("--security-worker-certificate", why)?;
         let key = o.required("--security-worker-key", why)?;
