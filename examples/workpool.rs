@@ -11,18 +11,25 @@
 //!     --security-worker-certificate worker-0-cert.pem --security-worker-key worker-0-key.pem
 //! ```
 //!
+//! A certificate given to `--security-worker-certificates` or `--security-pool-certificate`
+//! is pinned: accepted only as itself. Issuers go to `--security-worker-ca` and
+//! `--security-pool-ca`.
+//!
 //! Set `RUST_LOG=debug` for more log lines (they go to stderr).
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 use workpool::job::{JobEvent, JobId, JobSpec, JobState, Outcome, Stream};
 use workpool::manager::{Manager, ManagerConfig, ManagerEvent, WorkerInfo};
-use workpool::tls::{Identity, TrustRoots, generate_self_signed};
+use workpool::tls::{
+    DEFAULT_VALIDITY_DAYS, Identity, PeerTrust, generate_manager_certificate,
+    generate_worker_certificate,
+};
 use workpool::worker::{Worker, WorkerConfig};
 
 const USAGE: &str = "\
@@ -46,7 +53,11 @@ OPTIONS:
       --security-pool-certificate FILE    the manager's certificate (PEM)
       --security-pool-key FILE            the manager's private key (PEM)
       --security-worker-certificates FILE [FILE ...]
-                                          worker certificates or CAs to trust (repeatable)
+                                          self-signed worker certificates to pin: each is
+                                          accepted only as itself, never as an issuer
+      --security-worker-ca FILE [FILE ...]
+                                          CA certificates whose issued worker certificates
+                                          are accepted (at least one of these two options)
       --json                              one JSON object per line on stdout
       --metrics-address ADDR              serve Prometheus metrics at http://ADDR/metrics
       --insecure-plaintext                no TLS at all (anyone who reaches the port can take jobs)
@@ -73,7 +84,10 @@ workpool worker: connect to a manager and run its jobs (reconnects by itself)
 OPTIONS:
   -h, --host HOST                         the manager's host [default: 127.0.0.1]
   -p, --port PORT                         the manager's port [default: 9001]
-      --security-pool-certificate FILE    the manager's certificate, or its CA (PEM)
+      --security-pool-certificate FILE    the manager's self-signed certificate to pin (PEM):
+                                          accepted only as itself, never as an issuer
+      --security-pool-ca FILE             a CA whose issued manager certificate is accepted
+                                          (repeatable; at least one of these two options)
       --security-worker-certificate FILE  this worker's certificate (PEM)
       --security-worker-key FILE          this worker's private key (PEM)
       --name NAME                         name shown to the manager [default: HOSTNAME-PID]
@@ -95,7 +109,12 @@ OPTIONS:
       --number-of-workers N   how many worker certificates [default: 1]
       --hostname HOST         the manager's host name (also valid: localhost, 127.0.0.1) [required]
       --output-dir DIR        where to write them [default: .]
-Writes host-cert.pem host-key.pem worker-0-cert.pem worker-0-key.pem ...";
+      --days N                how long they are valid [default: 3650]
+      --force                 replace files that exist already (they are replaced, never
+                              written through; keys are new files of mode 0600)
+Writes host-cert.pem host-key.pem worker-0-cert.pem worker-0-key.pem ...
+The manager's certificate is for server authentication only, the workers' for client
+authentication only: neither is accepted in the other's place.";
 
 const DEMO_HELP: &str = "\
 workpool demo: a manager and two workers in this process, on loopback, with fresh certificates,
@@ -245,6 +264,8 @@ const PORT: &[&str] = &["--port", "-p"];
 const POOL_CERT: &[&str] = &["--security-pool-certificate"];
 const POOL_KEY: &[&str] = &["--security-pool-key"];
 const WORKER_CERTS: &[&str] = &["--security-worker-certificates"];
+const WORKER_CAS: &[&str] = &["--security-worker-ca"];
+const POOL_CAS: &[&str] = &["--security-pool-ca"];
 const WORKER_CERT: &[&str] = &["--security-worker-certificate"];
 const WORKER_KEY: &[&str] = &["--security-worker-key"];
 const PLAINTEXT: &[&str] = &["--insecure-plaintext"];
@@ -259,6 +280,7 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
             (POOL_CERT, 1),
             (POOL_KEY, 1),
             (WORKER_CERTS, MANY),
+            (WORKER_CAS, MANY),
             (PLAINTEXT, 0),
             (JSON, 0),
             (&["--metrics-address"], 1),
@@ -278,15 +300,21 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
         let why = " (or --insecure-plaintext)";
         let cert = o.required("--security-pool-certificate", why)?;
         let key = o.required("--security-pool-key", why)?;
-        if o.all("--security-worker-certificates").is_empty() {
-            return Err(usage(format!(
-                "--security-worker-certificates is required{why}"
-            )));
+        let (pinned, cas) = (
+            o.all("--security-worker-certificates"),
+            o.all("--security-worker-ca"),
+        );
+        if pinned.is_empty() && cas.is_empty() {
+            return Err(usage(
+                "--security-worker-certificates is required (or --security-worker-ca, or --insecure-plaintext)",
+            ));
         }
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
-        let roots =
-            TrustRoots::from_pem_files(o.all("--security-worker-certificates")).map_err(failed)?;
-        ManagerConfig::new(listen, identity, roots)
+        let mut trust = PeerTrust::pinned_pem_files(pinned).map_err(failed)?;
+        for ca in cas {
+            trust.add_ca_pem_file(ca).map_err(failed)?;
+        }
+        ManagerConfig::new(listen, identity, trust)
     };
     let mut config = config;
     config.metrics_addr = o.one("--metrics-address")?.map(String::from);
@@ -371,6 +399,7 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
             (HOST, 1),
             (PORT, 1),
             (POOL_CERT, 1),
+            (POOL_CAS, 1),
             (WORKER_CERT, 1),
             (WORKER_KEY, 1),
             (&["--name"], 1),
@@ -388,12 +417,21 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
         WorkerConfig::insecure_plaintext(host, port)
     } else {
         let why = " (or --insecure-plaintext)";
-        let pool = o.required("--security-pool-certificate", why)?;
+        let pool = o.one("--security-pool-certificate")?;
+        let cas = o.all("--security-pool-ca");
+        if pool.is_none() && cas.is_empty() {
+            return Err(usage(
+                "--security-pool-certificate is required (or --security-pool-ca, or --insecure-plaintext)",
+            ));
+        }
         let cert = o.required("--security-worker-certificate", why)?;
         let key = o.required("--security-worker-key", why)?;
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
-        let roots = TrustRoots::from_pem_files([pool]).map_err(failed)?;
-        let c = WorkerConfig::new(host, port, identity, roots);
+        let mut trust = PeerTrust::pinned_pem_files(pool).map_err(failed)?;
+        for ca in cas {
+            trust.add_ca_pem_file(ca).map_err(failed)?;
+        }
+        let c = WorkerConfig::new(host, port, identity, trust);
         if o.flag("--no-verify-hostname") {
             c.no_verify_hostname()
         } else {
@@ -439,12 +477,41 @@ fn generate(args: &[String]) -> Result<(), Failure> {
             (&["--number-of-workers"], 1),
             (&["--hostname"], 1),
             (&["--output-dir"], 1),
+            (&["--days"], 1),
+            (&["--force"], 0),
         ],
         GENERATE_HELP,
     )?;
     let n: usize = o.number("--number-of-workers", 1)?;
     let host = o.required("--hostname", "")?;
     let dir = PathBuf::from(o.one("--output-dir")?.unwrap_or("."));
+    let days: u32 = o.number("--days", DEFAULT_VALIDITY_DAYS)?;
+    if days == 0 {
+        return Err(usage("--days must be at least 1"));
+    }
+    let force = o.flag("--force");
+    let mut files = vec![("host-cert.pem".to_string(), "host-key.pem".to_string())];
+    files.extend((0..n).map(|i| {
+        (
+            format!("worker-{i}-cert.pem"),
+            format!("worker-{i}-key.pem"),
+        )
+    }));
+    if !force {
+        let existing: Vec<String> = files
+            .iter()
+            .flat_map(|(c, k)| [c, k])
+            .map(|f| dir.join(f))
+            .filter(|p| p.symlink_metadata().is_ok())
+            .map(|p| p.display().to_string())
+            .collect();
+        if !existing.is_empty() {
+            return Err(failed(format!(
+                "{} exist(s) already; nothing was written (--force replaces them)",
+                existing.join(", ")
+            )));
+        }
+    }
     std::fs::create_dir_all(&dir)
         .map_err(|e| failed(format!("creating {}: {e}", dir.display())))?;
     let mut names = vec![host];
@@ -453,36 +520,22 @@ fn generate(args: &[String]) -> Result<(), Failure> {
             names.push(extra);
         }
     }
-    let write = |file: &str, text: &str, private: bool| -> Result<(), Failure> {
-        let path = dir.join(file);
-        write_file(&path, text, private)
-            .map_err(|e| failed(format!("writing {}: {e}", path.display())))?;
-        println!("wrote {}", path.display());
-        Ok(())
-    };
-    let host_cert = generate_self_signed(&names).map_err(failed)?;
-    write("host-cert.pem", &host_cert.cert_pem, false)?;
-    write("host-key.pem", &host_cert.key_pem, true)?;
-    for i in 0..n {
-        let mut names = vec![format!("worker-{i}")];
-        names.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        let c = generate_self_signed(&refs).map_err(failed)?;
-        write(&format!("worker-{i}-cert.pem"), &c.cert_pem, false)?;
-        write(&format!("worker-{i}-key.pem"), &c.key_pem, true)?;
+    for (i, (cert_file, key_file)) in files.iter().enumerate() {
+        let generated = if i == 0 {
+            generate_manager_certificate(&names, days)
+        } else {
+            let name = format!("worker-{}", i - 1);
+            generate_worker_certificate(&[&name, "localhost", "127.0.0.1"], days)
+        }
+        .map_err(failed)?;
+        let (cert_path, key_path) = (dir.join(cert_file), dir.join(key_file));
+        generated
+            .write_pem_files(&cert_path, &key_path, force)
+            .map_err(failed)?;
+        println!("wrote {}", cert_path.display());
+        println!("wrote {}", key_path.display());
     }
     Ok(())
-}
-
-fn write_file(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(path)?;
-    f.write_all(text.as_bytes())
 }
 
 const SHOWCASE: &[&str] = &[
@@ -499,15 +552,18 @@ const SHOWCASE: &[&str] = &[
 
 fn demo(args: &[String]) -> Result<(), Failure> {
     let o = parse(args, &[(&["--interactive"], 0), (JSON, 0)], DEMO_HELP)?;
-    let host = generate_self_signed(&["localhost", "127.0.0.1"]).map_err(failed)?;
+    let days = DEFAULT_VALIDITY_DAYS;
+    let host = generate_manager_certificate(&["localhost", "127.0.0.1"], days).map_err(failed)?;
     let worker_certs: Vec<_> = ["alpha", "beta"]
         .iter()
-        .map(|n| generate_self_signed(&[n]))
+        .map(|n| generate_worker_certificate(&[n], days))
         .collect::<Result<_, _>>()
         .map_err(failed)?;
-    let mut roots = TrustRoots::new();
+    let mut roots = PeerTrust::new();
     for c in &worker_certs {
-        roots.add_pem(c.cert_pem.as_bytes()).map_err(failed)?;
+        roots
+            .add_pinned_pem(c.cert_pem.as_bytes())
+            .map_err(failed)?;
     }
     let identity =
         Identity::from_pem(host.cert_pem.as_bytes(), host.key_pem.as_bytes()).map_err(failed)?;
@@ -521,7 +577,7 @@ fn demo(args: &[String]) -> Result<(), Failure> {
     for (i, (name, c)) in ["alpha", "beta"].iter().zip(&worker_certs).enumerate() {
         let identity =
             Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).map_err(failed)?;
-        let roots = TrustRoots::from_pem(host.cert_pem.as_bytes()).map_err(failed)?;
+        let roots = PeerTrust::pinned_pem(host.cert_pem.as_bytes()).map_err(failed)?;
         let mut config = WorkerConfig::new("127.0.0.1", port, identity, roots).name(*name);
         if i == 1 {
             config = config.tag("big");

@@ -200,8 +200,21 @@ wp_result wp_manager_config_set_identity_pem_files(struct wp_manager_config *con
                                                    const char *cert_path,
                                                    const char *key_path);
 
-// Adds the certificates in a PEM file to those trusted for workers (their own
-// self-signed certificates, or the CA that issues them).
+// Pins the self-signed worker certificates in a PEM file: a worker presenting exactly
+// one of them is accepted (within its validity period). A pinned certificate is accepted
+// only as itself, never as the issuer of another, even when it says `CA:TRUE`. A
+// certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+// its CA instead.
+wp_result wp_manager_config_add_worker_certificate_pem_file(struct wp_manager_config *config,
+                                                            const char *path);
+
+// Trusts the CA certificates in a PEM file as issuers of worker certificates: a worker
+// whose certificate one of them issued (for client authentication) is accepted.
+wp_result wp_manager_config_add_worker_ca_pem_file(struct wp_manager_config *config,
+                                                   const char *path);
+
+// The former name of `wp_manager_config_add_worker_certificate_pem_file`, and the same:
+// it pins (CAs go to `wp_manager_config_add_worker_ca_pem_file`).
 wp_result wp_manager_config_add_worker_root_pem_file(struct wp_manager_config *config,
                                                      const char *path);
 
@@ -236,7 +249,21 @@ wp_result wp_worker_config_set_identity_pem_files(struct wp_worker_config *confi
                                                   const char *cert_path,
                                                   const char *key_path);
 
-// Adds the certificates in a PEM file to those trusted for the manager.
+// Pins the manager's self-signed certificate(s) in a PEM file: a manager presenting
+// exactly one of them is accepted (within its validity period). A pinned certificate is
+// accepted only as itself, never as the issuer of another, even when it says `CA:TRUE`.
+// A certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+// its CA instead.
+wp_result wp_worker_config_add_manager_certificate_pem_file(struct wp_worker_config *config,
+                                                            const char *path);
+
+// Trusts the CA certificates in a PEM file as issuers of the manager's certificate: a
+// manager whose certificate one of them issued (for server authentication) is accepted.
+wp_result wp_worker_config_add_manager_ca_pem_file(struct wp_worker_config *config,
+                                                   const char *path);
+
+// The former name of `wp_worker_config_add_manager_certificate_pem_file`, and the same:
+// it pins (CAs go to `wp_worker_config_add_manager_ca_pem_file`).
 wp_result wp_worker_config_add_manager_root_pem_file(struct wp_worker_config *config,
                                                      const char *path);
 

@@ -9,24 +9,25 @@
 //!
 //! ```
 //! use workpool::{JobSpec, Manager, ManagerConfig, Outcome, Worker, WorkerConfig};
-//! use workpool::tls::{generate_self_signed, Identity, TrustRoots};
+//! use workpool::tls::{self, Identity, PeerTrust};
 //!
 //! # fn main() -> workpool::Result<()> {
-//! // Certificates for a manager and one worker; each side pins the other's.
-//! let m = generate_self_signed(&["localhost", "127.0.0.1"])?;
-//! let w = generate_self_signed(&["worker-0"])?;
+//! // Certificates for a manager and one worker, valid for 10 years; each side pins the
+//! // other's (a pinned certificate is accepted only as itself).
+//! let m = tls::generate_manager_certificate(&["localhost", "127.0.0.1"], 3650)?;
+//! let w = tls::generate_worker_certificate(&["worker-0"], 3650)?;
 //!
 //! let manager = Manager::bind(ManagerConfig::new(
 //!     "127.0.0.1:0",
 //!     Identity::from_pem(m.cert_pem.as_bytes(), m.key_pem.as_bytes())?,
-//!     TrustRoots::from_pem(w.cert_pem.as_bytes())?,
+//!     PeerTrust::pinned_pem(w.cert_pem.as_bytes())?,
 //! ))?;
 //! let _worker = Worker::start(
 //!     WorkerConfig::new(
 //!         "127.0.0.1",
 //!         manager.local_addr().port(),
 //!         Identity::from_pem(w.cert_pem.as_bytes(), w.key_pem.as_bytes())?,
-//!         TrustRoots::from_pem(m.cert_pem.as_bytes())?,
+//!         PeerTrust::pinned_pem(m.cert_pem.as_bytes())?,
 //!     )
 //!     .name("worker-0"),
 //! )?;

@@ -1,6 +1,6 @@
-//! Certificates and the encrypted byte stream: PEM loading, the rustls
-//! configurations of both sides (with pinning of self-signed peer certificates),
-//! certificate generation, and [`split`], which turns one handshaken connection
+//! Certificates and the encrypted byte stream: PEM loading, what each side trusts
+//! ([`PeerTrust`]: pinned certificates and CAs, kept apart), the rustls configurations of
+//! both sides, certificate generation, and [`split`], which turns one handshaken connection
 //! into a reader half and a writer half usable from two threads at once.
 //! Nothing here knows about frames or jobs.
 
@@ -105,74 +105,180 @@ impl Identity {
     }
 }
 
-/// The certificates a side trusts for its peers: CA certificates, or the peers' own
-/// self-signed certificates (pinned: trusted when byte-for-byte equal).
+/// What one side trusts for its peer, as two separate lists:
+///
+/// - **pinned** certificates: self-signed certificates accepted only as themselves, when
+///   the peer presents exactly these bytes (within their validity period, and for the
+///   right purpose when they carry an extendedKeyUsage). A pinned certificate never vouches
+///   for another certificate, even when it says `CA:TRUE` (as `openssl req -x509` makes
+///   them).
+/// - **CAs**: issuers. A peer certificate that chains to one of them is accepted through
+///   WebPki path validation; a CA certificate is never accepted as a peer's own.
 #[derive(Clone, Debug, Default)]
-pub struct TrustRoots {
-    certs: Vec<CertificateDer<'static>>,
+pub struct PeerTrust {
+    pinned: Vec<CertificateDer<'static>>,
+    cas: Vec<CertificateDer<'static>>,
 }
 
-impl TrustRoots {
-    /// No roots yet.
-    pub fn new() -> TrustRoots {
-        TrustRoots::default()
+/// The name [`PeerTrust`] had before pinned certificates and CAs were told apart. Its
+/// [`from_pem`](PeerTrust::from_pem), [`from_pem_files`](PeerTrust::from_pem_files),
+/// [`add_pem`](PeerTrust::add_pem) and [`add_pem_file`](PeerTrust::add_pem_file) pin.
+pub type TrustRoots = PeerTrust;
+
+impl PeerTrust {
+    /// Nothing trusted yet.
+    pub fn new() -> PeerTrust {
+        PeerTrust::default()
     }
 
-    /// Roots from PEM text holding one or more certificates.
-    pub fn from_pem(pem: &[u8]) -> Result<TrustRoots> {
-        let mut roots = TrustRoots::new();
-        roots.add_pem(pem)?;
-        Ok(roots)
+    /// Pins the self-signed certificates in PEM text.
+    pub fn pinned_pem(pem: &[u8]) -> Result<PeerTrust> {
+        let mut trust = PeerTrust::new();
+        trust.add_pinned_pem(pem)?;
+        Ok(trust)
     }
 
-    /// Roots from PEM files.
-    pub fn from_pem_files<P: AsRef<Path>>(
+    /// Pins the self-signed certificates in PEM files.
+    pub fn pinned_pem_files<P: AsRef<Path>>(
         paths: impl IntoIterator<Item = P>,
-    ) -> Result<TrustRoots> {
-        let mut roots = TrustRoots::new();
+    ) -> Result<PeerTrust> {
+        let mut trust = PeerTrust::new();
         for p in paths {
-            roots.add_pem_file(p)?;
+            trust.add_pinned_pem_file(p)?;
         }
-        Ok(roots)
+        Ok(trust)
     }
 
-    /// Adds the certificates in PEM text.
-    pub fn add_pem(&mut self, pem: &[u8]) -> Result<()> {
-        self.certs.extend(certs_from_pem(pem, "trust roots")?);
-        Ok(())
+    /// Trusts the CA certificates in PEM text as issuers.
+    pub fn ca_pem(pem: &[u8]) -> Result<PeerTrust> {
+        let mut trust = PeerTrust::new();
+        trust.add_ca_pem(pem)?;
+        Ok(trust)
     }
 
-    /// Adds the certificates in a PEM file.
-    pub fn add_pem_file(&mut self, path: impl AsRef<Path>) -> Result<()> {
+    /// Trusts the CA certificates in PEM files as issuers.
+    pub fn ca_pem_files<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Result<PeerTrust> {
+        let mut trust = PeerTrust::new();
+        for p in paths {
+            trust.add_ca_pem_file(p)?;
+        }
+        Ok(trust)
+    }
+
+    /// Pins the self-signed certificates in PEM text.
+    pub fn add_pinned_pem(&mut self, pem: &[u8]) -> Result<()> {
+        self.add_pinned(
+            certs_from_pem(pem, "pinned certificates")?,
+            "pinned certificate",
+        )
+    }
+
+    /// Pins the self-signed certificates in a PEM file.
+    pub fn add_pinned_pem_file(&mut self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        let origin = path.display().to_string();
         let pem = read_file(path, "certificate")?;
-        self.certs
-            .extend(certs_from_pem(&pem, &path.display().to_string())?);
+        self.add_pinned(certs_from_pem(&pem, &origin)?, &origin)
+    }
+
+    /// Trusts the CA certificates in PEM text as issuers.
+    pub fn add_ca_pem(&mut self, pem: &[u8]) -> Result<()> {
+        self.add_cas(certs_from_pem(pem, "CA certificates")?, "CA certificate")
+    }
+
+    /// Trusts the CA certificates in a PEM file as issuers.
+    pub fn add_ca_pem_file(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let origin = path.display().to_string();
+        let pem = read_file(path, "CA certificate")?;
+        self.add_cas(certs_from_pem(&pem, &origin)?, &origin)
+    }
+
+    fn add_pinned(&mut self, certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<()> {
+        for cert in &certs {
+            let parsed = webpki::EndEntityCert::try_from(cert)
+                .map_err(|e| Error::Pem(format!("{origin}: not a usable certificate ({e})")))?;
+            if parsed.issuer() != parsed.subject() {
+                return Err(Error::InvalidConfig(format!(
+                    "{origin}: a pinned certificate must be self-signed (this one names another \
+                     issuer); trust the CA that issued it as a CA instead"
+                )));
+            }
+        }
+        self.pinned.extend(certs);
         Ok(())
     }
 
-    /// How many certificates.
-    pub fn len(&self) -> usize {
-        self.certs.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.certs.is_empty()
-    }
-
-    fn root_store(&self) -> Option<Arc<RootCertStore>> {
-        let mut store = RootCertStore::empty();
-        for c in &self.certs {
-            // A certificate that cannot serve as a trust anchor can still be pinned.
-            let _ = store.add(c.clone());
+    fn add_cas(&mut self, certs: Vec<CertificateDer<'static>>, origin: &str) -> Result<()> {
+        for cert in &certs {
+            webpki::anchor_from_trusted_cert(cert)
+                .map_err(|e| Error::Pem(format!("{origin}: not usable as a CA ({e})")))?;
         }
-        (!store.is_empty()).then(|| Arc::new(store))
+        self.cas.extend(certs);
+        Ok(())
+    }
+
+    /// Same as [`PeerTrust::pinned_pem`].
+    pub fn from_pem(pem: &[u8]) -> Result<PeerTrust> {
+        PeerTrust::pinned_pem(pem)
+    }
+
+    /// Same as [`PeerTrust::pinned_pem_files`].
+    pub fn from_pem_files<P: AsRef<Path>>(paths: impl IntoIterator<Item = P>) -> Result<PeerTrust> {
+        PeerTrust::pinned_pem_files(paths)
+    }
+
+    /// Same as [`PeerTrust::add_pinned_pem`].
+    pub fn add_pem(&mut self, pem: &[u8]) -> Result<()> {
+        self.add_pinned_pem(pem)
+    }
+
+    /// Same as [`PeerTrust::add_pinned_pem_file`].
+    pub fn add_pem_file(&mut self, path: impl AsRef<Path>) -> Result<()> {
+        self.add_pinned_pem_file(path)
+    }
+
+    /// How many pinned certificates.
+    pub fn pinned_count(&self) -> usize {
+        self.pinned.len()
+    }
+
+    /// How many CA certificates.
+    pub fn ca_count(&self) -> usize {
+        self.cas.len()
+    }
+
+    /// How many certificates of both kinds.
+    pub fn len(&self) -> usize {
+        self.pinned.len() + self.cas.len()
+    }
+
+    /// Whether nothing is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The CAs as WebPki trust anchors (each was checked when added).
+    fn ca_store(&self) -> Result<Option<Arc<RootCertStore>>> {
+        if self.cas.is_empty() {
+            return Ok(None);
+        }
+        let mut store = RootCertStore::empty();
+        for c in &self.cas {
+            store
+                .add(c.clone())
+                .map_err(|e| Error::Tls(format!("CA certificate: {e}")))?;
+        }
+        Ok(Some(Arc::new(store)))
     }
 }
 
-/// A freshly generated self-signed certificate and its key, as PEM text.
-#[derive(Clone, Debug)]
+/// How long generated certificates are valid unless told otherwise (10 years).
+pub const DEFAULT_VALIDITY_DAYS: u32 = 3650;
+
+/// A freshly generated self-signed certificate and its key, as PEM text. Its `Debug`
+/// shows the certificate, never the key.
+#[derive(Clone)]
 pub struct GeneratedCertificate {
     /// The certificate (`CERTIFICATE`).
     pub cert_pem: String,
@@ -180,9 +286,153 @@ pub struct GeneratedCertificate {
     pub key_pem: String,
 }
 
-/// Generates a self-signed end-entity certificate valid for the given DNS names and IP
-/// addresses (the first is also its common name). Each side pins the other's.
-pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCertificate> {
+impl fmt::Debug for GeneratedCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GeneratedCertificate")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"(hidden)")
+            .finish()
+    }
+}
+
+impl GeneratedCertificate {
+    /// Writes the certificate (mode 0644) and the key (mode 0600) as PEM files.
+    ///
+    /// Neither is ever written through an existing file or symlink. Without `replace`, a
+    /// path that exists already (a symlink too, dangling or not) is an error and is left
+    /// as it was. With `replace`, each file is written under a fresh temporary name in
+    /// the same folder (`O_EXCL|O_NOFOLLOW`, its mode set at creation) and renamed over
+    /// the old path: the old file is replaced, not rewritten, keeps nothing of its mode,
+    /// and a symlink there is replaced itself, not followed.
+    pub fn write_pem_files(
+        &self,
+        cert_path: impl AsRef<Path>,
+        key_path: impl AsRef<Path>,
+        replace: bool,
+    ) -> Result<()> {
+        let (cert_path, key_path) = (cert_path.as_ref(), key_path.as_ref());
+        if !replace {
+            // Refuse before writing either, so that a refusal leaves no half-written pair.
+            for p in [cert_path, key_path] {
+                if p.symlink_metadata().is_ok() {
+                    return Err(Error::io(
+                        format!(
+                            "{} exists already (replacing it must be asked for)",
+                            p.display()
+                        ),
+                        io::ErrorKind::AlreadyExists.into(),
+                    ));
+                }
+            }
+        }
+        write_new_file(key_path, self.key_pem.as_bytes(), 0o600, replace)?;
+        write_new_file(cert_path, self.cert_pem.as_bytes(), 0o644, replace)
+    }
+}
+
+/// Writes `contents` to a file at `path` that did not exist before this call (see
+/// [`GeneratedCertificate::write_pem_files`]).
+fn write_new_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |what: &str, e: io::Error| Error::io(format!("{what} {}", path.display()), e);
+    let create = |p: &Path| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true) // O_CREAT|O_EXCL: never an existing file, never through a symlink
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(mode)
+            .open(p)
+    };
+    let fill = |mut f: std::fs::File| -> io::Result<()> {
+        // The umask can only take bits away; set exactly `mode` (still only ours).
+        f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        f.write_all(contents)?;
+        f.sync_all()
+    };
+    if !replace {
+        let f = create(path).map_err(|e| {
+            if e.kind() == io::ErrorKind::AlreadyExists {
+                Error::io(
+                    format!(
+                        "{} exists already (replacing it must be asked for)",
+                        path.display()
+                    ),
+                    e,
+                )
+            } else {
+                io("creating", e)
+            }
+        })?;
+        return fill(f).map_err(|e| {
+            let _ = std::fs::remove_file(path);
+            io("writing", e)
+        });
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let base = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidConfig(format!("{} names no file", path.display())))?;
+    let mut attempt = 0u32;
+    let (tmp, f) = loop {
+        let mut name = std::ffi::OsString::from(".");
+        name.push(base);
+        name.push(format!(".{}.{attempt}.tmp", std::process::id()));
+        let tmp = dir.join(name);
+        match create(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 100 => attempt += 1,
+            Err(e) => return Err(io("creating a temporary file next to", e)),
+        }
+    };
+    let written = fill(f).and_then(|()| std::fs::rename(&tmp, path));
+    written.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io("replacing", e)
+    })
+}
+
+/// What a generated certificate is for (its extendedKeyUsage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificatePurpose {
+    /// The manager's: serverAuth only. Workers refuse it as a worker's certificate.
+    Manager,
+    /// A worker's: clientAuth only. Workers refuse it as the manager's certificate.
+    Worker,
+    /// No extendedKeyUsage: accepted for either side.
+    Any,
+}
+
+/// Generates a self-signed end-entity certificate (`CA:FALSE`, ECDSA P-256) for the
+/// given DNS names and IP addresses (the first is also its common name), marked for
+/// `purpose`, valid from an hour ago (for clocks a little behind) for `days` days.
+pub fn generate_certificate(
+    purpose: CertificatePurpose,
+    names: &[&str],
+    days: u32,
+) -> Result<GeneratedCertificate> {
+    /// 9999-12-31T23:59:59Z, the last time an X.509 certificate can name.
+    const LAST_SECOND: u64 = 253_402_300_799;
+    if days == 0 {
+        return Err(Error::InvalidConfig(
+            "a certificate must be valid for at least one day".into(),
+        ));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| Error::InvalidConfig("the system clock is before 1970".into()))?
+        .as_secs();
+    let not_before = now.saturating_sub(3600);
+    let not_after = now
+        .checked_add(u64::from(days) * 86_400)
+        .filter(|&t| t <= LAST_SECOND)
+        .ok_or_else(|| {
+            Error::InvalidConfig(format!(
+                "{days} days from now is past the year 9999, the last a certificate can name"
+            ))
+        })?;
     let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
     let mut params = rcgen::CertificateParams::new(names.clone())
         .map_err(|e| Error::Tls(format!("certificate parameters: {e}")))?;
@@ -191,6 +441,16 @@ pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCertificate> {
             .distinguished_name
             .push(rcgen::DnType::CommonName, first.as_str());
     }
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    params.not_before = epoch + std::time::Duration::from_secs(not_before);
+    params.not_after = epoch + std::time::Duration::from_secs(not_after);
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match purpose {
+        CertificatePurpose::Manager => vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        CertificatePurpose::Worker => vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+        CertificatePurpose::Any => Vec::new(),
+    };
     let key = rcgen::KeyPair::generate().map_err(|e| Error::Tls(format!("key generation: {e}")))?;
     let cert = params
         .self_signed(&key)
@@ -201,22 +461,35 @@ pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCertificate> {
     })
 }
 
+/// A manager's certificate for the given names: serverAuth, valid for `days` days.
+pub fn generate_manager_certificate(names: &[&str], days: u32) -> Result<GeneratedCertificate> {
+    generate_certificate(CertificatePurpose::Manager, names, days)
+}
+
+/// A worker's certificate for the given names: clientAuth, valid for `days` days.
+pub fn generate_worker_certificate(names: &[&str], days: u32) -> Result<GeneratedCertificate> {
+    generate_certificate(CertificatePurpose::Worker, names, days)
+}
+
+/// A certificate for either side (no extendedKeyUsage), valid for
+/// [`DEFAULT_VALIDITY_DAYS`]. Each side pins the other's.
+pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCertificate> {
+    generate_certificate(CertificatePurpose::Any, names, DEFAULT_VALIDITY_DAYS)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// The manager's server configuration: its identity, and client certificates required.
-pub(crate) fn server_config(
-    identity: &Identity,
-    worker_roots: &TrustRoots,
-) -> Result<Arc<ServerConfig>> {
-    if worker_roots.is_empty() {
+pub(crate) fn server_config(identity: &Identity, workers: &PeerTrust) -> Result<Arc<ServerConfig>> {
+    if workers.is_empty() {
         return Err(Error::InvalidConfig(
-            "no worker trust roots: no worker could connect".into(),
+            "no worker certificates or CAs are trusted: no worker could connect".into(),
         ));
     }
     let provider = provider();
-    let verifier = Arc::new(PeerVerifier::new(worker_roots, provider.clone(), false)?);
+    let verifier = Arc::new(PeerVerifier::new(workers, provider.clone(), false)?);
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
@@ -227,17 +500,17 @@ pub(crate) fn server_config(
 /// The worker's client configuration: its identity, and how it checks the manager.
 pub(crate) fn client_config(
     identity: &Identity,
-    manager_roots: &TrustRoots,
+    manager: &PeerTrust,
     verify_hostname: bool,
 ) -> Result<Arc<ClientConfig>> {
-    if manager_roots.is_empty() {
+    if manager.is_empty() {
         return Err(Error::InvalidConfig(
-            "no manager trust roots: the manager could not be verified".into(),
+            "no manager certificate or CA is trusted: the manager could not be verified".into(),
         ));
     }
     let provider = provider();
     let verifier = Arc::new(PeerVerifier::new(
-        manager_roots,
+        manager,
         provider.clone(),
         verify_hostname,
     )?);
@@ -249,10 +522,10 @@ pub(crate) fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Accepts a peer certificate that is byte-equal to a pinned one (inside its validity
-/// period), or one that chains to a root through rustls' WebPki verifiers. Pinning is
-/// what makes openssl-default self-signed certificates (`CA:TRUE`, often no SAN) usable
-/// as their own trust anchor, which WebPki refuses as `CaUsedAsEndEntity`.
+/// Accepts a peer certificate that is byte-for-byte one of the pinned ones (checked by
+/// [`check_pinned`]), or one that chains to one of the CAs through rustls' WebPki
+/// verifiers. The two never mix: a pinned certificate is no trust anchor, and a CA's
+/// certificate is no peer certificate.
 struct PeerVerifier {
     pinned: Vec<CertificateDer<'static>>,
     server: Option<Arc<WebPkiServerVerifier>>,
@@ -269,11 +542,11 @@ impl fmt::Debug for PeerVerifier {
 
 impl PeerVerifier {
     fn new(
-        roots: &TrustRoots,
+        trust: &PeerTrust,
         provider: Arc<CryptoProvider>,
         verify_hostname: bool,
     ) -> Result<PeerVerifier> {
-        let store = roots.root_store();
+        let store = trust.ca_store()?;
         let tls = |e: rustls::server::VerifierBuilderError| Error::Tls(e.to_string());
         let server = match &store {
             Some(s) => Some(
@@ -292,7 +565,7 @@ impl PeerVerifier {
             None => None,
         };
         Ok(PeerVerifier {
-            pinned: roots.certs.clone(),
+            pinned: trust.pinned.clone(),
             server,
             client,
             verify_hostname,
@@ -300,10 +573,12 @@ impl PeerVerifier {
         })
     }
 
+    /// `None` when the certificate is not one of the pinned ones; else whether it passes.
     fn pinned_ok(
         &self,
         end_entity: &CertificateDer<'_>,
         now: UnixTime,
+        usage: webpki::KeyUsage,
     ) -> Option<Result<(), rustls::Error>> {
         if !self
             .pinned
@@ -312,8 +587,54 @@ impl PeerVerifier {
         {
             return None;
         }
-        Some(check_validity(end_entity, now))
+        Some(check_pinned(end_entity, now, usage, &self.algorithms))
     }
+}
+
+/// Checks a pinned certificate, once it is known to be byte-for-byte a pinned one, with
+/// rustls-webpki: it is verified as an end entity whose only trust anchor is itself, for
+/// `usage` (serverAuth or clientAuth, required when the certificate has an
+/// extendedKeyUsage). That checks its validity period, its extendedKeyUsage and its
+/// self-signature.
+///
+/// One refusal is overruled: `CaUsedAsEndEntity`, which WebPki gives any certificate
+/// with `CA:TRUE` (every one `openssl req -x509` makes with its defaults). WebPki checks
+/// the validity period before basicConstraints, so such a certificate has passed that
+/// check (tests below hold WebPki to this order). Its extendedKeyUsage, checked after
+/// basicConstraints, is then not looked at.
+fn check_pinned(
+    cert: &CertificateDer<'_>,
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+    algorithms: &WebPkiSupportedAlgorithms,
+) -> Result<(), rustls::Error> {
+    let end_entity = webpki::EndEntityCert::try_from(cert).map_err(pki_error)?;
+    let anchor = webpki::anchor_from_trusted_cert(cert).map_err(pki_error)?;
+    match end_entity.verify_for_usage(algorithms.all, &[anchor], &[], now, usage, None, None) {
+        Ok(_) | Err(webpki::Error::CaUsedAsEndEntity) => Ok(()),
+        Err(e) => Err(pki_error(e)),
+    }
+}
+
+/// A WebPki refusal as the rustls error a verifier returns.
+fn pki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let error = match e {
+        E::CertExpired { time, not_after } => CertificateError::ExpiredContext { time, not_after },
+        E::CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }
+        }
+        E::InvalidCertValidity => CertificateError::Expired,
+        #[allow(deprecated)]
+        E::RequiredEkuNotFound | E::RequiredEkuNotFoundContext(_) => {
+            CertificateError::InvalidPurpose
+        }
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding,
+        other => CertificateError::Other(rustls::OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(error)
 }
 
 fn unknown_issuer() -> rustls::Error {
@@ -329,7 +650,7 @@ impl ServerCertVerifier for PeerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Some(valid) = self.pinned_ok(end_entity, now) {
+        if let Some(valid) = self.pinned_ok(end_entity, now, webpki::KeyUsage::server_auth()) {
             valid?;
             if self.verify_hostname {
                 verify_server_name(&ParsedCertificate::try_from(end_entity)?, server_name)?;
@@ -380,7 +701,7 @@ impl ClientCertVerifier for PeerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if let Some(valid) = self.pinned_ok(end_entity, now) {
+        if let Some(valid) = self.pinned_ok(end_entity, now, webpki::KeyUsage::client_auth()) {
             return valid.map(|()| ClientCertVerified::assertion());
         }
         let webpki = self.client.as_ref().ok_or_else(unknown_issuer)?;
@@ -407,104 +728,6 @@ impl ClientCertVerifier for PeerVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
-    }
-}
-
-/// Checks a certificate's notBefore/notAfter against `now` (pinned certificates skip
-/// WebPki's path building, so this is done here).
-fn check_validity(cert: &CertificateDer<'_>, now: UnixTime) -> Result<(), rustls::Error> {
-    let (not_before, not_after) = der::validity(cert.as_ref()).ok_or(
-        rustls::Error::InvalidCertificate(CertificateError::BadEncoding),
-    )?;
-    let now = now.as_secs() as i64;
-    if now < not_before {
-        return Err(rustls::Error::InvalidCertificate(
-            CertificateError::NotValidYet,
-        ));
-    }
-    if now > not_after {
-        return Err(rustls::Error::InvalidCertificate(CertificateError::Expired));
-    }
-    Ok(())
-}
-
-/// Just enough DER to read a certificate's validity period.
-mod der {
-    /// Splits one TLV off the front: (tag, content, rest).
-    fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let len = if first < 0x80 {
-            first as usize
-        } else {
-            let n = (first & 0x7f) as usize;
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, &b| (acc << 8) | b as usize);
-            rest = &rest[n..];
-            len
-        };
-        (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-    }
-
-    /// (notBefore, notAfter) as Unix seconds.
-    pub(super) fn validity(cert: &[u8]) -> Option<(i64, i64)> {
-        let (0x30, cert, _) = tlv(cert)? else {
-            return None;
-        };
-        let (0x30, tbs, _) = tlv(cert)? else {
-            return None;
-        };
-        let (tag, _, mut rest) = tlv(tbs)?;
-        if tag == 0xa0 {
-            rest = tlv(rest)?.2; // the version was explicit; skip the serial too
-        }
-        let rest = tlv(rest)?.2; // signature algorithm
-        let rest = tlv(rest)?.2; // issuer
-        let (0x30, validity, _) = tlv(rest)? else {
-            return None;
-        };
-        let (t1, v1, rest) = tlv(validity)?;
-        let (t2, v2, _) = tlv(rest)?;
-        Some((time(t1, v1)?, time(t2, v2)?))
-    }
-
-    fn time(tag: u8, v: &[u8]) -> Option<i64> {
-        let s = std::str::from_utf8(v).ok()?.strip_suffix('Z')?;
-        let (year, s) = match tag {
-            0x17 if s.len() == 12 => {
-                let yy: i64 = s[..2].parse().ok()?;
-                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &s[2..])
-            }
-            0x18 if s.len() == 14 => (s[..4].parse().ok()?, &s[4..]),
-            _ => return None,
-        };
-        let n = |i: usize| -> Option<i64> { s.get(i..i + 2)?.parse().ok() };
-        let (month, day, h, m, sec) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
-        Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
-    }
-
-    /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-    fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let mp = (m + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    #[cfg(test)]
-    #[test]
-    fn dates_convert_to_unix_seconds() {
-        assert_eq!(time(0x17, b"700101000000Z"), Some(0));
-        assert_eq!(time(0x17, b"000229120000Z"), Some(951_825_600));
-        assert_eq!(time(0x18, b"20500101000000Z"), Some(2_524_608_000));
-        assert_eq!(time(0x18, b"2050010100000Z"), None);
     }
 }
 
@@ -808,12 +1031,302 @@ mod tests {
         assert!(err.to_string().contains("no CERTIFICATE"), "{err}");
     }
 
+    fn der_of(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    /// A verifier that trusts `trust` (hostname checks off).
+    fn verifier(trust: &TrustRoots) -> PeerVerifier {
+        PeerVerifier::new(trust, provider(), false).unwrap()
+    }
+
+    fn as_client(
+        v: &PeerVerifier,
+        cert: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        v.verify_client_cert(cert, &[], now).map(|_| ())
+    }
+
+    fn as_server(
+        v: &PeerVerifier,
+        cert: &CertificateDer<'_>,
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        v.verify_server_cert(cert, &[], &name, &[], now).map(|_| ())
+    }
+
+    fn unix(secs: u64) -> UnixTime {
+        UnixTime::since_unix_epoch(std::time::Duration::from_secs(secs))
+    }
+
+    /// 2001-01-01 and 2002-01-01 as Unix seconds.
+    const Y2001: u64 = 978_307_200;
+    const Y2002: u64 = 1_009_843_200;
+
+    /// A self-signed certificate made by rcgen: CA:TRUE or not, with the given
+    /// extendedKeyUsage, valid in 2001 only or (by default) from 1975 to 4096.
+    fn self_signed(
+        ca: bool,
+        eku: &[rcgen::ExtendedKeyUsagePurpose],
+        in_2001: bool,
+    ) -> (rcgen::CertificateParams, rcgen::KeyPair, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "pinned");
+        if ca {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        }
+        params.extended_key_usages = eku.to_vec();
+        if in_2001 {
+            params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
+        let pem = params.self_signed(&key).unwrap().pem();
+        (params, key, pem)
+    }
+
     #[test]
-    fn generated_certificates_carry_a_readable_validity() {
+    fn a_pinned_certificate_issues_nothing_even_when_it_says_ca() {
+        for ca in [true, false] {
+            let (params, key, pinned) = self_signed(ca, &[], false);
+            let issuer = rcgen::Issuer::new(params, &key);
+            let minted_key = rcgen::KeyPair::generate().unwrap();
+            let minted = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+                .unwrap()
+                .signed_by(&minted_key, &issuer)
+                .unwrap();
+            let v = verifier(&TrustRoots::from_pem(pinned.as_bytes()).unwrap());
+            let now = UnixTime::now();
+            as_client(&v, &der_of(&pinned), now).unwrap();
+            as_server(&v, &der_of(&pinned), now).unwrap();
+            let minted = CertificateDer::from(minted.der().to_vec());
+            assert!(
+                as_client(&v, &minted, now).is_err(),
+                "CA:{ca}: accepted as a client"
+            );
+            assert!(
+                as_server(&v, &minted, now).is_err(),
+                "CA:{ca}: accepted as a server"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pinned_certificate_is_refused_outside_its_validity_period_ca_or_not() {
+        // WebPki checks the validity period before basicConstraints: a CA:TRUE pinned
+        // certificate (whose CaUsedAsEndEntity is overruled) is still refused when out
+        // of date. This holds WebPki to that order.
+        for ca in [true, false] {
+            let (_, _, pem) = self_signed(ca, &[], true);
+            let cert = der_of(&pem);
+            let v = verifier(&TrustRoots::from_pem(pem.as_bytes()).unwrap());
+            let mid_2001 = unix(Y2001 + 180 * 86_400);
+            as_client(&v, &cert, mid_2001).unwrap();
+            as_server(&v, &cert, mid_2001).unwrap();
+            for (when, what) in [(Y2002 + 1, "expired"), (Y2001 - 1, "not yet valid")] {
+                let err = as_client(&v, &cert, unix(when)).unwrap_err();
+                let expected = if when > Y2002 {
+                    "expired"
+                } else {
+                    "not valid yet"
+                };
+                assert!(err.to_string().contains(expected), "CA:{ca} {what}: {err}");
+                assert!(as_server(&v, &cert, unix(when)).is_err(), "CA:{ca} {what}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_pinned_certificate_is_accepted_only_for_its_purpose() {
+        use rcgen::ExtendedKeyUsagePurpose::{ClientAuth, ServerAuth};
+        let now = UnixTime::now();
+        let check = |eku: &[rcgen::ExtendedKeyUsagePurpose], client: bool, server: bool| {
+            let (_, _, pem) = self_signed(false, eku, false);
+            let v = verifier(&TrustRoots::from_pem(pem.as_bytes()).unwrap());
+            let cert = der_of(&pem);
+            assert_eq!(
+                as_client(&v, &cert, now).is_ok(),
+                client,
+                "{eku:?} as a client"
+            );
+            assert_eq!(
+                as_server(&v, &cert, now).is_ok(),
+                server,
+                "{eku:?} as a server"
+            );
+        };
+        check(&[ClientAuth], true, false);
+        check(&[ServerAuth], false, true);
+        check(&[ServerAuth, ClientAuth], true, true);
+        check(&[], true, true);
+    }
+
+    #[test]
+    fn only_self_signed_certificates_can_be_pinned() {
+        let (params, key, _) = self_signed(true, &[], false);
+        let issuer = rcgen::Issuer::new(params, &key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["leaf".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let err = TrustRoots::from_pem(leaf.pem().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("must be self-signed"), "{err}");
+        // As a CA's, the issuer's certificate is fine, and vouches for the leaf.
+        let (_, _, ca) = self_signed(true, &[], false);
+        PeerTrust::ca_pem(ca.as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn a_ca_vouches_for_what_it_issued_but_is_not_a_peer_itself() {
+        let (params, key, ca_pem) = self_signed(true, &[], false);
+        let issuer = rcgen::Issuer::new(params, &key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let leaf = CertificateDer::from(leaf.der().to_vec());
+        let v = verifier(&PeerTrust::ca_pem(ca_pem.as_bytes()).unwrap());
+        let now = UnixTime::now();
+        as_client(&v, &leaf, now).unwrap();
+        as_server(&v, &leaf, now).unwrap();
+        assert!(as_client(&v, &der_of(&ca_pem), now).is_err());
+        assert!(as_server(&v, &der_of(&ca_pem), now).is_err());
+    }
+
+    #[test]
+    fn generated_certificates_say_what_they_are_for_and_when() {
+        let days = 30;
+        let manager = generate_manager_certificate(&["127.0.0.1"], days).unwrap();
+        let worker = generate_worker_certificate(&["w"], days).unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let both = {
+            let mut t = TrustRoots::from_pem(manager.cert_pem.as_bytes()).unwrap();
+            t.add_pem(worker.cert_pem.as_bytes()).unwrap();
+            verifier(&t)
+        };
+        let (m, w) = (der_of(&manager.cert_pem), der_of(&worker.cert_pem));
+        as_server(&both, &m, unix(now)).unwrap();
+        as_client(&both, &w, unix(now)).unwrap();
+        assert!(
+            as_client(&both, &m, unix(now)).is_err(),
+            "the manager's as a worker's"
+        );
+        assert!(
+            as_server(&both, &w, unix(now)).is_err(),
+            "a worker's as the manager's"
+        );
+        // Valid from an hour ago for `days` days, and not outside that.
+        let last = now + u64::from(days) * 86_400;
+        as_server(&both, &m, unix(now - 3000)).unwrap();
+        as_server(&both, &m, unix(last - 60)).unwrap();
+        assert!(as_server(&both, &m, unix(now - 4000)).is_err());
+        assert!(as_server(&both, &m, unix(last + 60)).is_err());
+        assert!(as_client(&both, &w, unix(last + 60)).is_err());
+
+        let err = generate_worker_certificate(&["w"], 0).unwrap_err();
+        assert!(err.to_string().contains("at least one day"), "{err}");
+        let err = generate_worker_certificate(&["w"], u32::MAX).unwrap_err();
+        assert!(err.to_string().contains("9999"), "{err}");
+    }
+
+    #[test]
+    fn the_debug_form_of_a_generated_certificate_hides_its_key() {
         let g = generate_self_signed(&["x"]).unwrap();
-        let der = CertificateDer::from_pem_slice(g.cert_pem.as_bytes()).unwrap();
-        let (nb, na) = der::validity(der.as_ref()).unwrap();
-        assert!(nb < na);
-        check_validity(&der, UnixTime::now()).unwrap();
+        let shown = format!("{g:?} {g:#?}");
+        let key_body = g.key_pem.lines().nth(1).unwrap();
+        assert!(!shown.contains(key_body), "{shown}");
+        assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        assert!(shown.contains("BEGIN CERTIFICATE"), "{shown}");
+    }
+
+    mod files {
+        use super::super::*;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+        fn dir(name: &str) -> std::path::PathBuf {
+            let d =
+                std::env::temp_dir().join(format!("workpool-tls-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&d);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        }
+
+        fn mode(p: &Path) -> u32 {
+            std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+        }
+
+        #[test]
+        fn keys_are_new_files_of_mode_0600_and_existing_paths_need_replace() {
+            let d = dir("write");
+            let (cert, key) = (d.join("c.pem"), d.join("k.pem"));
+            let g = generate_self_signed(&["x"]).unwrap();
+            g.write_pem_files(&cert, &key, false).unwrap();
+            assert_eq!(mode(&key), 0o600);
+            assert_eq!(mode(&cert), 0o644);
+            assert_eq!(std::fs::read_to_string(&key).unwrap(), g.key_pem);
+            // Again without replace: refused, nothing changed.
+            let g2 = generate_self_signed(&["y"]).unwrap();
+            let err = g2.write_pem_files(&cert, &key, false).unwrap_err();
+            assert!(err.to_string().contains("exists already"), "{err}");
+            assert_eq!(std::fs::read_to_string(&key).unwrap(), g.key_pem);
+            assert_eq!(std::fs::read_to_string(&cert).unwrap(), g.cert_pem);
+            // An existing key of mode 0644 with a second link: replaced by a new file
+            // (the other link keeps the old key), whose mode is 0600.
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+            let other = d.join("other-link");
+            std::fs::hard_link(&key, &other).unwrap();
+            let old_inode = std::fs::metadata(&key).unwrap().ino();
+            g2.write_pem_files(&cert, &key, true).unwrap();
+            assert_eq!(std::fs::read_to_string(&key).unwrap(), g2.key_pem);
+            assert_eq!(mode(&key), 0o600);
+            assert_ne!(std::fs::metadata(&key).unwrap().ino(), old_inode);
+            assert_eq!(std::fs::read_to_string(&other).unwrap(), g.key_pem);
+            // No temporary file is left behind.
+            let left: Vec<_> = std::fs::read_dir(&d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(left.len(), 3, "{left:?}");
+            std::fs::remove_dir_all(d).unwrap();
+        }
+
+        #[test]
+        fn a_symlink_in_the_way_is_never_followed() {
+            let d = dir("symlink");
+            let target = d.join("target");
+            std::fs::write(&target, "do not touch").unwrap();
+            let (cert, key) = (d.join("c.pem"), d.join("k.pem"));
+            std::os::unix::fs::symlink(&target, &key).unwrap();
+            let dangling = d.join("dangling.pem");
+            std::os::unix::fs::symlink(d.join("nowhere"), &dangling).unwrap();
+            let g = generate_self_signed(&["x"]).unwrap();
+            assert!(g.write_pem_files(&cert, &key, false).is_err());
+            assert!(g.write_pem_files(&cert, &dangling, false).is_err());
+            assert!(!d.join("nowhere").exists());
+            assert!(
+                !cert.exists(),
+                "nothing is written when one path is refused"
+            );
+            g.write_pem_files(&cert, &key, true).unwrap();
+            assert_eq!(std::fs::read_to_string(&target).unwrap(), "do not touch");
+            assert!(
+                std::fs::symlink_metadata(&key)
+                    .unwrap()
+                    .file_type()
+                    .is_file()
+            );
+            assert_eq!(mode(&key), 0o600);
+            assert_eq!(std::fs::read_to_string(&key).unwrap(), g.key_pem);
+            std::fs::remove_dir_all(d).unwrap();
+        }
     }
 }

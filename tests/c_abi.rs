@@ -116,6 +116,21 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
     }
     assert_eq!(text.matches("started on c-worker-").count(), 4, "{text}");
     assert_eq!(text.matches("finished: exited").count(), 4, "{text}");
+    assert!(text.contains("trust: pinned"), "{text}");
+
+    // The same program with certificates a CA issued: both sides trust the CA instead.
+    let ca_dir = dir.join("ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    write_ca_issued(&ca_dir, 2);
+    let out = Command::new(&embedded).arg(&ca_dir).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("trust: CA"), "{text}");
+    assert_eq!(text.matches("finished: exited").count(), 4, "{text}");
 
     // The lone worker serves the CLI manager.
     let lone = dir.join("lone_worker");
@@ -240,6 +255,14 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(
+            wp_manager_config_add_worker_certificate_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_config_add_worker_ca_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
             wp_manager_start(ptr::null(), ptr::null_mut()),
             WP_RESULT_NULL_PARAMETER
         );
@@ -262,6 +285,14 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
         );
         assert_eq!(
             wp_worker_config_add_manager_root_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_add_manager_certificate_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_worker_config_add_manager_ca_pem_file(ptr::null_mut(), text.as_ptr()),
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(
@@ -421,4 +452,58 @@ fn a_normal_build_does_not_export_the_panic_hook() {
 fn a_panic_inside_becomes_wp_result_panic() {
     assert_eq!(wp_debug_panic(), wp_result::WP_RESULT_PANIC);
     assert!(last_error().contains("panicked"));
+}
+
+#[test]
+fn pinned_certificates_and_cas_go_through_separate_setters() {
+    use wp_result::*;
+    let dir = scratch("c-trust");
+    write_ca_issued(&dir, 1);
+    let file = |f: &str| CString::new(dir.join(f).to_str().unwrap()).unwrap();
+    let (ca, issued) = (file("ca-cert.pem"), file("worker-0-cert.pem"));
+    // SAFETY: every pointer passed is a live CString, a live local, or a handle returned
+    // by the library and freed once.
+    unsafe {
+        let mut mc = ptr::null_mut();
+        assert_eq!(wp_manager_config_new(&mut mc), WP_RESULT_OK);
+        // A certificate a CA issued cannot be pinned (it would need its issuer)...
+        for pin in [
+            wp_manager_config_add_worker_certificate_pem_file,
+            wp_manager_config_add_worker_root_pem_file,
+        ] {
+            assert_eq!(pin(mc, issued.as_ptr()), WP_RESULT_INVALID_ARGUMENT);
+            assert!(last_error().contains("self-signed"), "{}", last_error());
+        }
+        // ...while its CA is taken as a CA, and a self-signed one can be pinned.
+        assert_eq!(
+            wp_manager_config_add_worker_ca_pem_file(mc, ca.as_ptr()),
+            WP_RESULT_OK
+        );
+        assert_eq!(
+            wp_manager_config_add_worker_certificate_pem_file(mc, ca.as_ptr()),
+            WP_RESULT_OK
+        );
+        wp_manager_config_free(mc);
+
+        let mut wc = ptr::null_mut();
+        assert_eq!(wp_worker_config_new(&mut wc), WP_RESULT_OK);
+        for pin in [
+            wp_worker_config_add_manager_certificate_pem_file,
+            wp_worker_config_add_manager_root_pem_file,
+        ] {
+            assert_eq!(pin(wc, issued.as_ptr()), WP_RESULT_INVALID_ARGUMENT);
+        }
+        assert_eq!(
+            wp_worker_config_add_manager_ca_pem_file(wc, ca.as_ptr()),
+            WP_RESULT_OK
+        );
+        let key = file("worker-0-key.pem");
+        assert_eq!(
+            wp_worker_config_add_manager_ca_pem_file(wc, key.as_ptr()),
+            WP_RESULT_TLS
+        );
+        assert!(last_error().contains("no CERTIFICATE"), "{}", last_error());
+        wp_worker_config_free(wc);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }

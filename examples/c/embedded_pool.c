@@ -9,6 +9,10 @@
  *       target/release/libworkpool.a -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -o embedded_pool
  *   ./embedded_pool certs
  *
+ * Each side pins the other's certificate (accepted only as itself). When CERT_DIR also
+ * holds ca-cert.pem, the certificates in it were issued by that CA, and both sides trust
+ * the CA instead of pinning.
+ *
  * It checks every result and exits non-zero on the first failure, printing why.
  */
 #include <stdio.h>
@@ -78,6 +82,12 @@ int main(int argc, char **argv) {
     }
     const char *dir = argv[1];
     char a[1024], b[1024];
+    FILE *ca_file = fopen(path(dir, "ca-cert.pem", a, sizeof a), "r");
+    int through_ca = ca_file != NULL;
+    if (ca_file != NULL) {
+        fclose(ca_file);
+    }
+    printf("trust: %s\n", through_ca ? "CA" : "pinned");
 
     wp_manager_config *mc = NULL;
     check(wp_manager_config_new(&mc), "wp_manager_config_new");
@@ -90,8 +100,14 @@ int main(int argc, char **argv) {
     check(wp_manager_config_set_identity_pem_files(mc, path(dir, "host-cert.pem", a, sizeof a),
                                                    path(dir, "host-key.pem", b, sizeof b)),
           "manager identity");
-    check(wp_manager_config_add_worker_root_pem_file(mc, path(dir, "worker-0-cert.pem", a, sizeof a)), "root 0");
-    check(wp_manager_config_add_worker_root_pem_file(mc, path(dir, "worker-1-cert.pem", a, sizeof a)), "root 1");
+    if (through_ca) {
+        check(wp_manager_config_add_worker_ca_pem_file(mc, path(dir, "ca-cert.pem", a, sizeof a)), "worker CA");
+    } else {
+        check(wp_manager_config_add_worker_certificate_pem_file(mc, path(dir, "worker-0-cert.pem", a, sizeof a)),
+              "pin worker 0");
+        check(wp_manager_config_add_worker_certificate_pem_file(mc, path(dir, "worker-1-cert.pem", a, sizeof a)),
+              "pin worker 1");
+    }
     wp_manager *manager = NULL;
     check(wp_manager_start(mc, &manager), "wp_manager_start");
     wp_manager_config_free(mc);
@@ -110,7 +126,12 @@ int main(int argc, char **argv) {
         check(wp_worker_config_set_manager(wc, "127.0.0.1", port), "set_manager");
         check(wp_worker_config_set_identity_pem_files(wc, path(dir, cert, a, sizeof a), path(dir, key, b, sizeof b)),
               "worker identity");
-        check(wp_worker_config_add_manager_root_pem_file(wc, path(dir, "host-cert.pem", a, sizeof a)), "manager root");
+        if (through_ca) {
+            check(wp_worker_config_add_manager_ca_pem_file(wc, path(dir, "ca-cert.pem", a, sizeof a)), "manager CA");
+        } else {
+            check(wp_worker_config_add_manager_certificate_pem_file(wc, path(dir, "host-cert.pem", a, sizeof a)),
+                  "pin manager");
+        }
         check(wp_worker_config_set_name(wc, name), "set_name");
         check(wp_worker_config_add_tag(wc, "c"), "add_tag");
         check(wp_worker_start(wc, &workers[i]), "wp_worker_start");

@@ -31,10 +31,10 @@ int main(int argc, char **argv) {
         fprintf(stderr, "usage: %s HOST PORT CERT_DIR NAME [JOB_USER]\n", argv[0]);
         return 2;
     }
-    char cert[1024], key[1024], root[1024];
+    char cert[1024], key[1024], pinned[1024];
     snprintf(cert, sizeof cert, "%s/worker-0-cert.pem", argv[3]);
     snprintf(key, sizeof key, "%s/worker-0-key.pem", argv[3]);
-    snprintf(root, sizeof root, "%s/host-cert.pem", argv[3]);
+    snprintf(pinned, sizeof pinned, "%s/host-cert.pem", argv[3]);
     int held = open(key, O_RDONLY); /* no O_CLOEXEC */
     if (held < 0) {
         perror(key);
@@ -45,7 +45,7 @@ int main(int argc, char **argv) {
     check(wp_worker_config_new(&wc), "wp_worker_config_new");
     check(wp_worker_config_set_manager(wc, argv[1], (uint16_t)atoi(argv[2])), "set_manager");
     check(wp_worker_config_set_identity_pem_files(wc, cert, key), "identity");
-    check(wp_worker_config_add_manager_root_pem_file(wc, root), "manager root");
+    check(wp_worker_config_add_manager_certificate_pem_file(wc, pinned), "pin manager");
     check(wp_worker_config_set_name(wc, argv[4]), "set_name");
     check(wp_worker_config_set_slots(wc, 2), "set_slots");
     if (argc == 6) {

@@ -12,7 +12,7 @@
 use crate::error::Error;
 use crate::job::{JobEvent, JobSpec, Outcome, Stream};
 use crate::manager::{JobHandle, Manager, ManagerConfig};
-use crate::tls::{Identity, TrustRoots};
+use crate::tls::{Identity, PeerTrust};
 use crate::worker::{Worker, WorkerConfig};
 use std::cell::RefCell;
 use std::ffi::{CStr, c_char};
@@ -127,7 +127,7 @@ pub struct wp_event {
 pub struct wp_manager_config {
     listen: String,
     identity: Option<Identity>,
-    worker_roots: TrustRoots,
+    worker_trust: PeerTrust,
 }
 
 /// A running manager. Made by `wp_manager_start`; `wp_manager_free` (called once, after
@@ -144,7 +144,7 @@ pub struct wp_worker_config {
     host: Option<String>,
     port: u16,
     identity: Option<Identity>,
-    manager_roots: TrustRoots,
+    manager_trust: PeerTrust,
     name: Option<String>,
     tags: Vec<String>,
     slots: u32,
@@ -302,9 +302,21 @@ unsafe fn set_identity(
     }
 }
 
-/// Adds the certificates of a PEM file to trust roots.
-unsafe fn add_root(roots: &mut TrustRoots, path: *const c_char) -> wp_result {
-    match roots.add_pem_file(text!(path)) {
+/// Which list of a [`PeerTrust`] a PEM file goes to.
+#[derive(Clone, Copy)]
+enum TrustKind {
+    Pinned,
+    Ca,
+}
+
+/// Adds the certificates of a PEM file to the pinned certificates or to the CAs.
+unsafe fn add_trust(trust: &mut PeerTrust, path: *const c_char, kind: TrustKind) -> wp_result {
+    let path = text!(path);
+    let added = match kind {
+        TrustKind::Pinned => trust.add_pinned_pem_file(path),
+        TrustKind::Ca => trust.add_ca_pem_file(path),
+    };
+    match added {
         Ok(()) => WP_RESULT_OK,
         Err(e) => from_error(e),
     }
@@ -381,7 +393,7 @@ pub unsafe extern "C" fn wp_manager_config_new(out: *mut *mut wp_manager_config)
             wp_manager_config {
                 listen: "127.0.0.1:9001".into(),
                 identity: None,
-                worker_roots: TrustRoots::new(),
+                worker_trust: PeerTrust::new(),
             },
         )
     })
@@ -421,18 +433,46 @@ pub unsafe extern "C" fn wp_manager_config_set_identity_pem_files(
     })
 }
 
-/// Adds the certificates in a PEM file to those trusted for workers (their own
-/// self-signed certificates, or the CA that issues them).
+/// Pins the self-signed worker certificates in a PEM file: a worker presenting exactly
+/// one of them is accepted (within its validity period). A pinned certificate is accepted
+/// only as itself, never as the issuer of another, even when it says `CA:TRUE`. A
+/// certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+/// its CA instead.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
+pub unsafe extern "C" fn wp_manager_config_add_worker_certificate_pem_file(
     config: *mut wp_manager_config,
     path: *const c_char,
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        // SAFETY: the path is the caller's NUL-terminated string, checked by `text!`.
-        unsafe { add_root(&mut config.worker_roots, path) }
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.worker_trust, path, TrustKind::Pinned) }
     })
+}
+
+/// Trusts the CA certificates in a PEM file as issuers of worker certificates: a worker
+/// whose certificate one of them issued (for client authentication) is accepted.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_worker_ca_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.worker_trust, path, TrustKind::Ca) }
+    })
+}
+
+/// The former name of `wp_manager_config_add_worker_certificate_pem_file`, and the same:
+/// it pins (CAs go to `wp_manager_config_add_worker_ca_pem_file`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    // SAFETY: the same arguments, passed on unchanged.
+    unsafe { wp_manager_config_add_worker_certificate_pem_file(config, path) }
 }
 
 /// Frees a configuration. NULL is fine.
@@ -457,7 +497,7 @@ pub unsafe extern "C" fn wp_manager_start(
                 "the manager has no identity: call wp_manager_config_set_identity_pem_files",
             );
         };
-        let rust = ManagerConfig::new(config.listen.clone(), identity, config.worker_roots.clone());
+        let rust = ManagerConfig::new(config.listen.clone(), identity, config.worker_trust.clone());
         match Manager::bind(rust) {
             Ok(m) => boxed(out, wp_manager { inner: m }),
             Err(e) => from_error(e),
@@ -527,7 +567,7 @@ pub unsafe extern "C" fn wp_worker_config_new(out: *mut *mut wp_worker_config) -
                 host: None,
                 port: 9001,
                 identity: None,
-                manager_roots: TrustRoots::new(),
+                manager_trust: PeerTrust::new(),
                 name: None,
                 tags: Vec::new(),
                 slots: 1,
@@ -574,17 +614,46 @@ pub unsafe extern "C" fn wp_worker_config_set_identity_pem_files(
     })
 }
 
-/// Adds the certificates in a PEM file to those trusted for the manager.
+/// Pins the manager's self-signed certificate(s) in a PEM file: a manager presenting
+/// exactly one of them is accepted (within its validity period). A pinned certificate is
+/// accepted only as itself, never as the issuer of another, even when it says `CA:TRUE`.
+/// A certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+/// its CA instead.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn wp_worker_config_add_manager_root_pem_file(
+pub unsafe extern "C" fn wp_worker_config_add_manager_certificate_pem_file(
     config: *mut wp_worker_config,
     path: *const c_char,
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        // SAFETY: the path is the caller's NUL-terminated string, checked by `text!`.
-        unsafe { add_root(&mut config.manager_roots, path) }
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Pinned) }
     })
+}
+
+/// Trusts the CA certificates in a PEM file as issuers of the manager's certificate: a
+/// manager whose certificate one of them issued (for server authentication) is accepted.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_add_manager_ca_pem_file(
+    config: *mut wp_worker_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Ca) }
+    })
+}
+
+/// The former name of `wp_worker_config_add_manager_certificate_pem_file`, and the same:
+/// it pins (CAs go to `wp_worker_config_add_manager_ca_pem_file`).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_add_manager_root_pem_file(
+    config: *mut wp_worker_config,
+    path: *const c_char,
+) -> wp_result {
+    // SAFETY: the same arguments, passed on unchanged.
+    unsafe { wp_worker_config_add_manager_certificate_pem_file(config, path) }
 }
 
 /// Sets the name the worker announces.
@@ -695,7 +764,7 @@ pub unsafe extern "C" fn wp_worker_start(
             );
         };
         let mut rust =
-            WorkerConfig::new(host, c.port, identity, c.manager_roots.clone()).slots(c.slots);
+            WorkerConfig::new(host, c.port, identity, c.manager_trust.clone()).slots(c.slots);
         if let Some(name) = &c.name {
             rust = rust.name(name.clone());
         }

@@ -575,9 +575,27 @@ impl Dispatcher {
             let _ = reply.send(Err(reason));
             return;
         }
-        // A second connection under a connected worker's name: the same worker (same
-        // certificate) reconnecting before its old link was found dead replaces it;
-        // anyone else is refused.
+        // A name is bound to the certificate that holds it, while its worker is connected
+        // and for the reconnect grace after its link dropped. A second connection under a
+        // connected worker's name: the same worker (same certificate) reconnecting before
+        // its old link was found dead replaces it; anyone else is refused. Under the name
+        // of a worker that is away, only its certificate is let in (and resumes its jobs).
+        if let Some(d) = self
+            .detached
+            .iter()
+            .find(|d| d.name == hello.name && d.cert != cert)
+        {
+            let reason = format!(
+                "the name {:?} is held for another certificate for {:.1} s more (its worker may come back)",
+                hello.name,
+                d.until
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64()
+            );
+            log::warn!("refusing worker from {}: {reason}", fmt_addr(peer));
+            let _ = reply.send(Err(reason));
+            return;
+        }
         let namesake = self
             .workers
             .iter()
@@ -702,18 +720,21 @@ impl Dispatcher {
         self.reindex(worker);
         let routes: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
         let grace = self.shared.reconnect_grace;
-        if w.leaving || grace.is_zero() || self.closing || routes.is_empty() {
+        if w.leaving || grace.is_zero() || self.closing {
             for (job, route) in routes {
                 log::warn!("job {job} lost: worker {} went away", w.info.name);
                 self.settle(job, route);
             }
         } else {
-            log::warn!(
-                "worker {} lost with {} job(s) running; they wait {:.1} s for it to come back",
-                w.info.name,
-                routes.len(),
-                grace.as_secs_f64()
-            );
+            // Its name stays bound to its certificate for the grace, with or without jobs.
+            if !routes.is_empty() {
+                log::warn!(
+                    "worker {} lost with {} job(s) running; they wait {:.1} s for it to come back",
+                    w.info.name,
+                    routes.len(),
+                    grace.as_secs_f64()
+                );
+            }
             self.detach(&w.info.name, w.cert, routes);
         }
         log::info!("worker {} left: {reason}", w.info.name);

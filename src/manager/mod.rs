@@ -12,7 +12,7 @@ use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Outcome, Stream
 use crate::link::{self, Liveness, Outbound, Timing};
 use crate::metrics::{Counters, MetricsServer, Stats};
 use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage};
-use crate::tls::{self, Identity, TrustRoots};
+use crate::tls::{self, Identity, PeerTrust};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use dispatcher::{Dispatcher, Event, LinkHandle, Routes};
 use queue::QueuedJob;
@@ -37,12 +37,14 @@ pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
 #[non_exhaustive]
 pub enum ManagerSecurity {
     /// Mutual TLS: the manager shows `identity`; a worker must present a certificate
-    /// that is one of, or chains to one of, `worker_roots`.
+    /// that is exactly one of the pinned ones in `worker_trust`, or that one of its CAs
+    /// issued.
     MutualTls {
         /// The manager's certificate and key.
         identity: Identity,
-        /// Worker certificates (pinned) or the CAs that issue them.
-        worker_roots: TrustRoots,
+        /// Worker certificates (pinned, each accepted only as itself) and the CAs that
+        /// issue worker certificates, as two separate lists.
+        worker_trust: PeerTrust,
     },
     /// No encryption and no authentication. Anyone who can reach the port can take jobs.
     /// Logged loudly; for tests and trusted loopback only.
@@ -85,13 +87,13 @@ impl ManagerConfig {
     pub fn new(
         listen: impl Into<String>,
         identity: Identity,
-        worker_roots: TrustRoots,
+        worker_trust: PeerTrust,
     ) -> ManagerConfig {
         ManagerConfig::with_security(
             listen,
             ManagerSecurity::MutualTls {
                 identity,
-                worker_roots,
+                worker_trust,
             },
         )
     }
@@ -220,8 +222,8 @@ impl Manager {
         let tls = match &config.security {
             ManagerSecurity::MutualTls {
                 identity,
-                worker_roots,
-            } => Some(tls::server_config(identity, worker_roots)?),
+                worker_trust,
+            } => Some(tls::server_config(identity, worker_trust)?),
             ManagerSecurity::InsecurePlaintext => {
                 log::warn!(
                     "manager on {} runs WITHOUT TLS: anyone who can reach it can take jobs and forge results",

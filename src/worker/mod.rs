@@ -14,7 +14,7 @@ use crate::job::Outcome;
 use crate::job::{JobId, Stream};
 use crate::link::{self, Liveness, Outbound, Timing};
 use crate::protocol::{HeldJob, ManagerMessage, Welcome, WorkerHello, WorkerMessage};
-use crate::tls::{self, Identity, TrustRoots};
+use crate::tls::{self, Identity, PeerTrust};
 use crossbeam_channel::{Receiver, Sender, bounded, select, unbounded};
 use executor::{ExecEvent, JobKey, RunningJob};
 use job_user::JobUser;
@@ -33,13 +33,15 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum WorkerSecurity {
-    /// Mutual TLS: the worker shows `identity`; the manager's certificate must be one
-    /// of, or chain to one of, `manager_roots`.
+    /// Mutual TLS: the worker shows `identity`; the manager's certificate must be
+    /// exactly one of the pinned ones in `manager_trust`, or one that one of its CAs
+    /// issued.
     MutualTls {
         /// The worker's certificate and key.
         identity: Identity,
-        /// The manager's certificate (pinned) or the CA that issued it.
-        manager_roots: TrustRoots,
+        /// The manager's certificate (pinned, accepted only as itself) and the CAs that
+        /// issue the manager's certificate, as two separate lists.
+        manager_trust: PeerTrust,
         /// Check that the manager's certificate names the host dialled (on by default).
         verify_hostname: bool,
     },
@@ -109,14 +111,14 @@ impl WorkerConfig {
         host: impl Into<String>,
         port: u16,
         identity: Identity,
-        manager_roots: TrustRoots,
+        manager_trust: PeerTrust,
     ) -> WorkerConfig {
         WorkerConfig::with_security(
             host,
             port,
             WorkerSecurity::MutualTls {
                 identity,
-                manager_roots,
+                manager_trust,
                 verify_hostname: true,
             },
         )
@@ -257,11 +259,11 @@ impl Worker {
         let tls = match &config.security {
             WorkerSecurity::MutualTls {
                 identity,
-                manager_roots,
+                manager_trust,
                 verify_hostname,
             } => Some(tls::client_config(
                 identity,
-                manager_roots,
+                manager_trust,
                 *verify_hostname,
             )?),
             WorkerSecurity::InsecurePlaintext => {

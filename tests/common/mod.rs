@@ -7,7 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use workpool::job::{JobEvent, JobSpec, Outcome};
 use workpool::manager::{Manager, ManagerConfig, ManagerEvent};
-use workpool::tls::{GeneratedCertificate, Identity, TrustRoots, generate_self_signed};
+use workpool::tls::{
+    DEFAULT_VALIDITY_DAYS, GeneratedCertificate, Identity, TrustRoots,
+    generate_manager_certificate, generate_worker_certificate,
+};
 use workpool::worker::{Worker, WorkerConfig};
 
 /// Generous: the machines are small and shared.
@@ -21,9 +24,16 @@ pub struct Certs {
 impl Certs {
     pub fn new(workers: usize) -> Certs {
         Certs {
-            manager: generate_self_signed(&["localhost", "127.0.0.1"]).unwrap(),
+            manager: generate_manager_certificate(
+                &["localhost", "127.0.0.1"],
+                DEFAULT_VALIDITY_DAYS,
+            )
+            .unwrap(),
             workers: (0..workers)
-                .map(|i| generate_self_signed(&[&format!("worker-{i}")]).unwrap())
+                .map(|i| {
+                    generate_worker_certificate(&[&format!("worker-{i}")], DEFAULT_VALIDITY_DAYS)
+                        .unwrap()
+                })
                 .collect(),
         }
     }
@@ -500,4 +510,42 @@ pub fn root_or_skip(test: &str) -> bool {
         format!("!!!!! SKIPPED {test}: it needs root (not running as root) !!!!!\n").as_bytes(),
     );
     false
+}
+
+/// Writes a CA (`ca-cert.pem`) and certificates it issued under the CLI's file names into
+/// `dir`: `host-cert.pem`/`host-key.pem` (serverAuth, for localhost and 127.0.0.1) and
+/// `worker-I-cert.pem`/`worker-I-key.pem` (clientAuth).
+pub fn write_ca_issued(dir: &Path, workers: usize) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa};
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "workpool test CA");
+    std::fs::write(
+        dir.join("ca-cert.pem"),
+        ca.self_signed(&ca_key).unwrap().pem(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::new(ca, &ca_key);
+    let issue = |names: &[&str], purpose: ExtendedKeyUsagePurpose, file: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.extended_key_usages = vec![purpose];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{file}-cert.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}-key.pem")), key.serialize_pem()).unwrap();
+    };
+    issue(
+        &["localhost", "127.0.0.1"],
+        ExtendedKeyUsagePurpose::ServerAuth,
+        "host",
+    );
+    for i in 0..workers {
+        let name = format!("worker-{i}");
+        issue(&[&name], ExtendedKeyUsagePurpose::ClientAuth, &name);
+    }
 }
