@@ -573,3 +573,59 @@ fn a_worker_given_out_of_range_numbers_refuses_the_job_and_keeps_its_heartbeat()
     }
     drop(worker);
 }
+
+#[test]
+fn the_cli_manager_takes_its_limit_of_connections_per_certificate() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = scratch("misbehaving-cli");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    // A limit of 0 is refused with the reason.
+    let out = Command::new(cli())
+        .args(manager_args(&dir))
+        .args(["--max-connections-per-certificate", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_connections_per_certificate must be at least 1"),
+        "{err}"
+    );
+    // A limit of 1: a second connection with worker-0's certificate is refused.
+    let mut child = Command::new(cli())
+        .args(manager_args(&dir))
+        .args(["--max-connections-per-certificate", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let listening: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let addr = listening["address"].as_str().unwrap().to_string();
+    let join_cli = |name: &str| {
+        let w = &certs.workers[0];
+        testing::connect_worker(
+            &addr,
+            "127.0.0.1",
+            &Identity::from_pem(w.cert_pem.as_bytes(), w.key_pem.as_bytes()).unwrap(),
+            &TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+            &hello(name, 1),
+            DEADLINE,
+        )
+    };
+    let _first = join_cli("first").unwrap();
+    match join_cli("second") {
+        Err(Error::Refused(why)) => assert!(why.contains("= 1)"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a second connection with one certificate was welcomed"),
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
