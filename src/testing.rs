@@ -23,7 +23,7 @@ pub struct RawReader {
 
 impl RawReader {
     /// The next message, heartbeats included; `Ok(None)` when the peer closed cleanly.
-    pub fn next<M: DeserializeOwned>(&mut self) -> Result<Option<M>> {
+    pub fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>> {
         match self.inner.read_frame()? {
             Some(body) => protocol::decode(&body).map(Some),
             None => Ok(None),

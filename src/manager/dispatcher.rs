@@ -724,10 +724,8 @@ impl Dispatcher {
                 "a worker must offer 1 to {MAX_SLOTS} slots, not {}",
                 hello.slots
             ))
-        } else if let Err(e) = protocol::check_identity(&hello.name, &hello.tags, &hello.platform) {
-            Some(e)
         } else {
-            None
+            protocol::check_identity(&hello.name, &hello.tags, &hello.platform).err()
         };
         if let Some(reason) = refusal {
             log::warn!(

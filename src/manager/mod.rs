@@ -805,6 +805,9 @@ fn on_worker_message(
                 log::debug!("{label}: output for job {job}, which it does not run (ignored)");
                 return Ok(());
             };
+            if seq < route.next_seq {
+                return Ok(()); // replayed after a reconnect, and already delivered
+            }
             // Checked before the seq is taken: refused output is not counted as
             // delivered, so a worker that reconnects sends it again.
             if !route.sink.has_room(bytes.len()) {
@@ -814,7 +817,7 @@ fn on_worker_message(
                 ));
             }
             if !route.take_seq(seq, job, label)? {
-                return Ok(()); // replayed after a reconnect, and already delivered
+                return Ok(());
             }
             shared
                 .counters
