@@ -268,33 +268,28 @@ fn a_worker_that_stops_reading_is_cut_off_when_its_outbound_queue_is_full() {
         },
         |_, w| w,
     );
-    // It never reads: the manager's socket buffers fill, then its outbound queue.
-    let (_r, mut w) = join(&c, "sleeper", 1024);
+    // It never reads: four `Run`s of 4 MiB fill the socket buffers and block the link's
+    // writer; after that, every message for it waits in the link's queue.
+    let (_r, _w) = join(&c, "sleeper", 4);
     wait_joined(&c.events, 1);
     let big = vec![b's'; 4 << 20];
-    let mut handles: Vec<workpool::JobHandle> = (0..4)
+    let handles: Vec<workpool::JobHandle> = (0..4)
         .map(|_| {
             c.manager
                 .submit(JobSpec::new("cat >/dev/null").stdin(big.clone()))
                 .unwrap()
         })
         .collect();
-    handles.extend((0..3500).map(|_| c.manager.submit(JobSpec::new("true")).unwrap()));
-    // Each job it reports finished is answered with `Ended` and a new `Run`.
-    for h in &handles {
-        let end = WorkerMessage::Finished {
-            job: h.id(),
-            outcome: Outcome::Exited(0),
-            cleanup_error: None,
-        };
-        if w.send(&end).is_err() {
-            break; // cut off
-        }
+    // More messages for it: each cancel of a running job is a `Cancel` on its link.
+    let id = handles[0].id();
+    let mut cancels = 0;
+    while cancels < 3 * 4096 && c.manager.cancel(id).is_ok() {
+        cancels += 1;
     }
     let reason = wait_left(&c.events, "sleeper");
     assert!(
         reason.contains("outbound queue is full (4096 messages)"),
-        "{reason}"
+        "{reason} (after {cancels} cancels)"
     );
     // The dispatcher never waited on it: it answers, and the pool goes on.
     assert!(c.manager.workers().is_empty());
