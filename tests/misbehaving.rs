@@ -197,6 +197,11 @@ fn a_worker_that_ignores_pause_is_disconnected_after_a_bounded_backlog() {
         "the manager took {} MiB of output after Pause without closing the link",
         sent >> 20
     );
+    eprintln!(
+        "the link was cut after {} MiB were sent ({} messages)",
+        sent >> 20,
+        seq
+    );
     let reason = wait_left(&c.events, "deaf");
     assert!(reason.contains("after Pause"), "{reason}");
     assert!(pauses.join().unwrap() >= 1, "the manager asked for a pause");
