@@ -60,6 +60,8 @@ OPTIONS:
                                           are accepted (at least one of these two options)
       --json                              one JSON object per line on stdout
       --metrics-address ADDR              serve Prometheus metrics at http://ADDR/metrics
+      --max-connections-per-certificate N
+                                          connections one worker certificate may hold [default: 4]
       --insecure-plaintext                no TLS at all (anyone who reaches the port can take jobs)
       --help                              this text
 
@@ -284,6 +286,7 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
             (PLAINTEXT, 0),
             (JSON, 0),
             (&["--metrics-address"], 1),
+            (&["--max-connections-per-certificate"], 1),
         ],
         MANAGER_HELP,
     )?;
@@ -318,6 +321,10 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
     };
     let mut config = config;
     config.metrics_addr = o.one("--metrics-address")?.map(String::from);
+    config.max_connections_per_certificate = o.number(
+        "--max-connections-per-certificate",
+        config.max_connections_per_certificate,
+    )?;
     let manager = Arc::new(Manager::bind(config).map_err(failed)?);
     let console = Console::new(manager.clone(), o.flag("--json"));
     // SAFETY: isatty only reads the state of descriptor 1; any value is a valid argument.

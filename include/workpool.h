@@ -218,6 +218,11 @@ wp_result wp_manager_config_add_worker_ca_pem_file(struct wp_manager_config *con
 wp_result wp_manager_config_add_worker_root_pem_file(struct wp_manager_config *config,
                                                      const char *path);
 
+// Sets how many connections may present the same worker certificate at once (default
+// 4; at least 1). More are refused when they register.
+wp_result wp_manager_config_set_max_connections_per_certificate(struct wp_manager_config *config,
+                                                                uint32_t max);
+
 // Frees a configuration. NULL is fine.
 void wp_manager_config_free(struct wp_manager_config *config);
 

@@ -43,6 +43,10 @@ impl fmt::Display for Requirements {
     }
 }
 
+/// The longest timeout and kill grace a job may have (365 days): deadlines built from
+/// them must fit the clock.
+pub const MAX_JOB_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// A job: a bash script and what the worker running it must offer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobSpec {
@@ -133,6 +137,12 @@ impl JobSpec {
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err("a timeout must be longer than zero".into());
+        }
+        if self.timeout.is_some_and(|t| t > MAX_JOB_DURATION) {
+            return Err("a timeout must be at most 365 days".into());
+        }
+        if self.kill_grace.is_some_and(|t| t > MAX_JOB_DURATION) {
+            return Err("a kill grace must be at most 365 days".into());
         }
         Ok(())
     }
@@ -392,5 +402,20 @@ mod tests {
         assert!(Outcome::Exited(0).success());
         assert!(!Outcome::Exited(1).success());
         assert_eq!(Outcome::Signaled(9).exit_code(), None);
+    }
+    #[test]
+    fn timeouts_and_graces_longer_than_a_year_are_refused() {
+        let year = MAX_JOB_DURATION;
+        assert!(JobSpec::new("true").timeout(year).validate().is_ok());
+        assert!(JobSpec::new("true").kill_grace(year).validate().is_ok());
+        for long in [year + Duration::from_secs(1), Duration::MAX] {
+            let e = JobSpec::new("true").timeout(long).validate().unwrap_err();
+            assert!(e.contains("timeout must be at most 365 days"), "{e}");
+            let e = JobSpec::new("true")
+                .kill_grace(long)
+                .validate()
+                .unwrap_err();
+            assert!(e.contains("kill grace must be at most 365 days"), "{e}");
+        }
     }
 }

@@ -53,6 +53,9 @@ pub(crate) mod link;
 pub mod manager;
 pub mod metrics;
 pub mod protocol;
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing;
 pub(crate) mod thread;
 pub mod tls;
 pub mod worker;

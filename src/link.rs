@@ -8,14 +8,14 @@ use crate::protocol::{
     self, DEFAULT_MAX_FRAME, FrameReader, Heartbeat, PROTOCOL_VERSION, Welcome, WorkerHello,
 };
 use crate::tls::{self, Closer, ReadHalf, WriteHalf};
-use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, Connection, ServerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,28 @@ const BATCH_BYTES: usize = 60_000;
 pub(crate) struct Timing {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
+}
+
+/// The shortest heartbeat interval a worker adopts from a welcome.
+const MIN_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+/// The longest heartbeat timeout a worker adopts from a welcome: beyond it a dead
+/// manager would go unnoticed for too long.
+pub(crate) const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(600);
+
+impl Timing {
+    /// The timing a worker adopts from the manager's welcome, made sane whatever the
+    /// numbers say: the timeout within [20 ms, 10 min], the interval at least 10 ms and
+    /// at most half the timeout (so that a heartbeat always arrives in time).
+    pub(crate) fn adopted(interval_ms: u64, timeout_ms: u64) -> Timing {
+        let timeout = Duration::from_millis(timeout_ms)
+            .clamp(MIN_HEARTBEAT_INTERVAL * 2, MAX_HEARTBEAT_TIMEOUT);
+        let interval =
+            Duration::from_millis(interval_ms).clamp(MIN_HEARTBEAT_INTERVAL, timeout / 2);
+        Timing {
+            heartbeat_interval: interval,
+            heartbeat_timeout: timeout,
+        }
+    }
 }
 
 /// What a link's writer thread is told to do.
@@ -46,6 +68,8 @@ pub(crate) struct Liveness {
     epoch: Instant,
     last_rx_ms: AtomicU64,
     closed: AtomicBool,
+    /// Why this side closed the link, when it did so on purpose (the first reason wins).
+    reason: Mutex<Option<String>>,
 }
 
 impl Liveness {
@@ -54,6 +78,7 @@ impl Liveness {
             epoch: Instant::now(),
             last_rx_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            reason: Mutex::new(None),
         })
     }
 
@@ -85,6 +110,93 @@ impl Liveness {
     /// Whether [`Liveness::mark_closed`] was called.
     pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Relaxed)
+    }
+
+    /// Marks the link as closed by this side for a reason (kept if it is the first).
+    pub(crate) fn close_because(&self, why: String) {
+        let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if reason.is_none() && !self.is_closed() {
+            *reason = Some(why);
+        }
+        self.mark_closed();
+    }
+
+    /// Why this side closed the link, if it did so through [`Liveness::close_because`].
+    pub(crate) fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The sending end of a link's bounded outbound queue, for code that must never block
+/// on a peer (the manager's dispatcher, job sinks, link readers). When the queue is full
+/// — the peer has stopped reading — the link is closed instead of waiting or growing.
+pub(crate) struct Outbox<M> {
+    tx: Sender<Outbound<M>>,
+    live: Arc<Liveness>,
+    closer: Option<Closer>,
+}
+
+impl<M> Clone for Outbox<M> {
+    fn clone(&self) -> Self {
+        Outbox {
+            tx: self.tx.clone(),
+            live: self.live.clone(),
+            closer: self.closer.clone(),
+        }
+    }
+}
+
+impl<M> Outbox<M> {
+    /// An outbox in front of `tx` that closes the link through `closer` when full.
+    pub(crate) fn new(tx: Sender<Outbound<M>>, live: Arc<Liveness>, closer: Closer) -> Outbox<M> {
+        Outbox {
+            tx,
+            live,
+            closer: Some(closer),
+        }
+    }
+
+    /// An outbox without a socket behind it (in-memory tests): when full it only marks
+    /// the link closed.
+    #[cfg(test)]
+    pub(crate) fn detached(tx: Sender<Outbound<M>>, live: Arc<Liveness>) -> Outbox<M> {
+        Outbox {
+            tx,
+            live,
+            closer: None,
+        }
+    }
+
+    /// Queues a message without blocking; false if it was not queued (the link is gone,
+    /// or its queue was full and the link is now being closed).
+    pub(crate) fn send(&self, msg: M) -> bool {
+        self.queue(Outbound::Message(msg))
+    }
+
+    /// Asks the writer to send what is queued and close the link cleanly (at once, if
+    /// the queue is full).
+    pub(crate) fn close(&self) {
+        self.queue(Outbound::Close);
+    }
+
+    fn queue(&self, item: Outbound<M>) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(TrySendError::Disconnected(_)) => false,
+            Err(TrySendError::Full(_)) => {
+                let cap = self.tx.capacity().unwrap_or_default();
+                self.live.close_because(format!(
+                    "its outbound queue is full ({cap} messages): it does not read what it is sent"
+                ));
+                if let Some(c) = &self.closer {
+                    c.close();
+                }
+                false
+            }
+        }
     }
 }
 
@@ -417,5 +529,59 @@ where
         if !deliver(msg) {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossbeam_channel::bounded;
+
+    #[test]
+    fn a_welcome_s_timing_is_made_sane_whatever_its_numbers() {
+        let t = Timing::adopted(1000, 5000);
+        assert_eq!(
+            (t.heartbeat_interval, t.heartbeat_timeout),
+            (Duration::from_secs(1), Duration::from_secs(5))
+        );
+        for (interval, timeout) in [
+            (u64::MAX, u64::MAX),
+            (0, 0),
+            (u64::MAX, 0),
+            (0, u64::MAX),
+            (u64::MAX, 2000),
+            (7000, 5000),
+        ] {
+            let t = Timing::adopted(interval, timeout);
+            assert!(t.heartbeat_timeout <= MAX_HEARTBEAT_TIMEOUT, "{t:?}");
+            assert!(t.heartbeat_interval >= MIN_HEARTBEAT_INTERVAL, "{t:?}");
+            assert!(t.heartbeat_interval * 2 <= t.heartbeat_timeout, "{t:?}");
+            // Deadlines built from it cannot overflow.
+            let _ = Instant::now() + t.heartbeat_timeout + t.heartbeat_interval;
+        }
+        assert_eq!(
+            Timing::adopted(u64::MAX, 2000).heartbeat_interval,
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn a_full_outbox_closes_the_link_instead_of_blocking_or_growing() {
+        let (tx, rx) = bounded::<Outbound<u32>>(2);
+        let live = Liveness::new();
+        let out = Outbox::detached(tx, live.clone());
+        assert!(out.send(1));
+        assert!(out.clone().send(2));
+        assert!(!live.is_closed());
+        assert!(!out.send(3), "a full queue refuses without blocking");
+        assert!(live.is_closed());
+        let why = live.reason().expect("a reason");
+        assert!(why.contains("outbound queue is full (2 messages)"), "{why}");
+        // Later reasons do not replace the first.
+        live.close_because("something else".into());
+        assert_eq!(live.reason().as_deref(), Some(why.as_str()));
+        assert_eq!(rx.len(), 2);
+        drop(rx);
+        assert!(!out.send(4), "a link that is gone takes nothing");
     }
 }

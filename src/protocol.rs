@@ -25,6 +25,82 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// record overhead it stays under loopback's 65,483-byte segment (see docs/PERFORMANCE.md).
 pub const OUTPUT_CHUNK: usize = 60_000;
 
+/// The most bytes of a peer's free text (a decline reason, a cleanup error, a spawn
+/// error) that are logged or passed on to a submitter; the rest is cut.
+pub const MAX_PEER_TEXT: usize = 4096;
+/// The most bytes of a worker's name, of each of its tags and of its platform.
+pub const MAX_NAME: usize = 256;
+/// The most tags a worker may announce.
+pub const MAX_TAGS: usize = 128;
+
+/// A peer's free text made safe to log and to pass on: control characters (and the
+/// invisible characters that reorder or hide text) are escaped, so that a line stays
+/// one line and no terminal sequence gets through, and it is cut to at most
+/// [`MAX_PEER_TEXT`] bytes, followed by a note of how much was left out.
+pub(crate) fn peer_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_PEER_TEXT) + 40);
+    for (i, c) in text.char_indices() {
+        let start = out.len();
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else if hides_text(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+        if out.len() > MAX_PEER_TEXT {
+            out.truncate(start);
+            out.push_str(&format!(" [{} more bytes cut]", text.len() - i));
+            break;
+        }
+    }
+    out
+}
+
+/// Format characters that change how text around them reads (bidirectional overrides,
+/// zero-width characters, the byte-order mark).
+fn hides_text(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
+/// Whether a name, a tag or a platform is acceptable: 1 to [`MAX_NAME`] bytes of text
+/// without control or invisible characters (it is shown in logs and events as it is).
+pub(crate) fn check_label(what: &str, label: &str) -> std::result::Result<(), String> {
+    if label.is_empty() || label.len() > MAX_NAME {
+        return Err(format!("{what} must have 1 to {MAX_NAME} bytes"));
+    }
+    if label.chars().any(|c| c.is_control() || hides_text(c)) {
+        return Err(format!(
+            "{what} {} contains control or invisible characters",
+            peer_text(&label.chars().take(64).collect::<String>())
+        ));
+    }
+    Ok(())
+}
+
+/// Checks what a worker says about itself (name, tags, platform); `Err` says what is
+/// wrong, in words safe to log.
+pub(crate) fn check_identity(
+    name: &str,
+    tags: &BTreeSet<String>,
+    platform: &str,
+) -> std::result::Result<(), String> {
+    check_label("a worker name", name)?;
+    if tags.len() > MAX_TAGS {
+        return Err(format!(
+            "a worker may have at most {MAX_TAGS} tags, not {}",
+            tags.len()
+        ));
+    }
+    for tag in tags {
+        check_label("a tag", tag)?;
+    }
+    if !platform.is_empty() {
+        check_label("a platform", platform)?;
+    }
+    Ok(())
+}
+
 /// What a worker says about itself when it connects.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerHello {
@@ -418,5 +494,50 @@ mod tests {
         body.push(0xfc); // varint marker: u64 follows
         body.extend_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(decode::<WorkerMessage>(&body).is_err());
+    }
+    #[test]
+    fn peer_text_escapes_control_characters_and_is_cut_to_the_cap() {
+        assert_eq!(peer_text("plain words"), "plain words");
+        assert_eq!(
+            peer_text("a\nb\x1b[31mred\u{202e}txt\0"),
+            "a\\nb\\u{1b}[31mred\\u{202e}txt\\u{0}"
+        );
+        let long = "é".repeat(MAX_PEER_TEXT); // 2 bytes each
+        let cut = peer_text(&long);
+        assert!(cut.starts_with("éé"));
+        assert!(cut.len() <= MAX_PEER_TEXT + 40, "{}", cut.len());
+        assert!(
+            cut.ends_with(&format!(" [{} more bytes cut]", MAX_PEER_TEXT)),
+            "{}",
+            &cut[cut.len() - 40..]
+        );
+        let controls = "\x07".repeat(1 << 20);
+        let cut = peer_text(&controls);
+        assert!(cut.len() <= MAX_PEER_TEXT + 40);
+        assert!(!cut.chars().any(char::is_control));
+    }
+
+    #[test]
+    fn names_tags_and_platforms_must_be_short_printable_text() {
+        let tags = |t: &[&str]| t.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert!(check_identity("w-1", &tags(&["gpu", "big"]), "linux-x86_64").is_ok());
+        assert!(check_identity("w-1", &tags(&[]), "").is_ok());
+        for (name, t, platform) in [
+            ("", tags(&[]), "p"),
+            ("w\nfake log line", tags(&[]), "p"),
+            ("w", tags(&["ok", "\x1b[2J"]), "p"),
+            ("w", tags(&[""]), "p"),
+            ("w", tags(&[]), "linux\r"),
+        ] {
+            let e = check_identity(name, &t, platform).unwrap_err();
+            assert!(!e.chars().any(char::is_control), "{e:?}");
+        }
+        assert!(check_identity(&"n".repeat(MAX_NAME + 1), &tags(&[]), "p").is_err());
+        let many: BTreeSet<String> = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
+        assert!(
+            check_identity("w", &many, "p")
+                .unwrap_err()
+                .contains("tags")
+        );
     }
 }

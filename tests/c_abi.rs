@@ -103,6 +103,7 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
     );
     for line in [
         "bad address: WP_RESULT_INVALID_ARGUMENT (\"not an address\" is not a HOST:PORT address)",
+        "zero connections per certificate: WP_RESULT_INVALID_ARGUMENT",
         "manager on port ok",
         "job 1 stdout: hello from job 1",
         "job 2 stderr: to stderr",
@@ -260,6 +261,10 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
         );
         assert_eq!(
             wp_manager_config_add_worker_ca_pem_file(ptr::null_mut(), text.as_ptr()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_config_set_max_connections_per_certificate(ptr::null_mut(), 1),
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(

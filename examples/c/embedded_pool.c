@@ -108,6 +108,10 @@ int main(int argc, char **argv) {
         check(wp_manager_config_add_worker_certificate_pem_file(mc, path(dir, "worker-1-cert.pem", a, sizeof a)),
               "pin worker 1");
     }
+    /* Each worker has a certificate of its own: a certificate needs few connections. */
+    bad = wp_manager_config_set_max_connections_per_certificate(mc, 0);
+    printf("zero connections per certificate: %s\n", wp_result_name(bad));
+    check(wp_manager_config_set_max_connections_per_certificate(mc, 2), "max connections per certificate");
     wp_manager *manager = NULL;
     check(wp_manager_start(mc, &manager), "wp_manager_start");
     wp_manager_config_free(mc);

@@ -128,6 +128,7 @@ pub struct wp_manager_config {
     listen: String,
     identity: Option<Identity>,
     worker_trust: PeerTrust,
+    max_connections_per_certificate: Option<usize>,
 }
 
 /// A running manager. Made by `wp_manager_start`; `wp_manager_free` (called once, after
@@ -394,6 +395,7 @@ pub unsafe extern "C" fn wp_manager_config_new(out: *mut *mut wp_manager_config)
                 listen: "127.0.0.1:9001".into(),
                 identity: None,
                 worker_trust: PeerTrust::new(),
+                max_connections_per_certificate: None,
             },
         )
     })
@@ -475,6 +477,26 @@ pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
     unsafe { wp_manager_config_add_worker_certificate_pem_file(config, path) }
 }
 
+/// Sets how many connections may present the same worker certificate at once (default
+/// 4; at least 1). More are refused when they register.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_connections_per_certificate(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        if max == 0 {
+            return fail(
+                WP_RESULT_INVALID_ARGUMENT,
+                "max_connections_per_certificate must be at least 1",
+            );
+        }
+        config.max_connections_per_certificate = Some(max as usize);
+        WP_RESULT_OK
+    })
+}
+
 /// Frees a configuration. NULL is fine.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_manager_config_free(config: *mut wp_manager_config) {
@@ -497,7 +519,11 @@ pub unsafe extern "C" fn wp_manager_start(
                 "the manager has no identity: call wp_manager_config_set_identity_pem_files",
             );
         };
-        let rust = ManagerConfig::new(config.listen.clone(), identity, config.worker_trust.clone());
+        let mut rust =
+            ManagerConfig::new(config.listen.clone(), identity, config.worker_trust.clone());
+        if let Some(max) = config.max_connections_per_certificate {
+            rust.max_connections_per_certificate = max;
+        }
         match Manager::bind(rust) {
             Ok(m) => boxed(out, wp_manager { inner: m }),
             Err(e) => from_error(e),

@@ -10,9 +10,9 @@ use super::sink::JobSink;
 use super::{ManagerEvent, Shared, WorkerInfo};
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobState, JobStatus, Outcome};
-use crate::link::{Liveness, Outbound};
+use crate::link::{Liveness, Outbox};
 use crate::metrics::{Histogram, Stats, WorkerStats};
-use crate::protocol::{ManagerMessage, WorkerHello};
+use crate::protocol::{self, ManagerMessage, WorkerHello};
 use crate::tls::Closer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -26,6 +26,65 @@ use std::time::{Duration, Instant};
 pub(crate) struct Route {
     pub sink: Arc<JobSink>,
     pub next_seq: u64,
+    /// Output messages that never arrived (gaps in `seq`), and in how many gaps: the
+    /// first gap is reported at once, the rest summed up when the job ends.
+    pub lost: u64,
+    pub gaps: u64,
+}
+
+impl Route {
+    pub(crate) fn new(sink: Arc<JobSink>) -> Route {
+        Route {
+            sink,
+            next_seq: 0,
+            lost: 0,
+            gaps: 0,
+        }
+    }
+
+    /// Takes note of output `seq`: `Ok(true)` to deliver it, `Ok(false)` for a replay
+    /// already delivered, `Err` for a `seq` no worker can have sent (`u64::MAX`, after
+    /// which there would be no next one). A gap is counted; only the first one of a job
+    /// becomes a warning at once (see [`Route::report_gaps`]).
+    pub(crate) fn take_seq(
+        &mut self,
+        seq: u64,
+        job: JobId,
+        label: &str,
+    ) -> std::result::Result<bool, String> {
+        let Some(next) = seq.checked_add(1) else {
+            return Err(format!("job {job}: output seq {seq} is out of range"));
+        };
+        if seq < self.next_seq {
+            return Ok(false);
+        }
+        if seq > self.next_seq {
+            let lost = seq - self.next_seq;
+            self.lost = self.lost.saturating_add(lost);
+            self.gaps += 1;
+            if self.gaps == 1 {
+                log::warn!("{label}: job {job}: {lost} output message(s) lost in a reconnect");
+                self.sink.push(JobEvent::Warning(format!(
+                    "{lost} output message(s) were lost while the worker reconnected"
+                )));
+            }
+        }
+        self.next_seq = next;
+        Ok(true)
+    }
+
+    /// Before the job's end: the gaps not yet reported, summed up in one warning.
+    pub(crate) fn report_gaps(&mut self, job: JobId, label: &str) {
+        if self.gaps > 1 {
+            let text = format!(
+                "in all, {} output message(s) were lost in {} gaps",
+                self.lost, self.gaps
+            );
+            log::warn!("{label}: job {job}: {text}");
+            self.sink.push(JobEvent::Warning(text));
+            self.gaps = 1;
+        }
+    }
 }
 
 /// The routes of one link, shared by the dispatcher and that link's reader. Events are
@@ -39,9 +98,88 @@ pub(crate) const MAX_SLOTS: u32 = 1024;
 /// How long a closing manager waits for its links to say goodbye before cutting them.
 const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a worker that declined a job is offered nothing: this long after a first
+/// decline, twice as long after each further one in a row, at most `DECLINE_REST_MAX`.
+/// A job that ends on the worker starts the count again.
+pub(crate) const DECLINE_REST_MIN: Duration = Duration::from_millis(200);
+pub(crate) const DECLINE_REST_MAX: Duration = Duration::from_secs(30);
+
+/// `now + d`, or a far-off moment when that does not fit an `Instant`.
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
+}
+
+/// Workers resting after a decline. Plain state: the caller says what time it is.
+#[derive(Default)]
+pub(crate) struct Rests {
+    by_worker: HashMap<u64, Rest>,
+}
+
+struct Rest {
+    /// Declines in a row.
+    streak: u32,
+    until: Instant,
+    /// Its end has not been acted on yet.
+    pending: bool,
+}
+
+impl Rests {
+    /// A worker declined a job at `now`: how long it is now offered nothing.
+    pub(crate) fn declined(&mut self, worker: u64, now: Instant) -> Duration {
+        let r = self.by_worker.entry(worker).or_insert(Rest {
+            streak: 0,
+            until: now,
+            pending: false,
+        });
+        r.streak = r.streak.saturating_add(1);
+        let rest = DECLINE_REST_MIN
+            .saturating_mul(1 << (r.streak - 1).min(16))
+            .min(DECLINE_REST_MAX);
+        r.until = later(now, rest);
+        r.pending = true;
+        rest
+    }
+
+    /// Whether the worker is resting at `now`.
+    pub(crate) fn resting(&self, worker: u64, now: Instant) -> bool {
+        self.by_worker.get(&worker).is_some_and(|r| now < r.until)
+    }
+
+    /// A job ended on the worker (or it left): its next decline starts afresh.
+    pub(crate) fn forget(&mut self, worker: u64) {
+        self.by_worker.remove(&worker);
+    }
+
+    /// When the next rest ends, if one is still to be acted on.
+    pub(crate) fn next_end(&self) -> Option<Instant> {
+        self.by_worker
+            .values()
+            .filter(|r| r.pending)
+            .map(|r| r.until)
+            .min()
+    }
+
+    /// The workers whose rest has ended by `now` and was not yet acted on.
+    pub(crate) fn ended(&mut self, now: Instant) -> Vec<u64> {
+        let mut ids: Vec<u64> = self
+            .by_worker
+            .iter_mut()
+            .filter(|(_, r)| r.pending && r.until <= now)
+            .map(|(&id, r)| {
+                r.pending = false;
+                id
+            })
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
 /// What a link gives the dispatcher so it can send work and end jobs.
 pub(crate) struct LinkHandle {
-    pub out: Sender<Outbound<ManagerMessage>>,
+    pub out: Outbox<ManagerMessage>,
     pub routes: Arc<Routes>,
     pub live: Arc<Liveness>,
     pub closer: Closer,
@@ -152,6 +290,10 @@ pub(crate) struct Dispatcher {
     closing: bool,
     queue_wait: Histogram,
     dispatch_latency: Histogram,
+    /// Workers offered nothing for a while after declining a job.
+    rests: Rests,
+    /// The time, for decisions about rests (a clock the tests move).
+    clock: Box<dyn Fn() -> Instant + Send>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -177,6 +319,20 @@ impl Dispatcher {
             closing: false,
             queue_wait: Histogram::default(),
             dispatch_latency: Histogram::default(),
+            rests: Rests::default(),
+            clock: Box::new(Instant::now),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        (self.clock)()
+    }
+
+    /// Offers work again to workers whose rest after a decline has ended.
+    fn wake_rested(&mut self) {
+        let now = self.now();
+        for worker in self.rests.ended(now) {
+            self.fill(worker);
         }
     }
 
@@ -188,6 +344,7 @@ impl Dispatcher {
                 .iter()
                 .map(|d| d.until)
                 .chain(shutdown_at)
+                .chain(self.rests.next_end())
                 .min();
             let ev = match wake {
                 None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -196,13 +353,14 @@ impl Dispatcher {
             match ev {
                 Ok(Event::Shutdown { grace }) => {
                     self.begin_shutdown();
-                    shutdown_at = Some(Instant::now() + grace);
+                    shutdown_at = Some(later(Instant::now(), grace));
                 }
                 Ok(ev) => self.handle(ev),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
             }
             self.expire_detached(Instant::now());
+            self.wake_rested();
             if self.closing
                 && (self.running.is_empty() || shutdown_at.is_some_and(|t| Instant::now() >= t))
             {
@@ -243,6 +401,7 @@ impl Dispatcher {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.running.remove(&job);
                 }
+                self.rests.forget(worker);
                 self.reindex(worker);
                 self.fill(worker);
             }
@@ -256,6 +415,17 @@ impl Dispatcher {
             Event::Declined { worker, job, route } => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.running.remove(&job);
+                }
+                // Offer that worker nothing for a while, so that one that declines
+                // everything does not have the same job sent back and forth.
+                let now = self.now();
+                let rest = self.rests.declined(worker, now);
+                if let Some(w) = self.workers.get(&worker) {
+                    log::info!(
+                        "worker {}: no jobs for it for {:.1} s after it declined job {job}",
+                        w.info.name,
+                        rest.as_secs_f64()
+                    );
                 }
                 self.reindex(worker);
                 match self.running.remove(&job) {
@@ -319,6 +489,7 @@ impl Dispatcher {
     fn pick_worker(&mut self, job: &QueuedJob) -> Option<u64> {
         let req = &job.spec.requirements;
         let cursor = self.cursor;
+        let now = self.now();
         let found = self.by_free.values().rev().find_map(|ids| {
             ids.range(cursor..)
                 .chain(ids.range(..cursor))
@@ -326,6 +497,7 @@ impl Dispatcher {
                     self.workers
                         .get(id)
                         .is_some_and(|w| req.matches(&w.info.tags, &w.info.platform))
+                        && !self.rests.resting(**id, now)
                 })
                 .copied()
         })?;
@@ -371,18 +543,12 @@ impl Dispatcher {
             worker: w.info.name.clone(),
         });
         let sink = job.events.clone();
-        lock(&w.link.routes).insert(
-            job.id,
-            Route {
-                sink: job.events,
-                next_seq: 0,
-            },
-        );
+        lock(&w.link.routes).insert(job.id, Route::new(job.events));
         // The spec stays here too, in case the job must run again elsewhere.
-        let _ = w.link.out.send(Outbound::Message(ManagerMessage::Run {
+        w.link.out.send(ManagerMessage::Run {
             job: job.id,
             spec: job.spec.clone(),
-        }));
+        });
         // After `Run`: a job whose submitter is still behind (a retry) is paused on its
         // new worker, which by now knows the job.
         sink.set_producer(Some(w.link.out.clone()));
@@ -402,7 +568,7 @@ impl Dispatcher {
 
     /// Gives a worker queued jobs while it has free slots.
     fn fill(&mut self, worker: u64) {
-        if self.closing {
+        if self.closing || self.rests.resting(worker, self.now()) {
             return;
         }
         while let Some(w) = self.workers.get(&worker) {
@@ -526,10 +692,7 @@ impl Dispatcher {
         running.cancelled = true;
         match running.worker.and_then(|w| self.workers.get(&w)) {
             Some(w) => {
-                let _ = w
-                    .link
-                    .out
-                    .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
+                w.link.out.send(ManagerMessage::Cancel { job: id });
             }
             None => {
                 // Its worker is reconnecting: end it now; if the worker comes back, it is
@@ -561,15 +724,13 @@ impl Dispatcher {
                 "a worker must offer 1 to {MAX_SLOTS} slots, not {}",
                 hello.slots
             ))
-        } else if hello.name.is_empty() || hello.name.len() > 256 {
-            Some("a worker name must have 1 to 256 bytes".to_string())
         } else {
-            None
+            protocol::check_identity(&hello.name, &hello.tags, &hello.platform).err()
         };
         if let Some(reason) = refusal {
             log::warn!(
-                "refusing worker {:?} from {}: {reason}",
-                hello.name,
+                "refusing worker {} from {}: {reason}",
+                protocol::peer_text(&hello.name.chars().take(256).collect::<String>()),
                 fmt_addr(peer)
             );
             let _ = reply.send(Err(reason));
@@ -601,6 +762,29 @@ impl Dispatcher {
             .iter()
             .find(|(_, w)| w.info.name == hello.name)
             .map(|(&id, w)| (id, w.cert == cert));
+        // One certificate holds a bounded number of connections (the one it replaces
+        // does not count).
+        if let Some(c) = &cert {
+            let replaced = namesake.filter(|(_, same)| *same).map(|(id, _)| id);
+            let held = self
+                .workers
+                .iter()
+                .filter(|(id, w)| w.cert.as_ref() == Some(c) && Some(**id) != replaced)
+                .count();
+            let max = self.shared.max_connections_per_certificate;
+            if held >= max {
+                let reason = format!(
+                    "its certificate already holds {held} connection(s), the most allowed (max_connections_per_certificate = {max})"
+                );
+                log::warn!(
+                    "refusing worker {} from {}: {reason}",
+                    hello.name,
+                    fmt_addr(peer)
+                );
+                let _ = reply.send(Err(reason));
+                return;
+            }
+        }
         match namesake {
             Some((old, true)) => {
                 if let Some(w) = self.workers.get(&old) {
@@ -705,9 +889,7 @@ impl Dispatcher {
             }
             lock(&link.routes).insert(job, route);
             if cancelled {
-                let _ = link
-                    .out
-                    .send(Outbound::Message(ManagerMessage::Cancel { job }));
+                link.out.send(ManagerMessage::Cancel { job });
             }
         }
         resume
@@ -717,6 +899,7 @@ impl Dispatcher {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
+        self.rests.forget(worker);
         self.reindex(worker);
         let routes: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
         let grace = self.shared.reconnect_grace;
@@ -757,7 +940,7 @@ impl Dispatcher {
             name: name.to_string(),
             cert,
             jobs,
-            until: Instant::now() + self.shared.reconnect_grace,
+            until: later(Instant::now(), self.shared.reconnect_grace),
         });
     }
 
@@ -837,14 +1020,11 @@ impl Dispatcher {
         for w in self.workers.values() {
             let cut: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
             for (id, route) in cut {
-                let _ = w
-                    .link
-                    .out
-                    .send(Outbound::Message(ManagerMessage::Cancel { job: id }));
+                w.link.out.send(ManagerMessage::Cancel { job: id });
                 route.sink.push(JobEvent::Finished(Outcome::Cancelled));
             }
-            let _ = w.link.out.send(Outbound::Message(ManagerMessage::Shutdown));
-            let _ = w.link.out.send(Outbound::Close);
+            w.link.out.send(ManagerMessage::Shutdown);
+            w.link.out.close();
             w.link.live.mark_closed();
         }
         self.running.clear();
@@ -861,5 +1041,293 @@ impl Dispatcher {
         while let Ok(ev) = rx.try_recv() {
             self.handle(ev);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::Outbound;
+    use crate::manager::ManagerConfig;
+    use crossbeam_channel::{bounded, unbounded};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A dispatcher on a clock the test moves.
+    struct Bench {
+        d: Dispatcher,
+        now: Arc<Mutex<Instant>>,
+        next_job: u64,
+        /// The far ends of the links' sockets, kept open.
+        peers: Vec<TcpStream>,
+    }
+
+    /// A worker's link as the dispatcher sees it, and what the worker would be sent.
+    struct TestLink {
+        routes: Arc<Routes>,
+        sent: Receiver<Outbound<ManagerMessage>>,
+    }
+
+    impl TestLink {
+        /// The jobs sent to the worker in `Run`s since the last look.
+        fn runs(&self) -> Vec<u64> {
+            self.sent
+                .try_iter()
+                .filter_map(|m| match m {
+                    Outbound::Message(ManagerMessage::Run { job, .. }) => Some(job.0),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    impl Bench {
+        fn new(max_per_cert: usize) -> Bench {
+            let mut config = ManagerConfig::insecure_plaintext("127.0.0.1:0");
+            config.max_connections_per_certificate = max_per_cert;
+            let shared = Shared::for_tests(unbounded().0, &config);
+            let mut d = Dispatcher::new(shared);
+            let now = Arc::new(Mutex::new(Instant::now()));
+            let clock = now.clone();
+            d.clock = Box::new(move || *lock(&clock));
+            Bench {
+                d,
+                now,
+                next_job: 1,
+                peers: Vec::new(),
+            }
+        }
+
+        fn advance(&mut self, by: Duration) {
+            *lock(&self.now) += by;
+            self.d.wake_rested();
+        }
+
+        /// Registers a worker: its id and link, or the refusal.
+        fn register(
+            &mut self,
+            name: &str,
+            cert: Option<&[u8]>,
+            slots: u32,
+        ) -> std::result::Result<(u64, TestLink), String> {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            self.peers.push(listener.accept().unwrap().0);
+            let (_, _, closer) = crate::tls::split(tcp, None).unwrap();
+            let (tx, sent) = unbounded();
+            let live = Liveness::new();
+            let routes: Arc<Routes> = Arc::default();
+            let link = LinkHandle {
+                out: Outbox::detached(tx, live.clone()),
+                routes: routes.clone(),
+                live,
+                closer,
+            };
+            let hello = WorkerHello {
+                name: name.into(),
+                tags: BTreeSet::new(),
+                platform: "linux-x86_64".into(),
+                slots,
+                manager_id: None,
+                jobs: vec![],
+                draining: false,
+            };
+            let (reply, answer) = bounded(1);
+            self.d.handle(Event::Register {
+                hello,
+                peer: None,
+                cert: cert.map(<[u8]>::to_vec),
+                link,
+                reply,
+            });
+            let (id, _) = answer.try_recv().expect("an answer at once")?;
+            Ok((id, TestLink { routes, sent }))
+        }
+
+        fn submit(&mut self) -> JobId {
+            let id = JobId(self.next_job);
+            self.next_job += 1;
+            self.d.shared.queued.fetch_add(1, Ordering::Relaxed);
+            let sink = JobSink::new(id, unbounded().0, Arc::default());
+            self.d.handle(Event::Submit(QueuedJob {
+                id,
+                spec: JobSpec::new("true"),
+                events: sink,
+                attempt: 1,
+                since: Instant::now(),
+            }));
+            id
+        }
+
+        /// The worker declines the job, as its link's reader reports it.
+        fn decline(&mut self, worker: u64, link: &TestLink, job: JobId) {
+            let route = lock(&link.routes)
+                .remove(&job)
+                .expect("the job is on that link");
+            self.d.handle(Event::Declined { worker, job, route });
+        }
+    }
+
+    #[test]
+    fn rests_double_per_decline_in_a_row_up_to_the_cap_and_start_again_after_work() {
+        let t0 = Instant::now();
+        let mut r = Rests::default();
+        let mut now = t0;
+        let mut got = Vec::new();
+        for _ in 0..12 {
+            let rest = r.declined(7, now);
+            got.push(rest.as_millis());
+            assert!(r.resting(7, now));
+            assert!(r.resting(7, now + rest - Duration::from_millis(1)));
+            assert!(!r.resting(7, now + rest));
+            assert_eq!(r.next_end(), Some(now + rest));
+            assert!(r.ended(now + rest - Duration::from_millis(1)).is_empty());
+            assert_eq!(r.ended(now + rest), vec![7]);
+            assert_eq!(r.ended(now + rest), Vec::<u64>::new(), "acted on once");
+            assert_eq!(r.next_end(), None);
+            now += rest;
+        }
+        assert_eq!(
+            got,
+            [
+                200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000, 30000
+            ]
+        );
+        assert!(!r.resting(8, now), "others are not resting");
+        r.forget(7);
+        assert_eq!(r.declined(7, now), DECLINE_REST_MIN);
+        // Far in the future, nothing overflows.
+        let mut r = Rests::default();
+        for _ in 0..100 {
+            r.declined(1, now);
+        }
+        assert_eq!(r.declined(1, now), DECLINE_REST_MAX);
+    }
+
+    #[test]
+    fn a_worker_that_declines_is_offered_nothing_until_its_rest_ends_and_the_job_goes_elsewhere() {
+        let mut b = Bench::new(4);
+        let (a, a_link) = b.register("a", Some(b"cert-a"), 1).unwrap();
+        let job = b.submit();
+        assert_eq!(a_link.runs(), vec![job.0]);
+        let mut rest = DECLINE_REST_MIN;
+        let mut sent = 1;
+        for _ in 0..10 {
+            b.decline(a, &a_link, job);
+            // Not sent back at once, nor at any moment of the rest.
+            assert_eq!(a_link.runs(), Vec::<u64>::new());
+            b.advance(rest - Duration::from_millis(1));
+            assert_eq!(a_link.runs(), Vec::<u64>::new());
+            assert_eq!(b.d.queue.len(), 1);
+            // At its end the job is offered again, once.
+            b.advance(Duration::from_millis(1));
+            assert_eq!(a_link.runs(), vec![job.0]);
+            sent += 1;
+            rest = (rest * 2).min(DECLINE_REST_MAX);
+        }
+        assert_eq!(sent, 11, "one Run per decline, none in between");
+        // Another worker joins while `a` rests: the declined job goes there at once.
+        b.decline(a, &a_link, job);
+        let (c, c_link) = b.register("c", Some(b"cert-c"), 1).unwrap();
+        assert_eq!(c_link.runs(), vec![job.0]);
+        // New jobs go to `c` or wait; none to `a` while it rests.
+        let second = b.submit();
+        assert_eq!(a_link.runs(), Vec::<u64>::new());
+        assert_eq!(b.d.queue.len(), 1);
+        // A job that ends on `c` frees it for the waiting one.
+        b.d.handle(Event::JobEnded { worker: c, job });
+        assert_eq!(c_link.runs(), vec![second.0]);
+        // Once `a` has run a job to its end, its next decline rests the shortest time.
+        b.advance(DECLINE_REST_MAX);
+        let third = b.submit();
+        assert_eq!(a_link.runs(), vec![third.0]);
+        b.d.handle(Event::JobEnded {
+            worker: a,
+            job: third,
+        });
+        let fourth = b.submit();
+        assert_eq!(a_link.runs(), vec![fourth.0]);
+        b.decline(a, &a_link, fourth);
+        b.advance(DECLINE_REST_MIN);
+        assert_eq!(a_link.runs(), vec![fourth.0]);
+    }
+
+    #[test]
+    fn one_certificate_holds_a_bounded_number_of_connections() {
+        let mut b = Bench::new(2);
+        let (first, _l1) = b.register("one", Some(b"shared"), 1).unwrap();
+        let _l2 = b.register("two", Some(b"shared"), 1).unwrap();
+        let refused = b
+            .register("three", Some(b"shared"), 1)
+            .err()
+            .expect("refused");
+        assert!(
+            refused.contains("already holds 2 connection(s)")
+                && refused.contains("max_connections_per_certificate = 2"),
+            "{refused}"
+        );
+        // The same worker reconnecting replaces its old connection: not one more.
+        let (again, _l3) = b.register("one", Some(b"shared"), 1).unwrap();
+        assert_ne!(again, first);
+        assert_eq!(b.d.workers.len(), 2);
+        // Other certificates are counted on their own.
+        assert!(b.register("four", Some(b"other"), 1).is_ok());
+        // When a connection closes, its place is free again.
+        b.d.handle(Event::LinkClosed {
+            worker: again,
+            reason: "gone".into(),
+        });
+        assert!(b.register("three", Some(b"shared"), 1).is_ok());
+        // Without certificates (plaintext) there is nothing to count.
+        let mut b = Bench::new(1);
+        for i in 0..5 {
+            assert!(b.register(&format!("p{i}"), None, 1).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_hello_with_control_characters_is_refused() {
+        let mut b = Bench::new(4);
+        for name in ["evil\nworker x joined", "\u{1b}[2Jw", "w\u{202e}"] {
+            let why = b.register(name, Some(b"c"), 1).err().expect("refused");
+            assert!(why.contains("control or invisible"), "{why}");
+            assert!(!why.chars().any(char::is_control), "{why:?}");
+        }
+        assert!(b.d.workers.is_empty());
+    }
+    #[test]
+    fn output_seqs_replays_gaps_and_the_largest_seq_are_handled_without_overflow() {
+        let (tx, rx) = unbounded();
+        let mut route = Route::new(JobSink::new(JobId(1), tx, Arc::default()));
+        assert_eq!(route.take_seq(0, JobId(1), "w"), Ok(true));
+        assert_eq!(route.take_seq(0, JobId(1), "w"), Ok(false), "a replay");
+        // Every other message missing: many gaps, one warning at once.
+        for seq in (2..20_000).step_by(2) {
+            assert_eq!(route.take_seq(seq, JobId(1), "w"), Ok(true));
+        }
+        assert_eq!((route.lost, route.gaps), (9_999, 9_999));
+        let first: Vec<JobEvent> = rx.try_iter().collect();
+        assert_eq!(
+            first,
+            vec![JobEvent::Warning(
+                "1 output message(s) were lost while the worker reconnected".into()
+            )]
+        );
+        // The rest, summed up once before the end.
+        route.report_gaps(JobId(1), "w");
+        route.report_gaps(JobId(1), "w");
+        let sum: Vec<JobEvent> = rx.try_iter().collect();
+        assert_eq!(
+            sum,
+            vec![JobEvent::Warning(
+                "in all, 9999 output message(s) were lost in 9999 gaps".into()
+            )]
+        );
+        // A seq with no next one is refused, and changes nothing.
+        let e = route.take_seq(u64::MAX, JobId(1), "w").unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        assert_eq!(route.next_seq, 19_999);
+        assert_eq!(route.take_seq(u64::MAX - 1, JobId(1), "w"), Ok(true));
+        assert_eq!(route.next_seq, u64::MAX);
+        assert_eq!(route.lost, 9_999 + (u64::MAX - 1 - 19_999));
     }
 }

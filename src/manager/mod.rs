@@ -9,9 +9,11 @@ mod sink;
 
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Outcome, Stream};
-use crate::link::{self, Liveness, Outbound, Timing};
+use crate::link::{self, Liveness, Outbound, Outbox, Timing};
 use crate::metrics::{Counters, MetricsServer, Stats};
-use crate::protocol::{DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage};
+use crate::protocol::{
+    DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage, peer_text,
+};
 use crate::tls::{self, Identity, PeerTrust};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use dispatcher::{Dispatcher, Event, LinkHandle, Routes};
@@ -19,6 +21,7 @@ use queue::QueuedJob;
 use sink::JobSink;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -31,6 +34,19 @@ const JOB_EVENT_CAPACITY: usize = 32;
 
 /// The largest job accepted: half a frame, so that a `Run` always fits one.
 pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
+
+/// How many messages may wait in a link's outbound queue. Legitimately a link holds a
+/// few per running job (`Run`, `Pause`/`Resume`, `Cancel`, `Ended`) and a worker has at
+/// most 1024 slots; a worker that stops reading fills it, and its link is closed rather
+/// than the queue grown or anyone blocked.
+const LINK_QUEUE: usize = 4096;
+
+/// The longest grace or timeout a manager accepts in its configuration.
+const MAX_CONFIG_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// How many messages about jobs it does not run are logged per link; the rest are
+/// counted and reported once when the link closes.
+const LOGGED_COMPLAINTS: u64 = 10;
 
 /// How the manager authenticates workers.
 #[derive(Clone, Debug)]
@@ -80,6 +96,11 @@ pub struct ManagerConfig {
     /// Most bytes of each stream that [`JobHandle::wait`] keeps (16 MiB by default);
     /// beyond it the result says `truncated`. Live output events are never cut.
     pub result_output_limit: usize,
+    /// Most connections that present the same worker certificate at once (4 by
+    /// default); more are refused when they register. A worker holds one (a reconnecting
+    /// worker's new connection replaces its old one under the same name). Without TLS
+    /// there are no certificates and no such limit.
+    pub max_connections_per_certificate: usize,
 }
 
 impl ManagerConfig {
@@ -116,6 +137,7 @@ impl ManagerConfig {
             result_output_limit: 16 << 20,
             metrics_addr: None,
             reconnect_grace: Duration::from_secs(10),
+            max_connections_per_certificate: 4,
         }
     }
 
@@ -132,6 +154,23 @@ impl ManagerConfig {
         }
         if self.handshake_timeout.is_zero() {
             return bad("handshake_timeout must not be zero");
+        }
+        if self.max_connections_per_certificate == 0 {
+            return bad("max_connections_per_certificate must be at least 1");
+        }
+        if self.heartbeat_timeout > link::MAX_HEARTBEAT_TIMEOUT {
+            return bad("heartbeat_timeout must be at most 10 minutes");
+        }
+        for (name, d) in [
+            ("handshake_timeout", self.handshake_timeout),
+            ("shutdown_grace", self.shutdown_grace),
+            ("reconnect_grace", self.reconnect_grace),
+        ] {
+            if d > MAX_CONFIG_DURATION {
+                return Err(Error::InvalidConfig(format!(
+                    "{name} must be at most 365 days"
+                )));
+            }
         }
         Ok(())
     }
@@ -192,11 +231,42 @@ pub(crate) struct Shared {
     counters: Arc<Counters>,
     result_limit: usize,
     reconnect_grace: Duration,
+    max_connections_per_certificate: usize,
     handshaking: AtomicUsize,
     /// Every open connection, so that shutdown can cut them all.
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
     link_threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Shared state for in-memory tests of the dispatcher: plaintext, default settings.
+    pub(crate) fn for_tests(events: Sender<Event>, config: &ManagerConfig) -> Arc<Shared> {
+        Arc::new(Shared {
+            events,
+            queued: AtomicUsize::new(0),
+            capacity: config.queue_capacity,
+            next_job: AtomicU64::new(1),
+            closing: AtomicBool::new(false),
+            tls: None,
+            timing: Timing {
+                heartbeat_interval: config.heartbeat_interval,
+                heartbeat_timeout: config.heartbeat_timeout,
+            },
+            handshake_timeout: config.handshake_timeout,
+            max_handshakes: config.max_handshakes,
+            manager_id: 1,
+            counters: Arc::default(),
+            result_limit: config.result_output_limit,
+            reconnect_grace: config.reconnect_grace,
+            max_connections_per_certificate: config.max_connections_per_certificate,
+            handshaking: AtomicUsize::new(0),
+            connections: Mutex::new(HashMap::new()),
+            next_connection: AtomicU64::new(1),
+            link_threads: Mutex::new(Vec::new()),
+        })
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -265,6 +335,7 @@ impl Manager {
             counters: Arc::default(),
             result_limit: config.result_output_limit,
             reconnect_grace: config.reconnect_grace,
+            max_connections_per_certificate: config.max_connections_per_certificate,
             handshaking: AtomicUsize::new(0),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
@@ -555,7 +626,8 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         }
     };
     let live = Liveness::new();
-    let (out_tx, out_rx) = unbounded::<Outbound<ManagerMessage>>();
+    let (out_tx, out_rx) = bounded::<Outbound<ManagerMessage>>(LINK_QUEUE);
+    let out = Outbox::new(out_tx, live.clone(), est.closer.clone());
     let routes: Arc<Routes> = Arc::default();
     let (reply_tx, reply_rx) = bounded(1);
     let name = hello.name.clone();
@@ -564,7 +636,7 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         peer,
         cert: est.peer_cert.clone(),
         link: LinkHandle {
-            out: out_tx.clone(),
+            out: out.clone(),
             routes: routes.clone(),
             live: live.clone(),
             closer: est.closer.clone(),
@@ -587,12 +659,13 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         }
     };
     let label = format!("worker {name} ({who})");
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let welcome = Welcome {
         manager_id: shared.manager_id,
         worker_id,
-        heartbeat_interval_ms: shared.timing.heartbeat_interval.as_millis() as u64,
-        heartbeat_timeout_ms: shared.timing.heartbeat_timeout.as_millis() as u64,
-        reconnect_grace_ms: shared.reconnect_grace.as_millis() as u64,
+        heartbeat_interval_ms: ms(shared.timing.heartbeat_interval),
+        heartbeat_timeout_ms: ms(shared.timing.heartbeat_timeout),
+        reconnect_grace_ms: ms(shared.reconnect_grace),
         resume,
     };
     let started =
@@ -609,18 +682,42 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
         .map_err(|e| Error::io("starting a link writer thread", e)),
         Err(e) => Err(e),
     };
+    let mut complaints = Complaints::default();
     let result = match &writer {
-        Ok(_) => link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
-            on_worker_message(shared, worker_id, &label, &routes, &out_tx, msg)
+        // A panic here must not leave the worker registered with its link gone.
+        Ok(_) => catch_unwind(AssertUnwindSafe(|| {
+            link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
+                let link = Link {
+                    shared,
+                    worker: worker_id,
+                    label: &label,
+                    routes: &routes,
+                    out: &out,
+                };
+                match on_worker_message(&link, &mut complaints, msg) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        log::warn!("{label}: {why}; closing the link");
+                        live.close_because(why);
+                        false
+                    }
+                }
+            })
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Protocol(
+                "the link's reader failed (a bug: see the log)".into(),
+            ))
         }),
         Err(e) => Err(Error::Protocol(e.to_string())),
     };
+    complaints.summary(&label);
     live.mark_closed();
     est.closer.close();
-    let reason = match result {
+    let reason = live.reason().unwrap_or_else(|| match result {
         Ok(()) => "it closed the connection".to_string(),
         Err(e) => e.to_string(),
-    };
+    });
     let _ = shared.events.send(Event::LinkClosed {
         worker: worker_id,
         reason,
@@ -630,15 +727,67 @@ fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAdd
     }
 }
 
-/// Acts on one message from a worker; false when it broke the protocol (the link closes).
-fn on_worker_message(
-    shared: &Shared,
+/// What a link's reader needs to act on its worker's messages.
+struct Link<'a> {
+    shared: &'a Shared,
     worker: u64,
-    label: &str,
-    routes: &Routes,
-    out: &Sender<Outbound<ManagerMessage>>,
+    label: &'a str,
+    routes: &'a Routes,
+    out: &'a Outbox<ManagerMessage>,
+}
+
+/// Messages about jobs a worker does not run, counted per link so that a worker cannot
+/// fill the log with them: the first few are logged, the rest summed up at the end.
+#[derive(Default)]
+struct Complaints {
+    ignored: u64,
+}
+
+impl Complaints {
+    /// Counts one; true while it is still to be logged.
+    fn ignored(&mut self, label: &str) -> bool {
+        self.ignored += 1;
+        if self.ignored == LOGGED_COMPLAINTS + 1 {
+            log::warn!(
+                "{label}: more messages about jobs it does not run; they are counted, not logged"
+            );
+        }
+        self.ignored <= LOGGED_COMPLAINTS
+    }
+
+    fn summary(&self, label: &str) {
+        if self.ignored > LOGGED_COMPLAINTS {
+            log::warn!(
+                "{label}: {} messages about jobs it does not run were ignored in all",
+                self.ignored
+            );
+        }
+    }
+}
+
+/// A worker's account of how a job ended, with its free text made safe to pass on.
+fn peer_outcome(outcome: Outcome) -> Outcome {
+    match outcome {
+        Outcome::Rejected(why) => Outcome::Rejected(peer_text(&why)),
+        Outcome::SpawnFailed(why) => Outcome::SpawnFailed(peer_text(&why)),
+        other => other,
+    }
+}
+
+/// Acts on one message from a worker; `Err` says how it broke the protocol (the link
+/// closes).
+fn on_worker_message(
+    link: &Link<'_>,
+    complaints: &mut Complaints,
     msg: WorkerMessage,
-) -> bool {
+) -> std::result::Result<(), String> {
+    let Link {
+        shared,
+        worker,
+        label,
+        routes,
+        out,
+    } = *link;
     match msg {
         WorkerMessage::Output {
             job,
@@ -647,30 +796,32 @@ fn on_worker_message(
             bytes,
         } => {
             if bytes.len() > OUTPUT_CHUNK {
-                log::warn!(
-                    "{label}: an output message of {} bytes (at most {OUTPUT_CHUNK} allowed); closing the link",
+                return Err(format!(
+                    "an output message of {} bytes (at most {OUTPUT_CHUNK} allowed)",
                     bytes.len()
-                );
-                return false;
+                ));
             }
             // Pushed under the routes lock (pushing never blocks), so that no output can
             // slip in after whoever removes the route has delivered `Finished`.
             let mut routes = lock(routes);
             let Some(route) = routes.get_mut(&job) else {
                 log::debug!("{label}: output for job {job}, which it does not run (ignored)");
-                return true;
+                return Ok(());
             };
             if seq < route.next_seq {
-                return true; // replayed after a reconnect, and already delivered
+                return Ok(()); // replayed after a reconnect, and already delivered
             }
-            if seq > route.next_seq {
-                let lost = seq - route.next_seq;
-                log::warn!("{label}: job {job}: {lost} output message(s) lost in a reconnect");
-                route.sink.push(JobEvent::Warning(format!(
-                    "{lost} output message(s) were lost while the worker reconnected"
-                )));
+            // Checked before the seq is taken: refused output is not counted as
+            // delivered, so a worker that reconnects sends it again.
+            if !route.sink.has_room(bytes.len()) {
+                return Err(format!(
+                    "job {job}: it went on sending output after Pause ({} MiB held for the job)",
+                    sink::MAX_BACKLOG_BYTES >> 20
+                ));
             }
-            route.next_seq = seq + 1;
+            if !route.take_seq(seq, job, label)? {
+                return Ok(());
+            }
             shared
                 .counters
                 .output_bytes
@@ -684,28 +835,44 @@ fn on_worker_message(
         } => {
             let route = lock(routes).remove(&job);
             match route {
-                Some(route) => {
+                Some(mut route) => {
                     // Acknowledged: the worker may forget the job.
-                    let _ = out.send(Outbound::Message(ManagerMessage::Ended { job }));
+                    out.send(ManagerMessage::Ended { job });
                     // The dispatcher hears of it first: whoever sees `Finished` and then
                     // asks the manager finds the job gone and the slot free.
                     let _ = shared.events.send(Event::JobEnded { worker, job });
+                    route.report_gaps(job, label);
                     if let Some(e) = cleanup_error {
+                        let e = peer_text(&e);
                         log::warn!("{label}: job {job}: {e}");
                         route.sink.push(JobEvent::Warning(e));
                     }
-                    route.sink.push(JobEvent::Finished(outcome));
+                    route.sink.push(JobEvent::Finished(peer_outcome(outcome)));
                 }
-                None => log::warn!(
-                    "{label}: reported job {job} finished, which it does not run (ignored)"
-                ),
+                None => {
+                    if complaints.ignored(label) {
+                        log::warn!(
+                            "{label}: reported job {job} finished, which it does not run (ignored)"
+                        );
+                    }
+                }
             }
         }
         WorkerMessage::Declined { job, reason } => {
             let route = lock(routes).remove(&job);
-            log::info!("{label}: declined job {job} ({reason}); queueing it again");
-            if let Some(route) = route {
-                let _ = shared.events.send(Event::Declined { worker, job, route });
+            match route {
+                Some(route) => {
+                    log::info!(
+                        "{label}: declined job {job} ({}); queueing it again",
+                        peer_text(&reason)
+                    );
+                    let _ = shared.events.send(Event::Declined { worker, job, route });
+                }
+                None => {
+                    if complaints.ignored(label) {
+                        log::warn!("{label}: declined job {job}, which it was not given (ignored)");
+                    }
+                }
             }
         }
         WorkerMessage::Draining => {
@@ -716,7 +883,7 @@ fn on_worker_message(
         }
         WorkerMessage::Heartbeat => {}
     }
-    true
+    Ok(())
 }
 
 #[derive(Default)]

@@ -4,9 +4,14 @@
 //! job writes), later events wait in a backlog that a short-lived thread hands over as
 //! room appears, and the worker is told to pause the job's output until the backlog is
 //! gone — so one slow reader holds back only its own job, never its worker's link.
+//!
+//! Two things a worker controls are bounded here: the backlog (a worker that goes on
+//! sending after `Pause` is refused once the backlog holds [`MAX_BACKLOG_BYTES`], and its
+//! link is closed by the caller) and the number of warnings a job gets
+//! ([`MAX_WARNINGS`]; the rest are counted and summed up in one more before `Finished`).
 
 use crate::job::{JobEvent, JobId};
-use crate::link::Outbound;
+use crate::link::Outbox;
 use crate::metrics::Counters;
 use crate::protocol::ManagerMessage;
 use crossbeam_channel::{Sender, TrySendError};
@@ -14,19 +19,36 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Where a job's output comes from while it runs: its worker's link, to pause and resume.
-pub(crate) type Producer = Sender<Outbound<ManagerMessage>>;
+pub(crate) type Producer = Outbox<ManagerMessage>;
+
+/// The most a paused job's backlog may hold (output bytes, plus [`EVENT_COST`] per
+/// event). An honest worker sends at most what was in flight when it was paused (its
+/// two 64-message queues and the socket buffers, about 8 MiB) and, after a reconnect,
+/// what it replays (up to twice its `reconnect_buffer`, 16 MiB by default); a worker
+/// that ignores `Pause` reaches this limit and is disconnected.
+pub(crate) const MAX_BACKLOG_BYTES: usize = 64 << 20;
+/// What one event costs in the backlog besides its output bytes.
+const EVENT_COST: usize = 64;
+/// The most warnings one job delivers; later ones are counted and reported as one.
+pub(crate) const MAX_WARNINGS: u32 = 16;
 
 pub(crate) struct JobSink {
     job: JobId,
     tx: Sender<JobEvent>,
     state: Mutex<State>,
     counters: Arc<Counters>,
+    backlog_limit: usize,
 }
 
 #[derive(Default)]
 struct State {
     backlog: VecDeque<JobEvent>,
+    /// What the backlog holds, counted as [`MAX_BACKLOG_BYTES`] is.
+    backlog_bytes: usize,
     pumping: bool,
+    /// Warnings delivered, and those left out beyond [`MAX_WARNINGS`].
+    warnings: u32,
+    warnings_left_out: u64,
     /// `Finished` has been accepted: nothing more is.
     ended: bool,
     /// The submitter dropped its handle: events are discarded.
@@ -37,11 +59,22 @@ struct State {
 
 impl JobSink {
     pub(crate) fn new(job: JobId, tx: Sender<JobEvent>, counters: Arc<Counters>) -> Arc<JobSink> {
+        JobSink::with_backlog_limit(job, tx, counters, MAX_BACKLOG_BYTES)
+    }
+
+    /// A sink whose backlog holds at most `backlog_limit` (see [`MAX_BACKLOG_BYTES`]).
+    pub(crate) fn with_backlog_limit(
+        job: JobId,
+        tx: Sender<JobEvent>,
+        counters: Arc<Counters>,
+        backlog_limit: usize,
+    ) -> Arc<JobSink> {
         Arc::new(JobSink {
             job,
             tx,
             state: Mutex::default(),
             counters,
+            backlog_limit,
         })
     }
 
@@ -55,7 +88,7 @@ impl JobSink {
         let mut s = self.lock();
         s.producer = producer;
         if let Some(p) = s.producer.as_ref().filter(|_| s.paused) {
-            let _ = p.send(Outbound::Message(ManagerMessage::Pause { job: self.job }));
+            p.send(ManagerMessage::Pause { job: self.job });
         }
     }
 
@@ -70,12 +103,51 @@ impl JobSink {
         self.lock().ended
     }
 
-    /// Adds an event; never blocks. After `Finished`, nothing is accepted.
+    /// Whether output of this many bytes may still be taken: false when the job is
+    /// paused and its backlog holds [`MAX_BACKLOG_BYTES`] (its worker went on sending
+    /// after `Pause`). Other events are always taken.
+    pub(crate) fn has_room(&self, output_bytes: usize) -> bool {
+        let s = self.lock();
+        !s.pumping
+            || s.abandoned
+            || s.ended
+            || s.backlog_bytes.saturating_add(EVENT_COST + output_bytes) <= self.backlog_limit
+    }
+
+    /// Adds an event; never blocks. After `Finished`, nothing is accepted. Warnings
+    /// beyond [`MAX_WARNINGS`] are counted, and reported as one before `Finished`.
     pub(crate) fn push(self: &Arc<Self>, ev: JobEvent) {
-        let mut s = self.lock();
+        let inline = self.push_locked(&mut self.lock(), ev);
+        self.hand_over(inline);
+    }
+
+    /// Takes an event under the lock; returns events to hand over in place (only when a
+    /// delivery thread could not be started).
+    fn push_locked(self: &Arc<Self>, s: &mut State, ev: JobEvent) -> Vec<JobEvent> {
+        let mut inline = Vec::new();
         if s.ended {
-            return;
+            return inline;
         }
+        match &ev {
+            JobEvent::Warning(_) if s.warnings >= MAX_WARNINGS => {
+                s.warnings_left_out = s.warnings_left_out.saturating_add(1);
+                return inline;
+            }
+            JobEvent::Warning(_) => s.warnings += 1,
+            JobEvent::Finished(_) if s.warnings_left_out > 0 => {
+                let n = std::mem::take(&mut s.warnings_left_out);
+                let summary = JobEvent::Warning(format!(
+                    "{n} more warning(s) about this job were left out (at most {MAX_WARNINGS} are given)"
+                ));
+                self.deliver(s, summary, &mut inline);
+            }
+            _ => {}
+        }
+        self.deliver(s, ev, &mut inline);
+        inline
+    }
+
+    fn deliver(self: &Arc<Self>, s: &mut State, ev: JobEvent, inline: &mut Vec<JobEvent>) {
         if let JobEvent::Finished(outcome) = &ev {
             // The one place every job's end passes exactly once: count it here.
             s.ended = true;
@@ -84,18 +156,24 @@ impl JobSink {
         if s.abandoned {
             return;
         }
+        if !inline.is_empty() {
+            inline.push(ev);
+            return;
+        }
         if s.pumping {
+            s.backlog_bytes += cost(&ev);
             s.backlog.push_back(ev);
             return;
         }
         match self.tx.try_send(ev) {
             Ok(()) => {}
-            Err(TrySendError::Disconnected(_)) => self.abandon(&mut s),
+            Err(TrySendError::Disconnected(_)) => self.abandon(s),
             Err(TrySendError::Full(ev)) => {
+                s.backlog_bytes += cost(&ev);
                 s.backlog.push_back(ev);
                 s.pumping = true;
                 if let Some(p) = s.producer.as_ref().filter(|_| !s.ended) {
-                    let _ = p.send(Outbound::Message(ManagerMessage::Pause { job: self.job }));
+                    p.send(ManagerMessage::Pause { job: self.job });
                     s.paused = true;
                 }
                 let me = self.clone();
@@ -106,15 +184,19 @@ impl JobSink {
                         "job {}: cannot start a delivery thread ({e}); delivering inline",
                         self.job
                     );
-                    let backlog: Vec<JobEvent> = s.backlog.drain(..).collect();
+                    inline.extend(s.backlog.drain(..));
+                    s.backlog_bytes = 0;
                     s.pumping = false;
-                    drop(s);
-                    for ev in backlog {
-                        if self.tx.send(ev).is_err() {
-                            break;
-                        }
-                    }
                 }
+            }
+        }
+    }
+
+    /// Hands events over in place, outside the lock (see [`JobSink::push_locked`]).
+    fn hand_over(&self, inline: Vec<JobEvent>) {
+        for ev in inline {
+            if self.tx.send(ev).is_err() {
+                break;
             }
         }
     }
@@ -122,6 +204,7 @@ impl JobSink {
     fn abandon(&self, s: &mut State) {
         s.abandoned = true;
         s.backlog.clear();
+        s.backlog_bytes = 0;
         self.resume(s);
     }
 
@@ -129,7 +212,7 @@ impl JobSink {
         if s.paused {
             s.paused = false;
             if let Some(p) = &s.producer {
-                let _ = p.send(Outbound::Message(ManagerMessage::Resume { job: self.job }));
+                p.send(ManagerMessage::Resume { job: self.job });
             }
         }
     }
@@ -140,7 +223,10 @@ impl JobSink {
             let ev = {
                 let mut s = self.lock();
                 match s.backlog.pop_front() {
-                    Some(ev) => ev,
+                    Some(ev) => {
+                        s.backlog_bytes -= cost(&ev);
+                        ev
+                    }
                     None => {
                         s.pumping = false;
                         self.resume(&mut s);
@@ -158,11 +244,22 @@ impl JobSink {
     }
 }
 
+/// What an event costs in a backlog.
+fn cost(ev: &JobEvent) -> usize {
+    EVENT_COST
+        + match ev {
+            JobEvent::Output { bytes, .. } => bytes.len(),
+            JobEvent::Warning(w) => w.len(),
+            _ => 0,
+        }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::job::{Outcome, Stream};
-    use crossbeam_channel::{bounded, unbounded};
+    use crate::link::{Liveness, Outbound};
+    use crossbeam_channel::{Receiver, bounded, unbounded};
     use std::time::Duration;
 
     fn out(n: u8) -> JobEvent {
@@ -172,10 +269,87 @@ mod tests {
         }
     }
 
+    fn producer() -> (Producer, Receiver<Outbound<ManagerMessage>>) {
+        let (tx, rx) = unbounded();
+        (Outbox::detached(tx, Liveness::new()), rx)
+    }
+
+    fn sized(n: usize) -> JobEvent {
+        JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: vec![b'x'; n],
+        }
+    }
+
+    #[test]
+    fn a_backlog_over_its_limit_has_no_room_for_more_output() {
+        let (tx, rx) = bounded(1);
+        let (ptx, prx) = producer();
+        let sink = JobSink::with_backlog_limit(JobId(4), tx, Arc::default(), 1000);
+        sink.set_producer(Some(ptx));
+        assert!(sink.has_room(100));
+        sink.push(sized(100)); // into the channel
+        sink.push(sized(100)); // full: backlog, pause
+        assert!(matches!(
+            prx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Outbound::Message(ManagerMessage::Pause { job: JobId(4) })
+        ));
+        let mut taken = 2;
+        // The worker ignores the pause: the backlog takes up to its limit, then has no room.
+        while sink.has_room(100) {
+            sink.push(sized(100));
+            taken += 1;
+            assert!(taken < 100, "the backlog never filled");
+        }
+        assert!(!sink.has_room(100), "and stays full");
+        // One in the channel, one in the pump's hands (or about to be), and 6 of
+        // 100 + 64 bytes in a backlog of 1000.
+        assert!((7..=8).contains(&taken), "{taken} taken");
+        // Other events (the job's end) still get through, after everything taken.
+        sink.push(JobEvent::Finished(Outcome::WorkerLost));
+        let got: Vec<JobEvent> = (0..=taken)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(got.last(), Some(&JobEvent::Finished(Outcome::WorkerLost)));
+        assert!(got[..taken].iter().all(|e| *e == sized(100)));
+        assert!(
+            sink.has_room(1 << 30),
+            "an ended job takes (and drops) anything"
+        );
+        sink.push(sized(1)); // after Finished: ignored
+        assert!(rx.try_recv().is_err());
+    }
+
+    #[test]
+    fn warnings_are_capped_and_the_rest_counted_in_one_before_finished() {
+        let (tx, rx) = unbounded();
+        let sink = JobSink::new(JobId(5), tx, Arc::default());
+        for i in 0..10_000 {
+            sink.push(JobEvent::Warning(format!("warning {i}")));
+        }
+        sink.push(JobEvent::Finished(Outcome::Exited(0)));
+        let got: Vec<JobEvent> = rx.try_iter().collect();
+        let warnings: Vec<&str> = got
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Warning(w) => Some(w.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(warnings.len(), MAX_WARNINGS as usize + 1);
+        assert_eq!(warnings[0], "warning 0");
+        let last = warnings.last().unwrap();
+        assert!(
+            last.contains(&format!("{} more warning(s)", 10_000 - MAX_WARNINGS)),
+            "{last}"
+        );
+        assert_eq!(got.last(), Some(&JobEvent::Finished(Outcome::Exited(0))));
+    }
+
     #[test]
     fn a_full_channel_pauses_the_producer_and_keeps_the_order() {
         let (tx, rx) = bounded(2);
-        let (ptx, prx) = unbounded();
+        let (ptx, prx) = producer();
         let sink = JobSink::new(JobId(9), tx, Arc::default());
         sink.set_producer(Some(ptx));
         for n in 0..10 {
@@ -198,7 +372,7 @@ mod tests {
     #[test]
     fn a_dropped_handle_resumes_the_producer_and_discards() {
         let (tx, rx) = bounded(1);
-        let (ptx, prx) = unbounded();
+        let (ptx, prx) = producer();
         let sink = JobSink::new(JobId(3), tx, Arc::default());
         sink.set_producer(Some(ptx));
         sink.push(out(0));

@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 
 /// How long [`Worker::stop`] waits for killed jobs to be reaped and cleaned up.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// The longest grace or timeout taken from a configuration or a welcome (longer ones
+/// are refused or cut to it), so that no deadline built from one can overflow.
+const MAX_GRACE: Duration = Duration::from_secs(365 * 86_400);
 
 /// How the worker authenticates itself and the manager.
 #[derive(Clone, Debug)]
@@ -191,6 +194,16 @@ impl WorkerConfig {
         }
         if self.name.is_empty() || self.name.len() > 256 {
             return bad("the worker name must have 1 to 256 bytes".into());
+        }
+        crate::protocol::check_identity(&self.name, &self.tags, &self.platform).or_else(bad)?;
+        for (name, d) in [
+            ("connect_timeout", self.connect_timeout),
+            ("backoff_max", self.backoff_max),
+            ("kill_grace", self.kill_grace),
+        ] {
+            if d > MAX_GRACE {
+                return bad(format!("{name} must be at most 365 days"));
+            }
         }
         if self.host.is_empty() {
             return bad("the manager host is empty".into());
@@ -686,10 +699,8 @@ impl WorkerLoop {
 
     /// Runs one accepted connection until it ends.
     fn session(&mut self, est: link::Established, welcome: Welcome) -> SessionEnd {
-        let timing = Timing {
-            heartbeat_interval: Duration::from_millis(welcome.heartbeat_interval_ms.max(10)),
-            heartbeat_timeout: Duration::from_millis(welcome.heartbeat_timeout_ms.max(20)),
-        };
+        // Whatever the numbers say, the timing adopted is sane (see `Timing::adopted`).
+        let timing = Timing::adopted(welcome.heartbeat_interval_ms, welcome.heartbeat_timeout_ms);
         if let Err(e) = link::go_live(&est, timing) {
             return SessionEnd::Lost(e.to_string());
         }
@@ -781,6 +792,7 @@ impl WorkerLoop {
         // this worker noticed the loss: give up that much earlier, so that an old run
         // never goes on next to a retry of the same job.
         self.grace = Duration::from_millis(welcome.reconnect_grace_ms)
+            .min(MAX_GRACE)
             .saturating_sub(Duration::from_millis(welcome.heartbeat_timeout_ms));
         self.disconnected_since = None;
         let wanted: HashMap<JobId, u64> = welcome.resume.iter().copied().collect();
@@ -857,6 +869,16 @@ impl WorkerLoop {
                     .values()
                     .filter(|j| !j.dropped && j.finished.is_none())
                     .count();
+                if let Err(e) = spec.validate() {
+                    // A job no manager of this version sends; refused, not run.
+                    log::warn!("refusing job {job}: {e}");
+                    let _ = out.send(Outbound::Message(WorkerMessage::Finished {
+                        job,
+                        outcome: Outcome::Rejected(format!("the worker refused the job: {e}")),
+                        cleanup_error: None,
+                    }));
+                    return;
+                }
                 let refusal = if self.draining.is_some() {
                     Some("the worker is draining")
                 } else if running >= self.config.slots as usize || self.live(job).is_some() {

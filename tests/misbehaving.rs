@@ -1,0 +1,636 @@
+//! A trusted worker that speaks the protocol wrongly: it holds a valid certificate,
+//! does the real TLS handshake and sends a real hello (workpool's own link code, through
+//! the `testing` feature), and then ignores `Pause`, skips output sequence numbers,
+//! declines every `Run`, sends the largest text fields a frame holds, stops reading,
+//! opens many connections with one certificate, or sends numbers that overflow. The
+//! manager bounds each of these; and a worker given out-of-range numbers by its manager
+//! refuses them rather than panic.
+
+mod common;
+
+use common::*;
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+use workpool::job::{JobId, JobSpec, Outcome, Stream};
+use workpool::manager::{Manager, ManagerEvent};
+use workpool::protocol::{ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerHello, WorkerMessage};
+use workpool::testing::{self, RawReader, RawWriter};
+use workpool::tls::{Identity, TrustRoots};
+use workpool::worker::Worker;
+use workpool::{Error, ManagerConfig};
+
+/// Log lines at info and above, captured so that tests can look at what was logged.
+struct Capture;
+
+static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let mut lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
+            if lines.len() < 200_000 {
+                lines.push(r.args().to_string());
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&Capture).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Info);
+    });
+}
+
+/// Captured log lines that contain `marker`.
+fn logged(marker: &str) -> Vec<String> {
+    let lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
+    lines
+        .iter()
+        .filter(|l| l.contains(marker))
+        .cloned()
+        .collect()
+}
+
+fn hello(name: &str, slots: u32) -> WorkerHello {
+    WorkerHello {
+        name: name.into(),
+        tags: Default::default(),
+        platform: "linux-x86_64".into(),
+        slots,
+        manager_id: None,
+        jobs: vec![],
+        draining: false,
+    }
+}
+
+/// Joins `manager` as a worker with `certs.workers[i]` and this hello.
+fn join_with(
+    certs: &Certs,
+    manager: &Manager,
+    i: usize,
+    hello: &WorkerHello,
+) -> workpool::Result<(Welcome, RawReader, RawWriter)> {
+    let w = &certs.workers[i];
+    testing::connect_worker(
+        &manager.local_addr().to_string(),
+        "127.0.0.1",
+        &Identity::from_pem(w.cert_pem.as_bytes(), w.key_pem.as_bytes()).unwrap(),
+        &TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+        hello,
+        DEADLINE,
+    )
+}
+
+/// Joins as a worker that must be welcomed.
+fn join(c: &Cluster, name: &str, slots: u32) -> (RawReader, RawWriter) {
+    let (_, r, w) = join_with(&c.certs, &c.manager, 0, &hello(name, slots))
+        .unwrap_or_else(|e| panic!("{name} was not welcomed: {e}"));
+    r.set_read_timeout(Some(DEADLINE)).unwrap();
+    (r, w)
+}
+
+/// The next message other than a heartbeat.
+fn next(r: &mut RawReader) -> ManagerMessage {
+    loop {
+        match r.recv::<ManagerMessage>() {
+            Ok(Some(ManagerMessage::Heartbeat)) => {}
+            Ok(Some(m)) => return m,
+            other => panic!("expected a message from the manager, got {other:?}"),
+        }
+    }
+}
+
+fn expect_run(r: &mut RawReader) -> JobId {
+    match next(r) {
+        ManagerMessage::Run { job, .. } => job,
+        other => panic!("expected a Run, got {other:?}"),
+    }
+}
+
+/// Waits for the manager to say that worker `name` left; returns why.
+fn wait_left(events: &crossbeam_channel::Receiver<ManagerEvent>, name: &str) -> String {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match events.recv_deadline(deadline) {
+            Ok(ManagerEvent::WorkerLeft {
+                name: n, reason, ..
+            }) if n == name => return reason,
+            Ok(_) => {}
+            Err(e) => panic!("worker {name} was not seen leaving before the deadline: {e}"),
+        }
+    }
+}
+
+/// Whether the manager's side of the link has ended: reads until EOF or an error.
+fn cut_off(r: &mut RawReader) -> bool {
+    loop {
+        match r.recv::<ManagerMessage>() {
+            Ok(Some(_)) => {}
+            Ok(None) => return true,
+            Err(Error::Io { source, .. })
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+fn output(job: JobId, seq: u64, bytes: Vec<u8>) -> WorkerMessage {
+    WorkerMessage::Output {
+        job,
+        stream: Stream::Stdout,
+        seq,
+        bytes,
+    }
+}
+
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
+#[test]
+fn a_worker_that_ignores_pause_is_disconnected_after_a_bounded_backlog() {
+    let c = Cluster::new(0);
+    let (mut r, mut w) = join(&c, "deaf", 1);
+    wait_joined(&c.events, 1);
+    // Nobody reads this job's events for now: the manager must pause it.
+    let h = c.manager.submit(JobSpec::new("cat /dev/zero")).unwrap();
+    let job = expect_run(&mut r);
+    let pauses = std::thread::spawn(move || {
+        let mut pauses = 0;
+        while let Ok(Some(m)) = r.recv::<ManagerMessage>() {
+            if m == (ManagerMessage::Pause { job }) {
+                pauses += 1;
+            }
+        }
+        pauses
+    });
+    // It sends output as fast as it can, Pause or not: at most 2.5 times the limit.
+    let limit = 160usize << 20;
+    let chunk = vec![b'z'; OUTPUT_CHUNK];
+    let mut sent = 0usize;
+    let mut seq = 0;
+    let mut cut = false;
+    while sent < limit {
+        if w.send(&output(job, seq, chunk.clone())).is_err() {
+            cut = true;
+            break;
+        }
+        sent += chunk.len();
+        seq += 1;
+    }
+    assert!(
+        cut,
+        "the manager took {} MiB of output after Pause without closing the link",
+        sent >> 20
+    );
+    eprintln!(
+        "the link was cut after {} MiB were sent ({} messages)",
+        sent >> 20,
+        seq
+    );
+    let reason = wait_left(&c.events, "deaf");
+    assert!(reason.contains("after Pause"), "{reason}");
+    assert!(pauses.join().unwrap() >= 1, "the manager asked for a pause");
+    // What the manager held stayed within its limit, and the job still ends once.
+    let (out, ends, _) = drain_job(h.events());
+    assert!(out.len() <= 66 << 20, "{} MiB delivered", out.len() >> 20);
+    assert!(out.iter().all(|&b| b == b'z'));
+    assert_eq!(ends, vec![Outcome::WorkerLost]);
+    assert!(c.manager.workers().is_empty());
+}
+
+#[test]
+fn skipped_output_sequence_numbers_give_a_bounded_number_of_warnings() {
+    let c = Cluster::new(0);
+    let (mut r, mut w) = join(&c, "skipper", 1);
+    wait_joined(&c.events, 1);
+    let h = c.manager.submit(JobSpec::new("seq 5000")).unwrap();
+    let job = expect_run(&mut r);
+    // Every other sequence number is skipped: 4999 gaps of one message.
+    for i in 0..5000u64 {
+        w.send(&output(job, 2 * i, format!("{i}\n").into_bytes()))
+            .unwrap();
+    }
+    w.send(&WorkerMessage::Finished {
+        job,
+        outcome: Outcome::Exited(0),
+        cleanup_error: None,
+    })
+    .unwrap();
+    let mut h = h;
+    let result = h.wait_timeout(DEADLINE).expect("the job ends");
+    assert_eq!(result.outcome, Outcome::Exited(0));
+    let want: String = (0..5000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(
+        result.stdout_text(),
+        want,
+        "every message that came is kept"
+    );
+    assert!(
+        result.warnings.len() <= 2,
+        "{} warnings for one job",
+        result.warnings.len()
+    );
+    assert_eq!(
+        result.warnings,
+        vec![
+            "1 output message(s) were lost while the worker reconnected".to_string(),
+            "in all, 4999 output message(s) were lost in 4999 gaps".to_string(),
+        ]
+    );
+    // (Pause and Resume come first: nobody read the job's events while it ran.)
+    loop {
+        match next(&mut r) {
+            ManagerMessage::Ended { job: j } if j == job => break,
+            ManagerMessage::Pause { job: j } | ManagerMessage::Resume { job: j } if j == job => {}
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_worker_that_stops_reading_is_cut_off_when_its_outbound_queue_is_full() {
+    // Long heartbeats: only the full queue can end this link within the test.
+    let c = Cluster::custom(
+        0,
+        |m| {
+            m.heartbeat_interval = Duration::from_secs(1);
+            m.heartbeat_timeout = Duration::from_secs(300);
+        },
+        |_, w| w,
+    );
+    // It never reads: four `Run`s of 4 MiB fill the socket buffers and block the link's
+    // writer; after that, every message for it waits in the link's queue.
+    let (_r, _w) = join(&c, "sleeper", 4);
+    wait_joined(&c.events, 1);
+    let big = vec![b's'; 4 << 20];
+    let handles: Vec<workpool::JobHandle> = (0..4)
+        .map(|_| {
+            c.manager
+                .submit(JobSpec::new("cat >/dev/null").stdin(big.clone()))
+                .unwrap()
+        })
+        .collect();
+    // More messages for it: each cancel of a running job is a `Cancel` on its link.
+    let id = handles[0].id();
+    let mut cancels = 0;
+    while cancels < 3 * 4096 && c.manager.cancel(id).is_ok() {
+        cancels += 1;
+    }
+    let reason = wait_left(&c.events, "sleeper");
+    assert!(
+        reason.contains("outbound queue is full (4096 messages)"),
+        "{reason} (after {cancels} cancels)"
+    );
+    // The dispatcher never waited on it: it answers, and the pool goes on.
+    assert!(c.manager.workers().is_empty());
+    let pool = c.manager.subscribe();
+    let _w = Worker::start(c.certs.worker_config(c.port(), 0, "fresh").slots(8)).unwrap();
+    wait_joined(&pool, 1);
+    let r = run(&c.manager, JobSpec::new("echo alive").priority(100));
+    assert_eq!(r.stdout_text(), "alive\n");
+}
+
+#[test]
+fn a_worker_that_declines_every_job_is_not_sent_it_again_and_the_job_runs_elsewhere() {
+    let certs = Certs::new(2);
+    let manager = Manager::bind(certs.manager_config()).unwrap();
+    let pool = manager.subscribe();
+    let (_, mut r, mut w) = join_with(&certs, &manager, 0, &hello("decliner", 1)).unwrap();
+    wait_joined(&pool, 1);
+    let _honest =
+        Worker::start(certs.worker_config(manager.local_addr().port(), 1, "honest")).unwrap();
+    wait_joined(&pool, 1);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let counted = runs.clone();
+    let decliner = std::thread::spawn(move || {
+        while let Ok(Some(m)) = r.recv::<ManagerMessage>() {
+            if let ManagerMessage::Run { job, .. } = m {
+                // Enough to tell a loop from a single offer; then it gives up.
+                if counted.fetch_add(1, Ordering::SeqCst) >= 100 {
+                    w.cut();
+                    return;
+                }
+                let reason = "no, thanks".to_string();
+                if w.send(&WorkerMessage::Declined { job, reason }).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // The decliner joined first, so it is offered the job first.
+    let result = run(&manager, JobSpec::new("echo ran"));
+    assert_eq!(result.outcome, Outcome::Exited(0));
+    assert_eq!(result.stdout_text(), "ran\n");
+    assert_eq!(result.worker.as_deref(), Some("honest"));
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the job was sent to the worker that declined it again"
+    );
+    drop(manager);
+    decliner.join().unwrap();
+}
+
+#[test]
+fn maximum_size_text_fields_are_cut_and_escaped_before_they_are_logged_or_passed_on() {
+    capture_logs();
+    let c = Cluster::new(0);
+    let (mut r, mut w) = join(&c, "verbose", 1);
+    wait_joined(&c.events, 1);
+    let h = c.manager.submit(JobSpec::new("true")).unwrap();
+    // Texts as large as a frame holds (16 MiB), full of control characters and
+    // terminal codes.
+    let huge = |marker: &str, size: usize| {
+        let mut s = format!("{marker}\n\u{1b}[2J\u{1b}]0;pwned\u{7}\r");
+        while s.len() < size {
+            s.push_str("line\nbreak\u{1b}[31m\0");
+        }
+        s
+    };
+    let job = expect_run(&mut r);
+    w.send(&WorkerMessage::Declined {
+        job,
+        reason: huge("DECLINE-MARK", 15 << 20),
+    })
+    .unwrap();
+    // Offered again after a rest; this time it "fails to start" with more huge texts.
+    let again = expect_run(&mut r);
+    assert_eq!(again, job);
+    w.send(&WorkerMessage::Finished {
+        job,
+        outcome: Outcome::SpawnFailed(huge("SPAWN-MARK", 15 << 19)),
+        cleanup_error: Some(huge("CLEANUP-MARK", 15 << 19)),
+    })
+    .unwrap();
+    let mut h = h;
+    let result = h.wait_timeout(DEADLINE).expect("the job ends");
+    let Outcome::SpawnFailed(why) = &result.outcome else {
+        panic!("{:?}", result.outcome);
+    };
+    for text in std::iter::once(why).chain(&result.warnings) {
+        assert!(text.len() <= 4096 + 64, "{} bytes passed on", text.len());
+        assert!(!has_control(text), "control characters passed on");
+        assert!(text.contains("more bytes cut"), "{text}");
+    }
+    assert!(why.starts_with("SPAWN-MARK\\n\\u{1b}[2J\\u{1b}]0;pwned\\u{7}\\r"));
+    assert!(
+        result
+            .warnings
+            .iter()
+            .any(|w| w.starts_with("CLEANUP-MARK\\n"))
+    );
+    for marker in ["DECLINE-MARK", "CLEANUP-MARK"] {
+        let lines = logged(marker);
+        assert!(!lines.is_empty(), "{marker} was not logged");
+        for line in lines {
+            assert!(
+                line.len() <= 4096 + 256,
+                "a log line of {} bytes",
+                line.len()
+            );
+            assert!(!has_control(&line), "control characters logged");
+        }
+    }
+    // Names, tags and platforms with control characters are refused at the hello.
+    let mut tagged = hello("tagged", 1);
+    tagged.tags.insert("gpu\u{1b}[8m".into());
+    for bad in [hello("evil\nworker root joined", 1), tagged] {
+        match join_with(&c.certs, &c.manager, 0, &bad) {
+            Err(Error::Refused(why)) => {
+                assert!(why.contains("control or invisible"), "{why}");
+                assert!(!has_control(&why));
+            }
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("{:?} was welcomed", bad.name),
+        }
+    }
+}
+
+#[test]
+fn one_certificate_cannot_hold_more_than_the_allowed_connections() {
+    let c = Cluster::new(0);
+    // The default allows 4.
+    let held: Vec<(RawReader, RawWriter)> = (0..4)
+        .map(|i| join(&c, &format!("same-cert-{i}"), 1))
+        .collect();
+    wait_joined(&c.events, 4);
+    for i in 4..20 {
+        match join_with(
+            &c.certs,
+            &c.manager,
+            0,
+            &hello(&format!("same-cert-{i}"), 1),
+        ) {
+            Err(Error::Refused(why)) => assert!(
+                why.contains("already holds 4 connection(s)")
+                    && why.contains("max_connections_per_certificate = 4"),
+                "{why}"
+            ),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("connection {} with one certificate was welcomed", i + 1),
+        }
+    }
+    assert_eq!(c.manager.workers().len(), 4);
+    // A place freed is a place taken.
+    held[0].1.cut();
+    wait_until("the manager has seen the cut", || {
+        c.manager.workers().len() == 3
+    });
+    let _again = join(&c, "same-cert-again", 1);
+    // A lower limit, set in the configuration.
+    let c = Cluster::custom(0, |m| m.max_connections_per_certificate = 1, |_, w| w);
+    let _one = join(&c, "only", 1);
+    let refused = join_with(&c.certs, &c.manager, 0, &hello("second", 1));
+    assert!(matches!(refused, Err(Error::Refused(why)) if why.contains("= 1)")));
+    let mut zero = c.certs.manager_config();
+    zero.max_connections_per_certificate = 0;
+    assert!(matches!(Manager::bind(zero), Err(Error::InvalidConfig(_))));
+}
+
+#[test]
+fn an_output_seq_of_u64_max_closes_the_link_without_a_panic_or_a_ghost_worker() {
+    let c = Cluster::new(0);
+    let (mut r, mut w) = join(&c, "overflow", 1);
+    wait_joined(&c.events, 1);
+    let h = c.manager.submit(JobSpec::new("echo a")).unwrap();
+    let job = expect_run(&mut r);
+    w.send(&output(job, 0, b"a\n".to_vec())).unwrap();
+    w.send(&output(job, u64::MAX, b"b\n".to_vec())).unwrap();
+    let reason = wait_left(&c.events, "overflow");
+    assert!(
+        reason.contains("output seq 18446744073709551615 is out of range"),
+        "{reason}"
+    );
+    // Its entry is gone, and so is the manager's end of the connection.
+    assert!(c.manager.workers().is_empty());
+    assert!(cut_off(&mut r), "the manager still holds the connection");
+    let (out, ends, _) = drain_job(h.events());
+    assert_eq!((out, ends), (b"a\n".to_vec(), vec![Outcome::WorkerLost]));
+    // The manager goes on: the same certificate joins again and works.
+    let (mut r, mut w) = join(&c, "overflow", 1);
+    let h = c.manager.submit(JobSpec::new("echo c")).unwrap();
+    let job = expect_run(&mut r);
+    w.send(&output(job, 0, b"c\n".to_vec())).unwrap();
+    w.send(&WorkerMessage::Finished {
+        job,
+        outcome: Outcome::Exited(0),
+        cleanup_error: None,
+    })
+    .unwrap();
+    let mut h = h;
+    assert_eq!(h.wait_timeout(DEADLINE).unwrap().stdout_text(), "c\n");
+}
+
+#[test]
+fn timeouts_and_graces_of_years_are_refused_by_the_manager() {
+    let c = Cluster::new(0);
+    for spec in [
+        JobSpec::new("true").timeout(Duration::MAX),
+        JobSpec::new("true").timeout(Duration::from_secs(400 * 86_400)),
+        JobSpec::new("true").kill_grace(Duration::MAX),
+    ] {
+        match c.manager.submit(spec) {
+            Err(Error::InvalidJob(why)) => assert!(why.contains("at most 365 days"), "{why}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("a job with a timeout or grace of years was accepted"),
+        }
+    }
+    let certs = Certs::new(1);
+    for set in [
+        (|m: &mut ManagerConfig| m.reconnect_grace = Duration::MAX) as fn(&mut ManagerConfig),
+        |m| m.shutdown_grace = Duration::from_secs(u64::MAX),
+        |m| m.heartbeat_timeout = Duration::from_secs(3600),
+    ] {
+        let mut config = certs.manager_config();
+        set(&mut config);
+        assert!(matches!(
+            Manager::bind(config),
+            Err(Error::InvalidConfig(_))
+        ));
+    }
+}
+
+/// A manager made by hand sends a real worker a welcome and a `Run` with numbers of
+/// years: the worker neither panics nor goes silent.
+#[test]
+fn a_worker_given_out_of_range_numbers_refuses_the_job_and_keeps_its_heartbeat() {
+    let certs = Certs::new(1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let worker = Worker::start(certs.worker_config(port, 0, "target")).unwrap();
+    let (tcp, _) = listener.accept().unwrap();
+    let welcome = Welcome {
+        manager_id: 42,
+        worker_id: 1,
+        heartbeat_interval_ms: u64::MAX,
+        heartbeat_timeout_ms: 6000,
+        reconnect_grace_ms: u64::MAX,
+        resume: vec![],
+    };
+    let (hello, mut r, mut w) = testing::accept_worker(
+        tcp,
+        &certs.manager_identity(),
+        &certs.worker_roots(),
+        &welcome,
+        DEADLINE,
+    )
+    .unwrap();
+    assert_eq!(hello.name, "target");
+    r.set_read_timeout(Some(DEADLINE)).unwrap();
+    let spec = JobSpec::new("sleep 1")
+        .timeout(Duration::MAX)
+        .kill_grace(Duration::MAX);
+    w.send(&ManagerMessage::Run {
+        job: JobId(1),
+        spec,
+    })
+    .unwrap();
+    let (mut refused, mut heartbeat) = (None, false);
+    while refused.is_none() || !heartbeat {
+        match r.recv::<WorkerMessage>() {
+            Ok(Some(WorkerMessage::Heartbeat)) => heartbeat = true,
+            Ok(Some(WorkerMessage::Finished { job, outcome, .. })) => {
+                assert_eq!(job, JobId(1));
+                refused = Some(outcome);
+            }
+            Ok(Some(other)) => panic!("{other:?}"),
+            other => panic!("the worker went silent: {other:?}"),
+        }
+    }
+    match refused.unwrap() {
+        Outcome::Rejected(why) => assert!(why.contains("365 days"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    drop(worker);
+}
+
+#[test]
+fn the_cli_manager_takes_its_limit_of_connections_per_certificate() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let dir = scratch("misbehaving-cli");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    // A limit of 0 is refused with the reason.
+    let out = Command::new(cli())
+        .args(manager_args(&dir))
+        .args(["--max-connections-per-certificate", "0"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("max_connections_per_certificate must be at least 1"),
+        "{err}"
+    );
+    // A limit of 1: a second connection with worker-0's certificate is refused.
+    let mut child = Command::new(cli())
+        .args(manager_args(&dir))
+        .args(["--max-connections-per-certificate", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let listening: serde_json::Value = serde_json::from_str(&first).unwrap();
+    let addr = listening["address"].as_str().unwrap().to_string();
+    let join_cli = |name: &str| {
+        let w = &certs.workers[0];
+        testing::connect_worker(
+            &addr,
+            "127.0.0.1",
+            &Identity::from_pem(w.cert_pem.as_bytes(), w.key_pem.as_bytes()).unwrap(),
+            &TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+            &hello(name, 1),
+            DEADLINE,
+        )
+    };
+    let _first = join_cli("first").unwrap();
+    match join_cli("second") {
+        Err(Error::Refused(why)) => assert!(why.contains("= 1)"), "{why}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a second connection with one certificate was welcomed"),
+    }
+    drop(child.stdin.take());
+    assert!(child.wait().unwrap().success());
+    std::fs::remove_dir_all(dir).unwrap();
+}
