@@ -74,20 +74,22 @@ fn stalled_client_hello() -> Vec<u8> {
     hello
 }
 
-/// Connections that trickle a stalled ClientHello: every `TRICKLE` each sends its next
-/// byte; one found closed is opened again (as an attacker would). One thread drives them
-/// all; it stops when the flood is dropped.
+/// Connections that trickle a stalled ClientHello: in each round each sends its next byte,
+/// and one found closed is opened again (as an attacker would); rounds are `pause` apart
+/// (none: as fast as one thread can). One thread drives them all; it stops when the
+/// flood is dropped.
 struct Flood {
     stop: Option<crossbeam_channel::Sender<()>>,
     thread: Option<JoinHandle<()>>,
     rounds: Arc<AtomicU64>,
     opened: Arc<AtomicU64>,
     cut: Arc<AtomicU64>,
+    started: Instant,
 }
 
 impl Flood {
     /// `per_source` connections from each of `sources` to the manager's port.
-    fn start(port: u16, sources: &[Ipv4Addr], per_source: usize) -> Flood {
+    fn start(port: u16, sources: &[Ipv4Addr], per_source: usize, pause: Duration) -> Flood {
         let target = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
         let hello = stalled_client_hello();
         let (stop, stopped) = crossbeam_channel::bounded::<()>(1);
@@ -122,7 +124,7 @@ impl Flood {
                     }
                 }
                 r.fetch_add(1, Ordering::Relaxed);
-                match stopped.recv_timeout(TRICKLE) {
+                match stopped.recv_timeout(pause) {
                     Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                     _ => return,
                 }
@@ -134,6 +136,7 @@ impl Flood {
             rounds,
             opened,
             cut,
+            started: Instant::now(),
         }
     }
 
@@ -149,9 +152,11 @@ impl Flood {
     }
 
     fn report(&self) -> String {
+        let opened = self.opened.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64();
         format!(
-            "{} connections opened, {} found cut",
-            self.opened.load(Ordering::Relaxed),
+            "{opened} connections opened in {secs:.1} s ({:.0}/s), {} found cut",
+            opened as f64 / secs,
             self.cut.load(Ordering::Relaxed)
         )
     }
@@ -195,14 +200,17 @@ fn real_worker_joins_and_works(c: &Cluster, name: &str) -> (Worker, Duration) {
     (w, waited)
 }
 
-fn sources(n: u8) -> Vec<Ipv4Addr> {
-    (0..n).map(|i| Ipv4Addr::new(127, 0, 0, 2 + i)).collect()
+/// `n` loopback addresses other than 127.0.0.1: 127.0.0.2, 127.0.0.3, ...
+fn sources(n: usize) -> Vec<Ipv4Addr> {
+    (0..n)
+        .map(|i| Ipv4Addr::new(127, 0, (i / 200) as u8, 2 + (i % 200) as u8))
+        .collect()
 }
 
 #[test]
 fn a_trickling_flood_from_one_other_address_does_not_keep_a_worker_out() {
     let c = flooded_manager(16);
-    let flood = Flood::start(c.port(), &sources(1), 24);
+    let flood = Flood::start(c.port(), &sources(1), 24, TRICKLE);
     flood.wait_saturated();
     let (_w, waited) = real_worker_joins_and_works(&c, "patient");
     println!(
@@ -214,7 +222,7 @@ fn a_trickling_flood_from_one_other_address_does_not_keep_a_worker_out() {
 #[test]
 fn a_trickling_flood_from_the_worker_s_own_address_does_not_keep_it_out() {
     let c = flooded_manager(16);
-    let flood = Flood::start(c.port(), &[Ipv4Addr::LOCALHOST], 24);
+    let flood = Flood::start(c.port(), &[Ipv4Addr::LOCALHOST], 24, TRICKLE);
     flood.wait_saturated();
     let (_w, waited) = real_worker_joins_and_works(&c, "patient");
     println!(
@@ -226,7 +234,7 @@ fn a_trickling_flood_from_the_worker_s_own_address_does_not_keep_it_out() {
 #[test]
 fn a_trickling_flood_from_many_addresses_does_not_keep_a_worker_out() {
     let c = flooded_manager(32);
-    let flood = Flood::start(c.port(), &sources(16), 4);
+    let flood = Flood::start(c.port(), &sources(16), 4, TRICKLE);
     flood.wait_saturated();
     let (_w, waited) = real_worker_joins_and_works(&c, "patient");
     println!(
@@ -442,4 +450,78 @@ fn a_metrics_client_trickling_its_request_is_dropped_at_the_deadline() {
     );
     assert!(cut >= Duration::from_secs(2), "dropped after {cut:?}");
     assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+}
+
+#[test]
+fn a_zero_per_source_cap_is_refused_with_a_clear_error() {
+    let certs = Certs::new(1);
+    let mut config = certs.manager_config();
+    config.max_handshakes_per_source = 0;
+    let e = workpool::manager::Manager::bind(config)
+        .err()
+        .expect("refused");
+    assert_eq!(
+        e.to_string(),
+        "invalid configuration: max_handshakes_per_source must be at least 1"
+    );
+}
+
+/// How long a real worker waits to join (and then runs a job) under floods the size of
+/// the original report, with the default admission settings (10 s, 256 in all, 8 per
+/// source). A measurement, not a check; run it on the release build:
+/// `cargo test --release --test admission -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn measure_how_long_a_worker_waits_to_join_under_floods() {
+    let fast = Duration::ZERO;
+    let floods: [(&str, Vec<Ipv4Addr>, usize, Duration); 7] = [
+        ("no flood", vec![], 0, TRICKLE),
+        ("one address: 300 from 127.0.0.2", sources(1), 300, TRICKLE),
+        (
+            "the worker's own address: 300 from 127.0.0.1",
+            vec![Ipv4Addr::LOCALHOST],
+            300,
+            TRICKLE,
+        ),
+        ("many addresses: 64 x 8 = 512", sources(64), 8, TRICKLE),
+        (
+            "the worker's own address: 300 from 127.0.0.1, reopened at full speed",
+            vec![Ipv4Addr::LOCALHOST],
+            300,
+            fast,
+        ),
+        (
+            "many addresses: 64 x 8 = 512, reopened at full speed",
+            sources(64),
+            8,
+            fast,
+        ),
+        (
+            "many addresses: 300 x 1, reopened at full speed",
+            sources(300),
+            1,
+            fast,
+        ),
+    ];
+    for (label, from, per_source, pause) in floods {
+        let c = Cluster::custom(0, |_| {}, |_, w| w);
+        let flood = Flood::start(c.port(), &from, per_source, pause);
+        if per_source > 0 {
+            flood.wait_saturated();
+        }
+        let mut waits = Vec::new();
+        for i in 0..10 {
+            let (w, waited) = real_worker_joins_and_works(&c, &format!("m{i}"));
+            waits.push(waited);
+            w.stop();
+        }
+        waits.sort();
+        println!(
+            "{label}: joined after min {:?}, median {:?}, max {:?} (10 joins, each followed by a job); flood: {}",
+            waits[0],
+            waits[waits.len() / 2],
+            waits[waits.len() - 1],
+            flood.report()
+        );
+    }
 }
