@@ -517,22 +517,34 @@ pub(crate) fn handshake(
     tcp: &mut TcpStream,
     deadline: Instant,
 ) -> Result<()> {
-    let failed = |e: io::Error| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-            Error::Timeout("TLS handshake".into())
-        }
-        _ => Error::io("TLS handshake", e),
+    let failed = |e: io::Error| Error::io("TLS handshake", e);
+    // A socket timeout may end a little before the deadline (the kernel counts in
+    // ticks): then the operation is tried again with what is left.
+    let early = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        )
     };
     loop {
         while conn.wants_write() {
             set_timeouts(tcp, Some(time_left(deadline)?))?;
-            conn.write_tls(tcp).map_err(failed)?;
+            match conn.write_tls(tcp) {
+                Err(e) if early(&e) => {}
+                r => {
+                    r.map_err(failed)?;
+                }
+            }
         }
         if !conn.is_handshaking() {
             return Ok(());
         }
         set_timeouts(tcp, Some(time_left(deadline)?))?;
-        if conn.read_tls(tcp).map_err(failed)? == 0 {
+        let read = match conn.read_tls(tcp) {
+            Err(e) if early(&e) => continue,
+            r => r.map_err(failed)?,
+        };
+        if read == 0 {
             return Err(Error::io(
                 "TLS handshake",
                 io::Error::new(
@@ -650,7 +662,10 @@ fn read_socket(
     deadline: Option<Instant>,
     into: &mut [u8],
 ) -> io::Result<usize> {
-    if let Some(deadline) = deadline {
+    let Some(deadline) = deadline else {
+        return tcp.read(into);
+    };
+    loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::Error::new(
@@ -659,8 +674,16 @@ fn read_socket(
             ));
         }
         tcp.set_read_timeout(Some(left))?;
+        match tcp.read(into) {
+            // The timeout may end a little before the deadline (the kernel counts in ticks).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            r => return r,
+        }
     }
-    tcp.read(into)
 }
 
 impl Read for ReadHalf {
