@@ -31,6 +31,10 @@ use std::time::{Duration, Instant};
 /// also most of what a queued job costs (see docs/PERFORMANCE.md).
 const JOB_EVENT_CAPACITY: usize = 32;
 
+/// The accept queue asked of the kernel for the manager's port.
+#[cfg(unix)]
+const LISTEN_BACKLOG: libc::c_int = 4096;
+
 /// The largest job accepted: half a frame, so that a `Run` always fits one.
 pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
 
@@ -247,6 +251,16 @@ impl Manager {
         };
         let listener = TcpListener::bind(&config.listen)
             .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+        // std listens with a backlog of 128: under a burst of new connections the kernel
+        // then drops SYNs, and a real worker waits for its TCP retransmission (1 s, then
+        // 3 s, ...). Listening again raises it (the kernel caps it at net.core.somaxconn).
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: the descriptor is the listener's own and open; listen() takes no
+            // pointers, and on a listening socket only changes its backlog.
+            unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+        }
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
