@@ -193,7 +193,8 @@ wp_result wp_manager_config_add_worker_root_pem_file(struct wp_manager_config *c
                                                      const char *path);
 
 // Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
-// counted from its acceptance however the peer spaces its bytes (default 10000).
+// counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
+// 3600000).
 wp_result wp_manager_config_set_handshake_timeout_ms(struct wp_manager_config *config, uint64_t ms);
 
 // Sets how many connections may be in handshake at once (default 256). When all are

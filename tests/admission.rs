@@ -458,17 +458,35 @@ fn a_metrics_client_trickling_its_request_is_dropped_at_the_deadline() {
 }
 
 #[test]
-fn a_zero_per_source_cap_is_refused_with_a_clear_error() {
+fn bad_admission_settings_are_refused_with_a_clear_error() {
     let certs = Certs::new(1);
-    let mut config = certs.manager_config();
-    config.max_handshakes_per_source = 0;
-    let e = workpool::manager::Manager::bind(config)
-        .err()
-        .expect("refused");
-    assert_eq!(
-        e.to_string(),
-        "invalid configuration: max_handshakes_per_source must be at least 1"
-    );
+    type Setting = fn(&mut ManagerConfig);
+    let cases: [(Setting, &str); 4] = [
+        (
+            |c| c.max_handshakes_per_source = 0,
+            "max_handshakes_per_source must be at least 1",
+        ),
+        (
+            |c| c.max_handshakes = 0,
+            "max_handshakes must be at least 1",
+        ),
+        (
+            |c| c.handshake_timeout = Duration::ZERO,
+            "handshake_timeout must be more than zero and at most an hour",
+        ),
+        (
+            |c| c.handshake_timeout = Duration::from_secs(u64::MAX),
+            "handshake_timeout must be more than zero and at most an hour",
+        ),
+    ];
+    for (set, why) in cases {
+        let mut config = certs.manager_config();
+        set(&mut config);
+        let e = workpool::manager::Manager::bind(config)
+            .err()
+            .expect("refused");
+        assert_eq!(e.to_string(), format!("invalid configuration: {why}"));
+    }
 }
 
 /// How long a real worker waits to join (and then runs a job) under floods the size of

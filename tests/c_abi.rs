@@ -113,7 +113,11 @@ fn the_admission_setters_refuse_bad_values_and_take_effect() {
             wp_manager_config_set_handshake_timeout_ms(mc, 0),
             WP_RESULT_INVALID_ARGUMENT
         );
-        assert!(last_error().contains("at least 1 ms"), "{}", last_error());
+        assert!(last_error().contains("1 to 3600000 ms"), "{}", last_error());
+        assert_eq!(
+            wp_manager_config_set_handshake_timeout_ms(mc, 3_600_001),
+            WP_RESULT_INVALID_ARGUMENT
+        );
         assert_eq!(
             wp_manager_config_set_max_handshakes(mc, 0),
             WP_RESULT_INVALID_ARGUMENT

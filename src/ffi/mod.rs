@@ -415,7 +415,8 @@ pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
 }
 
 /// Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
-/// counted from its acceptance however the peer spaces its bytes (default 10000).
+/// counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
+/// 3600000).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_manager_config_set_handshake_timeout_ms(
     config: *mut wp_manager_config,
@@ -423,10 +424,10 @@ pub unsafe extern "C" fn wp_manager_config_set_handshake_timeout_ms(
 ) -> wp_result {
     ffi!({
         let config = arg_mut!(config);
-        if ms == 0 {
+        if ms == 0 || ms > 3_600_000 {
             return fail(
                 WP_RESULT_INVALID_ARGUMENT,
-                "the handshake timeout must be at least 1 ms",
+                "the handshake timeout must be 1 to 3600000 ms",
             );
         }
         config.handshake_timeout = Duration::from_millis(ms);

@@ -154,7 +154,10 @@ impl Admission {
         self.finish(id);
         let seq = self.next_seq;
         self.next_seq += 1;
-        let deadline = now + self.limits.timeout;
+        // A timeout too long for the clock means no deadline to speak of.
+        let deadline = now
+            .checked_add(self.limits.timeout)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365));
         self.by_age.insert(
             seq,
             Entry {

@@ -31,6 +31,9 @@ use std::time::{Duration, Instant};
 /// also most of what a queued job costs (see docs/PERFORMANCE.md).
 const JOB_EVENT_CAPACITY: usize = 32;
 
+/// The longest `handshake_timeout` accepted: no unauthenticated peer needs more.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// The accept queue asked of the kernel for the manager's port.
 #[cfg(unix)]
 const LISTEN_BACKLOG: libc::c_int = 4096;
@@ -65,7 +68,7 @@ pub struct ManagerConfig {
     /// Most jobs waiting for a worker; beyond it `submit` fails with [`Error::QueueFull`].
     pub queue_capacity: usize,
     /// Deadline for a new connection's TLS handshake and hello, counted from its
-    /// acceptance however the peer spaces its bytes (10 s by default).
+    /// acceptance however the peer spaces its bytes (10 s by default; at most an hour).
     pub handshake_timeout: Duration,
     /// Most connections in handshake at once (256 by default). When all are taken, a
     /// new connection displaces the oldest handshake of the source holding the most.
@@ -144,8 +147,8 @@ impl ManagerConfig {
         if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return bad("heartbeat_timeout must be longer than a non-zero heartbeat_interval");
         }
-        if self.handshake_timeout.is_zero() {
-            return bad("handshake_timeout must not be zero");
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return bad("handshake_timeout must be more than zero and at most an hour");
         }
         Ok(())
     }
