@@ -223,6 +223,21 @@ wp_result wp_manager_config_add_worker_root_pem_file(struct wp_manager_config *c
 wp_result wp_manager_config_set_max_connections_per_certificate(struct wp_manager_config *config,
                                                                 uint32_t max);
 
+// Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
+// counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
+// 3600000).
+wp_result wp_manager_config_set_handshake_timeout_ms(struct wp_manager_config *config, uint64_t ms);
+
+// Sets how many connections may be in handshake at once (default 256). When all are
+// taken, a new connection displaces the oldest handshake of the source holding the most.
+wp_result wp_manager_config_set_max_handshakes(struct wp_manager_config *config, uint32_t max);
+
+// Sets how many connections from one source (an IPv4 address, or an IPv6 /64) may be
+// in handshake at once (default 8). A new connection beyond it displaces that source's
+// oldest handshake.
+wp_result wp_manager_config_set_max_handshakes_per_source(struct wp_manager_config *config,
+                                                          uint32_t max);
+
 // Frees a configuration. NULL is fine.
 void wp_manager_config_free(struct wp_manager_config *config);
 

@@ -242,9 +242,14 @@ fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
     Ok(left)
 }
 
+/// Reads the first frame (a hello or its answer) before `deadline`: every socket read it
+/// takes gets the time left, so a peer that trickles its bytes is cut at the deadline.
 fn read_hello_frame(reader: &mut FrameReader<ReadHalf>, deadline: Instant) -> Result<Vec<u8>> {
-    tls::set_timeouts(reader.get_ref().tcp(), Some(remaining(deadline, "hello")?))?;
-    match reader.read_frame() {
+    remaining(deadline, "hello")?;
+    reader.get_mut().set_deadline(Some(deadline));
+    let read = reader.read_frame();
+    reader.get_mut().set_deadline(None);
+    match read {
         Ok(Some(body)) => Ok(body),
         Ok(None) => Err(Error::Protocol("connection closed before the hello".into())),
         Err(Error::Io { source, .. })
@@ -392,6 +397,10 @@ pub(crate) fn connect(
     protocol::encode_into(&mut body, hello)?;
     let mut frame = Vec::new();
     protocol::hello_frame_into(&mut frame, &body[4..]);
+    tls::set_timeouts(
+        est.reader.get_ref().tcp(),
+        Some(remaining(deadline, "hello")?),
+    )?;
     est.writer
         .write_all(&frame)
         .map_err(|e| Error::io("sending the hello", e))?;

@@ -5,11 +5,11 @@
 
 use crate::job::Outcome;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The outcome names, in the order of the counters.
 pub const OUTCOMES: [&str; 7] = [
@@ -302,7 +302,8 @@ fn escape_label(s: &str) -> String {
 
 /// The most metrics requests handled at once; more are closed at once.
 const MAX_CLIENTS: usize = 16;
-/// A request must arrive whole within this long.
+/// A request head must arrive whole within this long, and the response must be taken
+/// within this long again.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -374,22 +375,34 @@ impl Drop for MetricsServer {
 }
 
 fn serve(mut conn: TcpStream, snapshot: &dyn Fn() -> Option<Stats>) {
-    let _ = conn.set_read_timeout(Some(REQUEST_DEADLINE));
-    let _ = conn.set_write_timeout(Some(REQUEST_DEADLINE));
-    let deadline = std::time::Instant::now() + REQUEST_DEADLINE;
+    // One absolute deadline for the whole request head, however its bytes are spaced:
+    // each read gets the time left.
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        if head.len() > MAX_REQUEST || std::time::Instant::now() > deadline {
+        if head.len() > MAX_REQUEST {
             return respond(
                 &mut conn,
                 "431 Request Header Fields Too Large",
-                "request too large or too slow\n",
+                "request too large\n",
             );
         }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_read_timeout(Some(left)).is_err() {
+            return respond(&mut conn, "408 Request Timeout", "request too slow\n");
+        }
         match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
+            // A timeout may end a little before the deadline (the kernel counts in ticks):
+            // the loop reads again with what is left, or answers 408.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
         }
     }
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
@@ -400,10 +413,13 @@ fn serve(mut conn: TcpStream, snapshot: &dyn Fn() -> Option<Stats>) {
         (Some("GET"), Some("/metrics"), Some(v)) if v.starts_with("HTTP/1.") => match snapshot() {
             Some(stats) => {
                 let body = stats.to_prometheus();
-                let _ = write!(
-                    conn,
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
+                send(
+                    &mut conn,
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
                 );
             }
             None => respond(
@@ -423,11 +439,35 @@ fn serve(mut conn: TcpStream, snapshot: &dyn Fn() -> Option<Stats>) {
 }
 
 fn respond(conn: &mut TcpStream, status: &str, body: &str) {
-    let _ = write!(
+    send(
         conn,
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
     );
+}
+
+/// Sends a response within `REQUEST_DEADLINE`, however slowly the client reads: each
+/// write gets the time left, and what is not sent by then is dropped with the connection.
+fn send(conn: &mut TcpStream, mut bytes: &[u8]) {
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    while !bytes.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || conn.set_write_timeout(Some(left)).is_err() {
+            return;
+        }
+        match conn.write(bytes) {
+            Ok(n) if n > 0 => bytes = &bytes[n..],
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::Interrupted | ErrorKind::WouldBlock | ErrorKind::TimedOut
+                ) => {}
+            Ok(_) | Err(_) => return,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -731,27 +731,73 @@ impl ClientCertVerifier for PeerVerifier {
     }
 }
 
-/// Runs a TLS handshake to completion before `deadline`.
+/// Runs a TLS handshake to completion before `deadline`, however the peer spaces its
+/// bytes: one socket operation at a time, each with the time left as its timeout.
+/// (`Connection::complete_io` would loop over many reads under one timeout, so a peer
+/// sending a byte now and then would never be timed out.)
 pub(crate) fn handshake(
     conn: &mut Connection,
     tcp: &mut TcpStream,
     deadline: Instant,
 ) -> Result<()> {
-    while conn.is_handshaking() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Error::Timeout("TLS handshake".into()));
-        }
-        set_timeouts(tcp, Some(left))?;
-        conn.complete_io(tcp).map_err(|e| match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                Error::Timeout("TLS handshake".into())
+    let failed = |e: io::Error| Error::io("TLS handshake", e);
+    // A socket timeout may end a little before the deadline (the kernel counts in
+    // ticks): then the operation is tried again with what is left.
+    let early = |e: &io::Error| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+        )
+    };
+    loop {
+        while conn.wants_write() {
+            set_timeouts(tcp, Some(time_left(deadline)?))?;
+            match conn.write_tls(tcp) {
+                Err(e) if early(&e) => {}
+                r => {
+                    r.map_err(failed)?;
+                }
             }
-            io::ErrorKind::InvalidData => Error::Tls(e.to_string()),
-            _ => Error::io("TLS handshake", e),
-        })?;
+        }
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        set_timeouts(tcp, Some(time_left(deadline)?))?;
+        let read = match conn.read_tls(tcp) {
+            Err(e) if early(&e) => continue,
+            r => r.map_err(failed)?,
+        };
+        if read == 0 {
+            return Err(Error::io(
+                "TLS handshake",
+                io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the peer closed the connection",
+                ),
+            ));
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (rustls queued an alert), as far as the deadline allows.
+            while conn.wants_write() {
+                let sent = time_left(deadline)
+                    .and_then(|left| set_timeouts(tcp, Some(left)))
+                    .and_then(|()| conn.write_tls(tcp).map_err(failed));
+                if sent.is_err() {
+                    break;
+                }
+            }
+            return Err(Error::Tls(e.to_string()));
+        }
     }
-    Ok(())
+}
+
+/// The time left before `deadline`; a timeout error when none is.
+fn time_left(deadline: Instant) -> Result<std::time::Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(Error::Timeout("TLS handshake".into()));
+    }
+    Ok(left)
 }
 
 pub(crate) fn set_timeouts(tcp: &TcpStream, t: Option<std::time::Duration>) -> Result<()> {
@@ -784,6 +830,7 @@ pub(crate) fn split(
         start: 0,
         end: 0,
         eof: false,
+        deadline: None,
     };
     let closer = Closer(Arc::new(tcp.try_clone()?));
     let writer = WriteHalf {
@@ -815,6 +862,9 @@ pub(crate) struct ReadHalf {
     start: usize,
     end: usize,
     eof: bool,
+    /// When set, every socket read is given the time left until then as its timeout, and
+    /// none starts after it: however the peer spaces its bytes, reading ends by then.
+    deadline: Option<Instant>,
 }
 
 impl ReadHalf {
@@ -822,12 +872,47 @@ impl ReadHalf {
     pub(crate) fn tcp(&self) -> &TcpStream {
         &self.tcp
     }
+
+    /// Sets (or clears) an absolute deadline for reading (see the field).
+    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+}
+
+/// A socket read, under `deadline` when one is set (see `ReadHalf::deadline`).
+fn read_socket(
+    mut tcp: &TcpStream,
+    deadline: Option<Instant>,
+    into: &mut [u8],
+) -> io::Result<usize> {
+    let Some(deadline) = deadline else {
+        return tcp.read(into);
+    };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the deadline passed",
+            ));
+        }
+        tcp.set_read_timeout(Some(left))?;
+        match tcp.read(into) {
+            // The timeout may end a little before the deadline (the kernel counts in ticks).
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            r => return r,
+        }
+    }
 }
 
 impl Read for ReadHalf {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let Some(tls) = &self.tls else {
-            return self.tcp.read(out);
+            return read_socket(&self.tcp, self.deadline, out);
         };
         loop {
             {
@@ -851,7 +936,7 @@ impl Read for ReadHalf {
                     return Err(io::ErrorKind::UnexpectedEof.into());
                 }
             }
-            let n = self.tcp.read(&mut self.raw)?;
+            let n = read_socket(&self.tcp, self.deadline, &mut self.raw)?;
             (self.start, self.end) = (0, n);
             if n == 0 {
                 self.eof = true;

@@ -32,6 +32,156 @@ fn the_committed_header_is_the_generated_one() {
     );
 }
 
+/// A manager started through the C ABI with the given admission settings.
+unsafe fn admission_manager(
+    dir: &Path,
+    timeout_ms: u64,
+    max: u32,
+    per_source: u32,
+) -> *mut wp_manager {
+    use wp_result::*;
+    let path = |p: &str| CString::new(dir.join(p).to_str().unwrap()).unwrap();
+    let listen = CString::new("127.0.0.1:0").unwrap();
+    // SAFETY: every pointer passed is a live CString, a live local, or a handle returned
+    // by the library and freed once.
+    unsafe {
+        let mut mc = ptr::null_mut();
+        assert_eq!(wp_manager_config_new(&mut mc), WP_RESULT_OK);
+        assert_eq!(
+            wp_manager_config_set_listen(mc, listen.as_ptr()),
+            WP_RESULT_OK
+        );
+        let (cert, key) = (path("host-cert.pem"), path("host-key.pem"));
+        assert_eq!(
+            wp_manager_config_set_identity_pem_files(mc, cert.as_ptr(), key.as_ptr()),
+            WP_RESULT_OK
+        );
+        let root = path("worker-0-cert.pem");
+        assert_eq!(
+            wp_manager_config_add_worker_root_pem_file(mc, root.as_ptr()),
+            WP_RESULT_OK
+        );
+        assert_eq!(
+            wp_manager_config_set_handshake_timeout_ms(mc, timeout_ms),
+            WP_RESULT_OK
+        );
+        assert_eq!(wp_manager_config_set_max_handshakes(mc, max), WP_RESULT_OK);
+        assert_eq!(
+            wp_manager_config_set_max_handshakes_per_source(mc, per_source),
+            WP_RESULT_OK
+        );
+        let mut m = ptr::null_mut();
+        assert_eq!(wp_manager_start(mc, &mut m), WP_RESULT_OK);
+        wp_manager_config_free(mc);
+        m
+    }
+}
+
+/// Whether the manager cuts `s` before `within` passes (rather than leave it waiting).
+fn cut_within(s: &mut std::net::TcpStream, within: std::time::Duration) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(within)).unwrap();
+    match s.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(_) => panic!("the manager sent something to a peer that sent nothing"),
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn the_admission_setters_refuse_bad_values_and_take_effect() {
+    use std::net::TcpStream;
+    use std::time::{Duration, Instant};
+    use wp_result::*;
+    // SAFETY: every pointer passed is NULL (refused), a live local, or a handle returned
+    // by the library and freed once.
+    unsafe {
+        assert_eq!(
+            wp_manager_config_set_handshake_timeout_ms(ptr::null_mut(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_config_set_max_handshakes(ptr::null_mut(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_manager_config_set_max_handshakes_per_source(ptr::null_mut(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        let mut mc = ptr::null_mut();
+        assert_eq!(wp_manager_config_new(&mut mc), WP_RESULT_OK);
+        assert_eq!(
+            wp_manager_config_set_handshake_timeout_ms(mc, 0),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("1 to 3600000 ms"), "{}", last_error());
+        assert_eq!(
+            wp_manager_config_set_handshake_timeout_ms(mc, 3_600_001),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            wp_manager_config_set_max_handshakes(mc, 0),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("max_handshakes must"),
+            "{}",
+            last_error()
+        );
+        assert_eq!(
+            wp_manager_config_set_max_handshakes_per_source(mc, 0),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(
+            last_error().contains("max_handshakes_per_source must"),
+            "{}",
+            last_error()
+        );
+        wp_manager_config_free(mc);
+    }
+    let dir = scratch("c-abi-admission");
+    Certs::new(1).write_to(&dir);
+    let long = Duration::from_secs(30);
+    // One handshake per source (the default is 8): a second connection from the same
+    // address displaces the first at once, long before the (one minute) deadline.
+    // SAFETY: the folder holds the certificates the manager loads.
+    let m = unsafe { admission_manager(&dir, 60_000, 8, 1) };
+    // SAFETY: `m` is a live manager until it is freed below.
+    let port = unsafe { wp_manager_port(m) };
+    let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(cut_within(&mut first, long), "the first was not displaced");
+    second.set_nonblocking(true).unwrap();
+    assert_eq!(
+        second.peek(&mut [0u8; 1]).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "the second keeps its slot"
+    );
+    // SAFETY: `m` is live and freed once, after every other call on it returned.
+    unsafe { wp_manager_free(m) };
+    // One handshake in all (the default is 256), and a deadline of one second.
+    // SAFETY: the folder holds the certificates the manager loads.
+    let m = unsafe { admission_manager(&dir, 1000, 1, 8) };
+    // SAFETY: `m` is a live manager until it is freed below.
+    let port = unsafe { wp_manager_port(m) };
+    let since = Instant::now();
+    let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert!(cut_within(&mut first, long), "the first was not displaced");
+    assert!(
+        cut_within(&mut second, DEADLINE),
+        "the second was never cut"
+    );
+    let cut = since.elapsed();
+    println!("a silent connection was cut after {cut:?} (deadline 1 s)");
+    assert!(cut >= Duration::from_secs(1), "cut after {cut:?}");
+    // SAFETY: `m` is live and freed once, after every other call on it returned.
+    unsafe { wp_manager_free(m) };
+}
+
 /// Builds the static library (cargo test does not) and returns its path.
 fn static_lib() -> PathBuf {
     let profile_dir = std::env::current_exe()
@@ -104,6 +254,7 @@ fn the_c_programs_compile_warning_free_and_run_a_pool() {
     for line in [
         "bad address: WP_RESULT_INVALID_ARGUMENT (\"not an address\" is not a HOST:PORT address)",
         "zero connections per certificate: WP_RESULT_INVALID_ARGUMENT",
+        "zero per-source cap: WP_RESULT_INVALID_ARGUMENT (max_handshakes_per_source must be at least 1)",
         "manager on port ok",
         "job 1 stdout: hello from job 1",
         "job 2 stderr: to stderr",

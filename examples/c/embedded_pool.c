@@ -97,6 +97,14 @@ int main(int argc, char **argv) {
     wp_last_error_message(why, sizeof why);
     printf("bad address: %s (%s)\n", wp_result_name(bad), why);
     check(wp_manager_config_set_listen(mc, "127.0.0.1:0"), "set_listen");
+    /* Admission: a deadline for the TLS handshake and hello, a cap on handshakes in all
+     * and one per source address (a newcomer over a cap displaces the oldest handshake). */
+    bad = wp_manager_config_set_max_handshakes_per_source(mc, 0);
+    wp_last_error_message(why, sizeof why);
+    printf("zero per-source cap: %s (%s)\n", wp_result_name(bad), why);
+    check(wp_manager_config_set_handshake_timeout_ms(mc, 5000), "set_handshake_timeout_ms");
+    check(wp_manager_config_set_max_handshakes(mc, 64), "set_max_handshakes");
+    check(wp_manager_config_set_max_handshakes_per_source(mc, 4), "set_max_handshakes_per_source");
     check(wp_manager_config_set_identity_pem_files(mc, path(dir, "host-cert.pem", a, sizeof a),
                                                    path(dir, "host-key.pem", b, sizeof b)),
           "manager identity");

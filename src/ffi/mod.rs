@@ -129,6 +129,9 @@ pub struct wp_manager_config {
     identity: Option<Identity>,
     worker_trust: PeerTrust,
     max_connections_per_certificate: Option<usize>,
+    handshake_timeout: Duration,
+    max_handshakes: usize,
+    max_handshakes_per_source: usize,
 }
 
 /// A running manager. Made by `wp_manager_start`; `wp_manager_free` (called once, after
@@ -389,13 +392,17 @@ pub unsafe extern "C" fn wp_last_error_message(buf: *mut c_char, len: usize) -> 
 pub unsafe extern "C" fn wp_manager_config_new(out: *mut *mut wp_manager_config) -> wp_result {
     ffi!({
         out!(out);
+        let defaults = ManagerConfig::insecure_plaintext("127.0.0.1:9001");
         boxed(
             out,
             wp_manager_config {
-                listen: "127.0.0.1:9001".into(),
+                listen: defaults.listen,
                 identity: None,
                 worker_trust: PeerTrust::new(),
                 max_connections_per_certificate: None,
+                handshake_timeout: defaults.handshake_timeout,
+                max_handshakes: defaults.max_handshakes,
+                max_handshakes_per_source: defaults.max_handshakes_per_source,
             },
         )
     })
@@ -497,6 +504,68 @@ pub unsafe extern "C" fn wp_manager_config_set_max_connections_per_certificate(
     })
 }
 
+/// Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
+/// counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
+/// 3600000).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_handshake_timeout_ms(
+    config: *mut wp_manager_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        if ms == 0 || ms > 3_600_000 {
+            return fail(
+                WP_RESULT_INVALID_ARGUMENT,
+                "the handshake timeout must be 1 to 3600000 ms",
+            );
+        }
+        config.handshake_timeout = Duration::from_millis(ms);
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many connections may be in handshake at once (default 256). When all are
+/// taken, a new connection displaces the oldest handshake of the source holding the most.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_handshakes(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        if max == 0 {
+            return fail(
+                WP_RESULT_INVALID_ARGUMENT,
+                "max_handshakes must be at least 1",
+            );
+        }
+        config.max_handshakes = max as usize;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many connections from one source (an IPv4 address, or an IPv6 /64) may be
+/// in handshake at once (default 8). A new connection beyond it displaces that source's
+/// oldest handshake.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_handshakes_per_source(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        if max == 0 {
+            return fail(
+                WP_RESULT_INVALID_ARGUMENT,
+                "max_handshakes_per_source must be at least 1",
+            );
+        }
+        config.max_handshakes_per_source = max as usize;
+        WP_RESULT_OK
+    })
+}
+
 /// Frees a configuration. NULL is fine.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_manager_config_free(config: *mut wp_manager_config) {
@@ -524,6 +593,9 @@ pub unsafe extern "C" fn wp_manager_start(
         if let Some(max) = config.max_connections_per_certificate {
             rust.max_connections_per_certificate = max;
         }
+        rust.handshake_timeout = config.handshake_timeout;
+        rust.max_handshakes = config.max_handshakes;
+        rust.max_handshakes_per_source = config.max_handshakes_per_source;
         match Manager::bind(rust) {
             Ok(m) => boxed(out, wp_manager { inner: m }),
             Err(e) => from_error(e),

@@ -3,6 +3,7 @@
 //! scheduling state; each worker connection has a reader thread (the one that accepted
 //! it) and a writer thread (see `link`).
 
+mod admission;
 mod dispatcher;
 mod queue;
 mod sink;
@@ -15,6 +16,7 @@ use crate::protocol::{
     DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage, peer_text,
 };
 use crate::tls::{self, Identity, PeerTrust};
+use admission::{Admission, Limits, Reason};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use dispatcher::{Dispatcher, Event, LinkHandle, Routes};
 use queue::QueuedJob;
@@ -23,7 +25,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,6 +33,13 @@ use std::time::{Duration, Instant};
 /// job (about 1.9 MiB of output). The channel reserves its slots up front, so this is
 /// also most of what a queued job costs (see docs/PERFORMANCE.md).
 const JOB_EVENT_CAPACITY: usize = 32;
+
+/// The longest `handshake_timeout` accepted: no unauthenticated peer needs more.
+pub const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The accept queue asked of the kernel for the manager's port.
+#[cfg(unix)]
+const LISTEN_BACKLOG: libc::c_int = 4096;
 
 /// The largest job accepted: half a frame, so that a `Run` always fits one.
 pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
@@ -76,10 +85,16 @@ pub struct ManagerConfig {
     pub security: ManagerSecurity,
     /// Most jobs waiting for a worker; beyond it `submit` fails with [`Error::QueueFull`].
     pub queue_capacity: usize,
-    /// Deadline for a new connection's TLS handshake and hello.
+    /// Deadline for a new connection's TLS handshake and hello, counted from its
+    /// acceptance however the peer spaces its bytes (10 s by default; at most an hour).
     pub handshake_timeout: Duration,
-    /// Most connections in handshake at once; more are dropped at once.
+    /// Most connections in handshake at once (256 by default). When all are taken, a
+    /// new connection displaces the oldest handshake of the source holding the most.
     pub max_handshakes: usize,
+    /// Most connections in handshake at once from one source: an IPv4 address or an
+    /// IPv6 /64 (8 by default). A new connection beyond it displaces that source's
+    /// oldest handshake. See docs/SECURITY.md for the policy.
+    pub max_handshakes_per_source: usize,
     /// A link that has sent nothing for this long sends a heartbeat.
     pub heartbeat_interval: Duration,
     /// A link that has heard nothing for this long is closed (its jobs end `WorkerLost`).
@@ -131,6 +146,7 @@ impl ManagerConfig {
             queue_capacity: 100_000,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
+            max_handshakes_per_source: 8,
             heartbeat_interval: Duration::from_secs(1),
             heartbeat_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
@@ -149,11 +165,14 @@ impl ManagerConfig {
         if self.max_handshakes == 0 {
             return bad("max_handshakes must be at least 1");
         }
+        if self.max_handshakes_per_source == 0 {
+            return bad("max_handshakes_per_source must be at least 1");
+        }
         if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
             return bad("heartbeat_timeout must be longer than a non-zero heartbeat_interval");
         }
-        if self.handshake_timeout.is_zero() {
-            return bad("handshake_timeout must not be zero");
+        if self.handshake_timeout.is_zero() || self.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
+            return bad("handshake_timeout must be more than zero and at most an hour");
         }
         if self.max_connections_per_certificate == 0 {
             return bad("max_connections_per_certificate must be at least 1");
@@ -225,14 +244,14 @@ pub(crate) struct Shared {
     closing: AtomicBool,
     tls: Option<Arc<rustls::ServerConfig>>,
     timing: Timing,
-    handshake_timeout: Duration,
-    max_handshakes: usize,
     manager_id: u64,
     counters: Arc<Counters>,
     result_limit: usize,
     reconnect_grace: Duration,
     max_connections_per_certificate: usize,
-    handshaking: AtomicUsize,
+    /// The connections in handshake (see `admission`); the watchdog waits on `admission_wake`.
+    admission: Mutex<Admission>,
+    admission_wake: Condvar,
     /// Every open connection, so that shutdown can cut them all.
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
@@ -254,14 +273,17 @@ impl Shared {
                 heartbeat_interval: config.heartbeat_interval,
                 heartbeat_timeout: config.heartbeat_timeout,
             },
-            handshake_timeout: config.handshake_timeout,
-            max_handshakes: config.max_handshakes,
             manager_id: 1,
             counters: Arc::default(),
             result_limit: config.result_output_limit,
             reconnect_grace: config.reconnect_grace,
             max_connections_per_certificate: config.max_connections_per_certificate,
-            handshaking: AtomicUsize::new(0),
+            admission: Mutex::new(Admission::new(Limits {
+                total: config.max_handshakes,
+                per_source: config.max_handshakes_per_source,
+                timeout: config.handshake_timeout,
+            })),
+            admission_wake: Condvar::new(),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             link_threads: Mutex::new(Vec::new()),
@@ -273,6 +295,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The dispatcher, the acceptor and the handshake watchdog.
+type ManagerThreads = (JoinHandle<()>, JoinHandle<()>, JoinHandle<()>);
+
 /// A running manager. Dropping it shuts it down without a grace period.
 pub struct Manager {
     shared: Arc<Shared>,
@@ -280,7 +305,7 @@ pub struct Manager {
     listener: Arc<TcpListener>,
     local_addr: SocketAddr,
     grace: Duration,
-    threads: Mutex<Option<(JoinHandle<()>, JoinHandle<()>)>>,
+    threads: Mutex<Option<ManagerThreads>>,
     metrics: Mutex<Option<MetricsServer>>,
     metrics_addr: Option<SocketAddr>,
 }
@@ -304,6 +329,16 @@ impl Manager {
         };
         let listener = TcpListener::bind(&config.listen)
             .map_err(|e| Error::io(format!("binding {}", config.listen), e))?;
+        // std listens with a backlog of 128: under a burst of new connections the kernel
+        // then drops SYNs, and a real worker waits for its TCP retransmission (1 s, then
+        // 3 s, ...). Listening again raises it (the kernel caps it at net.core.somaxconn).
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: the descriptor is the listener's own and open; listen() takes no
+            // pointers, and on a listening socket only changes its backlog.
+            unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+        }
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
@@ -319,8 +354,6 @@ impl Manager {
                 heartbeat_interval: config.heartbeat_interval,
                 heartbeat_timeout: config.heartbeat_timeout,
             },
-            handshake_timeout: config.handshake_timeout,
-            max_handshakes: config.max_handshakes,
             manager_id: {
                 use std::hash::{BuildHasher, Hasher};
                 // Randomly keyed per process by the standard library.
@@ -336,7 +369,12 @@ impl Manager {
             result_limit: config.result_output_limit,
             reconnect_grace: config.reconnect_grace,
             max_connections_per_certificate: config.max_connections_per_certificate,
-            handshaking: AtomicUsize::new(0),
+            admission: Mutex::new(Admission::new(Limits {
+                total: config.max_handshakes,
+                per_source: config.max_handshakes_per_source,
+                timeout: config.handshake_timeout,
+            })),
+            admission_wake: Condvar::new(),
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             link_threads: Mutex::new(Vec::new()),
@@ -348,6 +386,9 @@ impl Manager {
         let (s, l) = (shared.clone(), listener.clone());
         let acceptor = crate::thread::spawn("wp-acceptor", move || accept_loop(&l, s))
             .map_err(|e| Error::io("starting the acceptor thread", e))?;
+        let s = shared.clone();
+        let watchdog = crate::thread::spawn("wp-handshakes", move || watch_handshakes(&s))
+            .map_err(|e| Error::io("starting the handshake watchdog thread", e))?;
         log::info!("manager listening on {local_addr}");
         let metrics = match &config.metrics_addr {
             Some(addr) => {
@@ -371,7 +412,7 @@ impl Manager {
             listener,
             local_addr,
             grace: config.shutdown_grace,
-            threads: Mutex::new(Some((dispatcher, acceptor))),
+            threads: Mutex::new(Some((dispatcher, acceptor, watchdog))),
         })
     }
 
@@ -515,7 +556,7 @@ impl Manager {
 
     /// [`Manager::shutdown`] with a grace period of its own.
     pub fn shutdown_within(&self, grace: Duration) {
-        let Some((dispatcher, acceptor)) = lock(&self.threads).take() else {
+        let Some((dispatcher, acceptor, watchdog)) = lock(&self.threads).take() else {
             return;
         };
         let s = &self.shared;
@@ -540,6 +581,13 @@ impl Manager {
         }
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         let _ = acceptor.join();
+        {
+            // Taken so that the watchdog is either waiting (and gets the notification) or
+            // yet to look at `closing`.
+            let _admission = lock(&s.admission);
+            s.admission_wake.notify_all();
+        }
+        let _ = watchdog.join();
         for tcp in lock(&s.connections).values() {
             let _ = tcp.shutdown(std::net::Shutdown::Both);
         }
@@ -564,6 +612,10 @@ fn query_stats(shared: &Shared) -> Option<Stats> {
 }
 
 fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
+    // Displacements are logged as a warning at most once per this long (a flood makes
+    // thousands), the rest at debug level.
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+    let mut warned: Option<Instant> = None;
     for conn in listener.incoming() {
         if shared.closing.load(Ordering::Acquire) {
             break;
@@ -577,23 +629,49 @@ fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        let peer = tcp.peer_addr().ok();
-        if shared.handshaking.fetch_add(1, Ordering::AcqRel) >= shared.max_handshakes {
-            shared.handshaking.fetch_sub(1, Ordering::AcqRel);
-            log::warn!(
-                "dropping connection from {}: {} connections are already in handshake",
-                peer.map_or("?".into(), |p| p.to_string()),
-                shared.max_handshakes
-            );
+        // Without its address (already reset) or a second handle (needed to cut it at
+        // its deadline), a connection is dropped at once.
+        let (Ok(peer), Ok(cut)) = (tcp.peer_addr(), tcp.try_clone()) else {
             continue;
-        }
+        };
         let conn_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-        if let Ok(c) = tcp.try_clone() {
-            lock(&shared.connections).insert(conn_id, c);
-        }
+        lock(&shared.connections).insert(conn_id, cut);
+        let admitted = {
+            let mut admission = lock(&shared.admission);
+            let admitted = admission.admit(conn_id, peer.ip(), Instant::now());
+            if let Some(d) = admitted.displaced {
+                cut_connection(&shared, d.id);
+                let limits = admission.limits();
+                let why = match d.reason {
+                    Reason::SourceFull => format!(
+                        "{} already had {} connections in handshake",
+                        d.source, limits.per_source
+                    ),
+                    Reason::AllFull => format!(
+                        "all {} handshake slots were taken; {} held the most",
+                        limits.total, d.source
+                    ),
+                };
+                let msg = format!(
+                    "a connection from {peer} displaced the oldest handshake from {}: {why}",
+                    d.source
+                );
+                if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                    warned = Some(Instant::now());
+                    log::warn!(
+                        "{msg} (more displacements in the next {} s are logged at debug level)",
+                        WARN_EVERY.as_secs()
+                    );
+                } else {
+                    log::debug!("{msg}");
+                }
+            }
+            admitted
+        };
+        shared.admission_wake.notify_all();
         let s = shared.clone();
         let spawned = crate::thread::spawn("wp-link", move || {
-            serve_connection(&s, tcp, peer);
+            serve_connection(&s, tcp, peer, conn_id, admitted.deadline);
             lock(&s.connections).remove(&conn_id);
         });
         match spawned {
@@ -603,7 +681,7 @@ fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
                 threads.push(handle);
             }
             Err(e) => {
-                shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+                lock(&shared.admission).finish(conn_id);
                 lock(&shared.connections).remove(&conn_id);
                 log::error!("cannot start a link thread: {e}");
             }
@@ -611,20 +689,70 @@ fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
     }
 }
 
+/// Cuts a connection from any thread: its blocked reads and writes return at once.
+fn cut_connection(shared: &Shared, id: u64) {
+    if let Some(tcp) = lock(&shared.connections).get(&id) {
+        let _ = tcp.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The handshake watchdog: cuts every connection still in handshake at its deadline, so
+/// that no peer keeps a slot longer, whatever the link thread is blocked on.
+fn watch_handshakes(shared: &Shared) {
+    let mut admission = lock(&shared.admission);
+    while !shared.closing.load(Ordering::Acquire) {
+        let now = Instant::now();
+        for (id, source) in admission.expire(now) {
+            log::debug!("cutting a connection from {source}: its handshake deadline passed");
+            cut_connection(shared, id);
+        }
+        admission = match admission.next_deadline() {
+            Some(d) => {
+                shared
+                    .admission_wake
+                    .wait_timeout(admission, d.saturating_duration_since(now))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => shared
+                .admission_wake
+                .wait(admission)
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+    }
+}
+
 /// One worker connection, on its own thread: handshake, registration, then this thread
 /// reads while a second one writes.
-fn serve_connection(shared: &Arc<Shared>, tcp: TcpStream, peer: Option<SocketAddr>) {
-    let who = peer.map_or("?".into(), |p| p.to_string());
-    let deadline = Instant::now() + shared.handshake_timeout;
+fn serve_connection(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    deadline: Instant,
+) {
+    let who = peer.to_string();
     let accepted = link::accept(tcp, shared.tls.as_ref(), deadline);
-    shared.handshaking.fetch_sub(1, Ordering::AcqRel);
+    // False when the watchdog or a newcomer took the slot (and cut the socket) first.
+    let kept_slot = lock(&shared.admission).finish(conn_id);
     let (mut est, hello) = match accepted {
-        Ok(x) => x,
-        Err(e) => {
+        Ok(x) if kept_slot => x,
+        Err(e) if kept_slot => {
             log::warn!("refused connection from {who}: {e}");
             return;
         }
+        _ if Instant::now() >= deadline => {
+            log::warn!("refused connection from {who}: no TLS handshake and hello by the deadline");
+            return;
+        }
+        _ => {
+            log::debug!(
+                "dropped connection from {who}: a newer connection took its handshake slot"
+            );
+            return;
+        }
     };
+    let peer = Some(peer);
     let live = Liveness::new();
     let (out_tx, out_rx) = bounded::<Outbound<ManagerMessage>>(LINK_QUEUE);
     let out = Outbox::new(out_tx, live.clone(), est.closer.clone());
