@@ -294,3 +294,63 @@ pub unsafe extern "C" fn wp_subscription_next(
 pub unsafe extern "C" fn wp_subscription_free(subscription: *mut wp_subscription) {
     ffi!((), { free(subscription) })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn convert(ev: JobEvent) -> (wp_event, Vec<u8>) {
+        let mut data = b"left over".to_vec();
+        let e = job_event(ev, &mut data);
+        if e.len > 0 {
+            assert_eq!(e.data, data.as_ptr(), "the event points into the buffer");
+        } else {
+            assert!(e.data.is_null());
+        }
+        (e, data[..e.len].to_vec())
+    }
+
+    #[test]
+    fn each_field_of_an_event_means_one_thing_and_is_zero_when_it_does_not_apply() {
+        let (e, d) = convert(JobEvent::Requeued { attempt: 3 });
+        assert_eq!(e.kind, wp_event_kind::WP_EVENT_REQUEUED);
+        assert_eq!((e.attempt, e.exit_code, e.signal), (3, 0, 0));
+        assert_eq!(e.outcome, wp_outcome::WP_OUTCOME_NONE);
+        assert!(d.is_empty());
+
+        let (e, _) = convert(JobEvent::Finished(Outcome::Signaled(9)));
+        assert_eq!(e.outcome, wp_outcome::WP_OUTCOME_SIGNALED);
+        assert_eq!((e.signal, e.exit_code, e.attempt), (9, 0, 0));
+
+        let (e, _) = convert(JobEvent::Finished(Outcome::Exited(3)));
+        assert_eq!(e.outcome, wp_outcome::WP_OUTCOME_EXITED);
+        assert_eq!((e.exit_code, e.signal, e.attempt), (3, 0, 0));
+
+        let (e, d) = convert(JobEvent::Finished(Outcome::SpawnFailed("no bash".into())));
+        assert_eq!(e.outcome, wp_outcome::WP_OUTCOME_SPAWN_FAILED);
+        assert_eq!(d, b"no bash");
+
+        let (e, d) = convert(JobEvent::Output {
+            stream: Stream::Stderr,
+            bytes: vec![0, 1, 2],
+        });
+        assert_eq!(e.kind, wp_event_kind::WP_EVENT_OUTPUT);
+        assert_eq!(e.stream, wp_stream::WP_STREAM_STDERR);
+        assert_eq!(d, [0, 1, 2]);
+
+        let (e, d) = convert(JobEvent::Started {
+            worker: "w1".into(),
+        });
+        assert_eq!(e.kind, wp_event_kind::WP_EVENT_STARTED);
+        assert_eq!(d, b"w1");
+
+        // An event without bytes leaves nothing of the one before.
+        let (e, d) = convert(JobEvent::Queued);
+        assert_eq!((e.kind, e.len), (wp_event_kind::WP_EVENT_QUEUED, 0));
+        assert!(d.is_empty());
+        for o in [Outcome::TimedOut, Outcome::Cancelled, Outcome::WorkerLost] {
+            let (e, _) = convert(JobEvent::Finished(o));
+            assert_eq!((e.exit_code, e.signal, e.attempt, e.len), (0, 0, 0, 0));
+        }
+    }
+}

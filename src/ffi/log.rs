@@ -207,4 +207,22 @@ mod tests {
             assert_eq!(filter_of(bad), None);
         }
     }
+
+    #[test]
+    fn another_logger_in_the_process_is_reported_not_replaced() {
+        struct Other;
+        impl log::Log for Other {
+            fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+                false
+            }
+            fn log(&self, _: &log::Record<'_>) {}
+            fn flush(&self) {}
+        }
+        static OTHER: Other = Other;
+        // This test binary has no other logger, and no other test here installs one.
+        log::set_logger(&OTHER).unwrap();
+        // SAFETY: NULL callback; nothing is called.
+        let r = unsafe { wp_set_log_callback(None, std::ptr::null_mut(), 3) };
+        assert_eq!(r, WP_RESULT_LOGGER_IN_USE);
+    }
 }
