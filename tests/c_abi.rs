@@ -1616,3 +1616,146 @@ fn the_log_callback_gets_every_record_from_any_thread_and_is_never_called_once_r
     log::error!(target: "c_abi_test", "after off");
     assert_eq!(second.records.lock().unwrap().len(), 1);
 }
+
+#[test]
+fn every_function_of_the_header_says_who_owns_what_and_which_threads_may_call_it() {
+    let header = std::fs::read_to_string(root().join("include/workpool.h")).unwrap();
+    let mut comment = String::new();
+    let mut declaration = String::new();
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for line in header.lines() {
+        if let Some(text) = line.strip_prefix("//") {
+            comment.push_str(text);
+            comment.push(' ');
+            continue;
+        }
+        let starts = line.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+            && !line.starts_with("typedef")
+            && line.contains("wp_")
+            && line.contains('(');
+        if starts || !declaration.is_empty() {
+            declaration.push_str(line);
+            if !line.trim_end().ends_with(';') {
+                continue;
+            }
+            let open = declaration.find('(').unwrap();
+            let name = declaration[..open]
+                .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .next()
+                .unwrap()
+                .to_string();
+            let returns_pointer = declaration[..open].contains('*');
+            let has_out = declaration.contains("**out");
+            if name.ends_with("_free") {
+                if !comment.contains("once") {
+                    problems.push(format!("{name}: does not say it is called once"));
+                }
+            } else if !comment.contains("Threads") {
+                problems.push(format!("{name}: does not say which threads may call it"));
+            }
+            if (returns_pointer || has_out)
+                && !["Ownership", "owned", "static"]
+                    .iter()
+                    .any(|w| comment.contains(w))
+            {
+                problems.push(format!("{name}: does not say who owns what it returns"));
+            }
+            checked += 1;
+            declaration.clear();
+        }
+        comment.clear();
+    }
+    assert!(checked > 100, "only {checked} functions found");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn one_manager_serves_several_threads_at_once_through_the_c_api() {
+    use wp_result::*;
+    // What the header promises to share between threads is Sync (checked when this
+    // compiles); what it gives to one thread at a time may move between threads.
+    fn shared<T: Sync + Send>() {}
+    fn moved<T: Send>() {}
+    shared::<wp_manager>();
+    shared::<wp_worker>();
+    shared::<wp_stats>();
+    shared::<wp_job_list>();
+    shared::<wp_worker_list>();
+    shared::<wp_job_result>();
+    shared::<wp_job_status>();
+    moved::<wp_job>();
+    moved::<wp_subscription>();
+    moved::<wp_job_spec>();
+    moved::<wp_manager_config>();
+    moved::<wp_worker_config>();
+
+    let dir = scratch("c-threads");
+    Certs::new(1).write_to(&dir);
+    // SAFETY: the folder holds the certificates the manager loads.
+    let m = unsafe { admission_manager(&dir, 10_000, 256, 8) };
+    let address = m as usize;
+    const THREADS: u64 = 4;
+    const JOBS: u64 = 25;
+    let threads: Vec<_> = (0..THREADS)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let m = address as *const wp_manager;
+                let script = CString::new(format!("echo {t}")).unwrap();
+                let tag = CString::new("no worker has this").unwrap();
+                // SAFETY: `m` stays live until every thread is joined; every other pointer
+                // is a live CString, a live local, or a handle made here and freed once.
+                unsafe {
+                    let mut spec = ptr::null_mut();
+                    assert_eq!(wp_job_spec_new(script.as_ptr(), &mut spec), WP_RESULT_OK);
+                    assert_eq!(wp_job_spec_require_tag(spec, tag.as_ptr()), WP_RESULT_OK);
+                    for _ in 0..JOBS {
+                        let mut job = ptr::null_mut();
+                        assert_eq!(wp_manager_submit_spec(m, spec, &mut job), WP_RESULT_OK);
+                        let id = wp_job_id(job);
+                        let mut status = ptr::null_mut();
+                        assert_eq!(wp_manager_job_status(m, id, &mut status), WP_RESULT_OK);
+                        assert_eq!(
+                            wp_job_status_state(status),
+                            wp_job_state::WP_JOB_STATE_QUEUED
+                        );
+                        wp_job_status_free(status);
+                        let (mut stats, mut jobs) = (ptr::null_mut(), ptr::null_mut());
+                        assert_eq!(wp_manager_stats(m, &mut stats), WP_RESULT_OK);
+                        assert_eq!(wp_manager_jobs(m, &mut jobs), WP_RESULT_OK);
+                        assert!(wp_job_list_len(jobs) >= 1);
+                        wp_job_list_free(jobs);
+                        wp_stats_free(stats);
+                        assert_eq!(wp_manager_cancel(m, id), WP_RESULT_OK);
+                        let mut result = ptr::null_mut();
+                        assert_eq!(wp_job_wait_timeout(job, 60_000, &mut result), WP_RESULT_OK);
+                        assert_eq!(
+                            wp_job_result_outcome(result),
+                            wp_outcome::WP_OUTCOME_CANCELLED
+                        );
+                        wp_job_result_free(result);
+                        wp_job_free(job);
+                    }
+                    wp_job_spec_free(spec);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    // SAFETY: `m` is live; every thread that used it has been joined.
+    unsafe {
+        let mut stats = ptr::null_mut();
+        assert_eq!(wp_manager_stats(m, &mut stats), WP_RESULT_OK);
+        let mut f = std::mem::MaybeUninit::<wp_stats_figures>::uninit();
+        assert_eq!(wp_stats_get(stats, f.as_mut_ptr()), WP_RESULT_OK);
+        let f = f.assume_init();
+        assert_eq!(f.jobs_submitted, THREADS * JOBS);
+        assert_eq!(f.jobs_cancelled, THREADS * JOBS);
+        assert_eq!(f.jobs_queued, 0);
+        wp_stats_free(stats);
+        wp_manager_free(m);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
