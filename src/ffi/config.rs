@@ -1,0 +1,777 @@
+//! The two configuration handles, `wp_manager_config` and `wp_worker_config`: each holds
+//! the Rust configuration (`ManagerConfig`, `WorkerConfig`) with its defaults, plus the
+//! identity and trust that C sets from PEM files. Setters check their argument and refuse
+//! a bad one with nothing changed; `wp_manager_start` and `wp_worker_start` (in
+//! `manager.rs` and `worker.rs`) read a configuration and never change it.
+
+use super::common::wp_result::*;
+use super::common::*;
+use crate::manager::{MAX_HANDSHAKE_TIMEOUT, ManagerConfig};
+use crate::tls::{Identity, PeerTrust};
+use crate::worker::WorkerConfig;
+use std::ffi::c_char;
+
+/// Settings for `wp_manager_start`. Made by `wp_manager_config_new`; freed once with
+/// `wp_manager_config_free`. Threads: one call at a time on a configuration (setters
+/// change it); `wp_manager_start` only reads it, so one configuration may start several
+/// managers.
+pub struct wp_manager_config {
+    /// Every setting but the security, which `wp_manager_start` fills in.
+    pub(crate) rust: ManagerConfig,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) worker_trust: PeerTrust,
+}
+
+/// Settings for `wp_worker_start`. Made by `wp_worker_config_new`; freed once with
+/// `wp_worker_config_free`. Threads: one call at a time on a configuration (setters
+/// change it); `wp_worker_start` only reads it, so one configuration may start several
+/// workers (each needs a name of its own).
+pub struct wp_worker_config {
+    /// Every setting but the security, which `wp_worker_start` fills in.
+    pub(crate) rust: WorkerConfig,
+    pub(crate) manager_set: bool,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) manager_trust: PeerTrust,
+    pub(crate) verify_hostname: bool,
+}
+
+/// Loads an identity from two PEM files into a configuration.
+unsafe fn set_identity(
+    slot: &mut Option<Identity>,
+    cert_path: *const c_char,
+    key_path: *const c_char,
+) -> wp_result {
+    let (cert, key) = (text!(cert_path), text!(key_path));
+    match Identity::from_pem_files(cert, key) {
+        Ok(id) => {
+            *slot = Some(id);
+            WP_RESULT_OK
+        }
+        Err(e) => from_error(e),
+    }
+}
+
+/// Which list of a [`PeerTrust`] a PEM file goes to.
+#[derive(Clone, Copy)]
+enum TrustKind {
+    Pinned,
+    Ca,
+}
+
+/// Adds the certificates of a PEM file to the pinned certificates or to the CAs.
+unsafe fn add_trust(trust: &mut PeerTrust, path: *const c_char, kind: TrustKind) -> wp_result {
+    let path = text!(path);
+    result_of(match kind {
+        TrustKind::Pinned => trust.add_pinned_pem_file(path),
+        TrustKind::Ca => trust.add_ca_pem_file(path),
+    })
+}
+
+/// Refuses anything but `HOST:PORT` that resolves.
+fn check_address(address: &str) -> Result<(), wp_result> {
+    if std::net::ToSocketAddrs::to_socket_addrs(address).is_err() {
+        return Err(fail(
+            WP_RESULT_INVALID_ARGUMENT,
+            format!("{address:?} is not a HOST:PORT address"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets a duration field from milliseconds checked by `duration_ms`.
+macro_rules! set_ms {
+    ($field:expr, $what:expr, $ms:expr, $zero_ok:expr, $max:expr) => {
+        match duration_ms($what, $ms, $zero_ok, $max) {
+            Ok(d) => {
+                $field = d;
+                WP_RESULT_OK
+            }
+            Err(code) => code,
+        }
+    };
+}
+
+/// The longest heartbeat interval or timeout (10 minutes, as the Rust API).
+const MAX_HEARTBEAT_MS: u64 = 600_000;
+
+/// A new manager configuration: listen on `127.0.0.1:9001`, no identity or trust yet,
+/// everything else as `ManagerConfig`'s defaults.
+///
+/// Ownership: `*out` receives a configuration the caller owns and frees once with
+/// `wp_manager_config_free`. Threads: callable from any thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_new(out: *mut *mut wp_manager_config) -> wp_result {
+    ffi!({
+        out!(out);
+        boxed(
+            out,
+            wp_manager_config {
+                rust: ManagerConfig::insecure_plaintext("127.0.0.1:9001"),
+                identity: None,
+                worker_trust: PeerTrust::new(),
+            },
+        )
+    })
+}
+
+/// Sets the address to listen on, e.g. `"0.0.0.0:9001"` or `"127.0.0.1:0"` (any free port).
+///
+/// Ownership: `address` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_listen(
+    config: *mut wp_manager_config,
+    address: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let address = text!(address);
+        if let Err(code) = check_address(address) {
+            return code;
+        }
+        config.rust.listen = address.to_string();
+        WP_RESULT_OK
+    })
+}
+
+/// Loads the manager's certificate chain and key from PEM files.
+///
+/// Ownership: the paths are only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_identity_pem_files(
+    config: *mut wp_manager_config,
+    cert_path: *const c_char,
+    key_path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
+        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
+    })
+}
+
+/// Pins the self-signed worker certificates in a PEM file: a worker presenting exactly
+/// one of them is accepted (within its validity period). A pinned certificate is accepted
+/// only as itself, never as the issuer of another, even when it says `CA:TRUE`. A
+/// certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+/// its CA instead.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_worker_certificate_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.worker_trust, path, TrustKind::Pinned) }
+    })
+}
+
+/// Trusts the CA certificates in a PEM file as issuers of worker certificates: a worker
+/// whose certificate one of them issued (for client authentication) is accepted.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_worker_ca_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.worker_trust, path, TrustKind::Ca) }
+    })
+}
+
+/// The former name of `wp_manager_config_add_worker_certificate_pem_file`, and the same:
+/// it pins (CAs go to `wp_manager_config_add_worker_ca_pem_file`).
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_worker_root_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    // SAFETY: the same arguments, passed on unchanged.
+    unsafe { wp_manager_config_add_worker_certificate_pem_file(config, path) }
+}
+
+/// Sets how many connections may present the same worker certificate at once (default
+/// 4; at least 1). More are refused when they register.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_connections_per_certificate(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(
+            max == 0,
+            "max_connections_per_certificate must be at least 1"
+        );
+        config.rust.max_connections_per_certificate = max as usize;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
+/// counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
+/// 3600000).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_handshake_timeout_ms(
+    config: *mut wp_manager_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let max = millis(MAX_HANDSHAKE_TIMEOUT);
+        refuse_if!(
+            ms == 0 || ms > max,
+            "the handshake timeout must be 1 to {max} ms"
+        );
+        config.rust.handshake_timeout = std::time::Duration::from_millis(ms);
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many connections may be in handshake at once (default 256). When all are
+/// taken, a new connection displaces the oldest handshake of the source holding the most.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_handshakes(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(max == 0, "max_handshakes must be at least 1");
+        config.rust.max_handshakes = max as usize;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many connections from one source (an IPv4 address, or an IPv6 /64) may be
+/// in handshake at once (default 8). A new connection beyond it displaces that source's
+/// oldest handshake.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_handshakes_per_source(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(max == 0, "max_handshakes_per_source must be at least 1");
+        config.rust.max_handshakes_per_source = max as usize;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many jobs may wait for a worker (default 100000; at least 1). Beyond it
+/// `wp_manager_submit` returns `WP_RESULT_QUEUE_FULL`.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_queue_capacity(
+    config: *mut wp_manager_config,
+    capacity: usize,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(capacity == 0, "queue_capacity must be at least 1");
+        config.rust.queue_capacity = capacity;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how long a link may send nothing before it sends a heartbeat, in milliseconds
+/// (default 1000; 1 to 600000). `wp_manager_start` refuses a heartbeat timeout that is
+/// not longer than it.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_heartbeat_interval_ms(
+    config: *mut wp_manager_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.heartbeat_interval,
+            "the heartbeat interval",
+            ms,
+            false,
+            MAX_HEARTBEAT_MS
+        )
+    })
+}
+
+/// Sets how long a link may hear nothing before it is closed (its jobs wait for the
+/// worker to come back, see `wp_manager_config_set_reconnect_grace_ms`), in milliseconds
+/// (default 5000; 1 to 600000, and longer than the heartbeat interval).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_heartbeat_timeout_ms(
+    config: *mut wp_manager_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.heartbeat_timeout,
+            "the heartbeat timeout",
+            ms,
+            false,
+            MAX_HEARTBEAT_MS
+        )
+    })
+}
+
+/// Sets how long running jobs may go on after `wp_manager_shutdown` (and
+/// `wp_manager_free`) before they are cancelled, in milliseconds (default 10000; 0 to
+/// 365 days).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_shutdown_grace_ms(
+    config: *mut wp_manager_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.shutdown_grace,
+            "the shutdown grace",
+            ms,
+            true,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets how long the jobs of a worker whose connection dropped wait for that worker to
+/// come back and go on with them, in milliseconds (default 10000; 0 to 365 days; 0 ends
+/// them at once as `WP_OUTCOME_WORKER_LOST`, or retries them).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_reconnect_grace_ms(
+    config: *mut wp_manager_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.reconnect_grace,
+            "the reconnect grace",
+            ms,
+            true,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Serves Prometheus metrics (`GET /metrics`, plain HTTP) on `address`, e.g.
+/// `"127.0.0.1:9100"` or `"127.0.0.1:0"` (any free port; `wp_manager_metrics_port` tells
+/// which). Off by default.
+///
+/// Ownership: `address` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_metrics_address(
+    config: *mut wp_manager_config,
+    address: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let address = text!(address);
+        if let Err(code) = check_address(address) {
+            return code;
+        }
+        config.rust.metrics_addr = Some(address.to_string());
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many bytes of each stream a `wp_job_result` keeps (default 16 MiB; 0 keeps
+/// none); beyond it `wp_job_result_truncated` says so. Live `WP_EVENT_OUTPUT` events are
+/// never cut.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_result_output_limit(
+    config: *mut wp_manager_config,
+    bytes: usize,
+) -> wp_result {
+    ffi!({
+        arg_mut!(config).rust.result_output_limit = bytes;
+        WP_RESULT_OK
+    })
+}
+
+/// Frees a configuration; NULL does nothing. Managers started from it are not affected.
+///
+/// Ownership: call it once per configuration, after every other call on it returned.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_free(config: *mut wp_manager_config) {
+    ffi!((), { free(config) })
+}
+
+/// A new worker configuration: one slot, hostname verification on, named HOSTNAME-PID,
+/// the detected platform (e.g. `linux-x86_64`), job folders in the system's temp folder,
+/// everything else as `WorkerConfig`'s defaults.
+///
+/// Ownership: `*out` receives a configuration the caller owns and frees once with
+/// `wp_worker_config_free`. Threads: callable from any thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_new(out: *mut *mut wp_worker_config) -> wp_result {
+    ffi!({
+        out!(out);
+        boxed(
+            out,
+            wp_worker_config {
+                rust: WorkerConfig::insecure_plaintext("", 9001),
+                manager_set: false,
+                identity: None,
+                manager_trust: PeerTrust::new(),
+                verify_hostname: true,
+            },
+        )
+    })
+}
+
+/// Sets the manager to dial.
+///
+/// Ownership: `host` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_manager(
+    config: *mut wp_worker_config,
+    host: *const c_char,
+    port: u16,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let host = text!(host);
+        refuse_if!(
+            host.is_empty() || port == 0,
+            "the manager's host must not be empty nor its port 0"
+        );
+        config.rust.host = host.to_string();
+        config.rust.port = port;
+        config.manager_set = true;
+        WP_RESULT_OK
+    })
+}
+
+/// Loads the worker's certificate chain and key from PEM files.
+///
+/// Ownership: the paths are only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_identity_pem_files(
+    config: *mut wp_worker_config,
+    cert_path: *const c_char,
+    key_path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
+        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
+    })
+}
+
+/// Pins the manager's self-signed certificate(s) in a PEM file: a manager presenting
+/// exactly one of them is accepted (within its validity period). A pinned certificate is
+/// accepted only as itself, never as the issuer of another, even when it says `CA:TRUE`.
+/// A certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`): trust
+/// its CA instead.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_add_manager_certificate_pem_file(
+    config: *mut wp_worker_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Pinned) }
+    })
+}
+
+/// Trusts the CA certificates in a PEM file as issuers of the manager's certificate: a
+/// manager whose certificate one of them issued (for server authentication) is accepted.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_add_manager_ca_pem_file(
+    config: *mut wp_worker_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Ca) }
+    })
+}
+
+/// The former name of `wp_worker_config_add_manager_certificate_pem_file`, and the same:
+/// it pins (CAs go to `wp_worker_config_add_manager_ca_pem_file`).
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_add_manager_root_pem_file(
+    config: *mut wp_worker_config,
+    path: *const c_char,
+) -> wp_result {
+    // SAFETY: the same arguments, passed on unchanged.
+    unsafe { wp_worker_config_add_manager_certificate_pem_file(config, path) }
+}
+
+/// Sets the name the worker announces (1 to 256 bytes; unique among the manager's
+/// workers).
+///
+/// Ownership: `name` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_name(
+    config: *mut wp_worker_config,
+    name: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let name = text!(name);
+        refuse_if!(
+            name.is_empty() || name.len() > 256,
+            "a worker name must have 1 to 256 bytes"
+        );
+        config.rust.name = name.to_string();
+        WP_RESULT_OK
+    })
+}
+
+/// Adds a tag that jobs can require (printable text, 1 to 256 bytes).
+///
+/// Ownership: `tag` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_add_tag(
+    config: *mut wp_worker_config,
+    tag: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let tag = text!(tag);
+        if let Err(why) = crate::protocol::check_label("a tag", tag) {
+            return fail(WP_RESULT_INVALID_ARGUMENT, why);
+        }
+        config.rust.tags.insert(tag.to_string());
+        WP_RESULT_OK
+    })
+}
+
+/// Sets the platform the worker announces, instead of the detected `OS-ARCH` (printable
+/// text, 1 to 256 bytes). Jobs that require a platform run only on workers announcing it.
+///
+/// Ownership: `platform` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_platform(
+    config: *mut wp_worker_config,
+    platform: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let platform = text!(platform);
+        if let Err(why) = crate::protocol::check_label("a platform", platform) {
+            return fail(WP_RESULT_INVALID_ARGUMENT, why);
+        }
+        config.rust.platform = platform.to_string();
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how many jobs run at once (1 to 1024).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_slots(
+    config: *mut wp_worker_config,
+    slots: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(slots == 0 || slots > 1024, "slots must be 1 to 1024");
+        config.rust.slots = slots;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets the folder in which job folders are made (default: the system's temp folder).
+/// It must be an existing folder.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_work_dir(
+    config: *mut wp_worker_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let path = std::path::Path::new(text!(path));
+        refuse_if!(
+            !path.is_dir(),
+            "work_dir {} is not a folder",
+            path.display()
+        );
+        config.rust.work_dir = path.to_path_buf();
+        WP_RESULT_OK
+    })
+}
+
+/// Sets the deadline for connecting to the manager, the TLS handshake and the hello, in
+/// milliseconds (default 10000; 1 to 365 days).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_connect_timeout_ms(
+    config: *mut wp_worker_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.connect_timeout,
+            "the connect timeout",
+            ms,
+            false,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets the first wait before reconnecting, in milliseconds (default 100; 1 to 365
+/// days); it doubles per failure up to the longest wait. `wp_worker_start` refuses a
+/// first wait longer than the longest.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_backoff_initial_ms(
+    config: *mut wp_worker_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.backoff_initial,
+            "the first reconnect wait",
+            ms,
+            false,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets the longest wait between connection attempts, in milliseconds (default 10000;
+/// 1 to 365 days).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_backoff_max_ms(
+    config: *mut wp_worker_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.backoff_max,
+            "the longest reconnect wait",
+            ms,
+            false,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets the grace between SIGTERM and SIGKILL when a job times out or is cancelled, for
+/// jobs that set none (`wp_job_spec_set_kill_grace_ms`), in milliseconds (default 5000;
+/// 0 to 365 days).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_kill_grace_ms(
+    config: *mut wp_worker_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.kill_grace,
+            "the kill grace",
+            ms,
+            true,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets how much output per job is kept for a reconnect, in bytes (default 8 MiB):
+/// recently sent output that may not have arrived, and output made while disconnected
+/// (beyond it the job waits on its own writes).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_reconnect_buffer(
+    config: *mut wp_worker_config,
+    bytes: usize,
+) -> wp_result {
+    ffi!({
+        arg_mut!(config).rust.reconnect_buffer = bytes;
+        WP_RESULT_OK
+    })
+}
+
+/// Turns the check that the manager's certificate names its host on (default) or off.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_verify_hostname(
+    config: *mut wp_worker_config,
+    verify: bool,
+) -> wp_result {
+    ffi!({
+        arg_mut!(config).verify_hostname = verify;
+        WP_RESULT_OK
+    })
+}
+
+/// Runs every job as the user called `user`, with its primary group and no other group,
+/// so that jobs cannot read the worker's key or other users' files (their folders belong
+/// to that user). `wp_worker_start` fails (`WP_RESULT_INVALID_ARGUMENT`) unless the
+/// process runs as root and the user exists and is not root.
+///
+/// Ownership: `user` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_job_user(
+    config: *mut wp_worker_config,
+    user: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let user = text!(user);
+        refuse_if!(user.is_empty(), "the job user's name is empty");
+        config.rust.job_user = Some(user.to_string());
+        WP_RESULT_OK
+    })
+}
+
+/// Frees a configuration; NULL does nothing. Workers started from it are not affected.
+///
+/// Ownership: call it once per configuration, after every other call on it returned.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_free(config: *mut wp_worker_config) {
+    ffi!((), { free(config) })
+}
