@@ -478,11 +478,6 @@ impl WorkerLoop {
     ) -> WorkerLoop {
         // Bounded: a job that writes faster than the link drains waits on its pipe.
         let (exec_tx, exec_rx) = bounded(64);
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            ^ ((std::process::id() as u64) << 32)
-            ^ (&control as *const _ as u64);
         WorkerLoop {
             address: config.address(),
             config,
@@ -497,7 +492,7 @@ impl WorkerLoop {
             draining: None,
             exec_tx,
             exec_rx,
-            rng: seed | 1,
+            rng: crate::random::u64() | 1,
             job_user: None,
         }
     }
