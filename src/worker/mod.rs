@@ -354,7 +354,7 @@ impl Worker {
             self.done.recv_timeout(timeout),
             Err(crossbeam_channel::RecvTimeoutError::Disconnected)
         );
-        if left && let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if left && let Some(t) = crate::sync::lock(&self.thread).take() {
             let _ = t.join();
         }
         left
@@ -364,7 +364,7 @@ impl Worker {
     /// cleans up their folders, closes the connection, and returns when the worker's
     /// threads are gone.
     pub fn stop(&self) {
-        let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(t) = crate::sync::lock(&self.thread).take() else {
             return;
         };
         let _ = self.control.send(Control::Stop);
