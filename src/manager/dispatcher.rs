@@ -428,15 +428,19 @@ impl Dispatcher {
         match ev {
             LinkEvent::JobEnded { job } => {
                 self.running.remove(&job);
-                if let Some(w) = self.workers.get_mut(&worker) {
-                    w.running.remove(&job);
-                    // Acknowledged, and the slot filled again in the same batch: the
-                    // worker gets `Ended` and its next `Run` in one write.
-                    self.send(worker, ManagerMessage::Ended { job });
-                }
+                let known = self
+                    .workers
+                    .get_mut(&worker)
+                    .map(|w| w.running.remove(&job));
                 self.rests.forget(worker);
                 self.reindex(worker);
+                // The slot's next `Run` at once, then the acknowledgement (`Ended`): both
+                // are queued back to back, so the link's writer usually sends them in one
+                // write, and the worker starts the next job before it forgets the last.
                 self.fill(now, worker);
+                if known.is_some() {
+                    self.send(worker, ManagerMessage::Ended { job });
+                }
             }
             LinkEvent::Draining => {
                 if let Some(w) = self.workers.get_mut(&worker) {

@@ -340,13 +340,13 @@ fn a_finished_job_is_acknowledged_and_its_slot_refilled_in_the_same_batch() {
     let second = r.submit();
     assert_eq!(r.runs(w), vec![first.0], "one slot: one job");
     r.finished(w, first, Outcome::Exited(0));
-    // `Ended` for the first and `Run` for the next, back to back, so that the link's
+    // `Run` for the next and `Ended` for the first, back to back, so that the link's
     // writer sends them in one write.
     let sent = r.sent(w);
     assert!(
         matches!(
             sent.as_slice(),
-            [ManagerMessage::Ended { job: a }, ManagerMessage::Run { job: b, .. }]
+            [ManagerMessage::Run { job: b, .. }, ManagerMessage::Ended { job: a }]
                 if *a == first && *b == second
         ),
         "{sent:?}"
