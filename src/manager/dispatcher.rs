@@ -18,6 +18,7 @@ pub(crate) mod driver;
 #[cfg(test)]
 mod tests;
 
+use super::ids::{IdMap, IdSet};
 use super::queue::{Queue, QueuedJob};
 use super::routing::{Route, Routes};
 use super::sink::JobSink;
@@ -28,7 +29,7 @@ use crate::link::Liveness;
 use crate::metrics::{Counters, Histogram, Stats, WorkerStats};
 use crate::protocol::{self, ManagerMessage, WorkerHello};
 use crate::sync::lock;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,7 +57,7 @@ fn later(now: Instant, d: Duration) -> Instant {
 /// Workers resting after a decline. Plain state: the caller says what time it is.
 #[derive(Default)]
 pub(crate) struct Rests {
-    by_worker: HashMap<u64, Rest>,
+    by_worker: IdMap<u64, Rest>,
 }
 
 struct Rest {
@@ -175,7 +176,7 @@ struct WorkerEntry {
     /// Its free slots as last recorded in `by_free`.
     indexed_free: usize,
     cert: Option<Vec<u8>>,
-    running: HashSet<JobId>,
+    running: IdSet<JobId>,
     jobs_run: u64,
     connected_at: Instant,
     routes: Arc<Routes>,
@@ -236,7 +237,7 @@ pub(crate) struct Dispatcher {
     queue: Queue,
     workers: BTreeMap<u64, WorkerEntry>,
     /// Every started job: where it runs, and what is needed to run it again.
-    running: HashMap<JobId, Running>,
+    running: IdMap<JobId, Running>,
     detached: Vec<Detached>,
     next_worker: u64,
     /// Where the rotation among equally free workers continues.
@@ -271,7 +272,7 @@ impl Dispatcher {
             counters,
             queue: Queue::default(),
             workers: BTreeMap::new(),
-            running: HashMap::new(),
+            running: IdMap::default(),
             detached: Vec::new(),
             next_worker: 1,
             cursor: 0,
@@ -832,7 +833,7 @@ impl Dispatcher {
             running: 0,
             draining: hello.draining,
         };
-        let resumed: HashSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
+        let resumed: IdSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
         log::info!(
             "worker {} joined from {} ({} slot(s), tags [{}], {}){}",
             info.name,

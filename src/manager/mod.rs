@@ -8,6 +8,7 @@
 mod acceptor;
 mod admission;
 mod dispatcher;
+mod ids;
 mod job_handle;
 mod queue;
 mod routing;

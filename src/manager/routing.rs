@@ -7,6 +7,7 @@
 
 use super::dispatcher::LinkEvent;
 use super::dispatcher::driver::Event;
+use super::ids::IdMap;
 use super::sink;
 use crate::job::{JobEvent, JobId, Outcome};
 use crate::metrics::Counters;
@@ -14,7 +15,6 @@ use crate::protocol::{OUTPUT_CHUNK, WorkerMessage, peer_text};
 use crate::sync::lock;
 use crossbeam_channel::Sender;
 use sink::JobSink;
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -91,7 +91,7 @@ impl Route {
 /// The routes of one link, shared by the dispatcher and that link's reader. Events are
 /// pushed under this lock (pushing never blocks), and removing an entry is the right to
 /// deliver the job's `Finished`: so nothing follows it.
-pub(crate) type Routes = Mutex<HashMap<JobId, Route>>;
+pub(crate) type Routes = Mutex<IdMap<JobId, Route>>;
 
 /// What a link's reader needs to act on its worker's messages.
 pub(crate) struct Link<'a> {

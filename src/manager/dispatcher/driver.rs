@@ -12,6 +12,7 @@ use super::{Action, Dispatcher, LinkEvent, LinkPorts, Registration};
 use crate::error::Result;
 use crate::job::{JobId, JobStatus};
 use crate::link::{Liveness, Outbox};
+use crate::manager::ids::IdMap;
 use crate::manager::queue::QueuedJob;
 use crate::manager::routing::Routes;
 use crate::manager::{ManagerEvent, WorkerInfo};
@@ -19,7 +20,6 @@ use crate::metrics::Stats;
 use crate::protocol::{ManagerMessage, WorkerHello};
 use crate::tls::Closer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -65,7 +65,7 @@ pub(crate) enum Event {
 
 /// The driver's own part: what carries out the state machine's actions.
 struct Ports {
-    links: HashMap<u64, LinkHandle>,
+    links: IdMap<u64, LinkHandle>,
     subscribers: Vec<Sender<ManagerEvent>>,
 }
 
@@ -73,7 +73,7 @@ struct Ports {
 /// the channel.
 pub(crate) fn run(mut d: Dispatcher, rx: Receiver<Event>) {
     let mut ports = Ports {
-        links: HashMap::new(),
+        links: IdMap::default(),
         subscribers: Vec::new(),
     };
     while !d.is_done() {

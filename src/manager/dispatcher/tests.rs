@@ -12,6 +12,7 @@ use crate::manager::dispatcher::driver::Event;
 use crate::manager::routing::{self, Complaints, Link};
 use crate::protocol::{HeldJob, WorkerMessage};
 use crossbeam_channel::{Receiver, Sender, unbounded};
+use std::collections::HashMap;
 
 const MANAGER_ID: u64 = 0x5eed;
 const GRACE: Duration = Duration::from_secs(10);
