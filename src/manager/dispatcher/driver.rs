@@ -83,7 +83,14 @@ pub(crate) fn run(mut d: Dispatcher, rx: Receiver<Event>) {
         };
         let now = Instant::now();
         match ev {
-            Ok(ev) => ports.handle(&mut d, now, ev),
+            Ok(ev) => {
+                ports.handle(&mut d, now, ev);
+                // A busy channel never times out: deadlines that passed meanwhile are
+                // acted on here (queries do not tick).
+                if d.next_deadline().is_some_and(|t| t <= now) {
+                    d.tick(now);
+                }
+            }
             Err(RecvTimeoutError::Timeout) => d.tick(now),
             Err(RecvTimeoutError::Disconnected) => d.abandon(now),
         }
