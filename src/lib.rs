@@ -52,7 +52,10 @@ pub mod job;
 pub(crate) mod link;
 pub mod manager;
 pub mod metrics;
+pub(crate) mod net;
 pub mod protocol;
+pub(crate) mod random;
+pub(crate) mod sync;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
 pub mod testing;

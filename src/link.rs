@@ -98,6 +98,13 @@ impl Liveness {
         )
     }
 
+    /// How long, at `now`, since the last frame arrived (for callers that are given the
+    /// time rather than read the clock).
+    pub(crate) fn silent_at(&self, now: Instant) -> Duration {
+        let last = self.epoch + Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed));
+        now.saturating_duration_since(last)
+    }
+
     fn stale(&self, timeout: Duration) -> bool {
         self.silent_for() > timeout
     }
@@ -114,7 +121,7 @@ impl Liveness {
 
     /// Marks the link as closed by this side for a reason (kept if it is the first).
     pub(crate) fn close_because(&self, why: String) {
-        let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        let mut reason = crate::sync::lock(&self.reason);
         if reason.is_none() && !self.is_closed() {
             *reason = Some(why);
         }
@@ -123,10 +130,7 @@ impl Liveness {
 
     /// Why this side closed the link, if it did so through [`Liveness::close_because`].
     pub(crate) fn reason(&self) -> Option<String> {
-        self.reason
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::lock(&self.reason).clone()
     }
 }
 

@@ -359,15 +359,7 @@ impl MetricsServer {
 impl Drop for MetricsServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: shutting down a descriptor we own (the listener is alive in `self`) has no memory effects.
-            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
-        }
-        if let Some(a) = self.local_addr() {
-            let _ = TcpStream::connect_timeout(&a, Duration::from_millis(200));
-        }
+        crate::net::wake_acceptor(&self.listener, Duration::from_millis(200));
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -811,7 +811,7 @@ type Shared = Arc<Mutex<Connection>>;
 fn lock(tls: &Shared) -> MutexGuard<'_, Connection> {
     // A panic elsewhere poisons the lock; the connection state is still consistent
     // enough to be torn down.
-    tls.lock().unwrap_or_else(|p| p.into_inner())
+    crate::sync::lock(tls)
 }
 
 /// Splits a connection (TLS after its handshake, or plain TCP) into a reader half and

@@ -1,102 +1,45 @@
-//! The dispatcher: the one thread that owns all scheduling state (the queue, the
-//! worker table, which job runs where, the jobs of workers that are reconnecting).
-//! Everything else talks to it through one channel of [`Event`]s, so no lock guards
-//! scheduling state. Job output does not pass through here: link readers push it into
-//! the job's sink via the link's route table, and whoever removes a job's route
-//! delivers its single `Finished`.
+//! The dispatcher: all scheduling state (the queue, the worker table, which job runs
+//! where, the jobs of workers that are reconnecting) in one plain state machine. It
+//! reads no clock, starts no thread, touches no socket and receives from no channel:
+//! each input — an API call, news from a link, a timer tick — comes with the time, and
+//! what is to be done on links (messages to send, links to close) and for subscribers
+//! is left as [`Action`]s for its driver to carry out, in order;
+//! [`Dispatcher::next_deadline`] says when it next needs a tick. The driver
+//! ([`driver`]) is the one thread that feeds it from a channel; the tests feed it by
+//! hand with a clock they move.
+//!
+//! Job output does not pass through here: link readers push it into the job's sink via
+//! the link's route table, and whoever removes a job's route delivers its single
+//! `Finished`. The dispatcher holds the sinks and route tables as data: pushing into a
+//! sink and taking a route table's lock never block. It must not touch anything else
+//! that is shared.
 
+pub(crate) mod driver;
+#[cfg(test)]
+mod tests;
+
+use super::ids::{IdMap, IdSet};
 use super::queue::{Queue, QueuedJob};
+use super::routing::{Route, Routes};
 use super::sink::JobSink;
-use super::{ManagerEvent, Shared, WorkerInfo};
+use super::{ManagerEvent, WorkerInfo};
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobState, JobStatus, Outcome};
-use crate::link::{Liveness, Outbox};
-use crate::metrics::{Histogram, Stats, WorkerStats};
+use crate::link::Liveness;
+use crate::metrics::{Counters, Histogram, Stats, WorkerStats};
 use crate::protocol::{self, ManagerMessage, WorkerHello};
-use crate::tls::Closer;
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use crate::sync::lock;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-
-/// A running job's place on its link: where its events go, and the output `seq` the
-/// manager expects next (so that output replayed after a reconnect is taken once).
-pub(crate) struct Route {
-    pub sink: Arc<JobSink>,
-    pub next_seq: u64,
-    /// Output messages that never arrived (gaps in `seq`), and in how many gaps: the
-    /// first gap is reported at once, the rest summed up when the job ends.
-    pub lost: u64,
-    pub gaps: u64,
-}
-
-impl Route {
-    pub(crate) fn new(sink: Arc<JobSink>) -> Route {
-        Route {
-            sink,
-            next_seq: 0,
-            lost: 0,
-            gaps: 0,
-        }
-    }
-
-    /// Takes note of output `seq`: `Ok(true)` to deliver it, `Ok(false)` for a replay
-    /// already delivered, `Err` for a `seq` no worker can have sent (`u64::MAX`, after
-    /// which there would be no next one). A gap is counted; only the first one of a job
-    /// becomes a warning at once (see [`Route::report_gaps`]).
-    pub(crate) fn take_seq(
-        &mut self,
-        seq: u64,
-        job: JobId,
-        label: &str,
-    ) -> std::result::Result<bool, String> {
-        let Some(next) = seq.checked_add(1) else {
-            return Err(format!("job {job}: output seq {seq} is out of range"));
-        };
-        if seq < self.next_seq {
-            return Ok(false);
-        }
-        if seq > self.next_seq {
-            let lost = seq - self.next_seq;
-            self.lost = self.lost.saturating_add(lost);
-            self.gaps += 1;
-            if self.gaps == 1 {
-                log::warn!("{label}: job {job}: {lost} output message(s) lost in a reconnect");
-                self.sink.push(JobEvent::Warning(format!(
-                    "{lost} output message(s) were lost while the worker reconnected"
-                )));
-            }
-        }
-        self.next_seq = next;
-        Ok(true)
-    }
-
-    /// Before the job's end: the gaps not yet reported, summed up in one warning.
-    pub(crate) fn report_gaps(&mut self, job: JobId, label: &str) {
-        if self.gaps > 1 {
-            let text = format!(
-                "in all, {} output message(s) were lost in {} gaps",
-                self.lost, self.gaps
-            );
-            log::warn!("{label}: job {job}: {text}");
-            self.sink.push(JobEvent::Warning(text));
-            self.gaps = 1;
-        }
-    }
-}
-
-/// The routes of one link, shared by the dispatcher and that link's reader. Events are
-/// pushed under this lock (pushing never blocks), and removing an entry is the right to
-/// deliver the job's `Finished`: so nothing follows it.
-pub(crate) type Routes = Mutex<HashMap<JobId, Route>>;
 
 /// The most slots one worker may announce.
 pub(crate) const MAX_SLOTS: u32 = 1024;
 
 /// How long a closing manager waits for its links to say goodbye before cutting them.
-const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
+pub(crate) const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a worker that declined a job is offered nothing: this long after a first
 /// decline, twice as long after each further one in a row, at most `DECLINE_REST_MAX`.
@@ -114,7 +57,7 @@ fn later(now: Instant, d: Duration) -> Instant {
 /// Workers resting after a decline. Plain state: the caller says what time it is.
 #[derive(Default)]
 pub(crate) struct Rests {
-    by_worker: HashMap<u64, Rest>,
+    by_worker: IdMap<u64, Rest>,
 }
 
 struct Rest {
@@ -177,60 +120,55 @@ impl Rests {
     }
 }
 
-/// What a link gives the dispatcher so it can send work and end jobs.
-pub(crate) struct LinkHandle {
-    pub out: Outbox<ManagerMessage>,
+/// What the dispatcher keeps of a link, as data: its route table (shared with the
+/// link's reader) and its liveness (for the statistics).
+pub(crate) struct LinkPorts {
     pub routes: Arc<Routes>,
     pub live: Arc<Liveness>,
-    pub closer: Closer,
 }
 
 /// What the dispatcher answers to a registration: the worker's id and the held jobs
 /// it is to go on with (with the next output seq expected), or a refusal.
-pub(crate) type Registration = Result<(u64, Vec<(JobId, u64)>), String>;
+pub(crate) type Registration = std::result::Result<(u64, Vec<(JobId, u64)>), String>;
 
-pub(crate) enum Event {
-    Submit(QueuedJob),
-    Cancel {
-        id: JobId,
-        reply: Option<Sender<Result<()>>>,
-    },
-    Workers(Sender<Vec<WorkerInfo>>),
-    Stats(Sender<Stats>),
-    Jobs {
-        only: Option<JobId>,
-        reply: Sender<Vec<JobStatus>>,
-    },
-    Subscribe(Sender<ManagerEvent>),
-    Register {
-        hello: WorkerHello,
-        peer: Option<SocketAddr>,
-        cert: Option<Vec<u8>>,
-        link: LinkHandle,
-        reply: Sender<Registration>,
-    },
-    JobEnded {
-        worker: u64,
-        job: JobId,
-    },
-    Draining {
-        worker: u64,
-    },
-    Declined {
-        worker: u64,
-        job: JobId,
-        route: Route,
-    },
-    Goodbye {
-        worker: u64,
-    },
-    LinkClosed {
-        worker: u64,
-        reason: String,
-    },
-    Shutdown {
-        grace: Duration,
-    },
+/// News from a worker's link, as its reader (or the link's end) reports it.
+pub(crate) enum LinkEvent {
+    /// The worker reported the job's end; the reader removed its route and delivers
+    /// its `Finished`.
+    JobEnded { job: JobId },
+    /// The worker takes no new jobs.
+    Draining,
+    /// The worker did not take the job; the reader removed its route and hands it over.
+    Declined { job: JobId, route: Route },
+    /// The worker is leaving on purpose.
+    Goodbye,
+    /// The link has closed.
+    Closed { reason: String },
+}
+
+/// What the driver is to do, in the order given.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Queue a message on a worker's link.
+    Send { worker: u64, msg: ManagerMessage },
+    /// The job's output now comes from this worker's link (given after its `Run`, so
+    /// that a job whose submitter is behind can be paused there at once).
+    Attach { worker: u64, sink: Arc<JobSink> },
+    /// Send what is queued on the worker's link, then close it cleanly.
+    Close { worker: u64 },
+    /// Cut the worker's connection now.
+    Cut { worker: u64 },
+    /// The dispatcher is done with the worker's link: no later action names it.
+    Forget { worker: u64 },
+    /// Tell the subscribers.
+    Notify(ManagerEvent),
+}
+
+/// What the dispatcher is told at its start.
+pub(crate) struct Settings {
+    pub reconnect_grace: Duration,
+    pub max_connections_per_certificate: usize,
+    pub manager_id: u64,
 }
 
 struct WorkerEntry {
@@ -238,10 +176,11 @@ struct WorkerEntry {
     /// Its free slots as last recorded in `by_free`.
     indexed_free: usize,
     cert: Option<Vec<u8>>,
-    running: HashSet<JobId>,
+    running: IdSet<JobId>,
     jobs_run: u64,
     connected_at: Instant,
-    link: LinkHandle,
+    routes: Arc<Routes>,
+    live: Arc<Liveness>,
     /// Said goodbye: its jobs end at once when the link closes.
     leaving: bool,
 }
@@ -273,186 +212,293 @@ struct Running {
     cancelled: bool,
 }
 
+/// Where the dispatcher is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// Shutting down: nothing new is taken; running jobs have until `deadline`.
+    Closing {
+        deadline: Instant,
+    },
+    /// Every worker has been told goodbye; their links have until `deadline` to close.
+    Finishing {
+        deadline: Instant,
+    },
+    /// Nothing is left to do but refuse.
+    Done,
+}
+
 pub(crate) struct Dispatcher {
-    shared: Arc<Shared>,
+    settings: Settings,
+    /// Jobs accepted and not yet started, as counted by `Manager::submit` (which
+    /// reserves a place before the job reaches the dispatcher).
+    queued: Arc<AtomicUsize>,
+    counters: Arc<Counters>,
     queue: Queue,
     workers: BTreeMap<u64, WorkerEntry>,
     /// Every started job: where it runs, and what is needed to run it again.
-    running: HashMap<JobId, Running>,
+    running: IdMap<JobId, Running>,
     detached: Vec<Detached>,
-    subscribers: Vec<Sender<ManagerEvent>>,
     next_worker: u64,
     /// Where the rotation among equally free workers continues.
     cursor: u64,
     /// Workers by how many free slots they have (0 not kept), so that a job finds the
     /// freest worker without looking at every worker.
     by_free: BTreeMap<usize, BTreeSet<u64>>,
-    closing: bool,
+    phase: Phase,
     queue_wait: Histogram,
     dispatch_latency: Histogram,
     /// Workers offered nothing for a while after declining a job.
     rests: Rests,
-    /// The time, for decisions about rests (a clock the tests move).
-    clock: Box<dyn Fn() -> Instant + Send>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    /// What the driver is yet to do.
+    actions: VecDeque<Action>,
 }
 
 fn fmt_addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "?".into(), |a| a.to_string())
 }
 
+const SHUTTING_DOWN: &str = "the manager is shutting down";
+
 impl Dispatcher {
-    pub(crate) fn new(shared: Arc<Shared>) -> Dispatcher {
+    pub(crate) fn new(
+        settings: Settings,
+        queued: Arc<AtomicUsize>,
+        counters: Arc<Counters>,
+    ) -> Dispatcher {
         Dispatcher {
-            shared,
+            settings,
+            queued,
+            counters,
             queue: Queue::default(),
             workers: BTreeMap::new(),
-            running: HashMap::new(),
+            running: IdMap::default(),
             detached: Vec::new(),
-            subscribers: Vec::new(),
             next_worker: 1,
             cursor: 0,
             by_free: BTreeMap::new(),
-            closing: false,
+            phase: Phase::Open,
             queue_wait: Histogram::default(),
             dispatch_latency: Histogram::default(),
             rests: Rests::default(),
-            clock: Box::new(Instant::now),
+            actions: VecDeque::new(),
         }
     }
 
-    fn now(&self) -> Instant {
-        (self.clock)()
+    // ---- outputs ----
+
+    /// The next thing for the driver to do.
+    pub(crate) fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
     }
 
-    /// Offers work again to workers whose rest after a decline has ended.
-    fn wake_rested(&mut self) {
-        let now = self.now();
+    /// When the dispatcher next needs [`Dispatcher::tick`]: the end of a reconnect
+    /// grace, of a worker's rest after a decline, of the shutdown grace, or of the
+    /// wait for links to close.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let phase = match self.phase {
+            Phase::Closing { deadline } | Phase::Finishing { deadline } => Some(deadline),
+            Phase::Open | Phase::Done => None,
+        };
+        self.detached
+            .iter()
+            .map(|d| d.until)
+            .chain(phase)
+            .chain(self.rests.next_end())
+            .min()
+    }
+
+    /// Whether shutdown is complete: every job has ended and every link was closed or
+    /// cut. Inputs are still answered (with refusals).
+    pub(crate) fn is_done(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    fn closing(&self) -> bool {
+        self.phase != Phase::Open
+    }
+
+    fn send(&mut self, worker: u64, msg: ManagerMessage) {
+        self.actions.push_back(Action::Send { worker, msg });
+    }
+
+    fn notify(&mut self, ev: ManagerEvent) {
+        self.actions.push_back(Action::Notify(ev));
+    }
+
+    // ---- inputs ----
+
+    /// Time has passed: acts on every deadline up to `now`.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        self.expire_detached(now);
         for worker in self.rests.ended(now) {
-            self.fill(worker);
+            self.fill(now, worker);
+        }
+        if let Phase::Closing { deadline } = self.phase
+            && (self.running.is_empty() || now >= deadline)
+        {
+            self.finish(now);
+        }
+        if let Phase::Finishing { deadline } = self.phase
+            && (self.workers.is_empty() || now >= deadline)
+        {
+            let left: Vec<u64> = self.workers.keys().copied().collect();
+            for worker in left {
+                self.actions.push_back(Action::Cut { worker });
+            }
+            self.phase = Phase::Done;
         }
     }
 
-    pub(crate) fn run(mut self, rx: Receiver<Event>) {
-        let mut shutdown_at: Option<Instant> = None;
-        loop {
-            let wake = self
-                .detached
-                .iter()
-                .map(|d| d.until)
-                .chain(shutdown_at)
-                .chain(self.rests.next_end())
-                .min();
-            let ev = match wake {
-                None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
-                Some(d) => rx.recv_deadline(d),
+    /// A job submitted: started at once on the freest matching worker, or queued.
+    pub(crate) fn submit(&mut self, now: Instant, job: QueuedJob) {
+        if self.closing() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            job.events
+                .push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
+        } else {
+            match self.pick_worker(now, &job) {
+                Some(w) => {
+                    self.dispatch_latency
+                        .observe(now.saturating_duration_since(job.since));
+                    self.start(now, job, w);
+                }
+                None => self.queue.push(job),
+            }
+        }
+        self.tick(now);
+    }
+
+    /// Cancels a job: a queued one ends at once, a running one is told to stop (it
+    /// ends when its worker says so), one whose worker is away ends at once.
+    pub(crate) fn cancel(&mut self, now: Instant, id: JobId) -> Result<()> {
+        let r = self.cancel_job(id);
+        self.tick(now);
+        r
+    }
+
+    fn cancel_job(&mut self, id: JobId) -> Result<()> {
+        if let Some(job) = self.queue.remove(id) {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            job.events.push(JobEvent::Finished(Outcome::Cancelled));
+            return Ok(());
+        }
+        let running = self.running.get_mut(&id).ok_or(Error::UnknownJob(id.0))?;
+        running.cancelled = true;
+        match running.worker.filter(|w| self.workers.contains_key(w)) {
+            Some(w) => self.send(w, ManagerMessage::Cancel { job: id }),
+            None => {
+                // Its worker is reconnecting: end it now; if the worker comes back, it is
+                // told to drop the job.
+                for d in &mut self.detached {
+                    if let Some(i) = d.jobs.iter().position(|(j, _)| *j == id) {
+                        let (_, route) = d.jobs.remove(i);
+                        route.sink.push(JobEvent::Finished(Outcome::Cancelled));
+                    }
+                }
+                self.running.remove(&id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Begins a graceful shutdown: queued jobs end `Rejected`, running ones have
+    /// `grace` to end, then they are cancelled and every worker is told goodbye.
+    pub(crate) fn shutdown(&mut self, now: Instant, grace: Duration) {
+        if !self.closing() {
+            self.reject_queued();
+            self.phase = Phase::Closing {
+                deadline: later(now, grace),
             };
-            match ev {
-                Ok(Event::Shutdown { grace }) => {
-                    self.begin_shutdown();
-                    shutdown_at = Some(later(Instant::now(), grace));
-                }
-                Ok(ev) => self.handle(ev),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
-            self.expire_detached(Instant::now());
-            self.wake_rested();
-            if self.closing
-                && (self.running.is_empty() || shutdown_at.is_some_and(|t| Instant::now() >= t))
-            {
-                break;
-            }
         }
-        self.finish(&rx);
+        self.tick(now);
     }
 
-    fn handle(&mut self, ev: Event) {
+    /// No input can come any more (every sender is gone): ends everything now, without
+    /// waiting for links to report that they closed.
+    pub(crate) fn abandon(&mut self, now: Instant) {
+        self.shutdown(now, Duration::ZERO);
+        if let Phase::Finishing { .. } = self.phase {
+            self.phase = Phase::Finishing { deadline: now };
+            self.tick(now);
+        }
+    }
+
+    /// News from a worker's link.
+    pub(crate) fn on_link(&mut self, now: Instant, worker: u64, ev: LinkEvent) {
         match ev {
-            Event::Submit(job) => self.submit(job),
-            Event::Cancel { id, reply } => {
-                let r = self.cancel(id);
-                if let Some(reply) = reply {
-                    let _ = reply.send(r);
-                }
-            }
-            Event::Workers(reply) => {
-                let _ = reply.send(self.workers.values().map(Self::info).collect());
-            }
-            Event::Stats(reply) => {
-                let _ = reply.send(self.stats());
-            }
-            Event::Jobs { only, reply } => {
-                let _ = reply.send(self.jobs(only));
-            }
-            Event::Subscribe(tx) => self.subscribers.push(tx),
-            Event::Register {
-                hello,
-                peer,
-                cert,
-                link,
-                reply,
-            } => self.register(hello, peer, cert, link, reply),
-            Event::JobEnded { worker, job } => {
+            LinkEvent::JobEnded { job } => {
                 self.running.remove(&job);
-                if let Some(w) = self.workers.get_mut(&worker) {
-                    w.running.remove(&job);
-                }
+                let known = self
+                    .workers
+                    .get_mut(&worker)
+                    .map(|w| w.running.remove(&job));
                 self.rests.forget(worker);
                 self.reindex(worker);
-                self.fill(worker);
+                // The slot's next `Run` at once, then the acknowledgement (`Ended`): both
+                // are queued back to back, so the link's writer usually sends them in one
+                // write, and the worker starts the next job before it forgets the last.
+                self.fill(now, worker);
+                if known.is_some() {
+                    self.send(worker, ManagerMessage::Ended { job });
+                }
             }
-            Event::Draining { worker } => {
+            LinkEvent::Draining => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     log::info!("worker {} is draining: no new jobs for it", w.info.name);
                     w.info.draining = true;
                 }
                 self.reindex(worker);
             }
-            Event::Declined { worker, job, route } => {
-                if let Some(w) = self.workers.get_mut(&worker) {
-                    w.running.remove(&job);
-                }
-                // Offer that worker nothing for a while, so that one that declines
-                // everything does not have the same job sent back and forth.
-                let now = self.now();
-                let rest = self.rests.declined(worker, now);
-                if let Some(w) = self.workers.get(&worker) {
-                    log::info!(
-                        "worker {}: no jobs for it for {:.1} s after it declined job {job}",
-                        w.info.name,
-                        rest.as_secs_f64()
-                    );
-                }
-                self.reindex(worker);
-                match self.running.remove(&job) {
-                    Some(r) => {
-                        route.sink.set_producer(None);
-                        route.sink.push(JobEvent::Requeued { attempt: r.attempt });
-                        self.shared.queued.fetch_add(1, Ordering::Relaxed);
-                        self.queue.push(QueuedJob {
-                            id: job,
-                            spec: r.spec,
-                            events: route.sink,
-                            attempt: r.attempt,
-                            since: Instant::now(),
-                        });
-                        self.fill_all();
-                    }
-                    None => route.sink.push(JobEvent::Finished(Outcome::WorkerLost)),
-                }
-            }
-            Event::Goodbye { worker } => {
+            LinkEvent::Declined { job, route } => self.declined(now, worker, job, route),
+            LinkEvent::Goodbye => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     w.leaving = true;
                 }
             }
-            Event::LinkClosed { worker, reason } => self.link_closed(worker, &reason),
-            Event::Shutdown { .. } => {}
+            LinkEvent::Closed { reason } => self.link_closed(now, worker, &reason),
         }
+        self.tick(now);
+    }
+
+    fn declined(&mut self, now: Instant, worker: u64, job: JobId, route: Route) {
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.running.remove(&job);
+        }
+        // Offer that worker nothing for a while, so that one that declines everything
+        // does not have the same job sent back and forth.
+        let rest = self.rests.declined(worker, now);
+        if let Some(w) = self.workers.get(&worker) {
+            log::info!(
+                "worker {}: no jobs for it for {:.1} s after it declined job {job}",
+                w.info.name,
+                rest.as_secs_f64()
+            );
+        }
+        self.reindex(worker);
+        match self.running.remove(&job) {
+            Some(r) => {
+                route.sink.set_producer(None);
+                route.sink.push(JobEvent::Requeued { attempt: r.attempt });
+                self.queued.fetch_add(1, Ordering::Relaxed);
+                self.queue.push(QueuedJob {
+                    id: job,
+                    spec: r.spec,
+                    events: route.sink,
+                    attempt: r.attempt,
+                    since: now,
+                });
+                self.fill_all(now);
+            }
+            None => route.sink.push(JobEvent::Finished(Outcome::WorkerLost)),
+        }
+    }
+
+    // ---- queries (no change of state) ----
+
+    /// The connected workers.
+    pub(crate) fn workers(&self) -> Vec<WorkerInfo> {
+        self.workers.values().map(Self::info).collect()
     }
 
     fn info(w: &WorkerEntry) -> WorkerInfo {
@@ -462,34 +508,107 @@ impl Dispatcher {
         }
     }
 
-    fn notify(&mut self, ev: ManagerEvent) {
-        self.subscribers.retain(|s| s.send(ev.clone()).is_ok());
+    /// The manager's numbers at `now`.
+    pub(crate) fn stats(&self, now: Instant) -> Stats {
+        let c = &self.counters;
+        let per_worker: Vec<WorkerStats> = self
+            .workers
+            .values()
+            .map(|w| WorkerStats {
+                name: w.info.name.clone(),
+                jobs_run: w.jobs_run,
+                running: w.running.len(),
+                slots: w.info.slots,
+                draining: w.info.draining,
+                last_heard: w.live.silent_at(now),
+                connected_for: now.saturating_duration_since(w.connected_at),
+            })
+            .collect();
+        Stats {
+            workers: self.workers.len(),
+            workers_draining: per_worker.iter().filter(|w| w.draining).count(),
+            slots_total: per_worker.iter().map(|w| w.slots as usize).sum(),
+            slots_busy: per_worker.iter().map(|w| w.running).sum(),
+            jobs_queued: self.queue.len(),
+            jobs_running: self.running.len(),
+            jobs_disconnected: self.detached.iter().map(|d| d.jobs.len()).sum(),
+            jobs_submitted: c.submitted.load(Ordering::Relaxed),
+            jobs_finished: c.finished_by_outcome(),
+            oldest_queued_wait: self
+                .queue
+                .oldest()
+                .map(|t| now.saturating_duration_since(t)),
+            queue_wait: self.queue_wait.clone(),
+            dispatch_latency: self.dispatch_latency.clone(),
+            output_bytes: c.output_bytes.load(Ordering::Relaxed),
+            per_worker,
+        }
     }
 
-    fn submit(&mut self, job: QueuedJob) {
-        if self.closing {
-            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            job.events.push(JobEvent::Finished(Outcome::Rejected(
-                "the manager is shutting down".into(),
-            )));
-            return;
-        }
-        match self.pick_worker(&job) {
-            Some(w) => {
-                let since = job.since;
-                self.start(job, w);
-                self.dispatch_latency.observe(since.elapsed());
+    /// Jobs that have not ended (or one of them), by id, as at `now`.
+    pub(crate) fn jobs(&self, now: Instant, only: Option<JobId>) -> Vec<JobStatus> {
+        let queued = |j: &QueuedJob| JobStatus {
+            id: j.id,
+            state: JobState::Queued,
+            since: now.saturating_duration_since(j.since),
+            attempt: j.attempt,
+            script: j.spec.script.clone(),
+            priority: j.spec.priority,
+            output_paused: false,
+        };
+        let running = |id: JobId, r: &Running| {
+            let worker = r.worker.and_then(|w| self.workers.get(&w));
+            let output_paused = worker
+                .and_then(|w| lock(&w.routes).get(&id).map(|route| route.sink.is_paused()))
+                .unwrap_or(false);
+            let state = match worker {
+                Some(w) => JobState::Running {
+                    worker: w.info.name.clone(),
+                },
+                None => JobState::Disconnected {
+                    worker: self
+                        .detached
+                        .iter()
+                        .find(|d| d.jobs.iter().any(|(j, _)| *j == id))
+                        .map_or_else(String::new, |d| d.name.clone()),
+                },
+            };
+            JobStatus {
+                id,
+                state,
+                since: now.saturating_duration_since(r.since),
+                attempt: r.attempt,
+                script: r.spec.script.clone(),
+                priority: r.spec.priority,
+                output_paused,
             }
-            None => self.queue.push(job),
-        }
+        };
+        let mut all: Vec<JobStatus> = match only {
+            Some(id) => self
+                .queue
+                .get(id)
+                .map(queued)
+                .or_else(|| self.running.get(&id).map(|r| running(id, r)))
+                .into_iter()
+                .collect(),
+            None => self
+                .queue
+                .iter()
+                .map(queued)
+                .chain(self.running.iter().map(|(&id, r)| running(id, r)))
+                .collect(),
+        };
+        all.sort_by_key(|j| j.id);
+        all
     }
+
+    // ---- scheduling ----
 
     /// The matching worker with the most free slots; ties go round in turn. Looks at the
     /// freest workers first and stops at the first match.
-    fn pick_worker(&mut self, job: &QueuedJob) -> Option<u64> {
+    fn pick_worker(&mut self, now: Instant, job: &QueuedJob) -> Option<u64> {
         let req = &job.spec.requirements;
         let cursor = self.cursor;
-        let now = self.now();
         let found = self.by_free.values().rev().find_map(|ids| {
             ids.range(cursor..)
                 .chain(ids.range(..cursor))
@@ -532,27 +651,33 @@ impl Dispatcher {
         }
     }
 
-    fn start(&mut self, job: QueuedJob, worker: u64) {
-        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+    fn start(&mut self, now: Instant, job: QueuedJob, worker: u64) {
         let Some(w) = self.workers.get_mut(&worker) else {
+            // Not reached: callers pick a worker that is there. Kept queued if it were.
+            self.queue.push(job);
             return;
         };
-        self.queue_wait.observe(job.since.elapsed());
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        self.queue_wait
+            .observe(now.saturating_duration_since(job.since));
         w.jobs_run += 1;
         job.events.push(JobEvent::Started {
             worker: w.info.name.clone(),
         });
         let sink = job.events.clone();
-        lock(&w.link.routes).insert(job.id, Route::new(job.events));
-        // The spec stays here too, in case the job must run again elsewhere.
-        w.link.out.send(ManagerMessage::Run {
-            job: job.id,
-            spec: job.spec.clone(),
-        });
-        // After `Run`: a job whose submitter is still behind (a retry) is paused on its
-        // new worker, which by now knows the job.
-        sink.set_producer(Some(w.link.out.clone()));
+        lock(&w.routes).insert(job.id, Route::new(job.events));
         w.running.insert(job.id);
+        // The spec stays here too, in case the job must run again elsewhere.
+        self.send(
+            worker,
+            ManagerMessage::Run {
+                job: job.id,
+                spec: job.spec.clone(),
+            },
+        );
+        // After `Run`: a job whose submitter is still behind (a retry) is paused on its
+        // new worker, which by then knows the job.
+        self.actions.push_back(Action::Attach { worker, sink });
         self.reindex(worker);
         self.running.insert(
             job.id,
@@ -560,15 +685,15 @@ impl Dispatcher {
                 worker: Some(worker),
                 spec: job.spec,
                 attempt: job.attempt,
-                since: Instant::now(),
+                since: now,
                 cancelled: false,
             },
         );
     }
 
     /// Gives a worker queued jobs while it has free slots.
-    fn fill(&mut self, worker: u64) {
-        if self.closing || self.rests.resting(worker, self.now()) {
+    fn fill(&mut self, now: Instant, worker: u64) {
+        if self.closing() || self.rests.resting(worker, now) {
             return;
         }
         while let Some(w) = self.workers.get(&worker) {
@@ -578,147 +703,47 @@ impl Dispatcher {
             let Some(job) = self.queue.pop_for(&w.info.tags, &w.info.platform) else {
                 break;
             };
-            self.start(job, worker);
+            self.start(now, job, worker);
         }
     }
 
-    fn fill_all(&mut self) {
+    fn fill_all(&mut self, now: Instant) {
+        if self.queue.len() == 0 {
+            return;
+        }
         let ids: Vec<u64> = self.workers.keys().copied().collect();
         for id in ids {
-            self.fill(id);
+            self.fill(now, id);
         }
     }
 
-    fn stats(&self) -> Stats {
-        let c = &self.shared.counters;
-        let per_worker: Vec<WorkerStats> = self
-            .workers
-            .values()
-            .map(|w| WorkerStats {
-                name: w.info.name.clone(),
-                jobs_run: w.jobs_run,
-                running: w.running.len(),
-                slots: w.info.slots,
-                draining: w.info.draining,
-                last_heard: w.link.live.silent_for(),
-                connected_for: w.connected_at.elapsed(),
-            })
-            .collect();
-        Stats {
-            workers: self.workers.len(),
-            workers_draining: per_worker.iter().filter(|w| w.draining).count(),
-            slots_total: per_worker.iter().map(|w| w.slots as usize).sum(),
-            slots_busy: per_worker.iter().map(|w| w.running).sum(),
-            jobs_queued: self.queue.len(),
-            jobs_running: self.running.len(),
-            jobs_disconnected: self.detached.iter().map(|d| d.jobs.len()).sum(),
-            jobs_submitted: c.submitted.load(Ordering::Relaxed),
-            jobs_finished: c.finished_by_outcome(),
-            oldest_queued_wait: self.queue.oldest().map(|t| t.elapsed()),
-            queue_wait: self.queue_wait.clone(),
-            dispatch_latency: self.dispatch_latency.clone(),
-            output_bytes: c.output_bytes.load(Ordering::Relaxed),
-            per_worker,
-        }
-    }
+    // ---- workers joining and leaving ----
 
-    fn jobs(&self, only: Option<JobId>) -> Vec<JobStatus> {
-        let queued = |j: &QueuedJob| JobStatus {
-            id: j.id,
-            state: JobState::Queued,
-            since: j.since.elapsed(),
-            attempt: j.attempt,
-            script: j.spec.script.clone(),
-            priority: j.spec.priority,
-            output_paused: false,
-        };
-        let running = |id: JobId, r: &Running| {
-            let worker = r.worker.and_then(|w| self.workers.get(&w));
-            let output_paused = worker
-                .and_then(|w| {
-                    lock(&w.link.routes)
-                        .get(&id)
-                        .map(|route| route.sink.is_paused())
-                })
-                .unwrap_or(false);
-            let state = match worker {
-                Some(w) => JobState::Running {
-                    worker: w.info.name.clone(),
-                },
-                None => JobState::Disconnected {
-                    worker: self
-                        .detached
-                        .iter()
-                        .find(|d| d.jobs.iter().any(|(j, _)| *j == id))
-                        .map_or_else(String::new, |d| d.name.clone()),
-                },
-            };
-            JobStatus {
-                id,
-                state,
-                since: r.since.elapsed(),
-                attempt: r.attempt,
-                script: r.spec.script.clone(),
-                priority: r.spec.priority,
-                output_paused,
-            }
-        };
-        let mut all: Vec<JobStatus> = match only {
-            Some(id) => self
-                .queue
-                .get(id)
-                .map(queued)
-                .or_else(|| self.running.get(&id).map(|r| running(id, r)))
-                .into_iter()
-                .collect(),
-            None => self
-                .queue
-                .iter()
-                .map(queued)
-                .chain(self.running.iter().map(|(&id, r)| running(id, r)))
-                .collect(),
-        };
-        all.sort_by_key(|j| j.id);
-        all
-    }
-
-    fn cancel(&mut self, id: JobId) -> Result<()> {
-        if let Some(job) = self.queue.remove(id) {
-            self.shared.queued.fetch_sub(1, Ordering::Relaxed);
-            job.events.push(JobEvent::Finished(Outcome::Cancelled));
-            return Ok(());
-        }
-        let running = self.running.get_mut(&id).ok_or(Error::UnknownJob(id.0))?;
-        running.cancelled = true;
-        match running.worker.and_then(|w| self.workers.get(&w)) {
-            Some(w) => {
-                w.link.out.send(ManagerMessage::Cancel { job: id });
-            }
-            None => {
-                // Its worker is reconnecting: end it now; if the worker comes back, it is
-                // told to drop the job.
-                for d in &mut self.detached {
-                    if let Some(i) = d.jobs.iter().position(|(j, _)| *j == id) {
-                        let (_, route) = d.jobs.remove(i);
-                        route.sink.push(JobEvent::Finished(Outcome::Cancelled));
-                    }
-                }
-                self.running.remove(&id);
-            }
-        }
-        Ok(())
-    }
-
-    fn register(
+    /// A worker's hello: the worker's id and the jobs it is to go on with, or why it is
+    /// refused. Its link's outbox is the driver's; `link` is what the dispatcher keeps.
+    pub(crate) fn register(
         &mut self,
+        now: Instant,
         hello: WorkerHello,
         peer: Option<SocketAddr>,
         cert: Option<Vec<u8>>,
-        link: LinkHandle,
-        reply: Sender<Registration>,
-    ) {
-        let refusal = if self.closing {
-            Some("the manager is shutting down".to_string())
+        link: LinkPorts,
+    ) -> Registration {
+        let r = self.admit(now, hello, peer, cert, link);
+        self.tick(now);
+        r
+    }
+
+    fn admit(
+        &mut self,
+        now: Instant,
+        hello: WorkerHello,
+        peer: Option<SocketAddr>,
+        cert: Option<Vec<u8>>,
+        link: LinkPorts,
+    ) -> Registration {
+        let refusal = if self.closing() {
+            Some(SHUTTING_DOWN.to_string())
         } else if hello.slots == 0 || hello.slots > MAX_SLOTS {
             Some(format!(
                 "a worker must offer 1 to {MAX_SLOTS} slots, not {}",
@@ -733,8 +758,7 @@ impl Dispatcher {
                 protocol::peer_text(&hello.name.chars().take(256).collect::<String>()),
                 fmt_addr(peer)
             );
-            let _ = reply.send(Err(reason));
-            return;
+            return Err(reason);
         }
         // A name is bound to the certificate that holds it, while its worker is connected
         // and for the reconnect grace after its link dropped. A second connection under a
@@ -749,13 +773,10 @@ impl Dispatcher {
             let reason = format!(
                 "the name {:?} is held for another certificate for {:.1} s more (its worker may come back)",
                 hello.name,
-                d.until
-                    .saturating_duration_since(Instant::now())
-                    .as_secs_f64()
+                d.until.saturating_duration_since(now).as_secs_f64()
             );
             log::warn!("refusing worker from {}: {reason}", fmt_addr(peer));
-            let _ = reply.send(Err(reason));
-            return;
+            return Err(reason);
         }
         let namesake = self
             .workers
@@ -771,7 +792,7 @@ impl Dispatcher {
                 .iter()
                 .filter(|(id, w)| w.cert.as_ref() == Some(c) && Some(**id) != replaced)
                 .count();
-            let max = self.shared.max_connections_per_certificate;
+            let max = self.settings.max_connections_per_certificate;
             if held >= max {
                 let reason = format!(
                     "its certificate already holds {held} connection(s), the most allowed (max_connections_per_certificate = {max})"
@@ -781,17 +802,13 @@ impl Dispatcher {
                     hello.name,
                     fmt_addr(peer)
                 );
-                let _ = reply.send(Err(reason));
-                return;
+                return Err(reason);
             }
         }
         match namesake {
             Some((old, true)) => {
-                if let Some(w) = self.workers.get(&old) {
-                    w.link.live.mark_closed();
-                    w.link.closer.close();
-                }
-                self.link_closed(old, "replaced by a new connection of the same worker");
+                self.actions.push_back(Action::Cut { worker: old });
+                self.link_closed(now, old, "replaced by a new connection of the same worker");
             }
             Some((_, false)) => {
                 let reason = format!("a worker named {:?} is already connected", hello.name);
@@ -799,14 +816,13 @@ impl Dispatcher {
                     "refusing worker from {}: {reason} (with another certificate)",
                     fmt_addr(peer)
                 );
-                let _ = reply.send(Err(reason));
-                return;
+                return Err(reason);
             }
             None => {}
         }
         let id = self.next_worker;
         self.next_worker += 1;
-        let resume = self.reattach(&hello, &cert, id, &link);
+        let resume = self.reattach(now, &hello, &cert, id, &link.routes);
         let info = WorkerInfo {
             id,
             name: hello.name,
@@ -817,13 +833,7 @@ impl Dispatcher {
             running: 0,
             draining: hello.draining,
         };
-        let resumed: HashSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
-        if reply.send(Ok((id, resume))).is_err() {
-            // The link died before the welcome: its jobs go back to waiting for it.
-            let routes: Vec<(JobId, Route)> = lock(&link.routes).drain().collect();
-            self.detach(&info.name, cert, routes);
-            return;
-        }
+        let resumed: IdSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
         log::info!(
             "worker {} joined from {} ({} slot(s), tags [{}], {}){}",
             info.name,
@@ -845,24 +855,27 @@ impl Dispatcher {
                 cert,
                 running: resumed,
                 jobs_run: 0,
-                connected_at: Instant::now(),
+                connected_at: now,
                 indexed_free: 0,
-                link,
+                routes: link.routes,
+                live: link.live,
                 leaving: false,
             },
         );
         self.reindex(id);
-        self.fill(id);
+        self.fill(now, id);
+        Ok((id, resume))
     }
 
     /// Gives a returning worker back the jobs it still holds for this manager; settles
     /// the ones it no longer has. Returns what it is to go on with.
     fn reattach(
         &mut self,
+        now: Instant,
         hello: &WorkerHello,
         cert: &Option<Vec<u8>>,
         id: u64,
-        link: &LinkHandle,
+        routes: &Routes,
     ) -> Vec<(JobId, u64)> {
         let Some(i) = self
             .detached
@@ -872,41 +885,42 @@ impl Dispatcher {
             return Vec::new();
         };
         let d = self.detached.swap_remove(i);
-        let ours = hello.manager_id == Some(self.shared.manager_id);
+        let ours = hello.manager_id == Some(self.settings.manager_id);
         let mut resume = Vec::new();
         for (job, route) in d.jobs {
             let held = ours && hello.jobs.iter().any(|h| h.job == job);
             if !held {
                 log::warn!("job {job}: worker {} came back without it", d.name);
-                self.settle(job, route);
+                self.settle(now, job, route);
                 continue;
             }
             resume.push((job, route.next_seq));
-            route.sink.set_producer(Some(link.out.clone()));
             let cancelled = self.running.get(&job).is_some_and(|r| r.cancelled);
             if let Some(r) = self.running.get_mut(&job) {
                 r.worker = Some(id);
             }
-            lock(&link.routes).insert(job, route);
+            let sink = route.sink.clone();
+            lock(routes).insert(job, route);
+            self.actions.push_back(Action::Attach { worker: id, sink });
             if cancelled {
-                link.out.send(ManagerMessage::Cancel { job });
+                self.send(id, ManagerMessage::Cancel { job });
             }
         }
         resume
     }
 
-    fn link_closed(&mut self, worker: u64, reason: &str) {
+    fn link_closed(&mut self, now: Instant, worker: u64, reason: &str) {
         let Some(w) = self.workers.remove(&worker) else {
             return;
         };
         self.rests.forget(worker);
         self.reindex(worker);
-        let routes: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
-        let grace = self.shared.reconnect_grace;
-        if w.leaving || grace.is_zero() || self.closing {
+        let routes: Vec<(JobId, Route)> = lock(&w.routes).drain().collect();
+        let grace = self.settings.reconnect_grace;
+        if w.leaving || grace.is_zero() || self.closing() {
             for (job, route) in routes {
                 log::warn!("job {job} lost: worker {} went away", w.info.name);
-                self.settle(job, route);
+                self.settle(now, job, route);
             }
         } else {
             // Its name stays bound to its certificate for the grace, with or without jobs.
@@ -918,7 +932,7 @@ impl Dispatcher {
                     grace.as_secs_f64()
                 );
             }
-            self.detach(&w.info.name, w.cert, routes);
+            self.detach(now, &w.info.name, w.cert, routes);
         }
         log::info!("worker {} left: {reason}", w.info.name);
         self.notify(ManagerEvent::WorkerLeft {
@@ -926,10 +940,17 @@ impl Dispatcher {
             name: w.info.name.clone(),
             reason: reason.to_string(),
         });
-        self.fill_all();
+        self.actions.push_back(Action::Forget { worker });
+        self.fill_all(now);
     }
 
-    fn detach(&mut self, name: &str, cert: Option<Vec<u8>>, jobs: Vec<(JobId, Route)>) {
+    fn detach(
+        &mut self,
+        now: Instant,
+        name: &str,
+        cert: Option<Vec<u8>>,
+        jobs: Vec<(JobId, Route)>,
+    ) {
         for (job, route) in &jobs {
             route.sink.set_producer(None);
             if let Some(r) = self.running.get_mut(job) {
@@ -940,11 +961,14 @@ impl Dispatcher {
             name: name.to_string(),
             cert,
             jobs,
-            until: later(Instant::now(), self.shared.reconnect_grace),
+            until: later(now, self.settings.reconnect_grace),
         });
     }
 
     fn expire_detached(&mut self, now: Instant) {
+        if !self.detached.iter().any(|d| d.until <= now) {
+            return;
+        }
         let (expired, kept): (Vec<Detached>, Vec<Detached>) = std::mem::take(&mut self.detached)
             .into_iter()
             .partition(|d| d.until <= now);
@@ -955,21 +979,21 @@ impl Dispatcher {
                     "job {job} lost: worker {} did not come back in time",
                     d.name
                 );
-                self.settle(job, route);
+                self.settle(now, job, route);
             }
         }
     }
 
     /// Ends a job whose worker is gone for good: queued again if it has retries left,
     /// else `WorkerLost` (or `Cancelled`, if that was asked for).
-    fn settle(&mut self, job: JobId, route: Route) {
+    fn settle(&mut self, now: Instant, job: JobId, route: Route) {
         let Some(r) = self.running.remove(&job) else {
             route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
             return;
         };
         if r.cancelled {
             route.sink.push(JobEvent::Finished(Outcome::Cancelled));
-        } else if r.attempt <= r.spec.retries && !self.closing {
+        } else if r.attempt <= r.spec.retries && !self.closing() {
             log::warn!(
                 "job {job}: queueing attempt {} of {}",
                 r.attempt + 1,
@@ -979,355 +1003,55 @@ impl Dispatcher {
             route.sink.push(JobEvent::Requeued {
                 attempt: r.attempt + 1,
             });
-            self.shared.queued.fetch_add(1, Ordering::Relaxed);
+            self.queued.fetch_add(1, Ordering::Relaxed);
             self.queue.push(QueuedJob {
                 id: job,
                 spec: r.spec,
                 events: route.sink,
                 attempt: r.attempt + 1,
-                since: Instant::now(),
+                since: now,
             });
-            self.fill_all();
+            self.fill_all(now);
         } else {
             route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
         }
     }
 
-    fn begin_shutdown(&mut self) {
-        self.closing = true;
+    // ---- shutdown ----
+
+    fn reject_queued(&mut self) {
         let queued: Vec<QueuedJob> = self.queue.drain().collect();
-        self.shared
-            .queued
-            .fetch_sub(queued.len(), Ordering::Relaxed);
+        self.queued.fetch_sub(queued.len(), Ordering::Relaxed);
         for job in queued {
-            job.events.push(JobEvent::Finished(Outcome::Rejected(
-                "the manager is shutting down".into(),
-            )));
+            job.events
+                .push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
         }
     }
 
     /// Ends what is still running as cancelled (and what waits for a lost worker as
-    /// lost), says goodbye to every worker, waits a little for the links to close, and
-    /// answers whatever is still in the channel.
-    fn finish(mut self, rx: &Receiver<Event>) {
-        self.begin_shutdown();
+    /// lost), and says goodbye to every worker; their links then have
+    /// [`LINK_CLOSE_WAIT`] to close before they are cut.
+    fn finish(&mut self, now: Instant) {
+        self.reject_queued();
         for d in std::mem::take(&mut self.detached) {
             for (job, route) in d.jobs {
                 self.running.remove(&job);
                 route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
             }
         }
-        for w in self.workers.values() {
-            let cut: Vec<(JobId, Route)> = lock(&w.link.routes).drain().collect();
-            for (id, route) in cut {
-                w.link.out.send(ManagerMessage::Cancel { job: id });
+        let ids: Vec<u64> = self.workers.keys().copied().collect();
+        for worker in ids {
+            let cut: Vec<(JobId, Route)> = lock(&self.workers[&worker].routes).drain().collect();
+            for (job, route) in cut {
+                self.send(worker, ManagerMessage::Cancel { job });
                 route.sink.push(JobEvent::Finished(Outcome::Cancelled));
             }
-            w.link.out.send(ManagerMessage::Shutdown);
-            w.link.out.close();
-            w.link.live.mark_closed();
+            self.send(worker, ManagerMessage::Shutdown);
+            self.actions.push_back(Action::Close { worker });
         }
         self.running.clear();
-        let deadline = Instant::now() + LINK_CLOSE_WAIT;
-        while !self.workers.is_empty() {
-            match rx.recv_deadline(deadline) {
-                Ok(ev) => self.handle(ev),
-                Err(_) => break,
-            }
-        }
-        for w in self.workers.values() {
-            w.link.closer.close();
-        }
-        while let Ok(ev) = rx.try_recv() {
-            self.handle(ev);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::link::Outbound;
-    use crate::manager::ManagerConfig;
-    use crossbeam_channel::{bounded, unbounded};
-    use std::net::{TcpListener, TcpStream};
-
-    /// A dispatcher on a clock the test moves.
-    struct Bench {
-        d: Dispatcher,
-        now: Arc<Mutex<Instant>>,
-        next_job: u64,
-        /// The far ends of the links' sockets, kept open.
-        peers: Vec<TcpStream>,
-    }
-
-    /// A worker's link as the dispatcher sees it, and what the worker would be sent.
-    struct TestLink {
-        routes: Arc<Routes>,
-        sent: Receiver<Outbound<ManagerMessage>>,
-    }
-
-    impl TestLink {
-        /// The jobs sent to the worker in `Run`s since the last look.
-        fn runs(&self) -> Vec<u64> {
-            self.sent
-                .try_iter()
-                .filter_map(|m| match m {
-                    Outbound::Message(ManagerMessage::Run { job, .. }) => Some(job.0),
-                    _ => None,
-                })
-                .collect()
-        }
-    }
-
-    impl Bench {
-        fn new(max_per_cert: usize) -> Bench {
-            let mut config = ManagerConfig::insecure_plaintext("127.0.0.1:0");
-            config.max_connections_per_certificate = max_per_cert;
-            let shared = Shared::for_tests(unbounded().0, &config);
-            let mut d = Dispatcher::new(shared);
-            let now = Arc::new(Mutex::new(Instant::now()));
-            let clock = now.clone();
-            d.clock = Box::new(move || *lock(&clock));
-            Bench {
-                d,
-                now,
-                next_job: 1,
-                peers: Vec::new(),
-            }
-        }
-
-        fn advance(&mut self, by: Duration) {
-            *lock(&self.now) += by;
-            self.d.wake_rested();
-        }
-
-        /// Registers a worker: its id and link, or the refusal.
-        fn register(
-            &mut self,
-            name: &str,
-            cert: Option<&[u8]>,
-            slots: u32,
-        ) -> std::result::Result<(u64, TestLink), String> {
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-            let tcp = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            self.peers.push(listener.accept().unwrap().0);
-            let (_, _, closer) = crate::tls::split(tcp, None).unwrap();
-            let (tx, sent) = unbounded();
-            let live = Liveness::new();
-            let routes: Arc<Routes> = Arc::default();
-            let link = LinkHandle {
-                out: Outbox::detached(tx, live.clone()),
-                routes: routes.clone(),
-                live,
-                closer,
-            };
-            let hello = WorkerHello {
-                name: name.into(),
-                tags: BTreeSet::new(),
-                platform: "linux-x86_64".into(),
-                slots,
-                manager_id: None,
-                jobs: vec![],
-                draining: false,
-            };
-            let (reply, answer) = bounded(1);
-            self.d.handle(Event::Register {
-                hello,
-                peer: None,
-                cert: cert.map(<[u8]>::to_vec),
-                link,
-                reply,
-            });
-            let (id, _) = answer.try_recv().expect("an answer at once")?;
-            Ok((id, TestLink { routes, sent }))
-        }
-
-        fn submit(&mut self) -> JobId {
-            let id = JobId(self.next_job);
-            self.next_job += 1;
-            self.d.shared.queued.fetch_add(1, Ordering::Relaxed);
-            let sink = JobSink::new(id, unbounded().0, Arc::default());
-            self.d.handle(Event::Submit(QueuedJob {
-                id,
-                spec: JobSpec::new("true"),
-                events: sink,
-                attempt: 1,
-                since: Instant::now(),
-            }));
-            id
-        }
-
-        /// The worker declines the job, as its link's reader reports it.
-        fn decline(&mut self, worker: u64, link: &TestLink, job: JobId) {
-            let route = lock(&link.routes)
-                .remove(&job)
-                .expect("the job is on that link");
-            self.d.handle(Event::Declined { worker, job, route });
-        }
-    }
-
-    #[test]
-    fn rests_double_per_decline_in_a_row_up_to_the_cap_and_start_again_after_work() {
-        let t0 = Instant::now();
-        let mut r = Rests::default();
-        let mut now = t0;
-        let mut got = Vec::new();
-        for _ in 0..12 {
-            let rest = r.declined(7, now);
-            got.push(rest.as_millis());
-            assert!(r.resting(7, now));
-            assert!(r.resting(7, now + rest - Duration::from_millis(1)));
-            assert!(!r.resting(7, now + rest));
-            assert_eq!(r.next_end(), Some(now + rest));
-            assert!(r.ended(now + rest - Duration::from_millis(1)).is_empty());
-            assert_eq!(r.ended(now + rest), vec![7]);
-            assert_eq!(r.ended(now + rest), Vec::<u64>::new(), "acted on once");
-            assert_eq!(r.next_end(), None);
-            now += rest;
-        }
-        assert_eq!(
-            got,
-            [
-                200, 400, 800, 1600, 3200, 6400, 12800, 25600, 30000, 30000, 30000, 30000
-            ]
-        );
-        assert!(!r.resting(8, now), "others are not resting");
-        r.forget(7);
-        assert_eq!(r.declined(7, now), DECLINE_REST_MIN);
-        // Far in the future, nothing overflows.
-        let mut r = Rests::default();
-        for _ in 0..100 {
-            r.declined(1, now);
-        }
-        assert_eq!(r.declined(1, now), DECLINE_REST_MAX);
-    }
-
-    #[test]
-    fn a_worker_that_declines_is_offered_nothing_until_its_rest_ends_and_the_job_goes_elsewhere() {
-        let mut b = Bench::new(4);
-        let (a, a_link) = b.register("a", Some(b"cert-a"), 1).unwrap();
-        let job = b.submit();
-        assert_eq!(a_link.runs(), vec![job.0]);
-        let mut rest = DECLINE_REST_MIN;
-        let mut sent = 1;
-        for _ in 0..10 {
-            b.decline(a, &a_link, job);
-            // Not sent back at once, nor at any moment of the rest.
-            assert_eq!(a_link.runs(), Vec::<u64>::new());
-            b.advance(rest - Duration::from_millis(1));
-            assert_eq!(a_link.runs(), Vec::<u64>::new());
-            assert_eq!(b.d.queue.len(), 1);
-            // At its end the job is offered again, once.
-            b.advance(Duration::from_millis(1));
-            assert_eq!(a_link.runs(), vec![job.0]);
-            sent += 1;
-            rest = (rest * 2).min(DECLINE_REST_MAX);
-        }
-        assert_eq!(sent, 11, "one Run per decline, none in between");
-        // Another worker joins while `a` rests: the declined job goes there at once.
-        b.decline(a, &a_link, job);
-        let (c, c_link) = b.register("c", Some(b"cert-c"), 1).unwrap();
-        assert_eq!(c_link.runs(), vec![job.0]);
-        // New jobs go to `c` or wait; none to `a` while it rests.
-        let second = b.submit();
-        assert_eq!(a_link.runs(), Vec::<u64>::new());
-        assert_eq!(b.d.queue.len(), 1);
-        // A job that ends on `c` frees it for the waiting one.
-        b.d.handle(Event::JobEnded { worker: c, job });
-        assert_eq!(c_link.runs(), vec![second.0]);
-        // Once `a` has run a job to its end, its next decline rests the shortest time.
-        b.advance(DECLINE_REST_MAX);
-        let third = b.submit();
-        assert_eq!(a_link.runs(), vec![third.0]);
-        b.d.handle(Event::JobEnded {
-            worker: a,
-            job: third,
-        });
-        let fourth = b.submit();
-        assert_eq!(a_link.runs(), vec![fourth.0]);
-        b.decline(a, &a_link, fourth);
-        b.advance(DECLINE_REST_MIN);
-        assert_eq!(a_link.runs(), vec![fourth.0]);
-    }
-
-    #[test]
-    fn one_certificate_holds_a_bounded_number_of_connections() {
-        let mut b = Bench::new(2);
-        let (first, _l1) = b.register("one", Some(b"shared"), 1).unwrap();
-        let _l2 = b.register("two", Some(b"shared"), 1).unwrap();
-        let refused = b
-            .register("three", Some(b"shared"), 1)
-            .err()
-            .expect("refused");
-        assert!(
-            refused.contains("already holds 2 connection(s)")
-                && refused.contains("max_connections_per_certificate = 2"),
-            "{refused}"
-        );
-        // The same worker reconnecting replaces its old connection: not one more.
-        let (again, _l3) = b.register("one", Some(b"shared"), 1).unwrap();
-        assert_ne!(again, first);
-        assert_eq!(b.d.workers.len(), 2);
-        // Other certificates are counted on their own.
-        assert!(b.register("four", Some(b"other"), 1).is_ok());
-        // When a connection closes, its place is free again.
-        b.d.handle(Event::LinkClosed {
-            worker: again,
-            reason: "gone".into(),
-        });
-        assert!(b.register("three", Some(b"shared"), 1).is_ok());
-        // Without certificates (plaintext) there is nothing to count.
-        let mut b = Bench::new(1);
-        for i in 0..5 {
-            assert!(b.register(&format!("p{i}"), None, 1).is_ok());
-        }
-    }
-
-    #[test]
-    fn a_hello_with_control_characters_is_refused() {
-        let mut b = Bench::new(4);
-        for name in ["evil\nworker x joined", "\u{1b}[2Jw", "w\u{202e}"] {
-            let why = b.register(name, Some(b"c"), 1).err().expect("refused");
-            assert!(why.contains("control or invisible"), "{why}");
-            assert!(!why.chars().any(char::is_control), "{why:?}");
-        }
-        assert!(b.d.workers.is_empty());
-    }
-    #[test]
-    fn output_seqs_replays_gaps_and_the_largest_seq_are_handled_without_overflow() {
-        let (tx, rx) = unbounded();
-        let mut route = Route::new(JobSink::new(JobId(1), tx, Arc::default()));
-        assert_eq!(route.take_seq(0, JobId(1), "w"), Ok(true));
-        assert_eq!(route.take_seq(0, JobId(1), "w"), Ok(false), "a replay");
-        // Every other message missing: many gaps, one warning at once.
-        for seq in (2..20_000).step_by(2) {
-            assert_eq!(route.take_seq(seq, JobId(1), "w"), Ok(true));
-        }
-        assert_eq!((route.lost, route.gaps), (9_999, 9_999));
-        let first: Vec<JobEvent> = rx.try_iter().collect();
-        assert_eq!(
-            first,
-            vec![JobEvent::Warning(
-                "1 output message(s) were lost while the worker reconnected".into()
-            )]
-        );
-        // The rest, summed up once before the end.
-        route.report_gaps(JobId(1), "w");
-        route.report_gaps(JobId(1), "w");
-        let sum: Vec<JobEvent> = rx.try_iter().collect();
-        assert_eq!(
-            sum,
-            vec![JobEvent::Warning(
-                "in all, 9999 output message(s) were lost in 9999 gaps".into()
-            )]
-        );
-        // A seq with no next one is refused, and changes nothing.
-        let e = route.take_seq(u64::MAX, JobId(1), "w").unwrap_err();
-        assert!(e.contains("out of range"), "{e}");
-        assert_eq!(route.next_seq, 19_999);
-        assert_eq!(route.take_seq(u64::MAX - 1, JobId(1), "w"), Ok(true));
-        assert_eq!(route.next_seq, u64::MAX);
-        assert_eq!(route.lost, 9_999 + (u64::MAX - 1 - 19_999));
+        self.phase = Phase::Finishing {
+            deadline: later(now, LINK_CLOSE_WAIT),
+        };
     }
 }

@@ -1,29 +1,35 @@
 //! The manager: listens on one port, accepts workers over mutual TLS, queues jobs and
-//! hands them out. [`Manager`] is the public handle; the [`dispatcher`] thread owns the
-//! scheduling state; each worker connection has a reader thread (the one that accepted
-//! it) and a writer thread (see `link`).
+//! hands them out. This file has the public [`Manager`] handle, its configuration and
+//! the state its threads share. The scheduling state is the `dispatcher`'s (a state
+//! machine driven by one thread); `acceptor` takes connections in and runs each one's
+//! link thread, whose reader acts on the worker's messages (`routing`); [`JobHandle`]
+//! is what a submitter holds.
 
+mod acceptor;
 mod admission;
 mod dispatcher;
+mod ids;
+mod job_handle;
 mod queue;
+mod routing;
 mod sink;
 
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Outcome, Stream};
-use crate::link::{self, Liveness, Outbound, Outbox, Timing};
+use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
+use crate::link::{self, Timing};
 use crate::metrics::{Counters, MetricsServer, Stats};
-use crate::protocol::{
-    DEFAULT_MAX_FRAME, ManagerMessage, OUTPUT_CHUNK, Welcome, WorkerMessage, peer_text,
-};
+use crate::protocol::DEFAULT_MAX_FRAME;
+use crate::sync::lock;
 use crate::tls::{self, Identity, PeerTrust};
-use admission::{Admission, Limits, Reason};
+use admission::{Admission, Limits};
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
-use dispatcher::{Dispatcher, Event, LinkHandle, Routes};
+use dispatcher::driver::Event;
+use dispatcher::{Dispatcher, Settings};
+pub use job_handle::JobHandle;
 use queue::QueuedJob;
 use sink::JobSink;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -52,10 +58,6 @@ const LINK_QUEUE: usize = 4096;
 
 /// The longest grace or timeout a manager accepts in its configuration.
 const MAX_CONFIG_DURATION: Duration = Duration::from_secs(365 * 86_400);
-
-/// How many messages about jobs it does not run are logged per link; the rest are
-/// counted and reported once when the link closes.
-const LOGGED_COMPLAINTS: u64 = 10;
 
 /// How the manager authenticates workers.
 #[derive(Clone, Debug)]
@@ -237,8 +239,8 @@ pub enum ManagerEvent {
 pub(crate) struct Shared {
     events: Sender<Event>,
     /// Jobs accepted and not yet started (the queue's length, counted at submit time
-    /// so that a full queue refuses synchronously).
-    queued: AtomicUsize,
+    /// so that a full queue refuses synchronously; the dispatcher counts them down).
+    queued: Arc<AtomicUsize>,
     capacity: usize,
     next_job: AtomicU64,
     closing: AtomicBool,
@@ -248,7 +250,6 @@ pub(crate) struct Shared {
     counters: Arc<Counters>,
     result_limit: usize,
     reconnect_grace: Duration,
-    max_connections_per_certificate: usize,
     /// The connections in handshake (see `admission`); the watchdog waits on `admission_wake`.
     admission: Mutex<Admission>,
     admission_wake: Condvar,
@@ -256,43 +257,6 @@ pub(crate) struct Shared {
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
     link_threads: Mutex<Vec<JoinHandle<()>>>,
-}
-
-#[cfg(test)]
-impl Shared {
-    /// Shared state for in-memory tests of the dispatcher: plaintext, default settings.
-    pub(crate) fn for_tests(events: Sender<Event>, config: &ManagerConfig) -> Arc<Shared> {
-        Arc::new(Shared {
-            events,
-            queued: AtomicUsize::new(0),
-            capacity: config.queue_capacity,
-            next_job: AtomicU64::new(1),
-            closing: AtomicBool::new(false),
-            tls: None,
-            timing: Timing {
-                heartbeat_interval: config.heartbeat_interval,
-                heartbeat_timeout: config.heartbeat_timeout,
-            },
-            manager_id: 1,
-            counters: Arc::default(),
-            result_limit: config.result_output_limit,
-            reconnect_grace: config.reconnect_grace,
-            max_connections_per_certificate: config.max_connections_per_certificate,
-            admission: Mutex::new(Admission::new(Limits {
-                total: config.max_handshakes,
-                per_source: config.max_handshakes_per_source,
-                timeout: config.handshake_timeout,
-            })),
-            admission_wake: Condvar::new(),
-            connections: Mutex::new(HashMap::new()),
-            next_connection: AtomicU64::new(1),
-            link_threads: Mutex::new(Vec::new()),
-        })
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The dispatcher, the acceptor and the handshake watchdog.
@@ -343,9 +307,12 @@ impl Manager {
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
         let (tx, rx) = unbounded();
+        let manager_id = crate::random::u64();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let counters: Arc<Counters> = Arc::default();
         let shared = Arc::new(Shared {
             events: tx,
-            queued: AtomicUsize::new(0),
+            queued: queued.clone(),
             capacity: config.queue_capacity,
             next_job: AtomicU64::new(1),
             closing: AtomicBool::new(false),
@@ -354,21 +321,10 @@ impl Manager {
                 heartbeat_interval: config.heartbeat_interval,
                 heartbeat_timeout: config.heartbeat_timeout,
             },
-            manager_id: {
-                use std::hash::{BuildHasher, Hasher};
-                // Randomly keyed per process by the standard library.
-                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-                h.write_u128(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos()),
-                );
-                h.finish()
-            },
-            counters: Arc::default(),
+            manager_id,
+            counters: counters.clone(),
             result_limit: config.result_output_limit,
             reconnect_grace: config.reconnect_grace,
-            max_connections_per_certificate: config.max_connections_per_certificate,
             admission: Mutex::new(Admission::new(Limits {
                 total: config.max_handshakes,
                 per_source: config.max_handshakes_per_source,
@@ -379,16 +335,23 @@ impl Manager {
             next_connection: AtomicU64::new(1),
             link_threads: Mutex::new(Vec::new()),
         });
-        let d = Dispatcher::new(shared.clone());
-        let dispatcher = crate::thread::spawn("wp-dispatcher", move || d.run(rx))
-            .map_err(|e| Error::io("starting the dispatcher thread", e))?;
+        let settings = Settings {
+            reconnect_grace: config.reconnect_grace,
+            max_connections_per_certificate: config.max_connections_per_certificate,
+            manager_id,
+        };
+        let d = Dispatcher::new(settings, queued, counters);
+        let dispatcher =
+            crate::thread::spawn("wp-dispatcher", move || dispatcher::driver::run(d, rx))
+                .map_err(|e| Error::io("starting the dispatcher thread", e))?;
         let listener = Arc::new(listener);
         let (s, l) = (shared.clone(), listener.clone());
-        let acceptor = crate::thread::spawn("wp-acceptor", move || accept_loop(&l, s))
+        let acceptor = crate::thread::spawn("wp-acceptor", move || acceptor::accept_loop(&l, s))
             .map_err(|e| Error::io("starting the acceptor thread", e))?;
         let s = shared.clone();
-        let watchdog = crate::thread::spawn("wp-handshakes", move || watch_handshakes(&s))
-            .map_err(|e| Error::io("starting the handshake watchdog thread", e))?;
+        let watchdog =
+            crate::thread::spawn("wp-handshakes", move || acceptor::watch_handshakes(&s))
+                .map_err(|e| Error::io("starting the handshake watchdog thread", e))?;
         log::info!("manager listening on {local_addr}");
         let metrics = match &config.metrics_addr {
             Some(addr) => {
@@ -459,12 +422,7 @@ impl Manager {
             s.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(Error::ShutDown);
         }
-        Ok(JobHandle {
-            id,
-            events: rx,
-            shared: self.shared.clone(),
-            partial: Partial::default(),
-        })
+        Ok(JobHandle::new(id, rx, self.shared.clone()))
     }
 
     /// Cancels a job: a queued one never starts; a running one is killed. Either way it
@@ -564,22 +522,7 @@ impl Manager {
         s.closing.store(true, Ordering::Release);
         let _ = s.events.send(Event::Shutdown { grace });
         let _ = dispatcher.join();
-        // Wake the acceptor from accept(): on Linux shutting the listener down does it;
-        // connecting to it works everywhere the address is reachable.
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: shutting down a descriptor we own (the listener is alive in `self`) has no memory effects.
-            unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RD) };
-        }
-        let mut wake = self.local_addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
-        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        crate::net::wake_acceptor(&self.listener, Duration::from_secs(1));
         let _ = acceptor.join();
         {
             // Taken so that the watchdog is either waiting (and gets the notification) or
@@ -609,519 +552,4 @@ fn query_stats(shared: &Shared) -> Option<Stats> {
     let (tx, rx) = bounded(1);
     shared.events.send(Event::Stats(tx)).ok()?;
     rx.recv_timeout(Duration::from_secs(5)).ok()
-}
-
-fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
-    // Displacements are logged as a warning at most once per this long (a flood makes
-    // thousands), the rest at debug level.
-    const WARN_EVERY: Duration = Duration::from_secs(10);
-    let mut warned: Option<Instant> = None;
-    for conn in listener.incoming() {
-        if shared.closing.load(Ordering::Acquire) {
-            break;
-        }
-        let tcp = match conn {
-            Ok(t) => t,
-            Err(e) => {
-                log::warn!("accept failed: {e}");
-                // Out of descriptors or similar: do not spin.
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        // Without its address (already reset) or a second handle (needed to cut it at
-        // its deadline), a connection is dropped at once.
-        let (Ok(peer), Ok(cut)) = (tcp.peer_addr(), tcp.try_clone()) else {
-            continue;
-        };
-        let conn_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-        lock(&shared.connections).insert(conn_id, cut);
-        let admitted = {
-            let mut admission = lock(&shared.admission);
-            let admitted = admission.admit(conn_id, peer.ip(), Instant::now());
-            if let Some(d) = admitted.displaced {
-                cut_connection(&shared, d.id);
-                let limits = admission.limits();
-                let why = match d.reason {
-                    Reason::SourceFull => format!(
-                        "{} already had {} connections in handshake",
-                        d.source, limits.per_source
-                    ),
-                    Reason::AllFull => format!(
-                        "all {} handshake slots were taken; {} held the most",
-                        limits.total, d.source
-                    ),
-                };
-                let msg = format!(
-                    "a connection from {peer} displaced the oldest handshake from {}: {why}",
-                    d.source
-                );
-                if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
-                    warned = Some(Instant::now());
-                    log::warn!(
-                        "{msg} (more displacements in the next {} s are logged at debug level)",
-                        WARN_EVERY.as_secs()
-                    );
-                } else {
-                    log::debug!("{msg}");
-                }
-            }
-            admitted
-        };
-        shared.admission_wake.notify_all();
-        let s = shared.clone();
-        let spawned = crate::thread::spawn("wp-link", move || {
-            serve_connection(&s, tcp, peer, conn_id, admitted.deadline);
-            lock(&s.connections).remove(&conn_id);
-        });
-        match spawned {
-            Ok(handle) => {
-                let mut threads = lock(&shared.link_threads);
-                threads.retain(|t| !t.is_finished());
-                threads.push(handle);
-            }
-            Err(e) => {
-                lock(&shared.admission).finish(conn_id);
-                lock(&shared.connections).remove(&conn_id);
-                log::error!("cannot start a link thread: {e}");
-            }
-        }
-    }
-}
-
-/// Cuts a connection from any thread: its blocked reads and writes return at once.
-fn cut_connection(shared: &Shared, id: u64) {
-    if let Some(tcp) = lock(&shared.connections).get(&id) {
-        let _ = tcp.shutdown(std::net::Shutdown::Both);
-    }
-}
-
-/// The handshake watchdog: cuts every connection still in handshake at its deadline, so
-/// that no peer keeps a slot longer, whatever the link thread is blocked on.
-fn watch_handshakes(shared: &Shared) {
-    let mut admission = lock(&shared.admission);
-    while !shared.closing.load(Ordering::Acquire) {
-        let now = Instant::now();
-        for (id, source) in admission.expire(now) {
-            log::debug!("cutting a connection from {source}: its handshake deadline passed");
-            cut_connection(shared, id);
-        }
-        admission = match admission.next_deadline() {
-            Some(d) => {
-                shared
-                    .admission_wake
-                    .wait_timeout(admission, d.saturating_duration_since(now))
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0
-            }
-            None => shared
-                .admission_wake
-                .wait(admission)
-                .unwrap_or_else(|p| p.into_inner()),
-        };
-    }
-}
-
-/// One worker connection, on its own thread: handshake, registration, then this thread
-/// reads while a second one writes.
-fn serve_connection(
-    shared: &Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    conn_id: u64,
-    deadline: Instant,
-) {
-    let who = peer.to_string();
-    let accepted = link::accept(tcp, shared.tls.as_ref(), deadline);
-    // False when the watchdog or a newcomer took the slot (and cut the socket) first.
-    let kept_slot = lock(&shared.admission).finish(conn_id);
-    let (mut est, hello) = match accepted {
-        Ok(x) if kept_slot => x,
-        Err(e) if kept_slot => {
-            log::warn!("refused connection from {who}: {e}");
-            return;
-        }
-        _ if Instant::now() >= deadline => {
-            log::warn!("refused connection from {who}: no TLS handshake and hello by the deadline");
-            return;
-        }
-        _ => {
-            log::debug!(
-                "dropped connection from {who}: a newer connection took its handshake slot"
-            );
-            return;
-        }
-    };
-    let peer = Some(peer);
-    let live = Liveness::new();
-    let (out_tx, out_rx) = bounded::<Outbound<ManagerMessage>>(LINK_QUEUE);
-    let out = Outbox::new(out_tx, live.clone(), est.closer.clone());
-    let routes: Arc<Routes> = Arc::default();
-    let (reply_tx, reply_rx) = bounded(1);
-    let name = hello.name.clone();
-    let register = Event::Register {
-        hello,
-        peer,
-        cert: est.peer_cert.clone(),
-        link: LinkHandle {
-            out: out.clone(),
-            routes: routes.clone(),
-            live: live.clone(),
-            closer: est.closer.clone(),
-        },
-        reply: reply_tx,
-    };
-    if shared.events.send(register).is_err() {
-        link::refuse(&mut est.writer, "the manager is shutting down");
-        return;
-    }
-    let (worker_id, resume) = match reply_rx.recv() {
-        Ok(Ok(x)) => x,
-        Ok(Err(reason)) => {
-            link::refuse(&mut est.writer, &reason);
-            return;
-        }
-        Err(_) => {
-            link::refuse(&mut est.writer, "the manager is shutting down");
-            return;
-        }
-    };
-    let label = format!("worker {name} ({who})");
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-    let welcome = Welcome {
-        manager_id: shared.manager_id,
-        worker_id,
-        heartbeat_interval_ms: ms(shared.timing.heartbeat_interval),
-        heartbeat_timeout_ms: ms(shared.timing.heartbeat_timeout),
-        reconnect_grace_ms: ms(shared.reconnect_grace),
-        resume,
-    };
-    let started =
-        link::welcome(&mut est, &welcome).and_then(|()| link::go_live(&est, shared.timing));
-    let writer = match started {
-        Ok(()) => link::spawn_writer(
-            label.clone(),
-            est.writer,
-            est.closer.clone(),
-            out_rx,
-            live.clone(),
-            shared.timing,
-        )
-        .map_err(|e| Error::io("starting a link writer thread", e)),
-        Err(e) => Err(e),
-    };
-    let mut complaints = Complaints::default();
-    let result = match &writer {
-        // A panic here must not leave the worker registered with its link gone.
-        Ok(_) => catch_unwind(AssertUnwindSafe(|| {
-            link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
-                let link = Link {
-                    shared,
-                    worker: worker_id,
-                    label: &label,
-                    routes: &routes,
-                    out: &out,
-                };
-                match on_worker_message(&link, &mut complaints, msg) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        log::warn!("{label}: {why}; closing the link");
-                        live.close_because(why);
-                        false
-                    }
-                }
-            })
-        }))
-        .unwrap_or_else(|_| {
-            Err(Error::Protocol(
-                "the link's reader failed (a bug: see the log)".into(),
-            ))
-        }),
-        Err(e) => Err(Error::Protocol(e.to_string())),
-    };
-    complaints.summary(&label);
-    live.mark_closed();
-    est.closer.close();
-    let reason = live.reason().unwrap_or_else(|| match result {
-        Ok(()) => "it closed the connection".to_string(),
-        Err(e) => e.to_string(),
-    });
-    let _ = shared.events.send(Event::LinkClosed {
-        worker: worker_id,
-        reason,
-    });
-    if let Ok(w) = writer {
-        let _ = w.join();
-    }
-}
-
-/// What a link's reader needs to act on its worker's messages.
-struct Link<'a> {
-    shared: &'a Shared,
-    worker: u64,
-    label: &'a str,
-    routes: &'a Routes,
-    out: &'a Outbox<ManagerMessage>,
-}
-
-/// Messages about jobs a worker does not run, counted per link so that a worker cannot
-/// fill the log with them: the first few are logged, the rest summed up at the end.
-#[derive(Default)]
-struct Complaints {
-    ignored: u64,
-}
-
-impl Complaints {
-    /// Counts one; true while it is still to be logged.
-    fn ignored(&mut self, label: &str) -> bool {
-        self.ignored += 1;
-        if self.ignored == LOGGED_COMPLAINTS + 1 {
-            log::warn!(
-                "{label}: more messages about jobs it does not run; they are counted, not logged"
-            );
-        }
-        self.ignored <= LOGGED_COMPLAINTS
-    }
-
-    fn summary(&self, label: &str) {
-        if self.ignored > LOGGED_COMPLAINTS {
-            log::warn!(
-                "{label}: {} messages about jobs it does not run were ignored in all",
-                self.ignored
-            );
-        }
-    }
-}
-
-/// A worker's account of how a job ended, with its free text made safe to pass on.
-fn peer_outcome(outcome: Outcome) -> Outcome {
-    match outcome {
-        Outcome::Rejected(why) => Outcome::Rejected(peer_text(&why)),
-        Outcome::SpawnFailed(why) => Outcome::SpawnFailed(peer_text(&why)),
-        other => other,
-    }
-}
-
-/// Acts on one message from a worker; `Err` says how it broke the protocol (the link
-/// closes).
-fn on_worker_message(
-    link: &Link<'_>,
-    complaints: &mut Complaints,
-    msg: WorkerMessage,
-) -> std::result::Result<(), String> {
-    let Link {
-        shared,
-        worker,
-        label,
-        routes,
-        out,
-    } = *link;
-    match msg {
-        WorkerMessage::Output {
-            job,
-            stream,
-            seq,
-            bytes,
-        } => {
-            if bytes.len() > OUTPUT_CHUNK {
-                return Err(format!(
-                    "an output message of {} bytes (at most {OUTPUT_CHUNK} allowed)",
-                    bytes.len()
-                ));
-            }
-            // Pushed under the routes lock (pushing never blocks), so that no output can
-            // slip in after whoever removes the route has delivered `Finished`.
-            let mut routes = lock(routes);
-            let Some(route) = routes.get_mut(&job) else {
-                log::debug!("{label}: output for job {job}, which it does not run (ignored)");
-                return Ok(());
-            };
-            if seq < route.next_seq {
-                return Ok(()); // replayed after a reconnect, and already delivered
-            }
-            // Checked before the seq is taken: refused output is not counted as
-            // delivered, so a worker that reconnects sends it again.
-            if !route.sink.has_room(bytes.len()) {
-                return Err(format!(
-                    "job {job}: it went on sending output after Pause ({} MiB held for the job)",
-                    sink::MAX_BACKLOG_BYTES >> 20
-                ));
-            }
-            if !route.take_seq(seq, job, label)? {
-                return Ok(());
-            }
-            shared
-                .counters
-                .output_bytes
-                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            route.sink.push(JobEvent::Output { stream, bytes });
-        }
-        WorkerMessage::Finished {
-            job,
-            outcome,
-            cleanup_error,
-        } => {
-            let route = lock(routes).remove(&job);
-            match route {
-                Some(mut route) => {
-                    // Acknowledged: the worker may forget the job.
-                    out.send(ManagerMessage::Ended { job });
-                    // The dispatcher hears of it first: whoever sees `Finished` and then
-                    // asks the manager finds the job gone and the slot free.
-                    let _ = shared.events.send(Event::JobEnded { worker, job });
-                    route.report_gaps(job, label);
-                    if let Some(e) = cleanup_error {
-                        let e = peer_text(&e);
-                        log::warn!("{label}: job {job}: {e}");
-                        route.sink.push(JobEvent::Warning(e));
-                    }
-                    route.sink.push(JobEvent::Finished(peer_outcome(outcome)));
-                }
-                None => {
-                    if complaints.ignored(label) {
-                        log::warn!(
-                            "{label}: reported job {job} finished, which it does not run (ignored)"
-                        );
-                    }
-                }
-            }
-        }
-        WorkerMessage::Declined { job, reason } => {
-            let route = lock(routes).remove(&job);
-            match route {
-                Some(route) => {
-                    log::info!(
-                        "{label}: declined job {job} ({}); queueing it again",
-                        peer_text(&reason)
-                    );
-                    let _ = shared.events.send(Event::Declined { worker, job, route });
-                }
-                None => {
-                    if complaints.ignored(label) {
-                        log::warn!("{label}: declined job {job}, which it was not given (ignored)");
-                    }
-                }
-            }
-        }
-        WorkerMessage::Draining => {
-            let _ = shared.events.send(Event::Draining { worker });
-        }
-        WorkerMessage::Goodbye => {
-            let _ = shared.events.send(Event::Goodbye { worker });
-        }
-        WorkerMessage::Heartbeat => {}
-    }
-    Ok(())
-}
-
-#[derive(Default)]
-struct Partial {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    attempts: u32,
-    truncated: bool,
-    worker: Option<String>,
-    warnings: Vec<String>,
-}
-
-/// A submitted job: its events as they happen, and its result at the end.
-pub struct JobHandle {
-    id: JobId,
-    events: Receiver<JobEvent>,
-    shared: Arc<Shared>,
-    partial: Partial,
-}
-
-impl JobHandle {
-    /// The job's id.
-    pub fn id(&self) -> JobId {
-        self.id
-    }
-
-    /// The job's events, in order, ending with exactly one [`JobEvent::Finished`].
-    /// Events taken from here are not seen by [`JobHandle::wait`].
-    pub fn events(&self) -> &Receiver<JobEvent> {
-        &self.events
-    }
-
-    /// Asks for the job to be cancelled (see [`Manager::cancel`]); does not wait.
-    pub fn cancel(&self) -> Result<()> {
-        self.shared
-            .events
-            .send(Event::Cancel {
-                id: self.id,
-                reply: None,
-            })
-            .map_err(|_| Error::ShutDown)
-    }
-
-    /// Waits for the job to end; returns its outcome and everything it wrote.
-    pub fn wait(mut self) -> JobResult {
-        loop {
-            let ev = self.events.recv().ok();
-            if let Some(r) = self.absorb(ev) {
-                return r;
-            }
-        }
-    }
-
-    /// Like [`JobHandle::wait`], but gives up after `timeout` (output received so far is
-    /// kept for the next call). Once it has returned a result, do not call it again.
-    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<JobResult> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ev = match self.events.recv_deadline(deadline) {
-                Ok(ev) => Some(ev),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return None,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
-            };
-            if let Some(r) = self.absorb(ev) {
-                return Some(r);
-            }
-        }
-    }
-
-    /// Takes one event into the partial result; returns the result at the end.
-    /// `None` means the channel closed without a `Finished`, which happens only when
-    /// the manager went away under the job.
-    fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
-        let p = &mut self.partial;
-        let outcome = match ev {
-            None => Outcome::Rejected("the manager shut down".into()),
-            Some(JobEvent::Finished(o)) => o,
-            Some(JobEvent::Output { stream, bytes }) => {
-                let buf = match stream {
-                    Stream::Stdout => &mut p.stdout,
-                    Stream::Stderr => &mut p.stderr,
-                };
-                let room = self.shared.result_limit.saturating_sub(buf.len());
-                if bytes.len() > room {
-                    p.truncated = true;
-                }
-                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-                return None;
-            }
-            Some(JobEvent::Started { worker }) => {
-                p.worker = Some(worker);
-                p.attempts += 1;
-                return None;
-            }
-            Some(JobEvent::Warning(w)) => {
-                p.warnings.push(w);
-                return None;
-            }
-            Some(_) => return None,
-        };
-        let p = std::mem::take(&mut self.partial);
-        Some(JobResult {
-            id: self.id,
-            outcome,
-            stdout: p.stdout,
-            stderr: p.stderr,
-            worker: p.worker,
-            warnings: p.warnings,
-            attempts: p.attempts,
-            truncated: p.truncated,
-        })
-    }
 }

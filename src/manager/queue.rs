@@ -4,6 +4,7 @@
 //! grows with the number of distinct classes, not with the number of queued jobs.
 //! Owned by the dispatcher thread; no locking.
 
+use super::ids::IdMap;
 use super::sink::JobSink;
 use crate::job::{JobId, JobSpec, Requirements};
 use std::cmp::Reverse;
@@ -28,7 +29,7 @@ type Key = (Reverse<i32>, u64);
 pub(crate) struct Queue {
     classes: HashMap<Requirements, BTreeMap<Key, QueuedJob>>,
     /// Where each queued job is, for cancellation.
-    index: HashMap<JobId, (Requirements, Key)>,
+    index: IdMap<JobId, (Requirements, Key)>,
     next_seq: u64,
 }
 

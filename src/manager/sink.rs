@@ -57,6 +57,12 @@ struct State {
     paused: bool,
 }
 
+impl std::fmt::Debug for JobSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobSink({})", self.job)
+    }
+}
+
 impl JobSink {
     pub(crate) fn new(job: JobId, tx: Sender<JobEvent>, counters: Arc<Counters>) -> Arc<JobSink> {
         JobSink::with_backlog_limit(job, tx, counters, MAX_BACKLOG_BYTES)
@@ -79,7 +85,7 @@ impl JobSink {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.state)
     }
 
     /// Sets (or clears) the link the job's output comes from. A job whose submitter is

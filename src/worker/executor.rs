@@ -13,6 +13,7 @@ use super::job_user::{self, JobUser};
 use super::tree;
 use crate::job::{JobId, JobSpec, Outcome, Stream};
 use crate::protocol::OUTPUT_CHUNK;
+use crate::sync::lock;
 use crossbeam_channel::Sender;
 use std::ffi::{CString, OsStr};
 use std::io::{self, Write};
@@ -161,10 +162,6 @@ pub(crate) fn start(
         });
     })?;
     Ok(RunningJob { control })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What a job's process is given beyond its script: the job user's identity (and

@@ -354,7 +354,7 @@ impl Worker {
             self.done.recv_timeout(timeout),
             Err(crossbeam_channel::RecvTimeoutError::Disconnected)
         );
-        if left && let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if left && let Some(t) = crate::sync::lock(&self.thread).take() {
             let _ = t.join();
         }
         left
@@ -364,7 +364,7 @@ impl Worker {
     /// cleans up their folders, closes the connection, and returns when the worker's
     /// threads are gone.
     pub fn stop(&self) {
-        let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        let Some(t) = crate::sync::lock(&self.thread).take() else {
             return;
         };
         let _ = self.control.send(Control::Stop);
@@ -478,11 +478,6 @@ impl WorkerLoop {
     ) -> WorkerLoop {
         // Bounded: a job that writes faster than the link drains waits on its pipe.
         let (exec_tx, exec_rx) = bounded(64);
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            ^ ((std::process::id() as u64) << 32)
-            ^ (&control as *const _ as u64);
         WorkerLoop {
             address: config.address(),
             config,
@@ -497,7 +492,7 @@ impl WorkerLoop {
             draining: None,
             exec_tx,
             exec_rx,
-            rng: seed | 1,
+            rng: crate::random::u64() | 1,
             job_user: None,
         }
     }

@@ -13,28 +13,7 @@ pub(crate) const TOKEN_VAR: &str = "WORKPOOL_JOB_TOKEN";
 
 /// A fresh random token for one run of a job.
 pub(crate) fn new_token() -> String {
-    let mut bytes = [0u8; 16];
-    #[cfg(target_os = "linux")]
-    let filled = {
-        // SAFETY: `bytes` is writable for `bytes.len()` bytes, the length passed.
-        let n = unsafe { libc::getrandom(bytes.as_mut_ptr() as *mut libc::c_void, bytes.len(), 0) };
-        n == bytes.len() as isize
-    };
-    #[cfg(not(target_os = "linux"))]
-    let filled = false;
-    if !filled {
-        use std::hash::{BuildHasher, Hasher};
-        for chunk in bytes.chunks_mut(8) {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_nanos()),
-            );
-            chunk.copy_from_slice(&h.finish().to_le_bytes()[..chunk.len()]);
-        }
-    }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::random::hex(16)
 }
 
 /// Sends `sig` to the job's process group, to every process marked with its token, and

@@ -1,0 +1,262 @@
+//! The acceptor and what happens to a connection before it is a worker's link: the
+//! accept loop (each connection gets a thread of its own at once), admission (at most
+//! so many handshakes in all and per source; see `admission`), the handshake watchdog
+//! that cuts handshakes at their deadline, and the link thread's life: handshake,
+//! registration with the dispatcher, the welcome, then reading (see `routing`) until the
+//! link closes. It holds no scheduling state.
+
+use super::admission::Reason;
+use super::dispatcher::LinkEvent;
+use super::dispatcher::driver::{Event, LinkHandle};
+use super::routing::{self, Complaints, Link, Routes};
+use super::{LINK_QUEUE, Shared};
+use crate::error::Error;
+use crate::link::{self, Liveness, Outbound, Outbox};
+use crate::protocol::{ManagerMessage, Welcome, WorkerMessage};
+use crate::sync::{self, lock};
+use crossbeam_channel::bounded;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Accepts connections until the manager closes; each gets a link thread at once.
+pub(crate) fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
+    // Displacements are logged as a warning at most once per this long (a flood makes
+    // thousands), the rest at debug level.
+    const WARN_EVERY: Duration = Duration::from_secs(10);
+    let mut warned: Option<Instant> = None;
+    for conn in listener.incoming() {
+        if shared.closing.load(Ordering::Acquire) {
+            break;
+        }
+        let tcp = match conn {
+            Ok(t) => t,
+            Err(e) => {
+                log::warn!("accept failed: {e}");
+                // Out of descriptors or similar: do not spin.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        // Without its address (already reset) or a second handle (needed to cut it at
+        // its deadline), a connection is dropped at once.
+        let (Ok(peer), Ok(cut)) = (tcp.peer_addr(), tcp.try_clone()) else {
+            continue;
+        };
+        let conn_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
+        lock(&shared.connections).insert(conn_id, cut);
+        let admitted = {
+            let mut admission = lock(&shared.admission);
+            let admitted = admission.admit(conn_id, peer.ip(), Instant::now());
+            if let Some(d) = admitted.displaced {
+                cut_connection(&shared, d.id);
+                let limits = admission.limits();
+                let why = match d.reason {
+                    Reason::SourceFull => format!(
+                        "{} already had {} connections in handshake",
+                        d.source, limits.per_source
+                    ),
+                    Reason::AllFull => format!(
+                        "all {} handshake slots were taken; {} held the most",
+                        limits.total, d.source
+                    ),
+                };
+                let msg = format!(
+                    "a connection from {peer} displaced the oldest handshake from {}: {why}",
+                    d.source
+                );
+                if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+                    warned = Some(Instant::now());
+                    log::warn!(
+                        "{msg} (more displacements in the next {} s are logged at debug level)",
+                        WARN_EVERY.as_secs()
+                    );
+                } else {
+                    log::debug!("{msg}");
+                }
+            }
+            admitted
+        };
+        shared.admission_wake.notify_all();
+        let s = shared.clone();
+        let spawned = crate::thread::spawn("wp-link", move || {
+            serve_connection(&s, tcp, peer, conn_id, admitted.deadline);
+            lock(&s.connections).remove(&conn_id);
+        });
+        match spawned {
+            Ok(handle) => {
+                let mut threads = lock(&shared.link_threads);
+                threads.retain(|t| !t.is_finished());
+                threads.push(handle);
+            }
+            Err(e) => {
+                lock(&shared.admission).finish(conn_id);
+                lock(&shared.connections).remove(&conn_id);
+                log::error!("cannot start a link thread: {e}");
+            }
+        }
+    }
+}
+
+/// Cuts a connection from any thread: its blocked reads and writes return at once.
+fn cut_connection(shared: &Shared, id: u64) {
+    if let Some(tcp) = lock(&shared.connections).get(&id) {
+        let _ = tcp.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The handshake watchdog: cuts every connection still in handshake at its deadline, so
+/// that no peer keeps a slot longer, whatever the link thread is blocked on.
+pub(crate) fn watch_handshakes(shared: &Shared) {
+    let mut admission = lock(&shared.admission);
+    while !shared.closing.load(Ordering::Acquire) {
+        let now = Instant::now();
+        for (id, source) in admission.expire(now) {
+            log::debug!("cutting a connection from {source}: its handshake deadline passed");
+            cut_connection(shared, id);
+        }
+        admission = match admission.next_deadline() {
+            Some(d) => sync::wait_timeout(
+                &shared.admission_wake,
+                admission,
+                d.saturating_duration_since(now),
+            ),
+            None => sync::wait(&shared.admission_wake, admission),
+        };
+    }
+}
+
+/// One worker connection, on its own thread: handshake, registration, then this thread
+/// reads while a second one writes.
+fn serve_connection(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    conn_id: u64,
+    deadline: Instant,
+) {
+    let who = peer.to_string();
+    let accepted = link::accept(tcp, shared.tls.as_ref(), deadline);
+    // False when the watchdog or a newcomer took the slot (and cut the socket) first.
+    let kept_slot = lock(&shared.admission).finish(conn_id);
+    let (mut est, hello) = match accepted {
+        Ok(x) if kept_slot => x,
+        Err(e) if kept_slot => {
+            log::warn!("refused connection from {who}: {e}");
+            return;
+        }
+        _ if Instant::now() >= deadline => {
+            log::warn!("refused connection from {who}: no TLS handshake and hello by the deadline");
+            return;
+        }
+        _ => {
+            log::debug!(
+                "dropped connection from {who}: a newer connection took its handshake slot"
+            );
+            return;
+        }
+    };
+    let peer = Some(peer);
+    let live = Liveness::new();
+    let (out_tx, out_rx) = bounded::<Outbound<ManagerMessage>>(LINK_QUEUE);
+    let out = Outbox::new(out_tx, live.clone(), est.closer.clone());
+    let routes: Arc<Routes> = Arc::default();
+    let (reply_tx, reply_rx) = bounded(1);
+    let name = hello.name.clone();
+    let register = Event::Register {
+        hello,
+        peer,
+        cert: est.peer_cert.clone(),
+        link: LinkHandle {
+            out,
+            routes: routes.clone(),
+            live: live.clone(),
+            closer: est.closer.clone(),
+        },
+        reply: reply_tx,
+    };
+    if shared.events.send(register).is_err() {
+        link::refuse(&mut est.writer, "the manager is shutting down");
+        return;
+    }
+    let (worker_id, resume) = match reply_rx.recv() {
+        Ok(Ok(x)) => x,
+        Ok(Err(reason)) => {
+            link::refuse(&mut est.writer, &reason);
+            return;
+        }
+        Err(_) => {
+            link::refuse(&mut est.writer, "the manager is shutting down");
+            return;
+        }
+    };
+    let label = format!("worker {name} ({who})");
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let welcome = Welcome {
+        manager_id: shared.manager_id,
+        worker_id,
+        heartbeat_interval_ms: ms(shared.timing.heartbeat_interval),
+        heartbeat_timeout_ms: ms(shared.timing.heartbeat_timeout),
+        reconnect_grace_ms: ms(shared.reconnect_grace),
+        resume,
+    };
+    let started =
+        link::welcome(&mut est, &welcome).and_then(|()| link::go_live(&est, shared.timing));
+    let writer = match started {
+        Ok(()) => link::spawn_writer(
+            label.clone(),
+            est.writer,
+            est.closer.clone(),
+            out_rx,
+            live.clone(),
+            shared.timing,
+        )
+        .map_err(|e| Error::io("starting a link writer thread", e)),
+        Err(e) => Err(e),
+    };
+    let mut complaints = Complaints::default();
+    let result = match &writer {
+        // A panic here must not leave the worker registered with its link gone.
+        Ok(_) => catch_unwind(AssertUnwindSafe(|| {
+            let link = Link {
+                events: &shared.events,
+                counters: &shared.counters,
+                worker: worker_id,
+                label: &label,
+                routes: &routes,
+            };
+            link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
+                match routing::on_worker_message(&link, &mut complaints, msg) {
+                    Ok(()) => true,
+                    Err(why) => {
+                        log::warn!("{label}: {why}; closing the link");
+                        live.close_because(why);
+                        false
+                    }
+                }
+            })
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Protocol(
+                "the link's reader failed (a bug: see the log)".into(),
+            ))
+        }),
+        Err(e) => Err(Error::Protocol(e.to_string())),
+    };
+    complaints.summary(&label);
+    live.mark_closed();
+    est.closer.close();
+    let reason = live.reason().unwrap_or_else(|| match result {
+        Ok(()) => "it closed the connection".to_string(),
+        Err(e) => e.to_string(),
+    });
+    let _ = shared.events.send(Event::Link {
+        worker: worker_id,
+        event: LinkEvent::Closed { reason },
+    });
+    if let Ok(w) = writer {
+        let _ = w.join();
+    }
+}

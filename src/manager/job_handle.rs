@@ -1,0 +1,132 @@
+//! [`JobHandle`]: what `Manager::submit` returns. It reads the job's events from the
+//! job's bounded channel (fed by the job's sink) and gathers them into a result; it
+//! asks the dispatcher for nothing but a cancel.
+
+use super::Shared;
+use super::dispatcher::driver::Event;
+use crate::error::{Error, Result};
+use crate::job::{JobEvent, JobId, JobResult, Outcome, Stream};
+use crossbeam_channel::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Partial {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    attempts: u32,
+    truncated: bool,
+    worker: Option<String>,
+    warnings: Vec<String>,
+}
+
+/// A submitted job: its events as they happen, and its result at the end.
+pub struct JobHandle {
+    id: JobId,
+    events: Receiver<JobEvent>,
+    shared: Arc<Shared>,
+    partial: Partial,
+}
+
+impl JobHandle {
+    pub(crate) fn new(id: JobId, events: Receiver<JobEvent>, shared: Arc<Shared>) -> JobHandle {
+        JobHandle {
+            id,
+            events,
+            shared,
+            partial: Partial::default(),
+        }
+    }
+
+    /// The job's id.
+    pub fn id(&self) -> JobId {
+        self.id
+    }
+
+    /// The job's events, in order, ending with exactly one [`JobEvent::Finished`].
+    /// Events taken from here are not seen by [`JobHandle::wait`].
+    pub fn events(&self) -> &Receiver<JobEvent> {
+        &self.events
+    }
+
+    /// Asks for the job to be cancelled (see [`Manager::cancel`]); does not wait.
+    pub fn cancel(&self) -> Result<()> {
+        self.shared
+            .events
+            .send(Event::Cancel {
+                id: self.id,
+                reply: None,
+            })
+            .map_err(|_| Error::ShutDown)
+    }
+
+    /// Waits for the job to end; returns its outcome and everything it wrote.
+    pub fn wait(mut self) -> JobResult {
+        loop {
+            let ev = self.events.recv().ok();
+            if let Some(r) = self.absorb(ev) {
+                return r;
+            }
+        }
+    }
+
+    /// Like [`JobHandle::wait`], but gives up after `timeout` (output received so far is
+    /// kept for the next call). Once it has returned a result, do not call it again.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<JobResult> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ev = match self.events.recv_deadline(deadline) {
+                Ok(ev) => Some(ev),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return None,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+            };
+            if let Some(r) = self.absorb(ev) {
+                return Some(r);
+            }
+        }
+    }
+
+    /// Takes one event into the partial result; returns the result at the end.
+    /// `None` means the channel closed without a `Finished`, which happens only when
+    /// the manager went away under the job.
+    fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
+        let p = &mut self.partial;
+        let outcome = match ev {
+            None => Outcome::Rejected("the manager shut down".into()),
+            Some(JobEvent::Finished(o)) => o,
+            Some(JobEvent::Output { stream, bytes }) => {
+                let buf = match stream {
+                    Stream::Stdout => &mut p.stdout,
+                    Stream::Stderr => &mut p.stderr,
+                };
+                let room = self.shared.result_limit.saturating_sub(buf.len());
+                if bytes.len() > room {
+                    p.truncated = true;
+                }
+                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                return None;
+            }
+            Some(JobEvent::Started { worker }) => {
+                p.worker = Some(worker);
+                p.attempts += 1;
+                return None;
+            }
+            Some(JobEvent::Warning(w)) => {
+                p.warnings.push(w);
+                return None;
+            }
+            Some(_) => return None,
+        };
+        let p = std::mem::take(&mut self.partial);
+        Some(JobResult {
+            id: self.id,
+            outcome,
+            stdout: p.stdout,
+            stderr: p.stderr,
+            worker: p.worker,
+            warnings: p.warnings,
+            attempts: p.attempts,
+            truncated: p.truncated,
+        })
+    }
+}
