@@ -1105,24 +1105,28 @@ fn callgrind_total(path: &Path) -> Result<u64, String> {
 
 /// Runs one manager process and one worker process, each under callgrind, for `jobs`
 /// trivial jobs; returns the instructions each executed.
-fn counted_run(certs: &Certs, jobs: usize) -> Result<(u64, u64), String> {
+fn counted_run(certs: &Certs, jobs: usize, keep: Option<&Path>) -> Result<(u64, u64), String> {
     use std::io::{BufRead, BufReader};
     use std::process::Stdio;
-    let dir = certs.dir.join(format!("callgrind-{jobs}"));
+    let dir = keep.unwrap_or(&certs.dir).join(format!("callgrind-{jobs}"));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().unwrap();
-    let valgrind = |who: &str| {
+    // Valgrind's own messages (e.g. that it lacks pidfd_open, so the worker falls back
+    // to waitid) go to a log beside the counts.
+    let valgrind = |who: &str| -> Result<Command, String> {
+        let log = std::fs::File::create(dir.join(format!("{who}.log")))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut c = Command::new("valgrind");
         c.arg("--tool=callgrind")
-            .arg("--quiet")
             .arg(format!("--callgrind-out-file={}/{who}.%p", dir.display()))
             .arg(&exe)
-            .stdin(Stdio::piped());
-        c
+            .stdin(Stdio::piped())
+            .stderr(log);
+        Ok(c)
     };
     let mut manager = Procs(vec![
-        valgrind("manager")
+        valgrind("manager")?
             .args(["__manager", &jobs.to_string()])
             .arg(&certs.dir)
             .stdout(Stdio::piped())
@@ -1134,7 +1138,7 @@ fn counted_run(certs: &Certs, jobs: usize) -> Result<(u64, u64), String> {
     out.read_line(&mut line).map_err(|e| e.to_string())?;
     let port = line.trim().to_string();
     let mut worker = Procs(vec![
-        valgrind("worker")
+        valgrind("worker")?
             .args(["__workers", &port, "0", "1"])
             .arg(&certs.dir)
             .stdout(Stdio::null())
@@ -1166,15 +1170,20 @@ fn counted_run(certs: &Certs, jobs: usize) -> Result<(u64, u64), String> {
 /// process and in the worker process separately, as the difference between a run of
 /// `small` jobs and one of `large` jobs divided by the difference in jobs (start-up,
 /// handshake and shutdown cancel out).
-fn instructions(certs: &Certs, small: usize, large: usize) -> Result<Vec<Row>, String> {
+fn instructions(
+    certs: &Certs,
+    small: usize,
+    large: usize,
+    keep: Option<&Path>,
+) -> Result<Vec<Row>, String> {
     let v = Command::new("valgrind").arg("--version").output();
     if !v.is_ok_and(|o| o.status.success()) {
         return Err("--instructions needs valgrind (apt-get install valgrind)".into());
     }
     eprintln!("callgrind: {small} jobs...");
-    let (m0, w0) = counted_run(certs, small)?;
+    let (m0, w0) = counted_run(certs, small, keep)?;
     eprintln!("callgrind: {large} jobs...");
-    let (m1, w1) = counted_run(certs, large)?;
+    let (m1, w1) = counted_run(certs, large, keep)?;
     let d = (large - small) as f64;
     let per = |a: u64, b: u64| (b as f64 - a as f64) / d;
     let (pm, pw) = (per(m0, m1), per(w0, w1));
@@ -1188,7 +1197,7 @@ fn instructions(certs: &Certs, small: usize, large: usize) -> Result<Vec<Row>, S
         Row {
             scenario: "6 instructions",
             metric: format!("manager process, per `true` job ({small} vs {large} jobs)"),
-            value: format!("{:.0} k", pm / 1e3),
+            value: format!("{:.1} k", pm / 1e3),
             baseline: fixed(m0, pm),
             ratio: None,
             goal: "halve",
@@ -1196,7 +1205,7 @@ fn instructions(certs: &Certs, small: usize, large: usize) -> Result<Vec<Row>, S
         Row {
             scenario: "6 instructions",
             metric: format!("worker process, per `true` job ({small} vs {large} jobs)"),
-            value: format!("{:.0} k", pw / 1e3),
+            value: format!("{:.1} k", pw / 1e3),
             baseline: fixed(w0, pw),
             ratio: None,
             goal: "halve",
@@ -1204,7 +1213,7 @@ fn instructions(certs: &Certs, small: usize, large: usize) -> Result<Vec<Row>, S
         Row {
             scenario: "6 instructions",
             metric: "manager + worker, per job".into(),
-            value: format!("{:.0} k", (pm + pw) / 1e3),
+            value: format!("{:.1} k", (pm + pw) / 1e3),
             baseline: "-".into(),
             ratio: None,
             goal: "halve",
@@ -1258,7 +1267,9 @@ fn main() {
             eprintln!("bench: --jobs takes two counts, the smaller first (e.g. 100,300)");
             std::process::exit(2);
         }
-        match instructions(&certs, jobs[0], jobs[1]) {
+        // --keep-callgrind DIR keeps the counts for callgrind_annotate.
+        let keep = value_of(&args, "--keep-callgrind").map(PathBuf::from);
+        match instructions(&certs, jobs[0], jobs[1], keep.as_deref()) {
             Ok(r) => rows.extend(r),
             Err(e) => {
                 eprintln!("bench: {e}");
