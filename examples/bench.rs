@@ -785,13 +785,13 @@ fn scale_run(
     let manager_after = proc_figures(me);
     let host_figures: Vec<ProcFigures> = pids.iter().map(|&p| proc_figures(p)).collect();
     // Stacks, with one job running (its thread has spawned the job and waits for it).
-    let probe = manager.submit(JobSpec::new("sleep 0.5")).unwrap();
+    let probe = manager.submit(JobSpec::new("sleep 2")).unwrap();
     while !matches!(probe.events().recv(), Ok(JobEvent::Started { .. }) | Err(_)) {}
-    let manager_stacks = stack_kinds(me);
     let mut host_stacks = Vec::new();
     for &p in &pids {
         merge_kinds(&mut host_stacks, stack_kinds(p));
     }
+    let manager_stacks = stack_kinds(me);
     assert_eq!(probe.wait().outcome, Outcome::Exited(0));
     // Idle: every worker connected, no job anywhere; only heartbeats move.
     let m0 = proc_figures(me).cpu_ticks;
