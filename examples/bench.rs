@@ -5,12 +5,18 @@
 //! cargo run --release --example bench                  # default sizes, a few minutes on 2 cores
 //! cargo run --release --example bench -- --quick       # seconds (the test suite runs this)
 //! cargo run --release --example bench -- --json out.json
+//! cargo run --release --example bench -- --workers 1000,2000,4000 [--per-process 1000]
+//! cargo run --release --example bench -- --instructions [--jobs 100,300] [--keep-callgrind DIR]
 //! ```
 //!
-//! Workers run as separate processes (this binary started again with `__worker`), except
-//! in the scale scenario, where a thousand workers run as threads of this process.
-//! Memory is read from `/proc/self/status` (VmRSS, and VmHWM after resetting it through
-//! `/proc/self/clear_refs`), so it is Linux-only.
+//! Workers run as separate processes: this binary started again with `__worker` (one
+//! worker) or `__workers` (many workers in one process, for the scale scenario).
+//! `--workers` runs the scale scenario alone at each size, after checking that the
+//! threads it needs fit under `kernel.pid_max` and the descriptors under `RLIMIT_NOFILE`
+//! (raised as far as the process may). `--instructions` counts, with valgrind's callgrind,
+//! the instructions a manager process (`__manager`) and a worker process execute per
+//! trivial job. Memory, threads, descriptors and CPU time are read from `/proc`, so the
+//! benchmark is Linux-only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
