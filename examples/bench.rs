@@ -965,8 +965,9 @@ fn scale_only(
     );
     let mut last = None;
     for &n in sizes {
-        // Keep a margin of pids for the rest of the machine.
-        let margin = pid_max / 10;
+        // Keep a quarter of the pids for the rest of the machine (other builds and
+        // benchmarks share the table; a full one makes every fork fail).
+        let margin = pid_max / 4;
         let in_use = system_threads().unwrap_or(0);
         let need = (n as f64 * per_worker) as u64 + (n / per_host.max(1)) as u64 + 1;
         let limit = if in_use + need + margin > pid_max {
