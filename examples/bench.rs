@@ -67,12 +67,12 @@ const QUICK: Sizes = Sizes {
 
 /// One line of the table.
 struct Row {
-    scenario: &'static str,
+    scenario: String,
     metric: String,
     value: String,
     baseline: String,
     ratio: Option<f64>,
-    goal: &'static str,
+    goal: String,
 }
 
 struct Certs {
@@ -248,7 +248,7 @@ fn throughput(certs: &Certs, s: &Sizes, k: usize, rows: &mut Vec<Row>) -> f64 {
         s.throughput_jobs as f64 / local.as_secs_f64(),
     );
     rows.push(Row {
-        scenario: "1 throughput",
+        scenario: "1 throughput".into(),
         metric: format!(
             "{} `true` jobs, {k} worker processes × 1 slot",
             s.throughput_jobs
@@ -256,7 +256,7 @@ fn throughput(certs: &Certs, s: &Sizes, k: usize, rows: &mut Vec<Row>) -> f64 {
         value: format!("{pool_rate:.0} jobs/s"),
         baseline: format!("{local_rate:.0} jobs/s (local bash -c true, {k} at a time)"),
         ratio: Some(pool_rate / local_rate),
-        goal: "≥ 0.9",
+        goal: "≥ 0.9".into(),
     });
     local_rate
 }
@@ -286,22 +286,22 @@ fn latency(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
     for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
         let (p, l) = (percentile(&pool, q), percentile(&local, q));
         rows.push(Row {
-            scenario: "2 latency",
+            scenario: "2 latency".into(),
             metric: format!("{name} submit→finished, one job at a time"),
             value: us(p),
             baseline: format!("{} (local bash -c true)", us(l)),
             ratio: Some(l.as_secs_f64() / p.as_secs_f64()),
-            goal: if q == 0.5 { "overhead < 200 µs" } else { "" },
+            goal: if q == 0.5 { "overhead < 200 µs" } else { "" }.into(),
         });
     }
     let overhead = percentile(&pool, 0.5).saturating_sub(percentile(&local, 0.5));
     rows.push(Row {
-        scenario: "2 latency",
+        scenario: "2 latency".into(),
         metric: "p50 overhead (workpool − local)".into(),
         value: us(overhead),
         baseline: "-".into(),
         ratio: None,
-        goal: "< 200 µs",
+        goal: "< 200 µs".into(),
     });
 }
 
@@ -401,20 +401,20 @@ fn streaming(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
     let raw = raw_tls_seconds(certs, s.stream_bytes);
     let gb = |secs: f64| format!("{:.2} GB/s", s.stream_bytes as f64 / secs / 1e9);
     rows.push(Row {
-        scenario: "3 streaming",
+        scenario: "3 streaming".into(),
         metric: format!("{} of stdout to the submitter", mib(s.stream_bytes)),
         value: gb(secs),
         baseline: format!("{} (raw rustls over loopback)", gb(raw)),
         ratio: Some(raw / secs),
-        goal: "≥ 0.5",
+        goal: "≥ 0.5".into(),
     });
     rows.push(Row {
-        scenario: "3 streaming",
+        scenario: "3 streaming".into(),
         metric: "manager process peak RSS during the stream".into(),
         value: mib(peak),
         baseline: format!("{} before", mib(rss_before)),
         ratio: None,
-        goal: "bounded",
+        goal: "bounded".into(),
     });
 }
 
@@ -837,15 +837,15 @@ fn kib(b: f64) -> String {
 fn scale_rows(one: &ScaleRun, run: &ScaleRun, rows: &mut Vec<Row>) {
     let n = run.workers;
     rows.push(Row {
-        scenario: "4 scale",
+        scenario: "4 scale".into(),
         metric: format!("{n} workers in {} processes join", run.hosts),
         value: format!("{:.3} s", run.join.as_secs_f64()),
         baseline: format!("{:.3} s for 1 worker", one.join.as_secs_f64()),
         ratio: None,
-        goal: "",
+        goal: "".into(),
     });
     rows.push(Row {
-        scenario: "4 scale",
+        scenario: "4 scale".into(),
         metric: format!("manager memory per connected worker, {n} workers"),
         value: format!(
             "{} RSS ({} VSZ)",
@@ -854,10 +854,10 @@ fn scale_rows(one: &ScaleRun, run: &ScaleRun, rows: &mut Vec<Row>) {
         ),
         baseline: format!("{} RSS before", mib(run.manager_before.rss)),
         ratio: None,
-        goal: "≤ 100 KiB",
+        goal: "≤ 100 KiB".into(),
     });
     rows.push(Row {
-        scenario: "4 scale",
+        scenario: "4 scale".into(),
         metric: format!("worker-process memory per worker, {n} workers"),
         value: format!(
             "{} RSS ({} VSZ)",
@@ -866,10 +866,10 @@ fn scale_rows(one: &ScaleRun, run: &ScaleRun, rows: &mut Vec<Row>) {
         ),
         baseline: "-".into(),
         ratio: None,
-        goal: "",
+        goal: "".into(),
     });
     rows.push(Row {
-        scenario: "4 scale",
+        scenario: "4 scale".into(),
         metric: format!(
             "manager CPU while idle with {n} workers connected ({:.0} s)",
             run.idle_window.as_secs_f64()
@@ -880,10 +880,10 @@ fn scale_rows(one: &ScaleRun, run: &ScaleRun, rows: &mut Vec<Row>) {
             run.cpu_percent(run.hosts_idle_ticks)
         ),
         ratio: None,
-        goal: "≤ 10 %",
+        goal: "≤ 10 %".into(),
     });
     rows.push(Row {
-        scenario: "4 scale",
+        scenario: "4 scale".into(),
         metric: format!("threads (and fds) per connection, {n} workers"),
         value: format!(
             "manager {:.2} ({:.2} fds), worker {:.2}",
@@ -893,15 +893,15 @@ fn scale_rows(one: &ScaleRun, run: &ScaleRun, rows: &mut Vec<Row>) {
         ),
         baseline: "-".into(),
         ratio: None,
-        goal: "≈ 1 each",
+        goal: "≈ 1 each".into(),
     });
     rows.push(Row {
-        scenario: "4 scale",
+        scenario: "4 scale".into(),
         metric: format!("median submit→started with {n} workers"),
         value: us(run.dispatch_p50),
         baseline: format!("{} with 1 worker", us(one.dispatch_p50)),
         ratio: Some(one.dispatch_p50.as_secs_f64() / run.dispatch_p50.as_secs_f64()),
-        goal: "≥ 0.5 (≤ 2×)",
+        goal: "≥ 0.5 (≤ 2×)".into(),
     });
 }
 
@@ -928,18 +928,81 @@ fn print_stacks(run: &ScaleRun) {
     }
 }
 
-fn scale(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) -> ScaleRun {
-    let one = scale_run(certs, 1, 1, s.scale_probes, s.idle_window).unwrap();
-    let run = scale_run(
-        certs,
-        s.scale_workers,
-        s.scale_per_host,
-        s.scale_probes,
-        s.idle_window,
-    )
-    .unwrap();
-    scale_rows(&one, &run, rows);
-    run
+/// `__scale N PER_PROCESS JSON [--quick]`: the scale scenario at one size in this fresh
+/// process; writes its rows to JSON and prints its thread-stack table.
+fn scale_main(args: &[String]) {
+    let n: usize = args[0].parse().unwrap();
+    let per_host: usize = args[1].parse().unwrap();
+    let s = if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
+    let certs = Certs::new();
+    let mut rows = Vec::new();
+    if let Some(run) = scale_only(&certs, &s, &[n], per_host, &mut rows) {
+        print_stacks(&run);
+    }
+    std::fs::write(&args[2], rows_to_json(&rows)).unwrap();
+}
+
+/// Runs the scale scenario at `n` workers in a fresh process (`__scale`), so that no
+/// earlier scenario's memory, freed but kept by the allocator, or cached thread stacks
+/// blur its figures. Returns its rows and its printed thread-stack table.
+fn scale_in_child(n: usize, per_host: usize, quick: bool) -> (Vec<Row>, String) {
+    let exe = std::env::current_exe().unwrap();
+    let json = std::env::temp_dir().join(format!(
+        "workpool-bench-scale-{}-{n}.json",
+        std::process::id()
+    ));
+    let mut c = Command::new(exe);
+    c.args(["__scale", &n.to_string(), &per_host.to_string()])
+        .arg(&json);
+    if quick {
+        c.arg("--quick");
+    }
+    let out = c
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("starting the scale process");
+    let stacks = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "the scale process failed: {stacks}");
+    let text = std::fs::read_to_string(&json).expect("the scale process's rows");
+    let _ = std::fs::remove_file(&json);
+    (rows_from_json(&text), stacks)
+}
+
+fn rows_to_json(rows: &[Row]) -> String {
+    let items: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "scenario": r.scenario,
+                "metric": r.metric,
+                "value": r.value,
+                "baseline": r.baseline,
+                "ratio": r.ratio.map(|x| (x * 1e4).round() / 1e4),
+                "goal": r.goal,
+            })
+        })
+        .collect();
+    serde_json::to_string_pretty(&items).unwrap() + "\n"
+}
+
+fn rows_from_json(text: &str) -> Vec<Row> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+    let field = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+    items
+        .iter()
+        .map(|v| Row {
+            scenario: field(v, "scenario"),
+            metric: field(v, "metric"),
+            value: field(v, "value"),
+            baseline: field(v, "baseline"),
+            ratio: v["ratio"].as_f64(),
+            goal: field(v, "goal"),
+        })
+        .collect()
 }
 
 /// `--workers N[,N…]`: the scale scenario alone, at each size that fits in the machine's
@@ -984,12 +1047,12 @@ fn scale_only(
         };
         if let Some(why) = limit {
             rows.push(Row {
-                scenario: "4 scale",
+                scenario: "4 scale".into(),
                 metric: format!("{n} workers"),
                 value: "not run".into(),
                 baseline: why,
                 ratio: None,
-                goal: "",
+                goal: "".into(),
             });
             continue;
         }
@@ -1000,12 +1063,12 @@ fn scale_only(
                 last = Some(run);
             }
             Err(e) => rows.push(Row {
-                scenario: "4 scale",
+                scenario: "4 scale".into(),
                 metric: format!("{n} workers"),
                 value: "failed".into(),
                 baseline: e,
                 ratio: None,
-                goal: "",
+                goal: "".into(),
             }),
         }
     }
@@ -1035,7 +1098,7 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
     }
     let rss = proc_status("VmRSS:").saturating_sub(rss_before);
     rows.push(Row {
-        scenario: "5 queue",
+        scenario: "5 queue".into(),
         metric: format!("submit {} jobs with no worker", s.queue_jobs),
         value: format!("{:.0} jobs/s", s.queue_jobs as f64 / submit.as_secs_f64()),
         baseline: format!(
@@ -1043,15 +1106,15 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
             s.queue_jobs as f64 / channel.as_secs_f64()
         ),
         ratio: Some(channel.as_secs_f64() / submit.as_secs_f64()),
-        goal: "",
+        goal: "".into(),
     });
     rows.push(Row {
-        scenario: "5 queue",
+        scenario: "5 queue".into(),
         metric: "memory per queued job (handle included)".into(),
         value: format!("{:.0} bytes", rss as f64 / s.queue_jobs as f64),
         baseline: "-".into(),
         ratio: None,
-        goal: "",
+        goal: "".into(),
     });
     let k = 2;
     let t = Instant::now();
@@ -1061,12 +1124,12 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
     }
     let drain = s.drain_jobs as f64 / t.elapsed().as_secs_f64();
     rows.push(Row {
-        scenario: "5 queue",
+        scenario: "5 queue".into(),
         metric: format!("drain: first {} jobs once {k} workers join", s.drain_jobs),
         value: format!("{drain:.0} jobs/s"),
         baseline: format!("{local_rate:.0} jobs/s (local, scenario 1)"),
         ratio: Some(drain / local_rate),
-        goal: "",
+        goal: "".into(),
     });
     manager.shutdown_within(Duration::ZERO);
 }
@@ -1202,28 +1265,28 @@ fn instructions(
     };
     Ok(vec![
         Row {
-            scenario: "6 instructions",
+            scenario: "6 instructions".into(),
             metric: format!("manager process, per `true` job ({small} vs {large} jobs)"),
             value: format!("{:.1} k", pm / 1e3),
             baseline: fixed(m0, pm),
             ratio: None,
-            goal: "halve",
+            goal: "halve".into(),
         },
         Row {
-            scenario: "6 instructions",
+            scenario: "6 instructions".into(),
             metric: format!("worker process, per `true` job ({small} vs {large} jobs)"),
             value: format!("{:.1} k", pw / 1e3),
             baseline: fixed(w0, pw),
             ratio: None,
-            goal: "halve",
+            goal: "halve".into(),
         },
         Row {
-            scenario: "6 instructions",
+            scenario: "6 instructions".into(),
             metric: "manager + worker, per job".into(),
             value: format!("{:.1} k", (pm + pw) / 1e3),
             baseline: "-".into(),
             ratio: None,
-            goal: "halve",
+            goal: "halve".into(),
         },
     ])
 }
@@ -1253,6 +1316,7 @@ fn main() {
         Some("__worker") => return worker_main(&args[1..]),
         Some("__workers") => return workers_main(&args[1..]),
         Some("__manager") => return manager_main(&args[1..]),
+        Some("__scale") => return scale_main(&args[1..]),
         _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -1266,7 +1330,7 @@ fn main() {
     let certs = Certs::new();
     let k = 2;
     let mut rows = Vec::new();
-    let mut stacks = None;
+    let mut stacks = String::new();
     let started = Instant::now();
     if instr {
         let jobs = numbers(&args, "--jobs").unwrap_or(vec![100, 300]);
@@ -1284,7 +1348,13 @@ fn main() {
             }
         }
     } else if let Some(sizes) = workers {
-        stacks = scale_only(&certs, &s, &sizes, per_host, &mut rows);
+        for n in sizes {
+            let (r, st) = scale_in_child(n, per_host, quick);
+            rows.extend(r);
+            if !st.trim().is_empty() {
+                stacks = st;
+            }
+        }
     } else {
         eprintln!("throughput...");
         let local_rate = throughput(&certs, &s, k, &mut rows);
@@ -1293,7 +1363,9 @@ fn main() {
         eprintln!("streaming...");
         streaming(&certs, &s, &mut rows);
         eprintln!("scale...");
-        stacks = Some(scale(&certs, &s, &mut rows));
+        let (r, st) = scale_in_child(s.scale_workers, s.scale_per_host, quick);
+        rows.extend(r);
+        stacks = st;
         eprintln!("queue...");
         queue(&certs, &s, local_rate, &mut rows);
     }
@@ -1312,24 +1384,8 @@ fn main() {
         started.elapsed().as_secs_f64(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    if let Some(run) = stacks {
-        print_stacks(&run);
-    }
+    print!("{stacks}");
     if let Some(path) = json {
-        let items: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "{{\"scenario\":{:?},\"metric\":{:?},\"value\":{:?},\"baseline\":{:?},\"ratio\":{},\"goal\":{:?}}}",
-                    r.scenario,
-                    r.metric,
-                    r.value,
-                    r.baseline,
-                    r.ratio.map_or("null".into(), |x| format!("{x:.4}")),
-                    r.goal
-                )
-            })
-            .collect();
-        std::fs::write(&path, format!("[\n{}\n]\n", items.join(",\n"))).unwrap();
+        std::fs::write(&path, rows_to_json(&rows)).unwrap();
     }
 }
