@@ -698,10 +698,9 @@ impl ScaleRun {
             .saturating_sub(self.manager_before.threads) as f64
             / self.workers as f64
     }
+    /// Not counting the pipe to each worker process's stdin, which this process holds.
     fn manager_fds_per_worker(&self) -> f64 {
-        self.manager_after
-            .fds
-            .saturating_sub(self.manager_before.fds) as f64
+        (self.manager_after.fds).saturating_sub(self.manager_before.fds + self.hosts) as f64
             / self.workers as f64
     }
     /// Each host has one main thread besides its workers' threads.
@@ -1017,7 +1016,7 @@ fn scale_only(
     let one = scale_run(certs, 1, 1, s.scale_probes, s.idle_window).unwrap();
     // Threads a worker costs, both sides, as measured with one.
     let per_worker = (one.manager_threads_per_worker() + one.host_threads_per_worker()).ceil();
-    let fds_per_worker = one.manager_fds_per_worker().ceil().max(1.0) as u64;
+    let fds_per_worker = one.manager_fds_per_worker().max(1.0).ceil() as u64;
     let pid_max = read_number("/proc/sys/kernel/pid_max").unwrap_or(32768);
     let nofile =
         raise_nofile(sizes.iter().max().copied().unwrap_or(1) as u64 * fds_per_worker + 256);
