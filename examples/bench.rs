@@ -1309,6 +1309,41 @@ fn numbers(args: &[String], flag: &str) -> Option<Vec<usize>> {
     })
 }
 
+const USAGE: &str = "\
+usage: bench [--quick] [--json FILE]
+       bench --workers N[,N...] [--per-process M] [--quick] [--json FILE]
+       bench --instructions [--jobs SMALL,LARGE] [--keep-callgrind DIR] [--json FILE]
+
+With no mode, every scenario runs once (--quick: small sizes). --workers runs the scale
+scenario alone at each size, M workers per worker process (1000 by default).
+--instructions counts instructions per trivial job with valgrind's callgrind in a
+manager process and a worker process (100 and 300 jobs by default).";
+
+/// Exits with the usage on `--help`, and with an error on anything it does not know.
+fn check_args(args: &[String]) {
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--quick" | "--instructions" => i += 1,
+            "--json" | "--workers" | "--per-process" | "--jobs" | "--keep-callgrind" => {
+                if args.get(i + 1).is_none_or(|v| v.starts_with("--")) {
+                    eprintln!("bench: {} needs a value\n\n{USAGE}", args[i]);
+                    std::process::exit(2);
+                }
+                i += 2;
+            }
+            other => {
+                eprintln!("bench: unknown argument {other:?}\n\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
@@ -1318,9 +1353,14 @@ fn main() {
         Some("__scale") => return scale_main(&args[1..]),
         _ => {}
     }
+    check_args(&args);
     let quick = args.iter().any(|a| a == "--quick");
     let json = value_of(&args, "--json").map(String::from);
     let workers = numbers(&args, "--workers");
+    if workers.as_ref().is_some_and(|w| w.contains(&0)) {
+        eprintln!("bench: --workers takes counts of at least 1");
+        std::process::exit(2);
+    }
     let per_host = numbers(&args, "--per-process")
         .map_or(1000, |v| v[0])
         .max(1);
