@@ -1004,8 +1004,10 @@ fn rows_from_json(text: &str) -> Vec<Row> {
         .collect()
 }
 
-/// `--workers N[,N…]`: the scale scenario alone, at each size that fits in the machine's
-/// limits; says which limit stops a size that does not.
+/// The scale scenario at each of `sizes` that fits in the machine's limits (threads under
+/// `kernel.pid_max`, descriptors under `RLIMIT_NOFILE`), after one worker as the
+/// baseline; a size that does not fit gets a row saying which limit stops it. Returns the
+/// last run, for its stacks.
 fn scale_only(
     certs: &Certs,
     s: &Sizes,
