@@ -5,12 +5,18 @@
 //! cargo run --release --example bench                  # default sizes, a few minutes on 2 cores
 //! cargo run --release --example bench -- --quick       # seconds (the test suite runs this)
 //! cargo run --release --example bench -- --json out.json
+//! cargo run --release --example bench -- --workers 1000,2000,4000 [--per-process 1000]
+//! cargo run --release --example bench -- --instructions [--jobs 100,300] [--keep-callgrind DIR]
 //! ```
 //!
-//! Workers run as separate processes (this binary started again with `__worker`), except
-//! in the scale scenario, where a thousand workers run as threads of this process.
-//! Memory is read from `/proc/self/status` (VmRSS, and VmHWM after resetting it through
-//! `/proc/self/clear_refs`), so it is Linux-only.
+//! Workers run as separate processes: this binary started again with `__worker` (one
+//! worker) or `__workers` (many workers in one process, for the scale scenario).
+//! `--workers` runs the scale scenario alone at each size, after checking that the
+//! threads it needs fit under `kernel.pid_max` and the descriptors under `RLIMIT_NOFILE`
+//! (raised as far as the process may). `--instructions` counts, with valgrind's callgrind,
+//! the instructions a manager process (`__manager`) and a worker process execute per
+//! trivial job. Memory, threads, descriptors and CPU time are read from `/proc`, so the
+//! benchmark is Linux-only.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -26,7 +32,11 @@ struct Sizes {
     latency_jobs: usize,
     stream_bytes: u64,
     scale_workers: usize,
+    /// Most workers in one worker process in the scale scenario.
+    scale_per_host: usize,
     scale_probes: usize,
+    /// How long the manager's CPU is watched with every worker connected and idle.
+    idle_window: Duration,
     queue_jobs: usize,
     drain_jobs: usize,
 }
@@ -36,7 +46,9 @@ const FULL: Sizes = Sizes {
     latency_jobs: 300,
     stream_bytes: 1 << 30,
     scale_workers: 1000,
+    scale_per_host: 500,
     scale_probes: 200,
+    idle_window: Duration::from_secs(5),
     queue_jobs: 100_000,
     drain_jobs: 2000,
 };
@@ -46,19 +58,21 @@ const QUICK: Sizes = Sizes {
     latency_jobs: 20,
     stream_bytes: 16 << 20,
     scale_workers: 20,
+    scale_per_host: 10,
     scale_probes: 20,
+    idle_window: Duration::from_millis(500),
     queue_jobs: 2000,
     drain_jobs: 40,
 };
 
 /// One line of the table.
 struct Row {
-    scenario: &'static str,
+    scenario: String,
     metric: String,
     value: String,
     baseline: String,
     ratio: Option<f64>,
-    goal: &'static str,
+    goal: String,
 }
 
 struct Certs {
@@ -74,39 +88,35 @@ impl Certs {
         let host = generate_self_signed(&["127.0.0.1"]).unwrap();
         let worker = generate_self_signed(&["bench-worker"]).unwrap();
         std::fs::write(dir.join("host-cert.pem"), &host.cert_pem).unwrap();
+        std::fs::write(dir.join("host-key.pem"), &host.key_pem).unwrap();
         std::fs::write(dir.join("worker-cert.pem"), &worker.cert_pem).unwrap();
         std::fs::write(dir.join("worker-key.pem"), &worker.key_pem).unwrap();
         Certs { dir, host, worker }
     }
 
     fn manager(&self) -> Manager {
-        let mut c = ManagerConfig::new(
-            "127.0.0.1:0",
-            Identity::from_pem(self.host.cert_pem.as_bytes(), self.host.key_pem.as_bytes())
-                .unwrap(),
-            TrustRoots::from_pem(self.worker.cert_pem.as_bytes()).unwrap(),
-        );
-        c.queue_capacity = 1_000_000;
-        c.shutdown_grace = Duration::ZERO;
-        c.result_output_limit = 1 << 20;
-        // Every benchmark worker presents the same certificate.
-        c.max_connections_per_certificate = 100_000;
-        Manager::bind(c).unwrap()
-    }
-
-    fn worker_config(&self, port: u16, name: &str) -> WorkerConfig {
-        WorkerConfig::new(
-            "127.0.0.1",
-            port,
-            Identity::from_pem(
-                self.worker.cert_pem.as_bytes(),
-                self.worker.key_pem.as_bytes(),
-            )
-            .unwrap(),
-            TrustRoots::from_pem(self.host.cert_pem.as_bytes()).unwrap(),
+        manager_config(
+            self.host.cert_pem.as_bytes(),
+            self.host.key_pem.as_bytes(),
+            self.worker.cert_pem.as_bytes(),
         )
-        .name(name)
     }
+}
+
+/// The benchmark's manager: a large queue, no grace on shutdown, and admission limits
+/// opened for many workers that share one certificate and one source address.
+fn manager_config(host_cert: &[u8], host_key: &[u8], worker_cert: &[u8]) -> Manager {
+    let mut c = ManagerConfig::new(
+        "127.0.0.1:0",
+        Identity::from_pem(host_cert, host_key).unwrap(),
+        TrustRoots::from_pem(worker_cert).unwrap(),
+    );
+    c.queue_capacity = 1_000_000;
+    c.shutdown_grace = Duration::ZERO;
+    c.result_output_limit = 1 << 20;
+    c.max_connections_per_certificate = 100_000;
+    c.max_handshakes_per_source = c.max_handshakes;
+    Manager::bind(c).unwrap()
 }
 
 impl Drop for Certs {
@@ -238,7 +248,7 @@ fn throughput(certs: &Certs, s: &Sizes, k: usize, rows: &mut Vec<Row>) -> f64 {
         s.throughput_jobs as f64 / local.as_secs_f64(),
     );
     rows.push(Row {
-        scenario: "1 throughput",
+        scenario: "1 throughput".into(),
         metric: format!(
             "{} `true` jobs, {k} worker processes × 1 slot",
             s.throughput_jobs
@@ -246,7 +256,7 @@ fn throughput(certs: &Certs, s: &Sizes, k: usize, rows: &mut Vec<Row>) -> f64 {
         value: format!("{pool_rate:.0} jobs/s"),
         baseline: format!("{local_rate:.0} jobs/s (local bash -c true, {k} at a time)"),
         ratio: Some(pool_rate / local_rate),
-        goal: "≥ 0.9",
+        goal: "≥ 0.9".into(),
     });
     local_rate
 }
@@ -276,22 +286,22 @@ fn latency(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
     for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
         let (p, l) = (percentile(&pool, q), percentile(&local, q));
         rows.push(Row {
-            scenario: "2 latency",
+            scenario: "2 latency".into(),
             metric: format!("{name} submit→finished, one job at a time"),
             value: us(p),
             baseline: format!("{} (local bash -c true)", us(l)),
             ratio: Some(l.as_secs_f64() / p.as_secs_f64()),
-            goal: if q == 0.5 { "overhead < 200 µs" } else { "" },
+            goal: if q == 0.5 { "overhead < 200 µs" } else { "" }.into(),
         });
     }
     let overhead = percentile(&pool, 0.5).saturating_sub(percentile(&local, 0.5));
     rows.push(Row {
-        scenario: "2 latency",
+        scenario: "2 latency".into(),
         metric: "p50 overhead (workpool − local)".into(),
         value: us(overhead),
         baseline: "-".into(),
         ratio: None,
-        goal: "< 200 µs",
+        goal: "< 200 µs".into(),
     });
 }
 
@@ -391,20 +401,20 @@ fn streaming(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
     let raw = raw_tls_seconds(certs, s.stream_bytes);
     let gb = |secs: f64| format!("{:.2} GB/s", s.stream_bytes as f64 / secs / 1e9);
     rows.push(Row {
-        scenario: "3 streaming",
+        scenario: "3 streaming".into(),
         metric: format!("{} of stdout to the submitter", mib(s.stream_bytes)),
         value: gb(secs),
         baseline: format!("{} (raw rustls over loopback)", gb(raw)),
         ratio: Some(raw / secs),
-        goal: "≥ 0.5",
+        goal: "≥ 0.5".into(),
     });
     rows.push(Row {
-        scenario: "3 streaming",
+        scenario: "3 streaming".into(),
         metric: "manager process peak RSS during the stream".into(),
         value: mib(peak),
         baseline: format!("{} before", mib(rss_before)),
         ratio: None,
-        goal: "bounded",
+        goal: "bounded".into(),
     });
 }
 
@@ -429,61 +439,641 @@ fn median_dispatch(manager: &Manager, probes: usize) -> Duration {
     percentile(&v, 0.5)
 }
 
-fn scale(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
-    let one = {
-        let manager = certs.manager();
-        let events = manager.subscribe();
-        let _w = Worker::start(certs.worker_config(manager.local_addr().port(), "solo")).unwrap();
-        wait_joined(&events, 1);
-        median_dispatch(&manager, s.scale_probes)
+/// What `/proc/PID` says about one process.
+#[derive(Clone, Copy, Default)]
+struct ProcFigures {
+    rss: u64,
+    vsz: u64,
+    threads: usize,
+    fds: usize,
+    /// User plus system CPU time, in clock ticks.
+    cpu_ticks: u64,
+}
+
+fn proc_figures(pid: u32) -> ProcFigures {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
     };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis start at field 3 (state); utime and
+    // stime are fields 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f: Vec<u64> = after
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    ProcFigures {
+        rss: field("VmRSS:") * 1024,
+        vsz: field("VmSize:") * 1024,
+        threads: field("Threads:") as usize,
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count()),
+        cpu_ticks: f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0),
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn read_number(path: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Threads (kernel tasks) alive on the whole machine: the fourth field of /proc/loadavg.
+fn system_threads() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    s.split_whitespace().nth(3)?.split_once('/')?.1.parse().ok()
+}
+
+/// Raises this process's open-file limit: the soft limit to the hard one, and the hard one
+/// to `want` if that is higher and the process may (CAP_SYS_RESOURCE). Returns the soft
+/// limit in force afterwards.
+fn raise_nofile(want: u64) -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `r` is a valid rlimit for getrlimit to fill.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return 0;
+    }
+    if want > r.rlim_max {
+        let up = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want,
+        };
+        // SAFETY: `up` is a valid rlimit; failure (no privilege, above fs.nr_open) is handled.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &up) } == 0 {
+            return want;
+        }
+    }
+    let soft = libc::rlimit {
+        rlim_cur: r.rlim_max,
+        rlim_max: r.rlim_max,
+    };
+    // SAFETY: `soft` is a valid rlimit whose soft limit equals the hard one.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &soft) } == 0 {
+        r.rlim_max
+    } else {
+        r.rlim_cur
+    }
+}
+
+/// The kind of a thread, from its name (`wp-job-17` and `wp-job-18` are one kind).
+fn thread_kind(comm: &str, main: bool) -> String {
+    if main {
+        return "main".into();
+    }
+    for prefix in ["wp-worker-", "wp-job-"] {
+        if comm.starts_with(prefix) {
+            return format!("{prefix}*");
+        }
+    }
+    comm.to_string()
+}
+
+/// One kind of thread in one process: how many, the stack reserved for each (the size
+/// of the mapping that holds its stack pointer) and the most of it any of them has
+/// touched (resident pages of that mapping: a high-water mark, since a thread's stack
+/// pages stay resident while it lives).
+struct StackKind {
+    kind: String,
+    threads: usize,
+    reserved: u64,
+    touched_max: u64,
+}
+
+/// The stacks of a process's threads, by kind; threads whose stack pointer cannot be
+/// read (running at that moment) are counted with zeros.
+fn stack_kinds(pid: u32) -> Vec<StackKind> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut maps: Vec<(u64, u64, u64)> = Vec::new();
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16))
+        {
+            maps.push((a, b, 0));
+        } else if let Some(kb) = line.strip_prefix("Rss:")
+            && let Some(m) = maps.last_mut()
+        {
+            m.2 = kb
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024;
+        }
+    }
+    let mut kinds: Vec<StackKind> = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten();
+    for t in tasks.flatten() {
+        let tid = t.file_name().to_string_lossy().to_string();
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        let kind = thread_kind(comm.trim(), tid == pid.to_string());
+        // "nr args... sp pc" while in a system call, "-1 sp pc" while blocked outside
+        // one, "running" while on a CPU.
+        let syscall = std::fs::read_to_string(t.path().join("syscall")).unwrap_or_default();
+        let fields: Vec<&str> = syscall.split_whitespace().collect();
+        let sp = (fields.len() >= 3)
+            .then(|| fields[fields.len() - 2].trim_start_matches("0x"))
+            .and_then(|x| u64::from_str_radix(x, 16).ok());
+        let (reserved, touched) = sp
+            .and_then(|sp| maps.iter().find(|m| m.0 <= sp && sp < m.1))
+            .map_or((0, 0), |m| (m.1 - m.0, m.2));
+        merge_kinds(
+            &mut kinds,
+            vec![StackKind {
+                kind,
+                threads: 1,
+                reserved,
+                touched_max: touched,
+            }],
+        );
+    }
+    kinds
+}
+
+/// Adds the kinds of another process to `into` (threads summed, sizes the largest).
+fn merge_kinds(into: &mut Vec<StackKind>, more: Vec<StackKind>) {
+    for k in more {
+        match into.iter_mut().find(|i| i.kind == k.kind) {
+            Some(i) => {
+                i.threads += k.threads;
+                i.reserved = i.reserved.max(k.reserved);
+                i.touched_max = i.touched_max.max(k.touched_max);
+            }
+            None => into.push(k),
+        }
+    }
+    into.sort_by(|a, b| b.threads.cmp(&a.threads).then(a.kind.cmp(&b.kind)));
+}
+
+/// Worker-host processes (this binary started with `__workers`), each holding many
+/// workers. Closing a host's stdin ends it; dropping kills them by PID.
+struct Hosts(Vec<Child>);
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `__workers PORT FIRST COUNT DIR`: starts COUNT workers named `hFIRST`… in this
+/// process and keeps them until stdin closes.
+fn workers_main(args: &[String]) {
+    let (port, first, count, dir) = (
+        args[0].parse::<u16>().unwrap(),
+        args[1].parse::<usize>().unwrap(),
+        args[2].parse::<usize>().unwrap(),
+        Path::new(&args[3]),
+    );
+    raise_nofile(count as u64 * 8 + 256);
+    let identity =
+        Identity::from_pem_files(dir.join("worker-cert.pem"), dir.join("worker-key.pem")).unwrap();
+    let trust = TrustRoots::from_pem_files([dir.join("host-cert.pem")]).unwrap();
+    let mut workers = Vec::with_capacity(count);
+    for i in first..first + count {
+        let mut c = WorkerConfig::new("127.0.0.1", port, identity.clone(), trust.clone())
+            .name(format!("h{i}"));
+        c.backoff_max = Duration::from_secs(2);
+        match Worker::start(c) {
+            Ok(w) => workers.push(w),
+            Err(e) => {
+                eprintln!("worker host: worker h{i}: {e}");
+                std::process::exit(3);
+            }
+        }
+    }
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    // The manager sees every link close at once; no worker is stopped one by one.
+    std::process::exit(0);
+}
+
+/// Everything one scale run measured.
+struct ScaleRun {
+    workers: usize,
+    hosts: usize,
+    join: Duration,
+    manager_before: ProcFigures,
+    manager_after: ProcFigures,
+    host_figures: Vec<ProcFigures>,
+    idle_window: Duration,
+    manager_idle_ticks: u64,
+    hosts_idle_ticks: u64,
+    dispatch_p50: Duration,
+    manager_stacks: Vec<StackKind>,
+    host_stacks: Vec<StackKind>,
+}
+
+impl ScaleRun {
+    fn manager_rss_per_worker(&self) -> f64 {
+        self.manager_after
+            .rss
+            .saturating_sub(self.manager_before.rss) as f64
+            / self.workers as f64
+    }
+    fn manager_vsz_per_worker(&self) -> f64 {
+        self.manager_after
+            .vsz
+            .saturating_sub(self.manager_before.vsz) as f64
+            / self.workers as f64
+    }
+    fn manager_threads_per_worker(&self) -> f64 {
+        self.manager_after
+            .threads
+            .saturating_sub(self.manager_before.threads) as f64
+            / self.workers as f64
+    }
+    /// Not counting the pipe to each worker process's stdin, which this process holds.
+    fn manager_fds_per_worker(&self) -> f64 {
+        (self.manager_after.fds).saturating_sub(self.manager_before.fds + self.hosts) as f64
+            / self.workers as f64
+    }
+    /// Each host has one main thread besides its workers' threads.
+    fn host_threads_per_worker(&self) -> f64 {
+        let t: usize = self.host_figures.iter().map(|f| f.threads - 1).sum();
+        t as f64 / self.workers as f64
+    }
+    fn host_rss_per_worker(&self) -> f64 {
+        self.host_figures.iter().map(|f| f.rss).sum::<u64>() as f64 / self.workers as f64
+    }
+    fn host_vsz_per_worker(&self) -> f64 {
+        self.host_figures.iter().map(|f| f.vsz).sum::<u64>() as f64 / self.workers as f64
+    }
+    fn cpu_percent(&self, ticks: u64) -> f64 {
+        ticks as f64 / clock_ticks_per_second() / self.idle_window.as_secs_f64() * 100.0
+    }
+}
+
+/// `n` workers in processes of at most `per_host` each, against one manager in this
+/// process: the time for all to join, what they cost the manager, its idle CPU, and the
+/// median submit→started.
+fn scale_run(
+    certs: &Certs,
+    n: usize,
+    per_host: usize,
+    probes: usize,
+    idle: Duration,
+) -> Result<ScaleRun, String> {
+    let me = std::process::id();
     let manager = certs.manager();
     let events = manager.subscribe();
-    let rss_before = proc_status("VmRSS:");
+    let manager_before = proc_figures(me);
+    let exe = std::env::current_exe().unwrap();
+    let port = manager.local_addr().port().to_string();
     let t = Instant::now();
-    let workers: Vec<Worker> = (0..s.scale_workers)
-        .map(|i| {
-            let mut c = certs.worker_config(manager.local_addr().port(), &format!("t{i}"));
-            c.backoff_max = Duration::from_secs(2);
-            Worker::start(c).unwrap()
+    let mut hosts = Hosts(Vec::new());
+    for first in (0..n).step_by(per_host.max(1)) {
+        let count = per_host.min(n - first);
+        let child = Command::new(&exe)
+            .args(["__workers", &port, &first.to_string(), &count.to_string()])
+            .arg(&certs.dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting a worker host: {e}"))?;
+        hosts.0.push(child);
+    }
+    let deadline = Instant::now() + Duration::from_secs(120 + n as u64 / 20);
+    let mut joined = 0;
+    while joined < n {
+        match events.recv_timeout(Duration::from_millis(500)) {
+            Ok(ManagerEvent::WorkerJoined(_)) => joined += 1,
+            Ok(_) => {}
+            Err(_) => {
+                for h in &mut hosts.0 {
+                    if let Ok(Some(status)) = h.try_wait() {
+                        return Err(format!(
+                            "a worker host ended ({status}) with {joined} of {n} workers joined"
+                        ));
+                    }
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("only {joined} of {n} workers joined in time"));
+                }
+            }
+        }
+    }
+    let join = t.elapsed();
+    let pids: Vec<u32> = hosts.0.iter().map(Child::id).collect();
+    // A link's threads start around its join event: wait until no process's thread count
+    // has changed for 300 ms (at most 10 s).
+    let threads = || -> Vec<usize> {
+        std::iter::once(me)
+            .chain(pids.iter().copied())
+            .map(|p| proc_figures(p).threads)
+            .collect()
+    };
+    let (mut seen, mut since, settle) = (threads(), Instant::now(), Instant::now());
+    while since.elapsed() < Duration::from_millis(300) && settle.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = threads();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+    let manager_after = proc_figures(me);
+    let host_figures: Vec<ProcFigures> = pids.iter().map(|&p| proc_figures(p)).collect();
+    // Stacks, with one job running (its thread has spawned the job and waits for it).
+    let probe = manager.submit(JobSpec::new("sleep 2")).unwrap();
+    while !matches!(probe.events().recv(), Ok(JobEvent::Started { .. }) | Err(_)) {}
+    let mut host_stacks = Vec::new();
+    for &p in &pids {
+        merge_kinds(&mut host_stacks, stack_kinds(p));
+    }
+    let manager_stacks = stack_kinds(me);
+    assert_eq!(probe.wait().outcome, Outcome::Exited(0));
+    // Idle: every worker connected, no job anywhere; only heartbeats move.
+    let m0 = proc_figures(me).cpu_ticks;
+    let h0: u64 = pids.iter().map(|&p| proc_figures(p).cpu_ticks).sum();
+    let window = Instant::now();
+    std::thread::sleep(idle);
+    let idle_window = window.elapsed();
+    let manager_idle_ticks = proc_figures(me).cpu_ticks.saturating_sub(m0);
+    let hosts_idle_ticks = pids
+        .iter()
+        .map(|&p| proc_figures(p).cpu_ticks)
+        .sum::<u64>()
+        .saturating_sub(h0);
+    let dispatch_p50 = median_dispatch(&manager, probes);
+    drop(hosts);
+    manager.shutdown_within(Duration::ZERO);
+    Ok(ScaleRun {
+        workers: n,
+        hosts: pids.len(),
+        join,
+        manager_before,
+        manager_after,
+        host_figures,
+        idle_window,
+        manager_idle_ticks,
+        hosts_idle_ticks,
+        dispatch_p50,
+        manager_stacks,
+        host_stacks,
+    })
+}
+
+fn kib(b: f64) -> String {
+    format!("{:.0} KiB", b / 1024.0)
+}
+
+fn scale_rows(one: &ScaleRun, run: &ScaleRun, rows: &mut Vec<Row>) {
+    let n = run.workers;
+    rows.push(Row {
+        scenario: "4 scale".into(),
+        metric: format!("{n} workers in {} processes join", run.hosts),
+        value: format!("{:.3} s", run.join.as_secs_f64()),
+        baseline: format!("{:.3} s for 1 worker", one.join.as_secs_f64()),
+        ratio: None,
+        goal: "".into(),
+    });
+    rows.push(Row {
+        scenario: "4 scale".into(),
+        metric: format!("manager memory per connected worker, {n} workers"),
+        value: format!(
+            "{} RSS ({} VSZ)",
+            kib(run.manager_rss_per_worker()),
+            kib(run.manager_vsz_per_worker())
+        ),
+        baseline: format!("{} RSS before", mib(run.manager_before.rss)),
+        ratio: None,
+        goal: "≤ 100 KiB".into(),
+    });
+    rows.push(Row {
+        scenario: "4 scale".into(),
+        metric: format!("worker-process memory per worker, {n} workers"),
+        value: format!(
+            "{} RSS ({} VSZ)",
+            kib(run.host_rss_per_worker()),
+            kib(run.host_vsz_per_worker())
+        ),
+        baseline: "-".into(),
+        ratio: None,
+        goal: "".into(),
+    });
+    rows.push(Row {
+        scenario: "4 scale".into(),
+        metric: format!(
+            "manager CPU while idle with {n} workers connected ({:.0} s)",
+            run.idle_window.as_secs_f64()
+        ),
+        value: format!("{:.1} % of a core", run.cpu_percent(run.manager_idle_ticks)),
+        baseline: format!(
+            "{:.1} % for the worker processes",
+            run.cpu_percent(run.hosts_idle_ticks)
+        ),
+        ratio: None,
+        goal: "≤ 10 %".into(),
+    });
+    rows.push(Row {
+        scenario: "4 scale".into(),
+        metric: format!("threads (and fds) per connection, {n} workers"),
+        value: format!(
+            "manager {:.2} ({:.2} fds), worker {:.2}",
+            run.manager_threads_per_worker(),
+            run.manager_fds_per_worker(),
+            run.host_threads_per_worker()
+        ),
+        baseline: "-".into(),
+        ratio: None,
+        goal: "≈ 1 each".into(),
+    });
+    rows.push(Row {
+        scenario: "4 scale".into(),
+        metric: format!("median submit→started with {n} workers"),
+        value: us(run.dispatch_p50),
+        baseline: format!("{} with 1 worker", us(one.dispatch_p50)),
+        ratio: Some(one.dispatch_p50.as_secs_f64() / run.dispatch_p50.as_secs_f64()),
+        goal: "≥ 0.5 (≤ 2×)".into(),
+    });
+}
+
+fn print_stacks(run: &ScaleRun) {
+    println!(
+        "\nthread stacks with {} workers: reserved = the mapping holding the stack pointer, touched = most resident pages of any one",
+        run.workers
+    );
+    println!("| process | thread kind | threads | stack reserved | touched (max) |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (side, kinds) in [
+        ("manager", &run.manager_stacks),
+        ("worker processes", &run.host_stacks),
+    ] {
+        for k in kinds {
+            println!(
+                "| {side} | {} | {} | {} | {} |",
+                k.kind,
+                k.threads,
+                kib(k.reserved as f64),
+                kib(k.touched_max as f64)
+            );
+        }
+    }
+}
+
+/// `__scale N PER_PROCESS JSON [--quick]`: the scale scenario at one size in this fresh
+/// process; writes its rows to JSON and prints its thread-stack table.
+fn scale_main(args: &[String]) {
+    let n: usize = args[0].parse().unwrap();
+    let per_host: usize = args[1].parse().unwrap();
+    let s = if args.iter().any(|a| a == "--quick") {
+        QUICK
+    } else {
+        FULL
+    };
+    let certs = Certs::new();
+    let mut rows = Vec::new();
+    if let Some(run) = scale_only(&certs, &s, &[n], per_host, &mut rows) {
+        print_stacks(&run);
+    }
+    std::fs::write(&args[2], rows_to_json(&rows)).unwrap();
+}
+
+/// Runs the scale scenario at `n` workers in a fresh process (`__scale`), so that no
+/// earlier scenario's memory, freed but kept by the allocator, or cached thread stacks
+/// blur its figures. Returns its rows and its printed thread-stack table.
+fn scale_in_child(n: usize, per_host: usize, quick: bool) -> (Vec<Row>, String) {
+    let exe = std::env::current_exe().unwrap();
+    let json = std::env::temp_dir().join(format!(
+        "workpool-bench-scale-{}-{n}.json",
+        std::process::id()
+    ));
+    let mut c = Command::new(exe);
+    c.args(["__scale", &n.to_string(), &per_host.to_string()])
+        .arg(&json);
+    if quick {
+        c.arg("--quick");
+    }
+    let out = c
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("starting the scale process");
+    let stacks = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "the scale process failed: {stacks}");
+    let text = std::fs::read_to_string(&json).expect("the scale process's rows");
+    let _ = std::fs::remove_file(&json);
+    (rows_from_json(&text), stacks)
+}
+
+fn rows_to_json(rows: &[Row]) -> String {
+    let items: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "scenario": r.scenario,
+                "metric": r.metric,
+                "value": r.value,
+                "baseline": r.baseline,
+                "ratio": r.ratio.map(|x| (x * 1e4).round() / 1e4),
+                "goal": r.goal,
+            })
         })
         .collect();
-    wait_joined(&events, s.scale_workers);
-    let join = t.elapsed();
-    let rss = proc_status("VmRSS:").saturating_sub(rss_before);
-    let many = median_dispatch(&manager, s.scale_probes);
-    rows.push(Row {
-        scenario: "4 scale",
-        metric: format!("{} workers (threads here) join", s.scale_workers),
-        value: format!("{:.2} s", join.as_secs_f64()),
-        baseline: "-".into(),
-        ratio: None,
-        goal: "",
-    });
-    rows.push(Row {
-        scenario: "4 scale",
-        metric: format!(
-            "memory for {} workers, manager and worker sides",
-            s.scale_workers
-        ),
-        value: format!(
-            "{} ({:.0} KiB each)",
-            mib(rss),
-            rss as f64 / 1024.0 / s.scale_workers as f64
-        ),
-        baseline: "-".into(),
-        ratio: None,
-        goal: "",
-    });
-    rows.push(Row {
-        scenario: "4 scale",
-        metric: format!("median submit→started with {} workers", s.scale_workers),
-        value: us(many),
-        baseline: format!("{} with 1 worker", us(one)),
-        ratio: Some(one.as_secs_f64() / many.as_secs_f64()),
-        goal: "",
-    });
-    drop(workers);
+    serde_json::to_string_pretty(&items).unwrap() + "\n"
+}
+
+fn rows_from_json(text: &str) -> Vec<Row> {
+    let items: Vec<serde_json::Value> = serde_json::from_str(text).unwrap();
+    let field = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("").to_string();
+    items
+        .iter()
+        .map(|v| Row {
+            scenario: field(v, "scenario"),
+            metric: field(v, "metric"),
+            value: field(v, "value"),
+            baseline: field(v, "baseline"),
+            ratio: v["ratio"].as_f64(),
+            goal: field(v, "goal"),
+        })
+        .collect()
+}
+
+/// The scale scenario at each of `sizes` that fits in the machine's limits (threads under
+/// `kernel.pid_max`, descriptors under `RLIMIT_NOFILE`), after one worker as the
+/// baseline; a size that does not fit gets a row saying which limit stops it. Returns the
+/// last run, for its stacks.
+fn scale_only(
+    certs: &Certs,
+    s: &Sizes,
+    sizes: &[usize],
+    per_host: usize,
+    rows: &mut Vec<Row>,
+) -> Option<ScaleRun> {
+    let one = scale_run(certs, 1, 1, s.scale_probes, s.idle_window).unwrap();
+    // Threads a worker costs, both sides, as measured with one.
+    let per_worker = (one.manager_threads_per_worker() + one.host_threads_per_worker()).ceil();
+    let fds_per_worker = one.manager_fds_per_worker().max(1.0).ceil() as u64;
+    let pid_max = read_number("/proc/sys/kernel/pid_max").unwrap_or(32768);
+    let nofile =
+        raise_nofile(sizes.iter().max().copied().unwrap_or(1) as u64 * fds_per_worker + 256);
+    eprintln!(
+        "a worker costs {per_worker} threads (manager and worker side) and {fds_per_worker} manager fds; \
+         kernel.pid_max {pid_max}, threads in use now {}, RLIMIT_NOFILE {nofile}",
+        system_threads().unwrap_or(0)
+    );
+    let mut last = None;
+    for &n in sizes {
+        // Keep a quarter of the pids for the rest of the machine (other builds and
+        // benchmarks share the table; a full one makes every fork fail).
+        let margin = pid_max / 4;
+        let in_use = system_threads().unwrap_or(0);
+        let need = (n as f64 * per_worker) as u64 + (n / per_host.max(1)) as u64 + 1;
+        let limit = if in_use + need + margin > pid_max {
+            Some(format!(
+                "needs ~{need} threads; {in_use} of kernel.pid_max {pid_max} are in use and {margin} are kept for the rest of the machine"
+            ))
+        } else if n as u64 * fds_per_worker + 64 > nofile {
+            Some(format!(
+                "needs ~{} descriptors in the manager; RLIMIT_NOFILE is {nofile}",
+                n as u64 * fds_per_worker
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = limit {
+            rows.push(Row {
+                scenario: "4 scale".into(),
+                metric: format!("{n} workers"),
+                value: "not run".into(),
+                baseline: why,
+                ratio: None,
+                goal: "".into(),
+            });
+            continue;
+        }
+        eprintln!("scale: {n} workers...");
+        match scale_run(certs, n, per_host, s.scale_probes, s.idle_window) {
+            Ok(run) => {
+                scale_rows(&one, &run, rows);
+                last = Some(run);
+            }
+            Err(e) => rows.push(Row {
+                scenario: "4 scale".into(),
+                metric: format!("{n} workers"),
+                value: "failed".into(),
+                baseline: e,
+                ratio: None,
+                goal: "".into(),
+            }),
+        }
+    }
+    last
 }
 
 fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
@@ -509,7 +1099,7 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
     }
     let rss = proc_status("VmRSS:").saturating_sub(rss_before);
     rows.push(Row {
-        scenario: "5 queue",
+        scenario: "5 queue".into(),
         metric: format!("submit {} jobs with no worker", s.queue_jobs),
         value: format!("{:.0} jobs/s", s.queue_jobs as f64 / submit.as_secs_f64()),
         baseline: format!(
@@ -517,15 +1107,15 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
             s.queue_jobs as f64 / channel.as_secs_f64()
         ),
         ratio: Some(channel.as_secs_f64() / submit.as_secs_f64()),
-        goal: "",
+        goal: "".into(),
     });
     rows.push(Row {
-        scenario: "5 queue",
+        scenario: "5 queue".into(),
         metric: "memory per queued job (handle included)".into(),
         value: format!("{:.0} bytes", rss as f64 / s.queue_jobs as f64),
         baseline: "-".into(),
         ratio: None,
-        goal: "",
+        goal: "".into(),
     });
     let k = 2;
     let t = Instant::now();
@@ -535,42 +1125,291 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
     }
     let drain = s.drain_jobs as f64 / t.elapsed().as_secs_f64();
     rows.push(Row {
-        scenario: "5 queue",
+        scenario: "5 queue".into(),
         metric: format!("drain: first {} jobs once {k} workers join", s.drain_jobs),
         value: format!("{drain:.0} jobs/s"),
         baseline: format!("{local_rate:.0} jobs/s (local, scenario 1)"),
         ratio: Some(drain / local_rate),
-        goal: "",
+        goal: "".into(),
     });
     manager.shutdown_within(Duration::ZERO);
 }
 
+/// `__manager COUNT DIR`: a manager that prints its port, waits for one worker, runs
+/// COUNT `true` jobs (all submitted at once), prints `done`, and exits when stdin closes.
+fn manager_main(args: &[String]) {
+    let count: usize = args[0].parse().unwrap();
+    let dir = Path::new(&args[1]);
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let manager = manager_config(
+        &read("host-cert.pem"),
+        &read("host-key.pem"),
+        &read("worker-cert.pem"),
+    );
+    let events = manager.subscribe();
+    println!("{}", manager.local_addr().port());
+    wait_joined(&events, 1);
+    let handles: Vec<_> = (0..count)
+        .map(|_| manager.submit(JobSpec::new("true")).unwrap())
+        .collect();
+    for h in handles {
+        assert_eq!(h.wait().outcome, Outcome::Exited(0));
+    }
+    println!("done");
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    manager.shutdown_within(Duration::ZERO);
+    std::process::exit(0);
+}
+
+/// The instructions a callgrind output file counted (its `totals:` or `summary:` line).
+fn callgrind_total(path: &Path) -> Result<u64, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("totals:")
+                .or_else(|| l.strip_prefix("summary:"))
+        })
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| format!("no totals in {}", path.display()))
+}
+
+/// Runs one manager process and one worker process, each under callgrind, for `jobs`
+/// trivial jobs; returns the instructions each executed.
+fn counted_run(certs: &Certs, jobs: usize, keep: Option<&Path>) -> Result<(u64, u64), String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = keep.unwrap_or(&certs.dir).join(format!("callgrind-{jobs}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().unwrap();
+    // Valgrind's own messages (e.g. that it lacks pidfd_open, so the worker falls back
+    // to waitid) go to a log beside the counts.
+    let valgrind = |who: &str| -> Result<Command, String> {
+        let log = std::fs::File::create(dir.join(format!("{who}.log")))
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let mut c = Command::new("valgrind");
+        c.arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}/{who}.%p", dir.display()))
+            .arg(&exe)
+            .stdin(Stdio::piped())
+            .stderr(log);
+        Ok(c)
+    };
+    let mut manager = Procs(vec![
+        valgrind("manager")?
+            .args(["__manager", &jobs.to_string()])
+            .arg(&certs.dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting valgrind: {e}"))?,
+    ]);
+    let mut out = BufReader::new(manager.0[0].stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    let port = line.trim().to_string();
+    let mut worker = Procs(vec![
+        valgrind("worker")?
+            .args(["__workers", &port, "0", "1"])
+            .arg(&certs.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting valgrind: {e}"))?,
+    ]);
+    line.clear();
+    out.read_line(&mut line).map_err(|e| e.to_string())?;
+    if line.trim() != "done" {
+        return Err(format!("the manager process said {line:?}, not done"));
+    }
+    // The worker leaves first, then the manager; each exits on its own (its stdin
+    // closes), so callgrind writes its count.
+    let (mpid, wpid) = (manager.0[0].id(), worker.0[0].id());
+    for p in [&mut worker.0[0], &mut manager.0[0]] {
+        drop(p.stdin.take());
+        let status = p.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("a counted process ended {status}"));
+        }
+    }
+    Ok((
+        callgrind_total(&dir.join(format!("manager.{mpid}")))?,
+        callgrind_total(&dir.join(format!("worker.{wpid}")))?,
+    ))
+}
+
+/// `--instructions`: instructions per trivial job, counted by callgrind in the manager
+/// process and in the worker process separately, as the difference between a run of
+/// `small` jobs and one of `large` jobs divided by the difference in jobs (start-up,
+/// handshake and shutdown cancel out).
+fn instructions(
+    certs: &Certs,
+    small: usize,
+    large: usize,
+    keep: Option<&Path>,
+) -> Result<Vec<Row>, String> {
+    let v = Command::new("valgrind").arg("--version").output();
+    if !v.is_ok_and(|o| o.status.success()) {
+        return Err("--instructions needs valgrind (apt-get install valgrind)".into());
+    }
+    eprintln!("callgrind: {small} jobs...");
+    let (m0, w0) = counted_run(certs, small, keep)?;
+    eprintln!("callgrind: {large} jobs...");
+    let (m1, w1) = counted_run(certs, large, keep)?;
+    let d = (large - small) as f64;
+    let per = |a: u64, b: u64| (b as f64 - a as f64) / d;
+    let (pm, pw) = (per(m0, m1), per(w0, w1));
+    let fixed = |a: u64, p: f64| {
+        format!(
+            "{:.1} M fixed (start-up, handshake, shutdown)",
+            (a as f64 - p * small as f64) / 1e6
+        )
+    };
+    Ok(vec![
+        Row {
+            scenario: "6 instructions".into(),
+            metric: format!("manager process, per `true` job ({small} vs {large} jobs)"),
+            value: format!("{:.1} k", pm / 1e3),
+            baseline: fixed(m0, pm),
+            ratio: None,
+            goal: "halve".into(),
+        },
+        Row {
+            scenario: "6 instructions".into(),
+            metric: format!("worker process, per `true` job ({small} vs {large} jobs)"),
+            value: format!("{:.1} k", pw / 1e3),
+            baseline: fixed(w0, pw),
+            ratio: None,
+            goal: "halve".into(),
+        },
+        Row {
+            scenario: "6 instructions".into(),
+            metric: "manager + worker, per job".into(),
+            value: format!("{:.1} k", (pm + pw) / 1e3),
+            baseline: "-".into(),
+            ratio: None,
+            goal: "halve".into(),
+        },
+    ])
+}
+
+fn value_of<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| a == flag)
+        .map(|i| args.get(i + 1).map_or("", String::as_str))
+}
+
+fn numbers(args: &[String], flag: &str) -> Option<Vec<usize>> {
+    value_of(args, flag).map(|v| {
+        v.split(',')
+            .map(|x| {
+                x.trim().parse().unwrap_or_else(|_| {
+                    eprintln!("bench: {flag} takes numbers separated by commas, not {v:?}");
+                    std::process::exit(2)
+                })
+            })
+            .collect()
+    })
+}
+
+const USAGE: &str = "\
+usage: bench [--quick] [--json FILE]
+       bench --workers N[,N...] [--per-process M] [--quick] [--json FILE]
+       bench --instructions [--jobs SMALL,LARGE] [--keep-callgrind DIR] [--json FILE]
+
+With no mode, every scenario runs once (--quick: small sizes). --workers runs the scale
+scenario alone at each size, M workers per worker process (1000 by default).
+--instructions counts instructions per trivial job with valgrind's callgrind in a
+manager process and a worker process (100 and 300 jobs by default).";
+
+/// Exits with the usage on `--help`, and with an error on anything it does not know.
+fn check_args(args: &[String]) {
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            "--quick" | "--instructions" => i += 1,
+            "--json" | "--workers" | "--per-process" | "--jobs" | "--keep-callgrind" => {
+                if args.get(i + 1).is_none_or(|v| v.starts_with("--")) {
+                    eprintln!("bench: {} needs a value\n\n{USAGE}", args[i]);
+                    std::process::exit(2);
+                }
+                i += 2;
+            }
+            other => {
+                eprintln!("bench: unknown argument {other:?}\n\n{USAGE}");
+                std::process::exit(2);
+            }
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("__worker") {
-        return worker_main(&args[1..]);
+    match args.first().map(String::as_str) {
+        Some("__worker") => return worker_main(&args[1..]),
+        Some("__workers") => return workers_main(&args[1..]),
+        Some("__manager") => return manager_main(&args[1..]),
+        Some("__scale") => return scale_main(&args[1..]),
+        _ => {}
     }
+    check_args(&args);
     let quick = args.iter().any(|a| a == "--quick");
-    let json = args
-        .iter()
-        .position(|a| a == "--json")
-        .and_then(|i| args.get(i + 1))
-        .cloned();
+    let json = value_of(&args, "--json").map(String::from);
+    let workers = numbers(&args, "--workers");
+    if workers.as_ref().is_some_and(|w| w.contains(&0)) {
+        eprintln!("bench: --workers takes counts of at least 1");
+        std::process::exit(2);
+    }
+    let per_host = numbers(&args, "--per-process")
+        .map_or(1000, |v| v[0])
+        .max(1);
+    let instr = args.iter().any(|a| a == "--instructions");
     let s = if quick { QUICK } else { FULL };
     let certs = Certs::new();
     let k = 2;
     let mut rows = Vec::new();
+    let mut stacks = String::new();
     let started = Instant::now();
-    eprintln!("throughput...");
-    let local_rate = throughput(&certs, &s, k, &mut rows);
-    eprintln!("latency...");
-    latency(&certs, &s, &mut rows);
-    eprintln!("streaming...");
-    streaming(&certs, &s, &mut rows);
-    eprintln!("scale...");
-    scale(&certs, &s, &mut rows);
-    eprintln!("queue...");
-    queue(&certs, &s, local_rate, &mut rows);
+    if instr {
+        let jobs = numbers(&args, "--jobs").unwrap_or(vec![100, 300]);
+        if jobs.len() != 2 || jobs[0] >= jobs[1] {
+            eprintln!("bench: --jobs takes two counts, the smaller first (e.g. 100,300)");
+            std::process::exit(2);
+        }
+        // --keep-callgrind DIR keeps the counts for callgrind_annotate.
+        let keep = value_of(&args, "--keep-callgrind").map(PathBuf::from);
+        match instructions(&certs, jobs[0], jobs[1], keep.as_deref()) {
+            Ok(r) => rows.extend(r),
+            Err(e) => {
+                eprintln!("bench: {e}");
+                std::process::exit(1);
+            }
+        }
+    } else if let Some(sizes) = workers {
+        for n in sizes {
+            let (r, st) = scale_in_child(n, per_host, quick);
+            rows.extend(r);
+            if !st.trim().is_empty() {
+                stacks = st;
+            }
+        }
+    } else {
+        eprintln!("throughput...");
+        let local_rate = throughput(&certs, &s, k, &mut rows);
+        eprintln!("latency...");
+        latency(&certs, &s, &mut rows);
+        eprintln!("streaming...");
+        streaming(&certs, &s, &mut rows);
+        eprintln!("scale...");
+        let (r, st) = scale_in_child(s.scale_workers, s.scale_per_host, quick);
+        rows.extend(r);
+        stacks = st;
+        eprintln!("queue...");
+        queue(&certs, &s, local_rate, &mut rows);
+    }
     println!("| scenario | metric | value | baseline (same run) | ratio | goal |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for r in &rows {
@@ -586,21 +1425,8 @@ fn main() {
         started.elapsed().as_secs_f64(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    print!("{stacks}");
     if let Some(path) = json {
-        let items: Vec<String> = rows
-            .iter()
-            .map(|r| {
-                format!(
-                    "{{\"scenario\":{:?},\"metric\":{:?},\"value\":{:?},\"baseline\":{:?},\"ratio\":{},\"goal\":{:?}}}",
-                    r.scenario,
-                    r.metric,
-                    r.value,
-                    r.baseline,
-                    r.ratio.map_or("null".into(), |x| format!("{x:.4}")),
-                    r.goal
-                )
-            })
-            .collect();
-        std::fs::write(&path, format!("[\n{}\n]\n", items.join(",\n"))).unwrap();
+        std::fs::write(&path, rows_to_json(&rows)).unwrap();
     }
 }

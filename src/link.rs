@@ -458,7 +458,7 @@ pub(crate) fn spawn_writer<M>(
 where
     M: Serialize + Heartbeat + Send + 'static,
 {
-    crate::thread::spawn("wp-link-writer", move || {
+    crate::thread::relay("wp-link-writer", move || {
         let mut buf = Vec::with_capacity(BATCH_BYTES + 1024);
         let mut last_tx = Instant::now();
         loop {

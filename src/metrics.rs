@@ -324,7 +324,7 @@ impl MetricsServer {
         let stop = Arc::new(AtomicBool::new(false));
         let (l, s) = (listener.clone(), stop.clone());
         let clients = Arc::new(AtomicUsize::new(0));
-        let thread = crate::thread::spawn("wp-metrics", move || {
+        let thread = crate::thread::relay("wp-metrics", move || {
             for conn in l.incoming() {
                 if s.load(Ordering::Acquire) {
                     break;
@@ -335,7 +335,7 @@ impl MetricsServer {
                     continue;
                 }
                 let (snap, c) = (snapshot.clone(), clients.clone());
-                let spawned = crate::thread::spawn("wp-metrics-client", move || {
+                let spawned = crate::thread::relay("wp-metrics-client", move || {
                     serve(conn, &*snap);
                     c.fetch_sub(1, Ordering::AcqRel);
                 });

@@ -4,18 +4,97 @@
 //! Swift programs that embed the library do not, and `writev` (used by rustls) has no
 //! per-call way to opt out. Blocking the signal per thread changes nothing for the rest
 //! of the embedding program.
+//!
+//! Each thread also gets a stack sized for what it does rather than Rust's 2 MiB default:
+//! a manager holds two threads per worker connection and a worker three, so at thousands
+//! of connections the default reserves gigabytes of address space (and of commit charge
+//! where overcommit is strict) for stacks that touch tens of KiB.
 
 use std::io;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 
-/// Spawns a named thread with SIGPIPE blocked on it.
+/// How much stack a thread gets, by what it does. Each size is at least three times the
+/// most any thread of that kind was measured to touch in a debug build, where frames are
+/// largest (docs/PERFORMANCE.md, "Thread stacks"). `RUST_MIN_STACK`, when set, is a floor
+/// for both (e.g. for an embedding program whose logger needs more).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stack {
+    /// Relays bytes or messages between one socket or pipe and a channel: link readers
+    /// and writers, output delivery, metrics clients, a job's stdin. 128 KiB.
+    Relay,
+    /// TLS handshakes and certificate checks, the protocol's state, dispatching (manager
+    /// link threads, worker sessions, the dispatcher, the acceptor), and what has no
+    /// kind of its own. 256 KiB.
+    Full,
+    /// Runs a job: spawns and watches it, then removes its folder, which recurses up to
+    /// 64 folders deep (`worker::folder`). 512 KiB.
+    Job,
+}
+
+impl Stack {
+    /// The stack size in bytes.
+    pub(crate) fn bytes(self) -> usize {
+        let own = match self {
+            Stack::Relay => 128 << 10,
+            Stack::Full => 256 << 10,
+            Stack::Job => 512 << 10,
+        };
+        own.max(min_stack_from_env())
+    }
+}
+
+/// `RUST_MIN_STACK` in bytes, read once (0 when unset or not a number).
+fn min_stack_from_env() -> usize {
+    static MIN: OnceLock<usize> = OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("RUST_MIN_STACK")
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Spawns a named thread with a [`Stack::Full`] stack and SIGPIPE blocked on it.
 pub(crate) fn spawn<T, F>(name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    spawn_with_stack(name, Stack::Full, f)
+}
+
+/// Spawns a named thread with a [`Stack::Relay`] stack and SIGPIPE blocked on it.
+pub(crate) fn relay<T, F>(name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    spawn_with_stack(name, Stack::Relay, f)
+}
+
+/// Spawns a named thread with a [`Stack::Job`] stack and SIGPIPE blocked on it.
+pub(crate) fn for_job<T, F>(name: impl Into<String>, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    spawn_with_stack(name, Stack::Job, f)
+}
+
+/// Spawns a named thread with the given stack and SIGPIPE blocked on it.
+pub(crate) fn spawn_with_stack<T, F>(
+    name: impl Into<String>,
+    stack: Stack,
+    f: F,
+) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
     std::thread::Builder::new()
         .name(name.into())
+        .stack_size(stack.bytes())
         .spawn(move || {
             block_sigpipe();
             f()
@@ -30,5 +109,60 @@ pub(crate) fn block_sigpipe() {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGPIPE);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// The calling thread's stack, for tests: the size of the mapping that holds it (the
+/// stack plus the thread's TLS block, rounded to pages) and how much of it is resident,
+/// which for a live thread's stack is the most it has touched so far (from
+/// /proc/self/smaps).
+#[cfg(all(test, target_os = "linux"))]
+pub(crate) fn stack_use_here() -> (usize, usize) {
+    let local = 0u8;
+    let addr = std::hint::black_box(&local) as *const u8 as usize;
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut found: Option<(usize, usize)> = None;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-')
+            && let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+        {
+            if found.is_some() {
+                break;
+            }
+            if a <= addr && addr < b {
+                found = Some((b - a, 0));
+            }
+        } else if let (Some(kb), Some(f)) = (line.strip_prefix("Rss:"), found.as_mut()) {
+            f.1 = kb
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse::<usize>()
+                .unwrap()
+                * 1024;
+        }
+    }
+    found.expect("a mapping holds the stack")
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threads_get_the_stack_of_their_kind() {
+        for stack in [Stack::Relay, Stack::Full, Stack::Job] {
+            let h = spawn_with_stack("wp-test", stack, || stack_use_here().0).unwrap();
+            let reserved = h.join().unwrap();
+            assert!(reserved >= stack.bytes(), "{stack:?}: {reserved}");
+            assert!(
+                reserved < stack.bytes() + (64 << 10),
+                "{stack:?}: {reserved}"
+            );
+        }
+        assert!(Stack::Relay.bytes() < Stack::Full.bytes());
+        assert!(Stack::Full.bytes() < Stack::Job.bytes());
+        assert!(Stack::Job.bytes() < 2 << 20);
     }
 }

@@ -183,7 +183,7 @@ impl JobSink {
                     s.paused = true;
                 }
                 let me = self.clone();
-                let spawned = crate::thread::spawn("wp-deliver", move || me.pump());
+                let spawned = crate::thread::relay("wp-deliver", move || me.pump());
                 if let Err(e) = spawned {
                     // Without a thread, hand over in place rather than lose the events.
                     log::error!(

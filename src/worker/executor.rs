@@ -143,7 +143,7 @@ pub(crate) fn start(
         wake: wake_w,
     });
     let c = control.clone();
-    crate::thread::spawn(format!("wp-job-{}", key.job), move || {
+    crate::thread::for_job(format!("wp-job-{}", key.job), move || {
         let grace = spec.kill_grace.unwrap_or(default_grace);
         let (outcome, cleanup_error) = run(
             key,
@@ -351,11 +351,12 @@ fn run(
 
 /// Writes the job's stdin bytes, then closes it. A job that exits without reading gets
 /// an EPIPE here, never a SIGPIPE (blocked on this thread; matters when embedded in C).
+/// Panics, as `std::thread::spawn` does, if no thread can be started.
 fn feed_stdin(mut stdin: std::process::ChildStdin, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        crate::thread::block_sigpipe();
+    crate::thread::relay("wp-job-stdin", move || {
         let _ = stdin.write_all(&bytes);
     })
+    .expect("starting a thread for the job's stdin")
 }
 
 /// One job's process, from spawn to exit.

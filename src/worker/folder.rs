@@ -411,6 +411,37 @@ pub(crate) mod tests {
         std::fs::remove_dir_all(base).unwrap();
     }
 
+    /// Removing a job's folder is the deepest thing a job thread does: a tree deeper than
+    /// the recursion limit, removed on a thread with a job thread's stack (an overflow
+    /// aborts the test). Prints how much of the stack it touched.
+    #[test]
+    fn a_deep_tree_is_removed_on_a_job_threads_stack() {
+        let base = scratch("deep-on-job-stack");
+        let mut p = base.join("top");
+        for _ in 0..(3 * MAX_DEPTH + 5) {
+            p = p.join("d");
+        }
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::write(p.join("f"), "x").unwrap();
+        let b = base.clone();
+        let (removal, (reserved, touched)) = crate::thread::for_job("wp-job-test", move || {
+            let wd = open_dir(&b).unwrap();
+            let r = remove_tree(&wd, c"top", |_| true).unwrap();
+            (r, crate::thread::stack_use_here())
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        assert_eq!(removal, Removal::Removed);
+        assert!(!base.join("top").exists());
+        eprintln!(
+            "deep removal: {} KiB touched of a {} KiB stack",
+            touched >> 10,
+            reserved >> 10
+        );
+        std::fs::remove_dir_all(base).unwrap();
+    }
+
     /// A process of the job swaps a subfolder (holding a folder locked with mode 000) and
     /// a symlink to a folder outside, back and forth, while the job's folder is deleted,
     /// `rounds` times: the delete never goes through the link (the folder outside keeps

@@ -715,7 +715,7 @@ impl WorkerLoop {
             };
         let (in_tx, in_rx) = unbounded::<ManagerMessage>();
         let (l2, c2) = (live.clone(), closer.clone());
-        let reader = crate::thread::spawn("wp-link-reader", move || {
+        let reader = crate::thread::relay("wp-link-reader", move || {
             let r =
                 link::read_messages(&mut reader, &l2, |m: ManagerMessage| in_tx.send(m).is_ok());
             l2.mark_closed();
