@@ -98,7 +98,7 @@ impl Liveness {
         )
     }
 
-    fn stale(&self, timeout: Duration) -> bool {
+    pub(crate) fn stale(&self, timeout: Duration) -> bool {
         self.silent_for() > timeout
     }
 

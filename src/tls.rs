@@ -987,6 +987,52 @@ impl WriteHalf {
         }
     }
 
+    /// Writes the pieces one after the other, as if they were one buffer, without
+    /// gathering them first: under TLS the records are made across the pieces, and what
+    /// fits the send buffer goes in one socket write.
+    pub(crate) fn write_all_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let Some(tls) = &self.tls else {
+            for p in parts {
+                self.out.extend_from_slice(p);
+            }
+            let sent = self.tcp.write_all(&self.out);
+            self.out.clear();
+            return sent;
+        };
+        // Where the next byte to encrypt is: part `i`, offset `at`.
+        let (mut i, mut at) = (0, 0);
+        let mut slices = Vec::with_capacity(parts.len());
+        loop {
+            {
+                let mut conn = lock(tls);
+                while i < parts.len() {
+                    slices.clear();
+                    slices.push(io::IoSlice::new(&parts[i][at..]));
+                    slices.extend(parts[i + 1..].iter().map(|p| io::IoSlice::new(p)));
+                    let mut n = conn.writer().write_vectored(&slices)?;
+                    if n == 0 {
+                        break; // rustls' send buffer is full: drain it first
+                    }
+                    while i < parts.len() && n >= parts[i].len() - at {
+                        n -= parts[i].len() - at;
+                        (i, at) = (i + 1, 0);
+                    }
+                    at += n;
+                }
+                while conn.wants_write() {
+                    conn.write_tls(&mut self.out)?;
+                }
+            }
+            let sent = self.tcp.write_all(&self.out);
+            // Sent or not, these bytes must never be sent again.
+            self.out.clear();
+            sent?;
+            if i == parts.len() {
+                return Ok(());
+            }
+        }
+    }
+
     /// Ends the stream cleanly: close_notify, then no more writes.
     pub(crate) fn close(&mut self) {
         if let Some(tls) = &self.tls {

@@ -1,0 +1,583 @@
+//! The threads around a worker's [`Session`]: they feed it inputs and carry out what it
+//! asks, and decide nothing themselves.
+//!
+//! - The **worker thread** sleeps until the session's next deadline (a backoff, the
+//!   held jobs' grace, a drain deadline, the stop wait) and ticks it, until it exits.
+//! - A **link thread** per connection attempt connects (TCP, TLS and the hello under the
+//!   deadline the session chose), then reads the manager's messages into the session
+//!   until the link drops.
+//! - A **writer** per link pulls what to send from the session ([`Session::transmit`]),
+//!   frames it, and writes it; it sends a heartbeat when it has been idle for the
+//!   heartbeat interval and closes the link when the manager has been silent too long.
+//! - The **supervisor pool** (`pool`) runs the jobs; a supervisor reports output and
+//!   endings straight into the session, which numbers and keeps them and wakes the
+//!   writer: output goes from the job's pipe to the socket through one hand-off, in
+//!   the buffer it was read into.
+//!
+//! The session sits behind one mutex. Whoever has an input locks it, feeds it, carries
+//! out its actions and unlocks; nothing done under the lock blocks (a job control is an
+//! atomic store and a pipe poke, waking the writer a channel `try_send`), so a full
+//! link never keeps the session from handling `Stop`, `Cancel` or `Pause`. Handing a
+//! job to a supervisor and starting a link thread happen after the unlock.
+
+use super::config::WorkerConfig;
+use super::executor::{self, JobEvents, JobKey, RunningJob};
+use super::job_user::JobUser;
+use super::pool::Pool;
+use super::replay::Chunk;
+use super::session::{Action, Input, Pull, STOP_WAIT, Session, Transmit};
+use crate::error::Error;
+use crate::job::{JobSpec, Outcome, Stream};
+use crate::link::{self, Liveness, Timing};
+use crate::protocol::{self, WorkerHello, WorkerMessage};
+use crate::tls::{Closer, WriteHalf};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use rustls::ClientConfig;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A writer gathers messages into one socket write of about this size: one output
+/// chunk with its framing and TLS records fits loopback's 65,483-byte segment.
+const BATCH_BYTES: usize = 60_000;
+
+/// What the worker's handle shows.
+#[derive(Default)]
+pub(crate) struct Status {
+    pub connected: AtomicBool,
+    pub sessions: AtomicU64,
+    pub attempts: AtomicU64,
+}
+
+/// What the drivers need besides the session.
+pub(crate) struct Env {
+    pub address: String,
+    pub server_name: String,
+    pub tls: Option<Arc<ClientConfig>>,
+    pub work_dir: PathBuf,
+    pub kill_grace: Duration,
+    pub job_user: Option<JobUser>,
+}
+
+impl Env {
+    pub(crate) fn new(
+        config: &WorkerConfig,
+        tls: Option<Arc<ClientConfig>>,
+        job_user: Option<JobUser>,
+    ) -> Env {
+        Env {
+            address: config.address(),
+            server_name: config
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string(),
+            tls,
+            work_dir: config.work_dir.clone(),
+            kill_grace: config.kill_grace,
+            job_user,
+        }
+    }
+}
+
+/// The link that is up, as the drivers reach it.
+struct LinkHandle {
+    id: u64,
+    wake_writer: Sender<()>,
+    closer: Closer,
+}
+
+struct State {
+    session: Session,
+    /// Runs that have a supervisor (or are about to), until it is done with them.
+    jobs: HashMap<JobKey, RunningJob>,
+    link: Option<LinkHandle>,
+    /// Link threads, joined when the worker ends.
+    link_threads: Vec<JoinHandle<()>>,
+    /// When the worker thread will wake by itself, while it sleeps.
+    sleeps_until: Option<Option<Instant>>,
+}
+
+/// What is done after the lock is released.
+#[derive(Default)]
+struct Later {
+    starts: Vec<(JobKey, JobSpec, RunningJob)>,
+    failed: Vec<(JobKey, String)>,
+    connect: Option<(WorkerHello, Instant)>,
+    wake_driver: bool,
+}
+
+/// One worker's session and everything its threads share.
+pub(crate) struct Shared {
+    name: String,
+    state: Mutex<State>,
+    wake_driver: Sender<()>,
+    pool: Pool,
+    env: Env,
+    pub(crate) status: Status,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts the worker thread; it returns when the session exits and the other threads
+/// are gone (or given up on).
+pub(crate) fn start(
+    session: Session,
+    name: String,
+    slots: u32,
+    env: Env,
+    done: Sender<()>,
+) -> std::io::Result<(Arc<Shared>, JoinHandle<()>)> {
+    let (wake_tx, wake_rx) = bounded(1);
+    let shared = Arc::new(Shared {
+        name: name.clone(),
+        state: Mutex::new(State {
+            session,
+            jobs: HashMap::new(),
+            link: None,
+            link_threads: Vec::new(),
+            sleeps_until: None,
+        }),
+        wake_driver: wake_tx,
+        pool: Pool::new(slots as usize),
+        env,
+        status: Status::default(),
+    });
+    let s = shared.clone();
+    let thread = crate::thread::spawn(format!("wp-worker-{name}"), move || {
+        let _done = done;
+        worker_thread(s, wake_rx)
+    })?;
+    Ok((shared, thread))
+}
+
+impl Shared {
+    /// Feeds one input and carries out what follows.
+    pub(crate) fn feed(self: &Arc<Self>, input: Input) {
+        self.feed_with(input, |_| {});
+    }
+
+    /// Like `feed`, running `before` under the same lock first.
+    fn feed_with(self: &Arc<Self>, input: Input, before: impl FnOnce(&mut State)) {
+        let mut later = Later::default();
+        {
+            let mut st = lock(&self.state);
+            before(&mut st);
+            st.session.handle(Instant::now(), input);
+            carry_out(&mut st, &mut later);
+        }
+        self.finish(later);
+    }
+
+    /// For a link's writer: the next messages to send on link `id`.
+    fn transmit(self: &Arc<Self>, id: u64, out: &mut Vec<Transmit>) -> Pull {
+        let mut later = Later::default();
+        let pull = {
+            let mut st = lock(&self.state);
+            let pull = st.session.transmit(id, BATCH_BYTES, out);
+            carry_out(&mut st, &mut later);
+            pull
+        };
+        self.finish(later);
+        pull
+    }
+
+    /// What cannot be done under the lock: handing jobs to supervisors, starting a
+    /// link thread, waking the worker thread.
+    fn finish(self: &Arc<Self>, later: Later) {
+        for (key, spec, job) in later.starts {
+            let shared = self.clone();
+            let task = Box::new(move || {
+                let env = &shared.env;
+                executor::run(
+                    key,
+                    &spec,
+                    &env.work_dir,
+                    env.kill_grace,
+                    env.job_user.as_ref(),
+                    &job,
+                    &Reporter(shared.clone()),
+                );
+            });
+            if let Err(e) = self.pool.run(task) {
+                self.fail_start(key, format!("cannot start a supervisor thread: {e}"));
+            }
+        }
+        for (key, why) in later.failed {
+            self.fail_start(key, why);
+        }
+        if let Some((hello, deadline)) = later.connect {
+            let shared = self.clone();
+            let spawned =
+                crate::thread::spawn("wp-link", move || link_thread(shared, hello, deadline));
+            match spawned {
+                Ok(t) => {
+                    let mut st = lock(&self.state);
+                    st.link_threads.retain(|t| !t.is_finished());
+                    st.link_threads.push(t);
+                }
+                Err(e) => self.feed(Input::ConnectFailed {
+                    why: format!("cannot start a link thread: {e}"),
+                    loud: true,
+                }),
+            }
+        }
+        if later.wake_driver {
+            let _ = self.wake_driver.try_send(());
+        }
+    }
+
+    fn fail_start(self: &Arc<Self>, key: JobKey, why: String) {
+        self.feed(Input::Exited {
+            key,
+            outcome: Outcome::SpawnFailed(why),
+            cleanup_error: None,
+        });
+        self.feed_with(Input::CleanedUp { key, error: None }, |st| {
+            st.jobs.remove(&key);
+        });
+    }
+}
+
+/// Carries out the session's actions that do not block, under the lock; collects the
+/// others for `finish`.
+fn carry_out(st: &mut State, later: &mut Later) {
+    let State {
+        session,
+        jobs,
+        link,
+        sleeps_until,
+        ..
+    } = st;
+    for action in session.take_actions() {
+        match action {
+            Action::Connect { hello, deadline } => later.connect = Some((hello, deadline)),
+            Action::Start { key, spec } => match RunningJob::new() {
+                Ok(job) => {
+                    jobs.insert(key, job.clone());
+                    later.starts.push((key, spec, job));
+                }
+                Err(e) => later
+                    .failed
+                    .push((key, format!("cannot make a control pipe: {e}"))),
+            },
+            Action::Cancel(key) => {
+                if let Some(job) = jobs.get(&key) {
+                    job.cancel();
+                }
+            }
+            Action::Kill(key) => {
+                if let Some(job) = jobs.get(&key) {
+                    job.kill();
+                }
+            }
+            Action::Pause(key, paused) => {
+                if let Some(job) = jobs.get(&key) {
+                    job.pause(paused);
+                }
+            }
+            Action::WakeWriter => {
+                if let Some(l) = link {
+                    let _ = l.wake_writer.try_send(());
+                }
+            }
+            Action::Exit => later.wake_driver = true,
+        }
+    }
+    // The worker thread sleeps until a deadline that may now be too late.
+    if let Some(until) = *sleeps_until {
+        let next = session.next_deadline();
+        let earlier = match (next, until) {
+            (Some(n), Some(u)) => n < u,
+            (Some(_), None) => true,
+            (None, _) => false,
+        };
+        if earlier || session.has_exited() {
+            later.wake_driver = true;
+        }
+    }
+}
+
+/// How supervisors report: straight into the session.
+struct Reporter(Arc<Shared>);
+
+impl JobEvents for Reporter {
+    fn output(&self, key: JobKey, stream: Stream, bytes: Chunk) {
+        self.0.feed(Input::Output { key, stream, bytes });
+    }
+
+    fn exited(&self, key: JobKey, outcome: Outcome, cleanup_error: Option<String>) {
+        self.0.feed(Input::Exited {
+            key,
+            outcome,
+            cleanup_error,
+        });
+    }
+
+    fn cleaned_up(&self, key: JobKey, error: Option<String>) {
+        self.0.feed_with(Input::CleanedUp { key, error }, |st| {
+            st.jobs.remove(&key);
+        });
+    }
+}
+
+/// Ticks the session at its deadlines until it exits, then closes what is left.
+fn worker_thread(shared: Arc<Shared>, wake: Receiver<()>) {
+    loop {
+        shared.feed(Input::Tick);
+        let deadline = {
+            let mut st = lock(&shared.state);
+            if st.session.has_exited() {
+                break;
+            }
+            let deadline = st.session.next_deadline();
+            st.sleeps_until = Some(deadline);
+            deadline
+        };
+        match deadline {
+            Some(d) => {
+                let _ = wake.recv_deadline(d);
+            }
+            None => {
+                let _ = wake.recv();
+            }
+        }
+        lock(&shared.state).sleeps_until = None;
+    }
+    // A link still up (the goodbye could not go out in time) is cut; a connection
+    // attempt under way ends by its own deadline.
+    let link_threads = {
+        let mut st = lock(&shared.state);
+        if let Some(l) = st.link.take() {
+            l.closer.close();
+        }
+        std::mem::take(&mut st.link_threads)
+    };
+    for t in link_threads {
+        let _ = t.join();
+    }
+    if !shared.pool.close(Instant::now() + STOP_WAIT) {
+        log::warn!(
+            "worker {}: a job supervisor did not end in time; left behind",
+            shared.name
+        );
+    }
+}
+
+/// One connection: the attempt, then (if welcomed) the writer and the reading.
+fn link_thread(shared: Arc<Shared>, hello: WorkerHello, deadline: Instant) {
+    let env = &shared.env;
+    let attempt = link::connect(
+        &env.address,
+        &env.server_name,
+        env.tls.as_ref(),
+        &hello,
+        deadline,
+    );
+    shared.status.attempts.fetch_add(1, Ordering::Relaxed);
+    let (est, welcome) = match attempt {
+        Ok(ok) => ok,
+        Err(e) => {
+            let loud = matches!(e, Error::Refused(_) | Error::VersionMismatch { .. });
+            shared.feed(Input::ConnectFailed {
+                why: e.to_string(),
+                loud,
+            });
+            return;
+        }
+    };
+    // Whatever the numbers say, the timing adopted is sane (see `Timing::adopted`).
+    let timing = Timing::adopted(welcome.heartbeat_interval_ms, welcome.heartbeat_timeout_ms);
+    if let Err(e) = link::go_live(&est, timing) {
+        shared.feed(Input::ConnectFailed {
+            why: e.to_string(),
+            loud: false,
+        });
+        return;
+    }
+    let link::Established {
+        mut reader,
+        writer,
+        closer,
+        ..
+    } = est;
+    let live = Liveness::new();
+    let (wake_tx, wake_rx) = bounded(1);
+    let mut id = None;
+    shared.feed(Input::Connected(welcome));
+    {
+        let mut st = lock(&shared.state);
+        if let Some(link) = st.session.link_id() {
+            id = Some(link);
+            st.link = Some(LinkHandle {
+                id: link,
+                wake_writer: wake_tx,
+                closer: closer.clone(),
+            });
+        }
+    }
+    let Some(id) = id else {
+        closer.close();
+        return;
+    };
+    shared.status.sessions.fetch_add(1, Ordering::Relaxed);
+    shared.status.connected.store(true, Ordering::Relaxed);
+    let label = format!("manager {}", env.address);
+    let writer = {
+        let (shared, closer, live) = (shared.clone(), closer.clone(), live.clone());
+        crate::thread::spawn("wp-link-writer", move || {
+            write_link(
+                &shared, id, writer, &closer, &wake_rx, &live, timing, &label,
+            )
+        })
+    };
+    let writer = match writer {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::error!("worker {}: cannot start a writer thread: {e}", shared.name);
+            closer.close();
+            None
+        }
+    };
+    let read = link::read_messages(&mut reader, &live, |m| {
+        shared.feed(Input::Manager(m));
+        true
+    });
+    live.mark_closed();
+    closer.close();
+    if let Some(w) = writer {
+        let _ = w.join();
+    }
+    shared.status.connected.store(false, Ordering::Relaxed);
+    let why = match read {
+        Ok(()) => "the manager closed the connection".into(),
+        Err(e) => e.to_string(),
+    };
+    shared.feed_with(Input::Disconnected { why }, |st| {
+        if st.link.as_ref().is_some_and(|l| l.id == id) {
+            st.link = None;
+        }
+    });
+}
+
+/// A link's writer: sends what the session gives it, a heartbeat when it has been idle
+/// for the interval, and closes the link when the manager has been silent too long.
+#[allow(clippy::too_many_arguments)]
+fn write_link(
+    shared: &Arc<Shared>,
+    id: u64,
+    mut writer: WriteHalf,
+    closer: &Closer,
+    wake: &Receiver<()>,
+    live: &Liveness,
+    timing: Timing,
+    label: &str,
+) {
+    let mut batch = Vec::new();
+    let mut frames = Frames::default();
+    let mut last_tx = Instant::now();
+    loop {
+        if live.stale(timing.heartbeat_timeout) {
+            log::warn!(
+                "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
+                live.silent_for().as_secs_f64(),
+                timing.heartbeat_timeout.as_secs_f64()
+            );
+            break;
+        }
+        batch.clear();
+        let mut closing = false;
+        match shared.transmit(id, &mut batch) {
+            Pull::Sent => {}
+            Pull::Close => closing = true,
+            Pull::Idle => {
+                let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
+                match wake.recv_timeout(wait) {
+                    Ok(()) => continue,
+                    Err(RecvTimeoutError::Timeout) => {
+                        batch.push(Transmit::Message(WorkerMessage::Heartbeat))
+                    }
+                    Err(RecvTimeoutError::Disconnected) => closing = true,
+                }
+            }
+        }
+        if !batch.is_empty() {
+            frames.encode(&batch, label);
+            if let Err(e) = writer.write_all_parts(&frames.parts(&batch)) {
+                if !live.is_closed() {
+                    log::warn!("{label}: write failed: {e}; closing the link");
+                }
+                break;
+            }
+            last_tx = Instant::now();
+        }
+        if closing {
+            writer.close();
+            return;
+        }
+    }
+    live.mark_closed();
+    closer.close();
+}
+
+/// A batch of messages as frames: the small parts (whole messages, and the heads of
+/// output messages) encoded into one buffer, the output bytes left where they are.
+#[derive(Default)]
+struct Frames {
+    small: Vec<u8>,
+    spans: Vec<Span>,
+}
+
+enum Span {
+    Small(usize, usize),
+    Bytes(usize),
+}
+
+impl Frames {
+    fn encode(&mut self, batch: &[Transmit], label: &str) {
+        self.small.clear();
+        self.spans.clear();
+        for (i, t) in batch.iter().enumerate() {
+            let start = self.small.len();
+            let encoded = match t {
+                Transmit::Output { job, chunk } => protocol::encode_output_head_into(
+                    &mut self.small,
+                    *job,
+                    chunk.stream,
+                    chunk.seq,
+                    chunk.bytes.len(),
+                ),
+                Transmit::Message(m) => protocol::encode_into(&mut self.small, m),
+            };
+            if let Err(e) = encoded {
+                log::error!("{label}: dropping a message that cannot be encoded: {e}");
+                continue;
+            }
+            match self.spans.last_mut() {
+                Some(Span::Small(_, end)) if *end == start => *end = self.small.len(),
+                _ => self.spans.push(Span::Small(start, self.small.len())),
+            }
+            if matches!(t, Transmit::Output { .. }) {
+                self.spans.push(Span::Bytes(i));
+            }
+        }
+    }
+
+    fn parts<'a>(&'a self, batch: &'a [Transmit]) -> Vec<&'a [u8]> {
+        self.spans
+            .iter()
+            .map(|s| match *s {
+                Span::Small(a, b) => &self.small[a..b],
+                Span::Bytes(i) => match &batch[i] {
+                    Transmit::Output { chunk, .. } => &chunk.bytes[..],
+                    Transmit::Message(_) => &[],
+                },
+            })
+            .collect()
+    }
+}
