@@ -18,7 +18,7 @@ use std::io::{self, BufReader, Read};
 /// The first four bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"WPL\x01";
 /// The protocol version this build speaks. Peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The default largest frame body accepted, checked before any allocation.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The largest chunk of job output put into one message: with its framing and TLS

@@ -128,7 +128,9 @@ fn a_job_runs_as_the_job_user_and_cannot_read_the_worker_key_or_other_users_file
     // The folder goes right after the job.
     let folder = lines[1].rsplit(" at ").next().unwrap();
     assert!(folder.contains("workpool-job-"), "{out}");
-    wait_until(&format!("{folder} to be deleted"), || !Path::new(folder).exists());
+    wait_until(&format!("{folder} to be deleted"), || {
+        !Path::new(folder).exists()
+    });
     std::fs::remove_dir_all(dir).unwrap();
 }
 

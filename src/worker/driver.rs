@@ -517,8 +517,10 @@ fn write_link(
             last_tx = Instant::now();
         }
         if closing {
+            // Close cleanly (close_notify), then cut both ways: the reader stops at
+            // once instead of waiting for the manager to close too.
             writer.close();
-            return;
+            break;
         }
     }
     live.mark_closed();
