@@ -88,6 +88,35 @@ struct LinkHandle {
     id: u64,
     wake_writer: Sender<()>,
     closer: Closer,
+    out: Arc<LinkOut>,
+}
+
+/// A link's sending side: whoever holds `writer` sends what the session has for the
+/// link. That is the link's writer thread, or a supervisor that has just reported its
+/// job's end and finds the writer idle (one hand-off less on a job's way back).
+struct LinkOut {
+    id: u64,
+    writer: Mutex<Sending>,
+    closer: Closer,
+    live: Arc<Liveness>,
+    label: String,
+}
+
+struct Sending {
+    half: WriteHalf,
+    batch: Vec<Transmit>,
+    frames: Frames,
+    last_tx: Instant,
+}
+
+/// How a round of sending ended.
+enum Sent {
+    /// Nothing left to send.
+    Idle,
+    /// The goodbye is out: close the link.
+    Close,
+    /// Writing failed; the link is being closed.
+    Failed,
 }
 
 struct State {
@@ -108,6 +137,8 @@ struct Later {
     failed: Vec<(JobKey, String)>,
     connect: Option<(WorkerHello, Instant)>,
     wake_driver: bool,
+    /// Send on this link from the feeding thread, unless its writer is at it.
+    send_here: Option<(Arc<LinkOut>, Sender<()>)>,
 }
 
 /// One worker's session and everything its threads share.
@@ -164,12 +195,28 @@ impl Shared {
 
     /// Like `feed`, running `before` under the same lock first.
     fn feed_with(self: &Arc<Self>, input: Input, before: impl FnOnce(&mut State)) {
+        self.feed_inner(input, before, false);
+    }
+
+    /// Like `feed`, and what the input gives the link to send is sent from this thread
+    /// if the link's writer is idle. Only for threads that may wait on the socket:
+    /// supervisors (a supervisor that waits holds back only its own job).
+    fn feed_and_send(self: &Arc<Self>, input: Input) {
+        self.feed_inner(input, |_| {}, true);
+    }
+
+    fn feed_inner(
+        self: &Arc<Self>,
+        input: Input,
+        before: impl FnOnce(&mut State),
+        send_here: bool,
+    ) {
         let mut later = Later::default();
         {
             let mut st = lock(&self.state);
             before(&mut st);
             st.session.handle(Instant::now(), input);
-            carry_out(&mut st, &mut later);
+            carry_out(&mut st, &mut later, send_here);
         }
         self.finish(later);
     }
@@ -180,7 +227,7 @@ impl Shared {
         let pull = {
             let mut st = lock(&self.state);
             let pull = st.session.transmit(id, BATCH_BYTES, out);
-            carry_out(&mut st, &mut later);
+            carry_out(&mut st, &mut later, false);
             pull
         };
         self.finish(later);
@@ -230,6 +277,19 @@ impl Shared {
         if later.wake_driver {
             let _ = self.wake_driver.try_send(());
         }
+        if let Some((out, wake_writer)) = later.send_here {
+            // Only if the writer is not at it; if it is, it sends this too.
+            let sent = match out.writer.try_lock() {
+                Ok(mut sending) => Some(send_all(self, &out, &mut sending)),
+                Err(std::sync::TryLockError::Poisoned(p)) => {
+                    Some(send_all(self, &out, &mut p.into_inner()))
+                }
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            };
+            if !matches!(sent, Some(Sent::Idle)) {
+                let _ = wake_writer.try_send(());
+            }
+        }
     }
 
     fn fail_start(self: &Arc<Self>, key: JobKey, why: String) {
@@ -246,7 +306,7 @@ impl Shared {
 
 /// Carries out the session's actions that do not block, under the lock; collects the
 /// others for `finish`.
-fn carry_out(st: &mut State, later: &mut Later) {
+fn carry_out(st: &mut State, later: &mut Later, send_here: bool) {
     let State {
         session,
         jobs,
@@ -283,7 +343,11 @@ fn carry_out(st: &mut State, later: &mut Later) {
             }
             Action::WakeWriter => {
                 if let Some(l) = link {
-                    let _ = l.wake_writer.try_send(());
+                    if send_here {
+                        later.send_here = Some((l.out.clone(), l.wake_writer.clone()));
+                    } else {
+                        let _ = l.wake_writer.try_send(());
+                    }
                 }
             }
             Action::Exit => later.wake_driver = true,
@@ -312,7 +376,7 @@ impl JobEvents for Reporter {
     }
 
     fn exited(&self, key: JobKey, outcome: Outcome, cleanup_error: Option<String>) {
-        self.0.feed(Input::Exited {
+        self.0.feed_and_send(Input::Exited {
             key,
             outcome,
             cleanup_error,
@@ -408,32 +472,43 @@ fn link_thread(shared: Arc<Shared>, hello: WorkerHello, deadline: Instant) {
     } = est;
     let live = Liveness::new();
     let (wake_tx, wake_rx) = bounded(1);
-    let mut id = None;
+    let mut out = None;
     shared.feed(Input::Connected(welcome));
     {
         let mut st = lock(&shared.state);
-        if let Some(link) = st.session.link_id() {
-            id = Some(link);
+        if let Some(id) = st.session.link_id() {
+            let link_out = Arc::new(LinkOut {
+                id,
+                writer: Mutex::new(Sending {
+                    half: writer,
+                    batch: Vec::new(),
+                    frames: Frames::default(),
+                    last_tx: Instant::now(),
+                }),
+                closer: closer.clone(),
+                live: live.clone(),
+                label: format!("manager {}", env.address),
+            });
+            out = Some(link_out.clone());
             st.link = Some(LinkHandle {
-                id: link,
+                id,
                 wake_writer: wake_tx,
                 closer: closer.clone(),
+                out: link_out,
             });
         }
     }
-    let Some(id) = id else {
+    let Some(out) = out else {
         closer.close();
         return;
     };
+    let id = out.id;
     shared.status.sessions.fetch_add(1, Ordering::Relaxed);
     shared.status.connected.store(true, Ordering::Relaxed);
-    let label = format!("manager {}", env.address);
     let writer = {
-        let (shared, closer, live) = (shared.clone(), closer.clone(), live.clone());
+        let shared = shared.clone();
         crate::thread::spawn("wp-link-writer", move || {
-            write_link(
-                &shared, id, writer, &closer, &wake_rx, &live, timing, &label,
-            )
+            write_link(&shared, &out, &wake_rx, timing)
         })
     };
     let writer = match writer {
@@ -465,66 +540,92 @@ fn link_thread(shared: Arc<Shared>, hello: WorkerHello, deadline: Instant) {
     });
 }
 
-/// A link's writer: sends what the session gives it, a heartbeat when it has been idle
-/// for the interval, and closes the link when the manager has been silent too long.
-#[allow(clippy::too_many_arguments)]
-fn write_link(
-    shared: &Arc<Shared>,
-    id: u64,
-    mut writer: WriteHalf,
-    closer: &Closer,
-    wake: &Receiver<()>,
-    live: &Liveness,
-    timing: Timing,
-    label: &str,
-) {
-    let mut batch = Vec::new();
-    let mut frames = Frames::default();
-    let mut last_tx = Instant::now();
+/// A link's writer thread: sends what the session has for the link (unless a
+/// supervisor is at it), a heartbeat when nothing was sent for the interval, and closes
+/// the link when the manager has been silent too long.
+fn write_link(shared: &Arc<Shared>, out: &LinkOut, wake: &Receiver<()>, timing: Timing) {
+    let live = &out.live;
     loop {
         if live.stale(timing.heartbeat_timeout) {
             log::warn!(
-                "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
+                "{}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
+                out.label,
                 live.silent_for().as_secs_f64(),
                 timing.heartbeat_timeout.as_secs_f64()
             );
             break;
         }
-        batch.clear();
-        let mut closing = false;
-        match shared.transmit(id, &mut batch) {
-            Pull::Sent => {}
-            Pull::Close => closing = true,
-            Pull::Idle => {
-                let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
-                match wake.recv_timeout(wait) {
-                    Ok(()) => continue,
-                    Err(RecvTimeoutError::Timeout) => {
-                        batch.push(Transmit::Message(WorkerMessage::Heartbeat))
+        let last_tx = {
+            let mut sending = lock(&out.writer);
+            match send_all(shared, out, &mut sending) {
+                Sent::Idle => sending.last_tx,
+                Sent::Close => {
+                    // Close cleanly (close_notify), then cut both ways: the reader stops
+                    // at once instead of waiting for the manager to close too.
+                    sending.half.close();
+                    break;
+                }
+                Sent::Failed => break,
+            }
+        };
+        let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
+        match wake.recv_timeout(wait) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                let mut sending = lock(&out.writer);
+                if sending.last_tx.elapsed() >= timing.heartbeat_interval {
+                    let heartbeat = [Transmit::Message(WorkerMessage::Heartbeat)];
+                    if !write_batch(out, &mut sending, &heartbeat) {
+                        break;
                     }
-                    Err(RecvTimeoutError::Disconnected) => closing = true,
                 }
             }
-        }
-        if !batch.is_empty() {
-            frames.encode(&batch, label);
-            if let Err(e) = writer.write_all_parts(&frames.parts(&batch)) {
-                if !live.is_closed() {
-                    log::warn!("{label}: write failed: {e}; closing the link");
-                }
-                break;
-            }
-            last_tx = Instant::now();
-        }
-        if closing {
-            // Close cleanly (close_notify), then cut both ways: the reader stops at
-            // once instead of waiting for the manager to close too.
-            writer.close();
-            break;
+            Err(RecvTimeoutError::Disconnected) => break,
         }
     }
     live.mark_closed();
-    closer.close();
+    out.closer.close();
+}
+
+/// Sends what the session has for the link until it has nothing more.
+fn send_all(shared: &Arc<Shared>, out: &LinkOut, sending: &mut Sending) -> Sent {
+    let mut batch = std::mem::take(&mut sending.batch);
+    let sent = loop {
+        batch.clear();
+        match shared.transmit(out.id, &mut batch) {
+            Pull::Sent => {
+                if !write_batch(out, sending, &batch) {
+                    break Sent::Failed;
+                }
+            }
+            Pull::Idle => break Sent::Idle,
+            Pull::Close => break Sent::Close,
+        }
+    };
+    batch.clear();
+    sending.batch = batch;
+    sent
+}
+
+/// Frames and writes one batch; false (and the link closed) if writing failed.
+fn write_batch(out: &LinkOut, sending: &mut Sending, batch: &[Transmit]) -> bool {
+    let Sending {
+        half,
+        frames,
+        last_tx,
+        ..
+    } = sending;
+    frames.encode(batch, &out.label);
+    if let Err(e) = half.write_all_parts(&frames.parts(batch)) {
+        if !out.live.is_closed() {
+            log::warn!("{}: write failed: {e}; closing the link", out.label);
+        }
+        out.live.mark_closed();
+        out.closer.close();
+        return false;
+    }
+    *last_tx = Instant::now();
+    true
 }
 
 /// A batch of messages as frames: the small parts (whole messages, and the heads of
