@@ -113,6 +113,9 @@ struct Sending {
 enum Sent {
     /// Nothing left to send.
     Idle,
+    /// The socket takes no more now; what is left waits in the link's queue for the
+    /// writer thread (only when not waiting).
+    Busy,
     /// The goodbye is out: close the link.
     Close,
     /// Writing failed; the link is being closed.
@@ -279,10 +282,12 @@ impl Shared {
         }
         if let Some((out, wake_writer)) = later.send_here {
             // Only if the writer is not at it; if it is, it sends this too.
+            // Never waiting on the socket: what it does not take at once is left to the
+            // writer thread (a supervisor also enforces its job's timeout and cancels).
             let sent = match out.writer.try_lock() {
-                Ok(mut sending) => Some(send_all(self, &out, &mut sending)),
+                Ok(mut sending) => Some(send_all(self, &out, &mut sending, false)),
                 Err(std::sync::TryLockError::Poisoned(p)) => {
-                    Some(send_all(self, &out, &mut p.into_inner()))
+                    Some(send_all(self, &out, &mut p.into_inner(), false))
                 }
                 Err(std::sync::TryLockError::WouldBlock) => None,
             };
@@ -372,7 +377,7 @@ struct Reporter(Arc<Shared>);
 
 impl JobEvents for Reporter {
     fn output(&self, key: JobKey, stream: Stream, bytes: Chunk) {
-        self.0.feed(Input::Output { key, stream, bytes });
+        self.0.feed_and_send(Input::Output { key, stream, bytes });
     }
 
     fn exited(&self, key: JobKey, outcome: Outcome, cleanup_error: Option<String>) {
@@ -557,8 +562,8 @@ fn write_link(shared: &Arc<Shared>, out: &LinkOut, wake: &Receiver<()>, timing: 
         }
         let last_tx = {
             let mut sending = lock(&out.writer);
-            match send_all(shared, out, &mut sending) {
-                Sent::Idle => sending.last_tx,
+            match send_all(shared, out, &mut sending, true) {
+                Sent::Idle | Sent::Busy => sending.last_tx,
                 Sent::Close => {
                     // Close cleanly (close_notify), then cut both ways: the reader stops
                     // at once instead of waiting for the manager to close too.
@@ -575,7 +580,7 @@ fn write_link(shared: &Arc<Shared>, out: &LinkOut, wake: &Receiver<()>, timing: 
                 let mut sending = lock(&out.writer);
                 if sending.last_tx.elapsed() >= timing.heartbeat_interval {
                     let heartbeat = [Transmit::Message(WorkerMessage::Heartbeat)];
-                    if !write_batch(out, &mut sending, &heartbeat) {
+                    if write_batch(out, &mut sending, &heartbeat, true).is_none() {
                         break;
                     }
                 }
@@ -587,17 +592,25 @@ fn write_link(shared: &Arc<Shared>, out: &LinkOut, wake: &Receiver<()>, timing: 
     out.closer.close();
 }
 
-/// Sends what the session has for the link until it has nothing more.
-fn send_all(shared: &Arc<Shared>, out: &LinkOut, sending: &mut Sending) -> Sent {
+/// Sends what the session has for the link until it has nothing more, first what is
+/// left from an earlier round. With `wait` false, stops when the socket takes no more.
+fn send_all(shared: &Arc<Shared>, out: &LinkOut, sending: &mut Sending, wait: bool) -> Sent {
+    if sending.half.has_queued() {
+        match send_queued(out, sending, wait) {
+            Some(true) => {}
+            Some(false) => return Sent::Busy,
+            None => return Sent::Failed,
+        }
+    }
     let mut batch = std::mem::take(&mut sending.batch);
     let sent = loop {
         batch.clear();
         match shared.transmit(out.id, &mut batch) {
-            Pull::Sent => {
-                if !write_batch(out, sending, &batch) {
-                    break Sent::Failed;
-                }
-            }
+            Pull::Sent => match write_batch(out, sending, &batch, wait) {
+                Some(true) => {}
+                Some(false) => break Sent::Busy,
+                None => break Sent::Failed,
+            },
             Pull::Idle => break Sent::Idle,
             Pull::Close => break Sent::Close,
         }
@@ -607,25 +620,39 @@ fn send_all(shared: &Arc<Shared>, out: &LinkOut, sending: &mut Sending) -> Sent 
     sent
 }
 
-/// Frames and writes one batch; false (and the link closed) if writing failed.
-fn write_batch(out: &LinkOut, sending: &mut Sending, batch: &[Transmit]) -> bool {
-    let Sending {
-        half,
-        frames,
-        last_tx,
-        ..
-    } = sending;
-    frames.encode(batch, &out.label);
-    if let Err(e) = half.write_all_parts(&frames.parts(batch)) {
-        if !out.live.is_closed() {
-            log::warn!("{}: write failed: {e}; closing the link", out.label);
-        }
-        out.live.mark_closed();
-        out.closer.close();
-        return false;
+/// Frames, encrypts and sends one batch: `Some(true)` if all of it went, `Some(false)`
+/// if some waits in the link's queue (only when not waiting), `None` if sending failed
+/// (the link is then being closed).
+fn write_batch(
+    out: &LinkOut,
+    sending: &mut Sending,
+    batch: &[Transmit],
+    wait: bool,
+) -> Option<bool> {
+    sending.frames.encode(batch, &out.label);
+    if let Err(e) = sending.half.queue_parts(&sending.frames.parts(batch)) {
+        return failed(out, e);
     }
-    *last_tx = Instant::now();
-    true
+    send_queued(out, sending, wait)
+}
+
+fn send_queued(out: &LinkOut, sending: &mut Sending, wait: bool) -> Option<bool> {
+    match sending.half.send_queued(wait) {
+        Ok(all) => {
+            sending.last_tx = Instant::now();
+            Some(all)
+        }
+        Err(e) => failed(out, e),
+    }
+}
+
+fn failed(out: &LinkOut, e: std::io::Error) -> Option<bool> {
+    if !out.live.is_closed() {
+        log::warn!("{}: write failed: {e}; closing the link", out.label);
+    }
+    out.live.mark_closed();
+    out.closer.close();
+    None
 }
 
 /// A batch of messages as frames: the small parts (whole messages, and the heads of
