@@ -105,7 +105,7 @@ impl Liveness {
         now.saturating_duration_since(last)
     }
 
-    fn stale(&self, timeout: Duration) -> bool {
+    pub(crate) fn stale(&self, timeout: Duration) -> bool {
         self.silent_for() > timeout
     }
 

@@ -18,7 +18,7 @@ use std::io::{self, BufReader, Read};
 /// The first four bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"WPL\x01";
 /// The protocol version this build speaks. Peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The default largest frame body accepted, checked before any allocation.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The largest chunk of job output put into one message: with its framing and TLS
@@ -185,6 +185,15 @@ pub enum WorkerMessage {
     },
     /// The worker is leaving on purpose: its jobs will not come back.
     Goodbye,
+    /// A job's folder could not be deleted. Sent once the cleanup, which follows the
+    /// job's exit, has failed: before the job's `Finished` if that has not gone yet,
+    /// else after it.
+    CleanupFailed {
+        /// The job.
+        job: JobId,
+        /// What went wrong, in words.
+        error: String,
+    },
 }
 
 /// Manager → worker, after the welcome.
@@ -300,6 +309,51 @@ pub fn encode_into<T: Serialize>(out: &mut Vec<u8>, msg: &T) -> Result<()> {
     Ok(())
 }
 
+/// Appends the start of a frame holding `WorkerMessage::Output { job, stream, seq,
+/// bytes }` with `len` bytes: everything but the bytes themselves, which the caller sends
+/// right after (from wherever they are, without copying them here). Header and bytes
+/// together are exactly the frame [`encode_into`] makes of that message.
+pub fn encode_output_head_into(
+    out: &mut Vec<u8>,
+    job: JobId,
+    stream: Stream,
+    seq: u64,
+    len: usize,
+) -> Result<()> {
+    /// `WorkerMessage::Output` as bincode lays it out, up to the bytes: the same variant
+    /// index (0), the same fields, and the byte run's length prefix as a `u64`.
+    #[derive(Serialize)]
+    enum Head {
+        Output {
+            job: JobId,
+            stream: Stream,
+            seq: u64,
+            len: u64,
+        },
+    }
+    let start = out.len();
+    out.extend_from_slice(&[0; 4]);
+    let head = Head::Output {
+        job,
+        stream,
+        seq,
+        len: len as u64,
+    };
+    if let Err(e) = options(DEFAULT_MAX_FRAME).serialize_into(&mut *out, &head) {
+        out.truncate(start);
+        return Err(Error::Protocol(format!("cannot encode message: {e}")));
+    }
+    let body = out.len() - start - 4 + len;
+    if body > DEFAULT_MAX_FRAME {
+        out.truncate(start);
+        return Err(Error::Protocol(format!(
+            "an output message of {len} bytes is too large"
+        )));
+    }
+    out[start..start + 4].copy_from_slice(&(body as u32).to_be_bytes());
+    Ok(())
+}
+
 /// Decodes one frame body; trailing bytes and nested lengths past the frame are errors.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T> {
     options(body.len())
@@ -412,6 +466,38 @@ impl<R: Read> FrameReader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_head_and_its_bytes_make_the_frame_of_the_whole_message() {
+        for (len, seq, job) in [
+            (0, 0, 1),
+            (1, 250, 300),
+            (60_000, u64::MAX - 1, u64::MAX),
+            (1 << 20, 7, 70_000),
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            for stream in [Stream::Stdout, Stream::Stderr] {
+                let mut whole = vec![9];
+                encode_into(
+                    &mut whole,
+                    &WorkerMessage::Output {
+                        job: JobId(job),
+                        stream,
+                        seq,
+                        bytes: bytes.clone(),
+                    },
+                )
+                .unwrap();
+                let mut parts = vec![9];
+                encode_output_head_into(&mut parts, JobId(job), stream, seq, len).unwrap();
+                parts.extend_from_slice(&bytes);
+                assert_eq!(parts, whole, "{len} bytes, seq {seq}, {stream:?}");
+            }
+        }
+        let mut out = vec![1, 2];
+        assert!(encode_output_head_into(&mut out, JobId(1), Stream::Stdout, 0, 17 << 20).is_err());
+        assert_eq!(out, vec![1, 2], "nothing is left of a refused head");
+    }
 
     fn frames_of(bytes: &[u8]) -> Vec<Result<Option<Vec<u8>>>> {
         let mut r = FrameReader::new(bytes, 1024);

@@ -837,6 +837,8 @@ pub(crate) fn split(
         tcp,
         tls,
         out: Vec::new(),
+        queued: Vec::new(),
+        queued_from: 0,
     };
     Ok((reader, writer, closer))
 }
@@ -954,11 +956,41 @@ pub(crate) struct WriteHalf {
     tcp: TcpStream,
     tls: Option<Shared>,
     out: Vec<u8>,
+    /// Encrypted by `queue_parts`, sent from `queued_from` on.
+    queued: Vec<u8>,
+    queued_from: usize,
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+const SEND_NOW_FLAGS: libc::c_int = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+// (Elsewhere SIGPIPE is blocked on every thread workpool starts: see `thread`.)
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+const SEND_NOW_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
+
+/// One send that takes only what the socket accepts at once (`WouldBlock` if nothing).
+fn send_now(tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: `bytes` is a live slice of `bytes.len()` bytes; the descriptor is the
+    // stream's own, open for as long as `tcp` is borrowed.
+    let n = unsafe {
+        libc::send(
+            tcp.as_raw_fd(),
+            bytes.as_ptr() as *const libc::c_void,
+            bytes.len(),
+            SEND_NOW_FLAGS,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
 }
 
 impl WriteHalf {
-    /// Writes all of `data` (encrypting it first under TLS).
+    /// Writes all of `data` (encrypting it first under TLS), after anything queued.
     pub(crate) fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.send_queued(true)?;
         let Some(tls) = &self.tls else {
             return self.tcp.write_all(data);
         };
@@ -987,8 +1019,76 @@ impl WriteHalf {
         }
     }
 
-    /// Ends the stream cleanly: close_notify, then no more writes.
+    /// Encrypts the pieces as one run of bytes, without gathering them first (under
+    /// TLS the records are made across the pieces), and keeps the result for
+    /// [`WriteHalf::send_queued`]. Nothing touches the socket here.
+    pub(crate) fn queue_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let Some(tls) = &self.tls else {
+            for p in parts {
+                self.queued.extend_from_slice(p);
+            }
+            return Ok(());
+        };
+        // Where the next byte to encrypt is: part `i`, offset `at`.
+        let (mut i, mut at) = (0, 0);
+        let mut slices = Vec::with_capacity(parts.len());
+        let mut conn = lock(tls);
+        while i < parts.len() {
+            slices.clear();
+            slices.push(io::IoSlice::new(&parts[i][at..]));
+            slices.extend(parts[i + 1..].iter().map(|p| io::IoSlice::new(p)));
+            let mut n = conn.writer().write_vectored(&slices)?;
+            // (0: rustls' send buffer is full; draining it below makes room.)
+            while i < parts.len() && n >= parts[i].len() - at {
+                n -= parts[i].len() - at;
+                (i, at) = (i + 1, 0);
+            }
+            at += n;
+            while conn.wants_write() {
+                conn.write_tls(&mut self.queued)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether bytes from [`WriteHalf::queue_parts`] wait to be sent.
+    pub(crate) fn has_queued(&self) -> bool {
+        self.queued_from < self.queued.len()
+    }
+
+    /// Sends what [`WriteHalf::queue_parts`] encrypted. With `wait`, all of it (blocking,
+    /// up to the socket's write timeout); without, only what the socket takes at once.
+    /// True when nothing is left.
+    pub(crate) fn send_queued(&mut self, wait: bool) -> io::Result<bool> {
+        while self.has_queued() {
+            let rest = &self.queued[self.queued_from..];
+            let sent = if wait {
+                (&self.tcp).write(rest)
+            } else {
+                send_now(&self.tcp, rest)
+            };
+            match sent {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.queued_from += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if !wait && e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => {
+                    // These bytes must never be sent again (a later close would repeat
+                    // half a record).
+                    self.queued.clear();
+                    self.queued_from = 0;
+                    return Err(e);
+                }
+            }
+        }
+        self.queued.clear();
+        self.queued_from = 0;
+        Ok(true)
+    }
+
+    /// Ends the stream cleanly: what is queued, close_notify, then no more writes.
     pub(crate) fn close(&mut self) {
+        let _ = self.send_queued(true);
         if let Some(tls) = &self.tls {
             {
                 let mut conn = lock(tls);
@@ -1078,6 +1178,42 @@ mod tests {
         assert_eq!(got_c.len(), N);
         assert!(got_s.iter().enumerate().all(|(i, &b)| b == pattern(i)));
         assert!(got_c.iter().enumerate().all(|(i, &b)| b == pattern(i)));
+    }
+
+    #[test]
+    fn queued_pieces_go_out_in_order_without_waiting_on_a_full_socket() {
+        let ((mut sr, _sw, _sc), (_cr, mut cw, _cc)) = connected();
+        let pattern = |i: usize| (i * 7 % 253) as u8;
+        let data: Vec<u8> = (0..200_000).map(pattern).collect();
+        // Nobody reads yet: pieces are queued until the socket takes no more, and sending
+        // then returns instead of waiting.
+        let mut queued = 0;
+        let mut full = false;
+        while queued < 64 << 20 {
+            let pieces: Vec<&[u8]> = data.chunks(7_919).collect();
+            cw.queue_parts(&pieces).unwrap();
+            queued += data.len();
+            if !cw.send_queued(false).unwrap() {
+                full = true;
+                break;
+            }
+        }
+        assert!(full, "64 MiB went into a socket nobody reads");
+        assert!(cw.has_queued());
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; queued];
+            sr.read_exact(&mut got).unwrap();
+            got
+        });
+        // The rest goes when the peer reads; then everything arrived once, in order.
+        assert!(cw.send_queued(true).unwrap());
+        assert!(!cw.has_queued());
+        let got = reader.join().unwrap();
+        assert!(
+            got.iter()
+                .enumerate()
+                .all(|(i, &b)| b == pattern(i % data.len()))
+        );
     }
 
     #[test]

@@ -93,11 +93,10 @@ fn the_temp_folder_is_private_and_gone_afterwards() {
     assert_eq!(lines[1], "700", "{out}");
     assert_eq!(lines[2], "made-here", "{out}");
     assert_eq!(lines[3], format!("id={}", r.id), "{out}");
-    assert!(
-        !std::path::Path::new(lines[0]).exists(),
-        "{} still exists",
-        lines[0]
-    );
+    // Deleted right after the job's ending is reported.
+    wait_until(&format!("{} to be deleted", lines[0]), || {
+        !std::path::Path::new(lines[0]).exists()
+    });
 }
 
 #[test]

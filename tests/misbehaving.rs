@@ -421,6 +421,73 @@ fn maximum_size_text_fields_are_cut_and_escaped_before_they_are_logged_or_passed
     }
 }
 
+/// `CleanupFailed` before the job's `Finished` reaches the submitter as a warning, cut
+/// and escaped; after it (the job no longer routed), a flood of them is logged a bounded
+/// number of times.
+#[test]
+fn cleanup_failures_reach_the_submitter_and_a_flood_after_the_end_is_logged_boundedly() {
+    capture_logs();
+    let c = Cluster::new(0);
+    let (mut r, mut w) = join(&c, "untidy", 1);
+    wait_joined(&c.events, 1);
+    let mut h = c.manager.submit(JobSpec::new("true")).unwrap();
+    let job = expect_run(&mut r);
+    let error = format!("CLEANUP-EARLY\u{1b}[2J{}", "x".repeat(10_000));
+    w.send(&WorkerMessage::CleanupFailed { job, error })
+        .unwrap();
+    w.send(&WorkerMessage::Finished {
+        job,
+        outcome: Outcome::Exited(0),
+        cleanup_error: None,
+    })
+    .unwrap();
+    let result = h.wait_timeout(DEADLINE).expect("the job ends");
+    assert_eq!(result.outcome, Outcome::Exited(0));
+    match &result.warnings[..] {
+        [warning] => {
+            assert!(warning.starts_with("CLEANUP-EARLY\\u{1b}[2J"), "{warning}");
+            assert!(warning.len() <= 4096 + 64 && !has_control(warning));
+        }
+        other => panic!("{other:?}"),
+    }
+    for _ in 0..1000 {
+        w.send(&WorkerMessage::CleanupFailed {
+            job,
+            error: "CLEANUP-LATE".into(),
+        })
+        .unwrap();
+    }
+    // A second job's ending arrives after all of them: by then they have been read.
+    let h2 = c.manager.submit(JobSpec::new("true")).unwrap();
+    loop {
+        match next(&mut r) {
+            ManagerMessage::Run { job: j, .. } => {
+                w.send(&WorkerMessage::Finished {
+                    job: j,
+                    outcome: Outcome::Exited(0),
+                    cleanup_error: None,
+                })
+                .unwrap();
+                break;
+            }
+            ManagerMessage::Ended { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut h2 = h2;
+    assert_eq!(
+        h2.wait_timeout(DEADLINE)
+            .expect("the second job ends")
+            .outcome,
+        Outcome::Exited(0)
+    );
+    let late = logged("CLEANUP-LATE").len();
+    assert!(
+        (1..=10).contains(&late),
+        "{late} lines logged for 1000 reports"
+    );
+}
+
 #[test]
 fn one_certificate_cannot_hold_more_than_the_allowed_connections() {
     let c = Cluster::new(0);
@@ -577,6 +644,87 @@ fn a_worker_given_out_of_range_numbers_refuses_the_job_and_keeps_its_heartbeat()
         other => panic!("{other:?}"),
     }
     drop(worker);
+}
+
+/// The state letter of a process in `/proc/PID/stat` (`R`, `S`, `Z`, ...), if it exists.
+fn process_state(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// A manager made by hand stops reading while a job floods its output: the worker's
+/// link fills up and its writer blocks in a socket write. The worker still acts on the
+/// `Cancel` that comes next (nothing that handles the manager's messages waits for the
+/// link), and the job's process ends.
+#[test]
+fn a_worker_whose_manager_stops_reading_still_cancels_its_job() {
+    let certs = Certs::new(1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mut config = certs.worker_config(port, 0, "flooded");
+    config.reconnect_buffer = 1 << 20;
+    let worker = Worker::start(config).unwrap();
+    let (tcp, _) = listener.accept().unwrap();
+    // Heartbeats that cannot time out during the test.
+    let welcome = Welcome {
+        manager_id: 42,
+        worker_id: 1,
+        heartbeat_interval_ms: 1000,
+        heartbeat_timeout_ms: 600_000,
+        reconnect_grace_ms: 600_000,
+        resume: vec![],
+    };
+    let (_, mut r, mut w) = testing::accept_worker(
+        tcp,
+        &certs.manager_identity(),
+        &certs.worker_roots(),
+        &welcome,
+        DEADLINE,
+    )
+    .unwrap();
+    r.set_read_timeout(Some(DEADLINE)).unwrap();
+    w.send(&ManagerMessage::Run {
+        job: JobId(1),
+        spec: JobSpec::new("echo $$; exec yes flood"),
+    })
+    .unwrap();
+    let pid: i32 = loop {
+        match r.recv::<WorkerMessage>() {
+            Ok(Some(WorkerMessage::Output { bytes, .. })) => {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                break text.lines().next().unwrap().trim().parse().unwrap();
+            }
+            Ok(Some(WorkerMessage::Heartbeat)) => {}
+            other => panic!("{other:?}"),
+        }
+    };
+    // From here nothing is read. Once the socket is full, the writer blocks, the
+    // worker's buffer for the job fills and the job is paused on its pipe: `yes` then
+    // sleeps in its write for good.
+    let deadline = Instant::now() + DEADLINE;
+    let mut asleep_since: Option<Instant> = None;
+    while asleep_since.is_none_or(|t| t.elapsed() < Duration::from_millis(300)) {
+        assert!(Instant::now() < deadline, "the job was never held back");
+        match process_state(pid) {
+            Some('S') => {
+                asleep_since.get_or_insert_with(Instant::now);
+            }
+            Some(_) => asleep_since = None,
+            None => panic!("the job ended by itself"),
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    w.send(&ManagerMessage::Cancel { job: JobId(1) }).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while matches!(process_state(pid), Some(s) if s != 'Z') {
+        assert!(
+            Instant::now() < deadline,
+            "the cancel was not acted on while the link was full"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    w.cut();
+    worker.stop();
 }
 
 #[test]

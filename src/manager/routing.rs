@@ -248,6 +248,22 @@ pub(crate) fn on_worker_message(
                 }
             }
         }
+        WorkerMessage::CleanupFailed { job, error } => {
+            // After the job's `Finished`, its route is gone: then it is only logged.
+            let error = peer_text(&error);
+            let routes = lock(routes);
+            match routes.get(&job) {
+                Some(route) => {
+                    log::warn!("{label}: job {job}: {error}");
+                    route.sink.push(JobEvent::Warning(error));
+                }
+                None => {
+                    if complaints.ignored(label) {
+                        log::warn!("{label}: job {job}, already ended: {error}");
+                    }
+                }
+            }
+        }
         WorkerMessage::Draining => link.tell(LinkEvent::Draining),
         WorkerMessage::Goodbye => link.tell(LinkEvent::Goodbye),
         WorkerMessage::Heartbeat => {}

@@ -1,20 +1,20 @@
 //! Runs one job: `/bin/bash -c SCRIPT` in a fresh 0700 folder under the work dir, in its
 //! own process group, with the job's environment (plus `WORKPOOL_JOB_ID` and the token of
 //! `tree`) and its stdin bytes (or `/dev/null`), no other inherited descriptor, and as the
-//! job user if the worker has one. One thread per job polls the two output
-//! pipes, the process (a pidfd on Linux) and a wake-up pipe for commands, and sends output
-//! as it comes. Timeouts and cancels send SIGTERM to every process of the job and SIGKILL
-//! after the grace period. When the script exits, whatever it left running is killed,
-//! the process is reaped, the folder is deleted, and `Finished` is sent last.
+//! job user if the worker has one. [`run`] runs on a supervisor thread of the worker's
+//! pool (`pool`): it polls the two output pipes, the process (a pidfd on Linux) and a
+//! wake-up pipe for commands, and hands each piece of output, read into a buffer of its
+//! own, to [`JobEvents`]. Timeouts and cancels send SIGTERM to every process of the job and
+//! SIGKILL after the grace period. As soon as the script has exited and its output is
+//! all read, the outcome is reported; then whatever it left running is killed, the
+//! process is reaped and the folder deleted, and that is reported too.
 //! Nothing here knows about connections.
-
 use super::folder::{self, Removal};
 use super::job_user::{self, JobUser};
+use super::replay::Chunk;
 use super::tree;
 use crate::job::{JobId, JobSpec, Outcome, Stream};
 use crate::protocol::OUTPUT_CHUNK;
-use crate::sync::lock;
-use crossbeam_channel::Sender;
 use std::ffi::{CString, OsStr};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -22,8 +22,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// After the script exits and its leftovers are killed, how long its output pipes may
@@ -33,39 +33,37 @@ const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
 /// Which run of which job: job ids are per manager, so the key names the manager too,
 /// and a retried job can come back to the same worker while its killed earlier run is
 /// still ending, so each run has a number of its own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) struct JobKey {
     pub manager: u64,
     pub job: JobId,
     pub run: u64,
 }
 
-/// What a running job reports.
-#[derive(Debug)]
-pub(crate) enum ExecEvent {
-    Output {
-        key: JobKey,
-        stream: Stream,
-        bytes: Vec<u8>,
-    },
-    Finished {
-        key: JobKey,
-        outcome: Outcome,
-        cleanup_error: Option<String>,
-    },
+/// Where a job's supervisor reports, in this order: output, then the exit, then the
+/// end of the cleanup. Calls never block.
+pub(crate) trait JobEvents: Send + Sync {
+    /// The job wrote this.
+    fn output(&self, key: JobKey, stream: Stream, bytes: Chunk);
+    /// The job's exit status is known and all its output was reported. `cleanup_error`
+    /// is set only when the folder was already dealt with (the job never ran).
+    fn exited(&self, key: JobKey, outcome: Outcome, cleanup_error: Option<String>);
+    /// What the job left is killed, it is reaped and its folder deleted (`error` if that
+    /// failed): the supervisor is done with it.
+    fn cleaned_up(&self, key: JobKey, error: Option<String>);
 }
 
 const NONE: u8 = 0;
 const CANCEL: u8 = 1;
 const KILL: u8 = 2;
 
+/// What a job's supervisor is asked to do, and a pipe to wake it with.
 struct Control {
-    /// The job's pid (= its process group id) until it is reaped; then `None`.
-    pid: Mutex<Option<i32>>,
     /// NONE, CANCEL (TERM, then KILL after the grace) or KILL (at once); only rises.
     request: AtomicU8,
     paused: AtomicBool,
-    wake: OwnedFd,
+    wake_r: OwnedFd,
+    wake_w: OwnedFd,
 }
 
 impl Control {
@@ -73,16 +71,37 @@ impl Control {
         let b = [1u8];
         // Non-blocking: a full pipe already holds a wake-up.
         // SAFETY: one byte from a live local to a descriptor this struct owns.
-        unsafe { libc::write(self.wake.as_raw_fd(), b.as_ptr() as *const libc::c_void, 1) };
+        unsafe {
+            libc::write(
+                self.wake_w.as_raw_fd(),
+                b.as_ptr() as *const libc::c_void,
+                1,
+            )
+        };
     }
 }
 
-/// A started job, for controlling it from the worker's thread. Every call returns at once.
+/// A job run, for controlling it from any thread. Made before its supervisor starts, so
+/// that a request that comes first is not lost. Every call returns at once.
+#[derive(Clone)]
 pub(crate) struct RunningJob {
     control: Arc<Control>,
 }
 
 impl RunningJob {
+    /// A handle for a run about to start.
+    pub(crate) fn new() -> io::Result<RunningJob> {
+        let (wake_r, wake_w) = pipe()?;
+        Ok(RunningJob {
+            control: Arc::new(Control {
+                request: AtomicU8::new(NONE),
+                paused: AtomicBool::new(false),
+                wake_r,
+                wake_w,
+            }),
+        })
+    }
+
     /// SIGTERM to all its processes, SIGKILL after the grace; it ends `Cancelled`
     /// (unless it had already exited).
     pub(crate) fn cancel(&self) {
@@ -109,59 +128,57 @@ impl RunningJob {
 
 fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe writes.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe succeeded, so both descriptors are new and owned by nobody else.
-    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    for fd in [&r, &w] {
-        // SAFETY: fcntl on a descriptor we own; no memory is passed.
-        unsafe {
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
-            libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+            return Err(io::Error::last_os_error());
         }
+        // SAFETY: pipe2 succeeded, so both descriptors are new and owned by nobody else.
+        return Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) });
     }
-    Ok((r, w))
+    #[allow(unreachable_code)]
+    {
+        // SAFETY: `fds` has room for the two descriptors pipe writes.
+        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe succeeded, so both descriptors are new and owned by nobody else.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        for fd in [&r, &w] {
+            // SAFETY: fcntl on a descriptor we own; no memory is passed.
+            unsafe {
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC);
+                libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK);
+            }
+        }
+        Ok((r, w))
+    }
 }
 
-/// Starts a job on a thread of its own, as `user` if given. Its events, `Finished` last,
-/// go to `events`.
-pub(crate) fn start(
+/// Runs a job run on the calling thread, as `user` if given, and reports to `events`:
+/// its output, its exit, then the end of its cleanup. Returns after the cleanup.
+pub(crate) fn run(
     key: JobKey,
-    spec: JobSpec,
-    work_dir: PathBuf,
+    spec: &JobSpec,
+    work_dir: &Path,
     default_grace: Duration,
-    user: Option<JobUser>,
-    events: Sender<ExecEvent>,
-) -> io::Result<RunningJob> {
-    let (wake_r, wake_w) = pipe()?;
-    let control = Arc::new(Control {
-        pid: Mutex::new(None),
-        request: AtomicU8::new(NONE),
-        paused: AtomicBool::new(false),
-        wake: wake_w,
-    });
-    let c = control.clone();
-    crate::thread::for_job(format!("wp-job-{}", key.job), move || {
-        let grace = spec.kill_grace.unwrap_or(default_grace);
-        let (outcome, cleanup_error) = run(
-            key,
-            &spec,
-            &work_dir,
-            user.as_ref(),
-            grace,
-            &c,
-            &wake_r,
-            &events,
-        );
-        let _ = events.send(ExecEvent::Finished {
-            key,
-            outcome,
-            cleanup_error,
-        });
-    })?;
-    Ok(RunningJob { control })
+    user: Option<&JobUser>,
+    job: &RunningJob,
+    events: &dyn JobEvents,
+) {
+    let grace = spec.kill_grace.unwrap_or(default_grace);
+    let control = &*job.control;
+    let dir = match make_job_dir(work_dir, key.job, user) {
+        Ok(d) => d,
+        Err(e) => {
+            let why = format!("cannot create a job folder in {}: {e}", work_dir.display());
+            events.exited(key, Outcome::SpawnFailed(why), None);
+            events.cleaned_up(key, None);
+            return;
+        }
+    };
+    supervise(key, spec, &dir, user, grace, control, events);
 }
 
 /// What a job's process is given beyond its script: the job user's identity (and
@@ -261,24 +278,16 @@ pub(crate) fn probe(user: &JobUser, work_dir: &Path) -> Result<(), String> {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run(
+/// Spawns the job's shell in its folder, supervises it, and cleans up (see [`run`]).
+fn supervise(
     key: JobKey,
     spec: &JobSpec,
-    work_dir: &Path,
+    dir: &JobDir,
     user: Option<&JobUser>,
     grace: Duration,
     control: &Control,
-    wake: &OwnedFd,
-    events: &Sender<ExecEvent>,
-) -> (Outcome, Option<String>) {
-    let dir = match make_job_dir(work_dir, key.job, user) {
-        Ok(d) => d,
-        Err(e) => {
-            let why = format!("cannot create a job folder in {}: {e}", work_dir.display());
-            return (Outcome::SpawnFailed(why), None);
-        }
-    };
+    events: &dyn JobEvents,
+) {
     let token = tree::new_token();
     let mut cmd = Command::new("/bin/bash");
     prepare(&mut cmd, user);
@@ -301,16 +310,15 @@ fn run(
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
-            let cleanup = remove_job_dir(&dir);
+            let cleanup = remove_job_dir(dir);
             let who = user.map_or(String::new(), |u| format!(" as user {}", u.name));
-            return (
-                Outcome::SpawnFailed(format!("cannot run /bin/bash{who}: {e}")),
-                cleanup,
-            );
+            let why = format!("cannot run /bin/bash{who}: {e}");
+            events.exited(key, Outcome::SpawnFailed(why), cleanup);
+            events.cleaned_up(key, None);
+            return;
         }
     };
     let pid = child.id() as i32;
-    *lock(&control.pid) = Some(pid);
     let feeder = child
         .stdin
         .take()
@@ -325,38 +333,48 @@ fn run(
         term_sent: None,
         killed: false,
         exited: None,
+        swept: false,
         started: Instant::now(),
     };
-    job.pump(&mut child, control, wake, events);
+    let exit_watch = ExitWatch::new(pid);
+    job.pump(&mut child, &exit_watch, control, events);
+    // The outcome is known before the process is reaped (so that its pid and process
+    // group stay reserved for the sweep below): reported at once.
+    let early = match job.reason.take() {
+        Some(reason) => Some(reason),
+        None => exit_watch.outcome(),
+    };
+    if let Some(outcome) = &early {
+        events.exited(key, outcome.clone(), None);
+    }
+    if !job.swept {
+        job.sweep();
+    }
     if let Some(f) = feeder {
         let _ = f.join();
     }
-    let status = {
-        let mut guard = lock(&control.pid);
-        let status = child.wait();
-        *guard = None;
-        status
-    };
-    let outcome = match (job.reason, status) {
-        (Some(reason), _) => reason,
-        (None, Ok(s)) => match (s.code(), s.signal()) {
-            (Some(code), _) => Outcome::Exited(code),
-            (None, Some(sig)) => Outcome::Signaled(sig),
-            (None, None) => Outcome::SpawnFailed(format!("unknown exit status {s:?}")),
-        },
-        (None, Err(e)) => Outcome::SpawnFailed(format!("waiting for the script: {e}")),
-    };
-    (outcome, remove_job_dir(&dir))
+    let status = child.wait();
+    if early.is_none() {
+        let outcome = match status {
+            Ok(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => Outcome::Exited(code),
+                (None, Some(sig)) => Outcome::Signaled(sig),
+                (None, None) => Outcome::SpawnFailed(format!("unknown exit status {s:?}")),
+            },
+            Err(e) => Outcome::SpawnFailed(format!("waiting for the script: {e}")),
+        };
+        events.exited(key, outcome, None);
+    }
+    events.cleaned_up(key, remove_job_dir(dir));
 }
 
 /// Writes the job's stdin bytes, then closes it. A job that exits without reading gets
 /// an EPIPE here, never a SIGPIPE (blocked on this thread; matters when embedded in C).
-/// Panics, as `std::thread::spawn` does, if no thread can be started.
 fn feed_stdin(mut stdin: std::process::ChildStdin, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
-    crate::thread::relay("wp-job-stdin", move || {
+    std::thread::spawn(move || {
+        crate::thread::block_sigpipe();
         let _ = stdin.write_all(&bytes);
     })
-    .expect("starting a thread for the job's stdin")
 }
 
 /// One job's process, from spawn to exit.
@@ -371,10 +389,24 @@ struct Supervisor {
     term_sent: Option<Instant>,
     killed: bool,
     exited: Option<Instant>,
+    /// What the script left running has been killed.
+    swept: bool,
     started: Instant,
 }
 
 impl Supervisor {
+    /// Kills whatever the script left running (it has exited, and is not reaped yet).
+    fn sweep(&mut self) {
+        self.swept = true;
+        let escaped = tree::kill_leftovers(self.pid, &self.token, self.started.elapsed());
+        if escaped > 0 {
+            log::info!(
+                "job {}: killed {escaped} process(es) it left running",
+                self.key.job
+            );
+        }
+    }
+
     fn signal_all(&mut self, sig: i32) {
         if self.exited.is_none() {
             tree::signal_job(self.pid, &self.token, sig, true);
@@ -428,13 +460,17 @@ impl Supervisor {
     }
 
     /// Reads both pipes until they close and the process has exited (not reaped: its pid
-    /// and process group stay reserved until the caller reaps it).
+    /// and process group stay reserved until the caller reaps it). When the script
+    /// exits, what is in its pipes is read at once; if that ends them, the job is done
+    /// and what it left running is killed later (`sweep`), after its exit is reported.
+    /// If something else still holds a pipe open, it is killed now, so that the pipe
+    /// ends.
     fn pump(
         &mut self,
         child: &mut Child,
+        exit_watch: &ExitWatch,
         control: &Control,
-        wake: &OwnedFd,
-        events: &Sender<ExecEvent>,
+        events: &dyn JobEvents,
     ) {
         let stdout = child.stdout.take();
         let stderr = child.stderr.take();
@@ -445,19 +481,24 @@ impl Supervisor {
         if let Some(s) = &stderr {
             pipes.push((Stream::Stderr, s.as_raw_fd()));
         }
-        let exit_watch = ExitWatch::new(self.pid);
+        for &(_, fd) in &pipes {
+            // Our end only (the job's end is another open file): reads never wait.
+            // SAFETY: fcntl on a descriptor the child handle owns; no memory is passed.
+            unsafe {
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        let wake = &control.wake_r;
         let mut drain_until: Option<Instant> = None;
-        let mut buf = vec![0u8; OUTPUT_CHUNK];
+        let mut buf = Vec::with_capacity(OUTPUT_CHUNK);
         loop {
             if self.exited.is_none() && exit_watch.has_exited_now() {
                 self.exited = Some(Instant::now());
-                // Whatever the script left behind goes with it.
-                let escaped = tree::kill_leftovers(self.pid, &self.token, self.started.elapsed());
-                if escaped > 0 {
-                    log::info!(
-                        "job {}: killed {escaped} process(es) it left running",
-                        self.key.job
-                    );
+                let paused = control.paused.load(Ordering::SeqCst);
+                if paused || !self.read_all(&mut pipes, &mut buf, events) {
+                    // Whatever the script left behind goes with it.
+                    self.sweep();
                 }
             }
             let next_deadline = self.enforce(control);
@@ -491,6 +532,7 @@ impl Supervisor {
             if !paused {
                 fds.extend(pipes.iter().map(|&(_, fd)| poll(fd)));
             }
+            let wake_index = fds.len();
             fds.push(poll(wake.as_raw_fd()));
             let mut wake_at = next_deadline;
             if self.exited.is_none() {
@@ -519,9 +561,12 @@ impl Supervisor {
                 }
                 log::error!("job {}: poll failed: {e}", self.key.job);
                 exit_watch.wait();
+                self.exited.get_or_insert_with(Instant::now);
                 return;
             }
-            drain_wake(wake);
+            if fds[wake_index].revents != 0 {
+                drain_wake(wake);
+            }
             if paused {
                 continue;
             }
@@ -530,25 +575,8 @@ impl Supervisor {
                 if fds[i].revents == 0 {
                     continue;
                 }
-                // SAFETY: `buf` is writable for `buf.len()` bytes; `fd` is a pipe we own.
-                let r = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
-                if r > 0 {
-                    let bytes = buf[..r as usize].to_vec();
-                    let _ = events.send(ExecEvent::Output {
-                        key: self.key,
-                        stream,
-                        bytes,
-                    });
-                } else if r == 0 {
+                if read_once(fd, stream, &mut buf, self.key, events) == Read::Closed {
                     closed.push(i);
-                } else {
-                    let e = io::Error::last_os_error();
-                    if !matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
-                    ) {
-                        closed.push(i);
-                    }
                 }
             }
             for i in closed.into_iter().rev() {
@@ -556,6 +584,70 @@ impl Supervisor {
             }
         }
         // `stdout` and `stderr` close here.
+    }
+
+    /// Reads what the pipes hold without waiting; true if that ended them all (nothing
+    /// else holds them open).
+    fn read_all(
+        &mut self,
+        pipes: &mut Vec<(Stream, i32)>,
+        buf: &mut Vec<u8>,
+        events: &dyn JobEvents,
+    ) -> bool {
+        pipes.retain(|&(stream, fd)| {
+            // Bounded: a process that writes without end is not waited for here.
+            for _ in 0..64 {
+                match read_once(fd, stream, buf, self.key, events) {
+                    Read::Data => {}
+                    Read::Closed => return false,
+                    Read::Empty => return true,
+                }
+            }
+            true
+        });
+        pipes.is_empty()
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Read {
+    Data,
+    Empty,
+    Closed,
+}
+
+/// One read from a job's pipe into `buf`, handed on as a chunk of its own: a large read
+/// gives its buffer away (no copy; `buf` gets a new one), a small one is copied out.
+fn read_once(
+    fd: i32,
+    stream: Stream,
+    buf: &mut Vec<u8>,
+    key: JobKey,
+    events: &dyn JobEvents,
+) -> Read {
+    buf.clear();
+    buf.reserve(OUTPUT_CHUNK);
+    // SAFETY: `buf` has room for OUTPUT_CHUNK bytes (reserved above); `fd` is a pipe we own.
+    let r = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, OUTPUT_CHUNK) };
+    if r > 0 {
+        // SAFETY: read initialised the first `r` bytes, and `r` ≤ OUTPUT_CHUNK ≤ capacity.
+        unsafe { buf.set_len(r as usize) };
+        let chunk = if buf.len() >= OUTPUT_CHUNK / 2 {
+            let mut full = std::mem::replace(buf, Vec::with_capacity(OUTPUT_CHUNK));
+            full.shrink_to_fit();
+            full
+        } else {
+            buf.to_vec()
+        };
+        events.output(key, stream, Arc::new(chunk));
+        return Read::Data;
+    }
+    if r == 0 {
+        return Read::Closed;
+    }
+    match io::Error::last_os_error().kind() {
+        io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock => Read::Empty,
+        _ => Read::Closed,
     }
 }
 
@@ -611,6 +703,31 @@ impl ExitWatch {
         };
         // SAFETY: `info` was zeroed and then filled by waitid; si_pid reads a field of it.
         r == 0 && unsafe { info.si_pid() } != 0
+    }
+
+    /// How the child ended, once it has, without reaping it.
+    fn outcome(&self) -> Option<Outcome> {
+        // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // SAFETY: `info` is a live, writable siginfo_t for waitid to fill.
+        let r = unsafe {
+            libc::waitid(
+                libc::P_PID,
+                self.pid as libc::id_t,
+                &mut info,
+                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
+            )
+        };
+        // SAFETY: `info` was zeroed and then filled by waitid; these read fields of it.
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if r != 0 || pid == 0 {
+            return None;
+        }
+        match info.si_code {
+            libc::CLD_EXITED => Some(Outcome::Exited(status)),
+            libc::CLD_KILLED | libc::CLD_DUMPED => Some(Outcome::Signaled(status)),
+            _ => None,
+        }
     }
 
     fn has_exited_now(&self) -> bool {
@@ -755,6 +872,56 @@ mod tests {
         }
     }
 
+    /// What a job reported, in the order it did.
+    #[derive(Debug)]
+    enum ExecEvent {
+        Output {
+            stream: Stream,
+            bytes: Chunk,
+        },
+        Exited {
+            outcome: Outcome,
+            cleanup_error: Option<String>,
+        },
+        CleanedUp {
+            error: Option<String>,
+        },
+    }
+
+    struct Events(crossbeam_channel::Sender<ExecEvent>);
+
+    impl JobEvents for Events {
+        fn output(&self, _: JobKey, stream: Stream, bytes: Chunk) {
+            let _ = self.0.send(ExecEvent::Output { stream, bytes });
+        }
+        fn exited(&self, _: JobKey, outcome: Outcome, cleanup_error: Option<String>) {
+            let _ = self.0.send(ExecEvent::Exited {
+                outcome,
+                cleanup_error,
+            });
+        }
+        fn cleaned_up(&self, _: JobKey, error: Option<String>) {
+            let _ = self.0.send(ExecEvent::CleanedUp { error });
+        }
+    }
+
+    /// Runs a job on a thread of its own, reporting to `tx`.
+    fn start(
+        key: JobKey,
+        spec: JobSpec,
+        work_dir: PathBuf,
+        grace: Duration,
+        user: Option<JobUser>,
+        tx: crossbeam_channel::Sender<ExecEvent>,
+    ) -> io::Result<RunningJob> {
+        let job = RunningJob::new()?;
+        let j = job.clone();
+        std::thread::spawn(move || {
+            run(key, &spec, &work_dir, grace, user.as_ref(), &j, &Events(tx));
+        });
+        Ok(job)
+    }
+
     fn start_job(spec: JobSpec) -> (RunningJob, crossbeam_channel::Receiver<ExecEvent>) {
         let (tx, rx) = unbounded();
         let job = start(
@@ -769,26 +936,36 @@ mod tests {
         (job, rx)
     }
 
+    /// Everything a job reports until its cleanup ends: outcome, stdout, stderr, and a
+    /// cleanup error. Checks the order: output, then the exit, then the cleanup.
     fn collect(
         rx: &crossbeam_channel::Receiver<ExecEvent>,
     ) -> (Outcome, Vec<u8>, Vec<u8>, Option<String>) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
+        let mut exited = None;
         loop {
             match rx
                 .recv_timeout(Duration::from_secs(60))
                 .expect("job ends within a minute")
             {
-                ExecEvent::Output {
-                    stream: Stream::Stdout,
-                    bytes,
-                    ..
-                } => out.extend(bytes),
-                ExecEvent::Output { bytes, .. } => err.extend(bytes),
-                ExecEvent::Finished {
+                ExecEvent::Output { stream, bytes } => {
+                    assert!(exited.is_none(), "output after the exit");
+                    match stream {
+                        Stream::Stdout => out.extend(bytes.iter()),
+                        Stream::Stderr => err.extend(bytes.iter()),
+                    }
+                }
+                ExecEvent::Exited {
                     outcome,
                     cleanup_error,
-                    ..
-                } => return (outcome, out, err, cleanup_error),
+                } => {
+                    assert!(exited.is_none(), "two exits");
+                    exited = Some((outcome, cleanup_error));
+                }
+                ExecEvent::CleanedUp { error } => {
+                    let (outcome, early) = exited.expect("the exit comes before the cleanup");
+                    return (outcome, out, err, early.or(error));
+                }
             }
         }
     }
@@ -802,7 +979,7 @@ mod tests {
         let mut got = Vec::new();
         while !got.contains(&b'\n') {
             match rx.recv_timeout(Duration::from_secs(60)).unwrap() {
-                ExecEvent::Output { bytes, .. } => got.extend(bytes),
+                ExecEvent::Output { bytes, .. } => got.extend(bytes.iter()),
                 other => panic!("{other:?}"),
             }
         }
@@ -907,7 +1084,8 @@ mod tests {
                     job.pause(true);
                     job.pause(false);
                 }
-                ExecEvent::Finished { outcome, .. } => break outcome,
+                ExecEvent::Exited { outcome, .. } => break outcome,
+                ExecEvent::CleanedUp { .. } => panic!("cleaned up before the exit"),
             }
         };
         assert_eq!(outcome, Outcome::Exited(0));
