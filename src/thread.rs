@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 /// How much stack a thread gets, by what it does. Each size is at least three times the
 /// most any thread of that kind was measured to touch in a debug build, where frames are
 /// largest (docs/PERFORMANCE.md, "Thread stacks"). `RUST_MIN_STACK`, when set, is a floor
-/// for both (e.g. for an embedding program whose logger needs more).
+/// for all of them (e.g. for an embedding program whose logger needs more).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stack {
     /// Relays bytes or messages between one socket or pipe and a channel: link readers
