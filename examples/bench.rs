@@ -5,6 +5,7 @@
 //! cargo run --release --example bench                  # default sizes, a few minutes on 2 cores
 //! cargo run --release --example bench -- --quick       # seconds (the test suite runs this)
 //! cargo run --release --example bench -- --json out.json
+//! cargo run --release --example bench -- --only throughput,latency,streaming
 //! ```
 //!
 //! Workers run as separate processes (this binary started again with `__worker`), except
@@ -561,16 +562,34 @@ fn main() {
     let k = 2;
     let mut rows = Vec::new();
     let started = Instant::now();
-    eprintln!("throughput...");
-    let local_rate = throughput(&certs, &s, k, &mut rows);
-    eprintln!("latency...");
-    latency(&certs, &s, &mut rows);
-    eprintln!("streaming...");
-    streaming(&certs, &s, &mut rows);
-    eprintln!("scale...");
-    scale(&certs, &s, &mut rows);
-    eprintln!("queue...");
-    queue(&certs, &s, local_rate, &mut rows);
+    // `--only throughput,latency` runs just those scenarios (the others load the machine).
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_string).collect());
+    let run = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
+    let mut local_rate = 0.0;
+    if run("throughput") || run("queue") {
+        eprintln!("throughput...");
+        local_rate = throughput(&certs, &s, k, &mut rows);
+    }
+    if run("latency") {
+        eprintln!("latency...");
+        latency(&certs, &s, &mut rows);
+    }
+    if run("streaming") {
+        eprintln!("streaming...");
+        streaming(&certs, &s, &mut rows);
+    }
+    if run("scale") {
+        eprintln!("scale...");
+        scale(&certs, &s, &mut rows);
+    }
+    if run("queue") {
+        eprintln!("queue...");
+        queue(&certs, &s, local_rate, &mut rows);
+    }
     println!("| scenario | metric | value | baseline (same run) | ratio | goal |");
     println!("| --- | --- | --- | --- | --- | --- |");
     for r in &rows {
