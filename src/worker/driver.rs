@@ -10,9 +10,11 @@
 //!   frames it, and writes it; it sends a heartbeat when it has been idle for the
 //!   heartbeat interval and closes the link when the manager has been silent too long.
 //! - The **supervisor pool** (`pool`) runs the jobs; a supervisor reports output and
-//!   endings straight into the session, which numbers and keeps them and wakes the
-//!   writer: output goes from the job's pipe to the socket through one hand-off, in
-//!   the buffer it was read into.
+//!   endings straight into the session, which numbers and keeps them. If the link's
+//!   writer is idle, the supervisor then sends what the session has for the link
+//!   itself, as much as the socket takes without waiting, and leaves the rest to the
+//!   writer thread: output usually goes from the job's pipe to the socket with no
+//!   hand-off, in the buffer it was read into.
 //!
 //! The session sits behind one mutex. Whoever has an input locks it, feeds it, carries
 //! out its actions and unlocks; nothing done under the lock blocks (a job control is an

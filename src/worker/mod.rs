@@ -124,8 +124,9 @@ impl Worker {
     /// a deadline, jobs still running then are killed (they end `Cancelled`).
     /// [`Worker::wait`] tells when it has left; [`Worker::stop`] cuts it short.
     pub fn drain(&self, deadline: Option<Duration>) {
-        self.shared
-            .feed(Input::Drain(deadline.map(|d| Instant::now() + d)));
+        // A deadline too far for the clock is no deadline.
+        let deadline = deadline.and_then(|d| Instant::now().checked_add(d));
+        self.shared.feed(Input::Drain(deadline));
     }
 
     /// Waits until the worker has left (after a drain), up to `timeout`; true if it has.
