@@ -729,7 +729,6 @@ fn a_worker_whose_manager_stops_reading_still_cancels_its_job() {
 
 #[test]
 fn the_cli_manager_takes_its_limit_of_connections_per_certificate() {
-    use std::io::BufRead;
     use std::process::{Command, Stdio};
     let dir = scratch("misbehaving-cli");
     let certs = Certs::new(1);
@@ -748,19 +747,12 @@ fn the_cli_manager_takes_its_limit_of_connections_per_certificate() {
         "{err}"
     );
     // A limit of 1: a second connection with worker-0's certificate is refused.
-    let mut child = Command::new(cli())
-        .args(manager_args(&dir))
-        .args(["--max-connections-per-certificate", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let listening: serde_json::Value = serde_json::from_str(&first).unwrap();
-    let addr = listening["address"].as_str().unwrap().to_string();
+    let CliManager {
+        mut child,
+        addr,
+        stdout: _stdout,
+    } = start_cli_manager_with(&dir, &["--max-connections-per-certificate", "1"]);
+    let addr = addr.to_string();
     let join_cli = |name: &str| {
         let w = &certs.workers[0];
         testing::connect_worker(

@@ -465,10 +465,16 @@ pub struct CliManager {
 
 /// Starts a CLI manager and reads its `listening` event.
 pub fn start_cli_manager(dir: &Path) -> CliManager {
+    start_cli_manager_with(dir, &[])
+}
+
+/// [`start_cli_manager`] with more arguments after the usual ones.
+pub fn start_cli_manager_with(dir: &Path, extra: &[&str]) -> CliManager {
     use std::io::BufRead;
     use std::process::Stdio;
     let mut child = std::process::Command::new(cli())
         .args(manager_args(dir))
+        .args(extra)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
