@@ -1069,30 +1069,26 @@ fn library_sources() -> String {
 /// The `pub fn` names of `impl TYPE {` in the library's sources (methods of the type
 /// itself, not of a trait), as rustfmt lays them out.
 fn public_methods(ty: &str) -> Vec<String> {
-    let source = library_sources();
-    let open = format!("impl {ty} {{");
-    let mut names = Vec::new();
-    let mut inside = false;
-    for line in source.lines() {
-        if line == open {
-            inside = true;
-        } else if inside && line == "}" {
-            inside = false;
-        } else if inside && let Some(rest) = line.strip_prefix("    pub fn ") {
-            let end = rest
-                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                .unwrap_or(rest.len());
-            names.push(format!("{ty}::{}", &rest[..end]));
-        }
-    }
-    assert!(!names.is_empty(), "no `{open}` with public methods in src/");
-    names
+    block_items(ty, &format!("impl {ty} {{"), |line| {
+        let rest = line.strip_prefix("    pub fn ")?;
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        Some(&rest[..end])
+    })
 }
 
-/// The `pub` fields of `pub struct TYPE {` in a source file.
+/// The `pub` fields of `pub struct TYPE {` in the library's sources.
 fn public_fields(ty: &str) -> Vec<String> {
+    block_items(ty, &format!("pub struct {ty} {{"), |line| {
+        Some(line.strip_prefix("    pub ")?.split_once(':')?.0)
+    })
+}
+
+/// `TYPE::name` for each line between `open` and its closing `}` (at the top level, as
+/// rustfmt lays them out) from which `name_of` takes a name.
+fn block_items(ty: &str, open: &str, name_of: impl Fn(&str) -> Option<&str>) -> Vec<String> {
     let source = library_sources();
-    let open = format!("pub struct {ty} {{");
     let mut names = Vec::new();
     let mut inside = false;
     for line in source.lines() {
@@ -1100,14 +1096,11 @@ fn public_fields(ty: &str) -> Vec<String> {
             inside = true;
         } else if inside && line == "}" {
             inside = false;
-        } else if inside
-            && let Some(rest) = line.strip_prefix("    pub ")
-            && let Some((name, _)) = rest.split_once(':')
-        {
+        } else if inside && let Some(name) = name_of(line) {
             names.push(format!("{ty}::{name}"));
         }
     }
-    assert!(!names.is_empty(), "no `{open}` with public fields in src/");
+    assert!(!names.is_empty(), "no `{open}` with public items in src/");
     names
 }
 
