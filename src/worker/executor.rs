@@ -197,7 +197,7 @@ pub(crate) fn probe(user: &JobUser, work_dir: &Path) -> Result<(), String> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    spawn::before_exec(&mut cmd, Some(user));
+    spawn::prepare_as(&mut cmd, user);
     let status = cmd
         .spawn()
         .and_then(|mut c| c.wait())

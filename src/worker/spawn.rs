@@ -17,7 +17,7 @@
 //! the `envp` array once per job; the captured part is shared, not copied.
 
 use super::job_user::{self, JobUser};
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -99,7 +99,7 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Process> {
     {
         return glibc::spawn(actions, &script, launch, &env);
     }
-    fork(launch, &env)
+    fork(launch, script, env)
 }
 
 fn invalid(why: String) -> io::Error {
@@ -407,9 +407,11 @@ mod glibc {
     }
 }
 
-/// Starts the job with `fork` (std's `Command`, which forks rather than spawns because of
-/// the hook).
-fn fork(launch: &Launch, env: &Env) -> io::Result<Process> {
+/// Starts the job with `fork`: std's `Command` forks (because of the hook), sets up
+/// stdin, stdout and stderr, the folder and the process group, and reports a failed
+/// `exec`; the hook (`before_exec`) ends with `execve` of the prepared arrays, so that
+/// std never builds an environment of its own.
+fn fork(launch: &Launch, script: CString, env: Env) -> io::Result<Process> {
     let Stdio3 {
         child_in,
         child_out,
@@ -417,21 +419,12 @@ fn fork(launch: &Launch, env: &Env) -> io::Result<Process> {
         ours,
     } = Stdio3::new(launch.stdin)?;
     let mut cmd = Command::new(SHELL);
-    cmd.arg("-c")
-        .arg(launch.script)
-        .current_dir(launch.dir)
-        .env_clear()
+    cmd.current_dir(launch.dir)
         .stdin(child_in.map_or_else(Stdio::null, Stdio::from))
         .stdout(Stdio::from(child_out))
         .stderr(Stdio::from(child_err))
         .process_group(0);
-    for entry in env.entries() {
-        let bytes = entry.to_bytes();
-        let at = bytes.iter().position(|&b| b == b'=').unwrap_or(bytes.len());
-        let value = bytes.get(at + 1..).unwrap_or_default();
-        cmd.env(OsStr::from_bytes(&bytes[..at]), OsStr::from_bytes(value));
-    }
-    before_exec(&mut cmd, launch.user);
+    before_exec(&mut cmd, launch.user, Some(Exec::new(script, env)));
     let child = cmd.spawn()?;
     // Reaped by the caller through the pid (`wait`): dropping a `Child` neither waits
     // nor kills. Dropping `cmd` closes the job's ends of the pipes here.
@@ -447,11 +440,61 @@ fn fork(launch: &Launch, env: &Env) -> io::Result<Process> {
     })
 }
 
+/// For a command that is not a job (the job user's check at start): what a job's child
+/// does before `exec`, as `user`, then std's `exec`.
+pub(crate) fn prepare_as(cmd: &mut Command, user: &JobUser) {
+    before_exec(cmd, Some(user), None);
+}
+
+/// `execve` of `/bin/bash -c SCRIPT` with a job's environment, the arrays built before
+/// the fork (the child may not allocate).
+struct Exec {
+    argv: [*const libc::c_char; 4],
+    envp: Vec<*const libc::c_char>,
+    /// What the pointers point into.
+    _script: CString,
+    _env: Env,
+}
+
+// SAFETY: the pointers point into static literals and into the heap buffers of
+// `_script` and `_env`, which the struct owns and never changes; nothing is mutable.
+unsafe impl Send for Exec {}
+// SAFETY: as above: the struct is never changed after `new`.
+unsafe impl Sync for Exec {}
+
+impl Exec {
+    fn new(script: CString, env: Env) -> Exec {
+        let argv = [
+            c"/bin/bash".as_ptr(),
+            c"-c".as_ptr(),
+            script.as_ptr(),
+            std::ptr::null(),
+        ];
+        let mut envp: Vec<*const libc::c_char> = env.entries().map(CStr::as_ptr).collect();
+        envp.push(std::ptr::null());
+        Exec {
+            argv,
+            envp,
+            _script: script,
+            _env: env,
+        }
+    }
+
+    /// In the child: replaces the process, or says why it could not.
+    fn exec(&self) -> io::Error {
+        // SAFETY: `argv` and `envp` are null-terminated arrays of NUL-terminated strings
+        // owned by `self` (see the struct).
+        unsafe { libc::execve(self.argv[0], self.argv.as_ptr(), self.envp.as_ptr()) };
+        io::Error::last_os_error()
+    }
+}
+
 /// What the forked child does before `exec`, beyond what std does (SIGPIPE's disposition
 /// reset): every descriptor from 3 up marked close-on-exec, the signal mask emptied (the
 /// worker's threads block SIGPIPE, and std leaves the mask as it is), every other ignored
-/// signal back to its default, and, with a job user, that user's identity.
-pub(crate) fn before_exec(cmd: &mut Command, user: Option<&JobUser>) {
+/// signal back to its default, with a job user that user's identity, and then `exec`,
+/// if given (else std's own).
+fn before_exec(cmd: &mut Command, user: Option<&JobUser>, exec: Option<Exec>) {
     let ids = user.map(|u| (u.uid, u.gid));
     let fd_limit = fd_limit();
     let max_signal = libc::SIGRTMAX();
@@ -463,14 +506,17 @@ pub(crate) fn before_exec(cmd: &mut Command, user: Option<&JobUser>) {
     };
     // SAFETY: the closure runs in the child between fork and exec. It makes only
     // async-signal-safe system calls (close_range or fcntl, sigprocmask, sigaction,
-    // setgroups, setgid, setuid), allocates nothing and takes no lock.
+    // setgroups, setgid, setuid, execve), allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             inherit_nothing(fd_limit);
             libc::pthread_sigmask(libc::SIG_SETMASK, &no_signals, std::ptr::null_mut());
             default_signals(max_signal);
-            match ids {
-                Some((uid, gid)) => job_user::switch_to(uid, gid),
+            if let Some((uid, gid)) = ids {
+                job_user::switch_to(uid, gid)?;
+            }
+            match &exec {
+                Some(exec) => Err(exec.exec()),
                 None => Ok(()),
             }
         })
@@ -594,7 +640,7 @@ mod tests {
         };
         let env = Env::new(Arc::new(inherited), launch)?;
         match way {
-            Way::Fork => fork(launch, &env),
+            Way::Fork => fork(launch, CString::new(launch.script).unwrap(), env),
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
             Way::Spawn => {
                 let script = CString::new(launch.script).unwrap();
