@@ -167,8 +167,14 @@ fn key(entry: &CStr, len: usize) -> &[u8] {
 /// ends on 0, 1 and 2 never overwrites one of them), ours non-blocking if asked.
 fn pipe(ours_nonblocking: bool, ours_is_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
+    // Close-on-exec from the start where the kernel can: no other thread's fork sees them.
+    #[cfg(target_os = "linux")]
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    #[cfg(not(target_os = "linux"))]
     // SAFETY: `fds` has room for the two descriptors pipe writes.
-    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+    let r = unsafe { libc::pipe(fds.as_mut_ptr()) };
+    if r != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pipe succeeded, so both descriptors are new and owned by nobody else.
