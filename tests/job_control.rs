@@ -124,6 +124,32 @@ fn env_and_stdin_reach_the_job() {
 }
 
 #[test]
+fn a_job_starts_with_no_signal_blocked_or_ignored() {
+    // This process ignores SIGPIPE (every Rust program does) and the worker's threads
+    // block it; neither reaches the job. `exec`: bash puts back what it was given.
+    let c = Cluster::new(1);
+    let r = run(
+        &c.manager,
+        JobSpec::new("exec grep -E '^Sig(Blk|Ign)' /proc/self/status"),
+    );
+    assert_eq!(r.outcome, exited(0));
+    let text = r.stdout_text();
+    let mask = |name: &str| {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap();
+        u64::from_str_radix(line[name.len()..].trim(), 16).unwrap()
+    };
+    // Signals 32 and 33 (bits 31 and 32) belong to glibc, which no program linked with
+    // it can use or reset; glibc's posix_spawn leaves them ignored.
+    let glibc_own = 0b11 << 31;
+    assert_eq!(mask("SigBlk:"), 0, "blocked in the job: {text}");
+    assert_eq!(
+        mask("SigIgn:") & !glibc_own,
+        0,
+        "ignored in the job: {text}"
+    );
+}
+
+#[test]
 fn bad_jobs_are_refused_at_submit() {
     let c = Cluster::new(0);
     for spec in [

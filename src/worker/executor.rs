@@ -10,8 +10,9 @@
 //! process is reaped and the folder deleted, and that is reported too.
 //! Nothing here knows about connections.
 use super::folder::{self, Removal};
-use super::job_user::{self, JobUser};
+use super::job_user::JobUser;
 use super::replay::Chunk;
+use super::spawn;
 use super::tree;
 use crate::job::{JobId, JobSpec, Outcome, Stream};
 use crate::protocol::OUTPUT_CHUNK;
@@ -19,9 +20,9 @@ use std::ffi::{CString, OsStr};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -181,88 +182,22 @@ pub(crate) fn run(
     supervise(key, spec, &dir, user, grace, control, events);
 }
 
-/// What a job's process is given beyond its script: the job user's identity (and
-/// `HOME`, `USER`, `LOGNAME`, which the job's own environment may override), and no
-/// inherited descriptor beyond stdin, stdout and stderr.
-fn prepare(cmd: &mut Command, user: Option<&JobUser>) {
-    let ids = user.map(|u| {
-        cmd.env("HOME", &u.home)
-            .env("USER", &u.name)
-            .env("LOGNAME", &u.name);
-        (u.uid, u.gid)
-    });
-    let fd_limit = fd_limit();
-    // SAFETY: the closure runs in the child between fork and exec. It makes only
-    // async-signal-safe system calls (close_range or fcntl, setgroups, setgid, setuid),
-    // allocates nothing and takes no lock.
-    unsafe {
-        cmd.pre_exec(move || {
-            inherit_nothing(fd_limit);
-            match ids {
-                Some((uid, gid)) => job_user::switch_to(uid, gid),
-                None => Ok(()),
-            }
-        })
-    };
-}
-
-/// Below what descriptor numbers `inherit_nothing` looks when the kernel lacks
-/// `close_range` (Linux < 5.11): the descriptor limit, capped.
-fn fd_limit() -> libc::c_int {
-    // SAFETY: all-zero bytes are a valid `rlimit`, filled in by the call.
-    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
-    // SAFETY: `lim` is a valid, writable `rlimit`.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return 1 << 16;
-    }
-    lim.rlim_cur.min(1 << 20) as libc::c_int
-}
-
-/// In the child before exec: marks every descriptor from 3 up close-on-exec, so that the
-/// job gets only 0, 1 and 2 however careless the program embedding the worker was with
-/// its own descriptors. (Marking rather than closing keeps std's close-on-exec pipe that
-/// reports a failed exec working.)
-fn inherit_nothing(fd_limit: libc::c_int) {
-    #[cfg(target_os = "linux")]
-    {
-        let (first, last): (libc::c_uint, libc::c_uint) = (3, libc::c_uint::MAX);
-        // SAFETY: a system call on integers.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_close_range,
-                first,
-                last,
-                libc::CLOSE_RANGE_CLOEXEC,
-            )
-        };
-        if r == 0 {
-            return;
-        }
-    }
-    for fd in 3..fd_limit {
-        // SAFETY: fcntl on a number that may or may not be an open descriptor (EBADF).
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC == 0 {
-                libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
-            }
-        }
-    }
-}
-
 /// Checks at start that jobs can run as `user` in folders under `work_dir`: that this
 /// process may take on the user's identity, and that the user may run `/bin/bash` and
 /// enter `work_dir` (its job folders' paths must work for it). The answer says what
 /// failed.
 pub(crate) fn probe(user: &JobUser, work_dir: &Path) -> Result<(), String> {
-    let mut cmd = Command::new("/bin/bash");
+    let mut cmd = Command::new(spawn::SHELL);
     cmd.args(["-c", "cd -- \"$1\"", "bash"])
         .arg(work_dir)
         .current_dir("/")
+        .env("HOME", &user.home)
+        .env("USER", &user.name)
+        .env("LOGNAME", &user.name)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    prepare(&mut cmd, Some(user));
+    spawn::prepare_as(&mut cmd, user);
     let status = cmd
         .spawn()
         .and_then(|mut c| c.wait())
@@ -289,39 +224,32 @@ fn supervise(
     events: &dyn JobEvents,
 ) {
     let token = tree::new_token();
-    let mut cmd = Command::new("/bin/bash");
-    prepare(&mut cmd, user);
-    let spawned = cmd
-        .arg("-c")
-        .arg(&spec.script)
-        .current_dir(&dir.path)
-        .envs(&spec.env)
-        .env("WORKPOOL_JOB_ID", key.job.0.to_string())
-        .env(tree::TOKEN_VAR, &token)
-        .stdin(if spec.stdin.is_empty() {
-            Stdio::null()
-        } else {
-            Stdio::piped()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .spawn();
-    let mut child = match spawned {
-        Ok(c) => c,
+    let job_id = key.job.0.to_string();
+    let mut vars: Vec<(&str, &str)> = Vec::with_capacity(spec.env.len() + 2);
+    vars.extend(spec.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    vars.push(("WORKPOOL_JOB_ID", &job_id));
+    vars.push((tree::TOKEN_VAR, &token));
+    let spawned = spawn::spawn(&spawn::Launch {
+        script: &spec.script,
+        dir: &dir.path,
+        vars: &vars,
+        stdin: !spec.stdin.is_empty(),
+        user,
+    });
+    let process = match spawned {
+        Ok(p) => p,
         Err(e) => {
             let cleanup = remove_job_dir(dir);
             let who = user.map_or(String::new(), |u| format!(" as user {}", u.name));
-            let why = format!("cannot run /bin/bash{who}: {e}");
+            let why = format!("cannot run {}{who}: {e}", spawn::SHELL);
             events.exited(key, Outcome::SpawnFailed(why), cleanup);
             events.cleaned_up(key, None);
             return;
         }
     };
-    let pid = child.id() as i32;
-    let feeder = child
+    let pid = process.pid;
+    let feeder = process
         .stdin
-        .take()
         .map(|stdin| feed_stdin(stdin, spec.stdin.clone()));
     let mut job = Supervisor {
         key,
@@ -337,7 +265,7 @@ fn supervise(
         started: Instant::now(),
     };
     let exit_watch = ExitWatch::new(pid);
-    job.pump(&mut child, &exit_watch, control, events);
+    job.pump(process.stdout, process.stderr, &exit_watch, control, events);
     // The outcome is known before the process is reaped (so that its pid and process
     // group stay reserved for the sweep below): reported at once.
     let early = match job.reason.take() {
@@ -353,7 +281,7 @@ fn supervise(
     if let Some(f) = feeder {
         let _ = f.join();
     }
-    let status = child.wait();
+    let status = spawn::wait(pid);
     if early.is_none() {
         let outcome = match status {
             Ok(s) => match (s.code(), s.signal()) {
@@ -370,10 +298,10 @@ fn supervise(
 
 /// Writes the job's stdin bytes, then closes it. A job that exits without reading gets
 /// an EPIPE here, never a SIGPIPE (blocked on this thread; matters when embedded in C).
-fn feed_stdin(mut stdin: std::process::ChildStdin, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
+fn feed_stdin(stdin: OwnedFd, bytes: Vec<u8>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         crate::thread::block_sigpipe();
-        let _ = stdin.write_all(&bytes);
+        let _ = std::fs::File::from(stdin).write_all(&bytes);
     })
 }
 
@@ -467,28 +395,17 @@ impl Supervisor {
     /// ends.
     fn pump(
         &mut self,
-        child: &mut Child,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
         exit_watch: &ExitWatch,
         control: &Control,
         events: &dyn JobEvents,
     ) {
-        let stdout = child.stdout.take();
-        let stderr = child.stderr.take();
-        let mut pipes: Vec<(Stream, i32)> = Vec::with_capacity(2);
-        if let Some(s) = &stdout {
-            pipes.push((Stream::Stdout, s.as_raw_fd()));
-        }
-        if let Some(s) = &stderr {
-            pipes.push((Stream::Stderr, s.as_raw_fd()));
-        }
-        for &(_, fd) in &pipes {
-            // Our end only (the job's end is another open file): reads never wait.
-            // SAFETY: fcntl on a descriptor the child handle owns; no memory is passed.
-            unsafe {
-                let flags = libc::fcntl(fd, libc::F_GETFL);
-                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
-            }
-        }
+        // Our ends are non-blocking (`spawn`): reads never wait.
+        let mut pipes: Vec<(Stream, i32)> = vec![
+            (Stream::Stdout, stdout.as_raw_fd()),
+            (Stream::Stderr, stderr.as_raw_fd()),
+        ];
         let wake = &control.wake_r;
         let mut drain_until: Option<Instant> = None;
         let mut buf = Vec::with_capacity(OUTPUT_CHUNK);
@@ -861,8 +778,10 @@ pub(crate) fn sweep_stale_dirs(work_dir: &Path, owners: &[libc::uid_t]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::job_user;
     use super::*;
     use crossbeam_channel::unbounded;
+    use std::os::unix::process::CommandExt;
 
     fn key(n: u64) -> JobKey {
         JobKey {

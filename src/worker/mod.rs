@@ -17,6 +17,7 @@ mod job_user;
 mod pool;
 mod replay;
 mod session;
+mod spawn;
 mod tree;
 
 pub use config::{WorkerConfig, WorkerSecurity, detect_platform};
@@ -65,6 +66,8 @@ impl Worker {
             }
         };
         let job_user = config.resolve_job_user()?;
+        // The environment its jobs inherit, copied once rather than at each job.
+        spawn::capture_environment();
         // SAFETY: geteuid has no preconditions.
         let mut owners = vec![unsafe { libc::geteuid() }];
         owners.extend(job_user.as_ref().map(|u| u.uid));
