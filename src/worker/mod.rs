@@ -74,6 +74,7 @@ impl Worker {
             tags: config.tags.clone(),
             platform: config.platform.clone(),
             slots: config.slots,
+            ahead: config.ahead,
             address: config.address(),
             connect_timeout: config.connect_timeout,
             backoff_initial: config.backoff_initial,

@@ -48,6 +48,7 @@ fn hello(name: &str, slots: u32) -> WorkerHello {
         tags: BTreeSet::new(),
         platform: "linux-x86_64".into(),
         slots,
+        ahead: 0,
         manager_id: None,
         jobs: vec![],
         draining: false,
@@ -63,6 +64,7 @@ fn returning(name: &str, slots: u32, jobs: &[JobId]) -> WorkerHello {
             .map(|&job| HeldJob {
                 job,
                 finished: false,
+                ahead: false,
             })
             .collect(),
         ..hello(name, slots)

@@ -13,6 +13,7 @@ fn settings(slots: u32, reconnect_buffer: usize) -> Settings {
         tags: BTreeSet::new(),
         platform: "linux-x86_64".into(),
         slots,
+        ahead: 0,
         address: "manager:1".into(),
         connect_timeout: Duration::from_secs(10),
         backoff_initial: Duration::from_millis(100),
@@ -37,6 +38,7 @@ fn run(job: u64) -> Input {
     Input::Manager(ManagerMessage::Run {
         job: JobId(job),
         spec: JobSpec::new("true"),
+        ahead: false,
     })
 }
 
@@ -237,7 +239,8 @@ fn a_lost_link_is_dialled_again_after_the_first_backoff_and_the_jobs_go_on() {
         hello.jobs,
         vec![HeldJob {
             job: JobId(1),
-            finished: false
+            finished: false,
+            ahead: false,
         }]
     );
     // The attempt ends before the manager would give up on the job (grace 10 s less the
@@ -400,6 +403,7 @@ fn a_run_the_worker_cannot_accept_is_refused_as_rejected() {
     let a = h.feed(Input::Manager(ManagerMessage::Run {
         job: JobId(1),
         spec: JobSpec::new("true").timeout(Duration::MAX),
+        ahead: false,
     }));
     assert!(a.is_empty());
     match &h.sent()[..] {
