@@ -293,7 +293,8 @@ pub(crate) struct Dispatcher {
     /// Workers by how many free slots they have (0 not kept), so that a job finds the
     /// freest worker without looking at every worker.
     by_free: BTreeMap<usize, BTreeSet<u64>>,
-    /// Workers with no free slot and room for a run sent ahead.
+    /// Workers with no free slot and room for a run sent ahead (not promised to a run
+    /// being revoked for it).
     with_room: BTreeSet<u64>,
     /// Where the rotation among workers with room continues.
     room_cursor: u64,
@@ -508,15 +509,16 @@ impl Dispatcher {
                     .map(|w| w.running.remove(&job));
                 self.rests.forget(worker);
                 self.reindex(worker);
+                // A run held elsewhere behind a longer job comes here before the queue.
+                if let Some(ran) = ran {
+                    self.revoke_for_room(now, worker, ran);
+                }
                 // The slot's next `Run` at once, then the acknowledgement (`Ended`): both
                 // are queued back to back, so the link's writer usually sends them in one
                 // write, and the worker starts the next job before it forgets the last.
                 self.fill(now, worker);
                 if known.is_some() {
                     self.send(worker, ManagerMessage::Ended { job });
-                }
-                if let Some(ran) = ran {
-                    self.revoke_for_room(now, worker, ran);
                 }
                 if let Some(x) = claimant {
                     self.fill(now, x);
@@ -559,13 +561,19 @@ impl Dispatcher {
                 .observe(now.saturating_duration_since(h.queued_since));
         }
         r.since = now;
-        if let Some(w) = self.workers.get_mut(&worker) {
+        // It took the slot of a job whose `Finished` follows (the worker sends `Started`
+        // first), unless it found the slot free when it came.
+        let ending_follows = self.workers.get_mut(&worker).is_some_and(|w| {
             w.running.insert(job);
             w.jobs_run += 1;
-        }
+            w.running.len() > w.info.slots as usize
+        });
         self.reindex(worker);
-        // Its place ahead is free again.
-        self.fill(now, worker);
+        // Its place ahead is free again: filled when that `Finished` comes (a run held
+        // behind a longer job elsewhere may take it), or now.
+        if !ending_follows {
+            self.fill(now, worker);
+        }
         // The revoke crossed the start: the worker it was for looks again.
         if let Some(x) = claimant {
             self.fill(now, x);
@@ -587,9 +595,12 @@ impl Dispatcher {
                 self.put_back(job, r, h, route.sink);
             }
             self.reindex(worker);
+            // To the worker it was revoked for, if it still has room; the room it leaves
+            // is filled from the queue.
             if let Some(x) = claimant {
                 self.fill(now, x);
             }
+            self.fill(now, worker);
             if self.queue.get(job).is_some() {
                 self.fill_all(now);
             }
@@ -795,10 +806,14 @@ impl Dispatcher {
     /// Records a worker's current number of free slots in `by_free`, and whether it has
     /// room ahead in `with_room` (or drops it from both when it is gone).
     fn reindex(&mut self, worker: u64) {
-        let now = self
-            .workers
-            .get(&worker)
-            .map(|w| (w.indexed_free, w.free(), w.indexed_room, w.room() > 0));
+        let now = self.workers.get(&worker).map(|w| {
+            (
+                w.indexed_free,
+                w.free(),
+                w.indexed_room,
+                w.room() > w.claims,
+            )
+        });
         if let Some((old, new, old_room, new_room)) = now
             && old == new
             && old_room == new_room
@@ -920,8 +935,9 @@ impl Dispatcher {
     }
 
     /// Gives a worker queued jobs: into its free slots, then ahead of its slots (only
-    /// jobs no free slot elsewhere can take). A free slot the queue cannot fill takes a
-    /// run held ahead by another worker.
+    /// jobs no free slot elsewhere can take; room promised to a run being revoked for it
+    /// is kept). A free slot the queue cannot fill takes a run held ahead by another
+    /// worker.
     fn fill(&mut self, now: Instant, worker: u64) {
         if self.closing() || self.rests.resting(worker, now) {
             return;
@@ -936,7 +952,7 @@ impl Dispatcher {
             self.start(now, job, worker);
         }
         while let Some(w) = self.workers.get(&worker) {
-            if w.room() == 0 {
+            if w.room() <= w.claims {
                 break;
             }
             let Some((place, job)) = self.queue.pop_placed(&w.info.tags, &w.info.platform) else {
@@ -967,8 +983,9 @@ impl Dispatcher {
     }
 
     /// A job that ran for `ran` has just ended on `worker`, whose slot went to a run it
-    /// held, and the queue has nothing for its room ahead: a run held elsewhere for
-    /// longer than that (it waits behind a longer job) is taken back for this room.
+    /// held: a run held elsewhere for longer than that (it waits behind a longer job) is
+    /// taken back for the room this leaves, before the queue fills it (the queue's jobs
+    /// are younger). With jobs of even length nothing is taken back.
     fn revoke_for_room(&mut self, now: Instant, worker: u64, ran: Duration) {
         if self.closing() || self.rests.resting(worker, now) {
             return;
@@ -1026,6 +1043,7 @@ impl Dispatcher {
             && let Some(w) = self.workers.get_mut(&x)
         {
             w.claims += 1;
+            self.reindex(x);
         }
         self.send(holder, ManagerMessage::Revoke { job });
     }
@@ -1049,6 +1067,7 @@ impl Dispatcher {
             Revoking::For(x) => {
                 if let Some(w) = self.workers.get_mut(&x) {
                     w.claims = w.claims.saturating_sub(1);
+                    self.reindex(x);
                 }
                 Some(x)
             }

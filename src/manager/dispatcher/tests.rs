@@ -1169,14 +1169,22 @@ fn a_held_run_comes_out_from_behind_a_long_job_and_even_jobs_revoke_nothing() {
     // A new short job goes ahead on b (a has no room).
     let s3 = r.submit();
     assert_eq!(r.runs_sent(b), vec![(s3.0, true)]);
+    // A job submitted now waits in the queue: nobody has room.
+    let queued = r.submit();
+    assert_eq!(r.state(queued), Some(JobState::Queued));
+    assert_eq!(r.d.queue.len(), 1);
     // 10 ms later b's job ends again: the run behind the long job has now waited
-    // 20 ms, longer than that job ran, and b has room again: it is taken back for b.
+    // 20 ms, longer than that job ran: it is taken back for the room b has again, before
+    // the younger queued job.
     r.advance(Duration::from_millis(10));
     r.says(b, WorkerMessage::Started { job: s3 });
     r.finished(b, behind_s1, Outcome::Exited(0));
     assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: behind_long }]);
+    assert_eq!(r.runs_sent(b), vec![], "b's room is kept for it");
     r.says(a, declined_revoked(behind_long));
     assert_eq!(r.runs_sent(b), vec![(behind_long.0, true)], "now behind s3");
+    // The queued job takes the room it left (a waits on no run of its own).
+    assert_eq!(r.runs_sent(a), vec![(queued.0, true)]);
     assert_eq!(r.state(behind_long), Some(JobState::Queued));
     let since = r.d.jobs(r.now, Some(behind_long))[0].since;
     assert_eq!(since, r.now - t0, "queued since it was submitted");
@@ -1187,8 +1195,9 @@ fn a_held_run_comes_out_from_behind_a_long_job_and_even_jobs_revoke_nothing() {
         r.events(behind_long),
         vec![JobEvent::Queued, started("b"), finished(Outcome::Exited(0))]
     );
-    // a is given nothing more, and its long job is undisturbed.
-    assert_eq!(r.sent(a), vec![]);
+    // b's next end takes back the run now behind the long job in turn: it waited
+    // longer than behind_long ran.
+    assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: queued }]);
     assert_eq!(r.events(long), vec![JobEvent::Queued, started("a")]);
 }
 
