@@ -204,7 +204,14 @@ impl WorkerEntry {
         if self.info.draining {
             return 0;
         }
-        (self.info.slots as usize).saturating_sub(self.running.len())
+        (self.info.slots as usize).saturating_sub(self.taken())
+    }
+
+    /// Its jobs and the runs it holds: a held run takes the next slot that frees, on
+    /// the worker, before the manager hears of it (its `Started` may still be on the
+    /// way when that slot's `Finished` arrives), so it counts as taking one.
+    fn taken(&self) -> usize {
+        self.running.len() + self.held.len()
     }
 
     /// Room for runs sent ahead: only once no slot is free.
@@ -212,7 +219,7 @@ impl WorkerEntry {
         if self.info.draining || self.free() > 0 {
             return 0;
         }
-        self.ahead.saturating_sub(self.held.len())
+        (self.info.slots as usize + self.ahead).saturating_sub(self.taken())
     }
 }
 
@@ -561,19 +568,14 @@ impl Dispatcher {
                 .observe(now.saturating_duration_since(h.queued_since));
         }
         r.since = now;
-        // It took the slot of a job whose `Finished` follows (the worker sends `Started`
-        // first), unless it found the slot free when it came.
-        let ending_follows = self.workers.get_mut(&worker).is_some_and(|w| {
+        if let Some(w) = self.workers.get_mut(&worker) {
             w.running.insert(job);
             w.jobs_run += 1;
-            w.running.len() > w.info.slots as usize
-        });
-        self.reindex(worker);
-        // Its place ahead is free again: filled when that `Finished` comes (a run held
-        // behind a longer job elsewhere may take it), or now.
-        if !ending_follows {
-            self.fill(now, worker);
         }
+        // Nothing opens here: a held run counts as taking a slot from the moment it is
+        // sent (see `WorkerEntry::taken`); the room it held opens when the `Finished`
+        // of the job whose slot it took arrives, before or after this.
+        self.reindex(worker);
         // The revoke crossed the start: the worker it was for looks again.
         if let Some(x) = claimant {
             self.fill(now, x);
@@ -1424,16 +1426,17 @@ impl Dispatcher {
             route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
             return;
         };
-        if let Some(h) = r.held.take() {
-            if route.held_by.is_some() {
-                self.put_back(job, r, h, route.sink);
-                if let Some(x) = claimant {
-                    self.fill(now, x);
-                }
-                self.fill_all(now);
-                return;
+        // (A held run whose `Started` reached the reader, not yet the dispatcher, has
+        // started: it is settled as a running one.)
+        if let Some(h) = r.held.take()
+            && route.held_by.is_some()
+        {
+            self.put_back(job, r, h, route.sink);
+            if let Some(x) = claimant {
+                self.fill(now, x);
             }
-            // Its `Started` reached the reader, not yet the dispatcher: it started.
+            self.fill_all(now);
+            return;
         }
         if r.cancelled {
             route.sink.push(JobEvent::Finished(Outcome::Cancelled));

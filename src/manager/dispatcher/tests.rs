@@ -1089,6 +1089,29 @@ fn trivial_jobs_on_one_slot_never_wait_a_round_trip() {
 }
 
 #[test]
+fn a_held_run_takes_the_slot_that_frees_even_before_its_started_arrives() {
+    // The held run reached the worker after its slot freed: the worker started it at
+    // once, and its `Started` comes after the last job's `Finished`. Meanwhile the
+    // manager must not count that slot as free (a `Run` into it would be declined).
+    let mut r = Rig::new();
+    let w = r.join_ahead("a", 1, 1);
+    let (first, held, third) = (r.submit(), r.submit(), r.submit());
+    r.sent(w);
+    r.finished(w, first, Outcome::Exited(0));
+    assert_eq!(
+        r.runs_sent(w),
+        vec![(third.0, true)],
+        "ahead, not into the slot"
+    );
+    assert_eq!(r.d.workers()[0].running, 0);
+    assert_eq!(r.state(held), Some(JobState::Queued));
+    r.says(w, WorkerMessage::Started { job: held });
+    assert!(matches!(r.state(held), Some(JobState::Running { worker }) if worker == "a"));
+    assert_eq!(r.d.workers()[0].running, 1);
+    assert_eq!(r.runs_sent(w), vec![], "no room: it holds the third");
+}
+
+#[test]
 fn runs_go_ahead_only_when_no_matching_worker_has_a_free_slot() {
     let mut r = Rig::new();
     let a = r.join_ahead("a", 1, 1);
