@@ -1487,3 +1487,34 @@ fn a_hello_with_too_large_a_look_ahead_is_refused() {
         .unwrap_err();
     assert!(why.contains("ahead"), "{why}");
 }
+
+#[test]
+fn a_retry_can_be_held_ahead_and_counts_one_start_per_attempt() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let b = r.join_ahead("b", 1, 1);
+    let job = r.submit_spec(JobSpec::new("x").retries(1));
+    let busy = r.submit();
+    assert_eq!(r.runs_sent(a), vec![(job.0, false)]);
+    assert_eq!(r.runs_sent(b), vec![(busy.0, false)]);
+    // a says goodbye and goes: the job is queued for its second attempt, and goes
+    // ahead to b, whose slot is busy.
+    r.says(a, WorkerMessage::Goodbye);
+    r.link_lost(a);
+    assert_eq!(r.runs_sent(b), vec![(job.0, true)]);
+    assert_eq!(r.state(job), Some(JobState::Queued));
+    assert_eq!(r.d.jobs(r.now, Some(job))[0].attempt, 2);
+    r.says(b, WorkerMessage::Started { job });
+    r.finished(b, busy, Outcome::Exited(0));
+    r.finished(b, job, Outcome::Exited(0));
+    assert_eq!(
+        r.events(job),
+        vec![
+            JobEvent::Queued,
+            started("a"),
+            JobEvent::Requeued { attempt: 2 },
+            started("b"),
+            finished(Outcome::Exited(0)),
+        ]
+    );
+}
