@@ -95,6 +95,8 @@ OPTIONS:
       --name NAME                         name shown to the manager [default: HOSTNAME-PID]
       --tag TAG                           a tag jobs can require (repeatable)
       --slots N                           jobs run at once [default: 1]
+      --ahead N                           runs held beyond the slots, each started the moment
+                                          a slot frees (0 to 1024) [default: 1]
       --no-verify-hostname                do not check that the manager's certificate names HOST
       --job-user NAME                     run every job as this user, its primary group and no
                                           other group, so that jobs cannot read this worker's key
@@ -412,6 +414,7 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
             (&["--name"], 1),
             (&["--tag"], 1),
             (&["--slots"], 1),
+            (&["--ahead"], 1),
             (&["--no-verify-hostname"], 0),
             (&["--job-user"], 1),
             (PLAINTEXT, 0),
@@ -452,6 +455,7 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
         config = config.tag(tag.clone());
     }
     config.slots = o.number("--slots", 1)?;
+    config.ahead = o.number("--ahead", 1)?;
     if let Some(user) = o.one("--job-user")? {
         config = config.job_user(user);
     }

@@ -639,6 +639,14 @@ wp_result wp_worker_config_set_platform(struct wp_worker_config *config, const c
 // Threads: one call at a time per configuration.
 wp_result wp_worker_config_set_slots(struct wp_worker_config *config, uint32_t slots);
 
+// Sets how many runs the manager may send beyond the worker's free slots (0 to 1024,
+// default 1): the worker holds them and starts each the moment a slot frees, instead of
+// waiting a round trip for its next job; the manager takes a held run back when another
+// worker could start it sooner. 0: every run goes into a free slot.
+//
+// Threads: one call at a time per configuration.
+wp_result wp_worker_config_set_ahead(struct wp_worker_config *config, uint32_t ahead);
+
 // Sets the folder in which job folders are made (default: the system's temp folder).
 // It must be an existing folder.
 //

@@ -18,7 +18,7 @@ use std::io::{self, BufReader, Read};
 /// The first four bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"WPL\x01";
 /// The protocol version this build speaks. Peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The default largest frame body accepted, checked before any allocation.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The largest chunk of job output put into one message: with its framing and TLS
@@ -112,6 +112,9 @@ pub struct WorkerHello {
     pub platform: String,
     /// How many jobs it runs at once.
     pub slots: u32,
+    /// How many runs it holds beyond its slots, to start each the moment a slot frees
+    /// (its look-ahead; 0: none, every `Run` goes into a free slot).
+    pub ahead: u32,
     /// The manager instance its held jobs belong to (after a reconnect).
     pub manager_id: Option<u64>,
     /// Jobs it still holds for that manager: running, or ended and not yet acknowledged.
@@ -127,6 +130,8 @@ pub struct HeldJob {
     pub job: JobId,
     /// Whether it has ended (its `Finished` may not have arrived).
     pub finished: bool,
+    /// A run sent ahead that has not started: the manager takes it back.
+    pub ahead: bool,
 }
 
 /// The manager's answer to an accepted hello.
@@ -194,6 +199,12 @@ pub enum WorkerMessage {
         /// What went wrong, in words.
         error: String,
     },
+    /// A run sent ahead (`Run { ahead: true }`) has started. Sent before the `Finished`
+    /// of the job whose slot it took.
+    Started {
+        /// The job.
+        job: JobId,
+    },
 }
 
 /// Manager → worker, after the welcome.
@@ -205,6 +216,9 @@ pub enum ManagerMessage {
         job: JobId,
         /// What to run.
         spec: JobSpec,
+        /// Sent ahead, beyond the worker's free slots: the worker holds it until a slot
+        /// frees (or starts it at once if one has), and says `Started` when it starts.
+        ahead: bool,
     },
     /// Stop this job (it ends `Cancelled`).
     Cancel {
@@ -230,6 +244,13 @@ pub enum ManagerMessage {
     Heartbeat,
     /// The manager is going away on purpose.
     Shutdown,
+    /// Give back a run sent ahead that has not started: the worker answers
+    /// `Declined { reason: "revoked" }`, or nothing if it has started it (its `Started`
+    /// is on the way).
+    Revoke {
+        /// The job.
+        job: JobId,
+    },
 }
 
 /// A message type that has a heartbeat, so a link can keep itself alive generically.

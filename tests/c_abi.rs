@@ -494,6 +494,10 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(
+            wp_worker_config_set_ahead(ptr::null_mut(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
             wp_worker_config_set_verify_hostname(ptr::null_mut(), true),
             WP_RESULT_NULL_PARAMETER
         );
@@ -593,6 +597,11 @@ fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
             wp_worker_config_set_slots(wc, 0),
             WP_RESULT_INVALID_ARGUMENT
         );
+        assert_eq!(
+            wp_worker_config_set_ahead(wc, 1025),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(wp_worker_config_set_ahead(wc, 0), WP_RESULT_OK);
         assert_eq!(
             wp_worker_config_set_job_user(wc, empty.as_ptr()),
             WP_RESULT_INVALID_ARGUMENT

@@ -554,3 +554,103 @@ fn a_job_goes_to_the_matching_worker_with_the_most_free_slots() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn many_trivial_jobs_on_one_slot_with_a_run_held_ahead_each_end_once_with_their_output() {
+    let c = Cluster::with(1, |_, cfg| cfg.slots(1).ahead(1));
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            (
+                i,
+                c.manager.submit(JobSpec::new(format!("echo {i}"))).unwrap(),
+            )
+        })
+        .collect();
+    for (i, h) in handles {
+        let (mut starts, mut ends, mut out) = (0, 0, Vec::new());
+        loop {
+            match h.events().recv_timeout(DEADLINE) {
+                Ok(JobEvent::Started { worker }) => {
+                    assert_eq!(worker, "w0");
+                    assert_eq!(ends, 0, "job {i}: started after it ended");
+                    starts += 1;
+                }
+                Ok(JobEvent::Output { bytes, .. }) => {
+                    assert_eq!(starts, 1, "job {i}: output before it started");
+                    out.extend(bytes);
+                }
+                Ok(JobEvent::Finished(o)) => {
+                    assert_eq!(o, exited(0), "job {i}");
+                    ends += 1;
+                }
+                Ok(e @ (JobEvent::Requeued { .. } | JobEvent::Warning(_))) => {
+                    panic!("job {i}: {e:?}")
+                }
+                Ok(_) => {}
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                Err(e) => panic!("job {i}: {e}"),
+            }
+        }
+        assert_eq!((starts, ends), (1, 1), "job {i}");
+        assert_eq!(out, format!("{i}\n").into_bytes(), "job {i}");
+    }
+    let stats = c.manager.stats();
+    assert_eq!(stats.per_worker[0].jobs_run, 200);
+    assert_eq!((stats.jobs_queued, stats.jobs_running), (0, 0));
+}
+
+#[test]
+fn no_short_job_waits_behind_a_long_one_while_another_slot_is_free() {
+    let certs = Certs::new(2);
+    let manager = Manager::bind(certs.manager_config()).unwrap();
+    let events = manager.subscribe();
+    let port = manager.local_addr().port();
+    let _w0 = Worker::start(certs.worker_config(port, 0, "w0").slots(1).ahead(1)).unwrap();
+    wait_joined(&events, 1);
+    let dir = scratch("ahead-long");
+    let gate = dir.join("go");
+    // The long job cannot end before the test makes the gate.
+    let long = manager
+        .submit(JobSpec::new(format!(
+            "while [ ! -e {g} ]; do sleep 0.02; done; echo long",
+            g = gate.display()
+        )))
+        .unwrap();
+    loop {
+        match next_event(long.events()) {
+            JobEvent::Started { worker } => break assert_eq!(worker, "w0"),
+            JobEvent::Queued => {}
+            e => panic!("{e:?}"),
+        }
+    }
+    // The first short job is sent ahead to w0, behind the long one; the rest wait.
+    let shorts: Vec<_> = (0..20)
+        .map(|i| manager.submit(JobSpec::new(format!("echo {i}"))).unwrap())
+        .collect();
+    assert_eq!(
+        manager.job(shorts[0].id()).unwrap().state,
+        workpool::job::JobState::Queued
+    );
+    // A second worker comes: every short job runs there, the one held behind the long
+    // job too (it is taken back), while the long job still runs.
+    let _w1 = Worker::start(certs.worker_config(port, 1, "w1").slots(1).ahead(1)).unwrap();
+    for (i, h) in shorts.into_iter().enumerate() {
+        let r = h.wait();
+        assert_eq!(r.outcome, exited(0), "short job {i}");
+        assert_eq!(r.stdout_text(), format!("{i}\n"));
+        assert_eq!(r.worker.as_deref(), Some("w1"), "short job {i}");
+        assert_eq!(r.attempts, 1);
+    }
+    assert!(
+        matches!(
+            manager.job(long.id()).unwrap().state,
+            workpool::job::JobState::Running { ref worker } if worker == "w0"
+        ),
+        "the long job is still running"
+    );
+    std::fs::write(&gate, "").unwrap();
+    let r = long.wait();
+    assert_eq!(r.outcome, exited(0));
+    assert_eq!(r.stdout_text(), "long\n");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -88,6 +88,7 @@ fn sample(rng: &mut Rng) -> Vec<u8> {
                     .env("A", "b")
                     .stdin(vec![1, 2, 3])
                     .retries(2),
+                ahead: true,
             },
         ),
         3 => protocol::encode_into(
@@ -97,11 +98,13 @@ fn sample(rng: &mut Rng) -> Vec<u8> {
                 tags: ["a".to_string()].into(),
                 platform: "p".into(),
                 slots: 3,
+                ahead: 1,
                 draining: true,
                 manager_id: Some(rng.next()),
                 jobs: vec![HeldJob {
                     job,
                     finished: true,
+                    ahead: false,
                 }],
             },
         ),

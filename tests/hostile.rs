@@ -60,6 +60,7 @@ fn hello_bytes(name: &str, version: u32) -> Vec<u8> {
         tags: Default::default(),
         platform: "linux-x86_64".into(),
         slots: 1,
+        ahead: 0,
         manager_id: None,
         jobs: vec![],
         draining: false,
@@ -437,11 +438,13 @@ fn another_certificate_cannot_take_over_a_disconnected_worker_s_jobs() {
         tags: Default::default(),
         platform: "linux-x86_64".into(),
         slots: 1,
+        ahead: 0,
         draining: false,
         manager_id: Some(scout.manager_id),
         jobs: vec![protocol::HeldJob {
             job: h.id(),
             finished: false,
+            ahead: false,
         }],
     };
     let mut body = Vec::new();

@@ -65,6 +65,7 @@ fn hello(name: &str, slots: u32) -> WorkerHello {
         tags: Default::default(),
         platform: "linux-x86_64".into(),
         slots,
+        ahead: 0,
         manager_id: None,
         jobs: vec![],
         draining: false,
@@ -625,6 +626,7 @@ fn a_worker_given_out_of_range_numbers_refuses_the_job_and_keeps_its_heartbeat()
     w.send(&ManagerMessage::Run {
         job: JobId(1),
         spec,
+        ahead: false,
     })
     .unwrap();
     let (mut refused, mut heartbeat) = (None, false);
@@ -686,6 +688,7 @@ fn a_worker_whose_manager_stops_reading_still_cancels_its_job() {
     w.send(&ManagerMessage::Run {
         job: JobId(1),
         spec: JobSpec::new("echo $$; exec yes flood"),
+        ahead: false,
     })
     .unwrap();
     let pid: i32 = loop {

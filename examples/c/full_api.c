@@ -253,6 +253,7 @@ int main(int argc, char **argv) {
             check(wp_worker_config_add_tag(wc[i], "gpu"), "add_tag gpu");
         }
         check(wp_worker_config_set_slots(wc[i], 2), "set_slots");
+        check(wp_worker_config_set_ahead(wc[i], 1), "set_ahead");
         check(wp_worker_config_set_platform(wc[i], "c-platform"), "set_platform");
         check(wp_worker_config_set_work_dir(wc[i], path(dir, work, a, sizeof a)), "set_work_dir");
         check(wp_worker_config_set_connect_timeout_ms(wc[i], 10000), "set_connect_timeout_ms");

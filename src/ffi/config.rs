@@ -610,6 +610,25 @@ pub unsafe extern "C" fn wp_worker_config_set_slots(
     })
 }
 
+/// Sets how many runs the manager may send beyond the worker's free slots (0 to 1024,
+/// default 1): the worker holds them and starts each the moment a slot frees, instead of
+/// waiting a round trip for its next job; the manager takes a held run back when another
+/// worker could start it sooner. 0: every run goes into a free slot.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_worker_config_set_ahead(
+    config: *mut wp_worker_config,
+    ahead: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(ahead > 1024, "ahead must be 0 to 1024");
+        config.rust.ahead = ahead;
+        WP_RESULT_OK
+    })
+}
+
 /// Sets the folder in which job folders are made (default: the system's temp folder).
 /// It must be an existing folder.
 ///

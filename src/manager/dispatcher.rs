@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 
 /// The most slots one worker may announce.
 pub(crate) const MAX_SLOTS: u32 = 1024;
+/// The most runs one worker may hold ahead of its slots.
+pub(crate) const MAX_AHEAD: u32 = 1024;
 
 /// How long a closing manager waits for its links to say goodbye before cutting them.
 pub(crate) const LINK_CLOSE_WAIT: Duration = Duration::from_secs(2);
@@ -138,8 +140,11 @@ pub(crate) enum LinkEvent {
     JobEnded { job: JobId },
     /// The worker takes no new jobs.
     Draining,
-    /// The worker did not take the job; the reader removed its route and hands it over.
+    /// The worker did not take the job (or gave back a run sent ahead); the reader
+    /// removed its route and hands it over.
     Declined { job: JobId, route: Route },
+    /// A run sent ahead has started; the reader has told its submitter.
+    Started { job: JobId },
     /// The worker is leaving on purpose.
     Goodbye,
     /// The link has closed.
@@ -176,7 +181,16 @@ struct WorkerEntry {
     /// Its free slots as last recorded in `by_free`.
     indexed_free: usize,
     cert: Option<Vec<u8>>,
+    /// Its jobs that run (as far as the manager knows).
     running: IdSet<JobId>,
+    /// Runs sent ahead that have not started, in the order sent.
+    held: VecDeque<JobId>,
+    /// How many runs it holds at most beyond its slots.
+    ahead: usize,
+    /// Held runs of other workers being revoked for it.
+    claims: usize,
+    /// Whether it is in `with_room`.
+    indexed_room: bool,
     jobs_run: u64,
     connected_at: Instant,
     routes: Arc<Routes>,
@@ -190,7 +204,22 @@ impl WorkerEntry {
         if self.info.draining {
             return 0;
         }
-        (self.info.slots as usize).saturating_sub(self.running.len())
+        (self.info.slots as usize).saturating_sub(self.taken())
+    }
+
+    /// Its jobs and the runs it holds: a held run takes the next slot that frees, on
+    /// the worker, before the manager hears of it (its `Started` may still be on the
+    /// way when that slot's `Finished` arrives), so it counts as taking one.
+    fn taken(&self) -> usize {
+        self.running.len() + self.held.len()
+    }
+
+    /// Room for runs sent ahead: only once no slot is free.
+    fn room(&self) -> usize {
+        if self.info.draining || self.free() > 0 {
+            return 0;
+        }
+        (self.info.slots as usize + self.ahead).saturating_sub(self.taken())
     }
 }
 
@@ -208,8 +237,34 @@ struct Running {
     worker: Option<u64>,
     spec: JobSpec,
     attempt: u32,
+    /// Since it started, or was sent ahead.
     since: Instant,
     cancelled: bool,
+    /// Sent ahead and not started yet.
+    held: Option<Held>,
+}
+
+/// A run sent ahead of a worker's slots that has not started: to the submitter (and
+/// `Manager::job`), still queued.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// Its place in the queue, to go back to if it is given back.
+    place: u64,
+    /// When it was queued.
+    queued_since: Instant,
+    /// When it was sent (its key in `Dispatcher::held`).
+    sent: Instant,
+    revoking: Revoking,
+}
+
+/// Whether a held run is being taken back, and for whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Revoking {
+    No,
+    /// For this worker, which has room the queue cannot fill.
+    For(u64),
+    /// The manager is shutting down: it ends `Rejected`.
+    Shutdown,
 }
 
 /// Where the dispatcher is in its life.
@@ -245,6 +300,13 @@ pub(crate) struct Dispatcher {
     /// Workers by how many free slots they have (0 not kept), so that a job finds the
     /// freest worker without looking at every worker.
     by_free: BTreeMap<usize, BTreeSet<u64>>,
+    /// Workers with no free slot and room for a run sent ahead (not promised to a run
+    /// being revoked for it).
+    with_room: BTreeSet<u64>,
+    /// Where the rotation among workers with room continues.
+    room_cursor: u64,
+    /// Runs sent ahead and not started, of connected workers, oldest first.
+    held: BTreeSet<(Instant, JobId)>,
     phase: Phase,
     queue_wait: Histogram,
     dispatch_latency: Histogram,
@@ -277,6 +339,9 @@ impl Dispatcher {
             next_worker: 1,
             cursor: 0,
             by_free: BTreeMap::new(),
+            with_room: BTreeSet::new(),
+            room_cursor: 0,
+            held: BTreeSet::new(),
             phase: Phase::Open,
             queue_wait: Histogram::default(),
             dispatch_latency: Histogram::default(),
@@ -357,20 +422,23 @@ impl Dispatcher {
             job.events
                 .push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
         } else {
-            match self.pick_worker(now, &job) {
-                Some(w) => {
-                    self.dispatch_latency
-                        .observe(now.saturating_duration_since(job.since));
-                    self.start(now, job, w);
-                }
-                None => self.queue.push(job),
+            if let Some(w) = self.pick_worker(now, &job) {
+                self.dispatch_latency
+                    .observe(now.saturating_duration_since(job.since));
+                self.start(now, job, w);
+            } else if let Some(w) = self.pick_room(now, &job) {
+                let place = self.queue.new_place();
+                self.send_ahead(now, job, place, w);
+            } else {
+                self.queue.push(job);
             }
         }
         self.tick(now);
     }
 
-    /// Cancels a job: a queued one ends at once, a running one is told to stop (it
-    /// ends when its worker says so), one whose worker is away ends at once.
+    /// Cancels a job: a queued one ends at once, a running one (or one sent ahead) is
+    /// told to stop (it ends when its worker says so), one whose worker is away ends at
+    /// once.
     pub(crate) fn cancel(&mut self, now: Instant, id: JobId) -> Result<()> {
         let r = self.cancel_job(id);
         self.tick(now);
@@ -390,6 +458,7 @@ impl Dispatcher {
             None => {
                 // Its worker is reconnecting: end it now; if the worker comes back, it is
                 // told to drop the job.
+                self.release_held(id);
                 for d in &mut self.detached {
                     if let Some(i) = d.jobs.iter().position(|(j, _)| *j == id) {
                         let (_, route) = d.jobs.remove(i);
@@ -410,6 +479,12 @@ impl Dispatcher {
             self.phase = Phase::Closing {
                 deadline: later(now, grace),
             };
+            // Runs sent ahead are queued jobs too: taken back, they end `Rejected`
+            // (one that has started meanwhile runs on, in the grace).
+            let held: Vec<JobId> = self.held.iter().map(|&(_, job)| job).collect();
+            for job in held {
+                self.revoke(job, Revoking::Shutdown);
+            }
         }
         self.tick(now);
     }
@@ -428,13 +503,23 @@ impl Dispatcher {
     pub(crate) fn on_link(&mut self, now: Instant, worker: u64, ev: LinkEvent) {
         match ev {
             LinkEvent::JobEnded { job } => {
-                self.running.remove(&job);
+                // A run sent ahead ends without starting when it is cancelled.
+                let claimant = self.release_held(job);
+                let ran = self
+                    .running
+                    .remove(&job)
+                    .filter(|r| r.held.is_none())
+                    .map(|r| now.saturating_duration_since(r.since));
                 let known = self
                     .workers
                     .get_mut(&worker)
                     .map(|w| w.running.remove(&job));
                 self.rests.forget(worker);
                 self.reindex(worker);
+                // A run held elsewhere behind a longer job comes here before the queue.
+                if let Some(ran) = ran {
+                    self.revoke_for_room(now, worker, ran);
+                }
                 // The slot's next `Run` at once, then the acknowledgement (`Ended`): both
                 // are queued back to back, so the link's writer usually sends them in one
                 // write, and the worker starts the next job before it forgets the last.
@@ -442,7 +527,11 @@ impl Dispatcher {
                 if known.is_some() {
                     self.send(worker, ManagerMessage::Ended { job });
                 }
+                if let Some(x) = claimant {
+                    self.fill(now, x);
+                }
             }
+            LinkEvent::Started { job } => self.started(now, worker, job),
             LinkEvent::Draining => {
                 if let Some(w) = self.workers.get_mut(&worker) {
                     log::info!("worker {} is draining: no new jobs for it", w.info.name);
@@ -461,7 +550,64 @@ impl Dispatcher {
         self.tick(now);
     }
 
+    /// A run sent ahead has started on `worker`.
+    fn started(&mut self, now: Instant, worker: u64, job: JobId) {
+        let ours = self
+            .running
+            .get(&job)
+            .is_some_and(|r| r.worker == Some(worker) && r.held.is_some());
+        if !ours {
+            return;
+        }
+        let claimant = self.release_held(job);
+        let Some(r) = self.running.get_mut(&job) else {
+            return;
+        };
+        if let Some(h) = r.held.take() {
+            self.queue_wait
+                .observe(now.saturating_duration_since(h.queued_since));
+        }
+        r.since = now;
+        if let Some(w) = self.workers.get_mut(&worker) {
+            w.running.insert(job);
+            w.jobs_run += 1;
+        }
+        // Nothing opens here: a held run counts as taking a slot from the moment it is
+        // sent (see `WorkerEntry::taken`); the room it held opens when the `Finished`
+        // of the job whose slot it took arrives, before or after this.
+        self.reindex(worker);
+        // The revoke crossed the start: the worker it was for looks again.
+        if let Some(x) = claimant {
+            self.fill(now, x);
+        }
+    }
+
     fn declined(&mut self, now: Instant, worker: u64, job: JobId, route: Route) {
+        let held = self
+            .running
+            .get(&job)
+            .and_then(|r| r.held.filter(|_| r.worker == Some(worker)));
+        if let Some(h) = held {
+            // A run sent ahead given back: revoked (no rest for that), or declined.
+            let claimant = self.release_held(job);
+            if h.revoking == Revoking::No {
+                self.rests.declined(worker, now);
+            }
+            if let Some(r) = self.running.remove(&job) {
+                self.put_back(job, r, h, route.sink);
+            }
+            self.reindex(worker);
+            // To the worker it was revoked for, if it still has room; the room it leaves
+            // is filled from the queue.
+            if let Some(x) = claimant {
+                self.fill(now, x);
+            }
+            self.fill(now, worker);
+            if self.queue.get(job).is_some() {
+                self.fill_all(now);
+            }
+            return;
+        }
         if let Some(w) = self.workers.get_mut(&worker) {
             w.running.remove(&job);
         }
@@ -477,6 +623,7 @@ impl Dispatcher {
         }
         self.reindex(worker);
         match self.running.remove(&job) {
+            Some(r) if r.cancelled => route.sink.push(JobEvent::Finished(Outcome::Cancelled)),
             Some(r) => {
                 route.sink.set_producer(None);
                 route.sink.push(JobEvent::Requeued { attempt: r.attempt });
@@ -524,13 +671,15 @@ impl Dispatcher {
                 connected_for: now.saturating_duration_since(w.connected_at),
             })
             .collect();
+        // Runs sent ahead and not started count as queued.
+        let held = self.running.values().filter(|r| r.held.is_some()).count();
         Stats {
             workers: self.workers.len(),
             workers_draining: per_worker.iter().filter(|w| w.draining).count(),
             slots_total: per_worker.iter().map(|w| w.slots as usize).sum(),
             slots_busy: per_worker.iter().map(|w| w.running).sum(),
-            jobs_queued: self.queue.len(),
-            jobs_running: self.running.len(),
+            jobs_queued: self.queue.len() + held,
+            jobs_running: self.running.len() - held,
             jobs_disconnected: self.detached.iter().map(|d| d.jobs.len()).sum(),
             jobs_submitted: c.submitted.load(Ordering::Relaxed),
             jobs_finished: c.finished_by_outcome(),
@@ -557,6 +706,18 @@ impl Dispatcher {
             output_paused: false,
         };
         let running = |id: JobId, r: &Running| {
+            if let Some(h) = r.held {
+                // Sent ahead, not started: queued, as far as its submitter knows.
+                return JobStatus {
+                    id,
+                    state: JobState::Queued,
+                    since: now.saturating_duration_since(h.queued_since),
+                    attempt: r.attempt,
+                    script: r.spec.script.clone(),
+                    priority: r.spec.priority,
+                    output_paused: false,
+                };
+            }
             let worker = r.worker.and_then(|w| self.workers.get(&w));
             let output_paused = worker
                 .and_then(|w| lock(&w.routes).get(&id).map(|route| route.sink.is_paused()))
@@ -624,33 +785,74 @@ impl Dispatcher {
         Some(found)
     }
 
-    /// Records a worker's current number of free slots in `by_free` (or drops it from
-    /// there when it is gone).
+    /// A matching worker with no free slot and room for a run sent ahead; in turn.
+    /// Only asked once no worker has a free slot for the job.
+    fn pick_room(&mut self, now: Instant, job: &QueuedJob) -> Option<u64> {
+        let req = &job.spec.requirements;
+        let cursor = self.room_cursor;
+        let found = self
+            .with_room
+            .range(cursor..)
+            .chain(self.with_room.range(..cursor))
+            .find(|id| {
+                self.workers
+                    .get(id)
+                    .is_some_and(|w| req.matches(&w.info.tags, &w.info.platform))
+                    && !self.rests.resting(**id, now)
+            })
+            .copied()?;
+        self.room_cursor = found + 1;
+        Some(found)
+    }
+
+    /// Records a worker's current number of free slots in `by_free`, and whether it has
+    /// room ahead in `with_room` (or drops it from both when it is gone).
     fn reindex(&mut self, worker: u64) {
-        let now = self
-            .workers
-            .get(&worker)
-            .map(|w| (w.indexed_free, w.free()));
-        if let Some((old, new)) = now
+        let now = self.workers.get(&worker).map(|w| {
+            (
+                w.indexed_free,
+                w.free(),
+                w.indexed_room,
+                w.room() > w.claims,
+            )
+        });
+        if let Some((old, new, old_room, new_room)) = now
             && old == new
+            && old_room == new_room
         {
             return;
         }
-        // Few distinct free counts exist, so this walk is short.
-        for ids in self.by_free.values_mut() {
-            ids.remove(&worker);
+        if now.is_none_or(|(old, new, _, _)| old != new) {
+            // Few distinct free counts exist, so this walk is short.
+            for ids in self.by_free.values_mut() {
+                ids.remove(&worker);
+            }
+            self.by_free.retain(|_, ids| !ids.is_empty());
+            if let Some((_, new, _, _)) = now {
+                if let Some(w) = self.workers.get_mut(&worker) {
+                    w.indexed_free = new;
+                }
+                if new > 0 {
+                    self.by_free.entry(new).or_default().insert(worker);
+                }
+            }
         }
-        self.by_free.retain(|_, ids| !ids.is_empty());
-        if let Some((_, new)) = now {
-            if let Some(w) = self.workers.get_mut(&worker) {
-                w.indexed_free = new;
+        match now {
+            Some((_, _, _, true)) => {
+                self.with_room.insert(worker);
             }
-            if new > 0 {
-                self.by_free.entry(new).or_default().insert(worker);
+            _ => {
+                self.with_room.remove(&worker);
             }
+        }
+        if let Some((_, _, _, room)) = now
+            && let Some(w) = self.workers.get_mut(&worker)
+        {
+            w.indexed_room = room;
         }
     }
 
+    /// Sends a job into one of the worker's free slots: it starts there at once.
     fn start(&mut self, now: Instant, job: QueuedJob, worker: u64) {
         let Some(w) = self.workers.get_mut(&worker) else {
             // Not reached: callers pick a worker that is there. Kept queued if it were.
@@ -673,6 +875,7 @@ impl Dispatcher {
             ManagerMessage::Run {
                 job: job.id,
                 spec: job.spec.clone(),
+                ahead: false,
             },
         );
         // After `Run`: a job whose submitter is still behind (a retry) is paused on its
@@ -687,11 +890,56 @@ impl Dispatcher {
                 attempt: job.attempt,
                 since: now,
                 cancelled: false,
+                held: None,
             },
         );
     }
 
-    /// Gives a worker queued jobs while it has free slots.
+    /// Sends a job ahead to a worker with no free slot: it holds the run and starts it
+    /// the moment a slot frees, and says `Started`. Until then the job counts as queued
+    /// (`place` is where it goes back to if it is given back).
+    fn send_ahead(&mut self, now: Instant, job: QueuedJob, place: u64, worker: u64) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            self.queue.restore(place, job);
+            return;
+        };
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        let sink = job.events.clone();
+        lock(&w.routes).insert(job.id, Route::held(job.events, w.info.name.clone()));
+        w.held.push_back(job.id);
+        self.send(
+            worker,
+            ManagerMessage::Run {
+                job: job.id,
+                spec: job.spec.clone(),
+                ahead: true,
+            },
+        );
+        self.actions.push_back(Action::Attach { worker, sink });
+        self.held.insert((now, job.id));
+        self.running.insert(
+            job.id,
+            Running {
+                worker: Some(worker),
+                spec: job.spec,
+                attempt: job.attempt,
+                since: now,
+                cancelled: false,
+                held: Some(Held {
+                    place,
+                    queued_since: job.since,
+                    sent: now,
+                    revoking: Revoking::No,
+                }),
+            },
+        );
+        self.reindex(worker);
+    }
+
+    /// Gives a worker queued jobs: into its free slots, then ahead of its slots (only
+    /// jobs no free slot elsewhere can take; room promised to a run being revoked for it
+    /// is kept). A free slot the queue cannot fill takes a run held ahead by another
+    /// worker.
     fn fill(&mut self, now: Instant, worker: u64) {
         if self.closing() || self.rests.resting(worker, now) {
             return;
@@ -704,6 +952,152 @@ impl Dispatcher {
                 break;
             };
             self.start(now, job, worker);
+        }
+        while let Some(w) = self.workers.get(&worker) {
+            if w.room() <= w.claims {
+                break;
+            }
+            let Some((place, job)) = self.queue.pop_placed(&w.info.tags, &w.info.platform) else {
+                break;
+            };
+            match self.pick_worker(now, &job) {
+                Some(other) => self.start(now, job, other),
+                None => self.send_ahead(now, job, place, worker),
+            }
+        }
+        self.revoke_for_free(now, worker);
+    }
+
+    /// A worker whose free slots the queue cannot fill: takes back, for it, the runs held
+    /// longest ahead of other workers' slots that it can run, one per free slot.
+    fn revoke_for_free(&mut self, now: Instant, worker: u64) {
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        let want = w.free().saturating_sub(w.claims);
+        if want == 0 || self.held.is_empty() || self.rests.resting(worker, now) {
+            return;
+        }
+        let picks = self.revocable(worker, None, want);
+        for job in picks {
+            self.revoke(job, Revoking::For(worker));
+        }
+    }
+
+    /// A job that ran for `ran` has just ended on `worker`, whose slot went to a run it
+    /// held: a run held elsewhere for longer than that (it waits behind a longer job) is
+    /// taken back for the room this leaves, before the queue fills it (the queue's jobs
+    /// are younger). With jobs of even length nothing is taken back.
+    fn revoke_for_room(&mut self, now: Instant, worker: u64, ran: Duration) {
+        if self.closing() || self.rests.resting(worker, now) {
+            return;
+        }
+        let Some(w) = self.workers.get(&worker) else {
+            return;
+        };
+        let want = w.room().saturating_sub(w.claims);
+        let Some(before) = now.checked_sub(ran) else {
+            return;
+        };
+        if want == 0 || self.held.is_empty() {
+            return;
+        }
+        let picks = self.revocable(worker, Some(before), want);
+        for job in picks {
+            self.revoke(job, Revoking::For(worker));
+        }
+    }
+
+    /// Up to `want` runs held by other workers, sent before `before` (if given), that
+    /// `worker` can run and that are not being taken back yet, oldest first.
+    fn revocable(&self, worker: u64, before: Option<Instant>, want: usize) -> Vec<JobId> {
+        let Some(w) = self.workers.get(&worker) else {
+            return Vec::new();
+        };
+        self.held
+            .iter()
+            .take_while(|(sent, _)| before.is_none_or(|b| *sent < b))
+            .filter(|(_, job)| {
+                self.running.get(job).is_some_and(|r| {
+                    r.worker != Some(worker)
+                        && r.held.is_some_and(|h| h.revoking == Revoking::No)
+                        && r.spec.requirements.matches(&w.info.tags, &w.info.platform)
+                })
+            })
+            .take(want)
+            .map(|&(_, job)| job)
+            .collect()
+    }
+
+    /// Asks the worker holding a run sent ahead to give it back.
+    fn revoke(&mut self, job: JobId, why: Revoking) {
+        let Some(r) = self.running.get_mut(&job) else {
+            return;
+        };
+        let (Some(h), Some(holder)) = (r.held.as_mut(), r.worker) else {
+            return;
+        };
+        if h.revoking != Revoking::No {
+            return;
+        }
+        h.revoking = why;
+        if let Revoking::For(x) = why
+            && let Some(w) = self.workers.get_mut(&x)
+        {
+            w.claims += 1;
+            self.reindex(x);
+        }
+        self.send(holder, ManagerMessage::Revoke { job });
+    }
+
+    /// A held run leaves its worker's list and the index (it started, ended, was given
+    /// back, or its worker is gone); a revoke under way ends and its claim is released.
+    /// Its `Held` record stays, for the caller. Returns the worker the revoke was for.
+    fn release_held(&mut self, job: JobId) -> Option<u64> {
+        let r = self.running.get_mut(&job)?;
+        let h = r.held.as_mut()?;
+        let revoking = std::mem::replace(&mut h.revoking, Revoking::No);
+        self.held.remove(&(h.sent, job));
+        let holder = r.worker;
+        if let Some(w) = holder.and_then(|w| self.workers.get_mut(&w)) {
+            w.held.retain(|j| *j != job);
+        }
+        if let Some(w) = holder {
+            self.reindex(w);
+        }
+        match revoking {
+            Revoking::For(x) => {
+                if let Some(w) = self.workers.get_mut(&x) {
+                    w.claims = w.claims.saturating_sub(1);
+                    self.reindex(x);
+                }
+                Some(x)
+            }
+            Revoking::No | Revoking::Shutdown => None,
+        }
+    }
+
+    /// A run sent ahead that never started goes back to its place in the queue (no
+    /// event: to its submitter it was queued all along), unless it was cancelled or the
+    /// manager is closing. The caller fills.
+    fn put_back(&mut self, job: JobId, r: Running, h: Held, sink: Arc<JobSink>) {
+        sink.set_producer(None);
+        if r.cancelled {
+            sink.push(JobEvent::Finished(Outcome::Cancelled));
+        } else if self.closing() {
+            sink.push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
+        } else {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            self.queue.restore(
+                h.place,
+                QueuedJob {
+                    id: job,
+                    spec: r.spec,
+                    events: sink,
+                    attempt: r.attempt,
+                    since: h.queued_since,
+                },
+            );
         }
     }
 
@@ -748,6 +1142,11 @@ impl Dispatcher {
             Some(format!(
                 "a worker must offer 1 to {MAX_SLOTS} slots, not {}",
                 hello.slots
+            ))
+        } else if hello.ahead > MAX_AHEAD {
+            Some(format!(
+                "a worker may hold at most {MAX_AHEAD} runs ahead, not {}",
+                hello.ahead
             ))
         } else {
             protocol::check_identity(&hello.name, &hello.tags, &hello.platform).err()
@@ -835,10 +1234,11 @@ impl Dispatcher {
         };
         let resumed: IdSet<JobId> = resume.iter().map(|(j, _)| *j).collect();
         log::info!(
-            "worker {} joined from {} ({} slot(s), tags [{}], {}){}",
+            "worker {} joined from {} ({} slot(s) and {} ahead, tags [{}], {}){}",
             info.name,
             fmt_addr(peer),
             info.slots,
+            hello.ahead,
             info.tags.iter().cloned().collect::<Vec<_>>().join(","),
             info.platform,
             if resumed.is_empty() {
@@ -854,6 +1254,10 @@ impl Dispatcher {
                 info,
                 cert,
                 running: resumed,
+                held: VecDeque::new(),
+                ahead: hello.ahead as usize,
+                claims: 0,
+                indexed_room: false,
                 jobs_run: 0,
                 connected_at: now,
                 indexed_free: 0,
@@ -887,12 +1291,37 @@ impl Dispatcher {
         let d = self.detached.swap_remove(i);
         let ours = hello.manager_id == Some(self.settings.manager_id);
         let mut resume = Vec::new();
-        for (job, route) in d.jobs {
-            let held = ours && hello.jobs.iter().any(|h| h.job == job);
-            if !held {
-                log::warn!("job {job}: worker {} came back without it", d.name);
-                self.settle(now, job, route);
-                continue;
+        for (job, mut route) in d.jobs {
+            let listed = hello
+                .jobs
+                .iter()
+                .find(|h| ours && h.job == job)
+                .map(|h| h.ahead);
+            match listed {
+                None => {
+                    if route.held_by.is_none() {
+                        log::warn!("job {job}: worker {} came back without it", d.name);
+                    }
+                    self.settle(now, job, route);
+                    continue;
+                }
+                // Sent ahead and still not started: taken back (the worker drops it).
+                Some(true) if route.held_by.is_some() => {
+                    self.settle(now, job, route);
+                    continue;
+                }
+                Some(_) => {}
+            }
+            if let Some(worker) = route.held_by.take() {
+                // Sent ahead, and it started while the link was down.
+                route.sink.push(JobEvent::Started { worker });
+                if let Some(r) = self.running.get_mut(&job)
+                    && let Some(h) = r.held.take()
+                {
+                    self.queue_wait
+                        .observe(now.saturating_duration_since(h.queued_since));
+                    r.since = now;
+                }
             }
             resume.push((job, route.next_seq));
             let cancelled = self.running.get(&job).is_some_and(|r| r.cancelled);
@@ -953,6 +1382,9 @@ impl Dispatcher {
     ) {
         for (job, route) in &jobs {
             route.sink.set_producer(None);
+            // A run sent ahead waits with its worker, out of reach of revokes: it may
+            // have started, and only the worker can tell.
+            self.release_held(*job);
             if let Some(r) = self.running.get_mut(job) {
                 r.worker = None;
             }
@@ -986,11 +1418,26 @@ impl Dispatcher {
 
     /// Ends a job whose worker is gone for good: queued again if it has retries left,
     /// else `WorkerLost` (or `Cancelled`, if that was asked for).
+    /// A run sent ahead that never started (as far as the link's reader heard) goes back
+    /// to its place in the queue, with no retry used up.
     fn settle(&mut self, now: Instant, job: JobId, route: Route) {
-        let Some(r) = self.running.remove(&job) else {
+        let claimant = self.release_held(job);
+        let Some(mut r) = self.running.remove(&job) else {
             route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
             return;
         };
+        // (A held run whose `Started` reached the reader, not yet the dispatcher, has
+        // started: it is settled as a running one.)
+        if let Some(h) = r.held.take()
+            && route.held_by.is_some()
+        {
+            self.put_back(job, r, h, route.sink);
+            if let Some(x) = claimant {
+                self.fill(now, x);
+            }
+            self.fill_all(now);
+            return;
+        }
         if r.cancelled {
             route.sink.push(JobEvent::Finished(Outcome::Cancelled));
         } else if r.attempt <= r.spec.retries && !self.closing() {
@@ -1050,6 +1497,7 @@ impl Dispatcher {
             self.actions.push_back(Action::Close { worker });
         }
         self.running.clear();
+        self.held.clear();
         self.phase = Phase::Finishing {
             deadline: later(now, LINK_CLOSE_WAIT),
         };

@@ -39,8 +39,21 @@ impl Queue {
     }
 
     pub(crate) fn push(&mut self, job: QueuedJob) {
-        let key = (Reverse(job.spec.priority), self.next_seq);
+        let place = self.new_place();
+        self.restore(place, job);
+    }
+
+    /// A place after every job queued so far (for a job that goes out at once but may
+    /// come back: see [`Queue::restore`]).
+    pub(crate) fn new_place(&mut self) -> u64 {
         self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    /// Puts a job back at the place it had among the jobs of its priority (a run sent
+    /// ahead and taken back before it started).
+    pub(crate) fn restore(&mut self, place: u64, job: QueuedJob) {
+        let key = (Reverse(job.spec.priority), place);
         let class = job.spec.requirements.clone();
         self.index.insert(job.id, (class.clone(), key));
         self.classes.entry(class).or_default().insert(key, job);
@@ -48,6 +61,15 @@ impl Queue {
 
     /// Takes the first job a worker with these tags and platform may run.
     pub(crate) fn pop_for(&mut self, tags: &BTreeSet<String>, platform: &str) -> Option<QueuedJob> {
+        self.pop_placed(tags, platform).map(|(_, job)| job)
+    }
+
+    /// Like [`Queue::pop_for`], with the job's place (to put it back there).
+    pub(crate) fn pop_placed(
+        &mut self,
+        tags: &BTreeSet<String>,
+        platform: &str,
+    ) -> Option<(u64, QueuedJob)> {
         let (class, key) = self
             .classes
             .iter()
@@ -55,7 +77,7 @@ impl Queue {
             .filter_map(|(class, jobs)| jobs.first_key_value().map(|(k, _)| (class, *k)))
             .min_by_key(|(_, k)| *k)?;
         let class = class.clone();
-        self.take(&class, key)
+        self.take(&class, key).map(|job| (key.1, job))
     }
 
     /// Takes a job out by id (for cancellation).
@@ -140,6 +162,21 @@ mod tests {
         let order: Vec<u64> =
             std::iter::from_fn(|| q.pop_for(&tags(&["x"]), "p").map(|j| j.id.0)).collect();
         assert_eq!(order, vec![2, 3, 1, 4]);
+    }
+
+    #[test]
+    fn a_job_put_back_takes_its_old_place() {
+        let mut q = Queue::default();
+        for i in 1..=3 {
+            q.push(job(i, JobSpec::new("x")));
+        }
+        let (place, first) = q.pop_placed(&tags(&[]), "p").unwrap();
+        assert_eq!(first.id, JobId(1));
+        q.push(job(4, JobSpec::new("x")));
+        q.restore(place, first);
+        let order: Vec<u64> =
+            std::iter::from_fn(|| q.pop_for(&tags(&[]), "p").map(|j| j.id.0)).collect();
+        assert_eq!(order, vec![1, 2, 3, 4]);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Reader-side routing: what a link's reader does with each message from its worker.
 //! Output goes straight into the job's sink through the link's route table (the
-//! dispatcher never sees a byte of it); a job's end and a declined job go through the
-//! route table too, and then to the dispatcher as [`LinkEvent`]s. This file owns
+//! dispatcher never sees a byte of it); a job's end, a declined job and the start of a
+//! run sent ahead go through the route table too, and then to the dispatcher as
+//! [`LinkEvent`]s. This file owns
 //! [`Route`] (a running job's place on its link) and the rule that goes with it:
 //! **whoever removes a job's route delivers its one `Finished`.**
 
@@ -31,6 +32,10 @@ pub(crate) struct Route {
     /// first gap is reported at once, the rest summed up when the job ends.
     pub lost: u64,
     pub gaps: u64,
+    /// A run sent ahead that has not started: the name of the worker holding it, for
+    /// the job's `Started` event when the worker says it has started. `None` once it
+    /// has (and for a run sent into a free slot, whose `Started` went with its `Run`).
+    pub held_by: Option<String>,
 }
 
 impl Route {
@@ -40,6 +45,15 @@ impl Route {
             next_seq: 0,
             lost: 0,
             gaps: 0,
+            held_by: None,
+        }
+    }
+
+    /// The route of a run sent ahead to worker `name`, not started yet.
+    pub(crate) fn held(sink: Arc<JobSink>, name: String) -> Route {
+        Route {
+            held_by: Some(name),
+            ..Route::new(sink)
         }
     }
 
@@ -260,6 +274,26 @@ pub(crate) fn on_worker_message(
                 None => {
                     if complaints.ignored(label) {
                         log::warn!("{label}: job {job}, already ended: {error}");
+                    }
+                }
+            }
+        }
+        WorkerMessage::Started { job } => {
+            // Under the routes lock, before any output of the run can be pushed: the
+            // submitter sees `Started` first.
+            let mut routes = lock(routes);
+            match routes.get_mut(&job) {
+                Some(route) => {
+                    if let Some(worker) = route.held_by.take() {
+                        route.sink.push(JobEvent::Started { worker });
+                        drop(routes);
+                        link.tell(LinkEvent::Started { job });
+                    }
+                }
+                None => {
+                    drop(routes);
+                    if complaints.ignored(label) {
+                        log::warn!("{label}: started job {job}, which it was not given (ignored)");
                     }
                 }
             }

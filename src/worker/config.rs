@@ -51,6 +51,12 @@ pub struct WorkerConfig {
     pub platform: String,
     /// How many jobs run at once.
     pub slots: u32,
+    /// How many runs the manager may send beyond the free slots (0 to 1024; default 1).
+    /// The worker holds them and starts each the moment a slot frees, instead of
+    /// waiting a round trip to the manager for its next job; the manager takes a held
+    /// run back when another worker could start it sooner. 0: every run goes into a
+    /// free slot.
+    pub ahead: u32,
     /// Where job folders are made (the system temp dir by default).
     pub work_dir: PathBuf,
     /// Deadline for connecting, the TLS handshake and the hello.
@@ -123,6 +129,7 @@ impl WorkerConfig {
             tags: BTreeSet::new(),
             platform: detect_platform(),
             slots: 1,
+            ahead: 1,
             work_dir: std::env::temp_dir(),
             connect_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(100),
@@ -151,6 +158,12 @@ impl WorkerConfig {
         self
     }
 
+    /// Sets how many runs it holds beyond its slots (see [`WorkerConfig::ahead`]).
+    pub fn ahead(mut self, ahead: u32) -> WorkerConfig {
+        self.ahead = ahead;
+        self
+    }
+
     /// Runs every job as this user (see [`WorkerConfig::job_user`]).
     pub fn job_user(mut self, name: impl Into<String>) -> WorkerConfig {
         self.job_user = Some(name.into());
@@ -173,6 +186,9 @@ impl WorkerConfig {
         let bad = |m: String| Err(Error::InvalidConfig(m));
         if self.slots == 0 {
             return bad("slots must be at least 1".into());
+        }
+        if self.ahead > 1024 {
+            return bad(format!("ahead must be at most 1024, not {}", self.ahead));
         }
         if self.name.is_empty() || self.name.len() > 256 {
             return bad("the worker name must have 1 to 256 bytes".into());

@@ -77,6 +77,7 @@ impl Worker {
             tags: config.tags.clone(),
             platform: config.platform.clone(),
             slots: config.slots,
+            ahead: config.ahead,
             address: config.address(),
             connect_timeout: config.connect_timeout,
             backoff_initial: config.backoff_initial,
@@ -91,8 +92,12 @@ impl Worker {
         let session = Session::new(settings, Instant::now(), seed);
         let env = Env::new(&config, tls, job_user);
         let (done_tx, done_rx) = bounded::<()>(0);
+        // Supervisors kept waiting: one per slot, and with a look-ahead one more per slot,
+        // since a held run starts while the supervisor of the job before it still
+        // cleans up (the folder, the leftover sweep).
+        let supervisors = config.slots + config.ahead.min(config.slots);
         let (shared, thread) =
-            driver::start(session, config.name.clone(), config.slots, env, done_tx)
+            driver::start(session, config.name.clone(), supervisors, env, done_tx)
                 .map_err(|e| Error::io("starting the worker thread", e))?;
         Ok(Worker {
             name: config.name,

@@ -1,8 +1,10 @@
 //! A worker's job supervisor threads. Each runs one job at a time (`executor::run`) and
 //! then waits for the next, so that starting a job is a channel send to a waiting
 //! thread rather than a thread spawn. Threads are made when none waits, and at most as
-//! many wait as the worker has slots (a run still being cleaned up or killed can need
-//! one more for a while; that one ends when its job does). Nothing here knows about jobs.
+//! many wait as the worker has slots, or twice that with a look-ahead (a run still
+//! being cleaned up or killed can need one more for a while; with a look-ahead the next
+//! run starts at once, so that is the usual case; a thread beyond those ends when its
+//! job does). Nothing here knows about jobs.
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use std::io;

@@ -38,6 +38,8 @@ pub(crate) struct Settings {
     pub tags: BTreeSet<String>,
     pub platform: String,
     pub slots: u32,
+    /// How many runs sent ahead it holds at most beyond its slots.
+    pub ahead: u32,
     /// For log lines: the manager's address.
     pub address: String,
     pub connect_timeout: Duration,
@@ -202,10 +204,24 @@ impl Run {
     }
 }
 
+/// A run sent ahead of the worker's slots, held until one frees.
+#[derive(Debug)]
+struct Waiting {
+    /// The manager that sent it.
+    manager: u64,
+    job: JobId,
+    spec: JobSpec,
+    /// The manager asked to pause its output (its submitter is behind).
+    paused: bool,
+}
+
 /// The worker's session state (see the module documentation).
 pub(crate) struct Session {
     cfg: Settings,
     runs: BTreeMap<JobKey, Run>,
+    /// Runs sent ahead, in the order they came, to start as slots free (at most
+    /// `cfg.ahead`).
+    waiting: VecDeque<Waiting>,
     /// The manager whose jobs this worker holds (from the last welcome).
     manager: Option<u64>,
     /// Numbers the runs of jobs (see `JobKey::run`).
@@ -238,6 +254,7 @@ impl Session {
         Session {
             cfg,
             runs: BTreeMap::new(),
+            waiting: VecDeque::new(),
             manager: None,
             next_run: 0,
             grace: Duration::ZERO,
@@ -289,7 +306,7 @@ impl Session {
         };
         let give_up = self
             .disconnected_since
-            .filter(|_| self.runs.values().any(|r| !r.dropped))
+            .filter(|_| !self.waiting.is_empty() || self.runs.values().any(|r| !r.dropped))
             .map(|since| since + self.grace);
         let drain = self.draining.flatten().filter(|_| !self.drain_killed);
         [attempt, give_up, drain, self.leaving]
@@ -317,6 +334,7 @@ impl Session {
             Input::Stop => self.leave(now),
         }
         self.check(now);
+        self.start_waiting();
     }
 
     /// Moves what is to be sent on link `link` into `out`, up to about `budget` bytes
@@ -411,6 +429,7 @@ impl Session {
             tags: self.cfg.tags.clone(),
             platform: self.cfg.platform.clone(),
             slots: self.cfg.slots,
+            ahead: self.cfg.ahead,
             draining: self.draining.is_some(),
             manager_id: self.manager,
             jobs: self
@@ -420,7 +439,18 @@ impl Session {
                 .map(|(k, r)| HeldJob {
                     job: k.job,
                     finished: r.finished.is_some(),
+                    ahead: false,
                 })
+                .chain(
+                    self.waiting
+                        .iter()
+                        .filter(|w| Some(w.manager) == self.manager)
+                        .map(|w| HeldJob {
+                            job: w.job,
+                            finished: false,
+                            ahead: true,
+                        }),
+                )
                 .collect(),
         }
     }
@@ -461,7 +491,11 @@ impl Session {
                 }
             }
         }
-        if self.draining.is_some() && self.leaving.is_none() && !self.runs.values().any(Run::held) {
+        if self.draining.is_some()
+            && self.leaving.is_none()
+            && self.waiting.is_empty()
+            && !self.runs.values().any(Run::held)
+        {
             log::info!("worker {}: drained", self.cfg.name);
             self.leave(now);
         }
@@ -488,7 +522,7 @@ impl Session {
             // Never still be connecting when the manager gives up on the jobs held here.
             let mut deadline = now + self.cfg.connect_timeout;
             if let Some(since) = self.disconnected_since
-                && self.runs.values().any(Run::held)
+                && (!self.waiting.is_empty() || self.runs.values().any(Run::held))
             {
                 deadline = deadline.min((since + self.grace).max(now + MIN_CONNECT_WINDOW));
             }
@@ -501,6 +535,7 @@ impl Session {
     /// Held jobs of a manager that has surely given up on them (its grace has passed)
     /// are killed rather than left running for nobody.
     fn give_up_held_jobs(&mut self) {
+        self.waiting.clear();
         let mut n = 0;
         for (key, run) in self.runs.iter_mut().filter(|(_, r)| !r.dropped) {
             drop_run(&mut self.actions, *key, run);
@@ -528,6 +563,8 @@ impl Session {
             return;
         }
         self.leaving = Some(now + STOP_WAIT);
+        // Runs sent ahead go back to the manager when the link closes after the goodbye.
+        self.waiting.clear();
         let up = self.link_id().is_some();
         for (key, run) in self.runs.iter_mut().filter(|(_, r)| !r.dropped) {
             // An ending ready to go is sent before the goodbye; the rest ends now.
@@ -641,6 +678,11 @@ impl Session {
             resumed.push(*key);
         }
         self.prune();
+        // Runs sent ahead that had not started: the manager takes them back unless it
+        // says otherwise.
+        let manager = welcome.manager_id;
+        self.waiting
+            .retain(|w| same_manager && w.manager == manager && wanted.contains_key(&w.job));
         if !resumed.is_empty() {
             log::info!(
                 "worker {}: going on with {} job(s) after reconnecting",
@@ -707,6 +749,7 @@ impl Session {
         }
         if self.leaving.is_some() {
             self.link = Link::Closed;
+            self.waiting.clear();
             for (key, run) in self.runs.iter_mut().filter(|(_, r)| !r.dropped) {
                 drop_run(&mut self.actions, *key, run);
             }
@@ -734,15 +777,35 @@ impl Session {
 
     fn on_manager(&mut self, msg: ManagerMessage) {
         match msg {
-            ManagerMessage::Run { job, spec } => self.on_run(job, spec),
+            ManagerMessage::Run { job, spec, ahead } => self.on_run(job, spec, ahead),
             ManagerMessage::Cancel { job } => {
                 if let Some(key) = self.live(job) {
                     log::info!("cancelling job {job}");
                     self.actions.push(Action::Cancel(key));
+                } else if self.take_waiting(job).is_some() {
+                    // Held, never started: it ends here and now.
+                    log::info!("cancelling job {job} before it started");
+                    self.send(WorkerMessage::Finished {
+                        job,
+                        outcome: Outcome::Cancelled,
+                        cleanup_error: None,
+                    });
+                }
+            }
+            ManagerMessage::Revoke { job } => {
+                // One that has started is not given back: its `Started` is on the way.
+                if self.take_waiting(job).is_some() {
+                    log::debug!("giving back job {job}, held ahead of the slots");
+                    self.send(WorkerMessage::Declined {
+                        job,
+                        reason: "revoked".into(),
+                    });
                 }
             }
             ManagerMessage::Pause { job } => {
-                if let Some(key) = self.live(job) {
+                if let Some(w) = self.waiting_mut(job) {
+                    w.paused = true;
+                } else if let Some(key) = self.live(job) {
                     log::debug!("pausing the output of job {job}: its submitter is behind");
                     let run = self.runs.get_mut(&key).expect("live");
                     run.paused_by_manager = true;
@@ -750,7 +813,9 @@ impl Session {
                 }
             }
             ManagerMessage::Resume { job } => {
-                if let Some(key) = self.live(job) {
+                if let Some(w) = self.waiting_mut(job) {
+                    w.paused = false;
+                } else if let Some(key) = self.live(job) {
                     let run = self.runs.get_mut(&key).expect("live");
                     run.paused_by_manager = false;
                     sync_pause(&mut self.actions, key, run);
@@ -775,7 +840,65 @@ impl Session {
         }
     }
 
-    fn on_run(&mut self, job: JobId, spec: JobSpec) {
+    fn take_waiting(&mut self, job: JobId) -> Option<Waiting> {
+        let manager = self.manager.unwrap_or_default();
+        let i = self
+            .waiting
+            .iter()
+            .position(|w| w.manager == manager && w.job == job)?;
+        self.waiting.remove(i)
+    }
+
+    fn waiting_mut(&mut self, job: JobId) -> Option<&mut Waiting> {
+        let manager = self.manager.unwrap_or_default();
+        self.waiting
+            .iter_mut()
+            .find(|w| w.manager == manager && w.job == job)
+    }
+
+    /// Starts held runs while slots are free, oldest first, each with a `Started` for
+    /// the manager. Called after every input: a slot frees when a job ends, and the
+    /// next run starts before that job's `Finished` goes (the writer sends other
+    /// messages, `Started` among them, before the runs' output and endings). Not while
+    /// the link is down (the manager takes held runs back when the worker returns),
+    /// draining or leaving.
+    fn start_waiting(&mut self) {
+        if self.waiting.is_empty()
+            || self.link_id().is_none()
+            || self.draining.is_some()
+            || self.leaving.is_some()
+        {
+            return;
+        }
+        let mut running = self.runs.values().filter(|r| r.busy()).count();
+        while running < self.cfg.slots as usize {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            if Some(w.manager) != self.manager {
+                continue;
+            }
+            self.start_run(w.job, w.spec, w.paused);
+            self.send(WorkerMessage::Started { job: w.job });
+            running += 1;
+        }
+    }
+
+    fn start_run(&mut self, job: JobId, spec: JobSpec, paused_by_manager: bool) {
+        log::debug!("starting job {job}");
+        self.next_run += 1;
+        let key = JobKey {
+            manager: self.manager.unwrap_or_default(),
+            job,
+            run: self.next_run,
+        };
+        let run = self.runs.entry(key).or_default();
+        run.paused_by_manager = paused_by_manager;
+        self.actions.push(Action::Start { key, spec });
+        sync_pause(&mut self.actions, key, run);
+    }
+
+    fn on_run(&mut self, job: JobId, spec: JobSpec, ahead: bool) {
         if let Err(e) = spec.validate() {
             // A job no manager of this version sends; refused, not run.
             log::warn!("refusing job {job}: {e}");
@@ -787,9 +910,27 @@ impl Session {
             return;
         }
         let running = self.runs.values().filter(|r| r.busy()).count();
+        let has_it = self.live(job).is_some() || self.waiting_mut(job).is_some();
+        let full = running >= self.cfg.slots as usize;
+        if ahead
+            && full
+            && !has_it
+            && self.draining.is_none()
+            && self.leaving.is_none()
+            && self.waiting.len() < self.cfg.ahead as usize
+        {
+            log::debug!("holding job {job} until a slot frees");
+            self.waiting.push_back(Waiting {
+                manager: self.manager.unwrap_or_default(),
+                job,
+                spec,
+                paused: false,
+            });
+            return;
+        }
         let refusal = if self.draining.is_some() || self.leaving.is_some() {
             Some("the worker is draining")
-        } else if running >= self.cfg.slots as usize || self.live(job).is_some() {
+        } else if full || has_it {
             log::error!("the manager sent job {job} beyond this worker's slots; declining it");
             Some("the worker has no free slot")
         } else {
@@ -803,15 +944,11 @@ impl Session {
             });
             return;
         }
-        log::debug!("starting job {job}");
-        self.next_run += 1;
-        let key = JobKey {
-            manager: self.manager.unwrap_or_default(),
-            job,
-            run: self.next_run,
-        };
-        self.runs.insert(key, Run::default());
-        self.actions.push(Action::Start { key, spec });
+        self.start_run(job, spec, false);
+        if ahead {
+            // Sent ahead, and a slot was free by the time it came.
+            self.send(WorkerMessage::Started { job });
+        }
     }
 
     fn on_output(&mut self, key: JobKey, stream: Stream, bytes: Chunk) {
@@ -866,6 +1003,16 @@ impl Session {
         self.draining = Some(deadline);
         self.drain_killed = false;
         self.send(WorkerMessage::Draining);
+        // Runs sent ahead go back now (while the link is down, they go back when it is
+        // up again: the manager takes them back then).
+        if self.link_id().is_some() {
+            for w in std::mem::take(&mut self.waiting) {
+                self.send(WorkerMessage::Declined {
+                    job: w.job,
+                    reason: "the worker is draining".into(),
+                });
+            }
+        }
     }
 }
 

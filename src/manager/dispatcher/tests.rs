@@ -48,6 +48,7 @@ fn hello(name: &str, slots: u32) -> WorkerHello {
         tags: BTreeSet::new(),
         platform: "linux-x86_64".into(),
         slots,
+        ahead: 0,
         manager_id: None,
         jobs: vec![],
         draining: false,
@@ -63,6 +64,7 @@ fn returning(name: &str, slots: u32, jobs: &[JobId]) -> WorkerHello {
             .map(|&job| HeldJob {
                 job,
                 finished: false,
+                ahead: false,
             })
             .collect(),
         ..hello(name, slots)
@@ -175,6 +177,28 @@ impl Rig {
         self.join_with(hello(name, slots), Some(name.as_bytes()))
             .expect("accepted")
             .0
+    }
+
+    /// A worker joins with `slots` and a look-ahead of `ahead` runs.
+    fn join_ahead(&mut self, name: &str, slots: u32, ahead: u32) -> u64 {
+        let hello = WorkerHello {
+            ahead,
+            ..hello(name, slots)
+        };
+        self.join_with(hello, Some(name.as_bytes()))
+            .expect("accepted")
+            .0
+    }
+
+    /// The runs queued for a worker since the last look, with whether each went ahead.
+    fn runs_sent(&mut self, worker: u64) -> Vec<(u64, bool)> {
+        self.sent(worker)
+            .iter()
+            .filter_map(|m| match m {
+                ManagerMessage::Run { job, ahead, .. } => Some((job.0, *ahead)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn submit_spec(&mut self, spec: JobSpec) -> JobId {
@@ -999,4 +1023,498 @@ fn statuses_and_numbers_are_as_at_the_time_given() {
     r.finished(w, queued, Outcome::Exited(0));
     assert_eq!(r.runs(w), vec![queued.0, waiting.0]);
     assert_eq!(r.d.stats(r.now).jobs_queued, 0);
+}
+
+// ---- runs sent ahead of the slots ----
+
+fn declined_revoked(job: JobId) -> WorkerMessage {
+    WorkerMessage::Declined {
+        job,
+        reason: "revoked".into(),
+    }
+}
+
+#[test]
+fn trivial_jobs_on_one_slot_never_wait_a_round_trip() {
+    let mut r = Rig::new();
+    let w = r.join_ahead("a", 1, 1);
+    let jobs: Vec<JobId> = (0..10).map(|_| r.submit()).collect();
+    // One into the slot, the next ahead of it; the rest queued.
+    assert_eq!(r.runs_sent(w), vec![(jobs[0].0, false), (jobs[1].0, true)]);
+    assert_eq!(
+        r.state(jobs[1]),
+        Some(JobState::Queued),
+        "held: still queued"
+    );
+    assert_eq!(r.events(jobs[1]), vec![JobEvent::Queued]);
+    let stats = r.d.stats(r.now);
+    assert_eq!((stats.jobs_queued, stats.jobs_running), (9, 1));
+    for i in 0..jobs.len() {
+        // The held run starts as the job ends: `Started` comes before `Finished`.
+        if i + 1 < jobs.len() {
+            r.says(w, WorkerMessage::Started { job: jobs[i + 1] });
+            assert!(
+                matches!(r.state(jobs[i + 1]), Some(JobState::Running { worker }) if worker == "a")
+            );
+        }
+        r.finished(w, jobs[i], Outcome::Exited(0));
+        // The answer: the next run ahead, and the acknowledgement. At no point does
+        // the worker's slot wait for a `Run`: it always holds the next one.
+        let sent = r.sent(w);
+        let expected: Vec<ManagerMessage> = jobs
+            .get(i + 2)
+            .map(|&job| ManagerMessage::Run {
+                job,
+                spec: JobSpec::new("true"),
+                ahead: true,
+            })
+            .into_iter()
+            .chain([ManagerMessage::Ended { job: jobs[i] }])
+            .collect();
+        assert_eq!(sent, expected, "after job {i}");
+    }
+    for (i, &job) in jobs.iter().enumerate() {
+        // (The second job's `Queued` was read above.)
+        let queued = if i == 1 { None } else { Some(JobEvent::Queued) };
+        let expected: Vec<JobEvent> = queued
+            .into_iter()
+            .chain([started("a"), finished(Outcome::Exited(0))])
+            .collect();
+        assert_eq!(r.events(job), expected, "job {i} starts and ends once");
+    }
+    assert_eq!(r.queued.load(Ordering::Relaxed), 0);
+    let stats = r.d.stats(r.now);
+    assert_eq!((stats.jobs_queued, stats.jobs_running), (0, 0));
+    assert_eq!(stats.per_worker[0].jobs_run, 10);
+}
+
+#[test]
+fn a_held_run_takes_the_slot_that_frees_even_before_its_started_arrives() {
+    // The held run reached the worker after its slot freed: the worker started it at
+    // once, and its `Started` comes after the last job's `Finished`. Meanwhile the
+    // manager must not count that slot as free (a `Run` into it would be declined).
+    let mut r = Rig::new();
+    let w = r.join_ahead("a", 1, 1);
+    let (first, held, third) = (r.submit(), r.submit(), r.submit());
+    r.sent(w);
+    r.finished(w, first, Outcome::Exited(0));
+    assert_eq!(
+        r.runs_sent(w),
+        vec![(third.0, true)],
+        "ahead, not into the slot"
+    );
+    assert_eq!(r.d.workers()[0].running, 0);
+    assert_eq!(r.state(held), Some(JobState::Queued));
+    r.says(w, WorkerMessage::Started { job: held });
+    assert!(matches!(r.state(held), Some(JobState::Running { worker }) if worker == "a"));
+    assert_eq!(r.d.workers()[0].running, 1);
+    assert_eq!(r.runs_sent(w), vec![], "no room: it holds the third");
+}
+
+#[test]
+fn runs_go_ahead_only_when_no_matching_worker_has_a_free_slot() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let first = r.submit();
+    assert_eq!(r.runs_sent(a), vec![(first.0, false)]);
+    let b = r.join_ahead("b", 1, 1);
+    let second = r.submit();
+    assert_eq!(
+        r.runs_sent(b),
+        vec![(second.0, false)],
+        "b's free slot first"
+    );
+    assert_eq!(r.runs_sent(a), vec![]);
+    // Both busy: ahead, in turn; then queued.
+    let (third, fourth, fifth) = (r.submit(), r.submit(), r.submit());
+    let mut ahead = r.runs_sent(a);
+    ahead.extend(r.runs_sent(b));
+    ahead.sort();
+    assert_eq!(ahead, vec![(third.0, true), (fourth.0, true)]);
+    assert_eq!(r.state(fifth), Some(JobState::Queued));
+    assert_eq!(r.d.queue.len(), 1);
+    // A worker with no look-ahead gets only free slots.
+    let mut r = Rig::new();
+    let w = r.join_ahead("c", 1, 0);
+    let (one, _two) = (r.submit(), r.submit());
+    assert_eq!(r.runs_sent(w), vec![(one.0, false)]);
+    assert_eq!(r.d.queue.len(), 1);
+}
+
+#[test]
+fn a_held_run_moves_to_a_worker_that_frees_first() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let long = r.submit();
+    let held = r.submit();
+    assert_eq!(r.runs_sent(a), vec![(long.0, false), (held.0, true)]);
+    // Another worker comes with a free slot the queue cannot fill: the run held behind
+    // the long job is taken back for it.
+    r.advance(Duration::from_millis(5));
+    let b = r.join_ahead("b", 1, 1);
+    assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: held }]);
+    assert_eq!(r.runs_sent(b), vec![]);
+    r.says(a, declined_revoked(held));
+    assert_eq!(r.runs_sent(b), vec![(held.0, false)], "into b's free slot");
+    assert_eq!(r.events(held), vec![JobEvent::Queued, started("b")]);
+    assert_eq!(r.d.jobs(r.now, Some(held))[0].attempt, 1, "no retry used");
+    // The worker that gave it back is not resting: it has room ahead again.
+    assert!(!r.d.rests.resting(a, r.now));
+    assert_eq!(
+        r.d.with_room.iter().copied().collect::<Vec<_>>(),
+        vec![a, b]
+    );
+    let next = r.submit();
+    assert_eq!(r.runs_sent(b), vec![(next.0, true)], "the rotation's turn");
+    // b's job ends and it starts the run it held: a holds nothing to take back.
+    r.says(b, WorkerMessage::Started { job: next });
+    r.finished(b, held, Outcome::Exited(0));
+    assert_eq!(r.sent(a), vec![]);
+}
+
+#[test]
+fn a_held_run_comes_out_from_behind_a_long_job_and_even_jobs_revoke_nothing() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let b = r.join_ahead("b", 1, 1);
+    let t0 = r.now;
+    let long = r.submit();
+    let s1 = r.submit();
+    let (behind_long, behind_s1) = (r.submit(), r.submit());
+    assert_eq!(r.runs_sent(a), vec![(long.0, false), (behind_long.0, true)]);
+    assert_eq!(r.runs_sent(b), vec![(s1.0, false), (behind_s1.0, true)]);
+    // s1 ends after 10 ms and b starts what it held. The run behind the long job has
+    // waited as long as s1 ran, not longer: nothing is taken back.
+    r.advance(Duration::from_millis(10));
+    r.says(b, WorkerMessage::Started { job: behind_s1 });
+    r.finished(b, s1, Outcome::Exited(0));
+    assert_eq!(r.sent(a), vec![]);
+    // A new short job goes ahead on b (a has no room).
+    let s3 = r.submit();
+    assert_eq!(r.runs_sent(b), vec![(s3.0, true)]);
+    // A job submitted now waits in the queue: nobody has room.
+    let queued = r.submit();
+    assert_eq!(r.state(queued), Some(JobState::Queued));
+    assert_eq!(r.d.queue.len(), 1);
+    // 10 ms later b's job ends again: the run behind the long job has now waited
+    // 20 ms, longer than that job ran: it is taken back for the room b has again, before
+    // the younger queued job.
+    r.advance(Duration::from_millis(10));
+    r.says(b, WorkerMessage::Started { job: s3 });
+    r.finished(b, behind_s1, Outcome::Exited(0));
+    assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: behind_long }]);
+    assert_eq!(r.runs_sent(b), vec![], "b's room is kept for it");
+    r.says(a, declined_revoked(behind_long));
+    assert_eq!(r.runs_sent(b), vec![(behind_long.0, true)], "now behind s3");
+    // The queued job takes the room it left (a waits on no run of its own).
+    assert_eq!(r.runs_sent(a), vec![(queued.0, true)]);
+    assert_eq!(r.state(behind_long), Some(JobState::Queued));
+    let since = r.d.jobs(r.now, Some(behind_long))[0].since;
+    assert_eq!(since, r.now - t0, "queued since it was submitted");
+    r.says(b, WorkerMessage::Started { job: behind_long });
+    r.finished(b, s3, Outcome::Exited(0));
+    r.finished(b, behind_long, Outcome::Exited(0));
+    assert_eq!(
+        r.events(behind_long),
+        vec![JobEvent::Queued, started("b"), finished(Outcome::Exited(0))]
+    );
+    // b's next end takes back the run now behind the long job in turn: it waited
+    // longer than behind_long ran.
+    assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: queued }]);
+    assert_eq!(r.events(long), vec![JobEvent::Queued, started("a")]);
+}
+
+#[test]
+fn a_revoke_that_crosses_the_start_is_dropped() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (first, held) = (r.submit(), r.submit());
+    r.sent(a);
+    let b = r.join_ahead("b", 1, 1);
+    assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: held }]);
+    // Meanwhile the first job ended on a and the held run started there.
+    r.says(a, WorkerMessage::Started { job: held });
+    r.finished(a, first, Outcome::Exited(0));
+    assert!(matches!(r.state(held), Some(JobState::Running { worker }) if worker == "a"));
+    // The worker does not answer the revoke (it started the run): nothing more comes.
+    r.finished(a, held, Outcome::Exited(0));
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, started("a"), finished(Outcome::Exited(0))]
+    );
+    // b's free slot is still there for new work.
+    let next = r.submit();
+    assert_eq!(r.runs_sent(b), vec![(next.0, false)]);
+    // A late `Declined` for the started run would be a stranger's: ignored.
+    r.says(a, declined_revoked(held));
+    assert_eq!(r.events(held), vec![]);
+}
+
+#[test]
+fn a_cancelled_held_run_ends_cancelled_and_never_starts() {
+    let mut r = Rig::new();
+    let w = r.join_ahead("a", 1, 1);
+    let (first, held) = (r.submit(), r.submit());
+    r.sent(w);
+    r.d.cancel(r.now, held).unwrap();
+    r.pump();
+    assert_eq!(r.sent(w), vec![ManagerMessage::Cancel { job: held }]);
+    // The worker drops it and says so.
+    r.finished(w, held, Outcome::Cancelled);
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, finished(Outcome::Cancelled)]
+    );
+    assert_eq!(r.state(held), None);
+    // Its place ahead is free again.
+    let next = r.submit();
+    assert_eq!(r.runs_sent(w), vec![(next.0, true)]);
+    r.finished(w, first, Outcome::Exited(0));
+    // A cancel that crosses the run being given back: it ends cancelled all the same.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (_, held) = (r.submit(), r.submit());
+    r.join_ahead("b", 1, 1);
+    assert_eq!(
+        r.sent(a).last(),
+        Some(&ManagerMessage::Revoke { job: held })
+    );
+    r.d.cancel(r.now, held).unwrap();
+    r.pump();
+    r.says(a, declined_revoked(held));
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, finished(Outcome::Cancelled)]
+    );
+    assert_eq!(r.d.queue.len(), 0);
+}
+
+#[test]
+fn a_worker_lost_with_a_held_run_gives_it_back_to_the_queue() {
+    // Goodbye (or no grace): at once.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (running, held) = (r.submit(), r.submit_spec(JobSpec::new("x")));
+    r.says(a, WorkerMessage::Goodbye);
+    r.link_lost(a);
+    assert_eq!(
+        r.events(running).last(),
+        Some(&finished(Outcome::WorkerLost))
+    );
+    assert_eq!(r.events(held), vec![JobEvent::Queued], "it never ran");
+    assert_eq!(r.state(held), Some(JobState::Queued));
+    assert_eq!(r.queued.load(Ordering::Relaxed), 1);
+    let b = r.join_ahead("b", 1, 1);
+    assert_eq!(r.runs_sent(b), vec![(held.0, false)]);
+    assert_eq!(r.d.jobs(r.now, Some(held))[0].attempt, 1);
+    // With a grace: it waits with its worker (it may have started), then goes back.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (_, held) = (r.submit(), r.submit());
+    r.link_lost(a);
+    let b = r.join_ahead("b", 1, 1);
+    assert_eq!(
+        r.runs_sent(b),
+        vec![],
+        "nothing to revoke from a worker away"
+    );
+    r.advance(GRACE);
+    assert_eq!(r.runs_sent(b), vec![(held.0, false)]);
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, started("b")],
+        "no retry, no requeue: it never started"
+    );
+}
+
+#[test]
+fn a_returning_worker_s_held_runs_are_taken_back_or_go_on_if_they_started() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 2, 1);
+    let (j1, j2, held) = (r.submit(), r.submit(), r.submit());
+    assert_eq!(
+        r.runs_sent(a),
+        vec![(j1.0, false), (j2.0, false), (held.0, true)]
+    );
+    let started_away = r.submit();
+    assert_eq!(r.d.queue.len(), 1);
+    r.link_lost(a);
+    // It comes back listing j1 running and `held` still held (taken back); j2 it does
+    // not list.
+    let back = WorkerHello {
+        manager_id: Some(MANAGER_ID),
+        jobs: vec![
+            HeldJob {
+                job: j1,
+                finished: false,
+                ahead: false,
+            },
+            HeldJob {
+                job: held,
+                finished: false,
+                ahead: true,
+            },
+        ],
+        ahead: 1,
+        ..hello("a", 2)
+    };
+    let (again, resume) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(j1, 0)]);
+    assert_eq!(r.events(j2).last(), Some(&finished(Outcome::WorkerLost)));
+    // Taken back to its place, ahead of the one submitted later: both go out again,
+    // into the slot j2 left and ahead of it.
+    assert_eq!(
+        r.runs_sent(again),
+        vec![(held.0, false), (started_away.0, true)]
+    );
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, started("a")],
+        "no requeue: it never started"
+    );
+    // A held run that started while the link was down goes on, and its `Started`
+    // reaches the submitter now.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (first, held) = (r.submit(), r.submit());
+    r.link_lost(a);
+    let back = WorkerHello {
+        manager_id: Some(MANAGER_ID),
+        jobs: vec![
+            HeldJob {
+                job: first,
+                finished: true,
+                ahead: false,
+            },
+            HeldJob {
+                job: held,
+                finished: false,
+                ahead: false,
+            },
+        ],
+        ahead: 1,
+        ..hello("a", 1)
+    };
+    let (again, mut resume) = r.join_with(back, Some(b"a")).unwrap();
+    resume.sort();
+    assert_eq!(resume, vec![(first, 0), (held, 0)]);
+    assert_eq!(r.events(held), vec![JobEvent::Queued, started("a")]);
+    r.finished(again, first, Outcome::Exited(0));
+    r.finished(again, held, Outcome::Exited(0));
+    assert_eq!(r.events(held), vec![finished(Outcome::Exited(0))]);
+}
+
+#[test]
+fn a_draining_worker_gives_back_its_held_runs_to_their_place() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 2);
+    let (first, h1, h2) = (r.submit(), r.submit(), r.submit());
+    let later = r.submit();
+    r.sent(a);
+    r.says(a, WorkerMessage::Draining);
+    for job in [h1, h2] {
+        r.says(
+            a,
+            WorkerMessage::Declined {
+                job,
+                reason: "the worker is draining".into(),
+            },
+        );
+    }
+    assert_eq!(r.d.queue.len(), 3);
+    let b = r.join_ahead("b", 1, 1);
+    assert_eq!(r.runs_sent(b), vec![(h1.0, false), (h2.0, true)]);
+    assert_eq!(r.state(later), Some(JobState::Queued));
+    r.finished(a, first, Outcome::Exited(0));
+    assert_eq!(r.runs_sent(a), vec![]);
+    assert_eq!(r.events(h1), vec![JobEvent::Queued, started("b")]);
+    assert_eq!(r.events(h2), vec![JobEvent::Queued], "held by b now");
+}
+
+#[test]
+fn shutdown_takes_held_runs_back_and_they_end_rejected() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (running, held) = (r.submit(), r.submit());
+    r.sent(a);
+    r.d.shutdown(r.now, Duration::from_secs(30));
+    r.pump();
+    assert_eq!(r.sent(a), vec![ManagerMessage::Revoke { job: held }]);
+    r.says(a, declined_revoked(held));
+    assert_eq!(
+        r.events(held),
+        vec![
+            JobEvent::Queued,
+            finished(Outcome::Rejected(SHUTTING_DOWN.into()))
+        ]
+    );
+    // The running one has its grace; when it ends, shutdown goes on at once.
+    r.finished(a, running, Outcome::Exited(0));
+    assert_eq!(
+        r.sent(a),
+        vec![
+            ManagerMessage::Ended { job: running },
+            ManagerMessage::Shutdown
+        ]
+    );
+    // One that started before the revoke arrived runs in the grace like the others.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (first, held) = (r.submit(), r.submit());
+    r.d.shutdown(r.now, Duration::from_secs(30));
+    r.pump();
+    r.says(a, WorkerMessage::Started { job: held });
+    r.finished(a, first, Outcome::Exited(0));
+    r.finished(a, held, Outcome::Exited(0));
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, started("a"), finished(Outcome::Exited(0))]
+    );
+    assert!(r.links[&a].closed);
+}
+
+#[test]
+fn a_hello_with_too_large_a_look_ahead_is_refused() {
+    let mut r = Rig::new();
+    let why = r
+        .join_with(
+            WorkerHello {
+                ahead: MAX_AHEAD + 1,
+                ..hello("a", 1)
+            },
+            Some(b"a"),
+        )
+        .unwrap_err();
+    assert!(why.contains("ahead"), "{why}");
+}
+
+#[test]
+fn a_retry_can_be_held_ahead_and_counts_one_start_per_attempt() {
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let b = r.join_ahead("b", 1, 1);
+    let job = r.submit_spec(JobSpec::new("x").retries(1));
+    let busy = r.submit();
+    assert_eq!(r.runs_sent(a), vec![(job.0, false)]);
+    assert_eq!(r.runs_sent(b), vec![(busy.0, false)]);
+    // a says goodbye and goes: the job is queued for its second attempt, and goes
+    // ahead to b, whose slot is busy.
+    r.says(a, WorkerMessage::Goodbye);
+    r.link_lost(a);
+    assert_eq!(r.runs_sent(b), vec![(job.0, true)]);
+    assert_eq!(r.state(job), Some(JobState::Queued));
+    assert_eq!(r.d.jobs(r.now, Some(job))[0].attempt, 2);
+    r.says(b, WorkerMessage::Started { job });
+    r.finished(b, busy, Outcome::Exited(0));
+    r.finished(b, job, Outcome::Exited(0));
+    assert_eq!(
+        r.events(job),
+        vec![
+            JobEvent::Queued,
+            started("a"),
+            JobEvent::Requeued { attempt: 2 },
+            started("b"),
+            finished(Outcome::Exited(0)),
+        ]
+    );
 }

@@ -13,6 +13,7 @@ fn settings(slots: u32, reconnect_buffer: usize) -> Settings {
         tags: BTreeSet::new(),
         platform: "linux-x86_64".into(),
         slots,
+        ahead: 0,
         address: "manager:1".into(),
         connect_timeout: Duration::from_secs(10),
         backoff_initial: Duration::from_millis(100),
@@ -37,6 +38,7 @@ fn run(job: u64) -> Input {
     Input::Manager(ManagerMessage::Run {
         job: JobId(job),
         spec: JobSpec::new("true"),
+        ahead: false,
     })
 }
 
@@ -104,6 +106,23 @@ impl Harness {
         h
     }
 
+    /// Like `connected`, with `slots` and a look-ahead of `ahead` runs.
+    fn connected_ahead(slots: u32, ahead: u32) -> Harness {
+        let now = Instant::now();
+        let cfg = Settings {
+            ahead,
+            ..settings(slots, 1000)
+        };
+        let mut h = Harness {
+            s: Session::new(cfg, now, 0x5eed),
+            now,
+        };
+        let a = h.feed(Input::Tick);
+        h.expect_attempt(a);
+        h.feed(Input::Connected(welcome(MANAGER, &[])));
+        h
+    }
+
     /// Everything the writer of the current link would send now.
     fn sent(&mut self) -> Vec<Wire> {
         let id = self.s.link_id().expect("a link");
@@ -153,6 +172,37 @@ impl Harness {
 
     fn clean(&mut self, key: JobKey) -> Vec<Action> {
         self.feed(Input::CleanedUp { key, error: None })
+    }
+}
+
+fn run_ahead(job: u64) -> Input {
+    Input::Manager(ManagerMessage::Run {
+        job: JobId(job),
+        spec: JobSpec::new("true"),
+        ahead: true,
+    })
+}
+
+fn started(job: u64) -> Wire {
+    Wire::Msg(WorkerMessage::Started { job: JobId(job) })
+}
+
+/// The keys of the runs the actions start.
+fn starts(actions: &[Action]) -> Vec<JobKey> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Start { key, .. } => Some(*key),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The key of the one run the actions start.
+fn started_key(actions: &[Action]) -> JobKey {
+    match starts(actions)[..] {
+        [key] => key,
+        _ => panic!("expected one start, got {actions:?}"),
     }
 }
 
@@ -237,7 +287,8 @@ fn a_lost_link_is_dialled_again_after_the_first_backoff_and_the_jobs_go_on() {
         hello.jobs,
         vec![HeldJob {
             job: JobId(1),
-            finished: false
+            finished: false,
+            ahead: false,
         }]
     );
     // The attempt ends before the manager would give up on the job (grace 10 s less the
@@ -400,6 +451,7 @@ fn a_run_the_worker_cannot_accept_is_refused_as_rejected() {
     let a = h.feed(Input::Manager(ManagerMessage::Run {
         job: JobId(1),
         spec: JobSpec::new("true").timeout(Duration::MAX),
+        ahead: false,
     }));
     assert!(a.is_empty());
     match &h.sent()[..] {
@@ -864,4 +916,254 @@ fn every_byte_arrives_once_and_in_order_across_random_cuts() {
             );
         }
     }
+}
+
+// ---- runs sent ahead of the slots ----
+
+#[test]
+fn trivial_jobs_follow_each_other_with_no_round_trip_between_them() {
+    // One slot and one run ahead: the manager keeps one run held; each job's end starts
+    // the next at once, before its `Finished` goes, with no word from the manager.
+    let mut h = Harness::connected_ahead(1, 1);
+    let mut key = h.start(1);
+    assert!(h.feed(run_ahead(2)).is_empty(), "held, not started");
+    assert_eq!(h.sent(), vec![], "nothing to say about a held run");
+    for job in 2..=20 {
+        // The job ends: the held run starts in the same step.
+        let a = h.exit(key, 0);
+        let next = started_key(&a);
+        assert_eq!(next.job, JobId(job));
+        // `Started` of the next goes before `Finished` of the last: the manager never
+        // sees the slot free while it is taken.
+        assert_eq!(h.sent(), vec![started(job), finished(job - 1, 0)]);
+        h.clean(key);
+        // The manager answers with the next run ahead and the acknowledgement.
+        assert!(h.feed(run_ahead(job + 1)).is_empty());
+        h.feed(Input::Manager(ManagerMessage::Ended {
+            job: JobId(job - 1),
+        }));
+        key = next;
+    }
+}
+
+#[test]
+fn a_run_sent_ahead_that_finds_a_free_slot_starts_at_once_and_says_so() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    // The job ended, its `Finished` is on the way, and the manager sent a run ahead.
+    h.exit(key, 0);
+    let a = h.feed(run_ahead(2));
+    assert_eq!(started_key(&a).job, JobId(2));
+    assert_eq!(h.sent(), vec![started(2), finished(1, 0)]);
+}
+
+#[test]
+fn runs_beyond_the_look_ahead_are_declined() {
+    let mut h = Harness::connected_ahead(1, 2);
+    h.start(1);
+    assert!(h.feed(run_ahead(2)).is_empty());
+    assert!(h.feed(run_ahead(3)).is_empty());
+    assert!(h.feed(run_ahead(4)).is_empty());
+    assert!(h.feed(run_ahead(2)).is_empty(), "one it holds already");
+    // A run sent into a slot the manager thinks is free is never held.
+    assert!(h.feed(run(5)).is_empty());
+    assert_eq!(
+        h.sent(),
+        vec![
+            declined(4, "the worker has no free slot"),
+            declined(2, "the worker has no free slot"),
+            declined(5, "the worker has no free slot"),
+        ]
+    );
+}
+
+#[test]
+fn a_revoked_run_is_given_back_if_held_and_kept_if_started() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    h.feed(Input::Manager(ManagerMessage::Revoke { job: JobId(2) }));
+    assert_eq!(h.sent(), vec![declined(2, "revoked")]);
+    // Gone: the slot that frees next starts nothing.
+    assert!(starts(&h.exit(key, 0)).is_empty());
+    assert_eq!(h.sent(), vec![finished(1, 0)]);
+    // A revoke that crosses the start: the run goes on and nothing is answered (its
+    // `Started` is already on the way).
+    let key = h.start(3);
+    h.feed(run_ahead(4));
+    let next = started_key(&h.exit(key, 0));
+    assert_eq!(next.job, JobId(4));
+    assert!(
+        h.feed(Input::Manager(ManagerMessage::Revoke { job: JobId(4) }))
+            .is_empty()
+    );
+    assert_eq!(h.sent(), vec![started(4), finished(3, 0)]);
+    // And one for a job it never had is ignored.
+    h.feed(Input::Manager(ManagerMessage::Revoke { job: JobId(99) }));
+    assert_eq!(h.sent(), vec![]);
+}
+
+#[test]
+fn a_cancelled_held_run_ends_cancelled_without_ever_starting() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    assert!(
+        h.feed(Input::Manager(ManagerMessage::Cancel { job: JobId(2) }))
+            .is_empty(),
+        "nothing to kill"
+    );
+    assert_eq!(
+        h.sent(),
+        vec![Wire::Msg(WorkerMessage::Finished {
+            job: JobId(2),
+            outcome: Outcome::Cancelled,
+            cleanup_error: None,
+        })]
+    );
+    assert!(
+        starts(&h.exit(key, 0)).is_empty(),
+        "it does not start later either"
+    );
+}
+
+#[test]
+fn a_pause_of_a_held_run_applies_when_it_starts() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    assert!(
+        h.feed(Input::Manager(ManagerMessage::Pause { job: JobId(2) }))
+            .is_empty()
+    );
+    let a = h.exit(key, 0);
+    match &a[..] {
+        [Action::Start { key: k, .. }, Action::Pause(p, true)] => {
+            assert_eq!((k.job, p), (JobId(2), k));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_drain_gives_back_the_held_runs() {
+    let mut h = Harness::connected_ahead(1, 2);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    h.feed(run_ahead(3));
+    h.feed(Input::Drain(None));
+    assert_eq!(
+        h.sent(),
+        vec![
+            Wire::Msg(WorkerMessage::Draining),
+            declined(2, "the worker is draining"),
+            declined(3, "the worker is draining"),
+        ]
+    );
+    assert!(
+        starts(&h.exit(key, 0)).is_empty(),
+        "nothing held is started"
+    );
+    assert_eq!(h.sent(), vec![finished(1, 0)]);
+}
+
+#[test]
+fn a_reconnecting_worker_lists_its_held_runs_and_drops_them_unless_resumed() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    h.feed(Input::Disconnected { why: "cut".into() });
+    // The job ends while the link is down: the held run does not start (the manager
+    // takes it back when the worker returns).
+    assert!(starts(&h.exit(key, 0)).is_empty());
+    let a = h.at_deadline();
+    let (hello, _) = h.expect_attempt(a);
+    assert_eq!(hello.ahead, 1);
+    assert_eq!(
+        hello.jobs,
+        vec![
+            HeldJob {
+                job: JobId(1),
+                finished: true,
+                ahead: false
+            },
+            HeldJob {
+                job: JobId(2),
+                finished: false,
+                ahead: true
+            },
+        ]
+    );
+    h.feed(Input::Connected(welcome(MANAGER, &[(1, 0)])));
+    assert_eq!(h.sent(), vec![finished(1, 0)]);
+    // Dropped: it is not listed again, and the free slot takes a new run.
+    h.feed(Input::Manager(ManagerMessage::Ended { job: JobId(1) }));
+    h.clean(key);
+    h.feed(Input::Disconnected { why: "cut".into() });
+    let a = h.at_deadline();
+    let (hello, _) = h.expect_attempt(a);
+    assert_eq!(hello.jobs, vec![]);
+}
+
+#[test]
+fn a_held_run_the_manager_resumes_starts_when_the_worker_is_back() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    h.feed(Input::Disconnected { why: "cut".into() });
+    assert!(starts(&h.exit(key, 0)).is_empty());
+    let a = h.at_deadline();
+    h.expect_attempt(a);
+    let a = h.feed(Input::Connected(welcome(MANAGER, &[(1, 0), (2, 0)])));
+    assert_eq!(started_key(&a).job, JobId(2));
+    assert_eq!(h.sent(), vec![started(2), finished(1, 0)]);
+}
+
+#[test]
+fn held_runs_are_dropped_with_the_jobs_when_the_grace_runs_out_or_a_new_manager_answers() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    h.feed(Input::Disconnected { why: "cut".into() });
+    loop {
+        let a = h.at_deadline();
+        if a.contains(&Action::Kill(key)) {
+            break;
+        }
+        if a.iter().any(|a| matches!(a, Action::Connect { .. })) {
+            h.feed(Input::ConnectFailed {
+                why: "refused".into(),
+                loud: false,
+            });
+        }
+    }
+    // Given up: the next hello lists nothing.
+    let (hello, _) = loop {
+        let a = h.at_deadline();
+        if a.iter().any(|a| matches!(a, Action::Connect { .. })) {
+            break h.expect_attempt(a);
+        }
+    };
+    assert_eq!(hello.jobs, vec![]);
+    // A new manager: a held run of the old one is dropped, never started.
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    h.feed(Input::Disconnected { why: "cut".into() });
+    let a = h.at_deadline();
+    h.expect_attempt(a);
+    let a = h.feed(Input::Connected(welcome(MANAGER + 1, &[])));
+    assert_eq!(a, vec![Action::Kill(key)]);
+    h.exit(key, 0);
+    assert_eq!(h.sent(), vec![]);
+}
+
+#[test]
+fn stop_drops_the_held_runs() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let key = h.start(1);
+    h.feed(run_ahead(2));
+    assert_eq!(h.feed(Input::Stop), vec![Action::Kill(key)]);
+    assert!(starts(&h.exit(key, -1)).is_empty(), "nothing held starts");
+    assert_eq!(h.sent(), vec![Wire::Msg(WorkerMessage::Goodbye)]);
 }
