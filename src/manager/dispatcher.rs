@@ -1302,12 +1302,12 @@ impl Dispatcher {
                     if route.held_by.is_none() {
                         log::warn!("job {job}: worker {} came back without it", d.name);
                     }
-                    self.settle(now, job, route);
+                    self.settle(now, job, route, true);
                     continue;
                 }
                 // Sent ahead and still not started: taken back (the worker drops it).
                 Some(true) if route.held_by.is_some() => {
-                    self.settle(now, job, route);
+                    self.settle(now, job, route, true);
                     continue;
                 }
                 Some(_) => {}
@@ -1349,7 +1349,7 @@ impl Dispatcher {
         if w.leaving || grace.is_zero() || self.closing() {
             for (job, route) in routes {
                 log::warn!("job {job} lost: worker {} went away", w.info.name);
-                self.settle(now, job, route);
+                self.settle(now, job, route, w.leaving || self.closing());
             }
         } else {
             // Its name stays bound to its certificate for the grace, with or without jobs.
@@ -1411,16 +1411,20 @@ impl Dispatcher {
                     "job {job} lost: worker {} did not come back in time",
                     d.name
                 );
-                self.settle(now, job, route);
+                self.settle(now, job, route, false);
             }
         }
     }
 
     /// Ends a job whose worker is gone for good: queued again if it has retries left,
     /// else `WorkerLost` (or `Cancelled`, if that was asked for).
-    /// A run sent ahead that never started (as far as the link's reader heard) goes back
-    /// to its place in the queue, with no retry used up.
-    fn settle(&mut self, now: Instant, job: JobId, route: Route) {
+    /// A run sent ahead goes back to its place in the queue, with no retry used up, only
+    /// when it is `known` not to have started: the worker said so (its hello on return),
+    /// or its link ended in order (a goodbye: a `Started` would have arrived first) and
+    /// none arrived. After a cut, a `Started` may have been lost with the link, so a held
+    /// run whose worker does not come back is settled as a running one: it may have run,
+    /// and it is never run again unless it has a retry left.
+    fn settle(&mut self, now: Instant, job: JobId, route: Route, known: bool) {
         let claimant = self.release_held(job);
         let Some(mut r) = self.running.remove(&job) else {
             route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
@@ -1428,7 +1432,9 @@ impl Dispatcher {
         };
         // (A held run whose `Started` reached the reader, not yet the dispatcher, has
         // started: it is settled as a running one.)
-        if let Some(h) = r.held.take()
+        let held = r.held.take();
+        if let Some(h) = held
+            && known
             && route.held_by.is_some()
         {
             self.put_back(job, r, h, route.sink);

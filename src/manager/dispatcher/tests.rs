@@ -1290,8 +1290,9 @@ fn a_cancelled_held_run_ends_cancelled_and_never_starts() {
 }
 
 #[test]
-fn a_worker_lost_with_a_held_run_gives_it_back_to_the_queue() {
-    // Goodbye (or no grace): at once.
+fn a_held_run_goes_back_after_a_goodbye_and_is_settled_as_running_after_a_cut() {
+    // Goodbye: the link ended in order, so a `Started` would have come first: at once
+    // back to the queue, no retry used.
     let mut r = Rig::new();
     let a = r.join_ahead("a", 1, 1);
     let (running, held) = (r.submit(), r.submit_spec(JobSpec::new("x")));
@@ -1307,7 +1308,9 @@ fn a_worker_lost_with_a_held_run_gives_it_back_to_the_queue() {
     let b = r.join_ahead("b", 1, 1);
     assert_eq!(r.runs_sent(b), vec![(held.0, false)]);
     assert_eq!(r.d.jobs(r.now, Some(held))[0].attempt, 1);
-    // With a grace: it waits with its worker (it may have started), then goes back.
+    // A cut with a grace: it waits with its worker (it may have started, its `Started`
+    // lost with the link). The worker does not come back: it may have run, so it ends
+    // lost like a running job, never run a second time.
     let mut r = Rig::new();
     let a = r.join_ahead("a", 1, 1);
     let (_, held) = (r.submit(), r.submit());
@@ -1319,12 +1322,23 @@ fn a_worker_lost_with_a_held_run_gives_it_back_to_the_queue() {
         "nothing to revoke from a worker away"
     );
     r.advance(GRACE);
+    assert_eq!(r.runs_sent(b), vec![], "not run again");
+    assert_eq!(r.events(held).last(), Some(&finished(Outcome::WorkerLost)));
+    // The same with a retry left: the retry is used, as for a running job.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (_, held) = (r.submit(), r.submit_spec(JobSpec::new("x").retries(1)));
+    r.link_lost(a);
+    let b = r.join_ahead("b", 1, 1);
+    r.advance(GRACE);
     assert_eq!(r.runs_sent(b), vec![(held.0, false)]);
-    assert_eq!(
-        r.events(held),
-        vec![JobEvent::Queued, started("b")],
-        "no retry, no requeue: it never started"
-    );
+    assert_eq!(r.d.jobs(r.now, Some(held))[0].attempt, 2);
+    // A cut with no grace: the same at once.
+    let mut r = Rig::with(Duration::ZERO, 4);
+    let a = r.join_ahead("a", 1, 1);
+    let (_, held) = (r.submit(), r.submit());
+    r.link_lost(a);
+    assert_eq!(r.events(held).last(), Some(&finished(Outcome::WorkerLost)));
 }
 
 #[test]
