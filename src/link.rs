@@ -636,8 +636,8 @@ pub(crate) struct Reader {
 /// What one [`Reader::fill`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fill {
-    /// Bytes arrived (maybe more wait).
-    Got,
+    /// Bytes arrived; more may wait when the read filled its buffer.
+    Got { full: bool },
     /// Nothing to read now.
     Nothing,
     /// The stream is over (after the frames still buffered).
@@ -696,12 +696,13 @@ impl Reader {
             let raw = &self.raw;
             tx.with_io(|io| io.feed(raw, plain))
         };
+        let full = n == READ_CHUNK;
         match fed {
             Ok(true) => {
                 self.end = Some(Ok(()));
-                Ok(Fill::Got)
+                Ok(Fill::Got { full })
             }
-            Ok(false) => Ok(Fill::Got),
+            Ok(false) => Ok(Fill::Got { full }),
             Err(e) => {
                 self.end = Some(Err(e.kind()));
                 Err(tls_read_error(e))
@@ -836,7 +837,7 @@ fn read_hello_frame(est: &mut Established, deadline: Instant) -> Result<Vec<u8>>
         }
         remaining(deadline, "hello")?;
         match est.reader.fill(&est.tx)? {
-            Fill::Got => {}
+            Fill::Got { .. } => {}
             Fill::End => {
                 return Err(Error::Protocol("connection closed before the hello".into()));
             }
@@ -1045,7 +1046,8 @@ pub(crate) struct Drive<'a, M> {
 }
 
 /// Reads whatever frames the socket has now and hands each message on; heartbeats only
-/// count as heard. `Ok(false)` when the stream ended cleanly or `deliver` said stop.
+/// count as heard. A read that did not fill its buffer is taken as all there was (one
+/// system call per wake-up for a small message: the next `poll` says if more came).
 pub(crate) fn read_ready<M>(
     reader: &mut Reader,
     tx: &Arc<Tx>,
@@ -1055,6 +1057,7 @@ where
     M: DeserializeOwned + Heartbeat,
 {
     let mut heard = false;
+    let mut more = true;
     loop {
         while let Some(body) = reader.frame()? {
             let msg: M = protocol::decode(body)?;
@@ -1070,8 +1073,12 @@ where
         if reader.ended() {
             return Ok(ReadReady { heard, open: false });
         }
+        if !more {
+            return Ok(ReadReady { heard, open: true });
+        }
         match reader.fill(tx)? {
-            Fill::Got | Fill::End => {}
+            Fill::Got { full } => more = full,
+            Fill::End => {}
             Fill::Nothing => return Ok(ReadReady { heard, open: true }),
         }
     }

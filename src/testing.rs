@@ -41,7 +41,7 @@ impl RawReader {
                 return Ok(None);
             }
             match self.reader.fill(&self.tx)? {
-                Fill::Got | Fill::End => {}
+                Fill::Got { .. } | Fill::End => {}
                 Fill::Nothing => {
                     let fd = self.reader.socket().as_raw_fd();
                     let ready = crate::net::wait_ready(fd, libc::POLLIN, deadline)
