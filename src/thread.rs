@@ -6,7 +6,7 @@
 //! of the embedding program.
 //!
 //! Each thread also gets a stack sized for what it does rather than Rust's 2 MiB default:
-//! a manager holds two threads per worker connection and a worker three, so at thousands
+//! a manager holds a thread per worker connection and a worker one per worker, so at thousands
 //! of connections the default reserves gigabytes of address space (and of commit charge
 //! where overcommit is strict) for stacks that touch tens of KiB.
 
@@ -20,8 +20,8 @@ use std::thread::JoinHandle;
 /// for all of them (e.g. for an embedding program whose logger needs more).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Stack {
-    /// Relays bytes or messages between one socket or pipe and a channel: link readers
-    /// and writers, output delivery, metrics clients, a job's stdin. 128 KiB.
+    /// Relays bytes or messages between sockets or pipes and channels: the flusher,
+    /// output delivery, metrics clients, a job's stdin. 128 KiB.
     Relay,
     /// TLS handshakes and certificate checks, the protocol's state, dispatching (manager
     /// link threads, worker sessions, the dispatcher, the acceptor), and what has no
