@@ -1017,21 +1017,23 @@ fn scale_only(
 ) -> Option<ScaleRun> {
     let one = scale_run(certs, 1, 1, s.scale_probes, s.idle_window).unwrap();
     // Threads a worker costs, both sides, as measured with one.
-    let per_worker = (one.manager_threads_per_worker() + one.host_threads_per_worker()).ceil();
+    // (A worker's own connect thread ends once it has joined; a little is added for
+    // threads that come and go.)
+    let per_worker = one.manager_threads_per_worker() + one.host_threads_per_worker() + 0.05;
     let fds_per_worker = one.manager_fds_per_worker().max(1.0).ceil() as u64;
     let pid_max = read_number("/proc/sys/kernel/pid_max").unwrap_or(32768);
     let nofile =
         raise_nofile(sizes.iter().max().copied().unwrap_or(1) as u64 * fds_per_worker + 256);
     eprintln!(
-        "a worker costs {per_worker} threads (manager and worker side) and {fds_per_worker} manager fds; \
+        "a worker costs {per_worker:.2} threads (manager and worker side) and {fds_per_worker} manager fds; \
          kernel.pid_max {pid_max}, threads in use now {}, RLIMIT_NOFILE {nofile}",
         system_threads().unwrap_or(0)
     );
     let mut last = None;
     for &n in sizes {
-        // Keep a quarter of the pids for the rest of the machine (other builds and
+        // Keep a few thousand pids for the rest of the machine (other builds and
         // benchmarks share the table; a full one makes every fork fail).
-        let margin = pid_max / 4;
+        let margin = 4096.min(pid_max / 4);
         let in_use = system_threads().unwrap_or(0);
         let need = (n as f64 * per_worker) as u64 + (n / per_host.max(1)) as u64 + 1;
         let limit = if in_use + need + margin > pid_max {

@@ -48,6 +48,7 @@
 
 pub mod error;
 pub mod ffi;
+pub(crate) mod flusher;
 pub mod job;
 pub(crate) mod link;
 pub mod manager;

@@ -1,28 +1,36 @@
 //! One established connection between a manager and a worker, seen from either side:
-//! the connect/accept handshakes (TLS + hello under one deadline), the writer thread
-//! (the only writer to the socket, batching messages and sending heartbeats), and the
-//! reader loop (decoding frames, noting liveness). It knows messages, not jobs.
+//! the connect/accept handshakes (TLS + hello under one deadline), the link's shared
+//! sending side ([`Tx`]: whoever sends writes directly, what the socket does not take
+//! waits for the process's flusher), the reading side ([`Reader`]: non-blocking reads
+//! and whole frames), heartbeats ([`Beat`]), and the manager's link loop ([`drive`]: one
+//! thread per link, waiting in `poll` for its socket or its next heartbeat deadline).
+//! It knows messages, not jobs.
 
 use crate::error::{Error, Result};
-use crate::protocol::{
-    self, DEFAULT_MAX_FRAME, FrameReader, Heartbeat, PROTOCOL_VERSION, Welcome, WorkerHello,
-};
-use crate::tls::{self, Closer, ReadHalf, WriteHalf};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
+use crate::flusher::{self, Flush, Flushed};
+use crate::net;
+use crate::protocol::{self, DEFAULT_MAX_FRAME, Heartbeat, PROTOCOL_VERSION, Welcome, WorkerHello};
+use crate::sync::lock;
+use crate::tls::{self, Io};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, Connection, ServerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::marker::PhantomData;
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Hello frames are small; anything larger before the handshake ends is hostile.
 const MAX_HELLO: usize = 64 * 1024;
-/// A writer gathers queued messages into one socket write up to about this size.
-const BATCH_BYTES: usize = 60_000;
+/// A link reads at most this much from its socket at a time.
+const READ_CHUNK: usize = 64 << 10;
+/// A link's plaintext buffer keeps at most this much capacity once empty.
+const KEPT_PLAIN_CAPACITY: usize = 128 << 10;
+/// How long a refusal may take to go out before the connection is cut anyway.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 
 /// Timing of a link, decided by the manager and adopted by the worker.
 #[derive(Clone, Copy, Debug)]
@@ -53,17 +61,8 @@ impl Timing {
     }
 }
 
-/// What a link's writer thread is told to do.
-pub(crate) enum Outbound<M> {
-    /// Send this message.
-    Message(M),
-    /// Send what is queued, then close the stream cleanly.
-    Close,
-}
-
-/// Shared by a link's two threads: when a frame last arrived, and whether the link is
-/// being closed. (The reader never blocks on anything but the socket, so silence is
-/// always the peer's.)
+/// When a link last heard its peer, and whether (and why) this side is closing it;
+/// shared by the link's thread, its senders and the dispatcher (for statistics).
 pub(crate) struct Liveness {
     epoch: Instant,
     last_rx_ms: AtomicU64,
@@ -86,16 +85,8 @@ impl Liveness {
         self.epoch.elapsed().as_millis() as u64
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_rx_ms.store(self.now_ms(), Ordering::Relaxed);
-    }
-
-    /// How long since the last frame arrived.
-    pub(crate) fn silent_for(&self) -> Duration {
-        Duration::from_millis(
-            self.now_ms()
-                .saturating_sub(self.last_rx_ms.load(Ordering::Relaxed)),
-        )
     }
 
     /// How long, at `now`, since the last frame arrived (for callers that are given the
@@ -103,10 +94,6 @@ impl Liveness {
     pub(crate) fn silent_at(&self, now: Instant) -> Duration {
         let last = self.epoch + Duration::from_millis(self.last_rx_ms.load(Ordering::Relaxed));
         now.saturating_duration_since(last)
-    }
-
-    pub(crate) fn stale(&self, timeout: Duration) -> bool {
-        self.silent_for() > timeout
     }
 
     /// Marks the link as going away (its errors are then expected, not news).
@@ -134,81 +121,649 @@ impl Liveness {
     }
 }
 
-/// The sending end of a link's bounded outbound queue, for code that must never block
-/// on a peer (the manager's dispatcher, job sinks, link readers). When the queue is full
-/// — the peer has stopped reading — the link is closed instead of waiting or growing.
-pub(crate) struct Outbox<M> {
-    tx: Sender<Outbound<M>>,
+/// Who keeps a quiet link's heartbeats going. Liveness is "a frame heard recently" on
+/// both sides; what differs is when a side sends a heartbeat of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Beat {
+    /// Sends one whenever it has sent nothing for the interval (the worker).
+    Lead,
+    /// Answers: sends one when a frame arrives after it has been quiet for
+    /// [`Timing::answer_after`], so that it wakes once per heartbeat it hears; by
+    /// itself only after that and one interval more (the manager).
+    Answer,
+}
+
+impl Timing {
+    /// How long the answering side stays quiet before a frame it hears gets a
+    /// heartbeat back: half the timeout less an interval, at least half an interval.
+    /// Its peer then hears from it at least every `answer_after` + interval, which is
+    /// at most three quarters of the timeout (the interval is at most half of it).
+    pub(crate) fn answer_after(&self) -> Duration {
+        (self.heartbeat_timeout / 2)
+            .saturating_sub(self.heartbeat_interval)
+            .max(self.heartbeat_interval / 2)
+    }
+}
+
+impl Beat {
+    /// Whether to send a heartbeat at `now`, having sent nothing since `last_tx`;
+    /// `heard` says whether a frame has just arrived.
+    pub(crate) fn due(self, t: Timing, last_tx: Instant, now: Instant, heard: bool) -> bool {
+        let quiet = now.saturating_duration_since(last_tx);
+        match self {
+            Beat::Lead => quiet >= t.heartbeat_interval,
+            Beat::Answer => {
+                (heard && quiet >= t.answer_after())
+                    || quiet >= t.answer_after() + t.heartbeat_interval
+            }
+        }
+    }
+
+    /// When a heartbeat falls due if nothing is sent or heard before.
+    pub(crate) fn next(self, t: Timing, last_tx: Instant) -> Instant {
+        match self {
+            Beat::Lead => last_tx + t.heartbeat_interval,
+            Beat::Answer => last_tx + t.answer_after() + t.heartbeat_interval,
+        }
+    }
+}
+
+/// The most bytes a link keeps for a peer that does not read them: about two of the
+/// largest frames. Beyond it the link is closed (its peer has stopped reading).
+pub(crate) const PENDING_LIMIT: usize = 2 * DEFAULT_MAX_FRAME;
+
+/// A link's sending side, shared by every thread that sends on it (the manager's
+/// dispatcher, job sinks and link thread; the worker's supervisors, session thread and
+/// the flusher). A message is encoded, encrypted and handed to the socket by the thread
+/// that sends it, under this lock, without waiting: what the socket does not take at once
+/// stays pending, and the link is handed to the flusher, which sends it when the socket
+/// has room. Whole frames are queued under the lock, so senders never interleave inside
+/// one.
+pub(crate) struct Tx {
+    state: Mutex<TxState>,
     live: Arc<Liveness>,
-    closer: Option<Closer>,
+    label: String,
+    /// Pending bytes beyond which the link is closed.
+    limit: usize,
+    /// What the flusher calls when the socket has room (this `Tx` itself, unless a link
+    /// pulls what to send from elsewhere: the worker's session).
+    flush_with: OnceLock<Weak<dyn Flush>>,
+}
+
+struct TxState {
+    io: Io,
+    /// Frames sent before the link opened (plain), queued after the opening frame.
+    held: Option<Vec<u8>>,
+    scratch: Vec<u8>,
+    corked: u32,
+    /// Handed to the flusher and not yet done there.
+    flushing: bool,
+    /// When a frame was last queued.
+    last_tx: Instant,
+    /// How long the peer may leave pending bytes unread before the link is cut.
+    stall: Duration,
+}
+
+/// What became of a send.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Sent {
+    /// Queued; all of it (and everything before it) is with the socket, or will be
+    /// once the link is uncorked or opened.
+    Out,
+    /// Queued; some bytes wait for the socket (the flusher has the link).
+    Left,
+    /// Not queued: the link is closed or closing (or was closed now, for a peer that
+    /// left too much unread).
+    Refused,
+}
+
+impl Tx {
+    /// The sending side of `io`. A `gated` link holds what it is given until
+    /// [`Tx::open`] (the manager's welcome must go first).
+    pub(crate) fn new(io: Io, live: Arc<Liveness>, label: String, gated: bool) -> Arc<Tx> {
+        Tx::with_limit(io, live, label, gated, PENDING_LIMIT)
+    }
+
+    pub(crate) fn with_limit(
+        io: Io,
+        live: Arc<Liveness>,
+        label: String,
+        gated: bool,
+        limit: usize,
+    ) -> Arc<Tx> {
+        Arc::new(Tx {
+            state: Mutex::new(TxState {
+                io,
+                held: gated.then(Vec::new),
+                scratch: Vec::new(),
+                corked: 0,
+                flushing: false,
+                last_tx: Instant::now(),
+                stall: Duration::from_secs(5),
+            }),
+            live,
+            label,
+            limit,
+            flush_with: OnceLock::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TxState> {
+        lock(&self.state)
+    }
+
+    /// Makes `f` the one the flusher calls for this link (before anything is sent).
+    pub(crate) fn flush_with(&self, f: Weak<dyn Flush>) {
+        let _ = self.flush_with.set(f);
+    }
+
+    pub(crate) fn live(&self) -> &Arc<Liveness> {
+        &self.live
+    }
+
+    pub(crate) fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// How long the peer may leave bytes unread before the link is cut.
+    pub(crate) fn set_stall(&self, stall: Duration) {
+        self.lock().stall = stall;
+    }
+
+    /// When a frame was last queued.
+    pub(crate) fn last_tx(&self) -> Instant {
+        self.lock().last_tx
+    }
+
+    /// Bytes waiting for the socket.
+    pub(crate) fn pending(&self) -> usize {
+        self.lock().io.pending()
+    }
+
+    /// Whether nothing more may be sent (closing, closed or cut).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.lock().io.is_closing()
+    }
+
+    /// Encodes one or more frames with `encode` and sends them (see [`Tx`]).
+    pub(crate) fn send_with(
+        self: &Arc<Self>,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    ) -> Sent {
+        let mut st = self.lock();
+        if !st.io.is_open() {
+            return Sent::Refused;
+        }
+        if let Some(held) = &mut st.held {
+            if let Err(e) = encode(held) {
+                log::error!(
+                    "{}: dropping a message that cannot be encoded: {e}",
+                    self.label
+                );
+            }
+            if held.len() > self.limit {
+                drop(st);
+                self.overflow();
+                return Sent::Refused;
+            }
+            return Sent::Out;
+        }
+        let mut scratch = std::mem::take(&mut st.scratch);
+        scratch.clear();
+        let queued = match encode(&mut scratch) {
+            Ok(()) => self.queue_locked(&mut st, &[&scratch]),
+            Err(e) => {
+                log::error!(
+                    "{}: dropping a message that cannot be encoded: {e}",
+                    self.label
+                );
+                Sent::Out
+            }
+        };
+        if scratch.capacity() <= KEPT_PLAIN_CAPACITY {
+            st.scratch = scratch;
+        }
+        queued
+    }
+
+    /// Sends bytes that are already frames, as one run (see [`Io::queue`]).
+    pub(crate) fn send_parts(self: &Arc<Self>, parts: &[&[u8]]) -> Sent {
+        let mut st = self.lock();
+        if !st.io.is_open() {
+            return Sent::Refused;
+        }
+        self.queue_locked(&mut st, parts)
+    }
+
+    fn queue_locked(self: &Arc<Self>, st: &mut TxState, parts: &[&[u8]]) -> Sent {
+        if let Err(e) = st.io.queue(parts) {
+            self.failed(st, e);
+            return Sent::Refused;
+        }
+        st.last_tx = Instant::now();
+        if st.corked > 0 {
+            if st.io.pending() > self.limit {
+                self.overflow_locked(st);
+                return Sent::Refused;
+            }
+            return Sent::Out;
+        }
+        self.push_locked(st)
+    }
+
+    /// Sends what the socket takes now; hands the rest to the flusher.
+    fn push_locked(self: &Arc<Self>, st: &mut TxState) -> Sent {
+        match st.io.push() {
+            Ok(true) => Sent::Out,
+            Ok(false) => {
+                if st.io.pending() > self.limit {
+                    self.overflow_locked(st);
+                    return Sent::Refused;
+                }
+                if !st.flushing
+                    && let Some(tcp) = st.io.socket().cloned()
+                {
+                    let target: Arc<dyn Flush> = match self.flush_with.get() {
+                        Some(w) => match w.upgrade() {
+                            Some(t) => t,
+                            None => return Sent::Left, // its link is going away
+                        },
+                        None => self.clone(),
+                    };
+                    let deadline = st.io.last_progress() + st.stall;
+                    match flusher::register(tcp, target, deadline) {
+                        Ok(()) => st.flushing = true,
+                        Err(e) => {
+                            log::error!("{}: {e}; closing the link", self.label);
+                            self.live.close_because(e);
+                            st.io.cut();
+                            return Sent::Refused;
+                        }
+                    }
+                }
+                Sent::Left
+            }
+            Err(e) => {
+                self.failed(st, e);
+                Sent::Refused
+            }
+        }
+    }
+
+    fn failed(&self, st: &mut TxState, e: std::io::Error) {
+        if !self.live.is_closed() && !st.io.is_closing() {
+            log::warn!("{}: write failed: {e}; closing the link", self.label);
+        }
+        self.live.mark_closed();
+        st.io.cut();
+    }
+
+    fn overflow(&self) {
+        let mut st = self.lock();
+        self.overflow_locked(&mut st);
+    }
+
+    fn overflow_locked(&self, st: &mut TxState) {
+        let why = format!(
+            "its outbound buffer is full ({} MiB unsent): it does not read what it is sent",
+            self.limit >> 20
+        );
+        if !self.live.is_closed() {
+            log::warn!("{}: {why}; closing the link", self.label);
+        }
+        self.live.close_because(why);
+        st.io.cut();
+    }
+
+    /// Opens a gated link: `first` goes out, then what was held.
+    pub(crate) fn open(self: &Arc<Self>, first: &[u8]) -> Sent {
+        let mut st = self.lock();
+        let held = st.held.take().unwrap_or_default();
+        if !st.io.is_open() {
+            return Sent::Refused;
+        }
+        self.queue_locked(&mut st, &[first, &held])
+    }
+
+    /// Holds what is sent from now until [`Tx::uncork`], to go out in one write.
+    pub(crate) fn cork(&self) {
+        self.lock().corked += 1;
+    }
+
+    /// Sends what was held since [`Tx::cork`].
+    pub(crate) fn uncork(self: &Arc<Self>) {
+        let mut st = self.lock();
+        st.corked = st.corked.saturating_sub(1);
+        if st.corked == 0 && st.io.pending() > 0 && !st.flushing {
+            self.push_locked(&mut st);
+        }
+    }
+
+    /// Closes the link cleanly: what is pending goes out, then close_notify, then the
+    /// socket is shut down `how` (for the manager the write side: it reads on until the
+    /// worker closes; for the worker both).
+    pub(crate) fn close(self: &Arc<Self>, how: Shutdown) {
+        let mut st = self.lock();
+        st.held = None;
+        st.io.close(how);
+        if !st.flushing {
+            self.push_locked(&mut st);
+        }
+    }
+
+    /// Shuts the socket down now, both ways: the link's thread wakes and ends.
+    pub(crate) fn cut(&self) {
+        self.live.mark_closed();
+        self.lock().io.cut();
+    }
+
+    /// The link has ended: cut, and the socket and TLS state let go of (nothing keeps
+    /// the descriptor open, however long others hold this `Tx`).
+    pub(crate) fn release(&self) {
+        self.live.mark_closed();
+        self.lock().io.release();
+    }
+
+    /// Runs `f` on the TLS state (to decrypt what arrived), then sends what that left
+    /// to say (an alert).
+    fn with_io<T>(self: &Arc<Self>, f: impl FnOnce(&mut Io) -> T) -> T {
+        let mut st = self.lock();
+        let r = f(&mut st.io);
+        if st.io.pending() > 0 && !st.flushing && st.corked == 0 && st.held.is_none() {
+            self.push_locked(&mut st);
+        }
+        r
+    }
+
+    /// For a link's own flusher: sends what is pending. `Done` when nothing is (the
+    /// flusher lets go of the link), else when to look again; a peer that left bytes
+    /// unread for the stall time gets its link cut.
+    pub(crate) fn flush_pending(&self, now: Instant) -> Flushed {
+        let mut st = self.lock();
+        match st.io.push() {
+            Ok(true) => Flushed::Done,
+            Ok(false) => {
+                let deadline = st.io.last_progress() + st.stall;
+                if now < deadline {
+                    return Flushed::Waiting { deadline };
+                }
+                let why = format!(
+                    "it read nothing of what it was sent for {:.1} s",
+                    st.stall.as_secs_f64()
+                );
+                if !self.live.is_closed() {
+                    log::warn!("{}: {why}; closing the link", self.label);
+                }
+                self.live.close_because(why);
+                st.io.cut();
+                st.flushing = false;
+                Flushed::Done
+            }
+            Err(e) => {
+                self.failed(&mut st, e);
+                st.flushing = false;
+                Flushed::Done
+            }
+        }
+    }
+
+    /// For a link's own flusher: the flusher has let go of the link (it calls this
+    /// under no other lock of the link's, after `flush_pending` said `Done` and nothing
+    /// more is to be sent).
+    pub(crate) fn flushed(&self) {
+        self.lock().flushing = false;
+    }
+
+    /// Whether the flusher has the link.
+    pub(crate) fn is_flushing(&self) -> bool {
+        self.lock().flushing
+    }
+}
+
+impl Flush for Tx {
+    fn flush(&self, now: Instant) -> Flushed {
+        let r = self.flush_pending(now);
+        if matches!(r, Flushed::Done) {
+            self.flushed();
+        }
+        r
+    }
+}
+
+/// The sending end of a link for code that must never block on a peer (the manager's
+/// dispatcher, job sinks, link threads): a message is written at once, as far as the
+/// socket takes it, and the rest waits for the flusher. A peer that stops reading gets
+/// its link closed (once [`PENDING_LIMIT`] bytes wait, or once it has read nothing for
+/// the heartbeat timeout) instead of anyone waiting or the buffer growing.
+pub(crate) struct Outbox<M> {
+    tx: Arc<Tx>,
+    _m: PhantomData<fn(M)>,
 }
 
 impl<M> Clone for Outbox<M> {
     fn clone(&self) -> Self {
         Outbox {
             tx: self.tx.clone(),
-            live: self.live.clone(),
-            closer: self.closer.clone(),
+            _m: PhantomData,
         }
     }
 }
 
-impl<M> Outbox<M> {
-    /// An outbox in front of `tx` that closes the link through `closer` when full.
-    pub(crate) fn new(tx: Sender<Outbound<M>>, live: Arc<Liveness>, closer: Closer) -> Outbox<M> {
+impl<M: Serialize> Outbox<M> {
+    pub(crate) fn new(tx: Arc<Tx>) -> Outbox<M> {
         Outbox {
             tx,
-            live,
-            closer: Some(closer),
+            _m: PhantomData,
         }
     }
 
-    /// An outbox without a socket behind it (in-memory tests): when full it only marks
-    /// the link closed.
+    /// An outbox without a socket behind it (in-memory tests): what it is sent stays
+    /// in its buffer for [`Outbox::take_sent`], up to `limit` bytes.
     #[cfg(test)]
-    pub(crate) fn detached(tx: Sender<Outbound<M>>, live: Arc<Liveness>) -> Outbox<M> {
-        Outbox {
-            tx,
+    pub(crate) fn detached(live: Arc<Liveness>, limit: usize) -> Outbox<M> {
+        Outbox::new(Tx::with_limit(
+            Io::detached(),
             live,
-            closer: None,
+            "test link".into(),
+            false,
+            limit,
+        ))
+    }
+
+    /// Sends a message without blocking; false if it was not taken (the link is gone
+    /// or closing, or was closed now because its peer reads nothing).
+    pub(crate) fn send(&self, msg: M) -> bool {
+        self.tx.send_with(|buf| protocol::encode_into(buf, &msg)) != Sent::Refused
+    }
+
+    /// Holds what is sent until [`Outbox::uncork`], so that messages sent together go
+    /// out in one write.
+    pub(crate) fn cork(&self) {
+        self.tx.cork();
+    }
+
+    pub(crate) fn uncork(&self) {
+        self.tx.uncork();
+    }
+
+    /// Sends what is pending and closes the link cleanly (the peer closes its side).
+    pub(crate) fn close(&self) {
+        self.tx.close(Shutdown::Write);
+    }
+
+    /// Shuts the link's socket down now.
+    pub(crate) fn cut(&self) {
+        self.tx.cut();
+    }
+
+    /// What a detached outbox was sent since the last look, and whether it was closed.
+    #[cfg(test)]
+    pub(crate) fn take_sent(&self) -> (Vec<M>, bool)
+    where
+        M: DeserializeOwned,
+    {
+        let mut st = self.tx.lock();
+        let bytes = st.io.take_pending();
+        let closing = st.io.is_closing();
+        drop(st);
+        let mut msgs = Vec::new();
+        let mut at = 0;
+        while at + 4 <= bytes.len() {
+            let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+            msgs.push(protocol::decode(&bytes[at + 4..at + 4 + len]).expect("a frame"));
+            at += 4 + len;
+        }
+        (msgs, closing)
+    }
+}
+
+/// A link's reading side, owned by the one thread that reads it: non-blocking reads of
+/// what the socket holds, decrypted (under the [`Tx`]'s lock, which is never held across
+/// a wait), and cut into whole frames.
+pub(crate) struct Reader {
+    tcp: Arc<TcpStream>,
+    /// Ciphertext just read (its capacity is allocated on first use, and only what
+    /// arrives is touched).
+    raw: Vec<u8>,
+    /// Plaintext, frames from `pos` on.
+    plain: Vec<u8>,
+    pos: usize,
+    max_frame: usize,
+    /// The stream has ended: cleanly (`Some(Ok)`) or not.
+    end: Option<std::result::Result<(), std::io::ErrorKind>>,
+}
+
+/// What one [`Reader::fill`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// Bytes arrived; more may wait when the read filled its buffer.
+    Got { full: bool },
+    /// Nothing to read now.
+    Nothing,
+    /// The stream is over (after the frames still buffered).
+    End,
+}
+
+impl Reader {
+    fn new(tcp: Arc<TcpStream>, max_frame: usize) -> Reader {
+        Reader {
+            tcp,
+            raw: Vec::new(),
+            plain: Vec::new(),
+            pos: 0,
+            max_frame,
+            end: None,
         }
     }
 
-    /// Queues a message without blocking; false if it was not queued (the link is gone,
-    /// or its queue was full and the link is now being closed).
-    pub(crate) fn send(&self, msg: M) -> bool {
-        self.queue(Outbound::Message(msg))
+    /// The socket (for `poll`).
+    pub(crate) fn socket(&self) -> &Arc<TcpStream> {
+        &self.tcp
     }
 
-    /// Asks the writer to send what is queued and close the link cleanly (at once, if
-    /// the queue is full).
-    pub(crate) fn close(&self) {
-        self.queue(Outbound::Close);
+    /// Changes the largest frame accepted from now on.
+    pub(crate) fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
     }
 
-    fn queue(&self, item: Outbound<M>) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(TrySendError::Disconnected(_)) => false,
-            Err(TrySendError::Full(_)) => {
-                let cap = self.tx.capacity().unwrap_or_default();
-                self.live.close_because(format!(
-                    "its outbound queue is full ({cap} messages): it does not read what it is sent"
-                ));
-                if let Some(c) = &self.closer {
-                    c.close();
+    /// Reads what the socket holds now (up to [`READ_CHUNK`]) and decrypts it.
+    pub(crate) fn fill(&mut self, tx: &Arc<Tx>) -> Result<Fill> {
+        if let Some(end) = self.end {
+            return match end {
+                Ok(()) => Ok(Fill::End),
+                Err(kind) => Err(protocol::read_error(kind.into())),
+            };
+        }
+        self.raw.clear();
+        if self.raw.capacity() < READ_CHUNK {
+            self.raw.reserve_exact(READ_CHUNK);
+        }
+        let n = loop {
+            match tls::recv_now(&self.tcp, &mut self.raw) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(Fill::Nothing),
+                Err(e) => {
+                    self.end = Some(Err(e.kind()));
+                    return Err(protocol::read_error(e));
                 }
-                false
+            }
+        };
+        let plain = &mut self.plain;
+        let fed = if n == 0 {
+            tx.with_io(|io| io.feed_eof(plain).map(|()| true))
+        } else {
+            let raw = &self.raw;
+            tx.with_io(|io| io.feed(raw, plain))
+        };
+        let full = n == READ_CHUNK;
+        match fed {
+            Ok(true) => {
+                self.end = Some(Ok(()));
+                Ok(Fill::Got { full })
+            }
+            Ok(false) => Ok(Fill::Got { full }),
+            Err(e) => {
+                self.end = Some(Err(e.kind()));
+                Err(tls_read_error(e))
             }
         }
     }
+
+    /// Whether the stream has ended cleanly (what is buffered is still to be read).
+    pub(crate) fn ended(&self) -> bool {
+        matches!(self.end, Some(Ok(())))
+    }
+
+    /// The next whole frame's body, if one has arrived.
+    pub(crate) fn frame(&mut self) -> Result<Option<&[u8]>> {
+        let avail = self.plain.len() - self.pos;
+        if avail >= 4 {
+            let head: [u8; 4] = self.plain[self.pos..self.pos + 4]
+                .try_into()
+                .unwrap_or([0; 4]);
+            let len = u32::from_be_bytes(head) as usize;
+            if len > self.max_frame {
+                return Err(Error::Protocol(format!(
+                    "frame of {len} bytes exceeds the limit of {} bytes",
+                    self.max_frame
+                )));
+            }
+            if avail >= 4 + len {
+                let start = self.pos + 4;
+                self.pos = start + len;
+                return Ok(Some(&self.plain[start..start + len]));
+            }
+        }
+        // Keep only the partial frame, at the front.
+        if self.pos > 0 {
+            self.plain.drain(..self.pos);
+            self.pos = 0;
+        }
+        if self.plain.is_empty() && self.plain.capacity() > KEPT_PLAIN_CAPACITY {
+            self.plain = Vec::new();
+        }
+        if self.ended() && !self.plain.is_empty() {
+            return Err(Error::Protocol(format!(
+                "connection closed inside a frame ({} bytes of it came)",
+                self.plain.len()
+            )));
+        }
+        Ok(None)
+    }
 }
 
-/// A connection after its handshakes, ready to be driven by a reader and a writer.
+fn tls_read_error(e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        return Error::Tls(e.to_string());
+    }
+    protocol::read_error(e)
+}
+
+/// A connection after its handshakes.
 pub(crate) struct Established {
-    pub reader: FrameReader<ReadHalf>,
-    pub writer: WriteHalf,
-    pub closer: Closer,
+    pub reader: Reader,
+    pub tx: Arc<Tx>,
     /// The peer's certificate (DER), when TLS is on: the worker's identity.
     pub peer_cert: Option<Vec<u8>>,
 }
@@ -219,7 +774,6 @@ pub(crate) fn tune_socket(tcp: &TcpStream) {
     let _ = tcp.set_nodelay(true);
     #[cfg(target_os = "linux")]
     {
-        use std::os::fd::AsRawFd;
         let fd = tcp.as_raw_fd();
         // SAFETY: `value` is a live c_int whose size is the length passed; `fd` is the stream's own.
         let set = |level, name, value: libc::c_int| unsafe {
@@ -246,40 +800,70 @@ fn remaining(deadline: Instant, what: &str) -> Result<Duration> {
     Ok(left)
 }
 
-/// Reads the first frame (a hello or its answer) before `deadline`: every socket read it
-/// takes gets the time left, so a peer that trickles its bytes is cut at the deadline.
-fn read_hello_frame(reader: &mut FrameReader<ReadHalf>, deadline: Instant) -> Result<Vec<u8>> {
-    remaining(deadline, "hello")?;
-    reader.get_mut().set_deadline(Some(deadline));
-    let read = reader.read_frame();
-    reader.get_mut().set_deadline(None);
-    match read {
-        Ok(Some(body)) => Ok(body),
-        Ok(None) => Err(Error::Protocol("connection closed before the hello".into())),
-        Err(Error::Io { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            Err(Error::Timeout("no hello before the deadline".into()))
+impl Tx {
+    /// Waits (in `poll`, sending as the socket takes more) until nothing is pending or
+    /// `deadline` passes; true when all went out.
+    pub(crate) fn wait_sent(self: &Arc<Self>, deadline: Instant) -> bool {
+        loop {
+            let tcp = {
+                let mut st = self.lock();
+                match st.io.push() {
+                    Ok(true) => return true,
+                    Ok(false) => {}
+                    Err(e) => {
+                        self.failed(&mut st, e);
+                        return false;
+                    }
+                }
+                match st.io.socket() {
+                    Some(t) => t.clone(),
+                    None => return false,
+                }
+            };
+            match net::wait_ready(tcp.as_raw_fd(), libc::POLLOUT, Some(deadline)) {
+                Ok(true) => {}
+                _ => return false,
+            }
         }
-        Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::InvalidData => {
-            Err(Error::Tls(source.to_string()))
+    }
+}
+
+/// Reads the first frame (a hello or its answer) before `deadline`, however the peer
+/// spaces its bytes.
+fn read_hello_frame(est: &mut Established, deadline: Instant) -> Result<Vec<u8>> {
+    loop {
+        if let Some(body) = est.reader.frame()? {
+            return Ok(body.to_vec());
         }
-        Err(e) => Err(e),
+        remaining(deadline, "hello")?;
+        match est.reader.fill(&est.tx)? {
+            Fill::Got { .. } => {}
+            Fill::End => {
+                return Err(Error::Protocol("connection closed before the hello".into()));
+            }
+            Fill::Nothing => {
+                let fd = est.reader.socket().as_raw_fd();
+                if !net::wait_ready(fd, libc::POLLIN, Some(deadline))
+                    .map_err(|e| Error::io("waiting for the hello", e))?
+                {
+                    return Err(Error::Timeout("no hello before the deadline".into()));
+                }
+            }
+        }
     }
 }
 
 fn establish(
-    mut tcp: TcpStream,
+    tcp: Arc<TcpStream>,
     conn: Option<Connection>,
     deadline: Instant,
+    label: String,
+    gated: bool,
 ) -> Result<Established> {
     tune_socket(&tcp);
     let conn = match conn {
         Some(mut c) => {
-            tls::handshake(&mut c, &mut tcp, deadline)?;
+            tls::handshake(&mut c, &tcp, deadline)?;
             Some(c)
         }
         None => None,
@@ -289,22 +873,30 @@ fn establish(
         .and_then(|c| c.peer_certificates())
         .and_then(|certs| certs.first())
         .map(|c| c.as_ref().to_vec());
-    let (read, writer, closer) =
-        tls::split(tcp, conn).map_err(|e| Error::io("splitting the connection", e))?;
+    let mut io = Io::new(tcp.clone(), conn);
+    let mut reader = Reader::new(tcp, MAX_HELLO);
+    // The handshake's last read may have brought the first frames too (a hello sent
+    // right behind the handshake): rustls holds them; take them out now, or no poll
+    // would ever say they are there.
+    if let Err(e) = io.feed(&[], &mut reader.plain) {
+        return Err(tls_read_error(e));
+    }
     Ok(Established {
-        reader: FrameReader::new(read, MAX_HELLO),
-        writer,
-        closer,
+        reader,
+        tx: Tx::new(io, Liveness::new(), label, gated),
         peer_cert,
     })
 }
 
-/// Manager side: TLS handshake and the worker's hello, all before `deadline`.
-/// A peer of another protocol version is told so before the error is returned.
+/// Manager side: TLS handshake and the worker's hello, all before `deadline`, on a
+/// socket that is already the caller's (`tcp`, shared so that the acceptor can cut it).
+/// A peer of another protocol version is told so before the error is returned. The
+/// link holds what is sent on it until [`welcome`].
 pub(crate) fn accept(
-    tcp: TcpStream,
+    tcp: Arc<TcpStream>,
     tls: Option<&Arc<ServerConfig>>,
     deadline: Instant,
+    label: String,
 ) -> Result<(Established, WorkerHello)> {
     let conn = match tls {
         Some(cfg) => Some(Connection::Server(rustls::ServerConnection::new(
@@ -312,15 +904,15 @@ pub(crate) fn accept(
         )?)),
         None => None,
     };
-    let mut est = establish(tcp, conn, deadline)?;
-    let body = read_hello_frame(&mut est.reader, deadline)?;
+    let mut est = establish(tcp, conn, deadline, label, true)?;
+    let body = read_hello_frame(&mut est, deadline)?;
     let (version, rest) = protocol::parse_hello(&body)?;
     if version != PROTOCOL_VERSION {
         let e = Error::VersionMismatch {
             ours: PROTOCOL_VERSION,
             theirs: version,
         };
-        refuse(&mut est.writer, &e.to_string());
+        refuse(&est, &e.to_string());
         return Err(e);
     }
     let hello: WorkerHello = protocol::decode(rest)?;
@@ -330,27 +922,32 @@ pub(crate) fn accept(
 const REPLY_WELCOME: u8 = 0;
 const REPLY_REFUSED: u8 = 1;
 
-/// Manager side: accepts the worker and switches the link to its working limits.
-pub(crate) fn welcome(est: &mut Established, welcome: &Welcome) -> Result<()> {
+/// Manager side: accepts the worker, switches the link to its working limits and opens
+/// it (what was sent on it meanwhile follows the welcome).
+pub(crate) fn welcome(est: &mut Established, welcome: &Welcome, timing: Timing) -> Result<()> {
     let mut rest = vec![REPLY_WELCOME];
     protocol::encode_into(&mut rest, welcome)?;
     let mut frame = Vec::new();
     protocol::hello_frame_into(&mut frame, &rest);
-    est.writer
-        .write_all(&frame)
-        .map_err(|e| Error::io("sending the welcome", e))?;
+    est.tx.set_stall(timing.heartbeat_timeout);
+    if est.tx.open(&frame) == Sent::Refused {
+        return Err(Error::Protocol("the link closed before the welcome".into()));
+    }
     est.reader.set_max_frame(DEFAULT_MAX_FRAME);
     Ok(())
 }
 
-/// Manager side: refuses the worker with a reason it will log.
-pub(crate) fn refuse(writer: &mut WriteHalf, reason: &str) {
+/// Manager side: refuses the worker with a reason it will log, and closes the link
+/// (waiting a moment for the refusal to go out).
+pub(crate) fn refuse(est: &Established, reason: &str) {
     let mut rest = vec![REPLY_REFUSED];
     rest.extend_from_slice(reason.as_bytes());
     let mut frame = Vec::new();
     protocol::hello_frame_into(&mut frame, &rest);
-    let _ = writer.write_all(&frame);
-    writer.close();
+    est.tx.open(&frame);
+    est.tx.close(Shutdown::Write);
+    est.tx.wait_sent(Instant::now() + REFUSAL_WAIT);
+    est.tx.release();
 }
 
 /// Worker side: connects, runs the TLS handshake, sends the hello and reads the answer,
@@ -396,19 +993,22 @@ pub(crate) fn connect(
         }
         None => None,
     };
-    let mut est = establish(tcp, conn, deadline)?;
+    let mut est = establish(
+        Arc::new(tcp),
+        conn,
+        deadline,
+        format!("manager {address}"),
+        false,
+    )?;
     let mut body = Vec::new();
     protocol::encode_into(&mut body, hello)?;
     let mut frame = Vec::new();
     protocol::hello_frame_into(&mut frame, &body[4..]);
-    tls::set_timeouts(
-        est.reader.get_ref().tcp(),
-        Some(remaining(deadline, "hello")?),
-    )?;
-    est.writer
-        .write_all(&frame)
-        .map_err(|e| Error::io("sending the hello", e))?;
-    let reply = read_hello_frame(&mut est.reader, deadline)?;
+    if est.tx.send_parts(&[&frame]) == Sent::Refused || !est.tx.wait_sent(deadline) {
+        est.tx.release();
+        return Err(Error::Timeout("sending the hello".into()));
+    }
+    let reply = read_hello_frame(&mut est, deadline).inspect_err(|_| est.tx.release())?;
     let (version, rest) = protocol::parse_hello(&reply)?;
     let refused = rest.first() == Some(&REPLY_REFUSED);
     if version != PROTOCOL_VERSION {
@@ -435,112 +1035,116 @@ pub(crate) fn connect(
     }
 }
 
-/// Prepares a link for work: no read timeout (the heartbeat clock decides), and a write
-/// timeout so that a peer that stops reading cannot block the writer forever.
-pub(crate) fn go_live(est: &Established, timing: Timing) -> Result<()> {
-    let tcp = est.reader.get_ref().tcp();
-    tcp.set_read_timeout(None)
-        .and_then(|()| tcp.set_write_timeout(Some(timing.heartbeat_timeout)))
-        .map_err(|e| Error::io("setting socket timeouts", e))
+/// What [`drive`] does with each wake-up's messages.
+pub(crate) struct Drive<'a, M> {
+    pub timing: Timing,
+    pub beat: Beat,
+    /// Sends this side's heartbeat.
+    pub heartbeat: &'a dyn Fn(),
+    /// Takes one message (not a heartbeat); false to stop reading.
+    pub deliver: &'a mut dyn FnMut(M) -> bool,
 }
 
-/// Starts a link's writer thread: it sends what arrives on `rx` (batched), a heartbeat
-/// when it has been quiet for an interval, and closes the link when the peer has been
-/// silent for the timeout.
-pub(crate) fn spawn_writer<M>(
-    label: String,
-    mut writer: WriteHalf,
-    closer: Closer,
-    rx: Receiver<Outbound<M>>,
-    live: Arc<Liveness>,
-    timing: Timing,
-) -> std::io::Result<JoinHandle<()>>
-where
-    M: Serialize + Heartbeat + Send + 'static,
-{
-    crate::thread::relay("wp-link-writer", move || {
-        let mut buf = Vec::with_capacity(BATCH_BYTES + 1024);
-        let mut last_tx = Instant::now();
-        loop {
-            let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
-            let mut closing = false;
-            buf.clear();
-            match rx.recv_timeout(wait) {
-                Ok(Outbound::Message(m)) => {
-                    encode_or_log(&mut buf, &m, &label);
-                    while buf.len() < BATCH_BYTES {
-                        match rx.try_recv() {
-                            Ok(Outbound::Message(m)) => encode_or_log(&mut buf, &m, &label),
-                            Ok(Outbound::Close) => {
-                                closing = true;
-                                break;
-                            }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => {
-                                closing = true;
-                                break;
-                            }
-                        }
-                    }
-                }
-                Ok(Outbound::Close) | Err(RecvTimeoutError::Disconnected) => closing = true,
-                Err(RecvTimeoutError::Timeout) => encode_or_log(&mut buf, &M::heartbeat(), &label),
-            }
-            if !buf.is_empty() {
-                if let Err(e) = writer.write_all(&buf) {
-                    if !live.is_closed() {
-                        log::warn!("{label}: write failed: {e}; closing the link");
-                    }
-                    break;
-                }
-                last_tx = Instant::now();
-            }
-            if closing {
-                writer.close();
-                return;
-            }
-            if live.stale(timing.heartbeat_timeout) {
-                log::warn!(
-                    "{label}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
-                    live.silent_for().as_secs_f64(),
-                    timing.heartbeat_timeout.as_secs_f64()
-                );
-                break;
-            }
-        }
-        live.mark_closed();
-        closer.close();
-    })
-}
-
-fn encode_or_log<M: Serialize>(buf: &mut Vec<u8>, m: &M, label: &str) {
-    if let Err(e) = protocol::encode_into(buf, m) {
-        log::error!("{label}: dropping a message that cannot be encoded: {e}");
-    }
-}
-
-/// Reads messages until the stream ends or fails, handing each to `deliver` (heartbeats
-/// only refresh liveness). `deliver` returns false to stop. `Ok(())` is a clean close.
-pub(crate) fn read_messages<M>(
-    reader: &mut FrameReader<ReadHalf>,
-    live: &Liveness,
-    mut deliver: impl FnMut(M) -> bool,
-) -> Result<()>
+/// Reads whatever frames the socket has now and hands each message on; heartbeats only
+/// count as heard. A read that did not fill its buffer is taken as all there was (one
+/// system call per wake-up for a small message: the next `poll` says if more came).
+pub(crate) fn read_ready<M>(
+    reader: &mut Reader,
+    tx: &Arc<Tx>,
+    deliver: &mut dyn FnMut(M) -> bool,
+) -> Result<ReadReady>
 where
     M: DeserializeOwned + Heartbeat,
 {
-    live.touch();
+    let mut heard = false;
+    let mut more = true;
     loop {
-        let Some(body) = reader.read_frame()? else {
-            return Ok(());
-        };
-        live.touch();
-        let msg: M = protocol::decode(&body)?;
-        if msg.is_heartbeat() {
+        while let Some(body) = reader.frame()? {
+            let msg: M = protocol::decode(body)?;
+            heard = true;
+            tx.live().touch();
+            if msg.is_heartbeat() {
+                continue;
+            }
+            if !deliver(msg) {
+                return Ok(ReadReady { heard, open: false });
+            }
+        }
+        if reader.ended() {
+            return Ok(ReadReady { heard, open: false });
+        }
+        if !more {
+            return Ok(ReadReady { heard, open: true });
+        }
+        match reader.fill(tx)? {
+            Fill::Got { full } => more = full,
+            Fill::End => {}
+            Fill::Nothing => return Ok(ReadReady { heard, open: true }),
+        }
+    }
+}
+
+/// What one [`read_ready`] found.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReadReady {
+    /// A frame arrived.
+    pub heard: bool,
+    /// The link goes on.
+    pub open: bool,
+}
+
+/// Runs a live link on this thread until it ends: waits in `poll` for its socket or
+/// the next deadline (a heartbeat to send, the peer's silence running out), reads and
+/// hands on what came, and sends heartbeats as `beat` says. A peer silent for the
+/// heartbeat timeout gets its link closed. `Ok(())` is a clean end.
+pub(crate) fn drive<M>(reader: &mut Reader, tx: &Arc<Tx>, d: Drive<'_, M>) -> Result<()>
+where
+    M: DeserializeOwned + Heartbeat,
+{
+    let Drive {
+        timing,
+        beat,
+        heartbeat,
+        deliver,
+    } = d;
+    let live = tx.live().clone();
+    live.touch();
+    let fd = reader.socket().as_raw_fd();
+    // Frames that came with the hello (already read) are not announced by `poll`.
+    if !read_ready(reader, tx, deliver)?.open {
+        return Ok(());
+    }
+    loop {
+        let now = Instant::now();
+        let silent = live.silent_at(now);
+        if silent > timing.heartbeat_timeout {
+            let why = format!(
+                "nothing heard for {:.1} s (timeout {:.1} s)",
+                silent.as_secs_f64(),
+                timing.heartbeat_timeout.as_secs_f64()
+            );
+            log::warn!("{}: {why}; closing the link", tx.label());
+            live.close_because(why.clone());
+            tx.cut();
+            return Err(Error::Timeout(why));
+        }
+        if beat.due(timing, tx.last_tx(), now, false) && !tx.is_closing() {
+            heartbeat();
+        }
+        let deadline = beat
+            .next(timing, tx.last_tx())
+            .min(now + timing.heartbeat_timeout.saturating_sub(silent) + Duration::from_millis(1));
+        let mut fds = [net::pollfd(fd, libc::POLLIN)];
+        net::poll(&mut fds, Some(deadline)).map_err(|e| Error::io("waiting on a link", e))?;
+        if fds[0].revents == 0 {
             continue;
         }
-        if !deliver(msg) {
+        let got = read_ready(reader, tx, deliver)?;
+        if !got.open {
             return Ok(());
+        }
+        if got.heard && beat.due(timing, tx.last_tx(), Instant::now(), true) && !tx.is_closing() {
+            heartbeat();
         }
     }
 }
@@ -548,7 +1152,6 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crossbeam_channel::bounded;
 
     #[test]
     fn a_welcome_s_timing_is_made_sane_whatever_its_numbers() {
@@ -580,21 +1183,252 @@ mod tests {
 
     #[test]
     fn a_full_outbox_closes_the_link_instead_of_blocking_or_growing() {
-        let (tx, rx) = bounded::<Outbound<u32>>(2);
         let live = Liveness::new();
-        let out = Outbox::detached(tx, live.clone());
+        let out = Outbox::<u32>::detached(live.clone(), 12);
         assert!(out.send(1));
         assert!(out.clone().send(2));
         assert!(!live.is_closed());
-        assert!(!out.send(3), "a full queue refuses without blocking");
+        // Three 5-byte frames are more than 12 bytes: refused without blocking, and the
+        // link closed with a reason.
+        assert!(!out.send(3), "a full buffer refuses");
         assert!(live.is_closed());
         let why = live.reason().expect("a reason");
-        assert!(why.contains("outbound queue is full (2 messages)"), "{why}");
+        assert!(why.contains("outbound buffer is full"), "{why}");
+        assert!(why.contains("does not read"), "{why}");
         // Later reasons do not replace the first.
         live.close_because("something else".into());
         assert_eq!(live.reason().as_deref(), Some(why.as_str()));
-        assert_eq!(rx.len(), 2);
-        drop(rx);
         assert!(!out.send(4), "a link that is gone takes nothing");
+    }
+
+    #[test]
+    fn a_corked_outbox_and_a_gated_link_keep_the_order() {
+        let live = Liveness::new();
+        let out = Outbox::<u32>::detached(live.clone(), 1 << 20);
+        out.cork();
+        assert!(out.send(1));
+        assert!(out.send(2));
+        out.uncork();
+        assert!(out.send(3));
+        assert_eq!(out.take_sent(), (vec![1, 2, 3], false));
+        out.close();
+        assert!(!out.send(4), "nothing after a close");
+        assert!(out.take_sent().1);
+
+        // A gated link: what is sent before it opens follows the opening frame.
+        let tx = Tx::with_limit(Io::detached(), Liveness::new(), "t".into(), true, 1 << 20);
+        let gated = Outbox::<u32>::new(tx.clone());
+        assert!(gated.send(7));
+        assert_eq!(gated.take_sent(), (vec![], false));
+        let mut first = Vec::new();
+        protocol::encode_into(&mut first, &6u32).unwrap();
+        assert_eq!(tx.open(&first), Sent::Left);
+        assert!(gated.send(8));
+        assert_eq!(gated.take_sent(), (vec![6, 7, 8], false));
+    }
+
+    #[test]
+    fn the_answering_side_hears_its_peer_beat_and_answers_in_time() {
+        for (interval, timeout) in [(1000, 5000), (100, 1000), (3000, 6000), (10, 20)] {
+            let t = Timing::adopted(interval, timeout);
+            let e = t.answer_after();
+            // Its peer hears from it well within the timeout.
+            assert!(
+                e + t.heartbeat_interval <= t.heartbeat_timeout * 3 / 4,
+                "{t:?}"
+            );
+            let start = Instant::now();
+            // The leading side beats every interval; the answering side answers the
+            // first beat heard after `answer_after`, and never needs its own timer.
+            let mut last_answer = start;
+            let mut answers = 0;
+            for k in 1..=20u32 {
+                let now = start + t.heartbeat_interval * k;
+                assert!(Beat::Lead.due(t, now - t.heartbeat_interval, now, false));
+                if Beat::Answer.due(t, last_answer, now, true) {
+                    assert!(now - last_answer <= e + t.heartbeat_interval, "{t:?}");
+                    last_answer = now;
+                    answers += 1;
+                }
+                assert!(
+                    Beat::Answer.next(t, last_answer) > now,
+                    "its own timer is later"
+                );
+            }
+            assert!(
+                answers
+                    >= 20
+                        / ((e + t.heartbeat_interval).as_millis()
+                            / t.heartbeat_interval.as_millis()) as u32
+            );
+            // Unheard, it still beats by itself.
+            assert!(Beat::Answer.due(t, start, Beat::Answer.next(t, start), false));
+        }
+    }
+
+    /// A connected, handshaken (server, client) pair of links over loopback.
+    fn connected() -> (Established, Established) {
+        let pair = || {
+            let g = tls::generate_self_signed(&["localhost", "127.0.0.1"]).unwrap();
+            (
+                tls::Identity::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes()).unwrap(),
+                tls::TrustRoots::from_pem(g.cert_pem.as_bytes()).unwrap(),
+            )
+        };
+        let (server_id, server_root) = pair();
+        let (client_id, client_root) = pair();
+        let sc = tls::server_config(&server_id, &client_root).unwrap();
+        let cc = tls::client_config(&client_id, &server_root, true).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let server = std::thread::spawn(move || {
+            let (tcp, _) = listener.accept().unwrap();
+            let conn = Connection::Server(rustls::ServerConnection::new(sc).unwrap());
+            establish(Arc::new(tcp), Some(conn), deadline, "server".into(), false).unwrap()
+        });
+        let tcp = TcpStream::connect(addr).unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let conn = Connection::Client(rustls::ClientConnection::new(cc, name).unwrap());
+        let client =
+            establish(Arc::new(tcp), Some(conn), deadline, "client".into(), false).unwrap();
+        let mut server = server.join().unwrap();
+        let mut client = client;
+        server.reader.set_max_frame(DEFAULT_MAX_FRAME);
+        client.reader.set_max_frame(DEFAULT_MAX_FRAME);
+        (server, client)
+    }
+
+    /// Sends `data` as frames of up to `piece` bytes, never waiting on the socket.
+    fn send_frames(tx: &Arc<Tx>, data: &[u8], piece: usize) {
+        for chunk in data.chunks(piece) {
+            let head = (chunk.len() as u32).to_be_bytes();
+            assert_ne!(tx.send_parts(&[&head, chunk]), Sent::Refused);
+        }
+    }
+
+    /// Reads frames until `n` bytes of bodies came (or the stream ended); waits in poll.
+    fn read_bytes(reader: &mut Reader, tx: &Arc<Tx>, n: usize) -> Vec<u8> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut got = Vec::new();
+        while got.len() < n {
+            while let Some(body) = reader.frame().unwrap() {
+                got.extend_from_slice(body);
+            }
+            if got.len() >= n || reader.ended() {
+                break;
+            }
+            if reader.fill(tx).unwrap() == Fill::Nothing {
+                let fd = reader.socket().as_raw_fd();
+                assert!(
+                    net::wait_ready(fd, libc::POLLIN, Some(deadline)).unwrap(),
+                    "stalled"
+                );
+            }
+        }
+        got
+    }
+
+    fn pattern(seed: usize, n: usize) -> Vec<u8> {
+        (0..n).map(|i| ((i * seed) % 251) as u8).collect()
+    }
+
+    #[test]
+    fn one_descriptor_carries_data_both_ways_at_once() {
+        let (mut s, mut c) = connected();
+        const N: usize = 8 << 20;
+        let (a, b) = (pattern(31, N), pattern(7, N));
+        let (stx, ctx) = (s.tx.clone(), c.tx.clone());
+        // Each side sends 8 MiB in odd-sized frames, directly and through the flusher,
+        // while its own thread reads (and decrypts, under the same lock).
+        let (a2, b2) = (a.clone(), b.clone());
+        let w1 = std::thread::spawn(move || send_frames(&stx, &a2, 100_003));
+        let w2 = std::thread::spawn(move || send_frames(&ctx, &b2, 65_536));
+        let (stx, ctx) = (s.tx.clone(), c.tx.clone());
+        let r = std::thread::spawn(move || read_bytes(&mut c.reader, &ctx, N));
+        let got_s = read_bytes(&mut s.reader, &stx, N);
+        let got_c = r.join().unwrap();
+        w1.join().unwrap();
+        w2.join().unwrap();
+        assert!(got_s == b, "the server read what the client sent, in order");
+        assert!(got_c == a, "the client read what the server sent, in order");
+    }
+
+    #[test]
+    fn what_a_full_socket_left_goes_out_in_order_without_anyone_waiting() {
+        let (mut s, c) = connected();
+        let data = pattern(13, 200_000);
+        // Nobody reads yet: frames are sent until the socket takes no more; sending
+        // never waits.
+        let mut sent = 0;
+        loop {
+            let head = (data.len() as u32).to_be_bytes();
+            let r = c.tx.send_parts(&[&head, &data]);
+            assert_ne!(r, Sent::Refused);
+            sent += data.len();
+            if r == Sent::Left {
+                break;
+            }
+            assert!(sent < 256 << 20, "256 MiB went into a socket nobody reads");
+        }
+        assert!(c.tx.pending() > 0);
+        // The flusher sends the rest as the reader makes room: all of it, once, in order.
+        let got = read_bytes(&mut s.reader, &s.tx.clone(), sent);
+        assert_eq!(got.len(), sent);
+        assert!(got.chunks(data.len()).all(|c| c == &data[..]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.tx.pending() > 0 || c.tx.is_flushing() {
+            assert!(Instant::now() < deadline, "the flusher kept the link");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_peer_that_reads_nothing_is_cut_once_the_stall_time_passes() {
+        let (_s, c) = connected();
+        c.tx.set_stall(Duration::from_millis(200));
+        let data = pattern(3, 1 << 20);
+        let head = (data.len() as u32).to_be_bytes();
+        // Until the kernel's buffers are full and more waits than they could take.
+        let mut sent = 0;
+        while c.tx.pending() < 4 << 20 {
+            assert_ne!(c.tx.send_parts(&[&head, &data]), Sent::Refused);
+            sent += 1;
+            assert!(sent < 256, "256 MiB went into a socket nobody reads");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.tx.live().is_closed() {
+            assert!(Instant::now() < deadline, "never cut");
+            std::thread::yield_now();
+        }
+        let why = c.tx.live().reason().unwrap();
+        assert!(why.contains("read nothing"), "{why}");
+        assert!(c.tx.is_closing());
+        assert_eq!(c.tx.send_parts(&[b"x"]), Sent::Refused);
+    }
+
+    #[test]
+    fn a_clean_close_ends_the_stream_and_a_cut_is_an_unexpected_eof() {
+        let (mut s, c) = connected();
+        send_frames(&c.tx, b"last words", 100);
+        c.tx.close(Shutdown::Write);
+        assert_eq!(read_bytes(&mut s.reader, &s.tx.clone(), 100), b"last words");
+        assert!(s.reader.ended());
+        assert!(s.reader.frame().unwrap().is_none());
+
+        let (mut s, c) = connected();
+        c.tx.release();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let err = loop {
+            match s.reader.fill(&s.tx) {
+                Ok(Fill::Nothing) => {
+                    let fd = s.reader.socket().as_raw_fd();
+                    assert!(net::wait_ready(fd, libc::POLLIN, Some(deadline)).unwrap());
+                }
+                Ok(other) => panic!("{other:?}"),
+                Err(e) => break e,
+            }
+        };
+        assert!(err.to_string().contains("no TLS close_notify"), "{err}");
     }
 }

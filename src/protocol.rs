@@ -402,7 +402,7 @@ pub fn parse_hello(body: &[u8]) -> Result<(u32, &[u8])> {
     Ok((version, &body[8..]))
 }
 
-fn read_error(e: io::Error) -> Error {
+pub(crate) fn read_error(e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
         // rustls' text points to its manual; say what happened instead.
         return Error::io(

@@ -4,42 +4,69 @@
 //!
 //! The handshakes are the real ones (`link::connect`, `link::accept`, `link::welcome`):
 //! TLS with the given certificates, the hello and the welcome. After that the test
-//! decides every frame: a [`RawReader`] and a [`RawWriter`] over the two halves of the
-//! connection, usable from two threads at once.
+//! decides every frame: a [`RawReader`] and a [`RawWriter`] over the connection,
+//! usable from two threads at once.
 
-use crate::error::Result;
-use crate::link::{self, Established};
-use crate::protocol::{self, FrameReader, Welcome, WorkerHello};
-use crate::tls::{self, Closer, Identity, ReadHalf, TrustRoots, WriteHalf};
+use crate::error::{Error, Result};
+use crate::link::{self, Established, Fill, Reader, Sent, Tx};
+use crate::protocol::{self, Welcome, WorkerHello};
+use crate::tls::{self, Identity, TrustRoots};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// How long a hand-driven peer waits for its socket to take what it sends.
+const SEND_WAIT: Duration = Duration::from_secs(60);
 
 /// The reading half of a hand-driven link.
 pub struct RawReader {
-    inner: FrameReader<ReadHalf>,
+    reader: Reader,
+    tx: Arc<Tx>,
+    timeout: std::cell::Cell<Option<Duration>>,
 }
 
 impl RawReader {
     /// The next message, heartbeats included; `Ok(None)` when the peer closed cleanly.
+    /// Waits at most the read timeout (then an `Io` error of kind `TimedOut`).
     pub fn recv<M: DeserializeOwned>(&mut self) -> Result<Option<M>> {
-        match self.inner.read_frame()? {
-            Some(body) => protocol::decode(&body).map(Some),
-            None => Ok(None),
+        let deadline = self.timeout.get().map(|t| Instant::now() + t);
+        loop {
+            if let Some(body) = self.reader.frame()? {
+                return protocol::decode(body).map(Some);
+            }
+            if self.reader.ended() {
+                return Ok(None);
+            }
+            match self.reader.fill(&self.tx)? {
+                Fill::Got { .. } | Fill::End => {}
+                Fill::Nothing => {
+                    let fd = self.reader.socket().as_raw_fd();
+                    let ready = crate::net::wait_ready(fd, libc::POLLIN, deadline)
+                        .map_err(|e| Error::io("waiting to read", e))?;
+                    if !ready {
+                        return Err(Error::io(
+                            "reading from the peer",
+                            std::io::ErrorKind::TimedOut.into(),
+                        ));
+                    }
+                }
+            }
         }
     }
 
-    /// Sets the socket's read timeout (`None`: block).
+    /// Sets how long [`RawReader::recv`] waits (`None`: without end).
     pub fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
-        self.inner.get_ref().tcp().set_read_timeout(timeout)
+        self.timeout.set(timeout);
+        Ok(())
     }
 }
 
 /// The writing half of a hand-driven link.
 pub struct RawWriter {
-    inner: WriteHalf,
-    closer: Closer,
+    tx: Arc<Tx>,
 }
 
 impl RawWriter {
@@ -47,27 +74,37 @@ impl RawWriter {
     pub fn send<M: Serialize>(&mut self, msg: &M) -> std::io::Result<()> {
         let mut frame = Vec::new();
         protocol::encode_into(&mut frame, msg).map_err(std::io::Error::other)?;
-        self.inner.write_all(&frame)
+        self.send_raw(&frame)
     }
 
-    /// Sends bytes as they are (frames made by hand).
+    /// Sends bytes as they are (frames made by hand), waiting (up to a minute) for the
+    /// socket to take them.
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.inner.write_all(bytes)
+        if self.tx.send_parts(&[bytes]) == Sent::Refused {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        if !self.tx.wait_sent(Instant::now() + SEND_WAIT) {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        Ok(())
     }
 
     /// Cuts the connection both ways at once (no goodbye).
     pub fn cut(&self) {
-        self.closer.close();
+        self.tx.cut();
     }
 }
 
 fn halves(est: Established) -> (RawReader, RawWriter) {
+    // A peer driven by hand may leave what it is sent unread for as long as it likes.
+    est.tx.set_stall(Duration::from_secs(24 * 3600));
     (
-        RawReader { inner: est.reader },
-        RawWriter {
-            inner: est.writer,
-            closer: est.closer,
+        RawReader {
+            reader: est.reader,
+            tx: est.tx.clone(),
+            timeout: std::cell::Cell::new(None),
         },
+        RawWriter { tx: est.tx },
     )
 }
 
@@ -90,11 +127,6 @@ pub fn connect_worker(
         hello,
         Instant::now() + timeout,
     )?;
-    est.reader
-        .get_ref()
-        .tcp()
-        .set_read_timeout(None)
-        .map_err(|e| crate::Error::io("setting a read timeout", e))?;
     let (r, w) = halves(est);
     Ok((welcome, r, w))
 }
@@ -110,13 +142,17 @@ pub fn accept_worker(
     timeout: Duration,
 ) -> Result<(WorkerHello, RawReader, RawWriter)> {
     let tls = tls::server_config(identity, worker_roots)?;
-    let (mut est, hello) = link::accept(tcp, Some(&tls), Instant::now() + timeout)?;
-    link::welcome(&mut est, welcome)?;
-    est.reader
-        .get_ref()
-        .tcp()
-        .set_read_timeout(None)
-        .map_err(|e| crate::Error::io("setting a read timeout", e))?;
+    let (mut est, hello) = link::accept(
+        Arc::new(tcp),
+        Some(&tls),
+        Instant::now() + timeout,
+        "test worker".into(),
+    )?;
+    let timing = link::Timing {
+        heartbeat_interval: Duration::from_secs(3600),
+        heartbeat_timeout: Duration::from_secs(24 * 3600),
+    };
+    link::welcome(&mut est, welcome, timing)?;
     let (r, w) = halves(est);
     Ok((hello, r, w))
 }

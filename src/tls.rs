@@ -18,10 +18,10 @@ use rustls::{
     RootCertStore, ServerConfig, SignatureScheme,
 };
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// A certificate chain and its private key: who this side is.
@@ -735,11 +735,8 @@ impl ClientCertVerifier for PeerVerifier {
 /// bytes: one socket operation at a time, each with the time left as its timeout.
 /// (`Connection::complete_io` would loop over many reads under one timeout, so a peer
 /// sending a byte now and then would never be timed out.)
-pub(crate) fn handshake(
-    conn: &mut Connection,
-    tcp: &mut TcpStream,
-    deadline: Instant,
-) -> Result<()> {
+pub(crate) fn handshake(conn: &mut Connection, tcp: &TcpStream, deadline: Instant) -> Result<()> {
+    let mut sock = tcp;
     let failed = |e: io::Error| Error::io("TLS handshake", e);
     // A socket timeout may end a little before the deadline (the kernel counts in
     // ticks): then the operation is tried again with what is left.
@@ -752,7 +749,7 @@ pub(crate) fn handshake(
     loop {
         while conn.wants_write() {
             set_timeouts(tcp, Some(time_left(deadline)?))?;
-            match conn.write_tls(tcp) {
+            match conn.write_tls(&mut sock) {
                 Err(e) if early(&e) => {}
                 r => {
                     r.map_err(failed)?;
@@ -763,7 +760,7 @@ pub(crate) fn handshake(
             return Ok(());
         }
         set_timeouts(tcp, Some(time_left(deadline)?))?;
-        let read = match conn.read_tls(tcp) {
+        let read = match conn.read_tls(&mut sock) {
             Err(e) if early(&e) => continue,
             r => r.map_err(failed)?,
         };
@@ -781,7 +778,7 @@ pub(crate) fn handshake(
             while conn.wants_write() {
                 let sent = time_left(deadline)
                     .and_then(|left| set_timeouts(tcp, Some(left)))
-                    .and_then(|()| conn.write_tls(tcp).map_err(failed));
+                    .and_then(|()| conn.write_tls(&mut sock).map_err(failed));
                 if sent.is_err() {
                     break;
                 }
@@ -806,159 +803,268 @@ pub(crate) fn set_timeouts(tcp: &TcpStream, t: Option<std::time::Duration>) -> R
         .map_err(|e| Error::io("setting socket timeouts", e))
 }
 
-type Shared = Arc<Mutex<Connection>>;
-
-fn lock(tls: &Shared) -> MutexGuard<'_, Connection> {
-    // A panic elsewhere poisons the lock; the connection state is still consistent
-    // enough to be torn down.
-    crate::sync::lock(tls)
-}
-
-/// Splits a connection (TLS after its handshake, or plain TCP) into a reader half and
-/// a writer half for two threads. The TLS state is shared behind a mutex that is never
-/// held across a blocking socket call: the reader reads the socket unlocked and then
-/// decrypts under the lock; the writer encrypts under the lock and then writes unlocked.
-pub(crate) fn split(
-    tcp: TcpStream,
+/// A live connection's sending side and its TLS session (none for plain TCP), kept
+/// under one lock by whoever sends on the link or decrypts what arrived. Every socket
+/// call made through it is non-blocking, so the lock is never held across a wait: what
+/// the socket does not take at once stays in `pending`, in order, until a later
+/// [`Io::push`] (usually the process's flusher thread, when the socket can take more).
+///
+/// One descriptor serves the whole link: the socket is shared (`&TcpStream` reads and
+/// writes), not duplicated. [`Io::release`] lets go of it and of the TLS state, so a
+/// link that ended keeps no descriptor open however long other holders keep the `Io`.
+pub(crate) struct Io {
+    tcp: Option<Arc<TcpStream>>,
     tls: Option<Connection>,
-) -> io::Result<(ReadHalf, WriteHalf, Closer)> {
-    let tls = tls.map(|c| Arc::new(Mutex::new(c)));
-    let reader = ReadHalf {
-        tcp: tcp.try_clone()?,
-        tls: tls.clone(),
-        raw: vec![0; 64 * 1024].into_boxed_slice(),
-        start: 0,
-        end: 0,
-        eof: false,
-        deadline: None,
-    };
-    let closer = Closer(Arc::new(tcp.try_clone()?));
-    let writer = WriteHalf {
-        tcp,
-        tls,
-        out: Vec::new(),
-        queued: Vec::new(),
-        queued_from: 0,
-    };
-    Ok((reader, writer, closer))
+    /// Bytes for the socket (ciphertext under TLS), sent from `from` on.
+    pending: Vec<u8>,
+    from: usize,
+    /// Set once a clean close is asked for: nothing more is queued, and once `pending`
+    /// is out the socket is shut down this way.
+    closing: Option<Shutdown>,
+    /// The socket failed, was cut or shut down for writing: nothing more is sent.
+    dead: bool,
+    /// When the socket last took bytes, or bytes started to wait for it.
+    progress: Instant,
 }
 
-/// Closes the socket under both halves from any thread: a blocked read returns at once,
-/// a blocked write fails.
-#[derive(Clone, Debug)]
-pub(crate) struct Closer(Arc<TcpStream>);
+/// `pending` keeps at most this much capacity once empty (a burst's buffer is let go).
+const KEPT_PENDING_CAPACITY: usize = 128 << 10;
 
-impl Closer {
-    pub(crate) fn close(&self) {
-        let _ = self.0.shutdown(Shutdown::Both);
-    }
-}
-
-/// The reading half: plaintext out of the socket.
-pub(crate) struct ReadHalf {
-    tcp: TcpStream,
-    tls: Option<Shared>,
-    /// Ciphertext read from the socket and not yet handed to rustls: rustls takes more
-    /// only while its plaintext buffer is not full, so leftovers wait here.
-    raw: Box<[u8]>,
-    start: usize,
-    end: usize,
-    eof: bool,
-    /// When set, every socket read is given the time left until then as its timeout, and
-    /// none starts after it: however the peer spaces its bytes, reading ends by then.
-    deadline: Option<Instant>,
-}
-
-impl ReadHalf {
-    /// The socket underneath (for timeouts).
-    pub(crate) fn tcp(&self) -> &TcpStream {
-        &self.tcp
-    }
-
-    /// Sets (or clears) an absolute deadline for reading (see the field).
-    pub(crate) fn set_deadline(&mut self, deadline: Option<Instant>) {
-        self.deadline = deadline;
-    }
-}
-
-/// A socket read, under `deadline` when one is set (see `ReadHalf::deadline`).
-fn read_socket(
-    mut tcp: &TcpStream,
-    deadline: Option<Instant>,
-    into: &mut [u8],
-) -> io::Result<usize> {
-    let Some(deadline) = deadline else {
-        return tcp.read(into);
-    };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the deadline passed",
-            ));
-        }
-        tcp.set_read_timeout(Some(left))?;
-        match tcp.read(into) {
-            // The timeout may end a little before the deadline (the kernel counts in ticks).
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            r => return r,
+impl Io {
+    /// The sending side of a handshaken connection.
+    pub(crate) fn new(tcp: Arc<TcpStream>, tls: Option<Connection>) -> Io {
+        Io {
+            tcp: Some(tcp),
+            tls,
+            pending: Vec::new(),
+            from: 0,
+            closing: None,
+            dead: false,
+            progress: Instant::now(),
         }
     }
-}
 
-impl Read for ReadHalf {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let Some(tls) = &self.tls else {
-            return read_socket(&self.tcp, self.deadline, out);
+    /// An `Io` without a socket or TLS (in-memory tests): what is queued stays in
+    /// `pending`, where [`Io::take_pending`] finds it.
+    #[cfg(test)]
+    pub(crate) fn detached() -> Io {
+        Io {
+            tcp: None,
+            tls: None,
+            pending: Vec::new(),
+            from: 0,
+            closing: None,
+            dead: false,
+            progress: Instant::now(),
+        }
+    }
+
+    /// What a detached `Io` was given to send (plain bytes), taken.
+    #[cfg(test)]
+    pub(crate) fn take_pending(&mut self) -> Vec<u8> {
+        self.from = 0;
+        std::mem::take(&mut self.pending)
+    }
+
+    /// The socket, while the link holds it.
+    pub(crate) fn socket(&self) -> Option<&Arc<TcpStream>> {
+        self.tcp.as_ref()
+    }
+
+    /// Whether more may be queued: not closing, not failed.
+    pub(crate) fn is_open(&self) -> bool {
+        !self.dead && self.closing.is_none()
+    }
+
+    /// Whether a clean close was asked for (or the socket is gone).
+    pub(crate) fn is_closing(&self) -> bool {
+        self.dead || self.closing.is_some()
+    }
+
+    /// Bytes waiting for the socket.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len() - self.from
+    }
+
+    /// When the socket last took bytes (or, if none went since, when bytes started to
+    /// wait): how long a peer has left them unread.
+    pub(crate) fn last_progress(&self) -> Instant {
+        self.progress
+    }
+
+    /// Encrypts the pieces as one run of bytes (records are made across the pieces,
+    /// which are not gathered first) after what is pending. Nothing is sent here.
+    pub(crate) fn queue(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        if !self.is_open() {
+            return Err(io::ErrorKind::NotConnected.into());
+        }
+        if self.pending() == 0 {
+            self.progress = Instant::now();
+        }
+        let Some(conn) = &mut self.tls else {
+            for p in parts {
+                self.pending.extend_from_slice(p);
+            }
+            return Ok(());
         };
+        // Where the next byte to encrypt is: part `i`, offset `at`.
+        let (mut i, mut at) = (0, 0);
+        let mut slices = Vec::with_capacity(parts.len());
+        while i < parts.len() {
+            slices.clear();
+            slices.push(io::IoSlice::new(&parts[i][at..]));
+            slices.extend(parts[i + 1..].iter().map(|p| io::IoSlice::new(p)));
+            let mut n = conn.writer().write_vectored(&slices)?;
+            // (0: rustls' send buffer is full; draining it below makes room.)
+            while i < parts.len() && n >= parts[i].len() - at {
+                n -= parts[i].len() - at;
+                (i, at) = (i + 1, 0);
+            }
+            at += n;
+            while conn.wants_write() {
+                conn.write_tls(&mut self.pending)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what is pending, only what the socket takes at once. True when nothing is
+    /// left (and then, after a clean close, the socket is shut down). An error means
+    /// the link is broken: what was pending is dropped and nothing more is sent.
+    pub(crate) fn push(&mut self) -> io::Result<bool> {
+        while self.from < self.pending.len() {
+            let Some(tcp) = &self.tcp else {
+                if self.dead {
+                    return Err(io::ErrorKind::NotConnected.into());
+                }
+                return Ok(false); // detached: nothing ever takes it
+            };
+            match send_now(tcp, &self.pending[self.from..]) {
+                Ok(0) => return Err(self.fail(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.from += n;
+                    self.progress = Instant::now();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        self.pending.clear();
+        self.from = 0;
+        if self.pending.capacity() > KEPT_PENDING_CAPACITY {
+            self.pending = Vec::new();
+        }
+        if let Some(how) = self.closing
+            && !self.dead
+        {
+            self.dead = true;
+            if let Some(tcp) = &self.tcp {
+                let _ = tcp.shutdown(how);
+            }
+        }
+        Ok(true)
+    }
+
+    fn fail(&mut self, e: io::Error) -> io::Error {
+        // These bytes must never be sent again (a later close would repeat half a record).
+        self.dead = true;
+        self.pending = Vec::new();
+        self.from = 0;
+        e
+    }
+
+    /// Asks for a clean close: close_notify after what is pending, then (once all of
+    /// it is out, see [`Io::push`]) the socket shut down `how`. Nothing more is queued.
+    pub(crate) fn close(&mut self, how: Shutdown) {
+        if !self.is_open() {
+            return;
+        }
+        if let Some(conn) = &mut self.tls {
+            conn.send_close_notify();
+            while conn.wants_write() {
+                if conn.write_tls(&mut self.pending).is_err() {
+                    break;
+                }
+            }
+        }
+        self.closing = Some(how);
+    }
+
+    /// Shuts the socket down both ways now: a thread waiting on it wakes at once, what
+    /// was pending is dropped.
+    pub(crate) fn cut(&mut self) {
+        if let Some(tcp) = &self.tcp {
+            let _ = tcp.shutdown(Shutdown::Both);
+        }
+        let _ = self.fail(io::ErrorKind::NotConnected.into());
+    }
+
+    /// Cuts the link and lets go of its socket and TLS state.
+    pub(crate) fn release(&mut self) {
+        self.cut();
+        self.tcp = None;
+        self.tls = None;
+    }
+
+    /// Decrypts `cipher` (bytes read from the socket) into `plain`; returns whether the
+    /// peer ended the stream cleanly (its close_notify came: nothing after it counts). Anything rustls has to say
+    /// back (an alert) is queued for [`Io::push`]. Without TLS the bytes are the plain
+    /// text.
+    pub(crate) fn feed(&mut self, cipher: &[u8], plain: &mut Vec<u8>) -> io::Result<bool> {
+        let Some(conn) = &mut self.tls else {
+            plain.extend_from_slice(cipher);
+            return Ok(false);
+        };
+        let mut rest = cipher;
+        let mut ended = false;
         loop {
-            {
-                let mut conn = lock(tls);
-                match conn.reader().read(out) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            let state = conn.process_new_packets();
+            while conn.wants_write() {
+                if conn.write_tls(&mut self.pending).is_err() {
+                    break;
+                }
+            }
+            state.map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            // rustls takes more only while its plaintext buffer is not full: empty it.
+            loop {
+                let mut reader = conn.reader();
+                match io::BufRead::fill_buf(&mut reader) {
+                    Ok([]) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(chunk) => {
+                        let n = chunk.len();
+                        plain.extend_from_slice(chunk);
+                        io::BufRead::consume(&mut reader, n);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => return Err(e),
                 }
-                if self.start < self.end {
-                    let mut pending = &self.raw[self.start..self.end];
-                    match conn.read_tls(&mut pending)? {
-                        0 => self.start = self.end, // close_notify seen: nothing more counts
-                        n => self.start += n,
-                    }
-                    conn.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    continue;
-                }
-                if self.eof {
-                    return Err(io::ErrorKind::UnexpectedEof.into());
-                }
             }
-            let n = read_socket(&self.tcp, self.deadline, &mut self.raw)?;
-            (self.start, self.end) = (0, n);
-            if n == 0 {
-                self.eof = true;
-                let mut conn = lock(tls);
-                conn.read_tls(&mut io::empty())?;
-                conn.process_new_packets()
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            if ended || rest.is_empty() {
+                break;
+            }
+            if conn.read_tls(&mut rest)? == 0 {
+                break;
             }
         }
+        Ok(ended)
     }
-}
 
-/// The writing half: the only code that writes to the socket once split.
-pub(crate) struct WriteHalf {
-    tcp: TcpStream,
-    tls: Option<Shared>,
-    out: Vec<u8>,
-    /// Encrypted by `queue_parts`, sent from `queued_from` on.
-    queued: Vec<u8>,
-    queued_from: usize,
+    /// The socket reached its end (a read returned 0): `Ok` when the peer's
+    /// close_notify came first, else `UnexpectedEof`.
+    pub(crate) fn feed_eof(&mut self, plain: &mut Vec<u8>) -> io::Result<()> {
+        let Some(conn) = &mut self.tls else {
+            return Ok(());
+        };
+        conn.read_tls(&mut io::empty())?;
+        if self.feed(&[], plain)? {
+            return Ok(());
+        }
+        Err(io::ErrorKind::UnexpectedEof.into())
+    }
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -987,256 +1093,33 @@ fn send_now(tcp: &TcpStream, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
-impl WriteHalf {
-    /// Writes all of `data` (encrypting it first under TLS), after anything queued.
-    pub(crate) fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.send_queued(true)?;
-        let Some(tls) = &self.tls else {
-            return self.tcp.write_all(data);
-        };
-        let mut rest = data;
-        loop {
-            {
-                let mut conn = lock(tls);
-                while !rest.is_empty() {
-                    match conn.writer().write(rest)? {
-                        0 => break, // rustls' send buffer is full: drain it first
-                        n => rest = &rest[n..],
-                    }
-                }
-                while conn.wants_write() {
-                    conn.write_tls(&mut self.out)?;
-                }
-            }
-            let sent = self.tcp.write_all(&self.out);
-            // Sent or not, these bytes must never be sent again (a later close would
-            // repeat half a record).
-            self.out.clear();
-            sent?;
-            if rest.is_empty() {
-                return Ok(());
-            }
-        }
+/// One read that takes only what the socket holds now, into `buf`'s spare capacity
+/// (`WouldBlock` if nothing; 0 at the end of the stream). The bytes read are appended.
+pub(crate) fn recv_now(tcp: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: `spare` is the vector's own allocated, unused capacity of `spare.len()`
+    // bytes, which recv() only writes into; the descriptor is the stream's own.
+    let n = unsafe {
+        libc::recv(
+            tcp.as_raw_fd(),
+            spare.as_mut_ptr() as *mut libc::c_void,
+            spare.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
     }
-
-    /// Encrypts the pieces as one run of bytes, without gathering them first (under
-    /// TLS the records are made across the pieces), and keeps the result for
-    /// [`WriteHalf::send_queued`]. Nothing touches the socket here.
-    pub(crate) fn queue_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
-        let Some(tls) = &self.tls else {
-            for p in parts {
-                self.queued.extend_from_slice(p);
-            }
-            return Ok(());
-        };
-        // Where the next byte to encrypt is: part `i`, offset `at`.
-        let (mut i, mut at) = (0, 0);
-        let mut slices = Vec::with_capacity(parts.len());
-        let mut conn = lock(tls);
-        while i < parts.len() {
-            slices.clear();
-            slices.push(io::IoSlice::new(&parts[i][at..]));
-            slices.extend(parts[i + 1..].iter().map(|p| io::IoSlice::new(p)));
-            let mut n = conn.writer().write_vectored(&slices)?;
-            // (0: rustls' send buffer is full; draining it below makes room.)
-            while i < parts.len() && n >= parts[i].len() - at {
-                n -= parts[i].len() - at;
-                (i, at) = (i + 1, 0);
-            }
-            at += n;
-            while conn.wants_write() {
-                conn.write_tls(&mut self.queued)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Whether bytes from [`WriteHalf::queue_parts`] wait to be sent.
-    pub(crate) fn has_queued(&self) -> bool {
-        self.queued_from < self.queued.len()
-    }
-
-    /// Sends what [`WriteHalf::queue_parts`] encrypted. With `wait`, all of it (blocking,
-    /// up to the socket's write timeout); without, only what the socket takes at once.
-    /// True when nothing is left.
-    pub(crate) fn send_queued(&mut self, wait: bool) -> io::Result<bool> {
-        while self.has_queued() {
-            let rest = &self.queued[self.queued_from..];
-            let sent = if wait {
-                (&self.tcp).write(rest)
-            } else {
-                send_now(&self.tcp, rest)
-            };
-            match sent {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.queued_from += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if !wait && e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => {
-                    // These bytes must never be sent again (a later close would repeat
-                    // half a record).
-                    self.queued.clear();
-                    self.queued_from = 0;
-                    return Err(e);
-                }
-            }
-        }
-        self.queued.clear();
-        self.queued_from = 0;
-        Ok(true)
-    }
-
-    /// Ends the stream cleanly: what is queued, close_notify, then no more writes.
-    pub(crate) fn close(&mut self) {
-        let _ = self.send_queued(true);
-        if let Some(tls) = &self.tls {
-            {
-                let mut conn = lock(tls);
-                conn.send_close_notify();
-                while conn.wants_write() {
-                    if conn.write_tls(&mut self.out).is_err() {
-                        break;
-                    }
-                }
-            }
-            let _ = self.tcp.write_all(&self.out);
-            self.out.clear();
-        }
-        let _ = self.tcp.shutdown(Shutdown::Write);
-    }
+    let n = n as usize;
+    // SAFETY: recv() initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
-
-    fn pair() -> (Identity, TrustRoots) {
-        let g = generate_self_signed(&["localhost", "127.0.0.1"]).unwrap();
-        (
-            Identity::from_pem(g.cert_pem.as_bytes(), g.key_pem.as_bytes()).unwrap(),
-            TrustRoots::from_pem(g.cert_pem.as_bytes()).unwrap(),
-        )
-    }
-
-    /// A connected, handshaken (server, client) pair over loopback.
-    fn connected() -> ((ReadHalf, WriteHalf, Closer), (ReadHalf, WriteHalf, Closer)) {
-        let (server_id, server_root) = pair();
-        let (client_id, client_root) = pair();
-        let sc = server_config(&server_id, &client_root).unwrap();
-        let cc = client_config(&client_id, &server_root, true).unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let deadline = Instant::now() + std::time::Duration::from_secs(20);
-        let server = std::thread::spawn(move || {
-            let (mut tcp, _) = listener.accept().unwrap();
-            let mut conn = Connection::Server(rustls::ServerConnection::new(sc).unwrap());
-            handshake(&mut conn, &mut tcp, deadline).unwrap();
-            set_timeouts(&tcp, None).unwrap();
-            split(tcp, Some(conn)).unwrap()
-        });
-        let mut tcp = TcpStream::connect(addr).unwrap();
-        let name = ServerName::try_from("127.0.0.1").unwrap();
-        let mut conn = Connection::Client(rustls::ClientConnection::new(cc, name).unwrap());
-        handshake(&mut conn, &mut tcp, deadline).unwrap();
-        set_timeouts(&tcp, None).unwrap();
-        let client = split(tcp, Some(conn)).unwrap();
-        (server.join().unwrap(), client)
-    }
-
-    #[test]
-    fn both_halves_move_data_at_once_in_both_directions() {
-        let ((mut sr, mut sw, _sc), (mut cr, mut cw, _cc)) = connected();
-        const N: usize = 8 << 20;
-        let pattern = |i: usize| (i * 31 % 251) as u8;
-        let data: Vec<u8> = (0..N).map(pattern).collect();
-        let d2 = data.clone();
-        // Each side writes 8 MiB in odd-sized pieces while its other half reads.
-        let w1 = std::thread::spawn(move || {
-            for c in d2.chunks(100_003) {
-                sw.write_all(c).unwrap();
-            }
-            sw.close();
-        });
-        let w2 = std::thread::spawn(move || {
-            for c in data.chunks(65_536) {
-                cw.write_all(c).unwrap();
-            }
-            cw.close();
-        });
-        let read_all = |r: &mut ReadHalf| {
-            let mut got = Vec::new();
-            r.read_to_end(&mut got).unwrap();
-            got
-        };
-        let r1 = std::thread::spawn(move || read_all(&mut cr));
-        let got_s = read_all(&mut sr);
-        let got_c = r1.join().unwrap();
-        w1.join().unwrap();
-        w2.join().unwrap();
-        assert_eq!(got_s.len(), N);
-        assert_eq!(got_c.len(), N);
-        assert!(got_s.iter().enumerate().all(|(i, &b)| b == pattern(i)));
-        assert!(got_c.iter().enumerate().all(|(i, &b)| b == pattern(i)));
-    }
-
-    #[test]
-    fn queued_pieces_go_out_in_order_without_waiting_on_a_full_socket() {
-        let ((mut sr, _sw, _sc), (_cr, mut cw, _cc)) = connected();
-        let pattern = |i: usize| (i * 7 % 253) as u8;
-        let data: Vec<u8> = (0..200_000).map(pattern).collect();
-        // Nobody reads yet: pieces are queued until the socket takes no more, and sending
-        // then returns instead of waiting.
-        let mut queued = 0;
-        let mut full = false;
-        while queued < 64 << 20 {
-            let pieces: Vec<&[u8]> = data.chunks(7_919).collect();
-            cw.queue_parts(&pieces).unwrap();
-            queued += data.len();
-            if !cw.send_queued(false).unwrap() {
-                full = true;
-                break;
-            }
-        }
-        assert!(full, "64 MiB went into a socket nobody reads");
-        assert!(cw.has_queued());
-        let reader = std::thread::spawn(move || {
-            let mut got = vec![0u8; queued];
-            sr.read_exact(&mut got).unwrap();
-            got
-        });
-        // The rest goes when the peer reads; then everything arrived once, in order.
-        assert!(cw.send_queued(true).unwrap());
-        assert!(!cw.has_queued());
-        let got = reader.join().unwrap();
-        assert!(
-            got.iter()
-                .enumerate()
-                .all(|(i, &b)| b == pattern(i % data.len()))
-        );
-    }
-
-    #[test]
-    fn closing_the_socket_unblocks_a_blocked_reader() {
-        let ((mut sr, _sw, sc), (_cr, _cw, _cc)) = connected();
-        let t = std::thread::spawn(move || {
-            let mut buf = [0u8; 16];
-            sr.read(&mut buf)
-        });
-        sc.close();
-        // Either a clean 0 or an error: what matters is that the read returned.
-        let r = t.join().unwrap();
-        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
-    }
-
-    #[test]
-    fn a_peer_closing_without_close_notify_is_an_unexpected_eof() {
-        let ((mut sr, _sw, _sc), (_cr, _cw, cc)) = connected();
-        cc.close();
-        let mut buf = [0u8; 16];
-        let err = sr.read(&mut buf).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-    }
 
     #[test]
     fn a_mismatched_key_is_refused_when_loaded() {

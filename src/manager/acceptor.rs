@@ -2,16 +2,17 @@
 //! accept loop (each connection gets a thread of its own at once), admission (at most
 //! so many handshakes in all and per source; see `admission`), the handshake watchdog
 //! that cuts handshakes at their deadline, and the link thread's life: handshake,
-//! registration with the dispatcher, the welcome, then reading (see `routing`) until the
-//! link closes. It holds no scheduling state.
+//! registration with the dispatcher, the welcome, then the link itself (`link::drive`:
+//! reading, see `routing`, and heartbeats) until it closes. One thread and one
+//! descriptor per connection. It holds no scheduling state.
 
+use super::Shared;
 use super::admission::Reason;
 use super::dispatcher::LinkEvent;
 use super::dispatcher::driver::{Event, LinkHandle};
 use super::routing::{self, Complaints, Link, Routes};
-use super::{LINK_QUEUE, Shared};
 use crate::error::Error;
-use crate::link::{self, Liveness, Outbound, Outbox};
+use crate::link::{self, Beat, Outbox};
 use crate::protocol::{ManagerMessage, Welcome, WorkerMessage};
 use crate::sync::{self, lock};
 use crossbeam_channel::bounded;
@@ -40,13 +41,15 @@ pub(crate) fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
                 continue;
             }
         };
-        // Without its address (already reset) or a second handle (needed to cut it at
-        // its deadline), a connection is dropped at once.
-        let (Ok(peer), Ok(cut)) = (tcp.peer_addr(), tcp.try_clone()) else {
+        // Without its address (already reset), a connection is dropped at once.
+        let Ok(peer) = tcp.peer_addr() else {
             continue;
         };
+        // One descriptor: the link thread owns the socket; the table only names it (to
+        // cut it at its handshake deadline or at shutdown) and keeps nothing open.
+        let tcp = Arc::new(tcp);
         let conn_id = shared.next_connection.fetch_add(1, Ordering::Relaxed);
-        lock(&shared.connections).insert(conn_id, cut);
+        lock(&shared.connections).insert(conn_id, Arc::downgrade(&tcp));
         let admitted = {
             let mut admission = lock(&shared.admission);
             let admitted = admission.admit(conn_id, peer.ip(), Instant::now());
@@ -102,7 +105,8 @@ pub(crate) fn accept_loop(listener: &TcpListener, shared: Arc<Shared>) {
 
 /// Cuts a connection from any thread: its blocked reads and writes return at once.
 fn cut_connection(shared: &Shared, id: u64) {
-    if let Some(tcp) = lock(&shared.connections).get(&id) {
+    let tcp = lock(&shared.connections).get(&id).and_then(|t| t.upgrade());
+    if let Some(tcp) = tcp {
         let _ = tcp.shutdown(std::net::Shutdown::Both);
     }
 }
@@ -128,17 +132,22 @@ pub(crate) fn watch_handshakes(shared: &Shared) {
     }
 }
 
-/// One worker connection, on its own thread: handshake, registration, then this thread
-/// reads while a second one writes.
+/// One worker connection, on its own thread: handshake, registration, then the link
+/// (reading, heartbeats) on this same thread; whoever sends on it writes directly.
 fn serve_connection(
     shared: &Arc<Shared>,
-    tcp: TcpStream,
+    tcp: Arc<TcpStream>,
     peer: SocketAddr,
     conn_id: u64,
     deadline: Instant,
 ) {
     let who = peer.to_string();
-    let accepted = link::accept(tcp, shared.tls.as_ref(), deadline);
+    let accepted = link::accept(
+        tcp,
+        shared.tls.as_ref(),
+        deadline,
+        format!("worker at {who}"),
+    );
     // False when the watchdog or a newcomer took the slot (and cut the socket) first.
     let kept_slot = lock(&shared.admission).finish(conn_id);
     let (mut est, hello) = match accepted {
@@ -147,21 +156,19 @@ fn serve_connection(
             log::warn!("refused connection from {who}: {e}");
             return;
         }
-        _ if Instant::now() >= deadline => {
-            log::warn!("refused connection from {who}: no TLS handshake and hello by the deadline");
+        Ok((est, _)) => {
+            est.tx.release();
+            log_lost_slot(&who, deadline);
             return;
         }
-        _ => {
-            log::debug!(
-                "dropped connection from {who}: a newer connection took its handshake slot"
-            );
+        Err(_) => {
+            log_lost_slot(&who, deadline);
             return;
         }
     };
     let peer = Some(peer);
-    let live = Liveness::new();
-    let (out_tx, out_rx) = bounded::<Outbound<ManagerMessage>>(LINK_QUEUE);
-    let out = Outbox::new(out_tx, live.clone(), est.closer.clone());
+    let live = est.tx.live().clone();
+    let out = Outbox::new(est.tx.clone());
     let routes: Arc<Routes> = Arc::default();
     let (reply_tx, reply_rx) = bounded(1);
     let name = hello.name.clone();
@@ -173,22 +180,21 @@ fn serve_connection(
             out,
             routes: routes.clone(),
             live: live.clone(),
-            closer: est.closer.clone(),
         },
         reply: reply_tx,
     };
     if shared.events.send(register).is_err() {
-        link::refuse(&mut est.writer, "the manager is shutting down");
+        link::refuse(&est, "the manager is shutting down");
         return;
     }
     let (worker_id, resume) = match reply_rx.recv() {
         Ok(Ok(x)) => x,
         Ok(Err(reason)) => {
-            link::refuse(&mut est.writer, &reason);
+            link::refuse(&est, &reason);
             return;
         }
         Err(_) => {
-            link::refuse(&mut est.writer, "the manager is shutting down");
+            link::refuse(&est, "the manager is shutting down");
             return;
         }
     };
@@ -202,24 +208,11 @@ fn serve_connection(
         reconnect_grace_ms: ms(shared.reconnect_grace),
         resume,
     };
-    let started =
-        link::welcome(&mut est, &welcome).and_then(|()| link::go_live(&est, shared.timing));
-    let writer = match started {
-        Ok(()) => link::spawn_writer(
-            label.clone(),
-            est.writer,
-            est.closer.clone(),
-            out_rx,
-            live.clone(),
-            shared.timing,
-        )
-        .map_err(|e| Error::io("starting a link writer thread", e)),
-        Err(e) => Err(e),
-    };
+    let started = link::welcome(&mut est, &welcome, shared.timing);
     let mut complaints = Complaints::default();
-    let result = match &writer {
+    let result = match started {
         // A panic here must not leave the worker registered with its link gone.
-        Ok(_) => catch_unwind(AssertUnwindSafe(|| {
+        Ok(()) => catch_unwind(AssertUnwindSafe(|| {
             let link = Link {
                 events: &shared.events,
                 counters: &shared.counters,
@@ -227,27 +220,44 @@ fn serve_connection(
                 label: &label,
                 routes: &routes,
             };
-            link::read_messages(&mut est.reader, &live, |msg: WorkerMessage| {
-                match routing::on_worker_message(&link, &mut complaints, msg) {
-                    Ok(()) => true,
-                    Err(why) => {
-                        log::warn!("{label}: {why}; closing the link");
-                        live.close_because(why);
-                        false
-                    }
+            let tx = est.tx.clone();
+            let heartbeat = || {
+                Outbox::<ManagerMessage>::new(tx.clone()).send(ManagerMessage::Heartbeat);
+            };
+            let mut deliver = |msg: WorkerMessage| match routing::on_worker_message(
+                &link,
+                &mut complaints,
+                msg,
+            ) {
+                Ok(()) => true,
+                Err(why) => {
+                    log::warn!("{label}: {why}; closing the link");
+                    live.close_because(why);
+                    false
                 }
-            })
+            };
+            link::drive(
+                &mut est.reader,
+                &est.tx,
+                link::Drive {
+                    timing: shared.timing,
+                    beat: Beat::Answer,
+                    heartbeat: &heartbeat,
+                    deliver: &mut deliver,
+                },
+            )
         }))
         .unwrap_or_else(|_| {
             Err(Error::Protocol(
                 "the link's reader failed (a bug: see the log)".into(),
             ))
         }),
-        Err(e) => Err(Error::Protocol(e.to_string())),
+        Err(e) => Err(e),
     };
     complaints.summary(&label);
-    live.mark_closed();
-    est.closer.close();
+    // Nothing keeps the socket open from here: whoever still holds the link's `Tx`
+    // (the dispatcher until it forgets the worker, job sinks) finds it closed.
+    est.tx.release();
     let reason = live.reason().unwrap_or_else(|| match result {
         Ok(()) => "it closed the connection".to_string(),
         Err(e) => e.to_string(),
@@ -256,7 +266,12 @@ fn serve_connection(
         worker: worker_id,
         event: LinkEvent::Closed { reason },
     });
-    if let Ok(w) = writer {
-        let _ = w.join();
+}
+
+fn log_lost_slot(who: &str, deadline: Instant) {
+    if Instant::now() >= deadline {
+        log::warn!("refused connection from {who}: no TLS handshake and hello by the deadline");
+    } else {
+        log::debug!("dropped connection from {who}: a newer connection took its handshake slot");
     }
 }

@@ -31,7 +31,7 @@ use sink::JobSink;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -49,12 +49,6 @@ const LISTEN_BACKLOG: libc::c_int = 4096;
 
 /// The largest job accepted: half a frame, so that a `Run` always fits one.
 pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
-
-/// How many messages may wait in a link's outbound queue. Legitimately a link holds a
-/// few per running job (`Run`, `Pause`/`Resume`, `Cancel`, `Ended`) and a worker has at
-/// most 1024 slots; a worker that stops reading fills it, and its link is closed rather
-/// than the queue grown or anyone blocked.
-const LINK_QUEUE: usize = 4096;
 
 /// The longest grace or timeout a manager accepts in its configuration.
 const MAX_CONFIG_DURATION: Duration = Duration::from_secs(365 * 86_400);
@@ -253,8 +247,9 @@ pub(crate) struct Shared {
     /// The connections in handshake (see `admission`); the watchdog waits on `admission_wake`.
     admission: Mutex<Admission>,
     admission_wake: Condvar,
-    /// Every open connection, so that shutdown can cut them all.
-    connections: Mutex<HashMap<u64, TcpStream>>,
+    /// Every open connection, so that the handshake watchdog and shutdown can cut
+    /// them. Weak: the link thread owns the socket, and this keeps no descriptor open.
+    connections: Mutex<HashMap<u64, Weak<TcpStream>>>,
     next_connection: AtomicU64,
     link_threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -531,7 +526,11 @@ impl Manager {
             s.admission_wake.notify_all();
         }
         let _ = watchdog.join();
-        for tcp in lock(&s.connections).values() {
+        let open: Vec<Arc<TcpStream>> = lock(&s.connections)
+            .values()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for tcp in open {
             let _ = tcp.shutdown(std::net::Shutdown::Both);
         }
         let threads: Vec<JoinHandle<()>> = lock(&s.link_threads).drain(..).collect();

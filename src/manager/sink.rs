@@ -264,9 +264,9 @@ fn cost(ev: &JobEvent) -> usize {
 mod tests {
     use super::*;
     use crate::job::{Outcome, Stream};
-    use crate::link::{Liveness, Outbound};
-    use crossbeam_channel::{Receiver, bounded, unbounded};
-    use std::time::Duration;
+    use crate::link::Liveness;
+    use crossbeam_channel::{bounded, unbounded};
+    use std::time::{Duration, Instant};
 
     fn out(n: u8) -> JobEvent {
         JobEvent::Output {
@@ -275,9 +275,27 @@ mod tests {
         }
     }
 
-    fn producer() -> (Producer, Receiver<Outbound<ManagerMessage>>) {
-        let (tx, rx) = unbounded();
-        (Outbox::detached(tx, Liveness::new()), rx)
+    fn producer() -> (Producer, Sent) {
+        let out = Outbox::detached(Liveness::new(), 1 << 20);
+        (out.clone(), Sent(out))
+    }
+
+    /// What a producer was sent, as the worker would read it.
+    struct Sent(Producer);
+
+    impl Sent {
+        /// The next `n` messages, waiting (with a deadline) for the sink's delivery
+        /// thread to send them.
+        fn next(&self, n: usize) -> Vec<ManagerMessage> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut got = Vec::new();
+            while got.len() < n {
+                got.extend(self.0.take_sent().0);
+                assert!(Instant::now() < deadline, "only {got:?} sent");
+                std::thread::yield_now();
+            }
+            got
+        }
     }
 
     fn sized(n: usize) -> JobEvent {
@@ -296,10 +314,7 @@ mod tests {
         assert!(sink.has_room(100));
         sink.push(sized(100)); // into the channel
         sink.push(sized(100)); // full: backlog, pause
-        assert!(matches!(
-            prx.recv_timeout(Duration::from_secs(10)).unwrap(),
-            Outbound::Message(ManagerMessage::Pause { job: JobId(4) })
-        ));
+        assert_eq!(prx.next(1), vec![ManagerMessage::Pause { job: JobId(4) }]);
         let mut taken = 2;
         // The worker ignores the pause: the backlog takes up to its limit, then has no room.
         while sink.has_room(100) {
@@ -363,10 +378,7 @@ mod tests {
         }
         sink.push(JobEvent::Finished(Outcome::Exited(0)));
         sink.push(out(99)); // after Finished: ignored
-        assert!(matches!(
-            prx.recv_timeout(Duration::from_secs(10)).unwrap(),
-            Outbound::Message(ManagerMessage::Pause { job: JobId(9) })
-        ));
+        assert_eq!(prx.next(1), vec![ManagerMessage::Pause { job: JobId(9) }]);
         let got: Vec<JobEvent> = rx.iter().take(11).collect();
         assert!(rx.try_recv().is_err(), "nothing after Finished");
         let mut want: Vec<JobEvent> = (0..10).map(out).collect();
@@ -384,17 +396,13 @@ mod tests {
         sink.push(out(0));
         sink.push(out(1)); // full: pause, pump waits
         drop(rx);
-        let msgs: Vec<_> = (0..2)
-            .map(|_| prx.recv_timeout(Duration::from_secs(10)).unwrap())
-            .collect();
-        assert!(matches!(
-            msgs[0],
-            Outbound::Message(ManagerMessage::Pause { .. })
-        ));
-        assert!(matches!(
-            msgs[1],
-            Outbound::Message(ManagerMessage::Resume { .. })
-        ));
+        assert_eq!(
+            prx.next(2),
+            vec![
+                ManagerMessage::Pause { job: JobId(3) },
+                ManagerMessage::Resume { job: JobId(3) }
+            ]
+        );
         sink.push(out(2)); // discarded without error
     }
 }

@@ -1,26 +1,31 @@
 //! The threads around a worker's [`Session`]: they feed it inputs and carry out what it
 //! asks, and decide nothing themselves.
 //!
-//! - The **worker thread** sleeps until the session's next deadline (a backoff, the
-//!   held jobs' grace, a drain deadline, the stop wait) and ticks it, until it exits.
-//! - A **link thread** per connection attempt connects (TCP, TLS and the hello under the
-//!   deadline the session chose), then reads the manager's messages into the session
-//!   until the link drops.
-//! - A **writer** per link pulls what to send from the session ([`Session::transmit`]),
-//!   frames it, and writes it; it sends a heartbeat when it has been idle for the
-//!   heartbeat interval and closes the link when the manager has been silent too long.
+//! - The **worker thread** ticks the session at its deadlines (a backoff, the held jobs'
+//!   grace, a drain deadline, the stop wait) and, while connected, also drives the link:
+//!   it waits in `poll` on the link's socket and its own waker, with the earliest of the
+//!   session's deadline, the next heartbeat and the manager's silence running out as the
+//!   timeout; it reads the manager's messages into the session, sends heartbeats and
+//!   closes a link whose manager went silent. A connected idle worker has this one thread.
+//! - A short-lived **link thread** per connection attempt connects (TCP, TLS and the
+//!   hello under the deadline the session chose) and hands the link to the worker thread.
+//! - Nothing writes on a thread of its own: whoever gives the session something to send
+//!   (a supervisor reporting output or an ending, the worker thread, an API call) then
+//!   sends what the session has for the link itself, as much as the socket takes
+//!   without waiting (`LinkOut::kick`); the rest waits for the process's flusher
+//!   thread, which pulls more from the session as the socket drains, so output is paced
+//!   by what the socket takes ([`Session::transmit`]).
 //! - The **supervisor pool** (`pool`) runs the jobs; a supervisor reports output and
-//!   endings straight into the session, which numbers and keeps them. If the link's
-//!   writer is idle, the supervisor then sends what the session has for the link
-//!   itself, as much as the socket takes without waiting, and leaves the rest to the
-//!   writer thread: output usually goes from the job's pipe to the socket with no
-//!   hand-off, in the buffer it was read into.
+//!   endings straight into the session, which numbers and keeps them: output usually
+//!   goes from the job's pipe to the socket with no hand-off, in the buffer it was read
+//!   into.
 //!
 //! The session sits behind one mutex. Whoever has an input locks it, feeds it, carries
 //! out its actions and unlocks; nothing done under the lock blocks (a job control is an
-//! atomic store and a pipe poke, waking the writer a channel `try_send`), so a full
-//! link never keeps the session from handling `Stop`, `Cancel` or `Pause`. Handing a
-//! job to a supervisor and starting a link thread happen after the unlock.
+//! atomic store and a pipe poke, waking the worker thread a write to its waker), and no
+//! thread ever waits on the socket, so a full link never keeps the session from handling
+//! `Stop`, `Cancel` or `Pause`. Handing a job to a supervisor, starting a link thread and
+//! sending happen after the unlock.
 
 use super::config::WorkerConfig;
 use super::executor::{self, JobEvents, JobKey, RunningJob};
@@ -29,16 +34,19 @@ use super::pool::Pool;
 use super::replay::Chunk;
 use super::session::{Action, Input, Pull, STOP_WAIT, Session, Transmit};
 use crate::error::Error;
+use crate::flusher::{Flush, Flushed};
 use crate::job::{JobSpec, Outcome, Stream};
-use crate::link::{self, Liveness, Timing};
-use crate::protocol::{self, WorkerHello, WorkerMessage};
-use crate::tls::{Closer, WriteHalf};
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
+use crate::link::{self, Beat, Reader, Sent, Timing, Tx};
+use crate::net::{self, Waker};
+use crate::protocol::{self, Heartbeat, WorkerHello, WorkerMessage};
+use crossbeam_channel::Sender;
 use rustls::ClientConfig;
 use std::collections::HashMap;
+use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -88,40 +96,33 @@ impl Env {
 /// The link that is up, as the drivers reach it.
 struct LinkHandle {
     id: u64,
-    wake_writer: Sender<()>,
-    closer: Closer,
     out: Arc<LinkOut>,
 }
 
-/// A link's sending side: whoever holds `writer` sends what the session has for the
-/// link. That is the link's writer thread, or a supervisor that has just reported its
-/// job's end and finds the writer idle (one hand-off less on a job's way back).
+/// A link's sending side: whoever holds `sending` sends what the session has for the
+/// link (see [`LinkOut::kick`]).
 struct LinkOut {
     id: u64,
-    writer: Mutex<Sending>,
-    closer: Closer,
-    live: Arc<Liveness>,
-    label: String,
+    tx: Arc<Tx>,
+    sending: Mutex<Sending>,
+    /// Someone had something for the link while another thread was sending: that one
+    /// goes round again.
+    want: AtomicBool,
+    shared: Weak<Shared>,
 }
 
+#[derive(Default)]
 struct Sending {
-    half: WriteHalf,
     batch: Vec<Transmit>,
     frames: Frames,
-    last_tx: Instant,
 }
 
-/// How a round of sending ended.
-enum Sent {
-    /// Nothing left to send.
-    Idle,
-    /// The socket takes no more now; what is left waits in the link's queue for the
-    /// writer thread (only when not waiting).
-    Busy,
-    /// The goodbye is out: close the link.
-    Close,
-    /// Writing failed; the link is being closed.
-    Failed,
+/// The link the worker thread reads, handed over by the link thread that connected it.
+struct Reading {
+    id: u64,
+    reader: Reader,
+    out: Arc<LinkOut>,
+    timing: Timing,
 }
 
 struct State {
@@ -129,6 +130,8 @@ struct State {
     /// Runs that have a supervisor (or are about to), until it is done with them.
     jobs: HashMap<JobKey, RunningJob>,
     link: Option<LinkHandle>,
+    /// A link just made, for the worker thread to take and read.
+    reading: Option<Reading>,
     /// Link threads, joined when the worker ends.
     link_threads: Vec<JoinHandle<()>>,
     /// When the worker thread will wake by itself, while it sleeps.
@@ -142,15 +145,16 @@ struct Later {
     failed: Vec<(JobKey, String)>,
     connect: Option<(WorkerHello, Instant)>,
     wake_driver: bool,
-    /// Send on this link from the feeding thread, unless its writer is at it.
-    send_here: Option<(Arc<LinkOut>, Sender<()>)>,
+    /// Send what the session has for this link from the feeding thread.
+    send: Option<Arc<LinkOut>>,
 }
 
 /// One worker's session and everything its threads share.
 pub(crate) struct Shared {
     name: String,
     state: Mutex<State>,
-    wake_driver: Sender<()>,
+    /// Wakes the worker thread from its `poll`.
+    wake: Waker,
     pool: Pool,
     env: Env,
     pub(crate) status: Status,
@@ -167,17 +171,17 @@ pub(crate) fn start(
     env: Env,
     done: Sender<()>,
 ) -> std::io::Result<(Arc<Shared>, JoinHandle<()>)> {
-    let (wake_tx, wake_rx) = bounded(1);
     let shared = Arc::new(Shared {
         name: name.clone(),
         state: Mutex::new(State {
             session,
             jobs: HashMap::new(),
             link: None,
+            reading: None,
             link_threads: Vec::new(),
             sleeps_until: None,
         }),
-        wake_driver: wake_tx,
+        wake: Waker::new()?,
         pool: Pool::new(slots as usize),
         env,
         status: Status::default(),
@@ -185,7 +189,7 @@ pub(crate) fn start(
     let s = shared.clone();
     let thread = crate::thread::spawn(format!("wp-worker-{name}"), move || {
         let _done = done;
-        worker_thread(s, wake_rx)
+        worker_thread(s)
     })?;
     Ok((shared, thread))
 }
@@ -198,28 +202,12 @@ impl Shared {
 
     /// Like `feed`, running `before` under the same lock first.
     fn feed_with(self: &Arc<Self>, input: Input, before: impl FnOnce(&mut State)) {
-        self.feed_inner(input, before, false);
-    }
-
-    /// Like `feed`, and what the input gives the link to send is sent from this thread
-    /// if the link's writer is idle. Only for threads that may wait on the socket:
-    /// supervisors (a supervisor that waits holds back only its own job).
-    fn feed_and_send(self: &Arc<Self>, input: Input) {
-        self.feed_inner(input, |_| {}, true);
-    }
-
-    fn feed_inner(
-        self: &Arc<Self>,
-        input: Input,
-        before: impl FnOnce(&mut State),
-        send_here: bool,
-    ) {
         let mut later = Later::default();
         {
             let mut st = lock(&self.state);
             before(&mut st);
             st.session.handle(Instant::now(), input);
-            carry_out(&mut st, &mut later, send_here);
+            carry_out(&mut st, &mut later);
         }
         self.finish(later);
     }
@@ -230,7 +218,7 @@ impl Shared {
         let pull = {
             let mut st = lock(&self.state);
             let pull = st.session.transmit(id, BATCH_BYTES, out);
-            carry_out(&mut st, &mut later, false);
+            carry_out(&mut st, &mut later);
             pull
         };
         self.finish(later);
@@ -278,22 +266,10 @@ impl Shared {
             }
         }
         if later.wake_driver {
-            let _ = self.wake_driver.try_send(());
+            self.wake.wake();
         }
-        if let Some((out, wake_writer)) = later.send_here {
-            // Only if the writer is not at it; if it is, it sends this too.
-            // Never waiting on the socket: what it does not take at once is left to the
-            // writer thread (a supervisor also enforces its job's timeout and cancels).
-            let sent = match out.writer.try_lock() {
-                Ok(mut sending) => Some(send_all(self, &out, &mut sending, false)),
-                Err(std::sync::TryLockError::Poisoned(p)) => {
-                    Some(send_all(self, &out, &mut p.into_inner(), false))
-                }
-                Err(std::sync::TryLockError::WouldBlock) => None,
-            };
-            if !matches!(sent, Some(Sent::Idle)) {
-                let _ = wake_writer.try_send(());
-            }
+        if let Some(out) = later.send {
+            out.kick(self);
         }
     }
 
@@ -311,7 +287,7 @@ impl Shared {
 
 /// Carries out the session's actions that do not block, under the lock; collects the
 /// others for `finish`.
-fn carry_out(st: &mut State, later: &mut Later, send_here: bool) {
+fn carry_out(st: &mut State, later: &mut Later) {
     let State {
         session,
         jobs,
@@ -348,11 +324,7 @@ fn carry_out(st: &mut State, later: &mut Later, send_here: bool) {
             }
             Action::WakeWriter => {
                 if let Some(l) = link {
-                    if send_here {
-                        later.send_here = Some((l.out.clone(), l.wake_writer.clone()));
-                    } else {
-                        let _ = l.wake_writer.try_send(());
-                    }
+                    later.send = Some(l.out.clone());
                 }
             }
             Action::Exit => later.wake_driver = true,
@@ -377,11 +349,11 @@ struct Reporter(Arc<Shared>);
 
 impl JobEvents for Reporter {
     fn output(&self, key: JobKey, stream: Stream, bytes: Chunk) {
-        self.0.feed_and_send(Input::Output { key, stream, bytes });
+        self.0.feed(Input::Output { key, stream, bytes });
     }
 
     fn exited(&self, key: JobKey, outcome: Outcome, cleanup_error: Option<String>) {
-        self.0.feed_and_send(Input::Exited {
+        self.0.feed(Input::Exited {
             key,
             outcome,
             cleanup_error,
@@ -395,8 +367,10 @@ impl JobEvents for Reporter {
     }
 }
 
-/// Ticks the session at its deadlines until it exits, then closes what is left.
-fn worker_thread(shared: Arc<Shared>, wake: Receiver<()>) {
+/// Ticks the session at its deadlines and, while connected, drives the link, until the
+/// session exits; then closes what is left.
+fn worker_thread(shared: Arc<Shared>) {
+    let mut reading: Option<Reading> = None;
     loop {
         shared.feed(Input::Tick);
         let deadline = {
@@ -404,32 +378,87 @@ fn worker_thread(shared: Arc<Shared>, wake: Receiver<()>) {
             if st.session.has_exited() {
                 break;
             }
+            if let Some(r) = st.reading.take() {
+                if let Some(old) = reading.replace(r) {
+                    // (The session moved to a newer link; the old one is done.)
+                    old.out.tx.release();
+                }
+                // Frames that came with the welcome (already read) are not announced
+                // by `poll`: read them first.
+                drop(st);
+                if let Some(r) = &mut reading
+                    && let Some(why) = read_link(&shared, r)
+                {
+                    let r = reading.take().expect("a link");
+                    link_down(&shared, r, why);
+                }
+                continue;
+            }
             let deadline = st.session.next_deadline();
             st.sleeps_until = Some(deadline);
             deadline
         };
-        match deadline {
-            Some(d) => {
-                let _ = wake.recv_deadline(d);
+        let mut fds = [
+            net::pollfd(shared.wake.fd(), libc::POLLIN),
+            net::pollfd(-1, libc::POLLIN),
+        ];
+        let mut until = deadline;
+        if let Some(r) = &reading {
+            match link_deadline(r) {
+                Some(d) => until = Some(until.map_or(d, |u| u.min(d))),
+                None => {
+                    let r = reading.take().expect("a link");
+                    link_down(&shared, r, "the manager went silent".into());
+                    lock(&shared.state).sleeps_until = None;
+                    continue;
+                }
             }
-            None => {
-                let _ = wake.recv();
-            }
+            fds[1].fd = r.reader.socket().as_raw_fd();
+        }
+        if let Err(e) = net::poll(&mut fds, until) {
+            log::error!("worker {}: poll failed: {e}", shared.name);
+        }
+        if fds[0].revents != 0 {
+            shared.wake.clear();
         }
         lock(&shared.state).sleeps_until = None;
+        if fds[1].revents != 0
+            && let Some(r) = &mut reading
+        {
+            let ended = read_link(&shared, r);
+            if let Some(why) = ended {
+                let r = reading.take().expect("a link");
+                link_down(&shared, r, why);
+            }
+        }
     }
     // A link still up (the goodbye could not go out in time) is cut; a connection
     // attempt under way ends by its own deadline.
     let link_threads = {
         let mut st = lock(&shared.state);
         if let Some(l) = st.link.take() {
-            l.closer.close();
+            l.out.tx.cut();
+        }
+        if let Some(r) = st.reading.take() {
+            r.out.tx.release();
         }
         std::mem::take(&mut st.link_threads)
     };
+    if let Some(r) = reading.take() {
+        r.out.tx.release();
+    }
     for t in link_threads {
         let _ = t.join();
     }
+    {
+        // A link that came up while the worker was ending.
+        let mut st = lock(&shared.state);
+        if let Some(r) = st.reading.take() {
+            r.out.tx.release();
+        }
+        st.link = None;
+    }
+    shared.status.connected.store(false, Ordering::Relaxed);
     if !shared.pool.close(Instant::now() + STOP_WAIT) {
         log::warn!(
             "worker {}: a job supervisor did not end in time; left behind",
@@ -438,7 +467,61 @@ fn worker_thread(shared: Arc<Shared>, wake: Receiver<()>) {
     }
 }
 
-/// One connection: the attempt, then (if welcomed) the writer and the reading.
+/// For the link the worker thread drives: sends a heartbeat if one is due, and says
+/// when to look again (the next heartbeat, or the manager's silence running out);
+/// `None` when the manager has been silent too long (the link is then cut).
+fn link_deadline(r: &Reading) -> Option<Instant> {
+    let tx = &r.out.tx;
+    let live = tx.live();
+    let now = Instant::now();
+    let silent = live.silent_at(now);
+    if silent > r.timing.heartbeat_timeout {
+        let why = format!(
+            "nothing heard for {:.1} s (timeout {:.1} s)",
+            silent.as_secs_f64(),
+            r.timing.heartbeat_timeout.as_secs_f64()
+        );
+        log::warn!("{}: {why}; closing the link", tx.label());
+        live.close_because(why);
+        tx.cut();
+        return None;
+    }
+    if Beat::Lead.due(r.timing, tx.last_tx(), now, false) && !tx.is_closing() {
+        tx.send_with(|buf| protocol::encode_into(buf, &WorkerMessage::heartbeat()));
+    }
+    let silence_ends = now + (r.timing.heartbeat_timeout - silent) + Duration::from_millis(1);
+    Some(Beat::Lead.next(r.timing, tx.last_tx()).min(silence_ends))
+}
+
+/// Reads what the manager sent into the session; why the link ended, if it did.
+fn read_link(shared: &Arc<Shared>, r: &mut Reading) -> Option<String> {
+    let mut deliver = |m| {
+        shared.feed(Input::Manager(m));
+        true
+    };
+    match link::read_ready(&mut r.reader, &r.out.tx, &mut deliver) {
+        Ok(got) if got.open => None,
+        Ok(_) => Some("the manager closed the connection".into()),
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// The link the worker thread drove has ended: its socket is let go of, and the
+/// session hears of it.
+fn link_down(shared: &Arc<Shared>, r: Reading, why: String) {
+    let why = r.out.tx.live().reason().unwrap_or(why);
+    r.out.tx.release();
+    shared.status.connected.store(false, Ordering::Relaxed);
+    let id = r.id;
+    shared.feed_with(Input::Disconnected { why }, |st| {
+        if st.link.as_ref().is_some_and(|l| l.id == id) {
+            st.link = None;
+        }
+    });
+}
+
+/// One connection attempt: connects and, if welcomed, hands the link to the worker
+/// thread and ends.
 fn link_thread(shared: Arc<Shared>, hello: WorkerHello, deadline: Instant) {
     let env = &shared.env;
     let attempt = link::connect(
@@ -462,197 +545,132 @@ fn link_thread(shared: Arc<Shared>, hello: WorkerHello, deadline: Instant) {
     };
     // Whatever the numbers say, the timing adopted is sane (see `Timing::adopted`).
     let timing = Timing::adopted(welcome.heartbeat_interval_ms, welcome.heartbeat_timeout_ms);
-    if let Err(e) = link::go_live(&est, timing) {
-        shared.feed(Input::ConnectFailed {
-            why: e.to_string(),
-            loud: false,
-        });
-        return;
-    }
-    let link::Established {
-        mut reader,
-        writer,
-        closer,
-        ..
-    } = est;
-    let live = Liveness::new();
-    let (wake_tx, wake_rx) = bounded(1);
-    let mut out = None;
+    let link::Established { reader, tx, .. } = est;
+    tx.set_stall(timing.heartbeat_timeout);
+    tx.live().touch();
     shared.feed(Input::Connected(welcome));
-    {
+    let out = {
         let mut st = lock(&shared.state);
-        if let Some(id) = st.session.link_id() {
-            let link_out = Arc::new(LinkOut {
-                id,
-                writer: Mutex::new(Sending {
-                    half: writer,
-                    batch: Vec::new(),
-                    frames: Frames::default(),
-                    last_tx: Instant::now(),
-                }),
-                closer: closer.clone(),
-                live: live.clone(),
-                label: format!("manager {}", env.address),
-            });
-            out = Some(link_out.clone());
-            st.link = Some(LinkHandle {
-                id,
-                wake_writer: wake_tx,
-                closer: closer.clone(),
-                out: link_out,
-            });
+        match st.session.link_id() {
+            Some(id) => {
+                let out = Arc::new(LinkOut {
+                    id,
+                    tx: tx.clone(),
+                    sending: Mutex::new(Sending::default()),
+                    want: AtomicBool::new(false),
+                    shared: Arc::downgrade(&shared),
+                });
+                let weak: Weak<LinkOut> = Arc::downgrade(&out);
+                tx.flush_with(weak);
+                st.link = Some(LinkHandle {
+                    id,
+                    out: out.clone(),
+                });
+                if let Some(old) = st.reading.replace(Reading {
+                    id,
+                    reader,
+                    out: out.clone(),
+                    timing,
+                }) {
+                    old.out.tx.release();
+                }
+                Some(out)
+            }
+            None => None,
         }
-    }
+    };
     let Some(out) = out else {
-        closer.close();
+        tx.release();
         return;
     };
-    let id = out.id;
     shared.status.sessions.fetch_add(1, Ordering::Relaxed);
     shared.status.connected.store(true, Ordering::Relaxed);
-    let writer = {
-        let shared = shared.clone();
-        crate::thread::relay("wp-link-writer", move || {
-            write_link(&shared, &out, &wake_rx, timing)
-        })
-    };
-    let writer = match writer {
-        Ok(w) => Some(w),
-        Err(e) => {
-            log::error!("worker {}: cannot start a writer thread: {e}", shared.name);
-            closer.close();
-            None
-        }
-    };
-    let read = link::read_messages(&mut reader, &live, |m| {
-        shared.feed(Input::Manager(m));
-        true
-    });
-    live.mark_closed();
-    closer.close();
-    if let Some(w) = writer {
-        let _ = w.join();
-    }
-    shared.status.connected.store(false, Ordering::Relaxed);
-    let why = match read {
-        Ok(()) => "the manager closed the connection".into(),
-        Err(e) => e.to_string(),
-    };
-    shared.feed_with(Input::Disconnected { why }, |st| {
-        if st.link.as_ref().is_some_and(|l| l.id == id) {
-            st.link = None;
-        }
-    });
+    shared.wake.wake();
+    // What the session had for the link as it came up (a resume's replay).
+    out.kick(&shared);
 }
 
-/// A link's writer thread: sends what the session has for the link (unless a
-/// supervisor is at it), a heartbeat when nothing was sent for the interval, and closes
-/// the link when the manager has been silent too long.
-fn write_link(shared: &Arc<Shared>, out: &LinkOut, wake: &Receiver<()>, timing: Timing) {
-    let live = &out.live;
-    loop {
-        if live.stale(timing.heartbeat_timeout) {
-            log::warn!(
-                "{}: nothing heard for {:.1} s (timeout {:.1} s); closing the link",
-                out.label,
-                live.silent_for().as_secs_f64(),
-                timing.heartbeat_timeout.as_secs_f64()
-            );
-            break;
-        }
-        let last_tx = {
-            let mut sending = lock(&out.writer);
-            match send_all(shared, out, &mut sending, true) {
-                Sent::Idle | Sent::Busy => sending.last_tx,
-                Sent::Close => {
-                    // Close cleanly (close_notify), then cut both ways: the reader stops
-                    // at once instead of waiting for the manager to close too.
-                    sending.half.close();
-                    break;
-                }
-                Sent::Failed => break,
+impl LinkOut {
+    /// Sends what the session has for the link, unless another thread is at it (that
+    /// one then goes round again). Never waits on the socket: what it does not take at
+    /// once is left to the flusher, which pulls the rest as the socket drains.
+    fn kick(self: &Arc<Self>, shared: &Arc<Shared>) {
+        loop {
+            self.want.store(true, Ordering::SeqCst);
+            let mut sending = match self.sending.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return,
+            };
+            self.want.store(false, Ordering::SeqCst);
+            send_round(shared, self, &mut sending);
+            drop(sending);
+            if !self.want.load(Ordering::SeqCst) {
+                return;
             }
+        }
+    }
+}
+
+impl Flush for LinkOut {
+    fn flush(&self, now: Instant) -> Flushed {
+        let Some(shared) = self.shared.upgrade() else {
+            self.tx.cut();
+            return Flushed::Done;
         };
-        let wait = timing.heartbeat_interval.saturating_sub(last_tx.elapsed());
-        match wake.recv_timeout(wait) {
-            Ok(()) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                let mut sending = lock(&out.writer);
-                if sending.last_tx.elapsed() >= timing.heartbeat_interval {
-                    let heartbeat = [Transmit::Message(WorkerMessage::Heartbeat)];
-                    if write_batch(out, &mut sending, &heartbeat, true).is_none() {
-                        break;
-                    }
-                }
+        {
+            let mut sending = lock(&self.sending);
+            if let Flushed::Waiting { deadline } = self.tx.flush_pending(now) {
+                return Flushed::Waiting { deadline };
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            self.tx.flushed();
+            // The socket took it all: pull more (a rest that waits registers anew).
+            send_round(&shared, self, &mut sending);
         }
+        if self.want.load(Ordering::SeqCst) {
+            // (`kick` needs the `Arc`; the session's link handle has one.)
+            let out = lock(&shared.state)
+                .link
+                .as_ref()
+                .filter(|l| l.id == self.id)
+                .map(|l| l.out.clone());
+            if let Some(out) = out {
+                out.kick(&shared);
+            }
+        }
+        Flushed::Done
     }
-    live.mark_closed();
-    out.closer.close();
 }
 
-/// Sends what the session has for the link until it has nothing more, first what is
-/// left from an earlier round. With `wait` false, stops when the socket takes no more.
-fn send_all(shared: &Arc<Shared>, out: &LinkOut, sending: &mut Sending, wait: bool) -> Sent {
-    if sending.half.has_queued() {
-        match send_queued(out, sending, wait) {
-            Some(true) => {}
-            Some(false) => return Sent::Busy,
-            None => return Sent::Failed,
-        }
+/// Sends what the session has for the link until it has nothing more, the socket takes
+/// no more (the flusher then has the link), or the goodbye is out (the link is then
+/// closed: close_notify, and the socket shut down both ways once it is out, which ends
+/// the worker thread's reading at once).
+fn send_round(shared: &Arc<Shared>, out: &LinkOut, sending: &mut Sending) {
+    if out.tx.pending() > 0 || out.tx.is_flushing() {
+        return; // the flusher has the link, and pulls more when the socket drains
     }
     let mut batch = std::mem::take(&mut sending.batch);
-    let sent = loop {
+    loop {
         batch.clear();
         match shared.transmit(out.id, &mut batch) {
-            Pull::Sent => match write_batch(out, sending, &batch, wait) {
-                Some(true) => {}
-                Some(false) => break Sent::Busy,
-                None => break Sent::Failed,
-            },
-            Pull::Idle => break Sent::Idle,
-            Pull::Close => break Sent::Close,
+            Pull::Sent => {
+                sending.frames.encode(&batch, out.tx.label());
+                let parts = sending.frames.parts(&batch);
+                match out.tx.send_parts(&parts) {
+                    Sent::Out => {}
+                    Sent::Left | Sent::Refused => break,
+                }
+            }
+            Pull::Idle => break,
+            Pull::Close => {
+                out.tx.close(Shutdown::Both);
+                break;
+            }
         }
-    };
+    }
     batch.clear();
     sending.batch = batch;
-    sent
-}
-
-/// Frames, encrypts and sends one batch: `Some(true)` if all of it went, `Some(false)`
-/// if some waits in the link's queue (only when not waiting), `None` if sending failed
-/// (the link is then being closed).
-fn write_batch(
-    out: &LinkOut,
-    sending: &mut Sending,
-    batch: &[Transmit],
-    wait: bool,
-) -> Option<bool> {
-    sending.frames.encode(batch, &out.label);
-    if let Err(e) = sending.half.queue_parts(&sending.frames.parts(batch)) {
-        return failed(out, e);
-    }
-    send_queued(out, sending, wait)
-}
-
-fn send_queued(out: &LinkOut, sending: &mut Sending, wait: bool) -> Option<bool> {
-    match sending.half.send_queued(wait) {
-        Ok(all) => {
-            sending.last_tx = Instant::now();
-            Some(all)
-        }
-        Err(e) => failed(out, e),
-    }
-}
-
-fn failed(out: &LinkOut, e: std::io::Error) -> Option<bool> {
-    if !out.live.is_closed() {
-        log::warn!("{}: write failed: {e}; closing the link", out.label);
-    }
-    out.live.mark_closed();
-    out.closer.close();
-    None
 }
 
 /// A batch of messages as frames: the small parts (whole messages, and the heads of

@@ -1,10 +1,11 @@
 //! The dispatcher thread: a thin driver around the [`Dispatcher`] state machine. It
 //! receives [`Event`]s from one channel (API calls from the [`Manager`] handle, news
 //! from link threads), reads the clock once per event, hands the event to the state
-//! machine, and carries out its [`Action`]s: messages into links' outbound queues (which
-//! never block: a full queue closes its link), links closed or cut, subscribers told.
-//! Between events it sleeps until the state machine's next deadline. It owns what the
-//! state machine must not: each link's outbox and socket closer, and the subscribers.
+//! machine, and carries out its [`Action`]s: messages written to links (which never
+//! blocks: a link whose peer stops reading is closed), links closed or cut, subscribers
+//! told. The messages one event gives a link go out together, in one write. Between
+//! events it sleeps until the state machine's next deadline. It owns what the state
+//! machine must not: each link's outbox, and the subscribers.
 //!
 //! [`Manager`]: crate::Manager
 
@@ -18,7 +19,6 @@ use crate::manager::routing::Routes;
 use crate::manager::{ManagerEvent, WorkerInfo};
 use crate::metrics::Stats;
 use crate::protocol::{ManagerMessage, WorkerHello};
-use crate::tls::Closer;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +29,6 @@ pub(crate) struct LinkHandle {
     pub out: Outbox<ManagerMessage>,
     pub routes: Arc<Routes>,
     pub live: Arc<Liveness>,
-    pub closer: Closer,
 }
 
 /// What the dispatcher thread is sent.
@@ -155,10 +154,17 @@ impl Ports {
     }
 
     fn carry_out(&mut self, d: &mut Dispatcher) {
+        // Links sent to in this round, held (corked) until its end: the messages one
+        // event gives a link (a `Run` and the `Ended` before it) go out in one write.
+        let mut corked: Vec<(u64, Outbox<ManagerMessage>)> = Vec::new();
         while let Some(action) = d.poll_action() {
             match action {
                 Action::Send { worker, msg } => {
                     if let Some(l) = self.links.get(&worker) {
+                        if !corked.iter().any(|(w, _)| *w == worker) {
+                            l.out.cork();
+                            corked.push((worker, l.out.clone()));
+                        }
                         l.out.send(msg);
                     }
                 }
@@ -175,8 +181,7 @@ impl Ports {
                 }
                 Action::Cut { worker } => {
                     if let Some(l) = self.links.get(&worker) {
-                        l.live.mark_closed();
-                        l.closer.close();
+                        l.out.cut();
                     }
                 }
                 Action::Forget { worker } => {
@@ -184,6 +189,9 @@ impl Ports {
                 }
                 Action::Notify(ev) => self.subscribers.retain(|s| s.send(ev.clone()).is_ok()),
             }
+        }
+        for (_, out) in corked {
+            out.uncork();
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use super::*;
 use crate::job::Stream;
-use crate::link::{Outbound, Outbox};
+use crate::link::Outbox;
 use crate::manager::dispatcher::driver::Event;
 use crate::manager::routing::{self, Complaints, Link};
 use crate::protocol::{HeldJob, WorkerMessage};
@@ -21,7 +21,6 @@ const GRACE: Duration = Duration::from_secs(10);
 struct TestLink {
     routes: Arc<Routes>,
     out: Outbox<ManagerMessage>,
-    sent: Receiver<Outbound<ManagerMessage>>,
     /// Closed cleanly (after a goodbye) or cut by the dispatcher.
     closed: bool,
     cut: bool,
@@ -146,9 +145,8 @@ impl Rig {
         cert: Option<&[u8]>,
     ) -> std::result::Result<(u64, Vec<(JobId, u64)>), String> {
         let routes: Arc<Routes> = Arc::default();
-        let (tx, sent) = unbounded();
         let live = Liveness::new();
-        let out = Outbox::detached(tx, live.clone());
+        let out = Outbox::detached(live.clone(), crate::link::PENDING_LIMIT);
         let link = LinkPorts {
             routes: routes.clone(),
             live,
@@ -162,7 +160,6 @@ impl Rig {
                 TestLink {
                     routes,
                     out,
-                    sent,
                     closed: false,
                     cut: false,
                 },
@@ -235,13 +232,7 @@ impl Rig {
             .get(&worker)
             .or_else(|| self.gone.get(&worker))
             .expect("a link");
-        link.sent
-            .try_iter()
-            .filter_map(|m| match m {
-                Outbound::Message(m) => Some(m),
-                Outbound::Close => None,
-            })
-            .collect()
+        link.out.take_sent().0
     }
 
     fn runs(&mut self, worker: u64) -> Vec<u64> {
