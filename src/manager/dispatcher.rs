@@ -686,6 +686,13 @@ impl Dispatcher {
             oldest_queued_wait: self
                 .queue
                 .oldest()
+                .into_iter()
+                .chain(
+                    self.running
+                        .values()
+                        .filter_map(|r| r.held.map(|h| h.queued_since)),
+                )
+                .min()
                 .map(|t| now.saturating_duration_since(t)),
             queue_wait: self.queue_wait.clone(),
             dispatch_latency: self.dispatch_latency.clone(),
