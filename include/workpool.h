@@ -495,6 +495,15 @@ wp_result wp_manager_config_add_worker_root_pem_file(struct wp_manager_config *c
 wp_result wp_manager_config_set_max_connections_per_certificate(struct wp_manager_config *config,
                                                                 uint32_t max);
 
+// Sets the most heartbeats a second the manager should hear from idle workers (default
+// 2000; 0: no limit). Beyond that many workers per second of heartbeat interval, the
+// interval announced to workers is stretched to keep to the rate, and the heartbeat
+// timeout and the reconnect grace by as much (see `ManagerConfig::max_heartbeats_per_second`).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_manager_config_set_max_heartbeats_per_second(struct wp_manager_config *config,
+                                                          uint32_t max);
+
 // Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
 // counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
 // 3600000).

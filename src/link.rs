@@ -33,7 +33,7 @@ const KEPT_PLAIN_CAPACITY: usize = 128 << 10;
 const REFUSAL_WAIT: Duration = Duration::from_secs(1);
 
 /// Timing of a link, decided by the manager and adopted by the worker.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Timing {
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -61,6 +61,107 @@ impl Timing {
     }
 }
 
+/// What the manager announces to a worker: the link's timing and its reconnect grace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Paced {
+    pub timing: Timing,
+    pub grace: Duration,
+}
+
+/// The manager's heartbeat pace. Every worker sends a heartbeat per interval when quiet,
+/// and each one wakes its link's thread in the manager: with many workers, that is most
+/// of what an idle manager does. Past `max_per_second` heartbeats a second at the
+/// configured interval, the interval is stretched to keep to that rate, and the timeout
+/// and the reconnect grace by as much (so the grace less the timeout, which is when a
+/// worker gives up its jobs after a loss, does not change). See [`paced`].
+pub(crate) struct Pace {
+    base: Paced,
+    max_per_second: u32,
+    links: std::sync::atomic::AtomicUsize,
+}
+
+impl Pace {
+    pub(crate) fn new(timing: Timing, grace: Duration, max_per_second: u32) -> Pace {
+        Pace {
+            base: Paced { timing, grace },
+            max_per_second,
+            links: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    /// The configured timing and grace.
+    pub(crate) fn base(&self) -> Paced {
+        self.base
+    }
+
+    /// The pace for as many links as are live now.
+    pub(crate) fn now(&self) -> Paced {
+        paced(
+            self.base,
+            self.max_per_second,
+            self.links.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Counts a live link until the guard is dropped.
+    pub(crate) fn link_up(self: &Arc<Self>) -> PaceGuard {
+        self.links.fetch_add(1, Ordering::Relaxed);
+        PaceGuard(self.clone())
+    }
+}
+
+/// A live link, counted in its [`Pace`].
+pub(crate) struct PaceGuard(Arc<Pace>);
+
+impl Drop for PaceGuard {
+    fn drop(&mut self) {
+        self.0.links.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The timing for `links` live links: the base one while `links` heartbeats per interval
+/// stay within `max_per_second` (0: always the base), else an interval of
+/// `links / max_per_second` seconds, with the timeout stretched by the same factor (at
+/// most [`MAX_HEARTBEAT_TIMEOUT`], the interval at most half of it) and the grace longer
+/// by as much as the timeout.
+pub(crate) fn paced(base: Paced, max_per_second: u32, links: usize) -> Paced {
+    let t = base.timing;
+    if max_per_second == 0 || t.heartbeat_interval.is_zero() {
+        return base;
+    }
+    let wanted = Duration::from_secs_f64(links as f64 / f64::from(max_per_second));
+    if wanted <= t.heartbeat_interval {
+        return base;
+    }
+    let factor = wanted.as_secs_f64() / t.heartbeat_interval.as_secs_f64();
+    let timeout = Duration::from_secs_f64(
+        (t.heartbeat_timeout.as_secs_f64() * factor).min(MAX_HEARTBEAT_TIMEOUT.as_secs_f64()),
+    )
+    .max(t.heartbeat_timeout);
+    let ms = |d: Duration| Duration::from_millis(d.as_millis() as u64);
+    let timeout = ms(timeout);
+    let interval = ms(wanted.min(timeout / 2)).max(t.heartbeat_interval);
+    Paced {
+        timing: Timing {
+            heartbeat_interval: interval,
+            heartbeat_timeout: timeout,
+        },
+        grace: base.grace + (timeout - t.heartbeat_timeout),
+    }
+}
+
+impl Paced {
+    /// Whether `other` is far enough from this (a quarter either way, in the interval)
+    /// to be worth telling a worker about.
+    pub(crate) fn differs(&self, other: &Paced) -> bool {
+        let (a, b) = (
+            self.timing.heartbeat_interval.as_secs_f64(),
+            other.timing.heartbeat_interval.as_secs_f64(),
+        );
+        b > a * 1.25 || b < a / 1.25
+    }
+}
+
 /// When a link last heard its peer, and whether (and why) this side is closing it;
 /// shared by the link's thread, its senders and the dispatcher (for statistics).
 pub(crate) struct Liveness {
@@ -69,6 +170,9 @@ pub(crate) struct Liveness {
     closed: AtomicBool,
     /// Why this side closed the link, when it did so on purpose (the first reason wins).
     reason: Mutex<Option<String>>,
+    /// The most the grace announced on this link exceeded the configured one (see
+    /// [`Pace`]): the manager waits that much longer for the worker after a loss.
+    stretch_ms: AtomicU64,
 }
 
 impl Liveness {
@@ -78,7 +182,19 @@ impl Liveness {
             last_rx_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             reason: Mutex::new(None),
+            stretch_ms: AtomicU64::new(0),
         })
+    }
+
+    /// Notes that a grace this much longer than the configured one was announced.
+    pub(crate) fn note_stretch(&self, by: Duration) {
+        let ms = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.stretch_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// The longest stretch of the grace announced on this link.
+    pub(crate) fn stretch(&self) -> Duration {
+        Duration::from_millis(self.stretch_ms.load(Ordering::Relaxed))
     }
 
     fn now_ms(&self) -> u64 {
@@ -1037,7 +1153,12 @@ pub(crate) fn connect(
 
 /// What [`drive`] does with each wake-up's messages.
 pub(crate) struct Drive<'a, M> {
-    pub timing: Timing,
+    /// The timing and grace the peer was told in the welcome.
+    pub paced: Paced,
+    /// Where the timing to use now comes from; when it is far enough from the one the
+    /// peer was told, `announce` tells it the new one.
+    pub pace: &'a Pace,
+    pub announce: &'a dyn Fn(&Paced),
     pub beat: Beat,
     /// Sends this side's heartbeat.
     pub heartbeat: &'a dyn Fn(),
@@ -1102,13 +1223,21 @@ where
     M: DeserializeOwned + Heartbeat,
 {
     let Drive {
-        timing,
+        paced,
+        pace,
+        announce,
         beat,
         heartbeat,
         deliver,
     } = d;
+    let mut paced = paced;
+    // After a shorter timeout is announced, the old one still holds for as long as it
+    // lasts: the peer may have been quiet by the old timing when the news reached it.
+    let mut lenient: Option<(Instant, Duration)> = None;
+    let mut stall = paced.timing.heartbeat_timeout;
     let live = tx.live().clone();
     live.touch();
+    live.note_stretch(paced.grace.saturating_sub(pace.base().grace));
     let fd = reader.socket().as_raw_fd();
     // Frames that came with the hello (already read) are not announced by `poll`.
     if !read_ready(reader, tx, deliver)?.open {
@@ -1116,12 +1245,34 @@ where
     }
     loop {
         let now = Instant::now();
+        let want = pace.now();
+        if want.differs(&paced) && !tx.is_closing() {
+            live.note_stretch(want.grace.saturating_sub(pace.base().grace));
+            announce(&want);
+            let old = paced.timing.heartbeat_timeout;
+            if want.timing.heartbeat_timeout < old {
+                lenient = Some((now + old, old));
+            }
+            paced = want;
+        }
+        let timeout = match lenient {
+            Some((until, old)) if now < until => old.max(paced.timing.heartbeat_timeout),
+            _ => {
+                lenient = None;
+                paced.timing.heartbeat_timeout
+            }
+        };
+        if timeout != stall {
+            stall = timeout;
+            tx.set_stall(stall);
+        }
+        let timing = paced.timing;
         let silent = live.silent_at(now);
-        if silent > timing.heartbeat_timeout {
+        if silent > timeout {
             let why = format!(
                 "nothing heard for {:.1} s (timeout {:.1} s)",
                 silent.as_secs_f64(),
-                timing.heartbeat_timeout.as_secs_f64()
+                timeout.as_secs_f64()
             );
             log::warn!("{}: {why}; closing the link", tx.label());
             live.close_because(why.clone());
@@ -1133,7 +1284,7 @@ where
         }
         let deadline = beat
             .next(timing, tx.last_tx())
-            .min(now + timing.heartbeat_timeout.saturating_sub(silent) + Duration::from_millis(1));
+            .min(now + timeout.saturating_sub(silent) + Duration::from_millis(1));
         let mut fds = [net::pollfd(fd, libc::POLLIN)];
         net::poll(&mut fds, Some(deadline)).map_err(|e| Error::io("waiting on a link", e))?;
         if fds[0].revents == 0 {
@@ -1152,6 +1303,71 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn base() -> Paced {
+        Paced {
+            timing: Timing {
+                heartbeat_interval: Duration::from_secs(1),
+                heartbeat_timeout: Duration::from_secs(5),
+            },
+            grace: Duration::from_secs(10),
+        }
+    }
+
+    #[test]
+    fn heartbeats_are_stretched_to_keep_to_the_rate_and_the_grace_less_the_timeout_stays() {
+        let b = base();
+        // Up to the rate: the configured timing.
+        assert_eq!(paced(b, 2000, 0), b);
+        assert_eq!(paced(b, 2000, 2000), b);
+        // No limit.
+        assert_eq!(paced(b, 0, 1_000_000), b);
+        // 10,000 workers at 2,000 a second: every 5 s, timed out after 25 s.
+        let p = paced(b, 2000, 10_000);
+        assert_eq!(p.timing.heartbeat_interval, Duration::from_secs(5));
+        assert_eq!(p.timing.heartbeat_timeout, Duration::from_secs(25));
+        assert_eq!(p.grace, Duration::from_secs(30));
+        assert_eq!(
+            p.grace - p.timing.heartbeat_timeout,
+            b.grace - b.timing.heartbeat_timeout
+        );
+        // Never past the longest timeout, the interval at most half of it.
+        let p = paced(b, 1, 10_000_000);
+        assert_eq!(p.timing.heartbeat_timeout, MAX_HEARTBEAT_TIMEOUT);
+        assert_eq!(p.timing.heartbeat_interval, MAX_HEARTBEAT_TIMEOUT / 2);
+        assert_eq!(
+            p.grace,
+            b.grace + MAX_HEARTBEAT_TIMEOUT - Duration::from_secs(5)
+        );
+        // What a worker adopts from it is what was announced.
+        for n in [2001, 3000, 10_000, 123_456] {
+            let p = paced(b, 2000, n);
+            let ms = |d: Duration| d.as_millis() as u64;
+            assert_eq!(
+                Timing::adopted(
+                    ms(p.timing.heartbeat_interval),
+                    ms(p.timing.heartbeat_timeout)
+                ),
+                p.timing,
+                "{n} links"
+            );
+            assert!(p.timing.heartbeat_interval * 2 <= p.timing.heartbeat_timeout);
+        }
+        // A quarter either way is news; less is not.
+        assert!(!b.differs(&paced(b, 2000, 2400)));
+        assert!(b.differs(&paced(b, 2000, 2600)));
+        assert!(paced(b, 2000, 2600).differs(&b));
+    }
+
+    #[test]
+    fn a_pace_counts_the_links_that_are_up() {
+        let pace = Arc::new(Pace::new(base().timing, base().grace, 1));
+        assert_eq!(pace.now(), base());
+        let guards: Vec<PaceGuard> = (0..4).map(|_| pace.link_up()).collect();
+        assert_eq!(pace.now().timing.heartbeat_interval, Duration::from_secs(4));
+        drop(guards);
+        assert_eq!(pace.now(), base());
+    }
 
     #[test]
     fn a_welcome_s_timing_is_made_sane_whatever_its_numbers() {

@@ -251,6 +251,18 @@ pub enum ManagerMessage {
         /// The job.
         job: JobId,
     },
+    /// From now on, the link's timing is this (the manager stretches it when many
+    /// workers are connected: see `ManagerConfig::max_heartbeats_per_second`). The
+    /// fields mean what they mean in the welcome; the grace less the timeout stays the
+    /// same, so when the worker gives up held jobs does not change.
+    Timing {
+        /// How often the worker sends a heartbeat when it has nothing else to send.
+        heartbeat_interval_ms: u64,
+        /// After how long without any frame a side declares the link dead.
+        heartbeat_timeout_ms: u64,
+        /// How long the manager waits for this worker to come back if the link is lost.
+        reconnect_grace_ms: u64,
+    },
 }
 
 /// A message type that has a heartbeat, so a link can keep itself alive generically.

@@ -449,6 +449,10 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(
+            wp_manager_config_set_max_heartbeats_per_second(ptr::null_mut(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
             wp_manager_start(ptr::null(), ptr::null_mut()),
             WP_RESULT_NULL_PARAMETER
         );

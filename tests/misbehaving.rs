@@ -772,3 +772,73 @@ fn the_cli_manager_takes_its_limit_of_connections_per_certificate() {
     assert!(child.wait().unwrap().success());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The next `Timing` the manager sends on this link, skipping heartbeats and saying
+/// something (a heartbeat) first so that the manager's link thread wakes up.
+fn next_timing(r: &mut RawReader, w: &mut RawWriter) -> (u64, u64, u64) {
+    w.send(&WorkerMessage::Heartbeat).unwrap();
+    match next(r) {
+        ManagerMessage::Timing {
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            reconnect_grace_ms,
+        } => (
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            reconnect_grace_ms,
+        ),
+        other => panic!("expected a Timing, got {other:?}"),
+    }
+}
+
+#[test]
+fn heartbeats_stretch_as_workers_join_and_shrink_back_as_they_leave() {
+    // One heartbeat a second at most: the interval grows with every worker (from
+    // 100 ms / 1 s / 2 s configured), the timeout and the grace with it, and connected
+    // workers are told; a real worker keeps working through every change.
+    let c = Cluster::custom(
+        1,
+        |m| {
+            m.max_heartbeats_per_second = 1;
+            m.heartbeat_interval = Duration::from_millis(100);
+            m.heartbeat_timeout = Duration::from_secs(1);
+            m.reconnect_grace = Duration::from_secs(2);
+        },
+        |_, w| w,
+    );
+    let welcome = |name: &str| {
+        let (welcome, r, w) = join_with(&c.certs, &c.manager, 0, &hello(name, 1))
+            .unwrap_or_else(|e| panic!("{name} was not welcomed: {e}"));
+        r.set_read_timeout(Some(DEADLINE)).unwrap();
+        (welcome, r, w)
+    };
+    let told = |w: &Welcome| {
+        (
+            w.heartbeat_interval_ms,
+            w.heartbeat_timeout_ms,
+            w.reconnect_grace_ms,
+        )
+    };
+    // With w0, two links: every 2 s, timeout 20 s, grace 2 + 19 s.
+    let (wa, mut ra, mut xa) = welcome("raw-a");
+    assert_eq!(told(&wa), (2000, 20_000, 21_000));
+    // Three: every 3 s; the first raw worker is told.
+    let (wb, _rb, xb) = welcome("raw-b");
+    assert_eq!(told(&wb), (3000, 30_000, 31_000));
+    assert_eq!(next_timing(&mut ra, &mut xa), (3000, 30_000, 31_000));
+    // One leaves: back to every 2 s (a third less: news).
+    xb.cut();
+    wait_left(&c.events, "raw-b");
+    assert_eq!(next_timing(&mut ra, &mut xa), (2000, 20_000, 21_000));
+    // The real worker went through the same changes and still runs jobs (the raw one
+    // leaves first, so that the job can only go to it).
+    xa.cut();
+    wait_left(&c.events, "raw-a");
+    let out = run(&c.manager, JobSpec::new("echo still here"));
+    assert_eq!(out.outcome, exited(0));
+    assert_eq!(out.stdout, b"still here\n");
+    assert!(
+        c.manager.workers().iter().any(|w| w.name == "w0"),
+        "w0 stayed"
+    );
+}

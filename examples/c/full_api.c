@@ -218,6 +218,7 @@ int main(int argc, char **argv) {
     check(wp_manager_config_set_max_handshakes(mc, 64), "set_max_handshakes");
     check(wp_manager_config_set_max_handshakes_per_source(mc, 8), "set_max_handshakes_per_source");
     check(wp_manager_config_set_max_connections_per_certificate(mc, 2), "set_max_connections_per_certificate");
+    check(wp_manager_config_set_max_heartbeats_per_second(mc, 5000), "set_max_heartbeats_per_second");
     wp_manager *manager = NULL;
     check(wp_manager_start(mc, &manager), "wp_manager_start");
     wp_manager_config_free(mc);

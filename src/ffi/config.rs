@@ -217,6 +217,24 @@ pub unsafe extern "C" fn wp_manager_config_set_max_connections_per_certificate(
     })
 }
 
+/// Sets the most heartbeats a second the manager should hear from idle workers (default
+/// 2000; 0: no limit). Beyond that many workers per second of heartbeat interval, the
+/// interval announced to workers is stretched to keep to the rate, and the heartbeat
+/// timeout and the reconnect grace by as much (see `ManagerConfig::max_heartbeats_per_second`).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_heartbeats_per_second(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        config.rust.max_heartbeats_per_second = max;
+        WP_RESULT_OK
+    })
+}
+
 /// Sets the deadline for a new connection's TLS handshake and hello, in milliseconds,
 /// counted from its acceptance however the peer spaces its bytes (default 10000; 1 to
 /// 3600000).

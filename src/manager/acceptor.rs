@@ -200,15 +200,18 @@ fn serve_connection(
     };
     let label = format!("worker {name} ({who})");
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    // Counted among the live links (which pace the heartbeats) until this thread ends.
+    let _counted = shared.pace.link_up();
+    let paced = shared.pace.now();
     let welcome = Welcome {
         manager_id: shared.manager_id,
         worker_id,
-        heartbeat_interval_ms: ms(shared.timing.heartbeat_interval),
-        heartbeat_timeout_ms: ms(shared.timing.heartbeat_timeout),
-        reconnect_grace_ms: ms(shared.reconnect_grace),
+        heartbeat_interval_ms: ms(paced.timing.heartbeat_interval),
+        heartbeat_timeout_ms: ms(paced.timing.heartbeat_timeout),
+        reconnect_grace_ms: ms(paced.grace),
         resume,
     };
-    let started = link::welcome(&mut est, &welcome, shared.timing);
+    let started = link::welcome(&mut est, &welcome, paced.timing);
     let mut complaints = Complaints::default();
     let result = match started {
         // A panic here must not leave the worker registered with its link gone.
@@ -223,6 +226,18 @@ fn serve_connection(
             let tx = est.tx.clone();
             let heartbeat = || {
                 Outbox::<ManagerMessage>::new(tx.clone()).send(ManagerMessage::Heartbeat);
+            };
+            let announce = |p: &link::Paced| {
+                log::debug!(
+                    "{label}: heartbeats every {:.1} s now, timeout {:.1} s",
+                    p.timing.heartbeat_interval.as_secs_f64(),
+                    p.timing.heartbeat_timeout.as_secs_f64()
+                );
+                Outbox::<ManagerMessage>::new(tx.clone()).send(ManagerMessage::Timing {
+                    heartbeat_interval_ms: ms(p.timing.heartbeat_interval),
+                    heartbeat_timeout_ms: ms(p.timing.heartbeat_timeout),
+                    reconnect_grace_ms: ms(p.grace),
+                });
             };
             let mut deliver = |msg: WorkerMessage| match routing::on_worker_message(
                 &link,
@@ -240,7 +255,9 @@ fn serve_connection(
                 &mut est.reader,
                 &est.tx,
                 link::Drive {
-                    timing: shared.timing,
+                    paced,
+                    pace: &shared.pace,
+                    announce: &announce,
                     beat: Beat::Answer,
                     heartbeat: &heartbeat,
                     deliver: &mut deliver,

@@ -1368,7 +1368,10 @@ impl Dispatcher {
                     grace.as_secs_f64()
                 );
             }
-            self.detach(now, &w.info.name, w.cert, routes);
+            // A grace stretched with the heartbeats (see `link::Pace`) is waited out in
+            // full: the worker gives its jobs up by the grace less the timeout it was told.
+            let grace = grace + w.live.stretch();
+            self.detach(now, &w.info.name, w.cert, routes, grace);
         }
         log::info!("worker {} left: {reason}", w.info.name);
         self.notify(ManagerEvent::WorkerLeft {
@@ -1386,6 +1389,7 @@ impl Dispatcher {
         name: &str,
         cert: Option<Vec<u8>>,
         jobs: Vec<(JobId, Route)>,
+        grace: Duration,
     ) {
         for (job, route) in &jobs {
             route.sink.set_producer(None);
@@ -1400,7 +1404,7 @@ impl Dispatcher {
             name: name.to_string(),
             cert,
             jobs,
-            until: later(now, self.settings.reconnect_grace),
+            until: later(now, grace),
         });
     }
 

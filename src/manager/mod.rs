@@ -16,7 +16,7 @@ mod sink;
 
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
-use crate::link::{self, Timing};
+use crate::link::{self, Pace, Timing};
 use crate::metrics::{Counters, MetricsServer, Stats};
 use crate::protocol::DEFAULT_MAX_FRAME;
 use crate::sync::lock;
@@ -112,6 +112,15 @@ pub struct ManagerConfig {
     /// worker's new connection replaces its old one under the same name). Without TLS
     /// there are no certificates and no such limit.
     pub max_connections_per_certificate: usize,
+    /// Most heartbeats a second the manager should hear from its workers when they are
+    /// idle (2,000 by default; 0: no limit). Each worker sends one per
+    /// `heartbeat_interval`; beyond this many workers per second of interval, the
+    /// manager stretches the interval it announces so as to keep to the rate, and the
+    /// timeout and the reconnect grace by as much (it tells connected workers as the
+    /// count changes). With the defaults, up to 2,000 workers keep 1 s / 5 s / 10 s; at
+    /// 10,000 a worker heartbeats every 5 s, a silent link is closed after 25 s, and
+    /// its jobs wait 30 s for it.
+    pub max_heartbeats_per_second: u32,
 }
 
 impl ManagerConfig {
@@ -150,6 +159,7 @@ impl ManagerConfig {
             metrics_addr: None,
             reconnect_grace: Duration::from_secs(10),
             max_connections_per_certificate: 4,
+            max_heartbeats_per_second: 2000,
         }
     }
 
@@ -239,11 +249,11 @@ pub(crate) struct Shared {
     next_job: AtomicU64,
     closing: AtomicBool,
     tls: Option<Arc<rustls::ServerConfig>>,
-    timing: Timing,
+    /// The links' timing and grace, stretched with the number of workers.
+    pace: Arc<Pace>,
     manager_id: u64,
     counters: Arc<Counters>,
     result_limit: usize,
-    reconnect_grace: Duration,
     /// The connections in handshake (see `admission`); the watchdog waits on `admission_wake`.
     admission: Mutex<Admission>,
     admission_wake: Condvar,
@@ -312,14 +322,17 @@ impl Manager {
             next_job: AtomicU64::new(1),
             closing: AtomicBool::new(false),
             tls,
-            timing: Timing {
-                heartbeat_interval: config.heartbeat_interval,
-                heartbeat_timeout: config.heartbeat_timeout,
-            },
+            pace: Arc::new(Pace::new(
+                Timing {
+                    heartbeat_interval: config.heartbeat_interval,
+                    heartbeat_timeout: config.heartbeat_timeout,
+                },
+                config.reconnect_grace,
+                config.max_heartbeats_per_second,
+            )),
             manager_id,
             counters: counters.clone(),
             result_limit: config.result_output_limit,
-            reconnect_grace: config.reconnect_grace,
             admission: Mutex::new(Admission::new(Limits {
                 total: config.max_handshakes,
                 per_source: config.max_handshakes_per_source,

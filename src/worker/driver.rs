@@ -38,7 +38,7 @@ use crate::flusher::{Flush, Flushed};
 use crate::job::{JobSpec, Outcome, Stream};
 use crate::link::{self, Beat, Reader, Sent, Timing, Tx};
 use crate::net::{self, Waker};
-use crate::protocol::{self, Heartbeat, WorkerHello, WorkerMessage};
+use crate::protocol::{self, Heartbeat, ManagerMessage, WorkerHello, WorkerMessage};
 use crossbeam_channel::Sender;
 use rustls::ClientConfig;
 use std::collections::HashMap;
@@ -495,11 +495,27 @@ fn link_deadline(r: &Reading) -> Option<Instant> {
 
 /// Reads what the manager sent into the session; why the link ended, if it did.
 fn read_link(shared: &Arc<Shared>, r: &mut Reading) -> Option<String> {
+    let mut retimed = None;
     let mut deliver = |m| {
+        if let ManagerMessage::Timing {
+            heartbeat_interval_ms,
+            heartbeat_timeout_ms,
+            ..
+        } = m
+        {
+            // The link's own business: adopted here, made sane as a welcome's is.
+            retimed = Some(Timing::adopted(heartbeat_interval_ms, heartbeat_timeout_ms));
+            return true;
+        }
         shared.feed(Input::Manager(m));
         true
     };
-    match link::read_ready(&mut r.reader, &r.out.tx, &mut deliver) {
+    let read = link::read_ready(&mut r.reader, &r.out.tx, &mut deliver);
+    if let Some(timing) = retimed {
+        r.timing = timing;
+        r.out.tx.set_stall(timing.heartbeat_timeout);
+    }
+    match read {
         Ok(got) if got.open => None,
         Ok(_) => Some("the manager closed the connection".into()),
         Err(e) => Some(e.to_string()),

@@ -836,7 +836,9 @@ impl Session {
             ManagerMessage::Shutdown => {
                 log::info!("the manager at {} is shutting down", self.cfg.address)
             }
-            ManagerMessage::Heartbeat => {}
+            // The link's own business (the driver adopts it): the grace less the
+            // timeout, all the session uses, does not change with it.
+            ManagerMessage::Heartbeat | ManagerMessage::Timing { .. } => {}
         }
     }
 

@@ -20,6 +20,7 @@ const GRACE: Duration = Duration::from_secs(10);
 /// A worker's link as the rig sees it: its route table, and everything queued for it.
 struct TestLink {
     routes: Arc<Routes>,
+    live: Arc<Liveness>,
     out: Outbox<ManagerMessage>,
     /// Closed cleanly (after a goodbye) or cut by the dispatcher.
     closed: bool,
@@ -149,7 +150,7 @@ impl Rig {
         let out = Outbox::detached(live.clone(), crate::link::PENDING_LIMIT);
         let link = LinkPorts {
             routes: routes.clone(),
-            live,
+            live: live.clone(),
         };
         let r = self
             .d
@@ -159,6 +160,7 @@ impl Rig {
                 *id,
                 TestLink {
                     routes,
+                    live,
                     out,
                     closed: false,
                     cut: false,
@@ -531,6 +533,24 @@ fn when_the_grace_runs_out_the_jobs_end_worker_lost() {
     let (_, resume) = r.join_with(returning("a", 1, &[job]), Some(b"a")).unwrap();
     assert_eq!(resume, vec![]);
     assert_eq!(r.events(job), vec![], "ended once");
+}
+
+#[test]
+fn a_grace_stretched_with_the_heartbeats_is_waited_out_in_full() {
+    // The link announced a grace 20 s longer than the configured one (many workers
+    // stretched the heartbeats): the worker gives its jobs up by that grace less the
+    // timeout it was told, so the manager waits all of it.
+    let mut r = Rig::new();
+    let w = r.join("a", 1);
+    let job = r.submit();
+    r.links[&w].live.note_stretch(Duration::from_secs(20));
+    r.link_lost(w);
+    r.advance(GRACE);
+    assert_eq!(r.events(job), vec![JobEvent::Queued, started("a")]);
+    r.advance(Duration::from_secs(20) - Duration::from_millis(1));
+    assert_eq!(r.events(job), vec![], "still waiting");
+    r.advance(Duration::from_millis(1));
+    assert_eq!(r.events(job), vec![finished(Outcome::WorkerLost)]);
 }
 
 #[test]
