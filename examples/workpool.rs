@@ -28,12 +28,12 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use crossbeam_channel::{Receiver, Select, TryRecvError, bounded, unbounded};
 use serde::Serialize;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use workpool::job::{JobEvent, JobId, JobSpec, JobState, Outcome, Stream};
 use workpool::manager::{JobHandle, Manager, ManagerConfig, ManagerEvent, WorkerInfo};
 use workpool::tls::{
@@ -50,6 +50,18 @@ const MAX_LINE: usize = 64 << 10;
 /// How many events the console takes from one job, or lines from stdin, before it looks
 /// at the others again.
 const BURST: usize = 64;
+
+/// How many of the jobs that have not started yet the console waits on, oldest first,
+/// besides every job that has started: this many, or as many as have started if that is
+/// more (about as many as will start next). Waiting on a channel, or looking at it,
+/// costs a little for each, so that neither grows with the queue the younger ones are
+/// looked at [`QUEUED_POLL_BATCH`] at a time every [`QUEUED_POLL`], in turn. A job that
+/// starts among them (with a higher priority, or for a worker with tags the older ones
+/// lack) is printed a little late; its output waits for the console meanwhile (in its
+/// bounded channel, then paused on its worker).
+const WATCHED_QUEUED: usize = 64;
+const QUEUED_POLL: Duration = Duration::from_millis(10);
+const QUEUED_POLL_BATCH: usize = 1024;
 
 /// What the console writes through before it writes to stdout or stderr.
 const OUT_BUFFER: usize = 64 << 10;
@@ -1191,6 +1203,33 @@ impl LiveJob {
     }
 }
 
+/// Prints up to [`BURST`] of a job's events (up to `Started`, if `until_started`);
+/// whether there were any, and whether the job ended.
+fn take_events(job: &mut LiveJob, out: &mut Out, until_started: bool) -> (bool, bool) {
+    let mut any = false;
+    for _ in 0..BURST {
+        match job.handle.events().try_recv() {
+            Ok(ev) => {
+                any = true;
+                let started = matches!(ev, JobEvent::Started { .. });
+                if job.print(out, ev) {
+                    return (true, true);
+                }
+                if started && until_started {
+                    break;
+                }
+            }
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => {
+                // Only if the manager went away under the job.
+                job.finish(out, &Outcome::Rejected("the manager shut down".into()));
+                return (true, true);
+            }
+        }
+    }
+    (any, false)
+}
+
 fn prefix(id: u64, stream: Stream) -> String {
     match stream {
         Stream::Stdout => format!("[{id}] Standard Output: "),
@@ -1212,7 +1251,13 @@ struct Console {
     out: Out,
     /// What the directives set for the jobs that follow: requirements, timeout, env, ...
     template: JobSpec,
-    jobs: Vec<LiveJob>,
+    /// The jobs that have started (their output comes now), in no order.
+    started: Vec<LiveJob>,
+    /// The jobs that have not, oldest first (see [`WATCHED_QUEUED`]).
+    queued: VecDeque<Box<LiveJob>>,
+    /// When the queued jobs beyond the watched ones are looked at next, and where.
+    next_poll: Instant,
+    poll_cursor: usize,
     pool: Option<Receiver<ManagerEvent>>,
     /// Workers announced from the snapshot taken when the console started; their
     /// `WorkerJoined`, if it comes after, is not printed twice.
@@ -1244,7 +1289,10 @@ impl Console {
             manager,
             out,
             template: JobSpec::new(""),
-            jobs: Vec::new(),
+            started: Vec::new(),
+            queued: VecDeque::new(),
+            next_poll: Instant::now(),
+            poll_cursor: 0,
             pool: Some(pool),
             announced,
             shutdown: Some(shutdown),
@@ -1307,7 +1355,7 @@ impl Console {
                         }
                     }
                 }
-                if stop == Some(Stop::EndOfInput) && done.is_none() && self.jobs.is_empty() {
+                if stop == Some(Stop::EndOfInput) && done.is_none() && self.no_jobs() {
                     done = Some(self.begin_shutdown(Stop::EndOfInput));
                     busy = true;
                 }
@@ -1322,13 +1370,14 @@ impl Console {
                     break;
                 }
             }
-            if shut && self.jobs.is_empty() {
+            if shut && self.no_jobs() {
                 break;
             }
             self.out.flush();
             // Wait for anything to be ready (it is taken on the next turn).
             let mut sel = Select::new();
             let mut any = false;
+            let watched = self.watched_queued();
             if let Some(rx) = &input {
                 sel.recv(rx);
                 any = true;
@@ -1345,14 +1394,18 @@ impl Console {
                 sel.recv(rx);
                 any = true;
             }
-            for j in &self.jobs {
+            let queued = self.queued.iter().take(watched).map(|j| &**j);
+            for j in self.started.iter().chain(queued) {
                 sel.recv(j.handle.events());
                 any = true;
             }
-            if !any {
+            if self.queued.len() > watched {
+                let _ = sel.ready_deadline(self.next_poll);
+            } else if any {
+                sel.ready();
+            } else {
                 break;
             }
-            sel.ready();
         }
         self.take_pool_events();
         let stop = stop.unwrap_or(Stop::EndOfInput);
@@ -1432,43 +1485,69 @@ impl Console {
         }
     }
 
-    /// Prints the jobs' events that are ready (up to [`BURST`] per job); forgets the jobs
-    /// that ended; whether there were any.
+    /// How many queued jobs, oldest first, the console waits on (see [`WATCHED_QUEUED`]).
+    fn watched_queued(&self) -> usize {
+        WATCHED_QUEUED.max(self.started.len())
+    }
+
+    fn no_jobs(&self) -> bool {
+        self.started.is_empty() && self.queued.is_empty()
+    }
+
+    /// Prints the jobs' events that are ready (up to [`BURST`] per job): those of the
+    /// started jobs and of the watched queued ones, and of every queued one when it is
+    /// time to look at them; moves the jobs that start, forgets those that ended;
+    /// whether there were any.
     fn take_job_events(&mut self) -> bool {
         let mut any = false;
         let mut i = 0;
-        while i < self.jobs.len() {
-            let job = &mut self.jobs[i];
-            let mut ended = false;
-            for _ in 0..BURST {
-                match job.handle.events().try_recv() {
-                    Ok(ev) => {
-                        any = true;
-                        if job.print(&mut self.out, ev) {
-                            ended = true;
-                            break;
-                        }
-                    }
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        // Only if the manager went away under the job.
-                        any = true;
-                        job.finish(
-                            &mut self.out,
-                            &Outcome::Rejected("the manager shut down".into()),
-                        );
-                        ended = true;
-                        break;
-                    }
-                }
-            }
+        while i < self.started.len() {
+            let (events, ended) = take_events(&mut self.started[i], &mut self.out, false);
+            any |= events;
             if ended {
-                self.jobs.swap_remove(i);
+                self.started.swap_remove(i);
             } else {
                 i += 1;
             }
         }
+        let watched = self.watched_queued();
+        let mut i = 0;
+        while i < watched.min(self.queued.len()) {
+            if !self.take_queued(i, &mut any) {
+                i += 1;
+            }
+        }
+        // The others, a batch at a time, when it is time.
+        let others = self.queued.len().saturating_sub(watched);
+        if others > 0 && Instant::now() >= self.next_poll {
+            self.next_poll = Instant::now() + QUEUED_POLL;
+            let mut i = self.poll_cursor.max(watched);
+            for _ in 0..others.min(QUEUED_POLL_BATCH) {
+                if i >= self.queued.len() {
+                    i = watched;
+                }
+                if !self.take_queued(i, &mut any) {
+                    i += 1;
+                }
+            }
+            self.poll_cursor = i;
+        }
         any
+    }
+
+    /// Prints the events of the queued job at `i`; moves it to the started ones if it
+    /// started, forgets it if it ended; whether it left the queue.
+    fn take_queued(&mut self, i: usize, any: &mut bool) -> bool {
+        let (events, ended) = take_events(&mut self.queued[i], &mut self.out, true);
+        *any |= events;
+        if !ended && self.queued[i].worker.is_none() {
+            return false;
+        }
+        let job = self.queued.remove(i).expect("in range");
+        if !ended {
+            self.started.push(*job);
+        }
+        true
     }
 
     /// Handles one line; false means `exit`.
@@ -1495,7 +1574,7 @@ impl Console {
                         command: script,
                     });
                 }
-                self.jobs.push(LiveJob::new(handle));
+                self.queued.push_back(Box::new(LiveJob::new(handle)));
             }
             Err(e) => self.out.complain(&format!("job not submitted: {e}")),
         }

@@ -758,3 +758,44 @@ fn usage_errors_exit_2_with_one_line_and_h_is_the_host() {
     assert_eq!(code, 0);
     assert!(out.contains("generate-tls-certificates"), "{out}");
 }
+
+#[test]
+fn every_job_of_a_long_queue_is_printed_whole_and_in_order() {
+    // More jobs than the console waits on at once (it looks at the younger ones in
+    // turn), and one with a higher priority that starts from deep in the queue (its
+    // events may be printed after those of jobs that started later, but whole and in
+    // order).
+    let dir = scratch("cli-long-queue");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let mut script = String::new();
+    for _ in 0..299 {
+        script.push_str("echo job-$WORKPOOL_JOB_ID\n");
+    }
+    script.push_str(":priority 9\necho job-$WORKPOOL_JOB_ID\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    // The worker comes when everything is queued.
+    out.until("submitted", |e| e["job"] == 300);
+    let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w").slots(4)).unwrap();
+    let events = out.rest_json();
+    for job in 1..=300u64 {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["job"] == job).collect();
+        let kinds: Vec<&str> = mine.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["started", "output", "finished"], "job {job}");
+        assert_eq!(mine[1]["data"], format!("job-{job}\n"));
+        assert_eq!(mine[2]["exit_code"], 0);
+    }
+    assert_eq!(exit_code(&mut child), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
