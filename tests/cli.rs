@@ -799,3 +799,37 @@ fn every_job_of_a_long_queue_is_printed_whole_and_in_order() {
     assert_eq!(exit_code(&mut child), 0);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_second_signal_while_shutting_down_ends_the_manager_at_once() {
+    let dir = scratch("cli-second-signal");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
+    let go = dir.join("go");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "echo begun; while [ ! -e {} ]; do sleep 0.05; done",
+        go.display()
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    out.until("output", |e| e["data"] == "begun\n");
+    send_signal(&child, libc::SIGTERM);
+    out.until("shutting_down", |_| true);
+    // The job still runs (the grace is 10 s); a second signal does not wait for it.
+    send_signal(&child, libc::SIGINT);
+    assert_eq!(exit_code(&mut child), 128 + libc::SIGINT);
+    let rest = out.rest_json();
+    assert!(!rest.iter().any(|e| e["event"] == "finished"), "{rest:?}");
+    worker.stop();
+    drop(stdin);
+    std::fs::remove_dir_all(dir).unwrap();
+}
