@@ -20,7 +20,10 @@
 //! writes to stdout and stderr (buffered, flushed whenever it has nothing left to do).
 //! Human output is cut into lines as the bytes come, in time linear in them; a line
 //! longer than [`MAX_LINE`] is printed in pieces of at most that, so what the console
-//! holds per job stays bounded whatever the job prints.
+//! holds per job stays bounded whatever the job prints. It waits on the started jobs
+//! and the oldest queued ones, and looks at the rest of the queue in turns (see
+//! [`WATCHED_QUEUED`]), so that a turn of the loop does not cost in proportion to the
+//! queue.
 //!
 //! Set `RUST_LOG=debug` for more log lines (they go to stderr).
 
