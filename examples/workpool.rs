@@ -15,61 +15,68 @@
 //! is pinned: accepted only as itself. Issuers go to `--security-worker-ca` and
 //! `--security-pool-ca`.
 //!
+//! The manager's console is one loop on one thread: it takes the lines a reader thread
+//! gets from stdin, the pool's events, signals and every job's events, and it alone
+//! writes to stdout and stderr (buffered, flushed whenever it has nothing left to do).
+//! Human output is cut into lines as the bytes come, in time linear in them; a line
+//! longer than [`MAX_LINE`] is printed in pieces of at most that, so what the console
+//! holds per job stays bounded whatever the job prints. It waits on the started jobs
+//! and the oldest queued ones, and looks at the rest of the queue in turns (see
+//! [`WATCHED_QUEUED`]), so that a turn of the loop does not cost in proportion to the
+//! queue.
+//!
 //! Set `RUST_LOG=debug` for more log lines (they go to stderr).
 
-use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, Write};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::{ArgAction, Args, Parser, Subcommand};
+use crossbeam_channel::{Receiver, Select, TryRecvError, bounded, unbounded};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::io::{BufRead, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 use workpool::job::{JobEvent, JobId, JobSpec, JobState, Outcome, Stream};
-use workpool::manager::{Manager, ManagerConfig, ManagerEvent, WorkerInfo};
+use workpool::manager::{JobHandle, Manager, ManagerConfig, ManagerEvent, WorkerInfo};
 use workpool::tls::{
     DEFAULT_VALIDITY_DAYS, Identity, PeerTrust, generate_manager_certificate,
     generate_worker_certificate,
 };
 use workpool::worker::{Worker, WorkerConfig};
 
-const USAGE: &str = "\
-workpool: run shell commands on a pool of workers over mutual TLS
+/// The longest piece of a line that human output holds back waiting for its newline;
+/// a longer line is printed in pieces of at most this many bytes, each on a line of its
+/// own with the job's prefix.
+const MAX_LINE: usize = 64 << 10;
 
-USAGE:
-  workpool manager [OPTIONS]      accept workers; read jobs from stdin, one per line
-  workpool worker [OPTIONS]       connect to a manager and run its jobs
-  workpool generate-tls-certificates [OPTIONS]
-  workpool demo [--interactive] [--json]
-                                  a manager and two workers in this process, on loopback
+/// How many events the console takes from one job, or lines from stdin, before it looks
+/// at the others again.
+const BURST: usize = 64;
 
-Run `workpool SUBCOMMAND --help` for a subcommand's options.";
+/// How many of the jobs that have not started yet the console waits on, oldest first,
+/// besides every job that has started: this many, or as many as have started if that is
+/// more (about as many as will start next). Waiting on a channel, or looking at it,
+/// costs a little for each, so that neither grows with the queue the younger ones are
+/// looked at [`QUEUED_POLL_BATCH`] at a time every [`QUEUED_POLL`], in turn. A job that
+/// starts among them (with a higher priority, or for a worker with tags the older ones
+/// lack) is printed a little late; its output waits for the console meanwhile (in its
+/// bounded channel, then paused on its worker).
+const WATCHED_QUEUED: usize = 64;
+const QUEUED_POLL: Duration = Duration::from_millis(10);
+const QUEUED_POLL_BATCH: usize = 1024;
 
-const MANAGER_HELP: &str = "\
-workpool manager: accept workers and run the jobs read from stdin
+/// What the console writes through before it writes to stdout or stderr.
+const OUT_BUFFER: usize = 64 << 10;
 
-OPTIONS:
-  -h, --host HOST                         address to listen on [default: 127.0.0.1]
-  -p, --port PORT                         port to listen on [default: 9001]
-      --security-pool-certificate FILE    the manager's certificate (PEM)
-      --security-pool-key FILE            the manager's private key (PEM)
-      --security-worker-certificates FILE [FILE ...]
-                                          self-signed worker certificates to pin: each is
-                                          accepted only as itself, never as an issuer
-      --security-worker-ca FILE [FILE ...]
-                                          CA certificates whose issued worker certificates
-                                          are accepted (at least one of these two options)
-      --json                              one JSON object per line on stdout
-      --metrics-address ADDR              serve Prometheus metrics at http://ADDR/metrics
-      --max-connections-per-certificate N
-                                          connections one worker certificate may hold [default: 4]
-      --insecure-plaintext                no TLS at all (anyone who reaches the port can take jobs)
-      --help                              this text
-
+const CONSOLE_HELP: &str = "\
 STDIN: each non-empty line is a job, submitted at once (`/bin/bash -c LINE` on a worker).
-  exit               shut down gracefully (queued jobs are rejected, running ones finish)
+  exit               shut down gracefully (queued jobs are rejected, running ones finish);
+                     any letter case (EXIT, Exit)
   :tags a,b          jobs after this line need workers with tags a and b (`:tags` clears)
   :platform P        jobs after this line need platform P, e.g. linux-x86_64 (`:platform` clears)
-  :timeout 30s       jobs after this line get SIGTERM after 30 s, SIGKILL 5 s later (`:timeout` clears)
+  :timeout 30s       jobs after this line get SIGTERM after 30 s, SIGKILL 5 s later (`:timeout`
+                     clears; 500ms, 2m, 1h, 1m30s, or a number of seconds)
   :env NAME=VALUE    jobs after this line get this variable (repeat for more; `:env` clears)
   :priority N        jobs after this line have priority N (higher first; default 0)
   :retries N         jobs after this line run again up to N times if their worker is lost
@@ -78,56 +85,179 @@ STDIN: each non-empty line is a job, submitted at once (`/bin/bash -c LINE` on a
   :workers           list the connected workers
   :status            workers, slots, jobs by state and outcome, queue wait, bytes streamed
   :help              this list
-At the end of stdin the manager waits for every job to end, then exits 0.";
+  ::SCRIPT           a job whose script begins with `:` (`:: > out.txt` runs `: > out.txt`)
+At the end of stdin the manager waits for every job to end, then exits 0. SIGTERM or SIGINT
+is `exit`, then the manager exits 128+N (a second one exits at once).
+With --serve the manager does not read stdin: it serves until SIGTERM or SIGINT, which shut
+it down as `exit` does, then it exits 0.";
 
-const WORKER_HELP: &str = "\
-workpool worker: connect to a manager and run its jobs (reconnects by itself)
-
-OPTIONS:
-  -h, --host HOST                         the manager's host [default: 127.0.0.1]
-  -p, --port PORT                         the manager's port [default: 9001]
-      --security-pool-certificate FILE    the manager's self-signed certificate to pin (PEM):
-                                          accepted only as itself, never as an issuer
-      --security-pool-ca FILE             a CA whose issued manager certificate is accepted
-                                          (repeatable; at least one of these two options)
-      --security-worker-certificate FILE  this worker's certificate (PEM)
-      --security-worker-key FILE          this worker's private key (PEM)
-      --name NAME                         name shown to the manager [default: HOSTNAME-PID]
-      --tag TAG                           a tag jobs can require (repeatable)
-      --slots N                           jobs run at once [default: 1]
-      --ahead N                           runs held beyond the slots, each started the moment
-                                          a slot frees (0 to 1024) [default: 1]
-      --no-verify-hostname                do not check that the manager's certificate names HOST
-      --job-user NAME                     run every job as this user, its primary group and no
-                                          other group, so that jobs cannot read this worker's key
-                                          (the worker must be started as root)
-      --insecure-plaintext                no TLS at all
-      --help                              this text
+const WORKER_AFTER_HELP: &str = "\
 SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones finish, then
 exits. A second SIGTERM or SIGINT stops it at once: running jobs are killed and cleaned up.";
 
-const GENERATE_HELP: &str = "\
-workpool generate-tls-certificates: write self-signed certificates for a manager and its workers
-
-OPTIONS:
-      --number-of-workers N   how many worker certificates [default: 1]
-      --hostname HOST         the manager's host name (also valid: localhost, 127.0.0.1) [required]
-      --output-dir DIR        where to write them [default: .]
-      --days N                how long they are valid [default: 3650]
-      --force                 replace files that exist already (they are replaced, never
-                              written through; keys are new files of mode 0600)
+const GENERATE_AFTER_HELP: &str = "\
 Writes host-cert.pem host-key.pem worker-0-cert.pem worker-0-key.pem ...
 The manager's certificate is for server authentication only, the workers' for client
 authentication only: neither is accepted in the other's place.";
 
-const DEMO_HELP: &str = "\
-workpool demo: a manager and two workers in this process, on loopback, with fresh certificates,
-running a short showcase (streaming output, queueing, tag routing, a failing job).
+/// workpool: run shell commands on a pool of workers over mutual TLS
+#[derive(Parser, Debug)]
+#[command(
+    name = "workpool",
+    disable_help_flag = true,
+    disable_version_flag = true,
+    after_help = "Run `workpool SUBCOMMAND --help` for a subcommand's options."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Print help
+    #[arg(long, action = ArgAction::Help, global = true, display_order = 1000)]
+    help: Option<bool>,
+}
 
-OPTIONS:
-      --interactive   after the showcase, keep reading jobs from stdin like `manager`
-      --json          one JSON object per line on stdout
-      --help          this text";
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Accept workers and run the jobs read from stdin, one per line (or, with --serve,
+    /// run as a service)
+    #[command(disable_help_flag = true, after_help = CONSOLE_HELP)]
+    Manager(ManagerArgs),
+    /// Connect to a manager and run its jobs (reconnects by itself)
+    #[command(disable_help_flag = true, after_help = WORKER_AFTER_HELP)]
+    Worker(WorkerArgs),
+    /// Write self-signed certificates for a manager and its workers
+    #[command(disable_help_flag = true, after_help = GENERATE_AFTER_HELP)]
+    GenerateTlsCertificates(GenerateArgs),
+    /// A manager and two workers in this process, on loopback, with fresh certificates,
+    /// running a short showcase (streaming output, queueing, tag routing, a failing job)
+    #[command(disable_help_flag = true)]
+    Demo(DemoArgs),
+}
+
+#[derive(Args, Debug)]
+struct ManagerArgs {
+    /// Address to listen on
+    #[arg(short = 'h', long, value_name = "HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on
+    #[arg(short, long, value_name = "PORT", default_value_t = 9001, value_parser = number::<u16>)]
+    port: u16,
+    /// The manager's certificate (PEM)
+    #[arg(long, value_name = "FILE")]
+    security_pool_certificate: Option<PathBuf>,
+    /// The manager's private key (PEM)
+    #[arg(long, value_name = "FILE")]
+    security_pool_key: Option<PathBuf>,
+    /// Self-signed worker certificates to pin: each is accepted only as itself, never as
+    /// an issuer
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    security_worker_certificates: Vec<PathBuf>,
+    /// CA certificates whose issued worker certificates are accepted (at least one of
+    /// these two options)
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    security_worker_ca: Vec<PathBuf>,
+    /// One JSON object per line on stdout
+    #[arg(long)]
+    json: bool,
+    /// Do not read stdin: serve until SIGTERM or SIGINT
+    #[arg(long)]
+    serve: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics
+    #[arg(long, value_name = "ADDR")]
+    metrics_address: Option<String>,
+    /// Connections one worker certificate may hold [default: 4]
+    #[arg(long, value_name = "N", value_parser = number::<usize>)]
+    max_connections_per_certificate: Option<usize>,
+    /// Most heartbeats a second to hear from idle workers; beyond it heartbeats, their
+    /// timeout and the reconnect grace are stretched (0: no limit) [default: 2000]
+    #[arg(long, value_name = "N", value_parser = number::<u32>)]
+    max_heartbeats_per_second: Option<u32>,
+    /// No TLS at all (anyone who reaches the port can take jobs)
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    /// The manager's host
+    #[arg(short = 'h', long, value_name = "HOST", default_value = "127.0.0.1")]
+    host: String,
+    /// The manager's port
+    #[arg(short, long, value_name = "PORT", default_value_t = 9001, value_parser = number::<u16>)]
+    port: u16,
+    /// The manager's self-signed certificate to pin (PEM): accepted only as itself, never
+    /// as an issuer
+    #[arg(long, value_name = "FILE")]
+    security_pool_certificate: Option<PathBuf>,
+    /// A CA whose issued manager certificate is accepted (repeatable; at least one of
+    /// these two options)
+    #[arg(long, value_name = "FILE")]
+    security_pool_ca: Vec<PathBuf>,
+    /// This worker's certificate (PEM)
+    #[arg(long, value_name = "FILE")]
+    security_worker_certificate: Option<PathBuf>,
+    /// This worker's private key (PEM)
+    #[arg(long, value_name = "FILE")]
+    security_worker_key: Option<PathBuf>,
+    /// Name shown to the manager [default: HOSTNAME-PID]
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// A tag jobs can require (repeatable)
+    #[arg(long, value_name = "TAG")]
+    tag: Vec<String>,
+    /// Jobs run at once
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = number::<u32>)]
+    slots: u32,
+    /// Runs held beyond the slots, each started the moment a slot frees (0 to 1024)
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = number::<u32>)]
+    ahead: u32,
+    /// Do not check that the manager's certificate names HOST
+    #[arg(long)]
+    no_verify_hostname: bool,
+    /// Run every job as this user, its primary group and no other group, so that jobs
+    /// cannot read this worker's key (the worker must be started as root)
+    #[arg(long, value_name = "NAME")]
+    job_user: Option<String>,
+    /// No TLS at all
+    #[arg(long)]
+    insecure_plaintext: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateArgs {
+    /// How many worker certificates
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = number::<usize>)]
+    number_of_workers: usize,
+    /// The manager's host name (also valid: localhost, 127.0.0.1)
+    #[arg(long, value_name = "HOST", required = true)]
+    hostname: String,
+    /// Where to write them
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    output_dir: PathBuf,
+    /// How long they are valid
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_VALIDITY_DAYS, value_parser = number::<u32>)]
+    days: u32,
+    /// Replace files that exist already (they are replaced, never written through; keys
+    /// are new files of mode 0600)
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+struct DemoArgs {
+    /// After the showcase, keep reading jobs from stdin like `manager`
+    #[arg(long)]
+    interactive: bool,
+    /// One JSON object per line on stdout
+    #[arg(long)]
+    json: bool,
+}
+
+/// A number option's parser, with the error message the CLI has always given.
+fn number<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    s.parse()
+        .map_err(|_| format!("{s:?} is not a valid number"))
+}
 
 /// A command-line failure: the message, and whether it was the user's input (exit 2).
 struct Failure {
@@ -150,28 +280,31 @@ fn failed(e: impl std::fmt::Display) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("workpool: error: {}", usage_message(&e));
+            return ExitCode::from(2);
+        }
+    };
     // The demo is about job output; the daemons log what they do.
-    let default_log = if args.first().map(String::as_str) == Some("demo") {
-        "warn"
-    } else {
-        "info"
+    let default_log = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_log)).init();
-    let result = match args.first().map(String::as_str) {
-        Some("manager") => run_manager(&args[1..]),
-        Some("worker") => run_worker(&args[1..]),
-        Some("generate-tls-certificates") => generate(&args[1..]),
-        Some("demo") => demo(&args[1..]),
-        Some("--help") | Some("help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => Err(usage(format!("unknown subcommand {other:?}; try --help"))),
-        None => Err(usage(format!("a subcommand is needed\n\n{USAGE}"))),
+    let result = match cli.command {
+        Command::Manager(a) => run_manager(a),
+        Command::Worker(a) => run_worker(a).map(|()| ExitCode::SUCCESS),
+        Command::GenerateTlsCertificates(a) => generate(a).map(|()| ExitCode::SUCCESS),
+        Command::Demo(a) => demo(a),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(f) => {
             eprintln!("workpool: error: {}", f.message);
             ExitCode::from(if f.usage { 2 } else { 1 })
@@ -179,136 +312,81 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parsed options: each flag's values in order (flags without a value get one "").
-struct Options(HashMap<&'static str, Vec<String>>);
-
-/// A flag: its names, and how many values it takes (0, 1, or `MANY` until the next flag).
-type Spec = (&'static [&'static str], usize);
-const MANY: usize = usize::MAX;
-
-fn parse(args: &[String], specs: &[Spec], help: &str) -> Result<Options, Failure> {
-    let mut found: HashMap<&'static str, Vec<String>> = HashMap::new();
-    let mut i = 0;
-    while i < args.len() {
-        let arg = &args[i];
-        if arg == "--help" {
-            println!("{help}");
-            std::process::exit(0);
-        }
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let Some(&(names, arity)) = specs.iter().find(|(names, _)| names.contains(&name)) else {
-            return Err(usage(format!("unknown option {arg:?}; try --help")));
-        };
-        let key = names[0];
-        let values = found.entry(key).or_default();
-        i += 1;
-        match (arity, inline) {
-            (0, None) => values.push(String::new()),
-            (0, Some(_)) => return Err(usage(format!("{key} takes no value"))),
-            (_, Some(v)) => values.push(v),
-            (1, None) => {
-                let v = args
-                    .get(i)
-                    .ok_or_else(|| usage(format!("{key} needs a value")))?;
-                values.push(v.clone());
-                i += 1;
-            }
-            (_, None) => {
-                let start = values.len();
-                while i < args.len() && !args[i].starts_with('-') {
-                    values.push(args[i].clone());
-                    i += 1;
-                }
-                if values.len() == start {
-                    return Err(usage(format!("{key} needs at least one value")));
-                }
-            }
-        }
-    }
-    Ok(Options(found))
-}
-
-impl Options {
-    fn one(&self, key: &str) -> Result<Option<&str>, Failure> {
-        match self.0.get(key).map(Vec::as_slice) {
-            None | Some([]) => Ok(None),
-            Some([v]) => Ok(Some(v)),
-            Some(_) => Err(usage(format!("{key} given more than once"))),
-        }
-    }
-
-    fn required(&self, key: &str, why: &str) -> Result<&str, Failure> {
-        self.one(key)?
-            .ok_or_else(|| usage(format!("{key} is required{why}")))
-    }
-
-    fn all(&self, key: &str) -> &[String] {
-        self.0.get(key).map_or(&[], Vec::as_slice)
-    }
-
-    fn flag(&self, key: &str) -> bool {
-        self.0.contains_key(key)
-    }
-
-    fn number<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, Failure> {
-        match self.one(key)? {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| usage(format!("{key}: {v:?} is not a valid number"))),
-        }
-    }
-}
-
-const HOST: &[&str] = &["--host", "-h"];
-const PORT: &[&str] = &["--port", "-p"];
-const POOL_CERT: &[&str] = &["--security-pool-certificate"];
-const POOL_KEY: &[&str] = &["--security-pool-key"];
-const WORKER_CERTS: &[&str] = &["--security-worker-certificates"];
-const WORKER_CAS: &[&str] = &["--security-worker-ca"];
-const POOL_CAS: &[&str] = &["--security-pool-ca"];
-const WORKER_CERT: &[&str] = &["--security-worker-certificate"];
-const WORKER_KEY: &[&str] = &["--security-worker-key"];
-const PLAINTEXT: &[&str] = &["--insecure-plaintext"];
-const JSON: &[&str] = &["--json"];
-
-fn run_manager(args: &[String]) -> Result<(), Failure> {
-    let o = parse(
-        args,
-        &[
-            (HOST, 1),
-            (PORT, 1),
-            (POOL_CERT, 1),
-            (POOL_KEY, 1),
-            (WORKER_CERTS, MANY),
-            (WORKER_CAS, MANY),
-            (PLAINTEXT, 0),
-            (JSON, 0),
-            (&["--metrics-address"], 1),
-            (&["--max-connections-per-certificate"], 1),
-        ],
-        MANAGER_HELP,
-    )?;
-    let host = o.one("--host")?.unwrap_or("127.0.0.1");
-    let port: u16 = o.number("--port", 9001)?;
-    let listen = if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+/// One line for a usage error that clap found (its own rendering spans several).
+fn usage_message(e: &clap::Error) -> String {
+    let context = |kind| match e.get(kind) {
+        Some(ContextValue::String(s)) => s.clone(),
+        Some(ContextValue::Strings(v)) => v.join(", "),
+        _ => String::new(),
     };
-    let config = if o.flag("--insecure-plaintext") {
+    // "--port <PORT>" -> "--port"
+    let flag = |s: String| s.split(' ').next().unwrap_or_default().to_string();
+    let arg = context(ContextKind::InvalidArg);
+    match e.kind() {
+        ErrorKind::UnknownArgument if arg.starts_with('-') => {
+            format!("unknown option {arg:?}; try --help")
+        }
+        ErrorKind::UnknownArgument => format!("unexpected argument {arg:?}; try --help"),
+        ErrorKind::InvalidSubcommand => format!(
+            "unknown subcommand {:?}; try --help",
+            context(ContextKind::InvalidSubcommand)
+        ),
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            "a subcommand is needed (manager, worker, generate-tls-certificates, demo); try --help"
+                .into()
+        }
+        ErrorKind::MissingRequiredArgument => {
+            let flags: Vec<String> = arg.split(", ").map(|a| flag(a.to_string())).collect();
+            format!("{} is required", flags.join(", "))
+        }
+        ErrorKind::InvalidValue if context(ContextKind::InvalidValue).is_empty() => {
+            format!("{} needs a value", flag(arg))
+        }
+        ErrorKind::ValueValidation => match std::error::Error::source(e) {
+            Some(why) => format!("{}: {why}", flag(arg)),
+            None => format!(
+                "{}: {:?} is not valid",
+                flag(arg),
+                context(ContextKind::InvalidValue)
+            ),
+        },
+        ErrorKind::ArgumentConflict => {
+            let other = context(ContextKind::PriorArg);
+            if other.is_empty() || other == arg {
+                format!("{} given more than once", flag(arg))
+            } else {
+                format!("{} cannot be used with {}", flag(arg), flag(other))
+            }
+        }
+        _ => {
+            // clap's own words, first line, without its "error: ".
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or_default();
+            first.strip_prefix("error: ").unwrap_or(first).to_string()
+        }
+    }
+}
+
+fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
+    // Before any thread starts, so that every thread inherits the mask and only the
+    // signal thread takes SIGINT and SIGTERM.
+    let signals = block_signals();
+    let listen = if a.host.contains(':') {
+        format!("[{}]:{}", a.host, a.port)
+    } else {
+        format!("{}:{}", a.host, a.port)
+    };
+    let mut config = if a.insecure_plaintext {
         ManagerConfig::insecure_plaintext(listen)
     } else {
         let why = " (or --insecure-plaintext)";
-        let cert = o.required("--security-pool-certificate", why)?;
-        let key = o.required("--security-pool-key", why)?;
-        let (pinned, cas) = (
-            o.all("--security-worker-certificates"),
-            o.all("--security-worker-ca"),
-        );
+        let cert = a
+            .security_pool_certificate
+            .ok_or_else(|| usage(format!("--security-pool-certificate is required{why}")))?;
+        let key = a
+            .security_pool_key
+            .ok_or_else(|| usage(format!("--security-pool-key is required{why}")))?;
+        let (pinned, cas) = (a.security_worker_certificates, a.security_worker_ca);
         if pinned.is_empty() && cas.is_empty() {
             return Err(usage(
                 "--security-worker-certificates is required (or --security-worker-ca, or --insecure-plaintext)",
@@ -321,27 +399,82 @@ fn run_manager(args: &[String]) -> Result<(), Failure> {
         }
         ManagerConfig::new(listen, identity, trust)
     };
-    let mut config = config;
-    config.metrics_addr = o.one("--metrics-address")?.map(String::from);
-    config.max_connections_per_certificate = o.number(
-        "--max-connections-per-certificate",
-        config.max_connections_per_certificate,
-    )?;
+    config.metrics_addr = a.metrics_address;
+    if let Some(n) = a.max_connections_per_certificate {
+        config.max_connections_per_certificate = n;
+    }
+    if let Some(n) = a.max_heartbeats_per_second {
+        config.max_heartbeats_per_second = n;
+    }
     let manager = Arc::new(Manager::bind(config).map_err(failed)?);
-    let console = Console::new(manager.clone(), o.flag("--json"));
+    let (sig_tx, sig_rx) = unbounded();
+    std::thread::spawn(move || {
+        loop {
+            if sig_tx.send(wait_signal(&signals)).is_err() {
+                return;
+            }
+        }
+    });
+    let m = manager.clone();
+    let console = Console::new(manager.clone(), a.json, Box::new(move || m.shutdown()));
     // SAFETY: isatty only reads the state of descriptor 1; any value is a valid argument.
-    if !console.json && unsafe { libc::isatty(1) } == 1 {
+    if !a.json && unsafe { libc::isatty(1) } == 1 {
         show_progress(manager.clone());
     }
-    if !console.json {
-        eprintln!(
-            "workpool manager listening on {}; one job per line, `exit` to quit, `:help` for directives",
-            manager.local_addr()
-        );
-    }
-    watch_signals_for_manager(manager.clone());
-    console.run(std::io::stdin().lock());
-    Ok(())
+    let input = if a.serve {
+        if !a.json {
+            eprintln!(
+                "workpool manager listening on {}; serving until SIGTERM or SIGINT",
+                manager.local_addr()
+            );
+        }
+        None
+    } else {
+        if !a.json {
+            eprintln!(
+                "workpool manager listening on {}; one job per line, `exit` to quit, `:help` for directives",
+                manager.local_addr()
+            );
+        }
+        Some(read_lines(Vec::new(), Some(std::io::stdin())))
+    };
+    let ended = console.run(input, Some(sig_rx));
+    Ok(match ended {
+        Stop::Signal(sig) if !a.serve => ExitCode::from(128 + sig as u8),
+        _ => ExitCode::SUCCESS,
+    })
+}
+
+/// A thread that hands `first` (the demo's showcase), then the lines of `stdin`, if
+/// any, to the console; then `Input::End`. The channel is bounded:
+/// the reader waits while the console is behind.
+fn read_lines(first: Vec<Input>, stdin: Option<std::io::Stdin>) -> Receiver<Input> {
+    let (tx, rx) = bounded(1024);
+    std::thread::spawn(move || {
+        for input in first {
+            if tx.send(input).is_err() {
+                return;
+            }
+        }
+        if let Some(stdin) = stdin {
+            let mut stdin = stdin.lock();
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                match stdin.read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let text = String::from_utf8_lossy(&buf).into_owned();
+                        if tx.send(Input::Line { text, echo: false }).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        let _ = tx.send(Input::End);
+    });
+    rx
 }
 
 /// On a terminal, a line on stderr every few seconds while jobs are queued or running.
@@ -368,17 +501,6 @@ fn show_progress(manager: Arc<Manager>) {
     });
 }
 
-/// SIGINT/SIGTERM on the manager: the same graceful shutdown as `exit`.
-fn watch_signals_for_manager(manager: Arc<Manager>) {
-    let signals = block_signals();
-    std::thread::spawn(move || {
-        let sig = wait_signal(&signals);
-        log::info!("signal {sig}: shutting down");
-        manager.shutdown();
-        std::process::exit(128 + sig);
-    });
-}
-
 /// Blocks SIGINT and SIGTERM in this thread and every thread it starts from now on, so
 /// that one thread can take them with `sigwait` (children get a clean mask from std).
 fn block_signals() -> libc::sigset_t {
@@ -401,62 +523,53 @@ fn wait_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
-fn run_worker(args: &[String]) -> Result<(), Failure> {
-    let o = parse(
-        args,
-        &[
-            (HOST, 1),
-            (PORT, 1),
-            (POOL_CERT, 1),
-            (POOL_CAS, 1),
-            (WORKER_CERT, 1),
-            (WORKER_KEY, 1),
-            (&["--name"], 1),
-            (&["--tag"], 1),
-            (&["--slots"], 1),
-            (&["--ahead"], 1),
-            (&["--no-verify-hostname"], 0),
-            (&["--job-user"], 1),
-            (PLAINTEXT, 0),
-        ],
-        WORKER_HELP,
-    )?;
-    let host = o.one("--host")?.unwrap_or("127.0.0.1");
-    let port: u16 = o.number("--port", 9001)?;
-    let mut config = if o.flag("--insecure-plaintext") {
-        WorkerConfig::insecure_plaintext(host, port)
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+fn run_worker(a: WorkerArgs) -> Result<(), Failure> {
+    let (host, port) = (a.host, a.port);
+    let mut config = if a.insecure_plaintext {
+        WorkerConfig::insecure_plaintext(host.clone(), port)
     } else {
         let why = " (or --insecure-plaintext)";
-        let pool = o.one("--security-pool-certificate")?;
-        let cas = o.all("--security-pool-ca");
+        let (pool, cas) = (a.security_pool_certificate, a.security_pool_ca);
         if pool.is_none() && cas.is_empty() {
             return Err(usage(
                 "--security-pool-certificate is required (or --security-pool-ca, or --insecure-plaintext)",
             ));
         }
-        let cert = o.required("--security-worker-certificate", why)?;
-        let key = o.required("--security-worker-key", why)?;
+        let cert = a
+            .security_worker_certificate
+            .ok_or_else(|| usage(format!("--security-worker-certificate is required{why}")))?;
+        let key = a
+            .security_worker_key
+            .ok_or_else(|| usage(format!("--security-worker-key is required{why}")))?;
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
         let mut trust = PeerTrust::pinned_pem_files(pool).map_err(failed)?;
         for ca in cas {
             trust.add_ca_pem_file(ca).map_err(failed)?;
         }
-        let c = WorkerConfig::new(host, port, identity, trust);
-        if o.flag("--no-verify-hostname") {
+        let c = WorkerConfig::new(host.clone(), port, identity, trust);
+        if a.no_verify_hostname {
             c.no_verify_hostname()
         } else {
             c
         }
     };
-    if let Some(name) = o.one("--name")? {
-        config.name = name.to_string();
+    if let Some(name) = a.name {
+        config.name = name;
     }
-    for tag in o.all("--tag") {
-        config = config.tag(tag.clone());
+    for tag in a.tag {
+        config = config.tag(tag);
     }
-    config.slots = o.number("--slots", 1)?;
-    config.ahead = o.number("--ahead", 1)?;
-    if let Some(user) = o.one("--job-user")? {
+    config.slots = a.slots;
+    config.ahead = a.ahead;
+    if let Some(user) = a.job_user {
         config = config.job_user(user);
     }
     let signals = block_signals();
@@ -481,26 +594,17 @@ fn run_worker(args: &[String]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn generate(args: &[String]) -> Result<(), Failure> {
-    let o = parse(
-        args,
-        &[
-            (&["--number-of-workers"], 1),
-            (&["--hostname"], 1),
-            (&["--output-dir"], 1),
-            (&["--days"], 1),
-            (&["--force"], 0),
-        ],
-        GENERATE_HELP,
-    )?;
-    let n: usize = o.number("--number-of-workers", 1)?;
-    let host = o.required("--hostname", "")?;
-    let dir = PathBuf::from(o.one("--output-dir")?.unwrap_or("."));
-    let days: u32 = o.number("--days", DEFAULT_VALIDITY_DAYS)?;
+fn generate(a: GenerateArgs) -> Result<(), Failure> {
+    let (n, host, dir, days, force) = (
+        a.number_of_workers,
+        a.hostname.as_str(),
+        a.output_dir,
+        a.days,
+        a.force,
+    );
     if days == 0 {
         return Err(usage("--days must be at least 1"));
     }
-    let force = o.flag("--force");
     let mut files = vec![("host-cert.pem".to_string(), "host-key.pem".to_string())];
     files.extend((0..n).map(|i| {
         (
@@ -561,8 +665,7 @@ const SHOWCASE: &[&str] = &[
     ":workers",
 ];
 
-fn demo(args: &[String]) -> Result<(), Failure> {
-    let o = parse(args, &[(&["--interactive"], 0), (JSON, 0)], DEMO_HELP)?;
+fn demo(a: DemoArgs) -> Result<ExitCode, Failure> {
     let days = DEFAULT_VALIDITY_DAYS;
     let host = generate_manager_certificate(&["localhost", "127.0.0.1"], days).map_err(failed)?;
     let worker_certs: Vec<_> = ["alpha", "beta"]
@@ -581,7 +684,6 @@ fn demo(args: &[String]) -> Result<(), Failure> {
     let manager = Arc::new(
         Manager::bind(ManagerConfig::new("127.0.0.1:0", identity, roots)).map_err(failed)?,
     );
-    let console = Console::new(manager.clone(), o.flag("--json"));
     let joined = manager.subscribe();
     let port = manager.local_addr().port();
     let mut workers = Vec::new();
@@ -603,198 +705,922 @@ fn demo(args: &[String]) -> Result<(), Failure> {
             Err(_) => return Err(failed("the demo workers did not join within 30 s")),
         }
     }
-    if !console.json {
+    if !a.json {
         eprintln!(
             "demo: manager on {} with workers alpha (1 slot) and beta (1 slot, tag big), mutual TLS\n",
             manager.local_addr()
         );
     }
-    let mut console = console;
-    for line in SHOWCASE {
-        if !console.json {
-            console.say(&format!("> {line}"));
+    let m = manager.clone();
+    // The workers leave before the manager shuts down, so that they do not try to
+    // reconnect to it.
+    let shutdown = Box::new(move || {
+        for w in &workers {
+            w.stop();
         }
-        console.line(line);
-    }
-    if o.flag("--interactive") {
-        if !console.json {
-            console
-                .say("demo: now reading jobs from stdin (`exit` to quit, `:help` for directives)");
-        }
-        console.run(std::io::stdin().lock());
+        m.shutdown();
+    });
+    let console = Console::new(manager, a.json, shutdown);
+    let mut lines: Vec<Input> = SHOWCASE
+        .iter()
+        .map(|s| Input::Line {
+            text: s.to_string(),
+            echo: true,
+        })
+        .collect();
+    let stdin = if a.interactive {
+        lines.push(Input::Say(
+            "demo: now reading jobs from stdin (`exit` to quit, `:help` for directives)".into(),
+        ));
+        Some(std::io::stdin())
     } else {
-        console.wait_for_jobs();
-    }
-    for w in &workers {
-        w.stop();
-    }
-    manager.shutdown();
-    Ok(())
+        None
+    };
+    console.run(Some(read_lines(lines, stdin)), None);
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Reads job lines and directives, submits jobs, and prints what happens.
+/// What the console's loop takes from its reader thread.
+enum Input {
+    /// A line to act on; `echo` shows it first (the demo's showcase).
+    Line { text: String, echo: bool },
+    /// A line to show (human output only).
+    Say(String),
+    /// No more lines.
+    End,
+}
+
+/// Why the console stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    EndOfInput,
+    Exit,
+    Signal(i32),
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::EndOfInput => "end_of_input",
+            Stop::Exit => "exit",
+            Stop::Signal(_) => "signal",
+        }
+    }
+
+    fn signal(self) -> Option<i32> {
+        match self {
+            Stop::Signal(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Stop::EndOfInput => "end of input".into(),
+            Stop::Exit => "exit".into(),
+            Stop::Signal(s) => signal_name(s),
+        }
+    }
+}
+
+/// What a console line asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum LineKind<'a> {
+    Nothing,
+    Exit,
+    Directive(&'a str),
+    Job(&'a str),
+}
+
+/// Reads one console line: blank, `exit` in any letter case, `:directive`, or a job
+/// (`::` at the start stands for a script that begins with `:`).
+fn classify(line: &str) -> LineKind<'_> {
+    let line = line.trim();
+    if line.is_empty() {
+        LineKind::Nothing
+    } else if line.eq_ignore_ascii_case("exit") {
+        LineKind::Exit
+    } else if line.starts_with("::") {
+        LineKind::Job(&line[1..])
+    } else if let Some(d) = line.strip_prefix(':') {
+        LineKind::Directive(d)
+    } else {
+        LineKind::Job(line)
+    }
+}
+
+/// One JSON line of the console's output.
+#[derive(Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+enum Event<'a> {
+    Listening {
+        address: String,
+    },
+    WorkerJoined {
+        worker: &'a str,
+        tags: &'a BTreeSet<String>,
+        platform: &'a str,
+        slots: u32,
+    },
+    WorkerLeft {
+        worker: &'a str,
+        reason: &'a str,
+    },
+    Submitted {
+        job: u64,
+        command: &'a str,
+    },
+    Started {
+        job: u64,
+        worker: &'a str,
+    },
+    Output {
+        job: u64,
+        stream: &'static str,
+        data: &'a str,
+    },
+    Requeued {
+        job: u64,
+        attempt: u32,
+    },
+    Warning {
+        job: u64,
+        message: &'a str,
+    },
+    Finished {
+        job: u64,
+        outcome: &'static str,
+        exit_code: Option<i32>,
+        worker: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
+    Error {
+        message: &'a str,
+    },
+    Status {
+        workers: usize,
+        workers_draining: usize,
+        slots: usize,
+        slots_busy: usize,
+        queued: usize,
+        running: usize,
+        submitted: u64,
+        finished: serde_json::Map<String, serde_json::Value>,
+        oldest_queued_wait_seconds: Option<f64>,
+        output_bytes: u64,
+    },
+    Jobs {
+        jobs: Vec<JobLine<'a>>,
+    },
+    Workers {
+        workers: Vec<WorkerLine<'a>>,
+    },
+    ShuttingDown {
+        reason: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+    ShutDown {
+        reason: &'static str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        signal: Option<i32>,
+    },
+}
+
+#[derive(Serialize)]
+struct JobLine<'a> {
+    job: u64,
+    state: &'static str,
+    worker: Option<&'a str>,
+    since_seconds: f64,
+    attempt: u32,
+    priority: i32,
+    output_paused: bool,
+    command: &'a str,
+}
+
+#[derive(Serialize)]
+struct WorkerLine<'a> {
+    worker: &'a str,
+    address: Option<String>,
+    tags: &'a BTreeSet<String>,
+    platform: &'a str,
+    slots: u32,
+    running: usize,
+}
+
+/// Seconds, rounded to the millisecond.
+fn seconds(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e3).round() / 1e3
+}
+
+/// Where the console writes: buffered stdout and stderr, flushed when it is idle.
+struct Out {
+    json: bool,
+    stdout: BufWriter<std::io::Stdout>,
+    stderr: BufWriter<std::io::Stderr>,
+}
+
+impl Out {
+    fn new(json: bool) -> Out {
+        Out {
+            json,
+            stdout: BufWriter::with_capacity(OUT_BUFFER, std::io::stdout()),
+            stderr: BufWriter::with_capacity(OUT_BUFFER, std::io::stderr()),
+        }
+    }
+
+    /// One JSON line on stdout. Write errors (a closed stdout) are ignored, as the jobs
+    /// go on whoever reads.
+    fn event(&mut self, event: &Event) {
+        let _ = serde_json::to_writer(&mut self.stdout, event);
+        let _ = self.stdout.write_all(b"\n");
+    }
+
+    fn say(&mut self, text: &str) {
+        let _ = writeln!(self.stdout, "{text}");
+    }
+
+    fn say_err(&mut self, text: &str) {
+        let _ = writeln!(self.stderr, "{text}");
+    }
+
+    fn complain(&mut self, text: &str) {
+        if self.json {
+            self.event(&Event::Error { message: text });
+        } else {
+            self.say_err(&format!("workpool: {text}"));
+        }
+    }
+
+    fn flush(&mut self) {
+        let _ = self.stdout.flush();
+        let _ = self.stderr.flush();
+    }
+}
+
+/// Cuts one stream of a job into lines for human output, in time linear in the bytes:
+/// each byte is looked at once, and copied at most once (into the held-back part of a
+/// line). A line longer than the limit ([`MAX_LINE`]) is given out in pieces of at most
+/// that many bytes, wherever its chunks began and ended (cut before a UTF-8 character
+/// that would straddle the cut, when that character came in one chunk).
+#[derive(Default)]
+struct LineCutter {
+    partial: Vec<u8>,
+    limit: usize,
+}
+
+impl LineCutter {
+    fn new(limit: usize) -> LineCutter {
+        LineCutter {
+            partial: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Takes bytes; calls `line(head, tail)` for each line or piece, whose bytes are
+    /// `head` then `tail` (without the newline).
+    fn push(&mut self, mut bytes: &[u8], mut line: impl FnMut(&[u8], &[u8])) {
+        loop {
+            let newline = bytes.iter().position(|&b| b == b'\n');
+            let mut text = &bytes[..newline.unwrap_or(bytes.len())];
+            // The line so far is longer than the limit: give it out in pieces.
+            while self.partial.len() + text.len() > self.limit {
+                let cut = char_cut(text, self.limit - self.partial.len());
+                line(&self.partial, &text[..cut]);
+                self.partial.clear();
+                text = &text[cut..];
+            }
+            match newline {
+                Some(end) => {
+                    line(&self.partial, text);
+                    self.partial.clear();
+                    bytes = &bytes[end + 1..];
+                }
+                None => {
+                    self.partial.extend_from_slice(text);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Gives out what is held back (the job ended without a last newline).
+    fn finish(&mut self, mut line: impl FnMut(&[u8], &[u8])) {
+        if !self.partial.is_empty() {
+            line(&self.partial, &[]);
+        }
+        self.partial = Vec::new();
+    }
+}
+
+/// Where to cut `bytes` (longer than `at`) at or a little before `at`, so that a UTF-8
+/// character is not split: up to 3 bytes earlier; `at` itself when that does not help
+/// (not UTF-8) or would leave nothing before the cut (`at` is 0 only when what is held
+/// back fills a piece already).
+fn char_cut(bytes: &[u8], at: usize) -> usize {
+    let continuation = |b: u8| b & 0xC0 == 0x80;
+    let mut c = at;
+    while c > 1 && c + 3 > at && continuation(bytes[c]) {
+        c -= 1;
+    }
+    if continuation(bytes[c]) || c == 0 {
+        at
+    } else {
+        c
+    }
+}
+
+/// How many bytes at the end of `bytes` begin a UTF-8 character that the next chunk
+/// completes (0 to 3).
+fn incomplete_utf8_tail(bytes: &[u8]) -> usize {
+    for back in 1..=bytes.len().min(3) {
+        let b = bytes[bytes.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue;
+        }
+        let len = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => 1,
+        };
+        return if len > back { back } else { 0 };
+    }
+    0
+}
+
+/// Text for one stream of a job's JSON output: each chunk as UTF-8 (invalid bytes become
+/// U+FFFD), a character split between two chunks kept whole.
+#[derive(Default)]
+struct Utf8Joiner {
+    carry: Vec<u8>,
+}
+
+impl Utf8Joiner {
+    /// The text of `bytes`, with what the previous chunk left; holds back an incomplete
+    /// last character (at most 3 bytes).
+    fn push(&mut self, bytes: &[u8], text: impl FnOnce(&str)) {
+        let joined;
+        let all: &[u8] = if self.carry.is_empty() {
+            bytes
+        } else {
+            self.carry.extend_from_slice(bytes);
+            joined = std::mem::take(&mut self.carry);
+            &joined
+        };
+        let keep = incomplete_utf8_tail(all);
+        let (now, later) = all.split_at(all.len() - keep);
+        if !now.is_empty() {
+            text(&String::from_utf8_lossy(now));
+        }
+        self.carry = later.to_vec();
+    }
+
+    fn finish(&mut self, text: impl FnOnce(&str)) {
+        if !self.carry.is_empty() {
+            text(&String::from_utf8_lossy(&std::mem::take(&mut self.carry)));
+        }
+    }
+}
+
+/// A job the console follows.
+struct LiveJob {
+    handle: JobHandle,
+    worker: Option<String>,
+    /// Human output: stdout's and stderr's lines; JSON: their text.
+    lines: [LineCutter; 2],
+    text: [Utf8Joiner; 2],
+}
+
+impl LiveJob {
+    fn new(handle: JobHandle) -> LiveJob {
+        LiveJob {
+            handle,
+            worker: None,
+            lines: [LineCutter::new(MAX_LINE), LineCutter::new(MAX_LINE)],
+            text: Default::default(),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.handle.id().0
+    }
+
+    /// Prints one event; true when it was the job's last.
+    fn print(&mut self, out: &mut Out, ev: JobEvent) -> bool {
+        let id = self.id();
+        match ev {
+            JobEvent::Started { worker } => {
+                if out.json {
+                    out.event(&Event::Started {
+                        job: id,
+                        worker: &worker,
+                    });
+                }
+                self.worker = Some(worker);
+            }
+            JobEvent::Output { stream, bytes } => self.output(out, stream, &bytes),
+            JobEvent::Requeued { attempt } => {
+                if out.json {
+                    out.event(&Event::Requeued { job: id, attempt });
+                } else {
+                    out.say(&format!(
+                        "[{id}] worker lost; queued again (attempt {attempt})"
+                    ));
+                }
+            }
+            JobEvent::Warning(w) => {
+                if out.json {
+                    out.event(&Event::Warning {
+                        job: id,
+                        message: &w,
+                    });
+                } else {
+                    out.say_err(&format!("[{id}] warning: {w}"));
+                }
+            }
+            JobEvent::Finished(outcome) => {
+                self.finish(out, &outcome);
+                return true;
+            }
+            _ => {}
+        }
+        false
+    }
+
+    fn output(&mut self, out: &mut Out, stream: Stream, bytes: &[u8]) {
+        let id = self.id();
+        let i = stream as usize;
+        if out.json {
+            self.text[i].push(bytes, |data| {
+                out.event(&Event::Output {
+                    job: id,
+                    stream: stream.name(),
+                    data,
+                })
+            });
+        } else {
+            let prefix = prefix(id, stream);
+            let w: &mut dyn Write = match stream {
+                Stream::Stdout => &mut out.stdout,
+                Stream::Stderr => &mut out.stderr,
+            };
+            self.lines[i].push(bytes, |head, tail| write_line(w, &prefix, head, tail));
+        }
+    }
+
+    fn finish(&mut self, out: &mut Out, outcome: &Outcome) {
+        let id = self.id();
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            let i = stream as usize;
+            if out.json {
+                self.text[i].finish(|data| {
+                    out.event(&Event::Output {
+                        job: id,
+                        stream: stream.name(),
+                        data,
+                    })
+                });
+            } else {
+                let prefix = prefix(id, stream);
+                let w: &mut dyn Write = match stream {
+                    Stream::Stdout => &mut out.stdout,
+                    Stream::Stderr => &mut out.stderr,
+                };
+                self.lines[i].finish(|head, tail| write_line(w, &prefix, head, tail));
+            }
+        }
+        if out.json {
+            let (signal, reason) = match outcome {
+                Outcome::Signaled(s) => (Some(*s), None),
+                Outcome::Rejected(r) | Outcome::SpawnFailed(r) => (None, Some(r.as_str())),
+                _ => (None, None),
+            };
+            out.event(&Event::Finished {
+                job: id,
+                outcome: outcome.name(),
+                exit_code: outcome.exit_code(),
+                worker: self.worker.as_deref(),
+                signal,
+                reason,
+            });
+        } else {
+            out.say(&match outcome {
+                Outcome::Exited(code) => format!("[{id}] Exit code      : {code}"),
+                other => format!("[{id}] Ended          : {other}"),
+            });
+        }
+    }
+}
+
+/// Prints up to [`BURST`] of a job's events (up to `Started`, if `until_started`);
+/// whether there were any, and whether the job ended.
+fn take_events(job: &mut LiveJob, out: &mut Out, until_started: bool) -> (bool, bool) {
+    let mut any = false;
+    for _ in 0..BURST {
+        match job.handle.events().try_recv() {
+            Ok(ev) => {
+                any = true;
+                let started = matches!(ev, JobEvent::Started { .. });
+                if job.print(out, ev) {
+                    return (true, true);
+                }
+                if started && until_started {
+                    break;
+                }
+            }
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => {
+                // Only if the manager went away under the job.
+                job.finish(out, &Outcome::Rejected("the manager shut down".into()));
+                return (true, true);
+            }
+        }
+    }
+    (any, false)
+}
+
+fn prefix(id: u64, stream: Stream) -> String {
+    match stream {
+        Stream::Stdout => format!("[{id}] Standard Output: "),
+        Stream::Stderr => format!("[{id}] Standard Error : "),
+    }
+}
+
+fn write_line(w: &mut dyn Write, prefix: &str, head: &[u8], tail: &[u8]) {
+    let _ = w.write_all(prefix.as_bytes());
+    let _ = w.write_all(head);
+    let _ = w.write_all(tail);
+    let _ = w.write_all(b"\n");
+}
+
+/// Reads job lines and directives, submits jobs, and prints what happens: one loop on
+/// one thread (see the file's doc).
 struct Console {
     manager: Arc<Manager>,
-    json: bool,
-    out: Arc<Mutex<()>>,
+    out: Out,
     /// What the directives set for the jobs that follow: requirements, timeout, env, ...
     template: JobSpec,
-    printers: Vec<JoinHandle<()>>,
+    /// The jobs that have started (their output comes now), in no order.
+    started: Vec<LiveJob>,
+    /// The jobs that have not, oldest first (see [`WATCHED_QUEUED`]).
+    queued: VecDeque<Box<LiveJob>>,
+    /// When the queued jobs beyond the watched ones are looked at next, and where.
+    next_poll: Instant,
+    poll_cursor: usize,
+    pool: Option<Receiver<ManagerEvent>>,
+    /// Workers announced from the snapshot taken when the console started; their
+    /// `WorkerJoined`, if it comes after, is not printed twice.
+    announced: HashSet<u64>,
+    /// Shuts the manager down (on a thread of its own, while the loop goes on printing).
+    shutdown: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl Console {
-    fn new(manager: Arc<Manager>, json: bool) -> Console {
-        let out = Arc::new(Mutex::new(()));
+    /// Subscribes to the pool's events, then announces the workers that are connected
+    /// already (those that joined between the manager's start and the subscription).
+    fn new(manager: Arc<Manager>, json: bool, shutdown: Box<dyn FnOnce() + Send>) -> Console {
+        let mut out = Out::new(json);
         if json {
-            emit(
-                &out,
-                false,
-                &format!(
-                    "{{\"event\":\"listening\",\"address\":{}}}",
-                    json_str(&manager.local_addr().to_string())
-                ),
-            );
+            out.event(&Event::Listening {
+                address: manager.local_addr().to_string(),
+            });
         }
+        // The subscription first, then the snapshot: a worker that joins in between is
+        // in both, and printed once.
         let pool = manager.subscribe();
-        let o = out.clone();
-        std::thread::spawn(move || {
-            for ev in pool {
-                let line = match (&ev, json) {
-                    (ManagerEvent::WorkerJoined(w), true) => format!(
-                        "{{\"event\":\"worker_joined\",\"worker\":{},\"tags\":{},\"platform\":{},\"slots\":{}}}",
-                        json_str(&w.name),
-                        json_list(&w.tags),
-                        json_str(&w.platform),
-                        w.slots
-                    ),
-                    (ManagerEvent::WorkerLeft { name, reason, .. }, true) => format!(
-                        "{{\"event\":\"worker_left\",\"worker\":{},\"reason\":{}}}",
-                        json_str(name),
-                        json_str(reason)
-                    ),
-                    (ManagerEvent::WorkerJoined(w), false) => {
-                        format!("worker {} joined ({})", w.name, describe(w))
-                    }
-                    (ManagerEvent::WorkerLeft { name, reason, .. }, false) => {
-                        format!("worker {name} left: {reason}")
-                    }
-                    _ => continue,
-                };
-                emit(&o, false, &line);
-            }
-        });
+        let mut announced = HashSet::new();
+        for w in manager.workers() {
+            print_joined(&mut out, &w);
+            announced.insert(w.id);
+        }
+        out.flush();
         Console {
             manager,
-            json,
             out,
             template: JobSpec::new(""),
-            printers: Vec::new(),
+            started: Vec::new(),
+            queued: VecDeque::new(),
+            next_poll: Instant::now(),
+            poll_cursor: 0,
+            pool: Some(pool),
+            announced,
+            shutdown: Some(shutdown),
         }
     }
 
-    fn say(&self, text: &str) {
-        emit(&self.out, false, text);
-    }
-
-    fn complain(&self, text: &str) {
-        if self.json {
-            emit(
-                &self.out,
-                false,
-                &format!("{{\"event\":\"error\",\"message\":{}}}", json_str(text)),
-            );
-        } else {
-            emit(&self.out, true, &format!("workpool: {text}"));
-        }
-    }
-
-    fn run(mut self, input: impl BufRead) {
-        for line in input.lines() {
-            let Ok(line) = line else { break };
-            if !self.line(&line) {
-                self.manager.shutdown();
+    /// Runs until the input ends (then every job has ended), `exit`, or a signal; shuts
+    /// the manager down, prints the last line and says why it stopped.
+    fn run(mut self, mut input: Option<Receiver<Input>>, signals: Option<Receiver<i32>>) -> Stop {
+        let mut stop: Option<Stop> = None;
+        let mut done: Option<Receiver<()>> = None;
+        let mut shut = false;
+        loop {
+            // Everything that is ready, until nothing is.
+            loop {
+                let mut busy = false;
+                if let Some(sig) = signals.as_ref().and_then(|s| s.try_recv().ok()) {
+                    busy = true;
+                    if done.is_some() {
+                        // A second signal while shutting down: stop now.
+                        self.out.flush();
+                        std::process::exit(128 + sig);
+                    }
+                    stop = Some(Stop::Signal(sig));
+                    input = None;
+                    done = Some(self.begin_shutdown(Stop::Signal(sig)));
+                }
+                busy |= self.take_pool_events();
+                busy |= self.take_job_events();
+                if let Some(rx) = &input {
+                    for _ in 0..BURST {
+                        let line = match rx.try_recv() {
+                            Ok(Input::Line { text, echo }) => {
+                                if echo && !self.out.json {
+                                    self.out.say(&format!("> {text}"));
+                                }
+                                text
+                            }
+                            Ok(Input::Say(text)) => {
+                                if !self.out.json {
+                                    self.out.say(&text);
+                                }
+                                busy = true;
+                                continue;
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Ok(Input::End) | Err(TryRecvError::Disconnected) => {
+                                stop = Some(Stop::EndOfInput);
+                                input = None;
+                                busy = true;
+                                break;
+                            }
+                        };
+                        busy = true;
+                        if !self.line(&line) {
+                            stop = Some(Stop::Exit);
+                            input = None;
+                            done = Some(self.begin_shutdown(Stop::Exit));
+                            break;
+                        }
+                    }
+                }
+                if stop == Some(Stop::EndOfInput) && done.is_none() && self.no_jobs() {
+                    done = Some(self.begin_shutdown(Stop::EndOfInput));
+                    busy = true;
+                }
+                if let Some(d) = &done
+                    && !shut
+                    && !matches!(d.try_recv(), Err(TryRecvError::Empty))
+                {
+                    shut = true;
+                    busy = true;
+                }
+                if !busy {
+                    break;
+                }
+            }
+            if shut && self.no_jobs() {
+                break;
+            }
+            self.out.flush();
+            // Wait for anything to be ready (it is taken on the next turn).
+            let mut sel = Select::new();
+            let mut any = false;
+            let watched = self.watched_queued();
+            if let Some(rx) = &input {
+                sel.recv(rx);
+                any = true;
+            }
+            if let Some(rx) = &signals {
+                sel.recv(rx);
+                any = true;
+            }
+            if let Some(rx) = &self.pool {
+                sel.recv(rx);
+                any = true;
+            }
+            if let Some(rx) = done.as_ref().filter(|_| !shut) {
+                sel.recv(rx);
+                any = true;
+            }
+            let queued = self.queued.iter().take(watched).map(|j| &**j);
+            for j in self.started.iter().chain(queued) {
+                sel.recv(j.handle.events());
+                any = true;
+            }
+            if self.queued.len() > watched {
+                let _ = sel.ready_deadline(self.next_poll);
+            } else if any {
+                sel.ready();
+            } else {
                 break;
             }
         }
-        self.finish();
+        self.take_pool_events();
+        let stop = stop.unwrap_or(Stop::EndOfInput);
+        if self.out.json {
+            self.out.event(&Event::ShutDown {
+                reason: stop.name(),
+                signal: stop.signal(),
+            });
+        } else {
+            self.out.say_err(&format!(
+                "workpool manager: shut down ({})",
+                stop.describe()
+            ));
+        }
+        self.out.flush();
+        stop
     }
 
-    /// Waits for every job to end, then shuts the manager down.
-    fn finish(&mut self) {
-        self.wait_for_jobs();
-        self.manager.shutdown();
+    /// Starts the manager's shutdown on a thread of its own; the receiver hears when it
+    /// is done.
+    fn begin_shutdown(&mut self, why: Stop) -> Receiver<()> {
+        if self.out.json {
+            self.out.event(&Event::ShuttingDown {
+                reason: why.name(),
+                signal: why.signal(),
+            });
+        } else if why != Stop::EndOfInput {
+            self.out.say_err(&format!(
+                "workpool manager: shutting down ({}): queued jobs are rejected, running ones may finish",
+                why.describe()
+            ));
+        }
+        let (tx, rx) = bounded(1);
+        let shutdown = self.shutdown.take();
+        std::thread::spawn(move || {
+            if let Some(f) = shutdown {
+                f();
+            }
+            let _ = tx.send(());
+        });
+        rx
     }
 
-    fn wait_for_jobs(&mut self) {
-        for p in self.printers.drain(..) {
-            let _ = p.join();
+    /// Prints the pool's events that are ready; whether there were any.
+    fn take_pool_events(&mut self) -> bool {
+        let Some(pool) = &self.pool else {
+            return false;
+        };
+        let mut any = false;
+        loop {
+            match pool.try_recv() {
+                Ok(ev) => {
+                    any = true;
+                    match &ev {
+                        // Announced from the snapshot already.
+                        ManagerEvent::WorkerJoined(w) if self.announced.remove(&w.id) => {}
+                        ManagerEvent::WorkerJoined(w) => print_joined(&mut self.out, w),
+                        ManagerEvent::WorkerLeft { name, reason, .. } => {
+                            if self.out.json {
+                                self.out.event(&Event::WorkerLeft {
+                                    worker: name,
+                                    reason,
+                                });
+                            } else {
+                                self.out.say(&format!("worker {name} left: {reason}"));
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                Err(TryRecvError::Empty) => return any,
+                Err(TryRecvError::Disconnected) => {
+                    self.pool = None;
+                    return true;
+                }
+            }
         }
     }
 
-    /// Handles one line; false means `exit`.
-    fn line(&mut self, line: &str) -> bool {
-        let line = line.trim();
-        if line.is_empty() {
-            return true;
+    /// How many queued jobs, oldest first, the console waits on (see [`WATCHED_QUEUED`]).
+    fn watched_queued(&self) -> usize {
+        WATCHED_QUEUED.max(self.started.len())
+    }
+
+    fn no_jobs(&self) -> bool {
+        self.started.is_empty() && self.queued.is_empty()
+    }
+
+    /// Prints the jobs' events that are ready (up to [`BURST`] per job): those of the
+    /// started jobs and of the watched queued ones, and of every queued one when it is
+    /// time to look at them; moves the jobs that start, forgets those that ended;
+    /// whether there were any.
+    fn take_job_events(&mut self) -> bool {
+        let mut any = false;
+        let mut i = 0;
+        while i < self.started.len() {
+            let (events, ended) = take_events(&mut self.started[i], &mut self.out, false);
+            any |= events;
+            if ended {
+                self.started.swap_remove(i);
+            } else {
+                i += 1;
+            }
         }
-        if line == "exit" {
+        let watched = self.watched_queued();
+        let mut i = 0;
+        while i < watched.min(self.queued.len()) {
+            if !self.take_queued(i, &mut any) {
+                i += 1;
+            }
+        }
+        // The others, a batch at a time, when it is time.
+        let others = self.queued.len().saturating_sub(watched);
+        if others > 0 && Instant::now() >= self.next_poll {
+            self.next_poll = Instant::now() + QUEUED_POLL;
+            let mut i = self.poll_cursor.max(watched);
+            for _ in 0..others.min(QUEUED_POLL_BATCH) {
+                if i >= self.queued.len() {
+                    i = watched;
+                }
+                if !self.take_queued(i, &mut any) {
+                    i += 1;
+                }
+            }
+            self.poll_cursor = i;
+        }
+        any
+    }
+
+    /// Prints the events of the queued job at `i`; moves it to the started ones if it
+    /// started, forgets it if it ended; whether it left the queue.
+    fn take_queued(&mut self, i: usize, any: &mut bool) -> bool {
+        let (events, ended) = take_events(&mut self.queued[i], &mut self.out, true);
+        *any |= events;
+        if !ended && self.queued[i].worker.is_none() {
             return false;
         }
-        if let Some(directive) = line.strip_prefix(':') {
-            self.directive(directive);
-            return true;
-        }
-        let spec = JobSpec {
-            script: line.to_string(),
-            ..self.template.clone()
-        };
-        match self.manager.submit(spec) {
-            Ok(handle) => {
-                let id = handle.id();
-                if self.json {
-                    self.say(&format!(
-                        "{{\"event\":\"submitted\",\"job\":{id},\"command\":{}}}",
-                        json_str(line)
-                    ));
-                }
-                let (out, json) = (self.out.clone(), self.json);
-                self.printers.push(std::thread::spawn(move || {
-                    print_job(id, handle.events(), &out, json)
-                }));
-            }
-            Err(e) => self.complain(&format!("job not submitted: {e}")),
+        let job = self.queued.remove(i).expect("in range");
+        if !ended {
+            self.started.push(*job);
         }
         true
     }
 
-    fn status(&self) {
+    /// Handles one line; false means `exit`.
+    fn line(&mut self, line: &str) -> bool {
+        match classify(line) {
+            LineKind::Nothing => {}
+            LineKind::Exit => return false,
+            LineKind::Directive(d) => self.directive(d),
+            LineKind::Job(script) => self.submit(script),
+        }
+        true
+    }
+
+    fn submit(&mut self, script: &str) {
+        let spec = JobSpec {
+            script: script.to_string(),
+            ..self.template.clone()
+        };
+        match self.manager.submit(spec) {
+            Ok(handle) => {
+                if self.out.json {
+                    self.out.event(&Event::Submitted {
+                        job: handle.id().0,
+                        command: script,
+                    });
+                }
+                self.queued.push_back(Box::new(LiveJob::new(handle)));
+            }
+            Err(e) => self.out.complain(&format!("job not submitted: {e}")),
+        }
+    }
+
+    fn status(&mut self) {
         let s = self.manager.stats();
+        if self.out.json {
+            let finished = s
+                .jobs_finished
+                .iter()
+                .map(|(n, c)| (n.to_string(), (*c).into()))
+                .collect();
+            self.out.event(&Event::Status {
+                workers: s.workers,
+                workers_draining: s.workers_draining,
+                slots: s.slots_total,
+                slots_busy: s.slots_busy,
+                queued: s.jobs_queued,
+                running: s.jobs_running,
+                submitted: s.jobs_submitted,
+                finished,
+                oldest_queued_wait_seconds: s.oldest_queued_wait.map(seconds),
+                output_bytes: s.output_bytes,
+            });
+            return;
+        }
         let ms = |d: Option<Duration>| {
             d.map_or("-".to_string(), |d| {
                 format!("{:.3} ms", d.as_secs_f64() * 1e3)
             })
         };
-        if self.json {
-            let finished: Vec<String> = s
-                .jobs_finished
-                .iter()
-                .map(|(n, c)| format!("\"{n}\":{c}"))
-                .collect();
-            self.say(&format!(
-                "{{\"event\":\"status\",\"workers\":{},\"workers_draining\":{},\"slots\":{},\"slots_busy\":{},\"queued\":{},\"running\":{},\"submitted\":{},\"finished\":{{{}}},\"oldest_queued_wait_seconds\":{},\"output_bytes\":{}}}",
-                s.workers,
-                s.workers_draining,
-                s.slots_total,
-                s.slots_busy,
-                s.jobs_queued,
-                s.jobs_running,
-                s.jobs_submitted,
-                finished.join(","),
-                s.oldest_queued_wait.map_or("null".into(), |d| format!("{:.3}", d.as_secs_f64())),
-                s.output_bytes
-            ));
-            return;
-        }
         let done: Vec<String> = s
             .jobs_finished
             .iter()
@@ -806,7 +1632,7 @@ impl Console {
         } else {
             format!(" ({})", done.join(", "))
         };
-        self.say(&format!(
+        self.out.say(&format!(
             "status: {} worker(s) ({} draining), {}/{} slots busy, {} queued{}, {} running, {} done{}, {} bytes streamed",
             s.workers,
             s.workers_draining,
@@ -819,7 +1645,7 @@ impl Console {
             done,
             s.output_bytes
         ));
-        self.say(&format!(
+        self.out.say(&format!(
             "  queue wait p50 {} p99 {}; dispatch p50 {} p99 {}",
             ms(s.queue_wait.quantile(0.5)),
             ms(s.queue_wait.quantile(0.99)),
@@ -827,7 +1653,7 @@ impl Console {
             ms(s.dispatch_latency.quantile(0.99))
         ));
         for w in &s.per_worker {
-            self.say(&format!(
+            self.out.say(&format!(
                 "  worker {}: {} running, {} jobs, heard {:.1} s ago, connected {:.0} s",
                 w.name,
                 w.running,
@@ -838,34 +1664,34 @@ impl Console {
         }
     }
 
-    fn list_jobs(&self) {
+    fn list_jobs(&mut self) {
         let jobs = self.manager.jobs();
-        if self.json {
-            let list: Vec<String> = jobs
+        if self.out.json {
+            let jobs = jobs
                 .iter()
                 .map(|j| {
                     let (state, worker) = match &j.state {
-                        JobState::Running { worker } => ("running", json_str(worker)),
-                        JobState::Disconnected { worker } => ("disconnected", json_str(worker)),
-                        _ => ("queued", "null".into()),
+                        JobState::Running { worker } => ("running", Some(worker.as_str())),
+                        JobState::Disconnected { worker } => {
+                            ("disconnected", Some(worker.as_str()))
+                        }
+                        _ => ("queued", None),
                     };
-                    format!(
-                        "{{\"job\":{},\"state\":\"{state}\",\"worker\":{worker},\"since_seconds\":{:.3},\"attempt\":{},\"priority\":{},\"output_paused\":{},\"command\":{}}}",
-                        j.id,
-                        j.since.as_secs_f64(),
-                        j.attempt,
-                        j.priority,
-                        j.output_paused,
-                        json_str(&j.script)
-                    )
+                    JobLine {
+                        job: j.id.0,
+                        state,
+                        worker,
+                        since_seconds: seconds(j.since),
+                        attempt: j.attempt,
+                        priority: j.priority,
+                        output_paused: j.output_paused,
+                        command: &j.script,
+                    }
                 })
                 .collect();
-            self.say(&format!(
-                "{{\"event\":\"jobs\",\"jobs\":[{}]}}",
-                list.join(",")
-            ));
+            self.out.event(&Event::Jobs { jobs });
         } else if jobs.is_empty() {
-            self.say("no jobs queued or running");
+            self.out.say("no jobs queued or running");
         } else {
             for j in &jobs {
                 let state = match &j.state {
@@ -878,7 +1704,7 @@ impl Console {
                     }
                     _ => "queued".to_string(),
                 };
-                self.say(&format!(
+                self.out.say(&format!(
                     "job {}: {state} for {:.1} s (attempt {}, priority {}): {}",
                     j.id,
                     j.since.as_secs_f64(),
@@ -890,89 +1716,102 @@ impl Console {
         }
     }
 
+    fn list_workers(&mut self) {
+        let workers = self.manager.workers();
+        if self.out.json {
+            let workers = workers
+                .iter()
+                .map(|w| WorkerLine {
+                    worker: &w.name,
+                    address: w.address.map(|a| a.to_string()),
+                    tags: &w.tags,
+                    platform: &w.platform,
+                    slots: w.slots,
+                    running: w.running,
+                })
+                .collect();
+            self.out.event(&Event::Workers { workers });
+        } else if workers.is_empty() {
+            self.out.say("no workers connected");
+        } else {
+            for w in &workers {
+                self.out.say(&format!("worker {}: {}", w.name, describe(w)));
+            }
+        }
+    }
+
     fn directive(&mut self, d: &str) {
         let (name, arg) = match d.split_once(char::is_whitespace) {
             Some((n, a)) => (n, a.trim()),
             None => (d, ""),
         };
+        let t = &mut self.template;
         match name {
             "tags" => {
-                self.template.requirements.tags = arg
+                t.requirements.tags = arg
                     .split(',')
                     .map(str::trim)
                     .filter(|t| !t.is_empty())
                     .map(String::from)
                     .collect();
             }
-            "platform" => {
-                self.template.requirements.platform = (!arg.is_empty()).then(|| arg.to_string())
-            }
-            "timeout" if arg.is_empty() => self.template.timeout = None,
+            "platform" => t.requirements.platform = (!arg.is_empty()).then(|| arg.to_string()),
+            "timeout" if arg.is_empty() => t.timeout = None,
             "timeout" => match parse_duration(arg) {
-                Some(d) if !d.is_zero() => self.template.timeout = Some(d),
-                _ => self.complain(&format!("not a duration: {arg:?} (try 30s, 500ms, 2m)")),
+                Ok(d) if !d.is_zero() => t.timeout = Some(d),
+                Ok(_) => self.out.complain("a timeout must be more than zero"),
+                Err(e) => self.out.complain(&e),
             },
-            "env" if arg.is_empty() => self.template.env.clear(),
+            "env" if arg.is_empty() => t.env.clear(),
             "env" => match arg.split_once('=') {
                 Some((k, v)) if !k.is_empty() && !k.starts_with("WORKPOOL_") => {
-                    self.template.env.insert(k.to_string(), v.to_string());
+                    t.env.insert(k.to_string(), v.to_string());
                 }
-                _ => self.complain(&format!("expected :env NAME=VALUE, got {arg:?}")),
+                _ => self
+                    .out
+                    .complain(&format!("expected :env NAME=VALUE, got {arg:?}")),
             },
             "priority" => match if arg.is_empty() { Ok(0) } else { arg.parse() } {
-                Ok(p) => self.template.priority = p,
-                Err(_) => self.complain(&format!("not a priority: {arg:?} (an integer)")),
+                Ok(p) => t.priority = p,
+                Err(_) => self
+                    .out
+                    .complain(&format!("not a priority: {arg:?} (an integer)")),
             },
             "retries" => match if arg.is_empty() { Ok(0) } else { arg.parse() } {
-                Ok(r) => self.template.retries = r,
-                Err(_) => self.complain(&format!("not a retry count: {arg:?}")),
+                Ok(r) => t.retries = r,
+                Err(_) => self.out.complain(&format!("not a retry count: {arg:?}")),
             },
             "cancel" => match arg.parse::<u64>() {
-                Ok(id) => match self.manager.cancel(JobId(id)) {
-                    Ok(()) => {}
-                    Err(e) => self.complain(&format!("cannot cancel job {id}: {e}")),
-                },
-                Err(_) => self.complain(&format!("expected :cancel JOB-ID, got {arg:?}")),
+                Ok(id) => {
+                    if let Err(e) = self.manager.cancel(JobId(id)) {
+                        self.out.complain(&format!("cannot cancel job {id}: {e}"));
+                    }
+                }
+                Err(_) => self
+                    .out
+                    .complain(&format!("expected :cancel JOB-ID, got {arg:?}")),
             },
             "jobs" => self.list_jobs(),
             "status" => self.status(),
-            "workers" => {
-                let workers = self.manager.workers();
-                if self.json {
-                    let list: Vec<String> = workers
-                        .iter()
-                        .map(|w| {
-                            format!(
-                                "{{\"worker\":{},\"address\":{},\"tags\":{},\"platform\":{},\"slots\":{},\"running\":{}}}",
-                                json_str(&w.name),
-                                w.address.map_or("null".into(), |a| json_str(&a.to_string())),
-                                json_list(&w.tags),
-                                json_str(&w.platform),
-                                w.slots,
-                                w.running
-                            )
-                        })
-                        .collect();
-                    self.say(&format!(
-                        "{{\"event\":\"workers\",\"workers\":[{}]}}",
-                        list.join(",")
-                    ));
-                } else if workers.is_empty() {
-                    self.say("no workers connected");
-                } else {
-                    for w in &workers {
-                        self.say(&format!("worker {}: {}", w.name, describe(w)));
-                    }
-                }
-            }
-            "help" => self.say(
-                MANAGER_HELP
-                    .split_once("STDIN:")
-                    .map_or(MANAGER_HELP, |(_, s)| s)
-                    .trim(),
-            ),
-            _ => self.complain(&format!("unknown directive :{name} (try :help)")),
+            "workers" => self.list_workers(),
+            "help" => self.out.say(CONSOLE_HELP),
+            _ => self
+                .out
+                .complain(&format!("unknown directive :{name} (try :help)")),
         }
+    }
+}
+
+fn print_joined(out: &mut Out, w: &WorkerInfo) {
+    if out.json {
+        out.event(&Event::WorkerJoined {
+            worker: &w.name,
+            tags: &w.tags,
+            platform: &w.platform,
+            slots: w.slots,
+        });
+    } else {
+        out.say(&format!("worker {} joined ({})", w.name, describe(w)));
     }
 }
 
@@ -988,182 +1827,130 @@ fn describe(w: &WorkerInfo) -> String {
     )
 }
 
-/// Prints one job's events as they come (a thread per job).
-fn print_job(
-    id: JobId,
-    events: &crossbeam_channel::Receiver<JobEvent>,
-    out: &Mutex<()>,
-    json: bool,
-) {
-    let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-    let mut worker: Option<String> = None;
-    for ev in events {
-        match ev {
-            JobEvent::Queued => {}
-            JobEvent::Started { worker: w } => {
-                if json {
-                    emit(
-                        out,
-                        false,
-                        &format!(
-                            "{{\"event\":\"started\",\"job\":{id},\"worker\":{}}}",
-                            json_str(&w)
-                        ),
-                    );
-                }
-                worker = Some(w);
-            }
-            JobEvent::Output { stream, bytes } => {
-                if json {
-                    emit(
-                        out,
-                        false,
-                        &format!(
-                            "{{\"event\":\"output\",\"job\":{id},\"stream\":\"{}\",\"data\":{}}}",
-                            stream.name(),
-                            json_str(&String::from_utf8_lossy(&bytes))
-                        ),
-                    );
-                } else {
-                    let buf = &mut partial[stream as usize];
-                    buf.extend_from_slice(&bytes);
-                    if let Some(end) = buf.iter().rposition(|&b| b == b'\n') {
-                        let lines: Vec<u8> = buf.drain(..=end).collect();
-                        print_lines(id, stream, &lines, out);
-                    }
-                }
-            }
-            JobEvent::Requeued { attempt } => {
-                if json {
-                    emit(
-                        out,
-                        false,
-                        &format!("{{\"event\":\"requeued\",\"job\":{id},\"attempt\":{attempt}}}"),
-                    );
-                } else {
-                    emit(
-                        out,
-                        false,
-                        &format!("[{id}] worker lost; queued again (attempt {attempt})"),
-                    );
-                }
-            }
-            JobEvent::Warning(w) => {
-                if json {
-                    emit(
-                        out,
-                        false,
-                        &format!(
-                            "{{\"event\":\"warning\",\"job\":{id},\"message\":{}}}",
-                            json_str(&w)
-                        ),
-                    );
-                } else {
-                    emit(out, true, &format!("[{id}] warning: {w}"));
-                }
-            }
-            JobEvent::Finished(outcome) => {
-                if json {
-                    let mut extra = String::new();
-                    match &outcome {
-                        Outcome::Signaled(s) => extra = format!(",\"signal\":{s}"),
-                        Outcome::Rejected(r) | Outcome::SpawnFailed(r) => {
-                            extra = format!(",\"reason\":{}", json_str(r))
-                        }
-                        _ => {}
-                    }
-                    emit(
-                        out,
-                        false,
-                        &format!(
-                            "{{\"event\":\"finished\",\"job\":{id},\"outcome\":\"{}\",\"exit_code\":{},\"worker\":{}{extra}}}",
-                            outcome.name(),
-                            outcome.exit_code().map_or("null".into(), |c| c.to_string()),
-                            worker.as_deref().map_or("null".into(), json_str)
-                        ),
-                    );
-                } else {
-                    for stream in [Stream::Stdout, Stream::Stderr] {
-                        let rest = std::mem::take(&mut partial[stream as usize]);
-                        if !rest.is_empty() {
-                            print_lines(id, stream, &rest, out);
-                        }
-                    }
-                    let line = match &outcome {
-                        Outcome::Exited(code) => format!("[{id}] Exit code      : {code}"),
-                        other => format!("[{id}] Ended          : {other}"),
-                    };
-                    emit(out, false, &line);
-                }
-                return;
-            }
-            _ => {}
-        }
-    }
-}
-
-fn print_lines(id: JobId, stream: Stream, bytes: &[u8], out: &Mutex<()>) {
-    let text = String::from_utf8_lossy(bytes);
-    let (label, to_stderr) = match stream {
-        Stream::Stdout => ("Standard Output", false),
-        Stream::Stderr => ("Standard Error ", true),
-    };
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| format!("[{id}] {label}: {l}"))
-        .collect();
-    emit(out, to_stderr, &lines.join("\n"));
-}
-
-/// Writes whole lines under one lock so that concurrent jobs never interleave a line.
-fn emit(lock: &Mutex<()>, to_stderr: bool, text: &str) {
-    let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
-    if to_stderr {
-        let _ = writeln!(std::io::stderr().lock(), "{text}");
-    } else {
-        let mut o = std::io::stdout().lock();
-        let _ = writeln!(o, "{text}");
-        let _ = o.flush();
-    }
-}
-
-/// `30s`, `500ms`, `2m`, `1h`, `1.5s`, or a bare number of seconds.
-fn parse_duration(s: &str) -> Option<Duration> {
+/// A duration as humantime reads it (`30s`, `500ms`, `2m`, `1h`, `1m30s`), or a bare
+/// number of seconds (`30`, `1.5`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let scale = match unit.trim() {
-        "" | "s" | "sec" => 1.0,
-        "ms" => 0.001,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(n * scale).ok()
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
+    if let Ok(n) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(n).map_err(|_| format!("not a duration: {s:?}"));
     }
-    out.push('"');
-    out
+    humantime::parse_duration(s)
+        .map_err(|e| format!("not a duration: {s:?} ({e}; try 30s, 500ms, 2m, 1m30s)"))
 }
 
-fn json_list(items: &BTreeSet<String>) -> String {
-    let v: Vec<String> = items.iter().map(|s| json_str(s)).collect();
-    format!("[{}]", v.join(","))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Feeds `chunks` through a cutter of `limit`; returns the lines (pieces) given out.
+    fn cut(limit: usize, chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut c = LineCutter::new(limit);
+        let mut lines = Vec::new();
+        for chunk in chunks {
+            c.push(chunk, |h, t| lines.push([h, t].concat()));
+            assert!(c.partial.len() <= limit, "held back more than the limit");
+        }
+        c.finish(|h, t| lines.push([h, t].concat()));
+        lines
+    }
+
+    #[test]
+    fn lines_are_cut_at_newlines_whatever_the_chunks() {
+        let want: Vec<Vec<u8>> = vec![b"one".to_vec(), b"two".to_vec(), b"".to_vec(), b"3".into()];
+        assert_eq!(cut(100, &[b"one\ntwo\n\n3"]), want);
+        assert_eq!(cut(100, &[b"on", b"e\ntw", b"o\n", b"\n", b"3"]), want);
+        assert_eq!(cut(100, &[b"one\n", b"two\n\n3\n"]), want);
+        assert!(cut(100, &[]).is_empty());
+    }
+
+    #[test]
+    fn a_long_line_comes_out_in_pieces_of_the_limit_and_nothing_is_lost() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for chunk in [1, 7, 100, 4096, 10_000] {
+            let chunks: Vec<&[u8]> = data.chunks(chunk).collect();
+            let lines = cut(1000, &chunks);
+            assert!(lines.iter().all(|l| l.len() <= 1000), "chunk {chunk}");
+            assert_eq!(lines.concat(), data, "chunk {chunk}");
+            assert_eq!(lines.len(), 10, "chunk {chunk}");
+        }
+        // A newline after pieces ends the line where it is.
+        let lines = cut(4, &[b"abcdefghij\nk"]);
+        assert_eq!(
+            lines,
+            vec![b"abcd".to_vec(), b"efgh".into(), b"ij".into(), b"k".into()]
+        );
+    }
+
+    #[test]
+    fn pieces_are_not_cut_inside_a_utf8_character() {
+        let text = "é€😀x".repeat(500);
+        for limit in [5, 6, 7, 64] {
+            let lines = cut(limit, &[text.as_bytes()]);
+            for l in &lines {
+                assert!(std::str::from_utf8(l).is_ok(), "limit {limit}: {l:?}");
+                assert!(l.len() <= limit);
+            }
+            assert_eq!(lines.concat(), text.as_bytes());
+        }
+        // Bytes that are not UTF-8 are cut at the limit.
+        let junk = vec![0x80u8; 50];
+        let lines = cut(8, &[&junk]);
+        assert!(lines[..lines.len() - 1].iter().all(|l| l.len() == 8));
+        assert_eq!(lines.concat(), junk);
+    }
+
+    #[test]
+    fn json_text_keeps_characters_split_between_chunks_whole() {
+        let text = "aé€😀\u{0}\"\\\n".repeat(20);
+        let bytes = text.as_bytes();
+        for chunk in 1..=7 {
+            let mut j = Utf8Joiner::default();
+            let mut got = String::new();
+            for c in bytes.chunks(chunk) {
+                j.push(c, |t| got.push_str(t));
+                assert!(j.carry.len() <= 3);
+            }
+            j.finish(|t| got.push_str(t));
+            assert_eq!(got, text, "chunk {chunk}");
+        }
+        // Bytes that are not UTF-8 become U+FFFD; an unfinished character at the end too.
+        let mut j = Utf8Joiner::default();
+        let mut got = String::new();
+        j.push(b"a\xffb\xe2\x82", |t| got.push_str(t));
+        j.finish(|t| got.push_str(t));
+        assert_eq!(got, "a\u{fffd}b\u{fffd}");
+    }
+
+    #[test]
+    fn console_lines() {
+        assert_eq!(classify("  "), LineKind::Nothing);
+        for exit in ["exit", "EXIT", "Exit", "  eXiT  "] {
+            assert_eq!(classify(exit), LineKind::Exit, "{exit}");
+        }
+        assert_eq!(classify("exit 3"), LineKind::Job("exit 3"));
+        assert_eq!(classify(":tags a,b"), LineKind::Directive("tags a,b"));
+        assert_eq!(classify(":: > out.txt"), LineKind::Job(": > out.txt"));
+        assert_eq!(classify(":::"), LineKind::Job("::"));
+        assert_eq!(classify("echo :x"), LineKind::Job("echo :x"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(parse_duration("-1").is_err());
+    }
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

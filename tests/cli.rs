@@ -408,3 +408,428 @@ fn status_reports_the_numbers_as_json() {
     assert!(status["oldest_queued_wait_seconds"].as_f64().is_some());
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A child's output, line by line, read on a thread of its own so that every wait for a
+/// line has a deadline.
+struct Lines(crossbeam_channel::Receiver<Vec<u8>>);
+
+impl Lines {
+    fn new(from: impl std::io::Read + Send + 'static) -> Lines {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            let mut from = std::io::BufReader::new(from);
+            loop {
+                let mut line = Vec::new();
+                match from.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Lines(rx)
+    }
+
+    /// The next JSON line; None at the end of the output. Panics at the deadline.
+    fn next_json(&self) -> Option<Value> {
+        match self.0.recv_timeout(DEADLINE) {
+            Ok(line) => {
+                Some(serde_json::from_slice(&line).unwrap_or_else(|e| {
+                    panic!("not JSON: {:?}: {e}", String::from_utf8_lossy(&line))
+                }))
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
+            Err(e) => panic!("no line before the deadline: {e}"),
+        }
+    }
+
+    /// Reads JSON lines up to the first `event` of this kind (for which `also` holds);
+    /// returns it.
+    fn until(&self, kind: &str, also: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            match self.next_json() {
+                Some(v) if v["event"] == kind && also(&v) => return v,
+                Some(_) => {}
+                None => panic!("the output ended before an {kind:?} event"),
+            }
+        }
+    }
+
+    /// Every line left, to the end of the output (within the deadline), as raw bytes.
+    fn rest_raw(&self) -> Vec<Vec<u8>> {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let mut all = Vec::new();
+        loop {
+            match self.0.recv_deadline(deadline) {
+                Ok(line) => all.push(line),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return all,
+                Err(e) => panic!("the output did not end before the deadline: {e}"),
+            }
+        }
+    }
+
+    fn rest_json(&self) -> Vec<Value> {
+        self.rest_raw()
+            .iter()
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+}
+
+/// Waits (with the deadline) for a child to exit; its exit code.
+fn exit_code(child: &mut std::process::Child) -> i32 {
+    let mut status = None;
+    wait_until("the CLI exits", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap().code().expect("an exit code, not a signal")
+}
+
+fn send_signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: kill takes no pointers; the PID is our own child's, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+#[test]
+fn serve_keeps_serving_with_stdin_closed_and_sigterm_shuts_it_down_gracefully() {
+    let dir = scratch("cli-serve");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    // stdin is closed from the start: a console would have ended at once.
+    let mut child = Command::new(cli())
+        .args(manager_args(&dir))
+        .args(["--serve", "-h", "127.0.0.1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Lines::new(child.stdout.take().unwrap());
+    let listening = out.until("listening", |_| true);
+    let addr: std::net::SocketAddr = listening["address"].as_str().unwrap().parse().unwrap();
+    assert_eq!(addr.ip().to_string(), "127.0.0.1", "-h is --host");
+
+    let first = Worker::start(certs.worker_config(addr.port(), 0, "svc-1")).unwrap();
+    out.until("worker_joined", |e| e["worker"] == "svc-1");
+    first.stop();
+    out.until("worker_left", |e| e["worker"] == "svc-1");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the manager is still up"
+    );
+    let _second = Worker::start(certs.worker_config(addr.port(), 0, "svc-2")).unwrap();
+    out.until("worker_joined", |e| e["worker"] == "svc-2");
+
+    send_signal(&child, libc::SIGTERM);
+    let shutting = out.until("shutting_down", |_| true);
+    assert_eq!(shutting["reason"], "signal");
+    assert_eq!(shutting["signal"], libc::SIGTERM);
+    let rest = out.rest_json();
+    let last = rest.last().expect("a last line");
+    assert_eq!(last["event"], "shut_down", "{rest:?}");
+    assert_eq!(last["signal"], libc::SIGTERM);
+    assert_eq!(
+        exit_code(&mut child),
+        0,
+        "a service stopped on request exits 0"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn sigterm_on_the_console_is_exit_running_jobs_finish_and_queued_ones_are_rejected() {
+    let dir = scratch("cli-sigterm");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
+    out.until("worker_joined", |_| true);
+    let go = dir.join("go");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "echo begun; while [ ! -e {} ]; do sleep 0.05; done; echo ended",
+        go.display()
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    out.until("output", |e| e["job"] == 1 && e["data"] == "begun\n");
+    // The only slot is taken: this one waits in the queue.
+    stdin.write_all(b"echo never runs\n").unwrap();
+    stdin.flush().unwrap();
+    out.until("submitted", |e| e["job"] == 2);
+    send_signal(&child, libc::SIGTERM);
+    out.until("shutting_down", |e| e["signal"] == libc::SIGTERM);
+    // The running job goes on during the grace; let it end.
+    std::fs::write(&go, "").unwrap();
+    let rest = out.rest_json();
+    let finished = |job: u64| {
+        rest.iter()
+            .find(|e| e["event"] == "finished" && e["job"] == job)
+            .unwrap_or_else(|| panic!("job {job} never finished: {rest:?}"))
+    };
+    assert_eq!(finished(1)["outcome"], "exited");
+    assert_eq!(finished(1)["exit_code"], 0);
+    assert!(
+        rest.iter()
+            .any(|e| e["event"] == "output" && e["job"] == 1 && e["data"] == "ended\n")
+    );
+    assert_eq!(finished(2)["outcome"], "rejected");
+    assert_eq!(rest.last().unwrap()["event"], "shut_down");
+    assert_eq!(exit_code(&mut child), 128 + libc::SIGTERM);
+    drop(stdin);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_double_colon_submits_a_script_that_begins_with_a_colon_and_exit_in_any_case_ends() {
+    let dir = scratch("cli-colon");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
+    let made = dir.join("made");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, ":: > {}; echo colon", made.display()).unwrap();
+    stdin.flush().unwrap();
+    let submitted = out.until("submitted", |_| true);
+    assert_eq!(
+        submitted["command"],
+        format!(": > {}; echo colon", made.display())
+    );
+    let finished = out.until("finished", |e| e["job"] == 1);
+    assert_eq!(finished["exit_code"], 0, "{finished}");
+    assert!(made.exists(), "the script `: > FILE` ran");
+    // `EXIT` ends the console while stdin stays open.
+    stdin.write_all(b"EXIT\necho never\n").unwrap();
+    stdin.flush().unwrap();
+    let rest = out.rest_json();
+    assert!(!rest.iter().any(|e| e["event"] == "submitted"), "{rest:?}");
+    assert_eq!(rest.last().unwrap()["event"], "shut_down");
+    assert_eq!(rest.last().unwrap()["reason"], "exit");
+    assert_eq!(exit_code(&mut child), 0);
+    drop(stdin);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// 8 MiB of text without a newline: ASCII, control bytes and multi-byte characters.
+fn long_line() -> Vec<u8> {
+    let piece = "abc\u{0}\t\u{1b}\"\\ é€😀 xyz\r".as_bytes();
+    piece.iter().copied().cycle().take(8 << 20).collect()
+}
+
+#[test]
+fn eight_mib_without_a_newline_arrive_byte_exact_in_json_mode() {
+    let dir = scratch("cli-long-json");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let data = long_line();
+    std::fs::write(dir.join("data"), &data).unwrap();
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
+    writeln!(
+        child.stdin.take().unwrap(),
+        "cat {}",
+        dir.join("data").display()
+    )
+    .unwrap(); // and the end of stdin: the manager exits when the job has ended
+    let events = out.rest_json();
+    let text: String = events
+        .iter()
+        .filter(|e| e["event"] == "output" && e["job"] == 1 && e["stream"] == "stdout")
+        .map(|e| e["data"].as_str().unwrap())
+        .collect();
+    assert!(text.as_bytes() == data, "the output differs");
+    let finished = events.iter().find(|e| e["event"] == "finished").unwrap();
+    assert_eq!(finished["exit_code"], 0);
+    assert_eq!(exit_code(&mut child), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn eight_mib_without_a_newline_arrive_byte_exact_in_human_mode_in_bounded_pieces() {
+    let dir = scratch("cli-long-human");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let data = long_line();
+    std::fs::write(dir.join("data"), &data).unwrap();
+    let port = free_port();
+    let mut args = manager_args(&dir);
+    args.retain(|a| a != "--json");
+    args[2] = port.to_string(); // -p PORT instead of 0
+    let mut child = Command::new(cli())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = Lines::new(child.stdout.take().unwrap());
+    let _worker = Worker::start(certs.worker_config(port, 0, "w")).unwrap();
+    writeln!(
+        child.stdin.take().unwrap(),
+        "cat {}",
+        dir.join("data").display()
+    )
+    .unwrap();
+    let lines = out.rest_raw();
+    let prefix = b"[1] Standard Output: ";
+    let pieces: Vec<&[u8]> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix(prefix.as_slice()))
+        .map(|l| l.strip_suffix(b"\n").expect("whole lines"))
+        .collect();
+    assert!(pieces.len() > 1, "a long line comes in pieces");
+    assert!(
+        pieces.iter().all(|p| p.len() <= 64 << 10),
+        "no piece is longer than 64 KiB"
+    );
+    assert!(pieces.concat() == data, "the output differs");
+    assert!(
+        lines.iter().any(|l| l == b"[1] Exit code      : 0\n"),
+        "the job's end"
+    );
+    assert_eq!(exit_code(&mut child), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line_and_h_is_the_host() {
+    for args in [
+        &["manager", "--bogus"][..],
+        &["manager", "-h"],
+        &[
+            "manager",
+            "--insecure-plaintext",
+            "--port",
+            "1",
+            "--port",
+            "2",
+        ],
+        &["manager", "--insecure-plaintext", "--serve=yes"],
+        &["worker", "--insecure-plaintext", "--slots", "many"],
+        &["generate-tls-certificates"],
+        &["demo", "stray"],
+        &[],
+    ] {
+        let (code, out, err) = run_cli(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(err.starts_with("workpool: error: "), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+    let (_, _, err) = run_cli(&["manager", "-h"]);
+    assert!(err.contains("--host needs a value"), "{err}");
+    let (_, _, err) = run_cli(&["manager", "--insecure-plaintext", "-p", "1", "-p", "2"]);
+    assert!(err.contains("--port given more than once"), "{err}");
+    let (_, _, err) = run_cli(&["generate-tls-certificates"]);
+    assert!(err.contains("--hostname is required"), "{err}");
+    let (_, _, err) = run_cli(&[]);
+    assert!(err.contains("a subcommand is needed"), "{err}");
+    // Help is on --help only, for every subcommand.
+    for sub in ["manager", "worker", "generate-tls-certificates", "demo"] {
+        let (code, out, _) = run_cli(&[sub, "--help"]);
+        assert_eq!(code, 0, "{sub}");
+        assert!(out.contains("--help"), "{sub}: {out}");
+    }
+    let (_, out, _) = run_cli(&["manager", "--help"]);
+    assert!(out.contains("-h, --host <HOST>"), "{out}");
+    assert!(out.contains("--serve"), "{out}");
+    let (code, out, _) = run_cli(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("generate-tls-certificates"), "{out}");
+}
+
+#[test]
+fn every_job_of_a_long_queue_is_printed_whole_and_in_order() {
+    // More jobs than the console waits on at once (it looks at the younger ones in
+    // turn), and one with a higher priority that starts from deep in the queue (its
+    // events may be printed after those of jobs that started later, but whole and in
+    // order).
+    let dir = scratch("cli-long-queue");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let mut script = String::new();
+    for _ in 0..299 {
+        script.push_str("echo job-$WORKPOOL_JOB_ID\n");
+    }
+    script.push_str(":priority 9\necho job-$WORKPOOL_JOB_ID\n");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    // The worker comes when everything is queued.
+    out.until("submitted", |e| e["job"] == 300);
+    let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w").slots(4)).unwrap();
+    let events = out.rest_json();
+    for job in 1..=300u64 {
+        let mine: Vec<&Value> = events.iter().filter(|e| e["job"] == job).collect();
+        let kinds: Vec<&str> = mine.iter().map(|e| e["event"].as_str().unwrap()).collect();
+        assert_eq!(kinds, ["started", "output", "finished"], "job {job}");
+        assert_eq!(mine[1]["data"], format!("job-{job}\n"));
+        assert_eq!(mine[2]["exit_code"], 0);
+    }
+    assert_eq!(exit_code(&mut child), 0);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_second_signal_while_shutting_down_ends_the_manager_at_once() {
+    let dir = scratch("cli-second-signal");
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        mut child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    let out = Lines::new(stdout);
+    let worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
+    let go = dir.join("go");
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(
+        stdin,
+        "echo begun; while [ ! -e {} ]; do sleep 0.05; done",
+        go.display()
+    )
+    .unwrap();
+    stdin.flush().unwrap();
+    out.until("output", |e| e["data"] == "begun\n");
+    send_signal(&child, libc::SIGTERM);
+    out.until("shutting_down", |_| true);
+    // The job still runs (the grace is 10 s); a second signal does not wait for it.
+    send_signal(&child, libc::SIGINT);
+    assert_eq!(exit_code(&mut child), 128 + libc::SIGINT);
+    let rest = out.rest_json();
+    assert!(!rest.iter().any(|e| e["event"] == "finished"), "{rest:?}");
+    worker.stop();
+    drop(stdin);
+    std::fs::remove_dir_all(dir).unwrap();
+}

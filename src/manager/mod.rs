@@ -506,7 +506,10 @@ impl Manager {
         rx.recv().unwrap_or_default()
     }
 
-    /// A stream of pool events (workers joining and leaving) from now on.
+    /// A stream of pool events (workers joining and leaving) from now on. Workers that
+    /// joined before the call are not announced: to see every worker once, subscribe
+    /// first, then read [`Manager::workers`], and skip a later `WorkerJoined` whose `id`
+    /// is among them (as the example CLI does).
     pub fn subscribe(&self) -> Receiver<ManagerEvent> {
         let (tx, rx) = unbounded();
         let _ = self.shared.events.send(Event::Subscribe(tx));
