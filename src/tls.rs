@@ -833,8 +833,12 @@ const KEPT_PENDING_CAPACITY: usize = 128 << 10;
 impl Io {
     /// The sending side of a handshaken connection.
     pub(crate) fn new(tcp: Arc<TcpStream>, tls: Option<Connection>) -> Io {
+        Io::over(Some(tcp), tls)
+    }
+
+    fn over(tcp: Option<Arc<TcpStream>>, tls: Option<Connection>) -> Io {
         Io {
-            tcp: Some(tcp),
+            tcp,
             tls,
             pending: Vec::new(),
             from: 0,
@@ -848,15 +852,7 @@ impl Io {
     /// `pending`, where [`Io::take_pending`] finds it.
     #[cfg(test)]
     pub(crate) fn detached() -> Io {
-        Io {
-            tcp: None,
-            tls: None,
-            pending: Vec::new(),
-            from: 0,
-            closing: None,
-            dead: false,
-            progress: Instant::now(),
-        }
+        Io::over(None, None)
     }
 
     /// What a detached `Io` was given to send (plain bytes), taken.
