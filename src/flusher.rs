@@ -98,6 +98,9 @@ fn run(f: &'static Flusher) {
         let deadline = entries.iter().map(|e| e.deadline).min();
         if let Err(e) = net::poll(&mut fds, deadline) {
             log::error!("flusher: poll failed: {e}");
+            // Not a busy loop if the failure lasts (e.g. ENOMEM): the entries are
+            // tried again below, and then after a pause.
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         if fds[0].revents != 0 {
             f.waker.clear();

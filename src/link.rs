@@ -82,6 +82,11 @@ pub(crate) struct Pace {
 
 impl Pace {
     pub(crate) fn new(timing: Timing, grace: Duration, max_per_second: u32) -> Pace {
+        // The timing as a worker adopts it (the interval at most half the timeout), so
+        // that both sides go by the same numbers and the answering side's beat keeps
+        // its promise (see `Timing::answer_after`).
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let timing = Timing::adopted(ms(timing.heartbeat_interval), ms(timing.heartbeat_timeout));
         Pace {
             base: Paced { timing, grace },
             max_per_second,
@@ -597,7 +602,12 @@ impl Tx {
     pub(crate) fn flush_pending(&self, now: Instant) -> Flushed {
         let mut st = self.lock();
         match st.io.push() {
-            Ok(true) => Flushed::Done,
+            Ok(true) => {
+                // Let go under the same lock that saw nothing pending: a sender that
+                // finds the socket full after this registers the link anew.
+                st.flushing = false;
+                Flushed::Done
+            }
             Ok(false) => {
                 let deadline = st.io.last_progress() + st.stall;
                 if now < deadline {
@@ -623,13 +633,6 @@ impl Tx {
         }
     }
 
-    /// For a link's own flusher: the flusher has let go of the link (it calls this
-    /// under no other lock of the link's, after `flush_pending` said `Done` and nothing
-    /// more is to be sent).
-    pub(crate) fn flushed(&self) {
-        self.lock().flushing = false;
-    }
-
     /// Whether the flusher has the link.
     pub(crate) fn is_flushing(&self) -> bool {
         self.lock().flushing
@@ -639,8 +642,12 @@ impl Tx {
 impl Flush for Tx {
     fn flush(&self, now: Instant) -> Flushed {
         let r = self.flush_pending(now);
-        if matches!(r, Flushed::Done) {
-            self.flushed();
+        // Registered before the link had a flush target of its own (a hello that did
+        // not go out at once): that target pulls what waits behind these bytes.
+        if matches!(r, Flushed::Done)
+            && let Some(target) = self.flush_with.get().and_then(Weak::upgrade)
+        {
+            return target.flush(now);
         }
         r
     }
@@ -1251,7 +1258,11 @@ where
             announce(&want);
             let old = paced.timing.heartbeat_timeout;
             if want.timing.heartbeat_timeout < old {
-                lenient = Some((now + old, old));
+                // (Two shortenings in a row keep the longest timeout still owed.)
+                lenient = Some(match lenient {
+                    Some((until, owed)) => ((now + old).max(until), old.max(owed)),
+                    None => (now + old, old),
+                });
             }
             paced = want;
         }
@@ -1367,6 +1378,21 @@ mod tests {
         assert_eq!(pace.now().timing.heartbeat_interval, Duration::from_secs(4));
         drop(guards);
         assert_eq!(pace.now(), base());
+        // An interval over half the timeout is used as a worker adopts it (half), so
+        // that the answering side's beat keeps its promise.
+        let t = Timing {
+            heartbeat_interval: Duration::from_millis(3500),
+            heartbeat_timeout: Duration::from_secs(5),
+        };
+        let pace = Pace::new(t, base().grace, 2000);
+        assert_eq!(
+            pace.base().timing.heartbeat_interval,
+            Duration::from_millis(2500)
+        );
+        assert!(
+            pace.base().timing.answer_after() + pace.base().timing.heartbeat_interval
+                <= t.heartbeat_timeout * 3 / 4
+        );
     }
 
     #[test]
@@ -1597,6 +1623,33 @@ mod tests {
             assert!(Instant::now() < deadline, "the flusher kept the link");
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn a_sender_that_finds_the_socket_full_just_after_the_flusher_let_go_is_flushed() {
+        // The order that used to lose bytes: the flusher finds nothing pending and lets
+        // go, and before it says so another sender finds the socket full.
+        let (mut s, c) = connected();
+        c.tx.lock().flushing = true; // as the flusher holds a link
+        assert!(matches!(c.tx.flush_pending(Instant::now()), Flushed::Done));
+        let data = pattern(7, 200_000);
+        let head = (data.len() as u32).to_be_bytes();
+        let mut sent = 0;
+        loop {
+            let r = c.tx.send_parts(&[&head, &data]);
+            assert_ne!(r, Sent::Refused);
+            sent += data.len();
+            if r == Sent::Left {
+                break;
+            }
+            assert!(sent < 256 << 20, "256 MiB went into a socket nobody reads");
+        }
+        assert!(
+            c.tx.is_flushing(),
+            "bytes are left and the flusher has the link"
+        );
+        let got = read_bytes(&mut s.reader, &s.tx.clone(), sent);
+        assert_eq!(got.len(), sent, "every byte arrives");
     }
 
     #[test]

@@ -1309,7 +1309,9 @@ impl Dispatcher {
                     if route.held_by.is_none() {
                         log::warn!("job {job}: worker {} came back without it", d.name);
                     }
-                    self.settle(now, job, route, true);
+                    // Not listed: a held run it gave up after its grace (it may have
+                    // started it) looks the same as one it never had, so it may have run.
+                    self.settle(now, job, route, false);
                     continue;
                 }
                 // Sent ahead and still not started: taken back (the worker drops it).
@@ -1356,7 +1358,7 @@ impl Dispatcher {
         if w.leaving || grace.is_zero() || self.closing() {
             for (job, route) in routes {
                 log::warn!("job {job} lost: worker {} went away", w.info.name);
-                self.settle(now, job, route, w.leaving || self.closing());
+                self.settle(now, job, route, w.leaving);
             }
         } else {
             // Its name stays bound to its certificate for the grace, with or without jobs.

@@ -91,7 +91,8 @@ pub struct ManagerConfig {
     /// IPv6 /64 (8 by default). A new connection beyond it displaces that source's
     /// oldest handshake. See docs/SECURITY.md for the policy.
     pub max_handshakes_per_source: usize,
-    /// A link that has sent nothing for this long sends a heartbeat.
+    /// A link that has sent nothing for this long sends a heartbeat (at most half of
+    /// `heartbeat_timeout` is used: a longer one is taken as that half).
     pub heartbeat_interval: Duration,
     /// A link that has heard nothing for this long is closed (its jobs end `WorkerLost`).
     pub heartbeat_timeout: Duration,

@@ -639,7 +639,6 @@ impl Flush for LinkOut {
             if let Flushed::Waiting { deadline } = self.tx.flush_pending(now) {
                 return Flushed::Waiting { deadline };
             }
-            self.tx.flushed();
             // The socket took it all: pull more (a rest that waits registers anew).
             send_round(&shared, self, &mut sending);
         }

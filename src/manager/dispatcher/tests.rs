@@ -1353,6 +1353,41 @@ fn a_held_run_goes_back_after_a_goodbye_and_is_settled_as_running_after_a_cut() 
 }
 
 #[test]
+fn a_held_run_its_returning_worker_does_not_list_may_have_run_and_is_not_run_again() {
+    // Its `Started` was lost with the link, and the worker gave it up (killed it) after
+    // its own grace: it comes back within the manager's without it. So would a worker
+    // that never got it; the two cannot be told apart, so it is settled as a running job.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (_, held) = (r.submit(), r.submit());
+    r.link_lost(a);
+    r.advance(GRACE / 2);
+    let back = WorkerHello {
+        manager_id: Some(MANAGER_ID),
+        ahead: 1,
+        ..hello("a", 1)
+    };
+    let (again, _) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(r.runs_sent(again), vec![], "not run again");
+    assert_eq!(r.events(held).last(), Some(&finished(Outcome::WorkerLost)));
+}
+
+#[test]
+fn a_held_run_cut_off_during_shutdown_ends_lost_not_rejected() {
+    // It may have started (its `Started` lost with the link): not "never ran".
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (_, held) = (r.submit(), r.submit());
+    r.d.shutdown(r.now, Duration::from_secs(30));
+    r.pump();
+    r.link_lost(a);
+    assert_eq!(
+        r.events(held),
+        vec![JobEvent::Queued, finished(Outcome::WorkerLost)]
+    );
+}
+
+#[test]
 fn a_returning_worker_s_held_runs_are_taken_back_or_go_on_if_they_started() {
     let mut r = Rig::new();
     let a = r.join_ahead("a", 2, 1);
