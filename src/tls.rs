@@ -1,7 +1,7 @@
 //! Certificates and the encrypted byte stream: PEM loading, what each side trusts
 //! ([`PeerTrust`]: pinned certificates and CAs, kept apart), the rustls configurations of
-//! both sides, certificate generation, and [`split`], which turns one handshaken connection
-//! into a reader half and a writer half usable from two threads at once.
+//! both sides, certificate generation, and `Io`: one handshaken connection's TLS state and
+//! socket, used under one lock by whoever sends or decrypts, never waiting on the socket.
 //! Nothing here knows about frames or jobs.
 
 use crate::error::{Error, Result};

@@ -49,7 +49,7 @@ impl JobHandle {
         &self.events
     }
 
-    /// Asks for the job to be cancelled (see [`Manager::cancel`]); does not wait.
+    /// Asks for the job to be cancelled (see [`Manager::cancel`](super::Manager::cancel)); does not wait.
     pub fn cancel(&self) -> Result<()> {
         self.shared
             .events
