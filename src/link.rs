@@ -72,8 +72,9 @@ pub(crate) struct Paced {
 /// and each one wakes its link's thread in the manager: with many workers, that is most
 /// of what an idle manager does. Past `max_per_second` heartbeats a second at the
 /// configured interval, the interval is stretched to keep to that rate, and the timeout
-/// and the reconnect grace by as much (so the grace less the timeout, which is when a
-/// worker gives up its jobs after a loss, does not change). See [`paced`].
+/// and the reconnect grace by as much as both (so the grace less the timeout and the
+/// interval, which is when a worker gives up its jobs after a loss, does not change).
+/// See [`paced`].
 pub(crate) struct Pace {
     base: Paced,
     max_per_second: u32,
@@ -128,7 +129,7 @@ impl Drop for PaceGuard {
 /// stay within `max_per_second` (0: always the base), else an interval of
 /// `links / max_per_second` seconds, with the timeout stretched by the same factor (at
 /// most [`MAX_HEARTBEAT_TIMEOUT`], the interval at most half of it) and the grace longer
-/// by as much as the timeout.
+/// by as much as the timeout and the interval together.
 pub(crate) fn paced(base: Paced, max_per_second: u32, links: usize) -> Paced {
     let t = base.timing;
     if max_per_second == 0 || t.heartbeat_interval.is_zero() {
@@ -151,7 +152,7 @@ pub(crate) fn paced(base: Paced, max_per_second: u32, links: usize) -> Paced {
             heartbeat_interval: interval,
             heartbeat_timeout: timeout,
         },
-        grace: base.grace + (timeout - t.heartbeat_timeout),
+        grace: base.grace + (timeout - t.heartbeat_timeout) + (interval - t.heartbeat_interval),
     }
 }
 
@@ -1337,10 +1338,10 @@ mod tests {
         let p = paced(b, 2000, 10_000);
         assert_eq!(p.timing.heartbeat_interval, Duration::from_secs(5));
         assert_eq!(p.timing.heartbeat_timeout, Duration::from_secs(25));
-        assert_eq!(p.grace, Duration::from_secs(30));
+        assert_eq!(p.grace, Duration::from_secs(34));
         assert_eq!(
-            p.grace - p.timing.heartbeat_timeout,
-            b.grace - b.timing.heartbeat_timeout
+            p.grace - p.timing.heartbeat_timeout - p.timing.heartbeat_interval,
+            b.grace - b.timing.heartbeat_timeout - b.timing.heartbeat_interval
         );
         // Never past the longest timeout, the interval at most half of it.
         let p = paced(b, 1, 10_000_000);
@@ -1348,7 +1349,8 @@ mod tests {
         assert_eq!(p.timing.heartbeat_interval, MAX_HEARTBEAT_TIMEOUT / 2);
         assert_eq!(
             p.grace,
-            b.grace + MAX_HEARTBEAT_TIMEOUT - Duration::from_secs(5)
+            b.grace + MAX_HEARTBEAT_TIMEOUT - Duration::from_secs(5) + MAX_HEARTBEAT_TIMEOUT / 2
+                - Duration::from_secs(1)
         );
         // What a worker adopts from it is what was announced.
         for n in [2001, 3000, 10_000, 123_456] {

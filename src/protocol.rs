@@ -253,8 +253,8 @@ pub enum ManagerMessage {
     },
     /// From now on, the link's timing is this (the manager stretches it when many
     /// workers are connected: see `ManagerConfig::max_heartbeats_per_second`). The
-    /// fields mean what they mean in the welcome; the grace less the timeout stays the
-    /// same, so when the worker gives up held jobs does not change.
+    /// fields mean what they mean in the welcome; the grace less the timeout and the
+    /// interval stays the same, so when the worker gives up held jobs does not change.
     Timing {
         /// How often the worker sends a heartbeat when it has nothing else to send.
         heartbeat_interval_ms: u64,

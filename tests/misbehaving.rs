@@ -819,17 +819,17 @@ fn heartbeats_stretch_as_workers_join_and_shrink_back_as_they_leave() {
             w.reconnect_grace_ms,
         )
     };
-    // With w0, two links: every 2 s, timeout 20 s, grace 2 + 19 s.
+    // With w0, two links: every 2 s, timeout 20 s, grace 2 + 19 + 1.9 s.
     let (wa, mut ra, mut xa) = welcome("raw-a");
-    assert_eq!(told(&wa), (2000, 20_000, 21_000));
+    assert_eq!(told(&wa), (2000, 20_000, 22_900));
     // Three: every 3 s; the first raw worker is told.
     let (wb, _rb, xb) = welcome("raw-b");
-    assert_eq!(told(&wb), (3000, 30_000, 31_000));
-    assert_eq!(next_timing(&mut ra, &mut xa), (3000, 30_000, 31_000));
+    assert_eq!(told(&wb), (3000, 30_000, 33_900));
+    assert_eq!(next_timing(&mut ra, &mut xa), (3000, 30_000, 33_900));
     // One leaves: back to every 2 s (a third less: news).
     xb.cut();
     wait_left(&c.events, "raw-b");
-    assert_eq!(next_timing(&mut ra, &mut xa), (2000, 20_000, 21_000));
+    assert_eq!(next_timing(&mut ra, &mut xa), (2000, 20_000, 22_900));
     // The real worker went through the same changes and still runs jobs (the raw one
     // leaves first, so that the job can only go to it).
     xa.cut();

@@ -1371,7 +1371,8 @@ impl Dispatcher {
                 );
             }
             // A grace stretched with the heartbeats (see `link::Pace`) is waited out in
-            // full: the worker gives its jobs up by the grace less the timeout it was told.
+            // full: the worker gives its jobs up by the grace less the timeout and the
+            // interval it was told.
             let grace = grace + w.live.stretch();
             self.detach(now, &w.info.name, w.cert, routes, grace);
         }

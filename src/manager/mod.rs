@@ -120,7 +120,7 @@ pub struct ManagerConfig {
     /// timeout and the reconnect grace by as much (it tells connected workers as the
     /// count changes). With the defaults, up to 2,000 workers keep 1 s / 5 s / 10 s; at
     /// 10,000 a worker heartbeats every 5 s, a silent link is closed after 25 s, and
-    /// its jobs wait 30 s for it.
+    /// its jobs wait 34 s for it.
     pub max_heartbeats_per_second: u32,
 }
 

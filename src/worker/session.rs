@@ -639,11 +639,13 @@ impl Session {
         let same_manager = self.manager == Some(welcome.manager_id);
         self.manager = Some(welcome.manager_id);
         // The manager's grace clock may have started up to a heartbeat timeout before
-        // this worker noticed the loss: give up that much earlier, so that an old run
-        // never goes on next to a retry of the same job.
+        // this worker noticed the loss: give up that much earlier, and one heartbeat
+        // interval more (the time to notice, and to kill, is not nothing), so that an
+        // old run never goes on next to a retry of the same job.
         self.grace = Duration::from_millis(welcome.reconnect_grace_ms)
             .min(super::config::MAX_GRACE)
-            .saturating_sub(Duration::from_millis(welcome.heartbeat_timeout_ms));
+            .saturating_sub(Duration::from_millis(welcome.heartbeat_timeout_ms))
+            .saturating_sub(Duration::from_millis(welcome.heartbeat_interval_ms));
         self.disconnected_since = None;
         let wanted: HashMap<JobId, u64> = welcome.resume.iter().copied().collect();
         let keep = self.cfg.reconnect_buffer;
