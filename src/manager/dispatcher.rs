@@ -873,22 +873,27 @@ impl Dispatcher {
         job.events.push(JobEvent::Started {
             worker: w.info.name.clone(),
         });
-        let sink = job.events.clone();
-        lock(&w.routes).insert(job.id, Route::new(job.events));
+        lock(&w.routes).insert(job.id, Route::new(job.events.clone()));
         w.running.insert(job.id);
-        // The spec stays here too, in case the job must run again elsewhere.
+        self.send_run(now, worker, job, None);
+        self.reindex(worker);
+    }
+
+    /// Sends a job's `Run` to its worker and notes it as running there (`held`: sent
+    /// ahead). The spec stays here too, in case the job must run again elsewhere. The
+    /// job's sink is attached to the link after `Run`: a job whose submitter is still
+    /// behind (a retry) is paused on its new worker, which by then knows the job.
+    fn send_run(&mut self, now: Instant, worker: u64, job: QueuedJob, held: Option<Held>) {
         self.send(
             worker,
             ManagerMessage::Run {
                 job: job.id,
                 spec: job.spec.clone(),
-                ahead: false,
+                ahead: held.is_some(),
             },
         );
-        // After `Run`: a job whose submitter is still behind (a retry) is paused on its
-        // new worker, which by then knows the job.
+        let sink = job.events;
         self.actions.push_back(Action::Attach { worker, sink });
-        self.reindex(worker);
         self.running.insert(
             job.id,
             Running {
@@ -897,7 +902,7 @@ impl Dispatcher {
                 attempt: job.attempt,
                 since: now,
                 cancelled: false,
-                held: None,
+                held,
             },
         );
     }
@@ -911,35 +916,17 @@ impl Dispatcher {
             return;
         };
         self.queued.fetch_sub(1, Ordering::Relaxed);
-        let sink = job.events.clone();
-        lock(&w.routes).insert(job.id, Route::held(job.events, w.info.name.clone()));
+        let route = Route::held(job.events.clone(), w.info.name.clone());
+        lock(&w.routes).insert(job.id, route);
         w.held.push_back(job.id);
-        self.send(
-            worker,
-            ManagerMessage::Run {
-                job: job.id,
-                spec: job.spec.clone(),
-                ahead: true,
-            },
-        );
-        self.actions.push_back(Action::Attach { worker, sink });
         self.held.insert((now, job.id));
-        self.running.insert(
-            job.id,
-            Running {
-                worker: Some(worker),
-                spec: job.spec,
-                attempt: job.attempt,
-                since: now,
-                cancelled: false,
-                held: Some(Held {
-                    place,
-                    queued_since: job.since,
-                    sent: now,
-                    revoking: Revoking::No,
-                }),
-            },
-        );
+        let held = Held {
+            place,
+            queued_since: job.since,
+            sent: now,
+            revoking: Revoking::No,
+        };
+        self.send_run(now, worker, job, Some(held));
         self.reindex(worker);
     }
 
