@@ -606,7 +606,9 @@ impl ExitWatch {
         self.pidfd.as_ref().map(|f| f.as_raw_fd())
     }
 
-    fn waitid(&self, flags: libc::c_int) -> bool {
+    /// The child's exit as `waitid` reports it, without reaping it; `None` while it has
+    /// not exited (with `WNOHANG`) or when the call fails.
+    fn peek(&self, flags: libc::c_int) -> Option<libc::siginfo_t> {
         // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `info` is a live, writable siginfo_t for waitid to fill.
@@ -619,27 +621,18 @@ impl ExitWatch {
             )
         };
         // SAFETY: `info` was zeroed and then filled by waitid; si_pid reads a field of it.
-        r == 0 && unsafe { info.si_pid() } != 0
+        (r == 0 && unsafe { info.si_pid() } != 0).then_some(info)
+    }
+
+    fn waitid(&self, flags: libc::c_int) -> bool {
+        self.peek(flags).is_some()
     }
 
     /// How the child ended, once it has, without reaping it.
     fn outcome(&self) -> Option<Outcome> {
-        // SAFETY: siginfo_t is plain old data; all zeroes is a valid value.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        // SAFETY: `info` is a live, writable siginfo_t for waitid to fill.
-        let r = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                self.pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOWAIT | libc::WNOHANG,
-            )
-        };
-        // SAFETY: `info` was zeroed and then filled by waitid; these read fields of it.
-        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-        if r != 0 || pid == 0 {
-            return None;
-        }
+        let info = self.peek(libc::WNOHANG)?;
+        // SAFETY: `info` was filled by waitid for an exited child; this reads a field of it.
+        let status = unsafe { info.si_status() };
         match info.si_code {
             libc::CLD_EXITED => Some(Outcome::Exited(status)),
             libc::CLD_KILLED | libc::CLD_DUMPED => Some(Outcome::Signaled(status)),
