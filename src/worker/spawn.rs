@@ -157,6 +157,13 @@ impl Env {
             .chain(self.own.iter())
             .map(|(e, _)| e.as_c_str())
     }
+
+    /// The entries as a null-terminated `envp` (pointing into `self`).
+    fn pointers(&self) -> Vec<*const libc::c_char> {
+        let mut envp: Vec<*const libc::c_char> = self.entries().map(CStr::as_ptr).collect();
+        envp.push(std::ptr::null());
+        envp
+    }
 }
 
 fn key(entry: &CStr, len: usize) -> &[u8] {
@@ -326,14 +333,8 @@ mod glibc {
         let dir = CString::new(launch.dir.as_os_str().as_bytes())
             .map_err(|_| invalid("a NUL byte in the job folder's path".into()))?;
         let stdio = Stdio3::new(launch.stdin)?;
-        let argv: [*const libc::c_char; 4] = [
-            c"/bin/bash".as_ptr(),
-            c"-c".as_ptr(),
-            script.as_ptr(),
-            std::ptr::null(),
-        ];
-        let mut envp: Vec<*const libc::c_char> = env.entries().map(CStr::as_ptr).collect();
-        envp.push(std::ptr::null());
+        let argv = bash_argv(script);
+        let envp = env.pointers();
 
         // SAFETY: all-zero bytes are valid storage for the init call to fill.
         let mut fa = FileActions(unsafe { std::mem::zeroed() });
@@ -452,6 +453,16 @@ pub(crate) fn prepare_as(cmd: &mut Command, user: &JobUser) {
     before_exec(cmd, Some(user), None);
 }
 
+/// `/bin/bash -c SCRIPT` as a null-terminated `argv` (pointing into `script`).
+fn bash_argv(script: &CStr) -> [*const libc::c_char; 4] {
+    [
+        c"/bin/bash".as_ptr(),
+        c"-c".as_ptr(),
+        script.as_ptr(),
+        std::ptr::null(),
+    ]
+}
+
 /// `execve` of `/bin/bash -c SCRIPT` with a job's environment, the arrays built before
 /// the fork (the child may not allocate).
 struct Exec {
@@ -470,17 +481,9 @@ unsafe impl Sync for Exec {}
 
 impl Exec {
     fn new(script: CString, env: Env) -> Exec {
-        let argv = [
-            c"/bin/bash".as_ptr(),
-            c"-c".as_ptr(),
-            script.as_ptr(),
-            std::ptr::null(),
-        ];
-        let mut envp: Vec<*const libc::c_char> = env.entries().map(CStr::as_ptr).collect();
-        envp.push(std::ptr::null());
         Exec {
-            argv,
-            envp,
+            argv: bash_argv(&script),
+            envp: env.pointers(),
             _script: script,
             _env: env,
         }
