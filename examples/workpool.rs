@@ -1153,47 +1153,45 @@ impl LiveJob {
     }
 
     fn output(&mut self, out: &mut Out, stream: Stream, bytes: &[u8]) {
+        self.print_stream(out, stream, Some(bytes));
+    }
+
+    /// Prints a stream's bytes as they come (`Some`), or what is left of it at its end
+    /// (`None`): JSON events, or prefixed lines.
+    fn print_stream(&mut self, out: &mut Out, stream: Stream, bytes: Option<&[u8]>) {
         let id = self.id();
         let i = stream as usize;
         if out.json {
-            self.text[i].push(bytes, |data| {
+            let emit = |data: &str| {
                 out.event(&Event::Output {
                     job: id,
                     stream: stream.name(),
                     data,
                 })
-            });
+            };
+            match bytes {
+                Some(bytes) => self.text[i].push(bytes, emit),
+                None => self.text[i].finish(emit),
+            }
         } else {
             let prefix = prefix(id, stream);
             let w: &mut dyn Write = match stream {
                 Stream::Stdout => &mut out.stdout,
                 Stream::Stderr => &mut out.stderr,
             };
-            self.lines[i].push(bytes, |head, tail| write_line(w, &prefix, head, tail));
+            let line = |head: &[u8], tail: &[u8]| write_line(w, &prefix, head, tail);
+            match bytes {
+                Some(bytes) => self.lines[i].push(bytes, line),
+                None => self.lines[i].finish(line),
+            }
         }
     }
 
     fn finish(&mut self, out: &mut Out, outcome: &Outcome) {
-        let id = self.id();
         for stream in [Stream::Stdout, Stream::Stderr] {
-            let i = stream as usize;
-            if out.json {
-                self.text[i].finish(|data| {
-                    out.event(&Event::Output {
-                        job: id,
-                        stream: stream.name(),
-                        data,
-                    })
-                });
-            } else {
-                let prefix = prefix(id, stream);
-                let w: &mut dyn Write = match stream {
-                    Stream::Stdout => &mut out.stdout,
-                    Stream::Stderr => &mut out.stderr,
-                };
-                self.lines[i].finish(|head, tail| write_line(w, &prefix, head, tail));
-            }
+            self.print_stream(out, stream, None);
         }
+        let id = self.id();
         if out.json {
             let (signal, reason) = match outcome {
                 Outcome::Signaled(s) => (Some(*s), None),
