@@ -1573,6 +1573,22 @@ mod tests {
         got
     }
 
+    /// Sends `data` as frames until the socket takes no more (nobody reads); sending
+    /// never waits. Returns the payload bytes sent.
+    fn send_until_left(tx: &Arc<Tx>, data: &[u8]) -> usize {
+        let head = (data.len() as u32).to_be_bytes();
+        let mut sent = 0;
+        loop {
+            let r = tx.send_parts(&[&head, data]);
+            assert_ne!(r, Sent::Refused);
+            sent += data.len();
+            if r == Sent::Left {
+                return sent;
+            }
+            assert!(sent < 256 << 20, "256 MiB went into a socket nobody reads");
+        }
+    }
+
     fn pattern(seed: usize, n: usize) -> Vec<u8> {
         (0..n).map(|i| ((i * seed) % 251) as u8).collect()
     }
@@ -1604,17 +1620,7 @@ mod tests {
         let data = pattern(13, 200_000);
         // Nobody reads yet: frames are sent until the socket takes no more; sending
         // never waits.
-        let mut sent = 0;
-        loop {
-            let head = (data.len() as u32).to_be_bytes();
-            let r = c.tx.send_parts(&[&head, &data]);
-            assert_ne!(r, Sent::Refused);
-            sent += data.len();
-            if r == Sent::Left {
-                break;
-            }
-            assert!(sent < 256 << 20, "256 MiB went into a socket nobody reads");
-        }
+        let sent = send_until_left(&c.tx, &data);
         assert!(c.tx.pending() > 0);
         // The flusher sends the rest as the reader makes room: all of it, once, in order.
         let got = read_bytes(&mut s.reader, &s.tx.clone(), sent);
@@ -1634,18 +1640,7 @@ mod tests {
         let (mut s, c) = connected();
         c.tx.lock().flushing = true; // as the flusher holds a link
         assert!(matches!(c.tx.flush_pending(Instant::now()), Flushed::Done));
-        let data = pattern(7, 200_000);
-        let head = (data.len() as u32).to_be_bytes();
-        let mut sent = 0;
-        loop {
-            let r = c.tx.send_parts(&[&head, &data]);
-            assert_ne!(r, Sent::Refused);
-            sent += data.len();
-            if r == Sent::Left {
-                break;
-            }
-            assert!(sent < 256 << 20, "256 MiB went into a socket nobody reads");
-        }
+        let sent = send_until_left(&c.tx, &pattern(7, 200_000));
         assert!(
             c.tx.is_flushing(),
             "bytes are left and the flusher has the link"
