@@ -409,6 +409,34 @@ fn status_reports_the_numbers_as_json() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A console manager (`--json`) in a fresh scratch folder with one worker certificate
+/// written there, and its output read line by line.
+struct Console {
+    dir: std::path::PathBuf,
+    certs: Certs,
+    child: std::process::Child,
+    out: Lines,
+    addr: std::net::SocketAddr,
+}
+
+fn console(name: &str) -> Console {
+    let dir = scratch(name);
+    let certs = Certs::new(1);
+    certs.write_to(&dir);
+    let CliManager {
+        child,
+        stdout,
+        addr,
+    } = start_cli_manager(&dir);
+    Console {
+        dir,
+        certs,
+        child,
+        out: Lines::new(stdout),
+        addr,
+    }
+}
+
 /// A child's output, line by line, read on a thread of its own so that every wait for a
 /// line has a deadline.
 struct Lines(crossbeam_channel::Receiver<Vec<u8>>);
@@ -542,15 +570,13 @@ fn serve_keeps_serving_with_stdin_closed_and_sigterm_shuts_it_down_gracefully() 
 
 #[test]
 fn sigterm_on_the_console_is_exit_running_jobs_finish_and_queued_ones_are_rejected() {
-    let dir = scratch("cli-sigterm");
-    let certs = Certs::new(1);
-    certs.write_to(&dir);
-    let CliManager {
+    let Console {
+        dir,
+        certs,
         mut child,
-        stdout,
+        out,
         addr,
-    } = start_cli_manager(&dir);
-    let out = Lines::new(stdout);
+    } = console("cli-sigterm");
     let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
     out.until("worker_joined", |_| true);
     let go = dir.join("go");
@@ -592,15 +618,13 @@ fn sigterm_on_the_console_is_exit_running_jobs_finish_and_queued_ones_are_reject
 
 #[test]
 fn a_double_colon_submits_a_script_that_begins_with_a_colon_and_exit_in_any_case_ends() {
-    let dir = scratch("cli-colon");
-    let certs = Certs::new(1);
-    certs.write_to(&dir);
-    let CliManager {
+    let Console {
+        dir,
+        certs,
         mut child,
-        stdout,
+        out,
         addr,
-    } = start_cli_manager(&dir);
-    let out = Lines::new(stdout);
+    } = console("cli-colon");
     let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
     let made = dir.join("made");
     let mut stdin = child.stdin.take().unwrap();
@@ -634,17 +658,15 @@ fn long_line() -> Vec<u8> {
 
 #[test]
 fn eight_mib_without_a_newline_arrive_byte_exact_in_json_mode() {
-    let dir = scratch("cli-long-json");
-    let certs = Certs::new(1);
-    certs.write_to(&dir);
+    let Console {
+        dir,
+        certs,
+        mut child,
+        out,
+        addr,
+    } = console("cli-long-json");
     let data = long_line();
     std::fs::write(dir.join("data"), &data).unwrap();
-    let CliManager {
-        mut child,
-        stdout,
-        addr,
-    } = start_cli_manager(&dir);
-    let out = Lines::new(stdout);
     let _worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
     writeln!(
         child.stdin.take().unwrap(),
@@ -765,15 +787,13 @@ fn every_job_of_a_long_queue_is_printed_whole_and_in_order() {
     // turn), and one with a higher priority that starts from deep in the queue (its
     // events may be printed after those of jobs that started later, but whole and in
     // order).
-    let dir = scratch("cli-long-queue");
-    let certs = Certs::new(1);
-    certs.write_to(&dir);
-    let CliManager {
+    let Console {
+        dir,
+        certs,
         mut child,
-        stdout,
+        out,
         addr,
-    } = start_cli_manager(&dir);
-    let out = Lines::new(stdout);
+    } = console("cli-long-queue");
     let mut script = String::new();
     for _ in 0..299 {
         script.push_str("echo job-$WORKPOOL_JOB_ID\n");
@@ -802,15 +822,13 @@ fn every_job_of_a_long_queue_is_printed_whole_and_in_order() {
 
 #[test]
 fn a_second_signal_while_shutting_down_ends_the_manager_at_once() {
-    let dir = scratch("cli-second-signal");
-    let certs = Certs::new(1);
-    certs.write_to(&dir);
-    let CliManager {
+    let Console {
+        dir,
+        certs,
         mut child,
-        stdout,
+        out,
         addr,
-    } = start_cli_manager(&dir);
-    let out = Lines::new(stdout);
+    } = console("cli-second-signal");
     let worker = Worker::start(certs.worker_config(addr.port(), 0, "w")).unwrap();
     let go = dir.join("go");
     let mut stdin = child.stdin.take().unwrap();
