@@ -223,9 +223,10 @@ fn serve_connection(
                 label: &label,
                 routes: &routes,
             };
-            let tx = est.tx.clone();
+            // What the link's own thread sends: heartbeats, and timing changes.
+            let own = Outbox::<ManagerMessage>::new(est.tx.clone());
             let heartbeat = || {
-                Outbox::<ManagerMessage>::new(tx.clone()).send(ManagerMessage::Heartbeat);
+                own.send(ManagerMessage::Heartbeat);
             };
             let announce = |p: &link::Paced| {
                 log::debug!(
@@ -233,7 +234,7 @@ fn serve_connection(
                     p.timing.heartbeat_interval.as_secs_f64(),
                     p.timing.heartbeat_timeout.as_secs_f64()
                 );
-                Outbox::<ManagerMessage>::new(tx.clone()).send(ManagerMessage::Timing {
+                own.send(ManagerMessage::Timing {
                     heartbeat_interval_ms: ms(p.timing.heartbeat_interval),
                     heartbeat_timeout_ms: ms(p.timing.heartbeat_timeout),
                     reconnect_grace_ms: ms(p.grace),
