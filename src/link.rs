@@ -374,7 +374,8 @@ impl Tx {
         lock(&self.state)
     }
 
-    /// Makes `f` the one the flusher calls for this link (before anything is sent).
+    /// Makes `f` the one that flushes this link: the flusher holds the link, which hands
+    /// over to `f` from then on (also for bytes that were waiting before).
     pub(crate) fn flush_with(&self, f: Weak<dyn Flush>) {
         let _ = self.flush_with.set(f);
     }
@@ -485,15 +486,8 @@ impl Tx {
                 if !st.flushing
                     && let Some(tcp) = st.io.socket().cloned()
                 {
-                    let target: Arc<dyn Flush> = match self.flush_with.get() {
-                        Some(w) => match w.upgrade() {
-                            Some(t) => t,
-                            None => return Sent::Left, // its link is going away
-                        },
-                        None => self.clone(),
-                    };
                     let deadline = st.io.last_progress() + st.stall;
-                    match flusher::register(tcp, target, deadline) {
+                    match flusher::register(tcp, self.clone(), deadline) {
                         Ok(()) => st.flushing = true,
                         Err(e) => {
                             log::error!("{}: {e}; closing the link", self.label);
@@ -642,15 +636,13 @@ impl Tx {
 
 impl Flush for Tx {
     fn flush(&self, now: Instant) -> Flushed {
-        let r = self.flush_pending(now);
-        // Registered before the link had a flush target of its own (a hello that did
-        // not go out at once): that target pulls what waits behind these bytes.
-        if matches!(r, Flushed::Done)
-            && let Some(target) = self.flush_with.get().and_then(Weak::upgrade)
-        {
+        // A link with a flush target of its own (the worker's, which pulls the next
+        // batch from its session as the socket drains) has it do the flushing, whenever
+        // the link was registered.
+        if let Some(target) = self.flush_with.get().and_then(Weak::upgrade) {
             return target.flush(now);
         }
-        r
+        self.flush_pending(now)
     }
 }
 
