@@ -69,6 +69,12 @@ pub struct JobSpec {
     /// How many times the job is queued again after ending [`Outcome::WorkerLost`]
     /// (default 0: at most once, since a script may not be safe to run twice).
     pub retries: u32,
+    /// For a remote submitter ([`Client`](crate::Client)): the job runs on if its
+    /// submitter goes away, and the manager keeps its outcome and the last part of its
+    /// output for a later `attach`. An attached job (the default) is cancelled when its
+    /// submitter has been gone for the reconnect grace. A job submitted in process is
+    /// never cancelled for its submitter, so this changes nothing there.
+    pub detached: bool,
 }
 
 impl JobSpec {
@@ -83,7 +89,14 @@ impl JobSpec {
             env: BTreeMap::new(),
             stdin: Vec::new(),
             retries: 0,
+            detached: false,
         }
+    }
+
+    /// Makes the job independent of its submitter (see [`JobSpec::detached`]).
+    pub fn detached(mut self) -> JobSpec {
+        self.detached = true;
+        self
     }
 
     /// Sets a deadline (see [`JobSpec::timeout`]).
@@ -269,7 +282,7 @@ impl fmt::Display for Outcome {
 
 /// What happens to a job, in order: `Queued`, then `Started`, any number of `Output`
 /// and `Warning`, and always exactly one `Finished` last.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum JobEvent {
     /// The job waits in the manager's queue.
@@ -284,6 +297,7 @@ pub enum JobEvent {
         /// Which stream.
         stream: Stream,
         /// The bytes, in order; chunk boundaries carry no meaning.
+        #[serde(with = "crate::protocol::byte_buf")]
         bytes: Vec<u8>,
     },
     /// The job's worker was lost and the job waits in the queue again (see
@@ -322,7 +336,7 @@ pub struct JobResult {
 }
 
 /// Where a job that has not ended is (see `Manager::job`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum JobState {
     /// Waiting for a worker.
@@ -341,7 +355,7 @@ pub enum JobState {
 }
 
 /// A job that has not ended yet, as the manager sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobStatus {
     /// The job.
     pub id: JobId,
@@ -351,7 +365,8 @@ pub struct JobStatus {
     pub since: Duration,
     /// Which attempt this is (1 unless it was retried).
     pub attempt: u32,
-    /// Its script.
+    /// Its script (empty when a remote submitter lists another certificate's job: see
+    /// docs/SECURITY.md).
     pub script: String,
     /// Its priority.
     pub priority: i32,

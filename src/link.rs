@@ -9,7 +9,9 @@
 use crate::error::{Error, Result};
 use crate::flusher::{self, Flush, Flushed};
 use crate::net;
-use crate::protocol::{self, DEFAULT_MAX_FRAME, Heartbeat, PROTOCOL_VERSION, Welcome, WorkerHello};
+use crate::protocol::{
+    self, DEFAULT_MAX_FRAME, Heartbeat, PROTOCOL_VERSION, Role, SubmitterHello, WorkerHello,
+};
 use crate::sync::lock;
 use crate::tls::{self, Io};
 use rustls::pki_types::ServerName;
@@ -1004,7 +1006,14 @@ fn establish(
     })
 }
 
-/// Manager side: TLS handshake and the worker's hello, all before `deadline`, on a
+/// A peer's hello: a worker's or a submitter's (the byte after the version says which).
+#[derive(Debug)]
+pub(crate) enum Hello {
+    Worker(WorkerHello),
+    Submitter(SubmitterHello),
+}
+
+/// Manager side: TLS handshake and the peer's hello, all before `deadline`, on a
 /// socket that is already the caller's (`tcp`, shared so that the acceptor can cut it).
 /// A peer of another protocol version is told so before the error is returned. The
 /// link holds what is sent on it until [`welcome`].
@@ -1013,7 +1022,7 @@ pub(crate) fn accept(
     tls: Option<&Arc<ServerConfig>>,
     deadline: Instant,
     label: String,
-) -> Result<(Established, WorkerHello)> {
+) -> Result<(Established, Hello)> {
     let conn = match tls {
         Some(cfg) => Some(Connection::Server(rustls::ServerConnection::new(
             cfg.clone(),
@@ -1031,16 +1040,28 @@ pub(crate) fn accept(
         refuse(&est, &e.to_string());
         return Err(e);
     }
-    let hello: WorkerHello = protocol::decode(rest)?;
+    let hello = match rest.split_first().map(|(b, r)| (Role::from_byte(*b), r)) {
+        Some((Some(Role::Worker), r)) => Hello::Worker(protocol::decode(r)?),
+        Some((Some(Role::Submitter), r)) => Hello::Submitter(protocol::decode(r)?),
+        _ => {
+            let e = Error::Protocol("the hello names no known role".into());
+            refuse(&est, &e.to_string());
+            return Err(e);
+        }
+    };
     Ok((est, hello))
 }
 
 const REPLY_WELCOME: u8 = 0;
 const REPLY_REFUSED: u8 = 1;
 
-/// Manager side: accepts the worker, switches the link to its working limits and opens
+/// Manager side: accepts the peer, switches the link to its working limits and opens
 /// it (what was sent on it meanwhile follows the welcome).
-pub(crate) fn welcome(est: &mut Established, welcome: &Welcome, timing: Timing) -> Result<()> {
+pub(crate) fn welcome<W: Serialize>(
+    est: &mut Established,
+    welcome: &W,
+    timing: Timing,
+) -> Result<()> {
     let mut rest = vec![REPLY_WELCOME];
     protocol::encode_into(&mut rest, welcome)?;
     let mut frame = Vec::new();
@@ -1066,15 +1087,16 @@ pub(crate) fn refuse(est: &Established, reason: &str) {
     est.tx.release();
 }
 
-/// Worker side: connects, runs the TLS handshake, sends the hello and reads the answer,
-/// all before `deadline`.
-pub(crate) fn connect(
+/// Worker or submitter side: connects, runs the TLS handshake, sends the hello (of
+/// `role`) and reads the answer, all before `deadline`.
+pub(crate) fn connect<H: Serialize, W: DeserializeOwned>(
     address: &str,
     server_name: &str,
     tls: Option<&Arc<ClientConfig>>,
-    hello: &WorkerHello,
+    role: Role,
+    hello: &H,
     deadline: Instant,
-) -> Result<(Established, Welcome)> {
+) -> Result<(Established, W)> {
     let addrs: Vec<SocketAddr> = address
         .to_socket_addrs()
         .map_err(|e| Error::io(format!("resolving {address}"), e))?
@@ -1116,10 +1138,8 @@ pub(crate) fn connect(
         format!("manager {address}"),
         false,
     )?;
-    let mut body = Vec::new();
-    protocol::encode_into(&mut body, hello)?;
     let mut frame = Vec::new();
-    protocol::hello_frame_into(&mut frame, &body[4..]);
+    protocol::role_hello_frame_into(&mut frame, role, hello)?;
     if est.tx.send_parts(&[&frame]) == Sent::Refused || !est.tx.wait_sent(deadline) {
         est.tx.release();
         return Err(Error::Timeout("sending the hello".into()));
@@ -1140,7 +1160,7 @@ pub(crate) fn connect(
     }
     match rest.split_first() {
         Some((&REPLY_WELCOME, welcome)) => {
-            let welcome: Welcome = protocol::decode(welcome.get(4..).unwrap_or_default())?;
+            let welcome: W = protocol::decode(welcome.get(4..).unwrap_or_default())?;
             est.reader.set_max_frame(DEFAULT_MAX_FRAME);
             Ok((est, welcome))
         }

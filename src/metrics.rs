@@ -55,7 +55,7 @@ const BOUNDS: [f64; 25] = [
 ];
 
 /// A histogram of durations with fixed buckets (see `BOUNDS`), as Prometheus has them.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Histogram {
     /// Observations per bucket (not cumulative); the last counts those above 100 s.
     pub counts: [u64; 26],
@@ -95,7 +95,7 @@ impl Histogram {
 }
 
 /// A worker, as the stats see it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerStats {
     /// Its name.
     pub name: String,
@@ -114,7 +114,7 @@ pub struct WorkerStats {
 }
 
 /// A snapshot of a manager (see `Manager::stats`).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Connected workers.
     pub workers: usize,
@@ -133,6 +133,7 @@ pub struct Stats {
     /// Jobs accepted since the manager started.
     pub jobs_submitted: u64,
     /// Jobs ended, by outcome name (`exited`, `worker_lost`, ...).
+    #[serde(with = "outcome_counts")]
     pub jobs_finished: Vec<(&'static str, u64)>,
     /// How long the longest-waiting queued job has waited.
     pub oldest_queued_wait: Option<Duration>,
@@ -477,5 +478,32 @@ mod tests {
         assert_eq!(h.quantile(0.0), Some(Duration::from_micros(5)));
         assert_eq!(h.quantile(1.0), Some(Duration::from_secs(2)));
         assert!((h.sum - 2.002_783).abs() < 1e-9);
+    }
+}
+
+/// `Stats::jobs_finished` on the wire: the names as strings, read back as the known
+/// outcome names (a name this build does not know is counted under `unknown`).
+mod outcome_counts {
+    use super::OUTCOMES;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        v: &[(&'static str, u64)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        v.serialize(s)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<(&'static str, u64)>, D::Error> {
+        let named: Vec<(String, u64)> = Vec::deserialize(d)?;
+        Ok(named
+            .into_iter()
+            .map(|(name, n)| {
+                let known = OUTCOMES.iter().find(|o| **o == name).copied();
+                (known.unwrap_or("unknown"), n)
+            })
+            .collect())
     }
 }

@@ -8,7 +8,9 @@
 //! bincode is called from [`encode_into`] and [`decode`] only.
 
 use crate::error::{Error, Result};
-use crate::job::{JobId, JobSpec, Outcome, Stream};
+use crate::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
+use crate::manager::WorkerInfo;
+use crate::metrics::Stats;
 use bincode::Options;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -18,7 +20,7 @@ use std::io::{self, BufReader, Read};
 /// The first four bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"WPL\x01";
 /// The protocol version this build speaks. Peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The default largest frame body accepted, checked before any allocation.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The largest chunk of job output put into one message: with its framing and TLS
@@ -265,6 +267,254 @@ pub enum ManagerMessage {
     },
 }
 
+/// What a connection is, said by the first byte after the hello's version: a worker
+/// takes jobs, a submitter sends them. The manager trusts each through its own
+/// certificates (see docs/SECURITY.md) and refuses a certificate used for the other role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Takes jobs (its hello is a [`WorkerHello`]).
+    Worker,
+    /// Submits jobs and follows them (its hello is a [`SubmitterHello`]).
+    Submitter,
+}
+
+impl Role {
+    /// The role's byte in the hello.
+    pub fn byte(self) -> u8 {
+        match self {
+            Role::Worker => 0,
+            Role::Submitter => 1,
+        }
+    }
+
+    /// The role a hello's byte names.
+    pub fn from_byte(b: u8) -> Option<Role> {
+        match b {
+            0 => Some(Role::Worker),
+            1 => Some(Role::Submitter),
+            _ => None,
+        }
+    }
+
+    /// The role's name, as logs and refusals say it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Worker => "worker",
+            Role::Submitter => "submitter",
+        }
+    }
+}
+
+/// What a submitter says when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitterHello {
+    /// A name for logs (for example `host:pid`); not an identity (the certificate is).
+    pub name: String,
+    /// After a reconnect: the session to go on with.
+    pub resume: Option<SessionResume>,
+}
+
+/// A submitter's way back into its session after its connection was lost.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionResume {
+    /// The manager instance the session belongs to.
+    pub manager_id: u64,
+    /// The session's id, from the first welcome.
+    pub session: u64,
+    /// The `seq` of the first [`SessionEvent`] the submitter has not received: the
+    /// manager sends again from there.
+    pub next_event: u64,
+}
+
+/// The manager's answer to a submitter's accepted hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitterWelcome {
+    /// A random id of this manager instance.
+    pub manager_id: u64,
+    /// The session's id (a new one unless the hello's was resumed).
+    pub session: u64,
+    /// Whether the hello's session was resumed. When it was not (the grace ran out, or
+    /// the manager restarted), its attached jobs were cancelled and its unanswered
+    /// requests were never taken.
+    pub resumed: bool,
+    /// The `seq` of the first request the manager has not taken: the submitter sends
+    /// again from there (0 in a new session).
+    pub next_request: u64,
+    /// How often each side sends a heartbeat when it has nothing else to send.
+    pub heartbeat_interval_ms: u64,
+    /// After how long without any frame a side declares the link dead.
+    pub heartbeat_timeout_ms: u64,
+    /// How long the manager keeps the session (and its attached jobs) for a lost
+    /// submitter to come back.
+    pub reconnect_grace_ms: u64,
+}
+
+/// Submitter → manager, after the hello.
+///
+/// Requests are numbered per session from 0 (`seq`) and taken in order, each exactly
+/// once: after a reconnect the submitter sends again those from the welcome's
+/// `next_request`. The manager's answers and the events of the jobs the session
+/// follows come back as [`SessionEvent`]s, numbered per session from 0, which the
+/// submitter acknowledges; the manager keeps what is not acknowledged to send again
+/// after a reconnect, and sends no more while that is over its window (so a submitter
+/// that reads slowly pauses its jobs' output, as a local reader does).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SubmitterMessage {
+    /// A request.
+    Request {
+        /// Per-session request counter.
+        seq: u64,
+        /// What is asked.
+        request: Request,
+    },
+    /// Every event before `next` has been taken: the manager may forget them.
+    Ack {
+        /// The `seq` of the first event not yet taken.
+        next: u64,
+    },
+    /// Nothing to say; the link is alive.
+    Heartbeat,
+    /// The submitter is leaving on purpose: its attached jobs are cancelled now.
+    Goodbye,
+}
+
+/// What a submitter asks of the manager.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Queue a job; the session follows its events unless it is detached.
+    Submit {
+        /// The job.
+        spec: JobSpec,
+        /// Whether it runs on if the submitter goes away (see [`JobSpec::detached`]).
+        detached: bool,
+    },
+    /// Queue one job per index in `first..=last`, all with `spec`, each with
+    /// `WORKPOOL_ARRAY_INDEX` set to its index. All are taken or none.
+    SubmitArray {
+        /// The spec the jobs share.
+        spec: JobSpec,
+        /// Whether they run on if the submitter goes away.
+        detached: bool,
+        /// The first index.
+        first: u64,
+        /// The last index.
+        last: u64,
+    },
+    /// Follow a job of this certificate: its kept output, then everything that follows.
+    Attach {
+        /// The job.
+        job: JobId,
+    },
+    /// Cancel a job of this certificate.
+    Cancel {
+        /// The job.
+        job: JobId,
+    },
+    /// Where a job is.
+    Job {
+        /// The job.
+        job: JobId,
+    },
+    /// Every job that has not ended.
+    Jobs,
+    /// The connected workers.
+    Workers,
+    /// The manager's numbers.
+    Stats,
+}
+
+/// Manager → submitter, after the welcome.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToSubmitter {
+    /// The next event of the session.
+    Event {
+        /// Per-session event counter, from 0.
+        seq: u64,
+        /// The event.
+        event: SessionEvent,
+    },
+    /// Nothing to say; the link is alive.
+    Heartbeat,
+}
+
+/// One event of a submitter's session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum SessionEvent {
+    /// The answer to a request.
+    Reply {
+        /// The request's `seq`.
+        request: u64,
+        /// The answer.
+        reply: Reply,
+    },
+    /// An event of a job the session follows (in the job's order; a job's events
+    /// follow the reply that made the session follow it).
+    Job {
+        /// The job.
+        job: JobId,
+        /// The event.
+        event: JobEvent,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Reply {
+    /// The job or jobs submitted, in index order.
+    Submitted(Vec<JobId>),
+    /// Attached: the job's kept events follow (its output as kept, a warning of what
+    /// was dropped, and its end if it has ended), then its live ones.
+    Attached,
+    /// Done (a cancel).
+    Done,
+    /// The answer to `Job`.
+    Job(Option<JobStatus>),
+    /// The answer to `Jobs`.
+    Jobs(Vec<JobStatus>),
+    /// The answer to `Workers`.
+    Workers(Vec<WorkerInfo>),
+    /// The answer to `Stats`.
+    Stats(Box<Stats>),
+    /// The request failed.
+    Failed(RequestError),
+}
+
+/// Why a request failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestError {
+    /// The queue is full.
+    QueueFull {
+        /// Its capacity.
+        capacity: usize,
+    },
+    /// The job is not valid (the reason in words).
+    InvalidJob(String),
+    /// No such job (or it ended and is no longer kept).
+    NoSuchJob(JobId),
+    /// The job belongs to another certificate.
+    NotYours(JobId),
+    /// The manager is shutting down.
+    ShutDown,
+}
+
+impl Heartbeat for SubmitterMessage {
+    fn heartbeat() -> Self {
+        SubmitterMessage::Heartbeat
+    }
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, SubmitterMessage::Heartbeat)
+    }
+}
+
+impl Heartbeat for ToSubmitter {
+    fn heartbeat() -> Self {
+        ToSubmitter::Heartbeat
+    }
+    fn is_heartbeat(&self) -> bool {
+        matches!(self, ToSubmitter::Heartbeat)
+    }
+}
+
 /// A message type that has a heartbeat, so a link can keep itself alive generically.
 pub(crate) trait Heartbeat {
     /// The heartbeat message.
@@ -401,6 +651,18 @@ pub fn hello_frame_into(out: &mut Vec<u8>, rest: &[u8]) {
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&PROTOCOL_VERSION.to_be_bytes());
     out.extend_from_slice(rest);
+}
+
+/// Appends a worker's or a submitter's hello frame: magic, version, the role's byte,
+/// then `hello` (bincode).
+pub fn role_hello_frame_into<T: Serialize>(out: &mut Vec<u8>, role: Role, hello: &T) -> Result<()> {
+    let mut body = Vec::new();
+    encode_into(&mut body, hello)?;
+    // The role's byte goes where the message frame's length ended: the hello frame has
+    // a length of its own.
+    body[3] = role.byte();
+    hello_frame_into(out, &body[3..]);
+    Ok(())
 }
 
 /// Splits a hello body into the peer's version and the rest; a wrong magic is an error.

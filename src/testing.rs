@@ -124,6 +124,7 @@ pub fn connect_worker(
         address,
         server_name,
         Some(&tls),
+        crate::protocol::Role::Worker,
         hello,
         Instant::now() + timeout,
     )?;
@@ -148,6 +149,9 @@ pub fn accept_worker(
         Instant::now() + timeout,
         "test worker".into(),
     )?;
+    let link::Hello::Worker(hello) = hello else {
+        return Err(crate::Error::Protocol("the peer is not a worker".into()));
+    };
     let timing = link::Timing {
         heartbeat_interval: Duration::from_secs(3600),
         heartbeat_timeout: Duration::from_secs(24 * 3600),

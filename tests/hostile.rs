@@ -65,10 +65,8 @@ fn hello_bytes(name: &str, version: u32) -> Vec<u8> {
         jobs: vec![],
         draining: false,
     };
-    let mut body = Vec::new();
-    protocol::encode_into(&mut body, &hello).unwrap();
     let mut frame = Vec::new();
-    protocol::hello_frame_into(&mut frame, &body[4..]);
+    protocol::role_hello_frame_into(&mut frame, protocol::Role::Worker, &hello).unwrap();
     if version != protocol::PROTOCOL_VERSION {
         frame[8..12].copy_from_slice(&version.to_be_bytes());
     }
@@ -447,10 +445,8 @@ fn another_certificate_cannot_take_over_a_disconnected_worker_s_jobs() {
             ahead: false,
         }],
     };
-    let mut body = Vec::new();
-    protocol::encode_into(&mut body, &claim).unwrap();
     let mut frame = Vec::new();
-    protocol::hello_frame_into(&mut frame, &body[4..]);
+    protocol::role_hello_frame_into(&mut frame, protocol::Role::Worker, &claim).unwrap();
     let mut tls = tls_to(port, Some(attacker));
     tls.write_all(&frame).unwrap();
     let mut reader = FrameReader::new(tls, 1 << 20);

@@ -12,8 +12,8 @@ use super::dispatcher::LinkEvent;
 use super::dispatcher::driver::{Event, LinkHandle};
 use super::routing::{self, Complaints, Link, Routes};
 use crate::error::Error;
-use crate::link::{self, Beat, Outbox};
-use crate::protocol::{ManagerMessage, Welcome, WorkerMessage};
+use crate::link::{self, Beat, Established, Hello, Outbox};
+use crate::protocol::{ManagerMessage, Welcome, WorkerHello, WorkerMessage};
 use crate::sync::{self, lock};
 use crossbeam_channel::bounded;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -132,8 +132,9 @@ pub(crate) fn watch_handshakes(shared: &Shared) {
     }
 }
 
-/// One worker connection, on its own thread: handshake, registration, then the link
-/// (reading, heartbeats) on this same thread; whoever sends on it writes directly.
+/// One connection, on its own thread: handshake and hello, then a worker's or a
+/// submitter's link (reading, heartbeats) on this same thread; whoever sends on it
+/// writes directly.
 fn serve_connection(
     shared: &Arc<Shared>,
     tcp: Arc<TcpStream>,
@@ -142,15 +143,10 @@ fn serve_connection(
     deadline: Instant,
 ) {
     let who = peer.to_string();
-    let accepted = link::accept(
-        tcp,
-        shared.tls.as_ref(),
-        deadline,
-        format!("worker at {who}"),
-    );
+    let accepted = link::accept(tcp, shared.tls.as_ref(), deadline, format!("peer at {who}"));
     // False when the watchdog or a newcomer took the slot (and cut the socket) first.
     let kept_slot = lock(&shared.admission).finish(conn_id);
-    let (mut est, hello) = match accepted {
+    let (est, hello) = match accepted {
         Ok(x) if kept_slot => x,
         Err(e) if kept_slot => {
             log::warn!("refused connection from {who}: {e}");
@@ -166,6 +162,16 @@ fn serve_connection(
             return;
         }
     };
+    match hello {
+        Hello::Worker(hello) => serve_worker(shared, est, hello, peer),
+        Hello::Submitter(hello) => super::submitters::serve(shared, est, hello, peer),
+    }
+}
+
+/// A worker's link, after its hello: registration with the dispatcher, the welcome,
+/// then the link until it closes.
+fn serve_worker(shared: &Arc<Shared>, mut est: Established, hello: WorkerHello, peer: SocketAddr) {
+    let who = peer.to_string();
     let peer = Some(peer);
     let live = est.tx.live().clone();
     let out = Outbox::new(est.tx.clone());

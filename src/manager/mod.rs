@@ -13,6 +13,7 @@ mod job_handle;
 mod queue;
 mod routing;
 mod sink;
+mod submitters;
 
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
@@ -203,7 +204,7 @@ impl ManagerConfig {
 }
 
 /// A connected worker, as the manager sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct WorkerInfo {
     /// The manager's id for this connection.
     pub id: u64,

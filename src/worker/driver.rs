@@ -38,7 +38,7 @@ use crate::flusher::{Flush, Flushed};
 use crate::job::{JobSpec, Outcome, Stream};
 use crate::link::{self, Beat, Reader, Sent, Timing, Tx};
 use crate::net::{self, Waker};
-use crate::protocol::{self, Heartbeat, ManagerMessage, WorkerHello, WorkerMessage};
+use crate::protocol::{self, Heartbeat, ManagerMessage, Role, WorkerHello, WorkerMessage};
 use crossbeam_channel::Sender;
 use rustls::ClientConfig;
 use std::collections::HashMap;
@@ -544,11 +544,12 @@ fn link_thread(shared: Arc<Shared>, hello: WorkerHello, deadline: Instant) {
         &env.address,
         &env.server_name,
         env.tls.as_ref(),
+        Role::Worker,
         &hello,
         deadline,
     );
     shared.status.attempts.fetch_add(1, Ordering::Relaxed);
-    let (est, welcome) = match attempt {
+    let (est, welcome): (_, protocol::Welcome) = match attempt {
         Ok(ok) => ok,
         Err(e) => {
             let loud = matches!(e, Error::Refused(_) | Error::VersionMismatch { .. });
