@@ -285,7 +285,10 @@ fn roles_are_kept_apart(roles: Roles, label: &str) {
     let name = format!("{label}-worker");
     let _w = Worker::start(roles.worker_config(&manager, &roles.worker, &name)).unwrap();
     assert_eq!(wait_joined(&events, 1), vec![name]);
-    let r = run(&manager, workpool::job::JobSpec::new("echo the job of a worker"));
+    let r = run(
+        &manager,
+        workpool::job::JobSpec::new("echo the job of a worker"),
+    );
     assert_eq!(r.stdout_text(), "the job of a worker\n");
 }
 
