@@ -521,9 +521,9 @@ impl PeerRoles {
                 "this certificate is trusted for submitters, not for workers: \
                  a submitter certificate cannot take jobs",
             ),
-            (_, false, false) => {
-                Some("this certificate is no longer trusted for workers nor for submitters")
-            }
+            (_, false, false) => Some(
+                "this certificate is trusted neither for workers nor for submitters (any more)",
+            ),
         }
     }
 }
