@@ -11,9 +11,12 @@
 //!     --security-worker-certificate worker-0-cert.pem --security-worker-key worker-0-key.pem
 //! ```
 //!
-//! A certificate given to `--security-worker-certificates` or `--security-pool-certificate`
-//! is pinned: accepted only as itself. Issuers go to `--security-worker-ca` and
-//! `--security-pool-ca`.
+//! A certificate given to `--security-worker-certificates`,
+//! `--security-submitter-certificates` or `--security-pool-certificate` is pinned:
+//! accepted only as itself. Issuers go to `--security-worker-ca`,
+//! `--security-submitter-ca` and `--security-pool-ca`. A certificate the manager trusts
+//! only as a worker's cannot submit jobs, and one it trusts only as a submitter's cannot
+//! take them.
 //!
 //! The manager's console is one loop on one thread: it takes the lines a reader thread
 //! gets from stdin, the pool's events, signals and every job's events, and it alone
@@ -41,7 +44,7 @@ use workpool::job::{JobEvent, JobId, JobSpec, JobState, Outcome, Stream};
 use workpool::manager::{JobHandle, Manager, ManagerConfig, ManagerEvent, WorkerInfo};
 use workpool::tls::{
     DEFAULT_VALIDITY_DAYS, Identity, PeerTrust, generate_manager_certificate,
-    generate_worker_certificate,
+    generate_submitter_certificate, generate_worker_certificate,
 };
 use workpool::worker::{Worker, WorkerConfig};
 
@@ -96,9 +99,12 @@ SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones
 exits. A second SIGTERM or SIGINT stops it at once: running jobs are killed and cleaned up.";
 
 const GENERATE_AFTER_HELP: &str = "\
-Writes host-cert.pem host-key.pem worker-0-cert.pem worker-0-key.pem ...
-The manager's certificate is for server authentication only, the workers' for client
-authentication only: neither is accepted in the other's place.";
+Writes host-cert.pem host-key.pem worker-0-cert.pem worker-0-key.pem ... and, with
+--number-of-submitters, submitter-1-cert.pem submitter-1-key.pem ...
+The manager's certificate is for server authentication only, the workers' and the
+submitters' for client authentication only: neither is accepted in the other's place.
+The manager tells workers from submitters by the list it trusts each in
+(--security-worker-* or --security-submitter-*).";
 
 /// workpool: run shell commands on a pool of workers over mutual TLS
 #[derive(Parser, Debug)]
@@ -153,9 +159,17 @@ struct ManagerArgs {
     #[arg(long, value_name = "FILE", num_args = 1..)]
     security_worker_certificates: Vec<PathBuf>,
     /// CA certificates whose issued worker certificates are accepted (at least one of
-    /// these two options)
+    /// these two options, unless submitters are trusted)
     #[arg(long, value_name = "FILE", num_args = 1..)]
     security_worker_ca: Vec<PathBuf>,
+    /// Self-signed submitter certificates to pin: each may submit jobs (not take them),
+    /// accepted only as itself, never as an issuer
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    security_submitter_certificates: Vec<PathBuf>,
+    /// CA certificates whose issued submitter certificates may submit jobs (not take
+    /// them)
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    security_submitter_ca: Vec<PathBuf>,
     /// One JSON object per line on stdout
     #[arg(long)]
     json: bool,
@@ -228,6 +242,9 @@ struct GenerateArgs {
     /// How many worker certificates
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = number::<usize>)]
     number_of_workers: usize,
+    /// How many submitter certificates (submitter-1-cert.pem ...)
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = number::<usize>)]
+    number_of_submitters: usize,
     /// The manager's host name (also valid: localhost, 127.0.0.1)
     #[arg(long, value_name = "HOST", required = true)]
     hostname: String,
@@ -387,17 +404,25 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
             .security_pool_key
             .ok_or_else(|| usage(format!("--security-pool-key is required{why}")))?;
         let (pinned, cas) = (a.security_worker_certificates, a.security_worker_ca);
-        if pinned.is_empty() && cas.is_empty() {
+        let (submitters, submitter_cas) =
+            (a.security_submitter_certificates, a.security_submitter_ca);
+        if pinned.is_empty() && cas.is_empty() && submitters.is_empty() && submitter_cas.is_empty()
+        {
             return Err(usage(
-                "--security-worker-certificates is required (or --security-worker-ca, or --insecure-plaintext)",
+                "--security-worker-certificates is required (or --security-worker-ca, \
+                 --security-submitter-certificates, --security-submitter-ca, or --insecure-plaintext)",
             ));
         }
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
-        let mut trust = PeerTrust::pinned_pem_files(pinned).map_err(failed)?;
-        for ca in cas {
-            trust.add_ca_pem_file(ca).map_err(failed)?;
-        }
-        ManagerConfig::new(listen, identity, trust)
+        let trust = |pinned: Vec<PathBuf>, cas: Vec<PathBuf>| -> Result<PeerTrust, Failure> {
+            let mut trust = PeerTrust::pinned_pem_files(pinned).map_err(failed)?;
+            for ca in cas {
+                trust.add_ca_pem_file(ca).map_err(failed)?;
+            }
+            Ok(trust)
+        };
+        ManagerConfig::new(listen, identity, trust(pinned, cas)?)
+            .submitter_trust(trust(submitters, submitter_cas)?)
     };
     config.metrics_addr = a.metrics_address;
     if let Some(n) = a.max_connections_per_certificate {
@@ -594,6 +619,12 @@ fn run_worker(a: WorkerArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Whom a generated client certificate is for, and its name.
+enum ClientCert {
+    Worker(String),
+    Submitter(String),
+}
+
 fn generate(a: GenerateArgs) -> Result<(), Failure> {
     let (n, host, dir, days, force) = (
         a.number_of_workers,
@@ -605,17 +636,30 @@ fn generate(a: GenerateArgs) -> Result<(), Failure> {
     if days == 0 {
         return Err(usage("--days must be at least 1"));
     }
-    let mut files = vec![("host-cert.pem".to_string(), "host-key.pem".to_string())];
+    // (certificate file, key file, the name the certificate is for; none: the manager's)
+    let mut files = vec![(
+        "host-cert.pem".to_string(),
+        "host-key.pem".to_string(),
+        None,
+    )];
     files.extend((0..n).map(|i| {
         (
             format!("worker-{i}-cert.pem"),
             format!("worker-{i}-key.pem"),
+            Some(ClientCert::Worker(format!("worker-{i}"))),
+        )
+    }));
+    files.extend((1..=a.number_of_submitters).map(|k| {
+        (
+            format!("submitter-{k}-cert.pem"),
+            format!("submitter-{k}-key.pem"),
+            Some(ClientCert::Submitter(format!("submitter-{k}"))),
         )
     }));
     if !force {
         let existing: Vec<String> = files
             .iter()
-            .flat_map(|(c, k)| [c, k])
+            .flat_map(|(c, k, _)| [c, k])
             .map(|f| dir.join(f))
             .filter(|p| p.symlink_metadata().is_ok())
             .map(|p| p.display().to_string())
@@ -635,12 +679,15 @@ fn generate(a: GenerateArgs) -> Result<(), Failure> {
             names.push(extra);
         }
     }
-    for (i, (cert_file, key_file)) in files.iter().enumerate() {
-        let generated = if i == 0 {
-            generate_manager_certificate(&names, days)
-        } else {
-            let name = format!("worker-{}", i - 1);
-            generate_worker_certificate(&[&name, "localhost", "127.0.0.1"], days)
+    for (cert_file, key_file, role) in &files {
+        let generated = match role {
+            None => generate_manager_certificate(&names, days),
+            Some(ClientCert::Worker(name)) => {
+                generate_worker_certificate(&[name, "localhost", "127.0.0.1"], days)
+            }
+            Some(ClientCert::Submitter(name)) => {
+                generate_submitter_certificate(&[name, "localhost", "127.0.0.1"], days)
+            }
         }
         .map_err(failed)?;
         let (cert_path, key_path) = (dir.join(cert_file), dir.join(key_file));

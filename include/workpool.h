@@ -481,6 +481,25 @@ wp_result wp_manager_config_add_worker_certificate_pem_file(struct wp_manager_co
 wp_result wp_manager_config_add_worker_ca_pem_file(struct wp_manager_config *config,
                                                    const char *path);
 
+// Pins the self-signed submitter certificates in a PEM file: a submitter presenting
+// exactly one of them is accepted (within its validity period), as a submitter only: a
+// certificate that only the submitter trust accepts cannot take jobs. Pinned as for
+// workers (`wp_manager_config_add_worker_certificate_pem_file`): accepted only as
+// itself; a certificate that is not self-signed is refused
+// (`WP_RESULT_INVALID_ARGUMENT`). Without any, no remote submitter is accepted.
+//
+// Ownership: `path` is only read. Threads: one call at a time per configuration.
+wp_result wp_manager_config_add_submitter_certificate_pem_file(struct wp_manager_config *config,
+                                                               const char *path);
+
+// Trusts the CA certificates in a PEM file as issuers of submitter certificates: a
+// submitter whose certificate one of them issued (for client authentication) is
+// accepted, as a submitter only.
+//
+// Ownership: `path` is only read. Threads: one call at a time per configuration.
+wp_result wp_manager_config_add_submitter_ca_pem_file(struct wp_manager_config *config,
+                                                      const char *path);
+
 // The former name of `wp_manager_config_add_worker_certificate_pem_file`, and the same:
 // it pins (CAs go to `wp_manager_config_add_worker_ca_pem_file`).
 //
@@ -911,7 +930,8 @@ void wp_job_list_free(struct wp_job_list *list);
 wp_result wp_set_log_callback(wp_log_callback callback, void *userdata, uint32_t level);
 
 // Starts a manager: binds the port and starts its threads. It needs an identity
-// (`wp_manager_config_set_identity_pem_files`); a combination of settings that cannot
+// (`wp_manager_config_set_identity_pem_files`) and a worker or submitter certificate or
+// CA to trust; a combination of settings that cannot
 // work (a heartbeat timeout not longer than its interval, ...) is
 // `WP_RESULT_INVALID_ARGUMENT`.
 //

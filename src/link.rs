@@ -13,9 +13,9 @@ use crate::protocol::{
     self, DEFAULT_MAX_FRAME, Heartbeat, PROTOCOL_VERSION, Role, SubmitterHello, WorkerHello,
 };
 use crate::sync::lock;
-use crate::tls::{self, Io};
+use crate::tls::{self, Io, PeerRoles, ServerTls};
 use rustls::pki_types::ServerName;
-use rustls::{ClientConfig, Connection, ServerConfig};
+use rustls::{ClientConfig, Connection};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::marker::PhantomData;
@@ -884,6 +884,9 @@ pub(crate) struct Established {
     pub tx: Arc<Tx>,
     /// The peer's certificate (DER), when TLS is on: the worker's identity.
     pub peer_cert: Option<Vec<u8>>,
+    /// On the manager's side with TLS: which of its trust lists accepted the peer's
+    /// certificate, that is the roles the peer may take. Otherwise any.
+    pub peer_roles: PeerRoles,
 }
 
 /// Sets the socket options every link uses: no Nagle delay (frames are latency-bound)
@@ -974,6 +977,7 @@ fn read_hello_frame(est: &mut Established, deadline: Instant) -> Result<Vec<u8>>
 fn establish(
     tcp: Arc<TcpStream>,
     conn: Option<Connection>,
+    server: Option<&ServerTls>,
     deadline: Instant,
     label: String,
     gated: bool,
@@ -986,11 +990,14 @@ fn establish(
         }
         None => None,
     };
-    let peer_cert = conn
-        .as_ref()
-        .and_then(|c| c.peer_certificates())
+    let chain = conn.as_ref().and_then(|c| c.peer_certificates());
+    let peer_cert = chain
         .and_then(|certs| certs.first())
         .map(|c| c.as_ref().to_vec());
+    let peer_roles = match server {
+        Some(s) => s.peer_roles(chain.unwrap_or_default()),
+        None => PeerRoles::ANY,
+    };
     let mut io = Io::new(tcp.clone(), conn);
     let mut reader = Reader::new(tcp, MAX_HELLO);
     // The handshake's last read may have brought the first frames too (a hello sent
@@ -1003,6 +1010,7 @@ fn establish(
         reader,
         tx: Tx::new(io, Liveness::new(), label, gated),
         peer_cert,
+        peer_roles,
     })
 }
 
@@ -1019,17 +1027,17 @@ pub(crate) enum Hello {
 /// link holds what is sent on it until [`welcome`].
 pub(crate) fn accept(
     tcp: Arc<TcpStream>,
-    tls: Option<&Arc<ServerConfig>>,
+    tls: Option<&ServerTls>,
     deadline: Instant,
     label: String,
 ) -> Result<(Established, Hello)> {
     let conn = match tls {
-        Some(cfg) => Some(Connection::Server(rustls::ServerConnection::new(
-            cfg.clone(),
+        Some(t) => Some(Connection::Server(rustls::ServerConnection::new(
+            t.config.clone(),
         )?)),
         None => None,
     };
-    let mut est = establish(tcp, conn, deadline, label, true)?;
+    let mut est = establish(tcp, conn, tls, deadline, label, true)?;
     let body = read_hello_frame(&mut est, deadline)?;
     let (version, rest) = protocol::parse_hello(&body)?;
     if version != PROTOCOL_VERSION {
@@ -1134,6 +1142,7 @@ pub(crate) fn connect<H: Serialize, W: DeserializeOwned>(
     let mut est = establish(
         Arc::new(tcp),
         conn,
+        None,
         deadline,
         format!("manager {address}"),
         false,
@@ -1533,21 +1542,43 @@ mod tests {
         };
         let (server_id, server_root) = pair();
         let (client_id, client_root) = pair();
-        let sc = tls::server_config(&server_id, &client_root).unwrap();
+        let sc = tls::server_config(&server_id, &client_root, &tls::PeerTrust::new()).unwrap();
         let cc = tls::client_config(&client_id, &server_root, true).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         let server = std::thread::spawn(move || {
             let (tcp, _) = listener.accept().unwrap();
-            let conn = Connection::Server(rustls::ServerConnection::new(sc).unwrap());
-            establish(Arc::new(tcp), Some(conn), deadline, "server".into(), false).unwrap()
+            let conn =
+                Connection::Server(rustls::ServerConnection::new(sc.config.clone()).unwrap());
+            let est = establish(
+                Arc::new(tcp),
+                Some(conn),
+                Some(&sc),
+                deadline,
+                "server".into(),
+                false,
+            )
+            .unwrap();
+            let worker_only = PeerRoles {
+                worker: true,
+                submitter: false,
+            };
+            assert_eq!(est.peer_roles, worker_only);
+            est
         });
         let tcp = TcpStream::connect(addr).unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let conn = Connection::Client(rustls::ClientConnection::new(cc, name).unwrap());
-        let client =
-            establish(Arc::new(tcp), Some(conn), deadline, "client".into(), false).unwrap();
+        let client = establish(
+            Arc::new(tcp),
+            Some(conn),
+            None,
+            deadline,
+            "client".into(),
+            false,
+        )
+        .unwrap();
         let mut server = server.join().unwrap();
         let mut client = client;
         server.reader.set_max_frame(DEFAULT_MAX_FRAME);

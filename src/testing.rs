@@ -1,5 +1,6 @@
-//! Protocol peers driven by hand, for tests that play a worker or a manager speaking
-//! the protocol wrongly (`tests/misbehaving.rs`). Only built with the `testing` feature,
+//! Protocol peers driven by hand, for tests that play a worker, a submitter or a
+//! manager speaking the protocol wrongly (`tests/misbehaving.rs`), or with the wrong
+//! certificate (`tests/certificates.rs`). Only built with the `testing` feature,
 //! which the crate's own tests turn on; not part of the API for normal use.
 //!
 //! The handshakes are the real ones (`link::connect`, `link::accept`, `link::welcome`):
@@ -9,7 +10,7 @@
 
 use crate::error::{Error, Result};
 use crate::link::{self, Established, Fill, Reader, Sent, Tx};
-use crate::protocol::{self, Welcome, WorkerHello};
+use crate::protocol::{self, SubmitterHello, SubmitterWelcome, Welcome, WorkerHello};
 use crate::tls::{self, Identity, TrustRoots};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -132,6 +133,30 @@ pub fn connect_worker(
     Ok((welcome, r, w))
 }
 
+/// Joins a manager as a submitter: TLS with `identity` (checking the manager against
+/// `manager_roots` and `server_name`), then `hello`. Returns the welcome and the link, or
+/// the manager's refusal as [`crate::Error::Refused`].
+pub fn connect_submitter(
+    address: &str,
+    server_name: &str,
+    identity: &Identity,
+    manager_roots: &TrustRoots,
+    hello: &SubmitterHello,
+    timeout: Duration,
+) -> Result<(SubmitterWelcome, RawReader, RawWriter)> {
+    let tls = tls::client_config(identity, manager_roots, true)?;
+    let (est, welcome) = link::connect(
+        address,
+        server_name,
+        Some(&tls),
+        crate::protocol::Role::Submitter,
+        hello,
+        Instant::now() + timeout,
+    )?;
+    let (r, w) = halves(est);
+    Ok((welcome, r, w))
+}
+
 /// Accepts a worker as a manager would: TLS with `identity` (the worker's certificate
 /// checked against `worker_roots`) and its hello, answered with `welcome` whatever it
 /// says. Returns the hello and the link.
@@ -142,7 +167,7 @@ pub fn accept_worker(
     welcome: &Welcome,
     timeout: Duration,
 ) -> Result<(WorkerHello, RawReader, RawWriter)> {
-    let tls = tls::server_config(identity, worker_roots)?;
+    let tls = tls::server_config(identity, worker_roots, &TrustRoots::new())?;
     let (mut est, hello) = link::accept(
         Arc::new(tcp),
         Some(&tls),

@@ -5,6 +5,7 @@
 //! Nothing here knows about frames or jobs.
 
 use crate::error::{Error, Result};
+use crate::protocol::Role;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{WebPkiServerVerifier, verify_server_name};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -399,7 +400,8 @@ fn write_new_file(path: &Path, contents: &[u8], mode: u32, replace: bool) -> Res
 pub enum CertificatePurpose {
     /// The manager's: serverAuth only. Workers refuse it as a worker's certificate.
     Manager,
-    /// A worker's: clientAuth only. Workers refuse it as the manager's certificate.
+    /// A worker's or a submitter's: clientAuth only. Workers and submitters refuse it
+    /// as the manager's certificate.
     Worker,
     /// No extendedKeyUsage: accepted for either side.
     Any,
@@ -471,6 +473,13 @@ pub fn generate_worker_certificate(names: &[&str], days: u32) -> Result<Generate
     generate_certificate(CertificatePurpose::Worker, names, days)
 }
 
+/// A submitter's certificate for the given names: clientAuth, as a worker's, valid for
+/// `days` days. What makes it a submitter's is the list the manager trusts it in (its
+/// submitter trust): a certificate only that list accepts cannot take jobs.
+pub fn generate_submitter_certificate(names: &[&str], days: u32) -> Result<GeneratedCertificate> {
+    generate_certificate(CertificatePurpose::Worker, names, days)
+}
+
 /// A certificate for either side (no extendedKeyUsage), valid for
 /// [`DEFAULT_VALIDITY_DAYS`]. Each side pins the other's.
 pub fn generate_self_signed(names: &[&str]) -> Result<GeneratedCertificate> {
@@ -481,20 +490,99 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The manager's server configuration: its identity, and client certificates required.
-pub(crate) fn server_config(identity: &Identity, workers: &PeerTrust) -> Result<Arc<ServerConfig>> {
-    if workers.is_empty() {
+/// Which of the manager's two trust lists accepted a peer's certificate: what roles the
+/// peer may take. A certificate in both lists may take both; without TLS there are no
+/// certificates and no roles to check ([`PeerRoles::ANY`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct PeerRoles {
+    /// The worker trust accepted it: it may take jobs.
+    pub worker: bool,
+    /// The submitter trust accepted it: it may submit jobs.
+    pub submitter: bool,
+}
+
+impl PeerRoles {
+    /// Any role (no certificates to tell: plaintext, or the manager seen by its peer).
+    pub(crate) const ANY: PeerRoles = PeerRoles {
+        worker: true,
+        submitter: true,
+    };
+
+    /// `None` when a hello of `role` is allowed; else the one line that tells the peer
+    /// why it is refused.
+    pub(crate) fn refusal(self, role: Role) -> Option<&'static str> {
+        match (role, self.worker, self.submitter) {
+            (Role::Worker, true, _) | (Role::Submitter, _, true) => None,
+            (Role::Submitter, true, false) => Some(
+                "this certificate is trusted for workers, not for submitters: \
+                 a worker certificate cannot submit jobs",
+            ),
+            (Role::Worker, false, true) => Some(
+                "this certificate is trusted for submitters, not for workers: \
+                 a submitter certificate cannot take jobs",
+            ),
+            (_, false, false) => Some(
+                "this certificate is trusted neither for workers nor for submitters (any more)",
+            ),
+        }
+    }
+}
+
+/// The manager's TLS: its rustls configuration, whose client-certificate verifier
+/// accepts a certificate that either trust list accepts, and those two lists' verifiers,
+/// to tell after the handshake which of them accepted the peer ([`ServerTls::peer_roles`]).
+pub(crate) struct ServerTls {
+    pub(crate) config: Arc<ServerConfig>,
+    roles: Arc<RolesVerifier>,
+}
+
+impl ServerTls {
+    /// Which trust lists accept the peer's certificate chain (end entity first), as a
+    /// handshake checks it now. No certificate: no role.
+    pub(crate) fn peer_roles(&self, chain: &[CertificateDer<'_>]) -> PeerRoles {
+        let Some((end_entity, intermediates)) = chain.split_first() else {
+            return PeerRoles {
+                worker: false,
+                submitter: false,
+            };
+        };
+        let now = UnixTime::now();
+        let accepts =
+            |v: &PeerVerifier| v.verify_client_cert(end_entity, intermediates, now).is_ok();
+        PeerRoles {
+            worker: accepts(&self.roles.worker),
+            submitter: accepts(&self.roles.submitter),
+        }
+    }
+}
+
+/// The manager's server configuration: its identity, and client certificates required,
+/// accepted when the worker trust or the submitter trust accepts them (at least one of
+/// the two must trust something).
+pub(crate) fn server_config(
+    identity: &Identity,
+    workers: &PeerTrust,
+    submitters: &PeerTrust,
+) -> Result<ServerTls> {
+    if workers.is_empty() && submitters.is_empty() {
         return Err(Error::InvalidConfig(
-            "no worker certificates or CAs are trusted: no worker could connect".into(),
+            "no worker or submitter certificates or CAs are trusted: no peer could connect".into(),
         ));
     }
     let provider = provider();
-    let verifier = Arc::new(PeerVerifier::new(workers, provider.clone(), false)?);
+    let roles = Arc::new(RolesVerifier {
+        worker: PeerVerifier::new(workers, provider.clone(), false)?,
+        submitter: PeerVerifier::new(submitters, provider.clone(), false)?,
+        algorithms: provider.signature_verification_algorithms,
+    });
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(roles.clone())
         .with_single_cert(identity.certs.clone(), identity.key.clone_key())?;
-    Ok(Arc::new(config))
+    Ok(ServerTls {
+        config: Arc::new(config),
+        roles,
+    })
 }
 
 /// The worker's client configuration: its identity, and how it checks the manager.
@@ -706,6 +794,78 @@ impl ClientCertVerifier for PeerVerifier {
         }
         let webpki = self.client.as_ref().ok_or_else(unknown_issuer)?;
         webpki.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// The manager's client-certificate verifier: a certificate passes when the worker
+/// trust or the submitter trust accepts it, each checked as [`PeerVerifier`] does (an
+/// empty list accepts nothing). Which one accepted it is asked again after the handshake
+/// ([`ServerTls::peer_roles`]).
+struct RolesVerifier {
+    worker: PeerVerifier,
+    submitter: PeerVerifier,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for RolesVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "RolesVerifier(workers: {:?}, submitters: {:?})",
+            self.worker, self.submitter
+        )
+    }
+}
+
+impl ClientCertVerifier for RolesVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let as_worker = self
+            .worker
+            .verify_client_cert(end_entity, intermediates, now);
+        let Err(worker_error) = as_worker else {
+            return as_worker;
+        };
+        match self
+            .submitter
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(v) => Ok(v),
+            // The more telling refusal: an unknown issuer says only that the list did
+            // not know the certificate (always so for an empty list).
+            Err(e) if worker_error == unknown_issuer() => Err(e),
+            Err(_) => Err(worker_error),
+        }
     }
 
     fn verify_tls12_signature(
@@ -1336,6 +1496,134 @@ mod tests {
         assert!(err.to_string().contains("at least one day"), "{err}");
         let err = generate_worker_certificate(&["w"], u32::MAX).unwrap_err();
         assert!(err.to_string().contains("9999"), "{err}");
+    }
+
+    #[test]
+    fn a_role_is_refused_unless_its_own_list_accepted_the_certificate() {
+        let roles = |worker, submitter| PeerRoles { worker, submitter };
+        for (r, worker_ok, submitter_ok) in [
+            (roles(true, false), true, false),
+            (roles(false, true), false, true),
+            (roles(true, true), true, true),
+            (roles(false, false), false, false),
+            (PeerRoles::ANY, true, true),
+        ] {
+            assert_eq!(r.refusal(Role::Worker).is_none(), worker_ok, "{r:?}");
+            assert_eq!(r.refusal(Role::Submitter).is_none(), submitter_ok, "{r:?}");
+        }
+        let why = roles(true, false).refusal(Role::Submitter).unwrap();
+        assert!(
+            why.contains("a worker certificate cannot submit jobs"),
+            "{why}"
+        );
+        let why = roles(false, true).refusal(Role::Worker).unwrap();
+        assert!(
+            why.contains("a submitter certificate cannot take jobs"),
+            "{why}"
+        );
+        for why in [
+            roles(false, false).refusal(Role::Worker).unwrap(),
+            roles(true, false).refusal(Role::Submitter).unwrap(),
+        ] {
+            assert!(!why.contains('\n'), "one line: {why:?}");
+        }
+    }
+
+    /// A CA certificate (PEM), and a clientAuth leaf it issued (DER).
+    fn ca_and_leaf(name: &str) -> (String, CertificateDer<'static>) {
+        let (params, key, ca_pem) = self_signed(true, &[], false);
+        let issuer = rcgen::Issuer::new(params, &key);
+        let leaf_key = rcgen::KeyPair::generate().unwrap();
+        let mut leaf = rcgen::CertificateParams::new(vec![name.to_string()]).unwrap();
+        leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        (ca_pem, CertificateDer::from(leaf.der().to_vec()))
+    }
+
+    #[test]
+    fn the_manager_accepts_either_list_and_tells_which_accepted_a_certificate() {
+        let days = 30;
+        let manager = generate_manager_certificate(&["127.0.0.1"], days).unwrap();
+        let identity =
+            Identity::from_pem(manager.cert_pem.as_bytes(), manager.key_pem.as_bytes()).unwrap();
+        let worker = generate_worker_certificate(&["w"], days).unwrap();
+        let submitter = generate_submitter_certificate(&["s"], days).unwrap();
+        let both = generate_worker_certificate(&["b"], days).unwrap();
+        let stranger = generate_worker_certificate(&["x"], days).unwrap();
+        let (worker_ca, issued_worker) = ca_and_leaf("iw");
+        let (submitter_ca, issued_submitter) = ca_and_leaf("is");
+
+        let mut workers = PeerTrust::pinned_pem(worker.cert_pem.as_bytes()).unwrap();
+        workers.add_pinned_pem(both.cert_pem.as_bytes()).unwrap();
+        workers.add_ca_pem(worker_ca.as_bytes()).unwrap();
+        let mut submitters = PeerTrust::pinned_pem(submitter.cert_pem.as_bytes()).unwrap();
+        submitters.add_pinned_pem(both.cert_pem.as_bytes()).unwrap();
+        submitters.add_ca_pem(submitter_ca.as_bytes()).unwrap();
+        let tls = server_config(&identity, &workers, &submitters).unwrap();
+
+        let roles = |worker, submitter| PeerRoles { worker, submitter };
+        let now = UnixTime::now();
+        for (what, cert, expected) in [
+            (
+                "pinned worker",
+                der_of(&worker.cert_pem),
+                roles(true, false),
+            ),
+            (
+                "pinned submitter",
+                der_of(&submitter.cert_pem),
+                roles(false, true),
+            ),
+            ("pinned in both", der_of(&both.cert_pem), roles(true, true)),
+            ("issued by the worker CA", issued_worker, roles(true, false)),
+            (
+                "issued by the submitter CA",
+                issued_submitter,
+                roles(false, true),
+            ),
+            ("stranger", der_of(&stranger.cert_pem), roles(false, false)),
+            (
+                "the worker CA itself",
+                der_of(&worker_ca),
+                roles(false, false),
+            ),
+        ] {
+            assert_eq!(
+                tls.peer_roles(std::slice::from_ref(&cert)),
+                expected,
+                "{what}"
+            );
+            let accepted = tls.roles.verify_client_cert(&cert, &[], now).is_ok();
+            assert_eq!(
+                accepted,
+                expected.worker || expected.submitter,
+                "{what}: accepted by the handshake"
+            );
+        }
+        assert_eq!(tls.peer_roles(&[]), roles(false, false), "no certificate");
+
+        // A refusal says why when one list does: an expired submitter certificate is
+        // "expired", not an unknown issuer (which is all the worker list could say).
+        let (_, _, old) = self_signed(false, &[], true);
+        let tls = server_config(
+            &identity,
+            &workers,
+            &PeerTrust::pinned_pem(old.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        let err = tls
+            .roles
+            .verify_client_cert(&der_of(&old), &[], now)
+            .unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+
+        // One list may be empty, not both.
+        server_config(&identity, &PeerTrust::new(), &submitters).unwrap();
+        server_config(&identity, &workers, &PeerTrust::new()).unwrap();
+        let err = server_config(&identity, &PeerTrust::new(), &PeerTrust::new())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no peer could connect"), "{err}");
     }
 
     #[test]

@@ -745,6 +745,12 @@ fn cert_dir(name: &str) -> PathBuf {
 /// What `examples/c/full_api.c` prints when every call did what it should.
 const FULL_API_LINES: &[&str] = &[
     "log level 9: WP_RESULT_INVALID_ARGUMENT (9 is not a log level",
+    "nothing trusted: WP_RESULT_INVALID_ARGUMENT (invalid configuration: no worker or submitter certificates or CAs are trusted",
+    "missing submitter CA: WP_RESULT_IO (reading CA certificate /nonexistent/ca.pem: ",
+    "missing submitter certificate: WP_RESULT_IO (reading certificate /nonexistent/submitter.pem: ",
+    "a key as a submitter CA: WP_RESULT_TLS (PEM: ",
+    "submitters-only manager: started",
+    "worker with a submitter certificate: sessions 0, refusal logged: yes",
     "zero queue capacity: WP_RESULT_INVALID_ARGUMENT (queue_capacity must be at least 1)",
     "zero heartbeat interval: WP_RESULT_INVALID_ARGUMENT",
     "bad metrics address: WP_RESULT_INVALID_ARGUMENT",
@@ -1188,6 +1194,8 @@ fn every_new_entry_point_refuses_null_and_accessors_answer_null_with_a_default()
             wp_manager_config_set_reconnect_grace_ms(n, 1),
             wp_manager_config_set_metrics_address(n, s),
             wp_manager_config_set_result_output_limit(n, 1),
+            wp_manager_config_add_submitter_certificate_pem_file(n, s),
+            wp_manager_config_add_submitter_ca_pem_file(n, s),
         ] {
             assert_eq!(r, WP_RESULT_NULL_PARAMETER);
         }

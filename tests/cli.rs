@@ -851,3 +851,183 @@ fn a_second_signal_while_shutting_down_ends_the_manager_at_once() {
     drop(stdin);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A CLI manager ends at the end of its stdin (it has no jobs): its exit code.
+fn end_cli_manager(mut m: CliManager) -> i32 {
+    drop(m.child.stdin.take());
+    exit_code(&mut m.child)
+}
+
+#[test]
+fn generated_submitter_certificates_are_for_clients_and_the_cli_manager_takes_them_as_submitters() {
+    use workpool::Error;
+    use workpool::protocol::{SubmitterHello, WorkerHello};
+    let dir = scratch("cli-gen-submitters");
+    let (code, out, err) = run_cli(&[
+        "generate-tls-certificates",
+        "--number-of-submitters",
+        "2",
+        "--hostname",
+        "localhost",
+        "--output-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    use std::os::unix::fs::PermissionsExt;
+    for k in 1..=2 {
+        for f in [
+            format!("submitter-{k}-cert.pem"),
+            format!("submitter-{k}-key.pem"),
+        ] {
+            assert!(out.contains(&f), "{out}");
+            assert!(dir.join(&f).exists(), "{f}");
+        }
+        let mode = std::fs::metadata(dir.join(format!("submitter-{k}-key.pem")))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "submitter-{k}'s key");
+    }
+    assert!(!dir.join("submitter-0-cert.pem").exists());
+    assert!(!dir.join("submitter-3-cert.pem").exists());
+    assert!(dir.join("worker-0-cert.pem").exists(), "workers as before");
+    // Their extendedKeyUsage is clientAuth only, as the workers'.
+    if have_tool("openssl") {
+        for f in [
+            "submitter-1-cert.pem",
+            "submitter-2-cert.pem",
+            "worker-0-cert.pem",
+        ] {
+            let out = Command::new("openssl")
+                .args(["x509", "-noout", "-ext", "extendedKeyUsage", "-in"])
+                .arg(dir.join(f))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{f}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                text.contains("TLS Web Client Authentication"),
+                "{f}: {text}"
+            );
+            assert!(!text.contains("Server Authentication"), "{f}: {text}");
+        }
+    } else {
+        missing_prerequisite(
+            "the extendedKeyUsage of generated submitter certificates",
+            "openssl is not installed",
+        );
+    }
+
+    let f = |d: &std::path::Path, n: &str| d.join(n).display().to_string();
+    let identity = |d: &std::path::Path, name: &str| {
+        Identity::from_pem_files(
+            d.join(format!("{name}-cert.pem")),
+            d.join(format!("{name}-key.pem")),
+        )
+        .unwrap()
+    };
+    let manager_trust = TrustRoots::from_pem_files([dir.join("host-cert.pem")]).unwrap();
+    let as_submitter = |m: &CliManager, id: &Identity| {
+        let hello = SubmitterHello {
+            name: "cli-submitter".into(),
+            resume: None,
+        };
+        workpool::testing::connect_submitter(
+            &m.addr.to_string(),
+            "localhost",
+            id,
+            &manager_trust,
+            &hello,
+            DEADLINE,
+        )
+        .map(|_| ())
+    };
+    let as_worker = |m: &CliManager, id: &Identity| {
+        let hello = WorkerHello {
+            name: "cli-worker".into(),
+            tags: Default::default(),
+            platform: "linux-x86_64".into(),
+            slots: 1,
+            ahead: 0,
+            manager_id: None,
+            jobs: vec![],
+            draining: false,
+        };
+        workpool::testing::connect_worker(
+            &m.addr.to_string(),
+            "localhost",
+            id,
+            &manager_trust,
+            &hello,
+            DEADLINE,
+        )
+        .map(|_| ())
+    };
+    let refusal = |r: workpool::Result<()>| match r {
+        Err(Error::Refused(text)) => text,
+        Err(e) => panic!("not the manager's refusal: {e}"),
+        Ok(()) => panic!("welcomed"),
+    };
+    let not_for_its_role = |r: workpool::Result<()>| {
+        if let Err(e) = r {
+            assert!(matches!(e, Error::Refused(_)), "{e}");
+            assert!(!e.to_string().contains("this certificate is"), "{e}");
+        }
+    };
+
+    // Pinned: the manager trusts worker-0 as a worker, the two submitters as submitters.
+    let m = start_cli_manager_with(
+        &dir,
+        &[
+            "--security-submitter-certificates",
+            &f(&dir, "submitter-1-cert.pem"),
+            &f(&dir, "submitter-2-cert.pem"),
+        ],
+    );
+    not_for_its_role(as_submitter(&m, &identity(&dir, "submitter-1")));
+    let why = refusal(as_worker(&m, &identity(&dir, "submitter-2")));
+    assert!(
+        why.contains("a submitter certificate cannot take jobs"),
+        "{why}"
+    );
+    let why = refusal(as_submitter(&m, &identity(&dir, "worker-0")));
+    assert!(
+        why.contains("a worker certificate cannot submit jobs"),
+        "{why}"
+    );
+    as_worker(&m, &identity(&dir, "worker-0")).unwrap();
+    assert_eq!(end_cli_manager(m), 0);
+
+    // Through a CA: what the submitter CA issued may submit, not take jobs.
+    let issued = dir.join("issued");
+    std::fs::create_dir_all(&issued).unwrap();
+    write_ca_issued(&issued, 1);
+    let m = start_cli_manager_with(
+        &dir,
+        &["--security-submitter-ca", &f(&issued, "ca-cert.pem")],
+    );
+    not_for_its_role(as_submitter(&m, &identity(&issued, "worker-0")));
+    let why = refusal(as_worker(&m, &identity(&issued, "worker-0")));
+    assert!(
+        why.contains("a submitter certificate cannot take jobs"),
+        "{why}"
+    );
+    assert_eq!(end_cli_manager(m), 0);
+
+    // A bad submitter file is one clear error.
+    let (code, _, err) = run_cli(&[
+        "manager",
+        "-p",
+        "0",
+        "--security-pool-certificate",
+        &f(&dir, "host-cert.pem"),
+        "--security-pool-key",
+        &f(&dir, "host-key.pem"),
+        "--security-submitter-ca",
+        &f(&dir, "no-such-ca.pem"),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no-such-ca.pem"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

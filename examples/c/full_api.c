@@ -3,7 +3,9 @@
  * over mutual TLS on loopback; logs through a callback; jobs with an environment, binary
  * stdin, a timeout, tags, a platform, a priority and retries; waits with results and the
  * output cap; statuses, lists and cancels by id; a job paused for a slow reader; stats;
- * the pool's events; a worker stopped, started again and drained; a shutdown with a grace.
+ * the pool's events; a worker stopped, started again and drained; a shutdown with a grace;
+ * and a manager that trusts submitters only, refusing a worker that shows a submitter's
+ * certificate.
  *
  *   cargo build --release
  *   cargo run --release --example workpool -- generate-tls-certificates \
@@ -95,6 +97,7 @@ static void pause_ms(long ms) {
 /* The log callback: called from workpool's threads, several at once. */
 static atomic_int log_records;
 static atomic_int log_saw_listening;
+static atomic_int log_saw_role_refusal;
 
 static void on_log(void *userdata, const wp_log_record *record) {
     atomic_int *count = userdata;
@@ -102,6 +105,9 @@ static void on_log(void *userdata, const wp_log_record *record) {
     if (record->level == WP_LOG_INFO && strcmp(record->target, "workpool::manager") == 0 &&
         strstr(record->message, "listening on") != NULL) {
         atomic_store(&log_saw_listening, 1);
+    }
+    if (record->level == WP_LOG_WARN && strstr(record->message, "a submitter certificate cannot take jobs") != NULL) {
+        atomic_store(&log_saw_role_refusal, 1);
     }
 }
 
@@ -191,6 +197,52 @@ int main(int argc, char **argv) {
     /* Logs: every record at INFO and above, from any thread. A level that is not one is refused. */
     refused("log level 9", wp_set_log_callback(on_log, &log_records, 9));
     check(wp_set_log_callback(on_log, &log_records, WP_LOG_INFO), "wp_set_log_callback");
+
+    /* A manager that trusts submitters only: it needs some trust to start; a bad path is
+       refused; with a submitter certificate pinned it starts, and a worker presenting that
+       certificate is refused as a worker (the refusal says why, in the log). */
+    {
+        wp_manager_config *sc = NULL;
+        wp_manager *submitters_only = NULL;
+        check(wp_manager_config_new(&sc), "wp_manager_config_new");
+        check(wp_manager_config_set_listen(sc, "127.0.0.1:0"), "set_listen");
+        check(wp_manager_config_set_identity_pem_files(sc, path(dir, "host-cert.pem", a, sizeof a),
+                                                       path(dir, "host-key.pem", b, sizeof b)),
+              "manager identity");
+        refused("nothing trusted", wp_manager_start(sc, &submitters_only));
+        refused("missing submitter CA", wp_manager_config_add_submitter_ca_pem_file(sc, "/nonexistent/ca.pem"));
+        refused("missing submitter certificate",
+                wp_manager_config_add_submitter_certificate_pem_file(sc, "/nonexistent/submitter.pem"));
+        refused("a key as a submitter CA",
+                wp_manager_config_add_submitter_ca_pem_file(sc, path(dir, "worker-1-key.pem", a, sizeof a)));
+        check(wp_manager_config_add_submitter_certificate_pem_file(sc, path(dir, "worker-1-cert.pem", a, sizeof a)),
+              "pin a submitter");
+        check(wp_manager_start(sc, &submitters_only), "start a manager that trusts submitters only");
+        wp_manager_config_free(sc);
+        printf("submitters-only manager: started\n");
+
+        wp_worker_config *swc = NULL;
+        check(wp_worker_config_new(&swc), "wp_worker_config_new");
+        check(wp_worker_config_set_manager(swc, "127.0.0.1", wp_manager_port(submitters_only)), "set_manager");
+        check(wp_worker_config_set_identity_pem_files(swc, path(dir, "worker-1-cert.pem", a, sizeof a),
+                                                      path(dir, "worker-1-key.pem", b, sizeof b)),
+              "worker identity");
+        check(wp_worker_config_add_manager_certificate_pem_file(swc, path(dir, "host-cert.pem", a, sizeof a)),
+              "pin manager");
+        check(wp_worker_config_set_name(swc, "c-submitter-as-worker"), "set_name");
+        check(wp_worker_config_set_backoff_initial_ms(swc, 20), "set_backoff_initial_ms");
+        wp_worker *w = start_worker(swc);
+        wp_worker_config_free(swc);
+        double deadline = now_s() + WAIT_MS / 1000.0;
+        while (wp_worker_connection_attempts(w) < 2) {
+            expect(now_s() < deadline, "the worker with a submitter certificate tries twice in time");
+            pause_ms(5);
+        }
+        printf("worker with a submitter certificate: sessions %llu, refusal logged: %s\n",
+               (unsigned long long)wp_worker_sessions(w), atomic_load(&log_saw_role_refusal) ? "yes" : "no");
+        wp_worker_free(w);
+        wp_manager_free(submitters_only);
+    }
 
     /* The manager: every setting, bad values refused with a reason. */
     wp_manager_config *mc = NULL;

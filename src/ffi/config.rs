@@ -20,6 +20,7 @@ pub struct wp_manager_config {
     pub(crate) rust: ManagerConfig,
     pub(crate) identity: Option<Identity>,
     pub(crate) worker_trust: PeerTrust,
+    pub(crate) submitter_trust: PeerTrust,
 }
 
 /// Settings for `wp_worker_start`. Made by `wp_worker_config_new`; freed once with
@@ -109,6 +110,7 @@ pub unsafe extern "C" fn wp_manager_config_new(out: *mut *mut wp_manager_config)
                 rust: ManagerConfig::insecure_plaintext("127.0.0.1:9001"),
                 identity: None,
                 worker_trust: PeerTrust::new(),
+                submitter_trust: PeerTrust::new(),
             },
         )
     })
@@ -181,6 +183,43 @@ pub unsafe extern "C" fn wp_manager_config_add_worker_ca_pem_file(
         let config = arg_mut!(config);
         // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
         unsafe { add_trust(&mut config.worker_trust, path, TrustKind::Ca) }
+    })
+}
+
+/// Pins the self-signed submitter certificates in a PEM file: a submitter presenting
+/// exactly one of them is accepted (within its validity period), as a submitter only: a
+/// certificate that only the submitter trust accepts cannot take jobs. Pinned as for
+/// workers (`wp_manager_config_add_worker_certificate_pem_file`): accepted only as
+/// itself; a certificate that is not self-signed is refused
+/// (`WP_RESULT_INVALID_ARGUMENT`). Without any, no remote submitter is accepted.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_submitter_certificate_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.submitter_trust, path, TrustKind::Pinned) }
+    })
+}
+
+/// Trusts the CA certificates in a PEM file as issuers of submitter certificates: a
+/// submitter whose certificate one of them issued (for client authentication) is
+/// accepted, as a submitter only.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_add_submitter_ca_pem_file(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.submitter_trust, path, TrustKind::Ca) }
     })
 }
 

@@ -23,7 +23,8 @@ pub struct wp_manager {
 }
 
 /// Starts a manager: binds the port and starts its threads. It needs an identity
-/// (`wp_manager_config_set_identity_pem_files`); a combination of settings that cannot
+/// (`wp_manager_config_set_identity_pem_files`) and a worker or submitter certificate or
+/// CA to trust; a combination of settings that cannot
 /// work (a heartbeat timeout not longer than its interval, ...) is
 /// `WP_RESULT_INVALID_ARGUMENT`.
 ///
@@ -48,6 +49,7 @@ pub unsafe extern "C" fn wp_manager_start(
         rust.security = ManagerSecurity::MutualTls {
             identity,
             worker_trust: config.worker_trust.clone(),
+            submitter_trust: config.submitter_trust.clone(),
         };
         match Manager::bind(rust) {
             Ok(m) => boxed(out, wp_manager { inner: m }),

@@ -13,7 +13,7 @@ use super::dispatcher::driver::{Event, LinkHandle};
 use super::routing::{self, Complaints, Link, Routes};
 use crate::error::Error;
 use crate::link::{self, Beat, Established, Hello, Outbox};
-use crate::protocol::{ManagerMessage, Welcome, WorkerHello, WorkerMessage};
+use crate::protocol::{ManagerMessage, Role, Welcome, WorkerHello, WorkerMessage};
 use crate::sync::{self, lock};
 use crossbeam_channel::bounded;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -134,7 +134,8 @@ pub(crate) fn watch_handshakes(shared: &Shared) {
 
 /// One connection, on its own thread: handshake and hello, then a worker's or a
 /// submitter's link (reading, heartbeats) on this same thread; whoever sends on it
-/// writes directly.
+/// writes directly. A hello whose role the peer's certificate is not trusted for (see
+/// `PeerRoles`) is refused with one line that says why.
 fn serve_connection(
     shared: &Arc<Shared>,
     tcp: Arc<TcpStream>,
@@ -162,6 +163,19 @@ fn serve_connection(
             return;
         }
     };
+    let (role, name) = match &hello {
+        Hello::Worker(h) => (Role::Worker, &h.name),
+        Hello::Submitter(h) => (Role::Submitter, &h.name),
+    };
+    if let Some(why) = est.peer_roles.refusal(role) {
+        let role = match role {
+            Role::Worker => "worker",
+            Role::Submitter => "submitter",
+        };
+        log::warn!("refused {role} {name:?} at {who}: {why}");
+        link::refuse(&est, why);
+        return;
+    }
     match hello {
         Hello::Worker(hello) => serve_worker(shared, est, hello, peer),
         Hello::Submitter(hello) => super::submitters::serve(shared, est, hello, peer),

@@ -55,19 +55,27 @@ pub const MAX_JOB_BYTES: usize = DEFAULT_MAX_FRAME / 2;
 /// The longest grace or timeout a manager accepts in its configuration.
 const MAX_CONFIG_DURATION: Duration = Duration::from_secs(365 * 86_400);
 
-/// How the manager authenticates workers.
+/// How the manager authenticates workers and submitters.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum ManagerSecurity {
     /// Mutual TLS: the manager shows `identity`; a worker must present a certificate
     /// that is exactly one of the pinned ones in `worker_trust`, or that one of its CAs
-    /// issued.
+    /// issued; a submitter likewise through `submitter_trust`. Each role is trusted
+    /// through its own list only: a certificate that only the worker trust accepts
+    /// cannot submit jobs, and one that only the submitter trust accepts cannot take
+    /// them (a certificate in both lists may do both). At least one list must trust
+    /// something.
     MutualTls {
         /// The manager's certificate and key.
         identity: Identity,
         /// Worker certificates (pinned, each accepted only as itself) and the CAs that
         /// issue worker certificates, as two separate lists.
         worker_trust: PeerTrust,
+        /// Submitter certificates (pinned) and the CAs that issue them, as two separate
+        /// lists; empty (the default of [`ManagerConfig::new`]): no remote submitters.
+        /// Set with [`ManagerConfig::submitter_trust`].
+        submitter_trust: PeerTrust,
     },
     /// No encryption and no authentication. Anyone who can reach the port can take jobs.
     /// Logged loudly; for tests and trusted loopback only.
@@ -79,7 +87,7 @@ pub enum ManagerSecurity {
 pub struct ManagerConfig {
     /// Address to listen on, e.g. `127.0.0.1:9001` (port 0 picks a free port).
     pub listen: String,
-    /// How workers are authenticated.
+    /// How workers and submitters are authenticated.
     pub security: ManagerSecurity,
     /// Most jobs waiting for a worker; beyond it `submit` fails with [`Error::QueueFull`].
     pub queue_capacity: usize,
@@ -135,7 +143,9 @@ pub struct ManagerConfig {
 }
 
 impl ManagerConfig {
-    /// A mutual-TLS manager listening on `listen`, with defaults for everything else.
+    /// A mutual-TLS manager listening on `listen`, with defaults for everything else:
+    /// workers are trusted through `worker_trust`, and no submitter is (see
+    /// [`ManagerConfig::submitter_trust`]).
     pub fn new(
         listen: impl Into<String>,
         identity: Identity,
@@ -146,8 +156,23 @@ impl ManagerConfig {
             ManagerSecurity::MutualTls {
                 identity,
                 worker_trust,
+                submitter_trust: PeerTrust::new(),
             },
         )
+    }
+
+    /// Trusts submitters through `trust` (pinned certificates and CAs), in place of the
+    /// submitter trust so far. A certificate only this list accepts may submit jobs but
+    /// not take them. Without TLS ([`ManagerConfig::insecure_plaintext`]) there are no
+    /// certificates, and this changes nothing.
+    pub fn submitter_trust(mut self, trust: PeerTrust) -> ManagerConfig {
+        if let ManagerSecurity::MutualTls {
+            submitter_trust, ..
+        } = &mut self.security
+        {
+            *submitter_trust = trust;
+        }
+        self
     }
 
     /// A manager without TLS. Anyone who can reach the port can take and answer jobs.
@@ -263,7 +288,7 @@ pub(crate) struct Shared {
     capacity: usize,
     next_job: AtomicU64,
     closing: AtomicBool,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<tls::ServerTls>,
     /// The links' timing and grace, stretched with the number of workers.
     pace: Arc<Pace>,
     manager_id: u64,
@@ -309,7 +334,8 @@ impl Manager {
             ManagerSecurity::MutualTls {
                 identity,
                 worker_trust,
-            } => Some(tls::server_config(identity, worker_trust)?),
+                submitter_trust,
+            } => Some(tls::server_config(identity, worker_trust, submitter_trust)?),
             ManagerSecurity::InsecurePlaintext => {
                 log::warn!(
                     "manager on {} runs WITHOUT TLS: anyone who can reach it can take jobs and forge results",
