@@ -575,6 +575,22 @@ wp_result wp_manager_config_set_metrics_address(struct wp_manager_config *config
 // Threads: one call at a time per configuration.
 wp_result wp_manager_config_set_result_output_limit(struct wp_manager_config *config, size_t bytes);
 
+// Sets how many bytes of output a detached job keeps (its last ones) for a remote
+// submitter's later attach (default 1 MiB; what is dropped is counted and told).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_manager_config_set_detached_output_limit(struct wp_manager_config *config,
+                                                      size_t bytes);
+
+// Sets how long a detached job's outcome and kept output stay after it ends, in
+// milliseconds (default 3600000, one hour; 0 to 365 days), and how many ended detached
+// jobs are kept at most (default 1000; the oldest are forgotten first).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_manager_config_set_detached_retention(struct wp_manager_config *config,
+                                                   uint64_t ms,
+                                                   size_t count);
+
 // Frees a configuration; NULL does nothing. Managers started from it are not affected.
 //
 // Ownership: call it once per configuration, after every other call on it returned.
@@ -1138,6 +1154,14 @@ wp_result wp_job_spec_set_priority(struct wp_job_spec *spec, int32_t priority);
 //
 // Threads: one call at a time per spec.
 wp_result wp_job_spec_set_retries(struct wp_job_spec *spec, uint32_t retries);
+
+// Makes the job independent of its remote submitter (`JobSpec::detached`): it runs on
+// if that submitter goes away, and the manager keeps its outcome and last output for a
+// later attach. `detached` false makes it attached again (the default). A job
+// submitted in process is never cancelled for its submitter either way.
+//
+// Threads: one call at a time per spec.
+wp_result wp_job_spec_set_detached(struct wp_job_spec *spec, bool detached);
 
 // Checks the spec as `JobSpec::validate` does: `WP_RESULT_OK`, or
 // `WP_RESULT_INVALID_ARGUMENT` with the reason for `wp_last_error_message`. (The setters

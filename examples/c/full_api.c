@@ -219,6 +219,10 @@ int main(int argc, char **argv) {
     check(wp_manager_config_set_max_handshakes_per_source(mc, 8), "set_max_handshakes_per_source");
     check(wp_manager_config_set_max_connections_per_certificate(mc, 2), "set_max_connections_per_certificate");
     check(wp_manager_config_set_max_heartbeats_per_second(mc, 5000), "set_max_heartbeats_per_second");
+    check(wp_manager_config_set_detached_output_limit(mc, 65536), "set_detached_output_limit");
+    refused("a retention over 365 days",
+            wp_manager_config_set_detached_retention(mc, 366ULL * 86400 * 1000, 10));
+    check(wp_manager_config_set_detached_retention(mc, 60000, 10), "set_detached_retention");
     wp_manager *manager = NULL;
     check(wp_manager_start(mc, &manager), "wp_manager_start");
     wp_manager_config_free(mc);
@@ -314,6 +318,7 @@ int main(int argc, char **argv) {
     check(wp_job_spec_require_platform(spec, "c-platform"), "require_platform");
     check(wp_job_spec_set_priority(spec, 5), "set_priority");
     check(wp_job_spec_set_retries(spec, 1), "set_retries");
+    check(wp_job_spec_set_detached(spec, false), "set_detached");
     check(wp_job_spec_validate(spec), "wp_job_spec_validate");
     printf("wire size: %s\n", wp_job_spec_wire_size(spec) > sizeof input ? "ok" : "too small");
     wp_job *job = NULL;

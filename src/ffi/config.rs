@@ -434,6 +434,48 @@ pub unsafe extern "C" fn wp_manager_config_set_result_output_limit(
     })
 }
 
+/// Sets how many bytes of output a detached job keeps (its last ones) for a remote
+/// submitter's later attach (default 1 MiB; what is dropped is counted and told).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_detached_output_limit(
+    config: *mut wp_manager_config,
+    bytes: usize,
+) -> wp_result {
+    ffi!({
+        arg_mut!(config).rust.detached_output_limit = bytes;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how long a detached job's outcome and kept output stay after it ends, in
+/// milliseconds (default 3600000, one hour; 0 to 365 days), and how many ended detached
+/// jobs are kept at most (default 1000; the oldest are forgotten first).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_detached_retention(
+    config: *mut wp_manager_config,
+    ms: u64,
+    count: usize,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let set = set_ms!(
+            config.rust.detached_retention,
+            "the detached jobs' retention",
+            ms,
+            true,
+            MAX_DURATION_MS
+        );
+        if set == WP_RESULT_OK {
+            config.rust.detached_retention_count = count;
+        }
+        set
+    })
+}
+
 /// Frees a configuration; NULL does nothing. Managers started from it are not affected.
 ///
 /// Ownership: call it once per configuration, after every other call on it returned.

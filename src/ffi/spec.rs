@@ -202,6 +202,26 @@ pub unsafe extern "C" fn wp_job_spec_set_retries(
     })
 }
 
+/// Makes the job independent of its remote submitter (`JobSpec::detached`): it runs on
+/// if that submitter goes away, and the manager keeps its outcome and last output for a
+/// later attach. `detached` false makes it attached again (the default). A job
+/// submitted in process is never cancelled for its submitter either way.
+///
+/// Threads: one call at a time per spec.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_job_spec_set_detached(
+    spec: *mut wp_job_spec,
+    detached: bool,
+) -> wp_result {
+    ffi!({
+        let spec = arg_mut!(spec);
+        checked(spec, |mut s| {
+            s.detached = detached;
+            s
+        })
+    })
+}
+
 /// Checks the spec as `JobSpec::validate` does: `WP_RESULT_OK`, or
 /// `WP_RESULT_INVALID_ARGUMENT` with the reason for `wp_last_error_message`. (The setters
 /// already refuse what it would; `wp_manager_submit_spec` also refuses a job whose

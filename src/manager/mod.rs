@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use submitters::{HubSettings, Submitters};
 
 /// How many events a job's channel holds before its sink keeps a backlog and pauses the
 /// job (about 1.9 MiB of output). The channel reserves its slots up front, so this is
@@ -123,6 +124,14 @@ pub struct ManagerConfig {
     /// 10,000 a worker heartbeats every 5 s, a silent link is closed after 25 s, and
     /// its jobs wait 34 s for it.
     pub max_heartbeats_per_second: u32,
+    /// Most bytes of output a detached job keeps (its last ones) for a later `attach`
+    /// by a remote submitter (1 MiB by default; what is dropped is counted and told).
+    pub detached_output_limit: usize,
+    /// How long a detached job's outcome and kept output stay after it ends (1 hour by
+    /// default).
+    pub detached_retention: Duration,
+    /// Most ended detached jobs kept at once (1,000 by default); the oldest go first.
+    pub detached_retention_count: usize,
 }
 
 impl ManagerConfig {
@@ -162,6 +171,9 @@ impl ManagerConfig {
             reconnect_grace: Duration::from_secs(10),
             max_connections_per_certificate: 4,
             max_heartbeats_per_second: 2000,
+            detached_output_limit: 1 << 20,
+            detached_retention: Duration::from_secs(3600),
+            detached_retention_count: 1000,
         }
     }
 
@@ -192,6 +204,7 @@ impl ManagerConfig {
             ("handshake_timeout", self.handshake_timeout),
             ("shutdown_grace", self.shutdown_grace),
             ("reconnect_grace", self.reconnect_grace),
+            ("detached_retention", self.detached_retention),
         ] {
             if d > MAX_CONFIG_DURATION {
                 return Err(Error::InvalidConfig(format!(
@@ -264,10 +277,17 @@ pub(crate) struct Shared {
     connections: Mutex<HashMap<u64, Weak<TcpStream>>>,
     next_connection: AtomicU64,
     link_threads: Mutex<Vec<JoinHandle<()>>>,
+    /// Remote submitters' sessions and the jobs they follow.
+    submitters: Arc<Submitters>,
 }
 
-/// The dispatcher, the acceptor and the handshake watchdog.
-type ManagerThreads = (JoinHandle<()>, JoinHandle<()>, JoinHandle<()>);
+/// The dispatcher, the acceptor, the handshake watchdog and the submitters' timer.
+type ManagerThreads = (
+    JoinHandle<()>,
+    JoinHandle<()>,
+    JoinHandle<()>,
+    JoinHandle<()>,
+);
 
 /// A running manager. Dropping it shuts it down without a grace period.
 pub struct Manager {
@@ -317,6 +337,21 @@ impl Manager {
         let manager_id = crate::random::u64();
         let queued = Arc::new(AtomicUsize::new(0));
         let counters: Arc<Counters> = Arc::default();
+        let base = Timing {
+            heartbeat_interval: config.heartbeat_interval,
+            heartbeat_timeout: config.heartbeat_timeout,
+        };
+        let submitters = Submitters::new(
+            HubSettings {
+                grace: config.reconnect_grace,
+                window: submitters::WINDOW,
+                kept_output: config.detached_output_limit,
+                keep_ended_for: config.detached_retention,
+                keep_ended: config.detached_retention_count,
+            },
+            // Submitters are few: their links keep the base timing.
+            Arc::new(Pace::new(base, config.reconnect_grace, 0)),
+        );
         let shared = Arc::new(Shared {
             events: tx,
             queued: queued.clone(),
@@ -325,10 +360,7 @@ impl Manager {
             closing: AtomicBool::new(false),
             tls,
             pace: Arc::new(Pace::new(
-                Timing {
-                    heartbeat_interval: config.heartbeat_interval,
-                    heartbeat_timeout: config.heartbeat_timeout,
-                },
+                base,
                 config.reconnect_grace,
                 config.max_heartbeats_per_second,
             )),
@@ -344,6 +376,7 @@ impl Manager {
             connections: Mutex::new(HashMap::new()),
             next_connection: AtomicU64::new(1),
             link_threads: Mutex::new(Vec::new()),
+            submitters,
         });
         let settings = Settings {
             reconnect_grace: config.reconnect_grace,
@@ -362,6 +395,14 @@ impl Manager {
         let watchdog =
             crate::thread::spawn("wp-handshakes", move || acceptor::watch_handshakes(&s))
                 .map_err(|e| Error::io("starting the handshake watchdog thread", e))?;
+        let s = shared.clone();
+        let timer = crate::thread::spawn("wp-submitters", move || {
+            let cancel = |id: JobId| {
+                let _ = s.events.send(Event::Cancel { id, reply: None });
+            };
+            s.submitters.run_timer(&cancel);
+        })
+        .map_err(|e| Error::io("starting the submitters' timer thread", e))?;
         log::info!("manager listening on {local_addr}");
         let metrics = match &config.metrics_addr {
             Some(addr) => {
@@ -385,7 +426,7 @@ impl Manager {
             listener,
             local_addr,
             grace: config.shutdown_grace,
-            threads: Mutex::new(Some((dispatcher, acceptor, watchdog))),
+            threads: Mutex::new(Some((dispatcher, acceptor, watchdog, timer))),
         })
     }
 
@@ -399,54 +440,18 @@ impl Manager {
     /// [`Error::ShutDown`] once shutdown has begun.
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle> {
         let s = &self.shared;
-        if s.closing.load(Ordering::Acquire) {
-            return Err(Error::ShutDown);
-        }
-        spec.validate().map_err(Error::InvalidJob)?;
-        let size = spec.wire_size();
-        if size > MAX_JOB_BYTES {
-            return Err(Error::InvalidJob(format!(
-                "the job is {size} bytes (script, stdin, environment); at most {MAX_JOB_BYTES} are accepted"
-            )));
-        }
-        s.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q < s.capacity).then_some(q + 1)
-            })
-            .map_err(|_| Error::QueueFull {
-                capacity: s.capacity,
-            })?;
+        s.admit(&spec, 1)?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
         let sink = JobSink::new(id, tx, s.counters.clone());
-        s.counters.submitted.fetch_add(1, Ordering::Relaxed);
-        sink.push(JobEvent::Queued);
-        let job = QueuedJob {
-            id,
-            spec,
-            events: sink,
-            attempt: 1,
-            since: Instant::now(),
-        };
-        if s.events.send(Event::Submit(job)).is_err() {
-            s.queued.fetch_sub(1, Ordering::Relaxed);
-            return Err(Error::ShutDown);
-        }
+        s.enqueue(id, spec, sink)?;
         Ok(JobHandle::new(id, rx, self.shared.clone()))
     }
 
     /// Cancels a job: a queued one never starts; a running one is killed. Either way it
     /// ends `Cancelled` (unless it finished first).
     pub fn cancel(&self, id: JobId) -> Result<()> {
-        let (tx, rx) = bounded(1);
-        self.shared
-            .events
-            .send(Event::Cancel {
-                id,
-                reply: Some(tx),
-            })
-            .map_err(|_| Error::ShutDown)?;
-        rx.recv().map_err(|_| Error::ShutDown)?
+        self.shared.cancel(id)
     }
 
     /// Where a job is, if it has not ended: queued (for how long) or running (where, for
@@ -461,16 +466,7 @@ impl Manager {
     }
 
     fn query_jobs(&self, only: Option<JobId>) -> Vec<JobStatus> {
-        let (tx, rx) = bounded(1);
-        if self
-            .shared
-            .events
-            .send(Event::Jobs { only, reply: tx })
-            .is_err()
-        {
-            return Vec::new();
-        }
-        rx.recv().unwrap_or_default()
+        self.shared.query_jobs(only)
     }
 
     /// A snapshot of the manager's numbers (workers, slots, jobs by state and outcome,
@@ -501,11 +497,7 @@ impl Manager {
 
     /// The connected workers.
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        let (tx, rx) = bounded(1);
-        if self.shared.events.send(Event::Workers(tx)).is_err() {
-            return Vec::new();
-        }
-        rx.recv().unwrap_or_default()
+        self.shared.query_workers()
     }
 
     /// A stream of pool events (workers joining and leaving) from now on. Workers that
@@ -527,7 +519,7 @@ impl Manager {
 
     /// [`Manager::shutdown`] with a grace period of its own.
     pub fn shutdown_within(&self, grace: Duration) {
-        let Some((dispatcher, acceptor, watchdog)) = lock(&self.threads).take() else {
+        let Some((dispatcher, acceptor, watchdog, timer)) = lock(&self.threads).take() else {
             return;
         };
         let s = &self.shared;
@@ -544,6 +536,11 @@ impl Manager {
             s.admission_wake.notify_all();
         }
         let _ = watchdog.join();
+        s.submitters
+            .flush_all(Instant::now() + Duration::from_secs(2));
+        // Sinks still waiting for a submitter's room drop their events from here.
+        s.submitters.stop();
+        let _ = timer.join();
         let open: Vec<Arc<TcpStream>> = lock(&s.connections)
             .values()
             .filter_map(Weak::upgrade)
@@ -562,6 +559,76 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.shutdown_within(Duration::ZERO);
+    }
+}
+
+impl Shared {
+    /// Checks a job and takes `n` places in the queue for it, all or none.
+    fn admit(&self, spec: &JobSpec, n: usize) -> Result<()> {
+        if self.closing.load(Ordering::Acquire) {
+            return Err(Error::ShutDown);
+        }
+        spec.validate().map_err(Error::InvalidJob)?;
+        let size = spec.wire_size();
+        if size > MAX_JOB_BYTES {
+            return Err(Error::InvalidJob(format!(
+                "the job is {size} bytes (script, stdin, environment); at most {MAX_JOB_BYTES} are accepted"
+            )));
+        }
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                q.checked_add(n).filter(|&after| after <= self.capacity)
+            })
+            .map_err(|_| Error::QueueFull {
+                capacity: self.capacity,
+            })?;
+        Ok(())
+    }
+
+    /// Queues an admitted job whose events go to `sink`; fails only once shutdown
+    /// has begun (and then gives its place in the queue back).
+    fn enqueue(&self, id: JobId, spec: JobSpec, sink: Arc<JobSink>) -> Result<()> {
+        self.counters.submitted.fetch_add(1, Ordering::Relaxed);
+        sink.push(JobEvent::Queued);
+        let job = QueuedJob {
+            id,
+            spec,
+            events: sink,
+            attempt: 1,
+            since: Instant::now(),
+        };
+        if self.events.send(Event::Submit(job)).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(Error::ShutDown);
+        }
+        Ok(())
+    }
+
+    fn cancel(&self, id: JobId) -> Result<()> {
+        let (tx, rx) = bounded(1);
+        self.events
+            .send(Event::Cancel {
+                id,
+                reply: Some(tx),
+            })
+            .map_err(|_| Error::ShutDown)?;
+        rx.recv().map_err(|_| Error::ShutDown)?
+    }
+
+    fn query_jobs(&self, only: Option<JobId>) -> Vec<JobStatus> {
+        let (tx, rx) = bounded(1);
+        if self.events.send(Event::Jobs { only, reply: tx }).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
+    }
+
+    fn query_workers(&self) -> Vec<WorkerInfo> {
+        let (tx, rx) = bounded(1);
+        if self.events.send(Event::Workers(tx)).is_err() {
+            return Vec::new();
+        }
+        rx.recv().unwrap_or_default()
     }
 }
 

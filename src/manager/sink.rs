@@ -1,7 +1,8 @@
 //! One job's path to its submitter: events arrive in order, the thread that produces
 //! them never blocks, and memory stays bounded. Normally an event goes straight into the
-//! job's bounded channel. When that channel is full (the submitter reads slower than the
-//! job writes), later events wait in a backlog that a short-lived thread hands over as
+//! job's bounded channel (or, for a remote submitter, into the sessions that follow the
+//! job: see `submitters`). When that is full (the submitter reads slower than the job
+//! writes), later events wait in a backlog that a short-lived thread hands over as
 //! room appears, and the worker is told to pause the job's output until the backlog is
 //! gone — so one slow reader holds back only its own job, never its worker's link.
 //!
@@ -10,11 +11,12 @@
 //! link is closed by the caller) and the number of warnings a job gets
 //! ([`MAX_WARNINGS`]; the rest are counted and summed up in one more before `Finished`).
 
+use super::submitters::RemoteDest;
 use crate::job::{JobEvent, JobId};
 use crate::link::Outbox;
 use crate::metrics::Counters;
 use crate::protocol::ManagerMessage;
-use crossbeam_channel::{Sender, TrySendError};
+use crossbeam_channel::{SendError, Sender, TrySendError};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -32,9 +34,39 @@ const EVENT_COST: usize = 64;
 /// The most warnings one job delivers; later ones are counted and reported as one.
 pub(crate) const MAX_WARNINGS: u32 = 16;
 
+/// Where a job's events go: the bounded channel of an in-process [`super::JobHandle`],
+/// or the sessions of the remote submitters that follow the job (see `submitters`).
+/// Both take an event at once or say they are full, and both can wait for room.
+pub(crate) enum Dest {
+    Local(Sender<JobEvent>),
+    Remote(RemoteDest),
+}
+
+impl Dest {
+    fn try_send(&self, ev: JobEvent) -> Result<(), TrySendError<JobEvent>> {
+        match self {
+            Dest::Local(tx) => tx.try_send(ev),
+            Dest::Remote(r) => r.try_send(ev),
+        }
+    }
+
+    fn send(&self, ev: JobEvent) -> Result<(), SendError<JobEvent>> {
+        match self {
+            Dest::Local(tx) => tx.send(ev),
+            Dest::Remote(r) => r.send(ev),
+        }
+    }
+}
+
+impl From<Sender<JobEvent>> for Dest {
+    fn from(tx: Sender<JobEvent>) -> Dest {
+        Dest::Local(tx)
+    }
+}
+
 pub(crate) struct JobSink {
     job: JobId,
-    tx: Sender<JobEvent>,
+    tx: Dest,
     state: Mutex<State>,
     counters: Arc<Counters>,
     backlog_limit: usize,
@@ -64,14 +96,14 @@ impl std::fmt::Debug for JobSink {
 }
 
 impl JobSink {
-    pub(crate) fn new(job: JobId, tx: Sender<JobEvent>, counters: Arc<Counters>) -> Arc<JobSink> {
-        JobSink::with_backlog_limit(job, tx, counters, MAX_BACKLOG_BYTES)
+    pub(crate) fn new(job: JobId, tx: impl Into<Dest>, counters: Arc<Counters>) -> Arc<JobSink> {
+        JobSink::with_backlog_limit(job, tx.into(), counters, MAX_BACKLOG_BYTES)
     }
 
     /// A sink whose backlog holds at most `backlog_limit` (see [`MAX_BACKLOG_BYTES`]).
     pub(crate) fn with_backlog_limit(
         job: JobId,
-        tx: Sender<JobEvent>,
+        tx: Dest,
         counters: Arc<Counters>,
         backlog_limit: usize,
     ) -> Arc<JobSink> {
@@ -309,7 +341,7 @@ mod tests {
     fn a_backlog_over_its_limit_has_no_room_for_more_output() {
         let (tx, rx) = bounded(1);
         let (ptx, prx) = producer();
-        let sink = JobSink::with_backlog_limit(JobId(4), tx, Arc::default(), 1000);
+        let sink = JobSink::with_backlog_limit(JobId(4), tx.into(), Arc::default(), 1000);
         sink.set_producer(Some(ptx));
         assert!(sink.has_room(100));
         sink.push(sized(100)); // into the channel

@@ -1,21 +1,1510 @@
 //! Submitters: remote connections that send jobs and follow them.
+//!
+//! A submitter's connection belongs to a **session**, which outlives the connection for
+//! the reconnect grace. The session numbers what it sends (replies to requests and the
+//! events of the jobs it follows) and keeps what the submitter has not acknowledged, to
+//! send it again after a reconnect; it takes each numbered request once. A session
+//! that stays away past the grace is closed: the attached jobs it submitted are
+//! cancelled. A detached job keeps the last part of its output for whoever attaches
+//! later, and is forgotten a while after it ends.
+//!
+//! [`Hub`] is the state machine (sessions, the jobs they follow, what is unacknowledged,
+//! the grace), tested in memory on a clock the test moves. [`Submitters`] puts it behind
+//! a lock for the threads that feed it: each submitter's link thread ([`serve`]), the job
+//! sinks that push job events into it (through [`RemoteDest`]), and a timer thread that
+//! ends sessions past their grace.
 
 use super::Shared;
-use crate::link::{self, Established};
-use crate::protocol::SubmitterHello;
+use super::dispatcher::driver::Event;
+use super::sink::{Dest, JobSink};
+use crate::error::Error;
+use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
+use crate::link::{self, Beat, Established, Pace, Tx};
+use crate::protocol::{
+    self, Reply, Request, RequestError, SessionResume, SubmitterHello, SubmitterMessage,
+    SubmitterWelcome,
+};
+use crate::sync::{self, lock};
+use crossbeam_channel::{SendError, TrySendError};
+use serde::Serialize;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-/// A submitter's link, after its hello.
+/// The most bytes of unacknowledged events a session keeps for its submitter; beyond
+/// it, the jobs it follows wait (their workers are paused) until it acknowledges.
+pub(crate) const WINDOW: usize = 4 << 20;
+
+/// The most jobs a `Jobs` answer lists (the oldest first), and the most bytes of each
+/// script it shows, so that the answer fits one frame.
+const MAX_LISTED_JOBS: usize = 10_000;
+const MAX_LISTED_SCRIPT: usize = 1024;
+
+/// The most jobs one array request may hold.
+pub(crate) const MAX_ARRAY: u64 = 1_000_000;
+
+/// Who a session is: the certificate (DER) its connection presented; `None` without TLS
+/// (every plaintext submitter is the same nobody).
+pub(crate) type Owner = Option<Arc<[u8]>>;
+
+/// What the hub keeps and for how long.
+#[derive(Clone, Debug)]
+pub(crate) struct HubSettings {
+    /// How long a session waits for its submitter to come back.
+    pub grace: Duration,
+    /// See [`WINDOW`].
+    pub window: usize,
+    /// The most output bytes a detached job keeps (its last ones).
+    pub kept_output: usize,
+    /// How long a detached job is kept after it ends.
+    pub keep_ended_for: Duration,
+    /// The most ended detached jobs kept (the oldest are forgotten first).
+    pub keep_ended: usize,
+}
+
+struct Session {
+    owner: Owner,
+    /// Its connection's sending side, while it has one.
+    link: Option<Arc<Tx>>,
+    /// The `seq` the next event gets.
+    next_event: u64,
+    /// Events sent and not acknowledged, as frames, oldest first.
+    unacked: VecDeque<(u64, Vec<u8>)>,
+    unacked_bytes: usize,
+    /// The `seq` of the next request to take.
+    next_request: u64,
+    /// Since when it has had no connection.
+    gone_since: Option<Instant>,
+    /// Attached jobs it submitted that have not ended: cancelled when it is closed.
+    attached: BTreeSet<JobId>,
+}
+
+impl Session {
+    /// Numbers an event, keeps it until it is acknowledged and sends it if connected.
+    fn emit(&mut self, event: SessionEventRef<'_>) {
+        let seq = self.next_event;
+        let mut frame = Vec::new();
+        let msg = ToSubmitterRef::Event { seq, event };
+        if let Err(e) = protocol::encode_into(&mut frame, &msg) {
+            // Only an answer can be this large; say so instead of leaving the
+            // submitter waiting for it.
+            log::error!("dropping a submitter event that cannot be encoded: {e}");
+            let &SessionEventRef::Reply { request, .. } = msg.event() else {
+                return;
+            };
+            frame.clear();
+            let failed = Reply::Failed(RequestError::InvalidJob(format!(
+                "the answer is too large to send: {e}"
+            )));
+            let msg = ToSubmitterRef::Event {
+                seq,
+                event: SessionEventRef::Reply {
+                    request,
+                    reply: &failed,
+                },
+            };
+            if protocol::encode_into(&mut frame, &msg).is_err() {
+                return;
+            }
+        }
+        self.next_event += 1;
+        if let Some(tx) = &self.link
+            && tx.send_parts(&[&frame]) == link::Sent::Refused
+        {
+            // The link thread notices and closes the session's connection; the event
+            // is kept for the submitter's return.
+            self.link = None;
+        }
+        self.unacked_bytes += frame.len();
+        self.unacked.push_back((seq, frame));
+    }
+
+    fn ack(&mut self, next: u64) {
+        while let Some((seq, frame)) = self.unacked.front() {
+            if *seq >= next {
+                break;
+            }
+            self.unacked_bytes -= frame.len();
+            self.unacked.pop_front();
+        }
+    }
+
+    fn full(&self, window: usize) -> bool {
+        self.unacked_bytes >= window
+    }
+}
+
+/// `ToSubmitter::Event` as bincode lays it out, from borrowed parts (no copy of a job's
+/// output to encode it).
+#[derive(Serialize)]
+enum ToSubmitterRef<'a> {
+    Event {
+        seq: u64,
+        event: SessionEventRef<'a>,
+    },
+}
+
+impl<'a> ToSubmitterRef<'a> {
+    fn event(&self) -> &SessionEventRef<'a> {
+        let ToSubmitterRef::Event { event, .. } = self;
+        event
+    }
+}
+
+/// `SessionEvent`, borrowed.
+#[derive(Clone, Copy, Serialize)]
+enum SessionEventRef<'a> {
+    Reply { request: u64, reply: &'a Reply },
+    Job { job: JobId, event: &'a JobEvent },
+}
+
+/// A job that remote submitters follow.
+struct Record {
+    owner: Owner,
+    detached: bool,
+    /// The sessions that get its events.
+    watchers: Vec<u64>,
+    /// A detached job's last events, for a later `attach`.
+    kept: Option<Kept>,
+    ended: bool,
+}
+
+/// The last events of a detached job: every event but output is kept; output is kept
+/// up to a number of bytes, the oldest dropped first and counted.
+#[derive(Default)]
+struct Kept {
+    events: VecDeque<JobEvent>,
+    output: usize,
+    dropped: u64,
+}
+
+impl Kept {
+    fn push(&mut self, ev: &JobEvent, limit: usize) {
+        if let JobEvent::Output { bytes, .. } = ev {
+            self.output += bytes.len();
+        }
+        self.events.push_back(ev.clone());
+        while self.output > limit {
+            // Drop the oldest output (whole chunks, then part of one).
+            let Some(i) = self
+                .events
+                .iter()
+                .position(|e| matches!(e, JobEvent::Output { .. }))
+            else {
+                break;
+            };
+            let JobEvent::Output { bytes, .. } = &mut self.events[i] else {
+                unreachable!("found as output");
+            };
+            let over = self.output - limit;
+            if bytes.len() <= over {
+                self.output -= bytes.len();
+                self.dropped += bytes.len() as u64;
+                self.events.remove(i);
+            } else {
+                bytes.drain(..over);
+                self.output -= over;
+                self.dropped += over as u64;
+            }
+        }
+    }
+
+    /// What a new watcher is sent: the kept events, a note of the dropped output first.
+    fn replay(&self) -> Vec<JobEvent> {
+        let mut out = Vec::with_capacity(self.events.len() + 1);
+        let mut noted = self.dropped == 0;
+        for ev in &self.events {
+            if !noted && matches!(ev, JobEvent::Output { .. }) {
+                out.push(JobEvent::Warning(format!(
+                    "{} bytes of earlier output were not kept (a detached job keeps its last {})",
+                    self.dropped,
+                    human_bytes(self.output.max(1) as u64)
+                )));
+                noted = true;
+            }
+            out.push(ev.clone());
+        }
+        out
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{:.1} MiB", n as f64 / (1 << 20) as f64)
+    } else if n >= 1 << 10 {
+        format!("{:.1} KiB", n as f64 / 1024.0)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// What became of a job event pushed into the hub.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Pushed {
+    /// Taken: sent to (and kept for) every session that follows the job.
+    Taken,
+    /// A session that follows the job has its window full: try again when it has room.
+    Full(JobEvent),
+    /// Nobody follows the job any more: its events can be dropped.
+    Gone(JobEvent),
+}
+
+/// What a submitter's hello led to.
+#[derive(Debug, PartialEq)]
+pub(crate) struct Opened {
+    pub session: u64,
+    pub resumed: bool,
+    pub next_request: u64,
+}
+
+/// Whether a numbered request is to be carried out.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Take {
+    /// Yes: it is the next one.
+    New,
+    /// No: it was taken before (sent again after a reconnect).
+    Again,
+    /// No: requests before it are missing (a broken peer).
+    Gap { expected: u64 },
+}
+
+/// The sessions of remote submitters and the jobs they follow.
+pub(crate) struct Hub {
+    settings: HubSettings,
+    sessions: HashMap<u64, Session>,
+    jobs: HashMap<JobId, Record>,
+    /// Detached jobs that ended, oldest first (each is forgotten after a while).
+    ended: VecDeque<(Instant, JobId)>,
+}
+
+impl Hub {
+    pub(crate) fn new(settings: HubSettings) -> Hub {
+        Hub {
+            settings,
+            sessions: HashMap::new(),
+            jobs: HashMap::new(),
+            ended: VecDeque::new(),
+        }
+    }
+
+    /// A connection's hello: resumes its session if it names one this manager still
+    /// keeps for the same certificate, else starts a new one. What the submitter has
+    /// not received is sent again on `link` (which holds it until the welcome).
+    pub(crate) fn open(
+        &mut self,
+        owner: Owner,
+        link: Arc<Tx>,
+        resume: Option<&SessionResume>,
+        manager_id: u64,
+    ) -> Opened {
+        if let Some(r) = resume.filter(|r| r.manager_id == manager_id)
+            && let Some(s) = self.sessions.get_mut(&r.session)
+            && s.owner == owner
+        {
+            if let Some(old) = s.link.replace(link.clone()) {
+                // The old connection is dead, whether or not its thread knows yet.
+                old.cut();
+            }
+            s.gone_since = None;
+            s.ack(r.next_event.min(s.next_event));
+            for (_, frame) in &s.unacked {
+                if link.send_parts(&[frame]) == link::Sent::Refused {
+                    s.link = None;
+                    break;
+                }
+            }
+            return Opened {
+                session: r.session,
+                resumed: true,
+                next_request: s.next_request,
+            };
+        }
+        let mut id = crate::random::u64();
+        while id == 0 || self.sessions.contains_key(&id) {
+            id = crate::random::u64();
+        }
+        self.sessions.insert(
+            id,
+            Session {
+                owner,
+                link: Some(link),
+                next_event: 0,
+                unacked: VecDeque::new(),
+                unacked_bytes: 0,
+                next_request: 0,
+                gone_since: None,
+                attached: BTreeSet::new(),
+            },
+        );
+        Opened {
+            session: id,
+            resumed: false,
+            next_request: 0,
+        }
+    }
+
+    /// A session's connection ended (`link` is the one that ended: a newer one that
+    /// replaced it keeps the session). The grace starts now.
+    pub(crate) fn disconnected(&mut self, now: Instant, session: u64, link: &Arc<Tx>) {
+        if let Some(s) = self.sessions.get_mut(&session)
+            && s.link.as_ref().is_none_or(|l| Arc::ptr_eq(l, link))
+        {
+            s.link = None;
+            s.gone_since.get_or_insert(now);
+        }
+    }
+
+    /// The submitter left on purpose, or its grace ran out: the session ends, and the
+    /// attached jobs it submitted are returned, to be cancelled.
+    pub(crate) fn close(&mut self, session: u64) -> Vec<JobId> {
+        let Some(s) = self.sessions.remove(&session) else {
+            return Vec::new();
+        };
+        if let Some(l) = &s.link {
+            l.close(std::net::Shutdown::Write);
+        }
+        s.attached
+            .into_iter()
+            .filter(|j| self.jobs.get(j).is_some_and(|r| !r.ended))
+            .collect()
+    }
+
+    /// Ends the sessions gone longer than the grace and forgets detached jobs kept long
+    /// enough. Returns the jobs to cancel and when to look again.
+    pub(crate) fn tick(&mut self, now: Instant) -> (Vec<JobId>, Option<Instant>) {
+        let grace = self.settings.grace;
+        let expired: Vec<u64> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.gone_since.is_some_and(|t| now >= t + grace))
+            .map(|(&id, _)| id)
+            .collect();
+        let mut cancel = Vec::new();
+        for id in expired {
+            let jobs = self.close(id);
+            if !jobs.is_empty() {
+                log::warn!(
+                    "a submitter stayed away longer than its grace ({:.1} s): cancelling its {} attached job(s)",
+                    grace.as_secs_f64(),
+                    jobs.len()
+                );
+            }
+            cancel.extend(jobs);
+        }
+        while let Some(&(at, job)) = self.ended.front() {
+            let old = now >= at + self.settings.keep_ended_for;
+            if !old && self.ended.len() <= self.settings.keep_ended {
+                break;
+            }
+            self.ended.pop_front();
+            self.jobs.remove(&job);
+        }
+        let next_session = self
+            .sessions
+            .values()
+            .filter_map(|s| s.gone_since)
+            .min()
+            .map(|t| t + grace);
+        let next_forget = self
+            .ended
+            .front()
+            .map(|(at, _)| *at + self.settings.keep_ended_for);
+        let next = match (next_session, next_forget) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        (cancel, next)
+    }
+
+    /// Whether the numbered request is the next one of the session.
+    pub(crate) fn take_request(&mut self, session: u64, seq: u64) -> Take {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return Take::Again;
+        };
+        match seq.cmp(&s.next_request) {
+            std::cmp::Ordering::Less => Take::Again,
+            std::cmp::Ordering::Equal => {
+                s.next_request += 1;
+                Take::New
+            }
+            std::cmp::Ordering::Greater => Take::Gap {
+                expected: s.next_request,
+            },
+        }
+    }
+
+    /// The submitter has every event before `next`.
+    pub(crate) fn ack(&mut self, session: u64, next: u64) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.ack(next);
+        }
+    }
+
+    /// Answers a request.
+    pub(crate) fn reply(&mut self, session: u64, request: u64, reply: &Reply) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.emit(SessionEventRef::Reply { request, reply });
+        }
+    }
+
+    /// A job the session submitted: it follows it from now on (its events come after
+    /// this). Detached jobs keep their last output for a later `attach`.
+    pub(crate) fn follow_new(&mut self, session: u64, job: JobId, detached: bool) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        if !detached {
+            s.attached.insert(job);
+        }
+        self.jobs.insert(
+            job,
+            Record {
+                owner: s.owner.clone(),
+                detached,
+                watchers: vec![session],
+                kept: detached.then(Kept::default),
+                ended: false,
+            },
+        );
+    }
+
+    /// Whether `owner` may act on the job: `Err` says why not.
+    pub(crate) fn check_owner(
+        &self,
+        owner: &Owner,
+        job: JobId,
+    ) -> std::result::Result<(), RequestError> {
+        match self.jobs.get(&job) {
+            None => Err(RequestError::NoSuchJob(job)),
+            Some(r) if r.owner != *owner => Err(RequestError::NotYours(job)),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Whether a job is one of `owner`'s (listings show other owners' scripts as empty).
+    pub(crate) fn owns(&self, owner: &Owner, job: JobId) -> bool {
+        self.jobs.get(&job).is_some_and(|r| r.owner == *owner)
+    }
+
+    /// The session follows a job of its certificate from now on: it is answered, then
+    /// sent what the job kept (a detached job's last output, and its end if it has
+    /// ended), then its events as they come.
+    pub(crate) fn attach(&mut self, session: u64, request: u64, job: JobId) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        let checked = match self.jobs.get_mut(&job) {
+            None => Err(RequestError::NoSuchJob(job)),
+            Some(r) if r.owner != s.owner => Err(RequestError::NotYours(job)),
+            Some(r) => Ok(r),
+        };
+        match checked {
+            Err(e) => s.emit(SessionEventRef::Reply {
+                request,
+                reply: &Reply::Failed(e),
+            }),
+            Ok(r) => {
+                s.emit(SessionEventRef::Reply {
+                    request,
+                    reply: &Reply::Attached,
+                });
+                if let Some(k) = &r.kept {
+                    for ev in k.replay() {
+                        s.emit(SessionEventRef::Job { job, event: &ev });
+                    }
+                }
+                if !r.ended && !r.watchers.contains(&session) {
+                    r.watchers.push(session);
+                }
+            }
+        }
+    }
+
+    /// A job event, from the job's sink (in the job's order).
+    pub(crate) fn push(&mut self, now: Instant, job: JobId, ev: JobEvent) -> Pushed {
+        let Some(r) = self.jobs.get_mut(&job) else {
+            return Pushed::Gone(ev);
+        };
+        let window = self.settings.window;
+        let sessions = &mut self.sessions;
+        let mut full = false;
+        r.watchers.retain(|w| match sessions.get(w) {
+            None => false,
+            // A detached job does not wait for a watcher that is away: it can attach
+            // again and read what the job kept.
+            Some(s) if s.full(window) && s.link.is_none() && r.detached => false,
+            Some(s) => {
+                full |= s.full(window);
+                true
+            }
+        });
+        if full {
+            return Pushed::Full(ev);
+        }
+        for w in &r.watchers {
+            if let Some(s) = sessions.get_mut(w) {
+                s.emit(SessionEventRef::Job { job, event: &ev });
+            }
+        }
+        if let Some(k) = &mut r.kept {
+            k.push(&ev, self.settings.kept_output);
+        }
+        if matches!(ev, JobEvent::Finished(_)) {
+            r.ended = true;
+            for w in &r.watchers {
+                if let Some(s) = sessions.get_mut(w) {
+                    s.attached.remove(&job);
+                }
+            }
+            // Its submitter may also have left before it ended.
+            for s in sessions.values_mut() {
+                s.attached.remove(&job);
+            }
+            if r.detached {
+                r.watchers.clear();
+                self.ended.push_back((now, job));
+            } else {
+                self.jobs.remove(&job);
+            }
+        }
+        Pushed::Taken
+    }
+
+    #[cfg(test)]
+    fn unacked(&self, session: u64) -> usize {
+        self.sessions[&session].unacked.len()
+    }
+}
+
+/// The hub behind its lock, with what the threads around it wait on.
+pub(crate) struct Submitters {
+    hub: Mutex<Hub>,
+    /// Notified when a session has more room (or went away): sinks waiting to push.
+    room: Condvar,
+    /// Notified when the next deadline may have changed: the timer thread.
+    wake: Condvar,
+    closing: std::sync::atomic::AtomicBool,
+    /// The timing of submitter links: the manager's base timing, never stretched.
+    pub(crate) pace: Arc<Pace>,
+}
+
+impl Submitters {
+    pub(crate) fn new(settings: HubSettings, pace: Arc<Pace>) -> Arc<Submitters> {
+        Arc::new(Submitters {
+            hub: Mutex::new(Hub::new(settings)),
+            room: Condvar::new(),
+            wake: Condvar::new(),
+            closing: Default::default(),
+            pace,
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Hub> {
+        lock(&self.hub)
+    }
+
+    /// Ends sessions past their grace (cancelling their attached jobs through
+    /// `cancel`) and forgets old detached jobs, until [`Submitters::stop`].
+    pub(crate) fn run_timer(&self, cancel: &dyn Fn(JobId)) {
+        let mut hub = self.lock();
+        while !self.closing.load(Ordering::Acquire) {
+            let (jobs, next) = hub.tick(Instant::now());
+            if !jobs.is_empty() {
+                drop(hub);
+                self.room.notify_all();
+                for job in jobs {
+                    cancel(job);
+                }
+                hub = self.lock();
+                continue;
+            }
+            hub = match next {
+                Some(at) => sync::wait_timeout(
+                    &self.wake,
+                    hub,
+                    at.saturating_duration_since(Instant::now()),
+                ),
+                None => sync::wait(&self.wake, hub),
+            };
+        }
+    }
+
+    /// Sends what each connected submitter has pending and closes its connection, within
+    /// `deadline` (at shutdown, so that the last events get out before the sockets are cut).
+    pub(crate) fn flush_all(&self, deadline: Instant) {
+        let links: Vec<Arc<Tx>> = self
+            .lock()
+            .sessions
+            .values()
+            .filter_map(|s| s.link.clone())
+            .collect();
+        for l in &links {
+            l.close(std::net::Shutdown::Write);
+        }
+        for l in &links {
+            l.wait_sent(deadline);
+        }
+    }
+
+    /// Stops the timer and lets every waiting sink go.
+    pub(crate) fn stop(&self) {
+        let _hub = self.lock();
+        self.closing.store(true, Ordering::Release);
+        self.wake.notify_all();
+        self.room.notify_all();
+    }
+}
+
+/// A remote job's destination (see `sink::Dest`): the hub, which hands the job's
+/// events to the sessions that follow it.
+pub(crate) struct RemoteDest {
+    pub(crate) submitters: Arc<Submitters>,
+    pub(crate) job: JobId,
+}
+
+impl RemoteDest {
+    pub(crate) fn try_send(&self, ev: JobEvent) -> std::result::Result<(), TrySendError<JobEvent>> {
+        match self.submitters.lock().push(Instant::now(), self.job, ev) {
+            Pushed::Taken => Ok(()),
+            Pushed::Full(ev) => Err(TrySendError::Full(ev)),
+            Pushed::Gone(ev) => Err(TrySendError::Disconnected(ev)),
+        }
+    }
+
+    /// Waits for room (the submitter's acknowledgement, its session's end, or the
+    /// manager's shutdown, which drops the event).
+    pub(crate) fn send(&self, ev: JobEvent) -> std::result::Result<(), SendError<JobEvent>> {
+        let s = &self.submitters;
+        let mut hub = s.lock();
+        let mut ev = ev;
+        loop {
+            if s.closing.load(Ordering::Acquire) {
+                return Err(SendError(ev));
+            }
+            match hub.push(Instant::now(), self.job, ev) {
+                Pushed::Taken => return Ok(()),
+                Pushed::Gone(e) => return Err(SendError(e)),
+                Pushed::Full(e) => ev = e,
+            }
+            // A bounded wait: a session's grace running out is noticed by the timer
+            // thread, which notifies, but a missed wake-up must not hang a job.
+            hub = sync::wait_timeout(&s.room, hub, Duration::from_secs(1));
+        }
+    }
+}
+
+/// What a submitter's link thread knows of its session.
+struct Conn<'a> {
+    shared: &'a Arc<Shared>,
+    subs: &'a Arc<Submitters>,
+    session: u64,
+    owner: Owner,
+    label: String,
+}
+
+/// A submitter's link, after its hello: the session (new or resumed), the welcome,
+/// then the link until it closes, carrying out requests as they come.
 pub(crate) fn serve(
-    _shared: &Arc<Shared>,
-    est: Established,
+    shared: &Arc<Shared>,
+    mut est: Established,
     hello: SubmitterHello,
     peer: SocketAddr,
 ) {
-    log::warn!(
-        "refused submitter {:?} at {peer}: not served yet",
-        hello.name
+    let subs = &shared.submitters;
+    let name = protocol::peer_text(&hello.name.chars().take(64).collect::<String>());
+    let label = format!("submitter {name} ({peer})");
+    if shared.closing.load(Ordering::Acquire) {
+        link::refuse(&est, "the manager is shutting down");
+        return;
+    }
+    let owner: Owner = est.peer_cert.as_deref().map(Arc::from);
+    let opened = subs.lock().open(
+        owner.clone(),
+        est.tx.clone(),
+        hello.resume.as_ref(),
+        shared.manager_id,
     );
-    link::refuse(&est, "this manager does not take submitters yet");
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let paced = subs.pace.now();
+    let welcome = SubmitterWelcome {
+        manager_id: shared.manager_id,
+        session: opened.session,
+        resumed: opened.resumed,
+        next_request: opened.next_request,
+        heartbeat_interval_ms: ms(paced.timing.heartbeat_interval),
+        heartbeat_timeout_ms: ms(paced.timing.heartbeat_timeout),
+        reconnect_grace_ms: ms(paced.grace),
+    };
+    if opened.resumed {
+        log::info!("{label} is back (session {:x})", opened.session);
+    } else {
+        log::info!("{label} connected (session {:x})", opened.session);
+    }
+    let conn = Conn {
+        shared,
+        subs,
+        session: opened.session,
+        owner,
+        label,
+    };
+    let live = est.tx.live().clone();
+    let result = match link::welcome(&mut est, &welcome, paced.timing) {
+        Ok(()) => catch_unwind(AssertUnwindSafe(|| {
+            let own = link::Outbox::<protocol::ToSubmitter>::new(est.tx.clone());
+            let heartbeat = || {
+                own.send(protocol::ToSubmitter::Heartbeat);
+            };
+            let mut deliver = |msg: SubmitterMessage| match conn.on_message(msg) {
+                Ok(go_on) => go_on,
+                Err(why) => {
+                    log::warn!("{}: {why}; closing the link", conn.label);
+                    live.close_because(why);
+                    false
+                }
+            };
+            link::drive(
+                &mut est.reader,
+                &est.tx,
+                link::Drive {
+                    paced,
+                    pace: &subs.pace,
+                    announce: &|_| {},
+                    beat: Beat::Answer,
+                    heartbeat: &heartbeat,
+                    deliver: &mut deliver,
+                },
+            )
+        }))
+        .unwrap_or_else(|_| {
+            Err(Error::Protocol(
+                "the link's reader failed (a bug: see the log)".into(),
+            ))
+        }),
+        Err(e) => Err(e),
+    };
+    est.tx.release();
+    let reason = live.reason().unwrap_or_else(|| match result {
+        Ok(()) => "it closed the connection".to_string(),
+        Err(e) => e.to_string(),
+    });
+    log::info!("{}: link ended: {reason}", conn.label);
+    subs.lock()
+        .disconnected(Instant::now(), conn.session, &est.tx);
+    subs.wake.notify_all();
+    subs.room.notify_all();
+}
+
+impl Conn<'_> {
+    /// One message; `Ok(false)` ends the link (a goodbye), `Err` closes it.
+    fn on_message(&self, msg: SubmitterMessage) -> std::result::Result<bool, String> {
+        match msg {
+            SubmitterMessage::Request { seq, request } => {
+                match self.subs.lock().take_request(self.session, seq) {
+                    Take::New => {}
+                    Take::Again => return Ok(true),
+                    Take::Gap { expected } => {
+                        return Err(format!("request {seq} came when {expected} was expected"));
+                    }
+                }
+                self.on_request(seq, request);
+                Ok(true)
+            }
+            SubmitterMessage::Ack { next } => {
+                self.subs.lock().ack(self.session, next);
+                self.subs.room.notify_all();
+                Ok(true)
+            }
+            SubmitterMessage::Heartbeat => Ok(true),
+            SubmitterMessage::Goodbye => {
+                let jobs = self.subs.lock().close(self.session);
+                self.subs.room.notify_all();
+                if !jobs.is_empty() {
+                    log::info!(
+                        "{} left: cancelling its {} attached job(s)",
+                        self.label,
+                        jobs.len()
+                    );
+                }
+                for job in jobs {
+                    let _ = self.shared.events.send(Event::Cancel {
+                        id: job,
+                        reply: None,
+                    });
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    fn reply(&self, request: u64, reply: Reply) {
+        self.subs.lock().reply(self.session, request, &reply);
+    }
+
+    fn on_request(&self, seq: u64, request: Request) {
+        match request {
+            Request::Submit { spec, detached } => self.submit(seq, spec, detached, None),
+            Request::SubmitArray {
+                spec,
+                detached,
+                first,
+                last,
+            } => self.submit(seq, spec, detached, Some((first, last))),
+            Request::Attach { job } => self.subs.lock().attach(self.session, seq, job),
+            Request::Cancel { job } => {
+                let checked = self.subs.lock().check_owner(&self.owner, job);
+                let reply = match checked {
+                    Err(e) => Reply::Failed(e),
+                    Ok(()) => match self.shared.cancel(job) {
+                        Ok(()) => Reply::Done,
+                        Err(Error::UnknownJob(_)) => Reply::Failed(RequestError::NoSuchJob(job)),
+                        Err(_) => Reply::Failed(RequestError::ShutDown),
+                    },
+                };
+                self.reply(seq, reply);
+            }
+            Request::Job { job } => {
+                let mut found = self.shared.query_jobs(Some(job));
+                self.redact(&mut found);
+                self.reply(seq, Reply::Job(found.pop()));
+            }
+            Request::Jobs => {
+                let mut all = self.shared.query_jobs(None);
+                all.truncate(MAX_LISTED_JOBS);
+                self.redact(&mut all);
+                for j in &mut all {
+                    cut_text(&mut j.script, MAX_LISTED_SCRIPT);
+                }
+                self.reply(seq, Reply::Jobs(all));
+            }
+            Request::Workers => {
+                let workers = self.shared.query_workers();
+                self.reply(seq, Reply::Workers(workers));
+            }
+            Request::Stats => {
+                let reply = match super::query_stats(self.shared) {
+                    Some(s) => Reply::Stats(Box::new(s)),
+                    None => Reply::Failed(RequestError::ShutDown),
+                };
+                self.reply(seq, reply);
+            }
+        }
+    }
+
+    /// Hides the scripts of jobs that are not this certificate's.
+    fn redact(&self, jobs: &mut [JobStatus]) {
+        let hub = self.subs.lock();
+        for j in jobs {
+            if !hub.owns(&self.owner, j.id) {
+                j.script.clear();
+            }
+        }
+    }
+
+    /// Queues one job, or one per index of an array (all or none), that the session
+    /// follows; answers with their ids before any of their events.
+    fn submit(&self, seq: u64, spec: JobSpec, detached: bool, array: Option<(u64, u64)>) {
+        let detached = detached || spec.detached;
+        let count = match array {
+            None => 1,
+            Some((first, last)) if first <= last && last - first < MAX_ARRAY => {
+                (last - first + 1) as usize
+            }
+            Some((first, last)) => {
+                let why = format!(
+                    "an array runs from its first index to its last, with at most {MAX_ARRAY} jobs (not {first}-{last})"
+                );
+                self.reply(seq, Reply::Failed(RequestError::InvalidJob(why)));
+                return;
+            }
+        };
+        let s = self.shared;
+        if let Err(e) = s.admit(&spec, count) {
+            let e = match e {
+                Error::QueueFull { capacity } => RequestError::QueueFull { capacity },
+                Error::InvalidJob(why) => RequestError::InvalidJob(why),
+                _ => RequestError::ShutDown,
+            };
+            self.reply(seq, Reply::Failed(e));
+            return;
+        }
+        let first = s.next_job.fetch_add(count as u64, Ordering::Relaxed);
+        let ids: Vec<JobId> = (0..count as u64).map(|i| JobId(first + i)).collect();
+        let mut jobs = Vec::with_capacity(count);
+        {
+            let mut hub = self.subs.lock();
+            for &id in &ids {
+                hub.follow_new(self.session, id, detached);
+            }
+            hub.reply(self.session, seq, &Reply::Submitted(ids.clone()));
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            let mut spec = spec.clone();
+            if let Some((first_index, _)) = array {
+                spec.env.insert(
+                    "WORKPOOL_ARRAY_INDEX".into(),
+                    (first_index + i as u64).to_string(),
+                );
+            }
+            let dest = RemoteDest {
+                submitters: self.subs.clone(),
+                job: id,
+            };
+            let sink = JobSink::new(id, Dest::Remote(dest), s.counters.clone());
+            jobs.push((id, spec, sink));
+        }
+        for (id, spec, sink) in jobs {
+            if s.enqueue(id, spec, sink.clone()).is_err() {
+                sink.push(JobEvent::Finished(crate::job::Outcome::Rejected(
+                    "the manager shut down".into(),
+                )));
+            }
+        }
+    }
+}
+
+/// Cuts text to at most `max` bytes on a character boundary, noting the cut.
+fn cut_text(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    text.truncate(at);
+    text.push('…');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{Outcome, Stream};
+    use crate::link::{Liveness, Outbox};
+    use crate::protocol::{SessionEvent, ToSubmitter};
+    use crate::tls::Io;
+
+    fn settings() -> HubSettings {
+        HubSettings {
+            grace: Duration::from_secs(10),
+            window: 1000,
+            kept_output: 100,
+            keep_ended_for: Duration::from_secs(60),
+            keep_ended: 2,
+        }
+    }
+
+    /// A link without a socket: what is sent on it can be read back.
+    fn link() -> (Arc<Tx>, Outbox<ToSubmitter>) {
+        let tx = Tx::with_limit(
+            Io::detached(),
+            Liveness::new(),
+            "test submitter".into(),
+            false,
+            64 << 20,
+        );
+        (tx.clone(), Outbox::new(tx))
+    }
+
+    fn owner(name: &str) -> Owner {
+        Some(Arc::from(name.as_bytes()))
+    }
+
+    fn out(n: usize) -> JobEvent {
+        JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: vec![b'x'; n],
+        }
+    }
+
+    /// The events sent, as (seq, event).
+    fn events(o: &Outbox<ToSubmitter>) -> Vec<(u64, SessionEvent)> {
+        o.take_sent()
+            .0
+            .into_iter()
+            .filter_map(|m| match m {
+                ToSubmitter::Event { seq, event } => Some((seq, event)),
+                ToSubmitter::Heartbeat => None,
+            })
+            .collect()
+    }
+
+    fn job_events(o: &Outbox<ToSubmitter>) -> Vec<JobEvent> {
+        events(o)
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                SessionEvent::Job { event, .. } => Some(event),
+                SessionEvent::Reply { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_borrowed_event_encodes_as_the_message_the_submitter_decodes() {
+        let ev = out(3);
+        let reply = Reply::Submitted(vec![JobId(4), JobId(5)]);
+        for (borrowed, owned) in [
+            (
+                SessionEventRef::Job {
+                    job: JobId(9),
+                    event: &ev,
+                },
+                SessionEvent::Job {
+                    job: JobId(9),
+                    event: ev.clone(),
+                },
+            ),
+            (
+                SessionEventRef::Reply {
+                    request: 7,
+                    reply: &reply,
+                },
+                SessionEvent::Reply {
+                    request: 7,
+                    reply: reply.clone(),
+                },
+            ),
+        ] {
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            protocol::encode_into(
+                &mut a,
+                &ToSubmitterRef::Event {
+                    seq: 3,
+                    event: borrowed,
+                },
+            )
+            .unwrap();
+            protocol::encode_into(
+                &mut b,
+                &ToSubmitter::Event {
+                    seq: 3,
+                    event: owned,
+                },
+            )
+            .unwrap();
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn events_are_numbered_and_a_full_window_holds_the_job_until_acknowledged() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx, None, 1);
+        assert!(!s.resumed);
+        let s = s.session;
+        hub.follow_new(s, JobId(1), false);
+        hub.reply(s, 0, &Reply::Submitted(vec![JobId(1)]));
+        assert_eq!(hub.push(t0, JobId(1), JobEvent::Queued), Pushed::Taken);
+        assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
+        // Over the window of 1000 bytes now: the next event waits.
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
+        let got = events(&o);
+        assert_eq!(
+            got.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            vec![0, 1, 2]
+        );
+        assert!(matches!(
+            got[0].1,
+            SessionEvent::Reply {
+                request: 0,
+                reply: Reply::Submitted(_)
+            }
+        ));
+        hub.ack(s, 2);
+        assert_eq!(hub.unacked(s), 1, "the output is not acknowledged yet");
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
+        hub.ack(s, 3);
+        assert_eq!(hub.push(t0, JobId(1), out(1)), Pushed::Taken);
+        assert_eq!(
+            hub.push(t0, JobId(1), JobEvent::Finished(Outcome::Exited(0))),
+            Pushed::Taken
+        );
+        // An attached job is forgotten once it ended.
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Gone(_)));
+        assert_eq!(events(&o).len(), 2);
+    }
+
+    #[test]
+    fn a_resumed_session_gets_again_what_was_not_received_and_requests_are_taken_once() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        assert_eq!(hub.take_request(s, 0), Take::New);
+        hub.follow_new(s, JobId(1), false);
+        hub.reply(s, 0, &Reply::Submitted(vec![JobId(1)]));
+        for n in 1..=4 {
+            hub.push(t0, JobId(1), out(n));
+        }
+        assert_eq!(events(&o).len(), 5);
+        hub.ack(s, 2);
+        hub.disconnected(t0, s, &tx);
+        // Sent while away: kept.
+        hub.push(t0, JobId(1), out(5));
+        // Back, having received up to seq 3 (the link died before 3 and 4 arrived).
+        let (tx2, o2) = link();
+        let resume = SessionResume {
+            manager_id: 1,
+            session: s,
+            next_event: 3,
+        };
+        let back = hub.open(owner("a"), tx2, Some(&resume), 1);
+        assert_eq!(
+            back,
+            Opened {
+                session: s,
+                resumed: true,
+                next_request: 1
+            }
+        );
+        let again = events(&o2);
+        assert_eq!(
+            again.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
+        assert_eq!(job_events(&o2), vec![]);
+        // The request sent again is not taken twice; one past the next is a gap.
+        assert_eq!(hub.take_request(s, 0), Take::Again);
+        assert_eq!(hub.take_request(s, 2), Take::Gap { expected: 1 });
+        assert_eq!(hub.take_request(s, 1), Take::New);
+        // Another certificate, or another manager, cannot resume it: a new session.
+        let (tx3, _) = link();
+        let other = hub.open(owner("b"), tx3, Some(&resume), 1);
+        assert!(!other.resumed && other.session != s);
+        let (tx4, _) = link();
+        let stale = hub.open(
+            owner("a"),
+            tx4,
+            Some(&SessionResume {
+                manager_id: 2,
+                ..resume
+            }),
+            1,
+        );
+        assert!(!stale.resumed);
+    }
+
+    #[test]
+    fn a_session_away_past_its_grace_ends_and_its_attached_jobs_are_cancelled() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        hub.follow_new(s, JobId(1), false);
+        hub.follow_new(s, JobId(2), true);
+        hub.follow_new(s, JobId(3), false);
+        hub.push(t0, JobId(3), JobEvent::Finished(Outcome::Exited(0)));
+        assert_eq!(hub.tick(t0), (vec![], None));
+        hub.disconnected(t0, s, &tx);
+        let (cancel, next) = hub.tick(t0 + Duration::from_secs(9));
+        assert!(cancel.is_empty());
+        assert_eq!(next, Some(t0 + Duration::from_secs(10)));
+        // The attached job still running is cancelled; the detached one and the one
+        // that ended are not.
+        let (cancel, _) = hub.tick(t0 + Duration::from_secs(10));
+        assert_eq!(cancel, vec![JobId(1)]);
+        // Its end still passes once, to nobody; the detached job runs on, kept.
+        assert_eq!(
+            hub.push(t0, JobId(1), JobEvent::Finished(Outcome::Cancelled)),
+            Pushed::Taken
+        );
+        assert_eq!(hub.push(t0, JobId(2), out(10)), Pushed::Taken);
+    }
+
+    #[test]
+    fn a_goodbye_cancels_the_attached_jobs_at_once_and_a_returning_connection_keeps_them() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        hub.follow_new(s, JobId(1), false);
+        hub.disconnected(t0, s, &tx);
+        let (tx2, _o2) = link();
+        let resume = SessionResume {
+            manager_id: 1,
+            session: s,
+            next_event: 0,
+        };
+        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).resumed);
+        assert_eq!(hub.tick(t0 + Duration::from_secs(60)).0, vec![]);
+        assert_eq!(hub.close(s), vec![JobId(1)]);
+        assert_eq!(hub.close(s), vec![], "once");
+    }
+
+    #[test]
+    fn a_detached_job_keeps_its_last_output_for_its_certificate_and_is_forgotten_later() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        hub.follow_new(s, JobId(1), true);
+        hub.push(t0, JobId(1), JobEvent::Queued);
+        for _ in 0..3 {
+            hub.push(t0, JobId(1), out(60));
+        }
+        let _ = events(&o);
+        // The submitter leaves; the job does not wait for it.
+        assert_eq!(hub.close(s), vec![]);
+        for _ in 0..100 {
+            assert_eq!(hub.push(t0, JobId(1), out(60)), Pushed::Taken);
+        }
+        hub.push(t0, JobId(1), JobEvent::Finished(Outcome::Exited(3)));
+        // Someone else cannot attach; the same certificate can, from a new session.
+        let (tx2, o2) = link();
+        let other = hub.open(owner("b"), tx2, None, 1).session;
+        hub.attach(other, 0, JobId(1));
+        assert!(matches!(
+            &events(&o2)[..],
+            [(
+                0,
+                SessionEvent::Reply {
+                    reply: Reply::Failed(RequestError::NotYours(JobId(1))),
+                    ..
+                }
+            )]
+        ));
+        let (tx3, o3) = link();
+        let again = hub.open(owner("a"), tx3, None, 1).session;
+        hub.attach(again, 0, JobId(1));
+        let got = job_events(&o3);
+        assert_eq!(got[0], JobEvent::Queued);
+        let JobEvent::Warning(w) = &got[1] else {
+            panic!("{got:?}")
+        };
+        assert!(
+            w.contains("6080 bytes of earlier output were not kept"),
+            "{w}"
+        );
+        let kept: usize = got
+            .iter()
+            .map(|e| match e {
+                JobEvent::Output { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(kept, 100, "the last 100 bytes");
+        assert_eq!(got.last(), Some(&JobEvent::Finished(Outcome::Exited(3))));
+        // Kept for a minute, and at most two ended jobs at once.
+        assert_eq!(
+            hub.tick(t0 + Duration::from_secs(59)).1,
+            Some(t0 + Duration::from_secs(60))
+        );
+        let (tx4, o4) = link();
+        let late = hub.open(owner("a"), tx4, None, 1).session;
+        hub.tick(t0 + Duration::from_secs(60));
+        hub.attach(late, 0, JobId(1));
+        assert!(matches!(
+            &events(&o4)[..],
+            [(
+                0,
+                SessionEvent::Reply {
+                    reply: Reply::Failed(RequestError::NoSuchJob(_)),
+                    ..
+                }
+            )]
+        ));
+        for j in 2..=4 {
+            hub.follow_new(late, JobId(j), true);
+            hub.push(t0, JobId(j), JobEvent::Finished(Outcome::Exited(0)));
+        }
+        hub.tick(t0);
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(2)),
+            Err(RequestError::NoSuchJob(JobId(2)))
+        );
+        assert_eq!(hub.check_owner(&owner("a"), JobId(4)), Ok(()));
+        assert_eq!(
+            hub.check_owner(&owner("b"), JobId(4)),
+            Err(RequestError::NotYours(JobId(4)))
+        );
+    }
+
+    #[test]
+    fn a_detached_job_does_not_wait_for_a_watcher_that_is_away() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        hub.follow_new(s, JobId(1), true);
+        hub.follow_new(s, JobId(2), false);
+        hub.push(t0, JobId(1), out(1000));
+        // Connected and full: both wait.
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
+        assert!(matches!(hub.push(t0, JobId(2), out(1)), Pushed::Full(_)));
+        hub.disconnected(t0, s, &tx);
+        // Away: the detached job goes on without it; the attached one waits for it.
+        assert_eq!(hub.push(t0, JobId(1), out(1)), Pushed::Taken);
+        assert!(matches!(hub.push(t0, JobId(2), out(1)), Pushed::Full(_)));
+    }
+}
+
+/// A submitter spoken to message by message over a real socket: the manager side as a
+/// whole (hello, session, requests, job events, resume).
+#[cfg(test)]
+mod wire_tests {
+    use crate::job::{JobEvent, JobSpec, Outcome, Stream};
+    use crate::link::{self, Established};
+    use crate::protocol::{
+        self, Reply, Request, Role, SessionEvent, SessionResume, SubmitterHello, SubmitterMessage,
+        SubmitterWelcome, ToSubmitter,
+    };
+    use crate::{Manager, ManagerConfig, Worker, WorkerConfig};
+    use std::time::{Duration, Instant};
+
+    fn connect(m: &Manager, resume: Option<SessionResume>) -> (Established, SubmitterWelcome) {
+        let hello = SubmitterHello {
+            name: "wire test".into(),
+            resume,
+        };
+        link::connect(
+            &m.local_addr().to_string(),
+            "localhost",
+            None,
+            Role::Submitter,
+            &hello,
+            Instant::now() + Duration::from_secs(10),
+        )
+        .unwrap()
+    }
+
+    fn send(est: &Established, msg: &SubmitterMessage) {
+        link::Outbox::new(est.tx.clone()).send(msg.clone());
+    }
+
+    /// The next event (heartbeats skipped), within a deadline.
+    fn next(est: &mut Established) -> (u64, SessionEvent) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(body) = est.reader.frame().unwrap() {
+                match protocol::decode::<ToSubmitter>(body).unwrap() {
+                    ToSubmitter::Event { seq, event } => return (seq, event),
+                    ToSubmitter::Heartbeat => continue,
+                }
+            }
+            assert!(Instant::now() < deadline, "no event in time");
+            match est.reader.fill(&est.tx).unwrap() {
+                link::Fill::End => panic!("the manager closed the link"),
+                link::Fill::Got { .. } => {}
+                link::Fill::Nothing => {
+                    use std::os::fd::AsRawFd;
+                    let fd = est.reader.socket().as_raw_fd();
+                    crate::net::wait_ready(fd, libc::POLLIN, Some(deadline)).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_raw_submitter_gets_its_answer_then_its_job_s_events_and_resumes_after_a_cut() {
+        let m = Manager::bind(ManagerConfig::insecure_plaintext("127.0.0.1:0")).unwrap();
+        let w = Worker::start(WorkerConfig::insecure_plaintext(
+            "127.0.0.1",
+            m.local_addr().port(),
+        ))
+        .unwrap();
+        let (mut est, welcome) = connect(&m, None);
+        assert!(!welcome.resumed);
+        assert_eq!(welcome.next_request, 0);
+        let spec = JobSpec::new("echo one; sleep 60; echo two");
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 0,
+                request: Request::Submit {
+                    spec,
+                    detached: false,
+                },
+            },
+        );
+        let (seq, ev) = next(&mut est);
+        assert_eq!(seq, 0);
+        let SessionEvent::Reply {
+            request: 0,
+            reply: Reply::Submitted(ids),
+        } = ev
+        else {
+            panic!("{ev:?}")
+        };
+        let job = ids[0];
+        let mut seen = vec![];
+        while !seen.contains(&JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: b"one\n".to_vec(),
+        }) {
+            let (s, ev) = next(&mut est);
+            assert_eq!(s, seen.len() as u64 + 1);
+            let SessionEvent::Job { job: j, event } = ev else {
+                panic!("{ev:?}")
+            };
+            assert_eq!(j, job);
+            seen.push(event);
+        }
+        let received = seen.len() as u64 + 1;
+        // The connection is cut; the session comes back with what it received.
+        est.tx.cut();
+        drop(est);
+        let (mut est, welcome2) = connect(
+            &m,
+            Some(SessionResume {
+                manager_id: welcome.manager_id,
+                session: welcome.session,
+                next_event: received,
+            }),
+        );
+        assert!(welcome2.resumed);
+        assert_eq!(welcome2.session, welcome.session);
+        assert_eq!(welcome2.next_request, 1);
+        // The submit sent again is not taken twice; the job is still there.
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 0,
+                request: Request::Submit {
+                    spec: JobSpec::new("true"),
+                    detached: false,
+                },
+            },
+        );
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 1,
+                request: Request::Cancel { job },
+            },
+        );
+        let mut rest = vec![];
+        loop {
+            let (s, ev) = next(&mut est);
+            assert_eq!(s, received + rest.len() as u64);
+            let done = matches!(
+                ev,
+                SessionEvent::Job {
+                    event: JobEvent::Finished(_),
+                    ..
+                }
+            );
+            rest.push(ev);
+            if done {
+                break;
+            }
+        }
+        assert!(rest.contains(&SessionEvent::Reply {
+            request: 1,
+            reply: Reply::Done
+        }));
+        assert_eq!(
+            rest.last(),
+            Some(&SessionEvent::Job {
+                job,
+                event: JobEvent::Finished(Outcome::Cancelled)
+            })
+        );
+        assert_eq!(m.jobs(), vec![], "no second job was queued");
+        w.stop();
+        m.shutdown();
+    }
 }
