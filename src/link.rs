@@ -451,11 +451,23 @@ impl Tx {
         queued
     }
 
-    /// Sends bytes that are already frames, as one run (see [`Io::queue`]).
+    /// Sends bytes that are already frames, as one run (see [`Io::queue`]); on a gated
+    /// link that has not opened, they are held to follow the opening frame.
     pub(crate) fn send_parts(self: &Arc<Self>, parts: &[&[u8]]) -> Sent {
         let mut st = self.lock();
         if !st.io.is_open() {
             return Sent::Refused;
+        }
+        if let Some(held) = &mut st.held {
+            for part in parts {
+                held.extend_from_slice(part);
+            }
+            if held.len() > self.limit {
+                drop(st);
+                self.overflow();
+                return Sent::Refused;
+            }
+            return Sent::Out;
         }
         self.queue_locked(&mut st, parts)
     }
@@ -1484,12 +1496,15 @@ mod tests {
         let tx = Tx::with_limit(Io::detached(), Liveness::new(), "t".into(), true, 1 << 20);
         let gated = Outbox::<u32>::new(tx.clone());
         assert!(gated.send(7));
+        let mut frame = Vec::new();
+        protocol::encode_into(&mut frame, &9u32).unwrap();
+        assert_eq!(tx.send_parts(&[&frame[..2], &frame[2..]]), Sent::Out);
         assert_eq!(gated.take_sent(), (vec![], false));
         let mut first = Vec::new();
         protocol::encode_into(&mut first, &6u32).unwrap();
         assert_eq!(tx.open(&first), Sent::Left);
         assert!(gated.send(8));
-        assert_eq!(gated.take_sent(), (vec![6, 7, 8], false));
+        assert_eq!(gated.take_sent(), (vec![6, 7, 9, 8], false));
     }
 
     #[test]
