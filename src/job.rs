@@ -144,7 +144,8 @@ impl JobSpec {
             if value.contains('\0') {
                 return Err(format!("the value of {name} contains a NUL byte"));
             }
-            if name.starts_with("WORKPOOL_") {
+            // The manager sets an array job's index; the worker sets the others.
+            if name.starts_with("WORKPOOL_") && name != "WORKPOOL_ARRAY_INDEX" {
                 return Err(format!("{name}: WORKPOOL_ variables are set by the worker"));
             }
         }

@@ -6,7 +6,7 @@
 //!   its waker, with the earliest of the session's deadline (held events to try again,
 //!   the next connection attempt, the end of the reconnect grace), the next heartbeat
 //!   and the manager's silence running out as the timeout. It reads the manager's
-//!   events into the [`Session`](session::Session), sends heartbeats (an
+//!   events into the session (`client::session`), sends heartbeats (an
 //!   acknowledgement when one is owed), and reconnects, with the connection attempt on
 //!   this same thread.
 //! - **API calls** lock the session, number their request and send it on the link
