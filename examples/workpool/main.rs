@@ -41,12 +41,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use workpool::job::{JobEvent, JobId, JobSpec, JobState, Outcome, Stream};
-use workpool::manager::{JobHandle, Manager, ManagerConfig, ManagerEvent, WorkerInfo};
+use workpool::manager::{Manager, ManagerConfig, ManagerEvent, WorkerInfo};
 use workpool::tls::{
     DEFAULT_VALIDITY_DAYS, Identity, PeerTrust, generate_manager_certificate,
     generate_submitter_certificate, generate_worker_certificate,
 };
 use workpool::worker::{Worker, WorkerConfig};
+
+mod remote;
+use remote::{Handle, Pool};
 
 /// The longest piece of a line that human output holds back waiting for its newline;
 /// a longer line is printed in pieces of at most this many bytes, each on a line of its
@@ -94,6 +97,14 @@ is `exit`, then the manager exits 128+N (a second one exits at once).
 With --serve the manager does not read stdin: it serves until SIGTERM or SIGINT, which shut
 it down as `exit` does, then it exits 0.";
 
+const SUBMIT_AFTER_HELP: &str = "\
+Exit status: the job's own exit code; 128+N if it was killed by signal N; 124 if it timed
+out; 125 if it was cancelled; 126 if it could not start; 122 if its worker was lost; 123 if
+it was rejected (or contact with the manager was lost). 130 or 143 after SIGINT or SIGTERM
+here (the job is cancelled first); 1 if the manager could not be reached; 2 for a usage
+error. With --array or jobs read from stdin: 0 if every job succeeded, else 1, with a
+summary line of the outcomes on stderr.";
+
 const WORKER_AFTER_HELP: &str = "\
 SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones finish, then
 exits. A second SIGTERM or SIGINT stops it at once: running jobs are killed and cleaned up.";
@@ -138,6 +149,25 @@ enum Command {
     /// running a short showcase (streaming output, queueing, tag routing, a failing job)
     #[command(disable_help_flag = true)]
     Demo(DemoArgs),
+    /// Run a job on a remote manager's pool, as a submitter: its output comes back as
+    /// it is written, and its exit status is this command's (see --help)
+    #[command(disable_help_flag = true, after_help = SUBMIT_AFTER_HELP)]
+    Submit(remote::SubmitArgs),
+    /// Follow a job this submitter certificate submitted: what it kept, then the rest
+    #[command(disable_help_flag = true)]
+    Attach(remote::AttachArgs),
+    /// List the jobs that have not ended
+    #[command(disable_help_flag = true)]
+    Jobs(remote::QueryArgs),
+    /// List the connected workers
+    #[command(disable_help_flag = true)]
+    Workers(remote::QueryArgs),
+    /// The manager's numbers
+    #[command(disable_help_flag = true)]
+    Status(remote::QueryArgs),
+    /// Cancel a job this submitter certificate submitted
+    #[command(disable_help_flag = true)]
+    Cancel(remote::CancelArgs),
 }
 
 #[derive(Args, Debug)]
@@ -319,6 +349,12 @@ fn main() -> ExitCode {
         Command::Worker(a) => run_worker(a).map(|()| ExitCode::SUCCESS),
         Command::GenerateTlsCertificates(a) => generate(a).map(|()| ExitCode::SUCCESS),
         Command::Demo(a) => demo(a),
+        Command::Submit(a) => remote::submit(a),
+        Command::Attach(a) => remote::attach(a),
+        Command::Jobs(a) => remote::query(a, "jobs"),
+        Command::Workers(a) => remote::query(a, "workers"),
+        Command::Status(a) => remote::query(a, "status"),
+        Command::Cancel(a) => remote::cancel(a),
     };
     match result {
         Ok(code) => code,
@@ -935,6 +971,11 @@ enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         signal: Option<i32>,
     },
+    Summary {
+        jobs: u64,
+        outcomes: serde_json::Map<String, serde_json::Value>,
+        failed: u64,
+    },
 }
 
 #[derive(Serialize)]
@@ -1136,25 +1177,31 @@ impl Utf8Joiner {
 
 /// A job the console follows.
 struct LiveJob {
-    handle: JobHandle,
+    handle: Handle,
+    /// What its lines are prefixed with: its id, or its index in an array.
+    label: u64,
     worker: Option<String>,
+    /// How it ended, once it has.
+    outcome: Option<Outcome>,
     /// Human output: stdout's and stderr's lines; JSON: their text.
     lines: [LineCutter; 2],
     text: [Utf8Joiner; 2],
 }
 
 impl LiveJob {
-    fn new(handle: JobHandle) -> LiveJob {
+    fn new(handle: Handle, label: u64) -> LiveJob {
         LiveJob {
             handle,
+            label,
             worker: None,
+            outcome: None,
             lines: [LineCutter::new(MAX_LINE), LineCutter::new(MAX_LINE)],
             text: Default::default(),
         }
     }
 
     fn id(&self) -> u64 {
-        self.handle.id().0
+        self.label
     }
 
     /// Prints one event; true when it was the job's last.
@@ -1192,6 +1239,7 @@ impl LiveJob {
             }
             JobEvent::Finished(outcome) => {
                 self.finish(out, &outcome);
+                self.outcome = Some(outcome);
                 return true;
             }
             _ => {}
@@ -1281,7 +1329,9 @@ fn take_events(job: &mut LiveJob, out: &mut Out, until_started: bool) -> (bool, 
             Err(TryRecvError::Empty) => break,
             Err(TryRecvError::Disconnected) => {
                 // Only if the manager went away under the job.
-                job.finish(out, &Outcome::Rejected("the manager shut down".into()));
+                let outcome = Outcome::Rejected("the manager shut down".into());
+                job.finish(out, &outcome);
+                job.outcome = Some(outcome);
                 return (true, true);
             }
         }
@@ -1306,7 +1356,7 @@ fn write_line(w: &mut dyn Write, prefix: &str, head: &[u8], tail: &[u8]) {
 /// Reads job lines and directives, submits jobs, and prints what happens: one loop on
 /// one thread (see the file's doc).
 struct Console {
-    manager: Arc<Manager>,
+    pool: Pool,
     out: Out,
     /// What the directives set for the jobs that follow: requirements, timeout, env, ...
     template: JobSpec,
@@ -1317,17 +1367,23 @@ struct Console {
     /// When the queued jobs beyond the watched ones are looked at next, and where.
     next_poll: Instant,
     poll_cursor: usize,
-    pool: Option<Receiver<ManagerEvent>>,
+    pool_events: Option<Receiver<ManagerEvent>>,
     /// Workers announced from the snapshot taken when the console started; their
     /// `WorkerJoined`, if it comes after, is not printed twice.
     announced: HashSet<u64>,
     /// Shuts the manager down (on a thread of its own, while the loop goes on printing).
     shutdown: Option<Box<dyn FnOnce() + Send>>,
+    /// The jobs that ended, by outcome name, and how many did not succeed.
+    ended: std::collections::BTreeMap<&'static str, u64>,
+    failed: u64,
+    /// The outcome of the job that ended last.
+    last: Option<Outcome>,
 }
 
 impl Console {
-    /// Subscribes to the pool's events, then announces the workers that are connected
-    /// already (those that joined between the manager's start and the subscription).
+    /// A manager's console: subscribes to the pool's events, then announces the workers
+    /// that are connected already (those that joined between the manager's start and
+    /// the subscription).
     fn new(manager: Arc<Manager>, json: bool, shutdown: Box<dyn FnOnce() + Send>) -> Console {
         let mut out = Out::new(json);
         if json {
@@ -1344,23 +1400,53 @@ impl Console {
             announced.insert(w.id);
         }
         out.flush();
+        let mut console = Console::with(Pool::Local(manager), out);
+        console.pool_events = Some(pool);
+        console.announced = announced;
+        console.shutdown = Some(shutdown);
+        console
+    }
+
+    /// A console with nothing going on yet.
+    fn with(pool: Pool, out: Out) -> Console {
         Console {
-            manager,
+            pool,
             out,
             template: JobSpec::new(""),
             started: Vec::new(),
             queued: VecDeque::new(),
             next_poll: Instant::now(),
             poll_cursor: 0,
-            pool: Some(pool),
-            announced,
-            shutdown: Some(shutdown),
+            pool_events: None,
+            announced: HashSet::new(),
+            shutdown: None,
+            ended: Default::default(),
+            failed: 0,
+            last: None,
         }
     }
 
     /// Runs until the input ends (then every job has ended), `exit`, or a signal; shuts
     /// the manager down, prints the last line and says why it stopped.
-    fn run(mut self, mut input: Option<Receiver<Input>>, signals: Option<Receiver<i32>>) -> Stop {
+    fn run(self, input: Option<Receiver<Input>>, signals: Option<Receiver<i32>>) -> Stop {
+        self.run_inner(input, signals).0
+    }
+
+    /// Runs a remote pool's console (see [`Console::run`]): when its input ends, it
+    /// waits for its jobs; a signal cancels them. Prints a summary of the outcomes.
+    fn run_remote(
+        self,
+        input: Option<Receiver<Input>>,
+        signals: Receiver<i32>,
+    ) -> (Stop, remote::Summary) {
+        self.run_inner(input, Some(signals))
+    }
+
+    fn run_inner(
+        mut self,
+        mut input: Option<Receiver<Input>>,
+        signals: Option<Receiver<i32>>,
+    ) -> (Stop, remote::Summary) {
         let mut stop: Option<Stop> = None;
         let mut done: Option<Receiver<()>> = None;
         let mut shut = false;
@@ -1445,7 +1531,7 @@ impl Console {
                 sel.recv(rx);
                 any = true;
             }
-            if let Some(rx) = &self.pool {
+            if let Some(rx) = &self.pool_events {
                 sel.recv(rx);
                 any = true;
             }
@@ -1468,6 +1554,15 @@ impl Console {
         }
         self.take_pool_events();
         let stop = stop.unwrap_or(Stop::EndOfInput);
+        let summary = remote::Summary {
+            failed: self.failed,
+            last: self.last.take(),
+        };
+        if self.pool.is_remote() {
+            self.summarize();
+            self.out.flush();
+            return (stop, summary);
+        }
         if self.out.json {
             self.out.event(&Event::ShutDown {
                 reason: stop.name(),
@@ -1480,13 +1575,44 @@ impl Console {
             ));
         }
         self.out.flush();
-        stop
+        (stop, summary)
+    }
+
+    /// A remote console's last line: how many jobs ended how (when there was more than
+    /// one, or one did not succeed).
+    fn summarize(&mut self) {
+        let total: u64 = self.ended.values().sum();
+        if self.out.json {
+            let outcomes = self
+                .ended
+                .iter()
+                .map(|(n, c)| (n.to_string(), (*c).into()))
+                .collect();
+            self.out.event(&Event::Summary {
+                jobs: total,
+                outcomes,
+                failed: self.failed,
+            });
+        } else if total > 1 || self.failed > 0 {
+            let counts: Vec<String> = self.ended.iter().map(|(n, c)| format!("{c} {n}")).collect();
+            self.out.say_err(&format!(
+                "workpool: {total} job(s): {}; {} did not succeed",
+                if counts.is_empty() {
+                    "none ended".to_string()
+                } else {
+                    counts.join(", ")
+                },
+                self.failed
+            ));
+        }
     }
 
     /// Starts the manager's shutdown on a thread of its own; the receiver hears when it
     /// is done.
     fn begin_shutdown(&mut self, why: Stop) -> Receiver<()> {
-        if self.out.json {
+        if self.pool.is_remote() {
+            // Nothing shuts down: the jobs end, and the summary follows.
+        } else if self.out.json {
             self.out.event(&Event::ShuttingDown {
                 reason: why.name(),
                 signal: why.signal(),
@@ -1496,6 +1622,22 @@ impl Console {
                 "workpool manager: shutting down ({}): queued jobs are rejected, running ones may finish",
                 why.describe()
             ));
+        }
+        if self.pool.is_remote() && matches!(why, Stop::Signal(_)) {
+            let live: Vec<JobId> = self
+                .started
+                .iter()
+                .chain(self.queued.iter().map(|j| &**j))
+                .map(|j| j.handle.id())
+                .collect();
+            if !self.out.json {
+                self.out.say_err(&format!(
+                    "workpool: {}: cancelling {} job(s)",
+                    signal_name(why.signal().unwrap_or(0)),
+                    live.len()
+                ));
+            }
+            self.pool.cancel_all(live);
         }
         let (tx, rx) = bounded(1);
         let shutdown = self.shutdown.take();
@@ -1510,7 +1652,7 @@ impl Console {
 
     /// Prints the pool's events that are ready; whether there were any.
     fn take_pool_events(&mut self) -> bool {
-        let Some(pool) = &self.pool else {
+        let Some(pool) = &self.pool_events else {
             return false;
         };
         let mut any = false;
@@ -1537,7 +1679,7 @@ impl Console {
                 }
                 Err(TryRecvError::Empty) => return any,
                 Err(TryRecvError::Disconnected) => {
-                    self.pool = None;
+                    self.pool_events = None;
                     return true;
                 }
             }
@@ -1564,7 +1706,8 @@ impl Console {
             let (events, ended) = take_events(&mut self.started[i], &mut self.out, false);
             any |= events;
             if ended {
-                self.started.swap_remove(i);
+                let job = self.started.swap_remove(i);
+                self.tally(&job);
             } else {
                 i += 1;
             }
@@ -1603,10 +1746,39 @@ impl Console {
             return false;
         }
         let job = self.queued.remove(i).expect("in range");
-        if !ended {
+        if ended {
+            self.tally(&job);
+        } else {
             self.started.push(*job);
         }
         true
+    }
+
+    /// Counts how a job ended.
+    fn tally(&mut self, job: &LiveJob) {
+        if let Some(o) = &job.outcome {
+            *self.ended.entry(o.name()).or_default() += 1;
+            if !o.success() {
+                self.failed += 1;
+            }
+            self.last = Some(o.clone());
+        }
+    }
+
+    /// Follows a job without announcing it (one attached to).
+    fn follow_quietly(&mut self, handle: Handle, label: u64) {
+        self.queued.push_back(Box::new(LiveJob::new(handle, label)));
+    }
+
+    /// Follows a job submitted elsewhere (an array's), printed as `label`.
+    fn follow(&mut self, handle: Handle, label: u64, command: &str) {
+        if self.out.json {
+            self.out.event(&Event::Submitted {
+                job: handle.id().0,
+                command,
+            });
+        }
+        self.queued.push_back(Box::new(LiveJob::new(handle, label)));
     }
 
     /// Handles one line; false means `exit`.
@@ -1625,22 +1797,26 @@ impl Console {
             script: script.to_string(),
             ..self.template.clone()
         };
-        match self.manager.submit(spec) {
+        match self.pool.submit(spec) {
             Ok(handle) => {
-                if self.out.json {
-                    self.out.event(&Event::Submitted {
-                        job: handle.id().0,
-                        command: script,
-                    });
-                }
-                self.queued.push_back(Box::new(LiveJob::new(handle)));
+                let label = handle.id().0;
+                self.follow(handle, label, script);
             }
-            Err(e) => self.out.complain(&format!("job not submitted: {e}")),
+            Err(e) => {
+                self.failed += 1;
+                self.out.complain(&format!("job not submitted: {e}"));
+            }
         }
     }
 
     fn status(&mut self) {
-        let s = self.manager.stats();
+        let s = match self.pool.stats() {
+            Ok(s) => s,
+            Err(e) => {
+                self.failed += 1;
+                return self.out.complain(&format!("cannot read the status: {e}"));
+            }
+        };
         if self.out.json {
             let finished = s
                 .jobs_finished
@@ -1710,7 +1886,13 @@ impl Console {
     }
 
     fn list_jobs(&mut self) {
-        let jobs = self.manager.jobs();
+        let jobs = match self.pool.jobs() {
+            Ok(j) => j,
+            Err(e) => {
+                self.failed += 1;
+                return self.out.complain(&format!("cannot list the jobs: {e}"));
+            }
+        };
         if self.out.json {
             let jobs = jobs
                 .iter()
@@ -1749,20 +1931,30 @@ impl Console {
                     }
                     _ => "queued".to_string(),
                 };
+                let script = if j.script.is_empty() {
+                    "(another submitter's job: its script is not shown)"
+                } else {
+                    &j.script
+                };
                 self.out.say(&format!(
-                    "job {}: {state} for {:.1} s (attempt {}, priority {}): {}",
+                    "job {}: {state} for {:.1} s (attempt {}, priority {}): {script}",
                     j.id,
                     j.since.as_secs_f64(),
                     j.attempt,
                     j.priority,
-                    j.script
                 ));
             }
         }
     }
 
     fn list_workers(&mut self) {
-        let workers = self.manager.workers();
+        let workers = match self.pool.workers() {
+            Ok(w) => w,
+            Err(e) => {
+                self.failed += 1;
+                return self.out.complain(&format!("cannot list the workers: {e}"));
+            }
+        };
         if self.out.json {
             let workers = workers
                 .iter()
@@ -1828,7 +2020,7 @@ impl Console {
             },
             "cancel" => match arg.parse::<u64>() {
                 Ok(id) => {
-                    if let Err(e) = self.manager.cancel(JobId(id)) {
+                    if let Err(e) = self.pool.cancel(JobId(id)) {
                         self.out.complain(&format!("cannot cancel job {id}: {e}"));
                     }
                 }
