@@ -26,6 +26,7 @@ use workpool::job::{JobEvent, JobSpec, Outcome};
 use workpool::manager::{Manager, ManagerConfig, ManagerEvent};
 use workpool::tls::{GeneratedCertificate, Identity, TrustRoots, generate_self_signed};
 use workpool::worker::{Worker, WorkerConfig};
+use workpool::{Client, ClientConfig};
 
 struct Sizes {
     throughput_jobs: usize,
@@ -116,6 +117,8 @@ fn manager_config(host_cert: &[u8], host_key: &[u8], worker_cert: &[u8]) -> Mana
     c.result_output_limit = 1 << 20;
     c.max_connections_per_certificate = 100_000;
     c.max_handshakes_per_source = c.max_handshakes;
+    // The benchmark's one certificate also submits (the remote streaming rows).
+    let c = c.submitter_trust(TrustRoots::from_pem(worker_cert).unwrap());
     Manager::bind(c).unwrap()
 }
 
@@ -398,6 +401,8 @@ fn streaming(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
     let secs = t.elapsed().as_secs_f64();
     let peak = proc_status("VmHWM:");
     assert_eq!(got, s.stream_bytes);
+    let remote = remote_stream_seconds(certs, &manager, s.stream_bytes);
+    let cli = cli_stream_seconds(certs, &manager, s.stream_bytes);
     let raw = raw_tls_seconds(certs, s.stream_bytes);
     let gb = |secs: f64| format!("{:.2} GB/s", s.stream_bytes as f64 / secs / 1e9);
     rows.push(Row {
@@ -408,6 +413,32 @@ fn streaming(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
         ratio: Some(raw / secs),
         goal: "≥ 0.5".into(),
     });
+    let library = format!("{} (the same to a submitter in process)", gb(secs));
+    rows.push(Row {
+        scenario: "3 streaming".into(),
+        metric: format!(
+            "{} of stdout to a remote submitter (`Client`, in this process)",
+            mib(s.stream_bytes)
+        ),
+        value: gb(remote),
+        baseline: library.clone(),
+        ratio: Some(secs / remote),
+        goal: "≥ 0.8".into(),
+    });
+    match cli {
+        Ok(cli) => rows.push(Row {
+            scenario: "3 streaming".into(),
+            metric: format!(
+                "{} of stdout through `workpool submit` to /dev/null (its start included)",
+                mib(s.stream_bytes)
+            ),
+            value: gb(cli),
+            baseline: library,
+            ratio: Some(secs / cli),
+            goal: "≥ 0.8".into(),
+        }),
+        Err(why) => eprintln!("bench: `workpool submit` not measured: {why}"),
+    }
     rows.push(Row {
         scenario: "3 streaming".into(),
         metric: "manager process peak RSS during the stream".into(),
@@ -416,6 +447,76 @@ fn streaming(certs: &Certs, s: &Sizes, rows: &mut Vec<Row>) {
         ratio: None,
         goal: "bounded".into(),
     });
+}
+
+/// The command that streams `bytes` of zeros.
+fn zeros(bytes: u64) -> JobSpec {
+    JobSpec::new(format!("head -c {bytes} /dev/zero"))
+}
+
+/// Seconds for `bytes` of a job's stdout to reach a remote client in this process.
+fn remote_stream_seconds(certs: &Certs, manager: &Manager, bytes: u64) -> f64 {
+    let config = ClientConfig::new(
+        "127.0.0.1",
+        manager.local_addr().port(),
+        Identity::from_pem(
+            certs.worker.cert_pem.as_bytes(),
+            certs.worker.key_pem.as_bytes(),
+        )
+        .unwrap(),
+        TrustRoots::from_pem(certs.host.cert_pem.as_bytes()).unwrap(),
+    );
+    let client = Client::connect(config).unwrap();
+    let job = client.submit(zeros(bytes)).unwrap();
+    let t = Instant::now();
+    let mut got = 0u64;
+    for ev in job.events() {
+        match ev {
+            JobEvent::Output { bytes, .. } => got += bytes.len() as u64,
+            JobEvent::Finished(o) => {
+                assert_eq!(o, Outcome::Exited(0));
+                break;
+            }
+            _ => {}
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    assert_eq!(got, bytes);
+    client.close();
+    secs
+}
+
+/// Seconds from starting `workpool submit -- head -c BYTES /dev/zero` (stdout to
+/// /dev/null) to its exit: the CLI built beside this benchmark.
+fn cli_stream_seconds(certs: &Certs, manager: &Manager, bytes: u64) -> Result<f64, String> {
+    let exe = std::env::current_exe().unwrap();
+    let cli = exe.with_file_name("workpool");
+    if !cli.exists() {
+        return Err(format!(
+            "{} is missing (cargo build --release --example workpool)",
+            cli.display()
+        ));
+    }
+    let d = &certs.dir;
+    let t = Instant::now();
+    let status = Command::new(&cli)
+        .args(["submit", "-p", &manager.local_addr().port().to_string()])
+        .arg("--security-pool-certificate")
+        .arg(d.join("host-cert.pem"))
+        .arg("--security-submitter-certificate")
+        .arg(d.join("worker-cert.pem"))
+        .arg("--security-submitter-key")
+        .arg(d.join("worker-key.pem"))
+        .args(["--", &format!("head -c {bytes} /dev/zero")])
+        .stdout(std::process::Stdio::null())
+        .env("RUST_LOG", "warn")
+        .status()
+        .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
+    let secs = t.elapsed().as_secs_f64();
+    if !status.success() {
+        return Err(format!("`workpool submit` failed: {status}"));
+    }
+    Ok(secs)
 }
 
 fn median_dispatch(manager: &Manager, probes: usize) -> Duration {
@@ -1314,11 +1415,12 @@ fn numbers(args: &[String], flag: &str) -> Option<Vec<usize>> {
 }
 
 const USAGE: &str = "\
-usage: bench [--quick] [--json FILE]
+usage: bench [--quick] [--only SCENARIO[,SCENARIO...]] [--json FILE]
        bench --workers N[,N...] [--per-process M] [--quick] [--json FILE]
        bench --instructions [--jobs SMALL,LARGE] [--keep-callgrind DIR] [--json FILE]
 
-With no mode, every scenario runs once (--quick: small sizes). --workers runs the scale
+With no mode, every scenario runs once (--quick: small sizes), or those --only names
+(throughput, latency, streaming, scale, queue). --workers runs the scale
 scenario alone at each size, M workers per worker process (1000 by default).
 --instructions counts instructions per trivial job with valgrind's callgrind in a
 manager process and a worker process (100 and 300 jobs by default).";
@@ -1333,7 +1435,7 @@ fn check_args(args: &[String]) {
                 std::process::exit(0);
             }
             "--quick" | "--instructions" => i += 1,
-            "--json" | "--workers" | "--per-process" | "--jobs" | "--keep-callgrind" => {
+            "--json" | "--workers" | "--per-process" | "--jobs" | "--keep-callgrind" | "--only" => {
                 if args.get(i + 1).is_none_or(|v| v.starts_with("--")) {
                     eprintln!("bench: {} needs a value\n\n{USAGE}", args[i]);
                     std::process::exit(2);
@@ -1399,18 +1501,37 @@ fn main() {
             }
         }
     } else {
-        eprintln!("throughput...");
-        let local_rate = throughput(&certs, &s, k, &mut rows);
-        eprintln!("latency...");
-        latency(&certs, &s, &mut rows);
-        eprintln!("streaming...");
-        streaming(&certs, &s, &mut rows);
-        eprintln!("scale...");
-        let (r, st) = scale_in_child(s.scale_workers, s.scale_per_host, quick);
-        rows.extend(r);
-        stacks = st;
-        eprintln!("queue...");
-        queue(&certs, &s, local_rate, &mut rows);
+        let only: Option<Vec<String>> =
+            value_of(&args, "--only").map(|v| v.split(',').map(String::from).collect());
+        let known = ["throughput", "latency", "streaming", "scale", "queue"];
+        if let Some(bad) = only.iter().flatten().find(|o| !known.contains(&o.as_str())) {
+            eprintln!("bench: unknown scenario {bad:?} (one of {})", known.join(", "));
+            std::process::exit(2);
+        }
+        let runs = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));
+        let mut local_rate = None;
+        if runs("throughput") || runs("queue") {
+            eprintln!("throughput...");
+            local_rate = Some(throughput(&certs, &s, k, &mut rows));
+        }
+        if runs("latency") {
+            eprintln!("latency...");
+            latency(&certs, &s, &mut rows);
+        }
+        if runs("streaming") {
+            eprintln!("streaming...");
+            streaming(&certs, &s, &mut rows);
+        }
+        if runs("scale") {
+            eprintln!("scale...");
+            let (r, st) = scale_in_child(s.scale_workers, s.scale_per_host, quick);
+            rows.extend(r);
+            stacks = st;
+        }
+        if let Some(rate) = local_rate.filter(|_| runs("queue")) {
+            eprintln!("queue...");
+            queue(&certs, &s, rate, &mut rows);
+        }
     }
     println!("| scenario | metric | value | baseline (same run) | ratio | goal |");
     println!("| --- | --- | --- | --- | --- | --- |");
