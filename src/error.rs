@@ -45,6 +45,12 @@ pub enum Error {
     UnknownJob(u64),
     /// A deadline passed before the operation completed.
     Timeout(String),
+    /// The manager does not let this submitter do that (for example: attach to or
+    /// cancel a job another certificate submitted); the message says what.
+    NotPermitted(String),
+    /// A remote client lost contact with the manager and its session did not survive:
+    /// the request may or may not have been carried out (the message says which).
+    ContactLost(String),
 }
 
 /// `Result` with [`Error`].
@@ -80,6 +86,8 @@ impl fmt::Display for Error {
             Error::ShutDown => write!(f, "shut down"),
             Error::UnknownJob(id) => write!(f, "no such job: {id}"),
             Error::Timeout(m) => write!(f, "timed out: {m}"),
+            Error::NotPermitted(m) => write!(f, "not permitted: {m}"),
+            Error::ContactLost(m) => write!(f, "contact with the manager was lost: {m}"),
         }
     }
 }

@@ -335,6 +335,69 @@ pub struct JobResult {
     pub truncated: bool,
 }
 
+/// A job's result as its events arrive: what [`JobHandle`](crate::JobHandle) and
+/// [`RemoteJob`](crate::RemoteJob) gather until the job's `Finished`.
+#[derive(Default)]
+pub(crate) struct Partial {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    attempts: u32,
+    truncated: bool,
+    worker: Option<String>,
+    warnings: Vec<String>,
+}
+
+impl Partial {
+    /// Takes one event of job `id` (each stream kept up to `limit` bytes); returns the
+    /// result at its `Finished`. `None` is the channel closed without a `Finished`: the
+    /// job ends `Rejected(gone)`.
+    pub(crate) fn absorb(
+        &mut self,
+        id: JobId,
+        limit: usize,
+        ev: Option<JobEvent>,
+        gone: &str,
+    ) -> Option<JobResult> {
+        let outcome = match ev {
+            None => Outcome::Rejected(gone.into()),
+            Some(JobEvent::Finished(o)) => o,
+            Some(JobEvent::Output { stream, bytes }) => {
+                let buf = match stream {
+                    Stream::Stdout => &mut self.stdout,
+                    Stream::Stderr => &mut self.stderr,
+                };
+                let room = limit.saturating_sub(buf.len());
+                if bytes.len() > room {
+                    self.truncated = true;
+                }
+                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+                return None;
+            }
+            Some(JobEvent::Started { worker }) => {
+                self.worker = Some(worker);
+                self.attempts += 1;
+                return None;
+            }
+            Some(JobEvent::Warning(w)) => {
+                self.warnings.push(w);
+                return None;
+            }
+            Some(_) => return None,
+        };
+        let p = std::mem::take(self);
+        Some(JobResult {
+            id,
+            outcome,
+            stdout: p.stdout,
+            stderr: p.stderr,
+            worker: p.worker,
+            warnings: p.warnings,
+            attempts: p.attempts,
+            truncated: p.truncated,
+        })
+    }
+}
+
 /// Where a job that has not ended is (see `Manager::job`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]

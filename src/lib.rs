@@ -46,6 +46,7 @@
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod error;
 pub mod ffi;
 pub(crate) mod flusher;
@@ -64,6 +65,7 @@ pub(crate) mod thread;
 pub mod tls;
 pub mod worker;
 
+pub use client::{Client, ClientConfig, ClientSecurity, RemoteJob};
 pub use error::{Error, Result};
 pub use job::{
     JobEvent, JobId, JobResult, JobSpec, JobState, JobStatus, Outcome, Requirements, Stream,

@@ -94,6 +94,8 @@ fn code_of(e: &Error) -> wp_result {
         Error::ShutDown => WP_RESULT_SHUT_DOWN,
         Error::UnknownJob(_) => WP_RESULT_UNKNOWN_JOB,
         Error::Timeout(_) => WP_RESULT_TIMEOUT,
+        Error::NotPermitted(_) => WP_RESULT_INVALID_ARGUMENT,
+        Error::ContactLost(_) => WP_RESULT_IO,
         Error::Protocol(_) | Error::VersionMismatch { .. } | Error::Refused(_) => {
             WP_RESULT_PROTOCOL
         }

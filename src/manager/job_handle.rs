@@ -5,20 +5,10 @@
 use super::Shared;
 use super::dispatcher::driver::Event;
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, JobResult, Outcome, Stream};
+use crate::job::{JobEvent, JobId, JobResult, Partial};
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-#[derive(Default)]
-struct Partial {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    attempts: u32,
-    truncated: bool,
-    worker: Option<String>,
-    warnings: Vec<String>,
-}
 
 /// A submitted job: its events as they happen, and its result at the end.
 pub struct JobHandle {
@@ -90,43 +80,11 @@ impl JobHandle {
     /// `None` means the channel closed without a `Finished`, which happens only when
     /// the manager went away under the job.
     fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
-        let p = &mut self.partial;
-        let outcome = match ev {
-            None => Outcome::Rejected("the manager shut down".into()),
-            Some(JobEvent::Finished(o)) => o,
-            Some(JobEvent::Output { stream, bytes }) => {
-                let buf = match stream {
-                    Stream::Stdout => &mut p.stdout,
-                    Stream::Stderr => &mut p.stderr,
-                };
-                let room = self.shared.result_limit.saturating_sub(buf.len());
-                if bytes.len() > room {
-                    p.truncated = true;
-                }
-                buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
-                return None;
-            }
-            Some(JobEvent::Started { worker }) => {
-                p.worker = Some(worker);
-                p.attempts += 1;
-                return None;
-            }
-            Some(JobEvent::Warning(w)) => {
-                p.warnings.push(w);
-                return None;
-            }
-            Some(_) => return None,
-        };
-        let p = std::mem::take(&mut self.partial);
-        Some(JobResult {
-            id: self.id,
-            outcome,
-            stdout: p.stdout,
-            stderr: p.stderr,
-            worker: p.worker,
-            warnings: p.warnings,
-            attempts: p.attempts,
-            truncated: p.truncated,
-        })
+        self.partial.absorb(
+            self.id,
+            self.shared.result_limit,
+            ev,
+            "the manager shut down",
+        )
     }
 }

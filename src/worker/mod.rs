@@ -9,7 +9,7 @@
 //! says; `pool` keeps the job supervisor threads, which run `executor`; `replay` keeps
 //! each job's output for the link; `config` is the worker's settings.
 
-mod config;
+pub(crate) mod config;
 mod driver;
 mod executor;
 mod folder;

@@ -1,0 +1,665 @@
+//! A remote client's session as a state machine, with no I/O and no clock of its own:
+//! the numbering of requests and their resending after a reconnect, the session's
+//! numbered events (duplicates dropped, acknowledgements, events held for a job whose
+//! reader is behind), the reconnect backoff, and giving up on a session the manager no
+//! longer keeps. The client's thread and its API calls feed it inputs and carry out the
+//! [`Action`]s it leaves.
+//!
+//! Flow control: each followed job has a bounded channel. An event that does not fit is
+//! held, and so is every event after it (whatever its job), so that the session's order
+//! is kept; held events are tried again on a short timer. Only events handed over (or
+//! dropped because nobody reads the job any more) are acknowledged, so a reader that is
+//! behind fills the manager's window of unacknowledged events, which pauses the job's
+//! output at its worker.
+
+use crate::error::Error;
+use crate::job::{JobEvent, JobId, Outcome};
+use crate::protocol::{
+    Reply, Request, RequestError, SessionEvent, SessionResume, SubmitterHello, SubmitterMessage,
+    SubmitterWelcome,
+};
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// Room in a job's channel, in events.
+pub(crate) const JOB_CHANNEL: usize = 32;
+/// An acknowledgement goes out once this many events were taken since the last one...
+pub(crate) const ACK_EVENTS: u64 = 64;
+/// ... or this many bytes of output.
+pub(crate) const ACK_BYTES: usize = 512 << 10;
+/// How soon held events are tried again.
+pub(crate) const HELD_RETRY: Duration = Duration::from_millis(5);
+/// The longest grace taken from a configuration or a welcome.
+const MAX_GRACE: Duration = Duration::from_secs(365 * 86_400);
+/// The grace used before a welcome has said one (the manager's default).
+pub(crate) const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// The session's settings.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub name: String,
+    pub connect_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// How long to try to get back into a lost session (`None`: the welcome's grace).
+    pub reconnect_grace: Option<Duration>,
+}
+
+/// What a request's caller is answered.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// A reply that starts nothing to follow.
+    Reply(Reply),
+    /// The jobs a submit or an attach made the session follow, with their events.
+    Follow(Vec<(JobId, Receiver<JobEvent>)>),
+}
+
+/// Where a request's answer goes.
+pub(crate) type Slot = Sender<crate::Result<Answer>>;
+
+struct Pending {
+    request: Request,
+    /// `None`: nobody waits (a cancel from a job's handle, or a caller that gave up).
+    slot: Option<Slot>,
+    /// It went out on some link (and may have been taken).
+    sent: bool,
+    /// Its caller gave up waiting.
+    abandoned: bool,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Link {
+    /// The next connection attempt is due at `at`.
+    Waiting {
+        at: Instant,
+        failures: u32,
+    },
+    /// An attempt is under way.
+    Connecting {
+        failures: u32,
+    },
+    Up,
+    Closed,
+}
+
+struct Follow {
+    tx: Sender<JobEvent>,
+    /// Its `Finished` has arrived (it may still be held).
+    ended: bool,
+}
+
+/// An event not yet handed to its job's channel. `seq` is `None` for an event the
+/// client made itself (the end of a job whose session was lost), and for the events
+/// of a session that is over.
+struct Held {
+    seq: Option<u64>,
+    job: JobId,
+    event: JobEvent,
+}
+
+/// What the driver does for the session.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Action {
+    /// Connect with this hello before the deadline; report with `connected` or
+    /// `connect_failed`.
+    Connect {
+        hello: SubmitterHello,
+        deadline: Instant,
+    },
+    /// Send this on the link that is up.
+    Send(SubmitterMessage),
+    /// Drop the link: the manager broke the protocol (why in words).
+    Cut(String),
+}
+
+/// A remote client's session (see the module's documentation).
+pub(crate) struct Session {
+    cfg: Settings,
+    link: Link,
+    /// The manager instance and the session, once welcomed.
+    session: Option<(u64, u64)>,
+    grace: Duration,
+    heartbeat_timeout: Duration,
+    /// Since when the manager has been out of reach (after a session was established).
+    lost_since: Option<Instant>,
+    next_request: u64,
+    requests: BTreeMap<u64, Pending>,
+    /// The `seq` of the first event not received yet.
+    next_event: u64,
+    /// The `next` of the last acknowledgement.
+    acked: u64,
+    /// Events and bytes taken since the last acknowledgement.
+    taken_events: u64,
+    taken_bytes: usize,
+    held: VecDeque<Held>,
+    retry_at: Option<Instant>,
+    follows: HashMap<JobId, Follow>,
+    actions: Vec<Action>,
+    rng: u64,
+}
+
+impl Session {
+    /// A session whose first connection attempt the caller makes now, with
+    /// [`Session::hello`]; `seed` drives the backoff's jitter.
+    pub(crate) fn new(cfg: Settings, seed: u64) -> Session {
+        let grace = cfg.reconnect_grace.unwrap_or(DEFAULT_GRACE).min(MAX_GRACE);
+        Session {
+            cfg,
+            link: Link::Connecting { failures: 0 },
+            session: None,
+            grace,
+            heartbeat_timeout: Duration::from_secs(5),
+            lost_since: None,
+            next_request: 0,
+            requests: BTreeMap::new(),
+            next_event: 0,
+            acked: 0,
+            taken_events: 0,
+            taken_bytes: 0,
+            held: VecDeque::new(),
+            retry_at: None,
+            follows: HashMap::new(),
+            actions: Vec::new(),
+            rng: seed | 1,
+        }
+    }
+
+    /// What the session asks of the driver, in order.
+    pub(crate) fn take_actions(&mut self) -> std::vec::Drain<'_, Action> {
+        self.actions.drain(..)
+    }
+
+    /// The hello of the next connection attempt: a resume if there is a session.
+    pub(crate) fn hello(&self) -> SubmitterHello {
+        SubmitterHello {
+            name: self.cfg.name.clone(),
+            resume: self.session.map(|(manager_id, session)| SessionResume {
+                manager_id,
+                session,
+                next_event: self.next_event,
+            }),
+        }
+    }
+
+    /// Whether a link is up.
+    pub(crate) fn is_up(&self) -> bool {
+        self.link == Link::Up
+    }
+
+    /// Whether the client was closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.link == Link::Closed
+    }
+
+    /// How long a caller waits for an answer: long enough for a connection attempt, the
+    /// link's loss to be noticed, and the reconnect grace.
+    pub(crate) fn patience(&self) -> Duration {
+        self.cfg.connect_timeout + self.heartbeat_timeout + self.grace
+    }
+
+    /// The earliest time [`Session::tick`] has something to do.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let mut next = self.retry_at;
+        let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+        if let Link::Waiting { at: t, .. } = self.link {
+            at(t);
+        }
+        if let (Some(since), Some(_)) = (self.lost_since, self.session)
+            && self.link != Link::Up
+        {
+            at(since + self.grace);
+        }
+        next
+    }
+
+    /// A new request; it goes out at once if a link is up, else when one is. `Err` when
+    /// the client was closed.
+    pub(crate) fn request(&mut self, request: Request, slot: Option<Slot>) -> crate::Result<u64> {
+        if self.is_closed() {
+            return Err(Error::ShutDown);
+        }
+        let seq = self.next_request;
+        self.next_request += 1;
+        let up = self.is_up();
+        if up {
+            self.actions.push(Action::Send(SubmitterMessage::Request {
+                seq,
+                request: request.clone(),
+            }));
+        }
+        self.requests.insert(
+            seq,
+            Pending {
+                request,
+                slot,
+                sent: up,
+                abandoned: false,
+            },
+        );
+        Ok(seq)
+    }
+
+    /// The caller of request `seq` gave up waiting: its answer is dropped when it comes
+    /// (and the jobs of a submit are cancelled then); a submit not taken yet is never
+    /// sent as such.
+    pub(crate) fn abandon(&mut self, seq: u64) {
+        if let Some(p) = self.requests.get_mut(&seq) {
+            p.abandoned = true;
+            p.slot = None;
+        }
+    }
+
+    /// A connection attempt succeeded.
+    pub(crate) fn connected(&mut self, now: Instant, welcome: &SubmitterWelcome) {
+        if self.is_closed() {
+            return;
+        }
+        let asked = self.session;
+        let resumed = welcome.resumed && asked == Some((welcome.manager_id, welcome.session));
+        self.grace = self
+            .cfg
+            .reconnect_grace
+            .unwrap_or(Duration::from_millis(welcome.reconnect_grace_ms))
+            .min(MAX_GRACE);
+        self.heartbeat_timeout = Duration::from_millis(welcome.heartbeat_timeout_ms)
+            .min(crate::link::MAX_HEARTBEAT_TIMEOUT);
+        self.link = Link::Up;
+        self.lost_since = None;
+        if !resumed {
+            if asked.is_some() {
+                self.end_session(
+                    now,
+                    "the manager no longer had this client's session (its reconnect grace ran out, or it restarted)",
+                );
+            }
+            self.session = Some((welcome.manager_id, welcome.session));
+            self.renumber_from(welcome.next_request);
+        } else if welcome.next_request > self.next_request {
+            self.cut(format!(
+                "the manager says it took request {} and more, but only {} were sent",
+                welcome.next_request, self.next_request
+            ));
+            return;
+        }
+        // Requests from `next_request` on were not taken: (again) now, in order. A
+        // submit whose caller gave up goes as a harmless request instead, to keep the
+        // numbering.
+        let from = welcome.next_request;
+        for (&seq, p) in self.requests.range_mut(from..) {
+            let request = if p.abandoned
+                && matches!(
+                    p.request,
+                    Request::Submit { .. } | Request::SubmitArray { .. } | Request::Attach { .. }
+                ) {
+                Request::Stats
+            } else {
+                p.request.clone()
+            };
+            p.sent = true;
+            self.actions
+                .push(Action::Send(SubmitterMessage::Request { seq, request }));
+        }
+        self.ack(true);
+    }
+
+    /// A connection attempt failed.
+    pub(crate) fn connect_failed(&mut self, now: Instant, why: &str) {
+        let failures = match self.link {
+            Link::Connecting { failures } => failures + 1,
+            _ => return,
+        };
+        log::debug!("client {}: cannot reach the manager: {why}", self.cfg.name);
+        self.lost_since.get_or_insert(now);
+        let at = now + self.backoff(failures);
+        self.link = Link::Waiting { at, failures };
+        self.tick(now);
+    }
+
+    /// The link that was up is gone.
+    pub(crate) fn disconnected(&mut self, now: Instant, why: &str) {
+        if self.link != Link::Up {
+            return;
+        }
+        log::info!(
+            "client {}: lost the connection to the manager: {why}; reconnecting",
+            self.cfg.name
+        );
+        self.lost_since = Some(now);
+        let at = now + self.backoff(1);
+        self.link = Link::Waiting { at, failures: 1 };
+    }
+
+    /// Timers: held events tried again, the next connection attempt, giving up on a
+    /// lost session.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.drain(now);
+        }
+        if let (Some(since), Some(_)) = (self.lost_since, self.session)
+            && self.link != Link::Up
+            && now >= since + self.grace
+        {
+            let why = format!(
+                "no contact with the manager for its reconnect grace ({:.1} s)",
+                self.grace.as_secs_f64()
+            );
+            log::warn!("client {}: {why}; its session is over", self.cfg.name);
+            self.end_session(now, &why);
+            self.session = None;
+            self.lost_since = None;
+            self.renumber_from(0);
+        }
+        if let Link::Waiting { at, failures } = self.link
+            && now >= at
+        {
+            self.link = Link::Connecting { failures };
+            self.actions.push(Action::Connect {
+                hello: self.hello(),
+                deadline: now + self.cfg.connect_timeout,
+            });
+        }
+    }
+
+    /// What to send when a heartbeat is due: an acknowledgement if anything is
+    /// unacknowledged (it keeps the link alive as well).
+    pub(crate) fn beat(&mut self) -> SubmitterMessage {
+        let next = self.taken();
+        if next > self.acked && self.is_up() {
+            self.note_ack(next);
+            return SubmitterMessage::Ack { next };
+        }
+        SubmitterMessage::Heartbeat
+    }
+
+    /// One event from the manager.
+    pub(crate) fn received(&mut self, now: Instant, seq: u64, event: SessionEvent) {
+        if seq < self.next_event {
+            return; // sent again after a resume, and already here
+        }
+        if seq > self.next_event {
+            self.cut(format!(
+                "the manager skipped from event {} to event {seq}",
+                self.next_event
+            ));
+            return;
+        }
+        self.next_event += 1;
+        match event {
+            SessionEvent::Reply { request, reply } => {
+                self.on_reply(request, reply);
+                self.taken_events += 1;
+            }
+            SessionEvent::Job { job, event } => {
+                if matches!(event, JobEvent::Finished(_))
+                    && let Some(f) = self.follows.get_mut(&job)
+                {
+                    f.ended = true;
+                }
+                self.held.push_back(Held {
+                    seq: Some(seq),
+                    job,
+                    event,
+                });
+                if self.retry_at.is_none() {
+                    self.drain(now);
+                }
+            }
+        }
+        self.ack(false);
+    }
+
+    /// The client is closing: a goodbye goes out if a link is up; waiting callers are
+    /// told, and followed jobs' channels are let go of (their readers see the end).
+    pub(crate) fn close(&mut self) {
+        if self.is_closed() {
+            return;
+        }
+        if self.is_up() {
+            self.actions.push(Action::Send(SubmitterMessage::Goodbye));
+        }
+        self.link = Link::Closed;
+        for (_, p) in std::mem::take(&mut self.requests) {
+            if let Some(slot) = p.slot {
+                let _ = slot.send(Err(Error::ShutDown));
+            }
+        }
+        self.follows.clear();
+        self.held.clear();
+        self.retry_at = None;
+    }
+
+    /// How many requests wait for their answers (for tests and statistics).
+    #[cfg(test)]
+    pub(crate) fn waiting_requests(&self) -> usize {
+        self.requests.len()
+    }
+
+    /// How many events are held.
+    #[cfg(test)]
+    pub(crate) fn held_events(&self) -> usize {
+        self.held.len()
+    }
+
+    fn cut(&mut self, why: String) {
+        log::warn!("client {}: {why}; dropping the connection", self.cfg.name);
+        self.actions.push(Action::Cut(why));
+    }
+
+    /// The `seq` of the first event not yet taken: handed over, dropped, or (a reply)
+    /// answered. Replies are answered as they come; job events wait behind a held one.
+    fn taken(&self) -> u64 {
+        self.held
+            .iter()
+            .find_map(|h| h.seq)
+            .unwrap_or(self.next_event)
+    }
+
+    fn note_ack(&mut self, next: u64) {
+        self.acked = next;
+        self.taken_events = 0;
+        self.taken_bytes = 0;
+    }
+
+    /// Acknowledges what was taken, if enough was (or `force`, and anything was).
+    fn ack(&mut self, force: bool) {
+        if !self.is_up() {
+            return;
+        }
+        let enough = self.taken_events >= ACK_EVENTS || self.taken_bytes >= ACK_BYTES;
+        if !(force || enough) {
+            return;
+        }
+        let next = self.taken();
+        if next > self.acked {
+            self.note_ack(next);
+            self.actions
+                .push(Action::Send(SubmitterMessage::Ack { next }));
+        }
+    }
+
+    /// Hands held events to their jobs' channels, in order, until one does not fit.
+    fn drain(&mut self, now: Instant) {
+        let was_blocked = self.retry_at.take().is_some();
+        while let Some(Held { seq, job, event }) = self.held.pop_front() {
+            let bytes = match &event {
+                JobEvent::Output { bytes, .. } => bytes.len(),
+                _ => 0,
+            };
+            // A job nobody follows (any more): its events are dropped.
+            if let Some(f) = self.follows.get(&job) {
+                let finished = matches!(event, JobEvent::Finished(_));
+                match f.tx.try_send(event) {
+                    Ok(()) => {
+                        if finished {
+                            self.follows.remove(&job);
+                        }
+                    }
+                    Err(TrySendError::Disconnected(_)) => {
+                        // Its handle was dropped: nobody reads it.
+                        self.follows.remove(&job);
+                    }
+                    Err(TrySendError::Full(event)) => {
+                        self.held.push_front(Held { seq, job, event });
+                        self.retry_at = Some(now + HELD_RETRY);
+                        return;
+                    }
+                }
+            }
+            if seq.is_some() {
+                self.taken_events += 1;
+                self.taken_bytes += bytes;
+            }
+        }
+        if was_blocked {
+            self.ack(true);
+        }
+    }
+
+    fn on_reply(&mut self, seq: u64, reply: Reply) {
+        let Some(p) = self.requests.remove(&seq) else {
+            log::debug!(
+                "client {}: an answer to request {seq}, which nobody waits for",
+                self.cfg.name
+            );
+            return;
+        };
+        let followed = match (&p.request, &reply) {
+            (_, Reply::Submitted(ids)) => Some(ids.clone()),
+            (Request::Attach { job }, Reply::Attached) => Some(vec![*job]),
+            _ => None,
+        };
+        if let Some(ids) = followed {
+            let mut receivers = Vec::with_capacity(ids.len());
+            for &id in &ids {
+                let (tx, rx) = bounded(JOB_CHANNEL);
+                self.follows.insert(id, Follow { tx, ended: false });
+                receivers.push((id, rx));
+            }
+            let given = p
+                .slot
+                .is_some_and(|slot| slot.send(Ok(Answer::Follow(receivers))).is_ok());
+            if !given {
+                // Its caller gave up: nobody will see these jobs.
+                for id in ids {
+                    self.follows.remove(&id);
+                    if matches!(reply, Reply::Submitted(_)) {
+                        let _ = self.request(Request::Cancel { job: id }, None);
+                    }
+                }
+            }
+            return;
+        }
+        if let Some(slot) = p.slot {
+            let answer = match reply {
+                Reply::Failed(e) => Err(request_error(e)),
+                other => Ok(Answer::Reply(other)),
+            };
+            let _ = slot.send(answer);
+        }
+    }
+
+    /// The session is over without the manager: requests that went out fail (they may
+    /// or may not have been carried out), and every followed job that has not ended
+    /// ends, after what is held for it, with a warning and `Rejected`. Requests that
+    /// never went out wait for the next session.
+    fn end_session(&mut self, now: Instant, why: &str) {
+        let mut failed = 0;
+        let requests = std::mem::take(&mut self.requests);
+        for (seq, p) in requests {
+            if p.sent {
+                failed += 1;
+                if let Some(slot) = p.slot {
+                    let _ = slot.send(Err(Error::ContactLost(format!(
+                        "{why}; whether the request was carried out is not known"
+                    ))));
+                }
+            } else if !p.abandoned {
+                self.requests.insert(seq, p);
+            }
+        }
+        for h in &mut self.held {
+            h.seq = None; // that session's numbering is over
+        }
+        let mut ended: Vec<JobId> = self
+            .follows
+            .iter_mut()
+            .filter(|(_, f)| !f.ended)
+            .map(|(id, f)| {
+                f.ended = true;
+                *id
+            })
+            .collect();
+        ended.sort();
+        for &job in &ended {
+            self.held.push_back(Held {
+                seq: None,
+                job,
+                event: JobEvent::Warning(format!("contact with the manager was lost: {why}")),
+            });
+            self.held.push_back(Held {
+                seq: None,
+                job,
+                event: JobEvent::Finished(Outcome::Rejected(format!(
+                    "contact with the manager was lost ({why}); the job's fate is not known"
+                ))),
+            });
+        }
+        if failed + ended.len() > 0 {
+            log::warn!(
+                "client {}: {why}: {failed} request(s) failed, {} job(s) ended",
+                self.cfg.name,
+                ended.len()
+            );
+        }
+        self.next_event = 0;
+        self.acked = 0;
+        self.taken_events = 0;
+        self.taken_bytes = 0;
+        if self.retry_at.is_none() {
+            self.drain(now);
+        }
+    }
+
+    /// Numbers the requests that wait (none of which went out) from `first`.
+    fn renumber_from(&mut self, first: u64) {
+        let waiting = std::mem::take(&mut self.requests);
+        self.next_request = first;
+        for (_, p) in waiting {
+            self.requests.insert(self.next_request, p);
+            self.next_request += 1;
+        }
+    }
+
+    /// Capped exponential backoff with jitter: a random wait in [d/2, d], where d doubles
+    /// per failure from `backoff_initial` up to `backoff_max`.
+    fn backoff(&mut self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(30);
+        let d = self
+            .cfg
+            .backoff_initial
+            .saturating_mul(1u32 << exp)
+            .min(self.cfg.backoff_max);
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let frac = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
+        d.mul_f64(0.5 + 0.5 * frac)
+    }
+}
+
+/// A failed request as the crate's error.
+pub(crate) fn request_error(e: RequestError) -> Error {
+    match e {
+        RequestError::QueueFull { capacity } => Error::QueueFull { capacity },
+        RequestError::InvalidJob(why) => Error::InvalidJob(why),
+        RequestError::NoSuchJob(id) => Error::UnknownJob(id.0),
+        RequestError::NotYours(id) => {
+            Error::NotPermitted(format!("job {id} was submitted with another certificate"))
+        }
+        RequestError::ShutDown => Error::ShutDown,
+    }
+}
+
+#[cfg(test)]
+mod tests;
