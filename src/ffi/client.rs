@@ -31,7 +31,10 @@ impl wp_client {
         let guard = self.inner.read().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
             Some(client) => f(client),
-            None => fail(WP_RESULT_SHUT_DOWN, "the client is closed (wp_client_close)"),
+            None => fail(
+                WP_RESULT_SHUT_DOWN,
+                "the client is closed (wp_client_close)",
+            ),
         }
     }
 }
