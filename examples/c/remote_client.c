@@ -259,6 +259,9 @@ int main(int argc, char **argv) {
     expect(array[0] == NULL && array[1] == NULL && array[2] == NULL, "a refused array writes no job");
     check(wp_client_submit_array(client, spec, 1, 3, array, 3), "wp_client_submit_array");
     wp_job_spec_free(spec);
+    expect(wp_job_id(array[0]) != wp_job_id(array[1]) && wp_job_id(array[1]) != wp_job_id(array[2]) &&
+               wp_job_id(array[0]) != wp_job_id(array[2]),
+           "each array job has its own id");
     for (int i = 0; i < 3; i++) {
         wp_job_result *result = wait_result(array[i]);
         char want[32];
@@ -268,7 +271,6 @@ int main(int argc, char **argv) {
         if (wp_job_result_reason(result) != NULL) {
             printf("array job %d: %s\n", i, wp_job_result_reason(result));
         }
-        expect(i == 0 || wp_job_id(array[i]) != wp_job_id(array[i - 1]), "each array job has its own id");
         wp_job_result_free(result);
         wp_job_free(array[i]);
     }
