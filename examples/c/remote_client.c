@@ -346,13 +346,14 @@ int main(int argc, char **argv) {
     check(wp_client_close(client), "wp_client_close again");
     printf("closed: connected %d\n", (int)wp_client_is_connected(client));
     refused("submit after close", wp_client_submit(client, "true", &job));
+    /* A job handle outlives its client. */
+    wp_client_free(client);
     {
         wp_job_result *result = wait_result(sleeper);
         printf("attached job after close: %s\n", outcome_name(wp_job_result_outcome(result)));
         wp_job_result_free(result);
     }
     wp_job_free(sleeper);
-    wp_client_free(client);
 
     check(wp_client_config_set_name(cc, "c-remote-client-2"), "client set_name");
     check(wp_client_connect(cc, &client), "wp_client_connect again");
