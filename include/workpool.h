@@ -209,16 +209,31 @@ typedef uint32_t wp_log_level;
 #endif // __STDC_VERSION__ >= 202311L
 #endif // __cplusplus
 
-// A submitted job. Made by `wp_manager_submit` or `wp_manager_submit_spec`;
+// A client connected to a manager as a submitter. Made by `wp_client_connect`;
+// `wp_client_free` (called once, after every other call on it has returned) closes it,
+// then frees it. Threads: every other `wp_client_*` function may be called from several
+// threads at once; many jobs may be in flight on one client.
+typedef struct wp_client wp_client;
+
+// Settings for `wp_client_connect`. Made by `wp_client_config_new`; freed once with
+// `wp_client_config_free`. Threads: one call at a time on a configuration (setters
+// change it); `wp_client_connect` only reads it, so one configuration may connect
+// several clients.
+typedef struct wp_client_config wp_client_config;
+
+// A submitted job, local or remote: the same functions serve both. Made by
+// `wp_manager_submit` or `wp_manager_submit_spec` (a job of this process's manager), or
+// by `wp_client_submit`, `wp_client_submit_spec`, `wp_client_submit_array` or
+// `wp_client_attach` (a job of a remote manager, followed through a client);
 // `wp_job_free`, called once, forgets it (the job itself goes on; cancel it first if it
 // should not). Threads: one call at a time on a job (`wp_job_next_event` hands out
 // bytes that live in the handle), though the thread may change from call to call;
 // different jobs may be used at once.
 typedef struct wp_job wp_job;
 
-// Every job that had not ended when `wp_manager_jobs` was called, by id. Made by
-// `wp_manager_jobs`; freed once with `wp_job_list_free`. Every accessor only reads, so
-// a list may be read from several threads at once.
+// Every job that had not ended when `wp_manager_jobs` or `wp_client_jobs` was called,
+// by id. Made by either; freed once with `wp_job_list_free`. Every accessor only reads,
+// so a list may be read from several threads at once.
 typedef struct wp_job_list wp_job_list;
 
 // A finished job: its outcome and what it wrote. Made by `wp_job_wait` or
@@ -232,9 +247,9 @@ typedef struct wp_job_result wp_job_result;
 typedef struct wp_job_spec wp_job_spec;
 
 // A job that has not ended, as the manager saw it when asked. Made by
-// `wp_manager_job_status` (freed once with `wp_job_status_free`) or borrowed from a
-// `wp_job_list` (never freed on its own). Every accessor only reads, so a status may
-// be read from several threads at once.
+// `wp_manager_job_status` or `wp_client_job` (freed once with `wp_job_status_free`) or
+// borrowed from a `wp_job_list` (never freed on its own). Every accessor only reads, so
+// a status may be read from several threads at once.
 typedef struct wp_job_status wp_job_status;
 
 // A running manager. Made by `wp_manager_start`; `wp_manager_free` (called once, after
@@ -248,9 +263,9 @@ typedef struct wp_manager wp_manager;
 // managers.
 typedef struct wp_manager_config wp_manager_config;
 
-// A snapshot of a manager's figures. Made by `wp_manager_stats`; freed once with
-// `wp_stats_free`. Every accessor only reads, so a snapshot may be read from several
-// threads at once.
+// A snapshot of a manager's figures. Made by `wp_manager_stats` or `wp_client_stats`;
+// freed once with `wp_stats_free`. Every accessor only reads, so a snapshot may be read
+// from several threads at once.
 typedef struct wp_stats wp_stats;
 
 // The pool's events from the moment of `wp_manager_subscribe` on: workers joining and
@@ -276,9 +291,9 @@ typedef struct wp_worker_config wp_worker_config;
 // read from several threads at once.
 typedef struct wp_worker_info wp_worker_info;
 
-// The workers connected when `wp_manager_workers` was called. Freed once with
-// `wp_worker_list_free`. Every accessor only reads, so a list may be read from several
-// threads at once.
+// The workers connected when `wp_manager_workers` or `wp_client_workers` was called.
+// Freed once with `wp_worker_list_free`. Every accessor only reads, so a list may be
+// read from several threads at once.
 typedef struct wp_worker_list wp_worker_list;
 
 // One pool event. The strings and `worker` point into the subscription and stay valid
@@ -444,6 +459,133 @@ const char *wp_result_name(uint32_t result);
 // Ownership: `buf` stays the caller's. Threads: callable from any thread; each thread
 // has its own last message.
 size_t wp_last_error_message(char *buf, size_t len);
+
+// Connects to the manager as a submitter (TCP, the TLS handshake and the hello, within
+// the connect timeout) and starts the client's thread, which reconnects by itself
+// afterwards. It needs the manager (`wp_client_config_set_manager`) and an identity
+// (`wp_client_config_set_identity_pem_files`); settings that cannot work together are
+// `WP_RESULT_INVALID_ARGUMENT`. A manager that refuses the certificate (not trusted as
+// a submitter: a worker certificate, say) is `WP_RESULT_PROTOCOL` with its reason; an
+// unreachable one `WP_RESULT_IO`, `WP_RESULT_TIMEOUT` or `WP_RESULT_TLS`.
+//
+// Ownership: the configuration is only read; free it whenever convenient. `*out`
+// receives a client the caller owns and frees once with `wp_client_free`. Threads:
+// callable from any thread (not alongside a setter on the same configuration).
+wp_result wp_client_connect(const struct wp_client_config *config, struct wp_client **out);
+
+// The client's name (as the manager's logs know it); NULL for NULL.
+//
+// Ownership: owned by the client, valid until `wp_client_free`. Threads: any,
+// concurrently.
+const char *wp_client_name(const struct wp_client *client);
+
+// Whether a connection to the manager is up right now; false once closed (and for
+// NULL).
+//
+// Threads: any, concurrently.
+bool wp_client_is_connected(const struct wp_client *client);
+
+// Submits `/bin/bash -c script` to run on any worker, with no options (see
+// `wp_client_submit_spec` for them), attached to this client: cancelled if the client
+// is gone longer than the manager's reconnect grace. Waits for the manager to take it.
+// `WP_RESULT_QUEUE_FULL`: the manager's queue is full; `WP_RESULT_SHUT_DOWN`: the
+// manager is shutting down, or the client is closed; `WP_RESULT_IO`: the connection was
+// lost and whether the job was taken is not known; `WP_RESULT_TIMEOUT`: no answer.
+//
+// Ownership: `script` is copied. `*out` receives a job handle (read it with the
+// `wp_job_*` functions, as a local job) the caller owns and frees once with
+// `wp_job_free`. Threads: any, concurrently.
+wp_result wp_client_submit(const struct wp_client *client, const char *script, struct wp_job **out);
+
+// Submits a job described by a spec (detached with `wp_job_spec_set_detached`: it then
+// runs on without the client, and `wp_client_attach` follows it again). Fails as
+// `wp_client_submit` does, and with `WP_RESULT_INVALID_ARGUMENT` for a job the manager
+// refuses (above half a frame, `wp_job_spec_wire_size`).
+//
+// Ownership: the spec is only read (submit it again, change it, or free it). `*out`
+// receives a job handle the caller owns and frees once with `wp_job_free`. Threads:
+// any, concurrently (not alongside a setter on the same spec).
+wp_result wp_client_submit_spec(const struct wp_client *client,
+                                const struct wp_job_spec *spec,
+                                struct wp_job **out);
+
+// Submits an array: one job per index from `first` to `last` (both included), all with
+// the spec (sent once), each with `WORKPOOL_ARRAY_INDEX` set to its index. All are
+// queued or none. `out` is the caller's array of `out_len` job pointers, and `out_len`
+// must be the array's length, `last - first + 1` (`WP_RESULT_INVALID_ARGUMENT`
+// otherwise, and when `first` is after `last`); on success `out[i]` is the job of index
+// `first + i`. Fails as `wp_client_submit_spec` does.
+//
+// Ownership: the spec is only read; `out` stays the caller's. Each `out[i]` receives a
+// job handle the caller owns and frees once with `wp_job_free`; a failed call writes
+// none. Threads: any, concurrently (not alongside a setter on the same spec).
+wp_result wp_client_submit_array(const struct wp_client *client,
+                                 const struct wp_job_spec *spec,
+                                 uint64_t first,
+                                 uint64_t last,
+                                 struct wp_job **out,
+                                 size_t out_len);
+
+// Follows job `id`, which this client's certificate submitted (from this client or an
+// earlier one): what the manager kept of its events (a detached job's last output),
+// then the rest as they come; only its end if it has ended. `WP_RESULT_UNKNOWN_JOB`: no
+// such job (or an ended one the manager no longer keeps); `WP_RESULT_INVALID_ARGUMENT`:
+// another certificate submitted it. A job this client already follows is followed by
+// the new handle only (the former one ends `WP_OUTCOME_REJECTED`).
+//
+// Ownership: `*out` receives a job handle the caller owns and frees once with
+// `wp_job_free`. Threads: any, concurrently.
+wp_result wp_client_attach(const struct wp_client *client, uint64_t id, struct wp_job **out);
+
+// Where job `id` is, if it has not ended (another certificate's job without its
+// script). `WP_RESULT_UNKNOWN_JOB`: it has ended or never existed.
+//
+// Ownership: `*out` receives a status the caller owns and frees once with
+// `wp_job_status_free`. Threads: any, concurrently.
+wp_result wp_client_job(const struct wp_client *client, uint64_t id, struct wp_job_status **out);
+
+// Every job of the manager that has not ended, by id (other certificates' jobs without
+// their scripts).
+//
+// Ownership: `*out` receives a list the caller owns and frees once with
+// `wp_job_list_free`. Threads: any, concurrently.
+wp_result wp_client_jobs(const struct wp_client *client, struct wp_job_list **out);
+
+// The workers connected to the manager.
+//
+// Ownership: `*out` receives a list the caller owns and frees once with
+// `wp_worker_list_free`. Threads: any, concurrently.
+wp_result wp_client_workers(const struct wp_client *client, struct wp_worker_list **out);
+
+// A snapshot of the manager's figures, as `wp_manager_stats` gives them.
+//
+// Ownership: `*out` receives a snapshot the caller owns and frees once with
+// `wp_stats_free`. Threads: any, concurrently.
+wp_result wp_client_stats(const struct wp_client *client, struct wp_stats **out);
+
+// Cancels job `id`, which this client's certificate submitted, and waits for the
+// manager to take the cancel (the job then ends `WP_OUTCOME_CANCELLED`, unless it ended
+// first). `WP_RESULT_UNKNOWN_JOB`: it has ended or never existed;
+// `WP_RESULT_INVALID_ARGUMENT`: another certificate submitted it.
+//
+// Threads: any, concurrently.
+wp_result wp_client_cancel(const struct wp_client *client, uint64_t id);
+
+// Closes the client: says goodbye to the manager (which cancels the jobs attached to
+// this client at once; detached jobs run on), waits a moment for that to go out, and
+// ends the client's thread. Its job handles that had not ended end
+// `WP_OUTCOME_REJECTED`. Calls on other threads that are in flight return first; later
+// calls are `WP_RESULT_SHUT_DOWN`. A second call does nothing. The handle stays valid
+// (free it with `wp_client_free`).
+//
+// Threads: any, concurrently.
+wp_result wp_client_close(const struct wp_client *client);
+
+// Closes the client (as `wp_client_close`, unless that was done) and frees it; NULL
+// does nothing. Handles of its jobs stay valid and report how their jobs ended.
+//
+// Ownership: call it once per client, after every other call on it returned.
+void wp_client_free(struct wp_client *client);
 
 // A new manager configuration: listen on `127.0.0.1:9001`, no identity or trust yet,
 // everything else as `ManagerConfig`'s defaults.
@@ -748,6 +890,98 @@ wp_result wp_worker_config_set_job_user(struct wp_worker_config *config, const c
 // Ownership: call it once per configuration, after every other call on it returned.
 void wp_worker_config_free(struct wp_worker_config *config);
 
+// A new client configuration: hostname verification on, named HOSTNAME:PID, the
+// reconnect grace the manager announces, everything else as `ClientConfig`'s defaults.
+// It needs the manager (`wp_client_config_set_manager`), an identity (a submitter
+// certificate, `wp_client_config_set_identity_pem_files`) and the manager's certificate
+// or CA before `wp_client_connect`.
+//
+// Ownership: `*out` receives a configuration the caller owns and frees once with
+// `wp_client_config_free`. Threads: callable from any thread.
+wp_result wp_client_config_new(struct wp_client_config **out);
+
+// Sets the manager to dial.
+//
+// Ownership: `host` is only read. Threads: one call at a time per configuration.
+wp_result wp_client_config_set_manager(struct wp_client_config *config,
+                                       const char *host,
+                                       uint16_t port);
+
+// Loads the client's certificate chain and key from PEM files: a submitter certificate
+// (`generate-tls-certificates --number-of-submitters`) that the manager trusts as a
+// submitter.
+//
+// Ownership: the paths are only read. Threads: one call at a time per configuration.
+wp_result wp_client_config_set_identity_pem_files(struct wp_client_config *config,
+                                                  const char *cert_path,
+                                                  const char *key_path);
+
+// Pins the manager's self-signed certificate(s) in a PEM file, as
+// `wp_worker_config_add_manager_certificate_pem_file` does for a worker: accepted only as
+// itself; a certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`).
+//
+// Ownership: `path` is only read. Threads: one call at a time per configuration.
+wp_result wp_client_config_add_manager_certificate_pem_file(struct wp_client_config *config,
+                                                            const char *path);
+
+// Trusts the CA certificates in a PEM file as issuers of the manager's certificate (for
+// server authentication).
+//
+// Ownership: `path` is only read. Threads: one call at a time per configuration.
+wp_result wp_client_config_add_manager_ca_pem_file(struct wp_client_config *config,
+                                                   const char *path);
+
+// Turns the check that the manager's certificate names its host on (default) or off
+// (the certificate itself is still verified).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_client_config_set_verify_hostname(struct wp_client_config *config, bool verify);
+
+// Sets the name the manager's logs know the client by (printable text, 1 to 256 bytes;
+// not an identity: the certificate is).
+//
+// Ownership: `name` is only read. Threads: one call at a time per configuration.
+wp_result wp_client_config_set_name(struct wp_client_config *config, const char *name);
+
+// Sets the deadline for connecting to the manager, the TLS handshake and the hello, in
+// milliseconds (default 10000; 1 to 365 days).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_client_config_set_connect_timeout_ms(struct wp_client_config *config, uint64_t ms);
+
+// Sets the first wait before reconnecting, in milliseconds (default 100; 1 to 365
+// days); it doubles per failure up to the longest wait. `wp_client_connect` refuses a
+// first wait longer than the longest.
+//
+// Threads: one call at a time per configuration.
+wp_result wp_client_config_set_backoff_initial_ms(struct wp_client_config *config, uint64_t ms);
+
+// Sets the longest wait between connection attempts, in milliseconds (default 10000;
+// 1 to 365 days).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_client_config_set_backoff_max_ms(struct wp_client_config *config, uint64_t ms);
+
+// Sets how long the client tries to get back into its session after losing the
+// manager before it gives the session up (its waiting calls fail and its jobs end
+// `WP_OUTCOME_REJECTED`), in milliseconds (0 to 365 days). By default: the reconnect
+// grace the manager announced, after which the manager has given the session up too.
+//
+// Threads: one call at a time per configuration.
+wp_result wp_client_config_set_reconnect_grace_ms(struct wp_client_config *config, uint64_t ms);
+
+// Sets how many bytes of each stream a `wp_job_result` of this client's jobs keeps
+// (default 16 MiB; 0 keeps none); beyond it `wp_job_result_truncated` says so. Live
+// `WP_EVENT_OUTPUT` events are never cut.
+//
+// Threads: one call at a time per configuration.
+wp_result wp_client_config_set_result_output_limit(struct wp_client_config *config, size_t bytes);
+
+// Frees a configuration; NULL does nothing. Clients connected with it are not affected.
+//
+// Ownership: call it once per configuration, after every other call on it returned.
+void wp_client_config_free(struct wp_client_config *config);
+
 // Waits up to `timeout_ms` for the pool's next event and writes it to `*out`.
 // `WP_RESULT_TIMEOUT`: none came. `WP_RESULT_SHUT_DOWN`: the manager has shut down and
 // every event was delivered.
@@ -772,13 +1006,14 @@ void wp_subscription_free(struct wp_subscription *subscription);
 wp_result wp_job_next_event(struct wp_job *job, uint32_t timeout_ms, struct wp_event *out);
 
 // Waits for the job to end and writes its result to `*out`: the outcome, exit code or
-// signal, and the output collected (up to the manager's result output limit per stream;
-// `wp_job_result_truncated` says when more was cut). Output already taken with
-// `wp_job_next_event` is not in it. `WP_RESULT_ENDED`: its end was already delivered.
+// signal, and the output collected (up to the result output limit per stream, the
+// manager's or, for a remote job, the client's; `wp_job_result_truncated` says when
+// more was cut). Output already taken with `wp_job_next_event` is not in it.
+// `WP_RESULT_ENDED`: its end was already delivered.
 //
 // Ownership: `*out` receives a result the caller owns and frees once with
 // `wp_job_result_free`. Threads: one call at a time per job; it blocks until the job
-// ends (a manager that shuts down ends every job).
+// ends (a manager that shuts down, or a client that is closed, ends every job).
 wp_result wp_job_wait(struct wp_job *job, struct wp_job_result **out);
 
 // `wp_job_wait` that gives up after `timeout_ms` with `WP_RESULT_TIMEOUT` (output
@@ -788,12 +1023,15 @@ wp_result wp_job_wait(struct wp_job *job, struct wp_job_result **out);
 wp_result wp_job_wait_timeout(struct wp_job *job, uint32_t timeout_ms, struct wp_job_result **out);
 
 // Asks for the job to be cancelled (queued: it never starts; running: SIGTERM, then
-// SIGKILL) and returns at once. Its end says how it ended.
+// SIGKILL) and returns at once. Its end says how it ended. For a remote job the request
+// is sent and not waited for (`wp_client_cancel` waits for the manager to take it);
+// `WP_RESULT_SHUT_DOWN` once its client is closed.
 //
 // Threads: one call at a time per job.
 wp_result wp_job_cancel(struct wp_job *job);
 
-// The job's id (counting up from 1 per manager); 0 for NULL.
+// The job's id (counting up from 1 per manager: a remote job's is its manager's); 0
+// for NULL.
 //
 // Threads: one call at a time per job.
 uint64_t wp_job_id(const struct wp_job *job);
@@ -891,7 +1129,7 @@ int32_t wp_job_status_priority(const struct wp_job_status *status);
 // for NULL. Threads: any.
 bool wp_job_status_output_paused(const struct wp_job_status *status);
 
-// Frees a status made by `wp_manager_job_status`; NULL does nothing. Never pass one
+// Frees a status made by `wp_manager_job_status` or `wp_client_job`; NULL does nothing. Never pass one
 // from `wp_job_list_get`.
 //
 // Ownership: call it once per status, after every other call on it returned.

@@ -954,6 +954,263 @@ fn the_full_api_example_is_clean_under_address_and_undefined_behaviour_sanitizer
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// Certificates for a manager, two workers and a submitter (`submitter-1-*.pem`, as the
+/// CLI names them) in a fresh folder.
+fn remote_cert_dir(name: &str) -> PathBuf {
+    let dir = cert_dir(name);
+    let s = workpool::tls::generate_submitter_certificate(
+        &["submitter-1"],
+        workpool::tls::DEFAULT_VALIDITY_DAYS,
+    )
+    .unwrap();
+    std::fs::write(dir.join("submitter-1-cert.pem"), &s.cert_pem).unwrap();
+    std::fs::write(dir.join("submitter-1-key.pem"), &s.key_pem).unwrap();
+    dir
+}
+
+/// What `examples/c/remote_client.c` prints when every call did what it should.
+const REMOTE_CLIENT_LINES: &[&str] = &[
+    "client without a manager: WP_RESULT_INVALID_ARGUMENT (the client needs wp_client_config_set_manager and wp_client_config_set_identity_pem_files)",
+    "empty manager host: WP_RESULT_INVALID_ARGUMENT (the manager's host must not be empty nor its port 0)",
+    "client name with a newline: WP_RESULT_INVALID_ARGUMENT (the client name a\\nb contains control",
+    "zero connect timeout: WP_RESULT_INVALID_ARGUMENT (the connect timeout must be 1 to 31536000000 ms, not 0)",
+    "zero first backoff: WP_RESULT_INVALID_ARGUMENT (the first reconnect wait must be 1 to",
+    "reconnect grace over 365 days: WP_RESULT_INVALID_ARGUMENT (the reconnect grace must be 0 to 31536000000 ms",
+    "missing manager CA: WP_RESULT_IO (reading CA certificate /nonexistent/ca.pem: ",
+    "worker certificate as a submitter: WP_RESULT_PROTOCOL, says why: yes",
+    "client c-remote-client: connected 1",
+    // Event by event: the bytes of each stream and the exit code.
+    "remote job events: started on c-remote-worker, stdout \"out\", stderr \"err\", exited 7",
+    "wait after the last event: WP_RESULT_ENDED",
+    "remote job result: exited 7, stdout out, stderr err, on c-remote-worker",
+    "array first after last: WP_RESULT_INVALID_ARGUMENT (an array's first index (3) is after its last (1))",
+    "array out too short: WP_RESULT_INVALID_ARGUMENT (out_len is 2, but the array 1..=3 has 3 jobs)",
+    "array job 0: exited 0, index 1",
+    "array job 1: exited 0, index 2",
+    "array job 2: exited 0, index 3",
+    "remote status: running 1, on c-remote-worker, script sleep 600",
+    "remote jobs: 1, the sleeping one listed: 1",
+    "remote workers: 1, c-remote-worker with 4 slots running 1",
+    "remote stats: workers 1, submitted 6, running 1, exited 5",
+    "cancelled by id: cancelled",
+    "cancel an ended job: WP_RESULT_UNKNOWN_JOB",
+    "status of an ended job: WP_RESULT_UNKNOWN_JOB",
+    "attach to no such job: WP_RESULT_UNKNOWN_JOB",
+    "cancelled by handle: cancelled",
+    "closed: connected 0",
+    "submit after close: WP_RESULT_SHUT_DOWN (the client is closed (wp_client_close))",
+    "attached job after close: rejected",
+    "attached from another client: exited 3, stdout kept",
+    "done",
+];
+
+fn assert_remote_client_output(ok: bool, text: &str, stderr: &str) {
+    assert!(ok, "remote_client failed:\n{text}\n{stderr}");
+    for line in REMOTE_CLIENT_LINES {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn the_remote_client_example_submits_follows_lists_and_cancels_through_a_manager() {
+    if !have_cc("remote_client.c") {
+        return;
+    }
+    let dir = remote_cert_dir("c-remote-client");
+    let lib = static_lib();
+    let program = dir.join("remote_client");
+    compile("remote_client.c", &program, &lib);
+    let (ok, text, stderr) = run_program(&[], &program, &dir, &[]);
+    assert_remote_client_output(ok, &text, &stderr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_remote_client_example_is_clean_under_valgrind() {
+    if !have_tool("valgrind") {
+        return missing_prerequisite(
+            "the valgrind run of remote_client.c",
+            "valgrind is not installed",
+        );
+    }
+    if !have_cc("the valgrind run of remote_client.c") {
+        return;
+    }
+    let dir = remote_cert_dir("c-remote-client-valgrind");
+    let lib = static_lib();
+    let program = dir.join("remote_client");
+    compile("remote_client.c", &program, &lib);
+    let (ok, text, stderr) = run_program(&valgrind(), &program, &dir, &[]);
+    assert!(ok, "valgrind: {stderr}\n{text}");
+    assert_remote_client_output(ok, &text, &stderr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_remote_client_example_is_clean_under_address_and_undefined_behaviour_sanitizers() {
+    let test = "the sanitizer run of remote_client.c";
+    if !have_tool("clang") {
+        return missing_prerequisite(test, "clang is not installed");
+    }
+    let dir = remote_cert_dir("c-remote-client-asan");
+    let probe = dir.join("probe.c");
+    std::fs::write(&probe, "int main(void) { return 0; }\n").unwrap();
+    let runtimes = Command::new("clang")
+        .args(["-fsanitize=address,undefined", "-o"])
+        .arg(dir.join("probe"))
+        .arg(&probe)
+        .output()
+        .unwrap();
+    if !runtimes.status.success() {
+        return missing_prerequisite(
+            test,
+            &format!(
+                "clang cannot link -fsanitize=address,undefined (libclang-rt-dev?): {}",
+                String::from_utf8_lossy(&runtimes.stderr)
+            ),
+        );
+    }
+    let lib = static_lib();
+    let program = dir.join("remote_client_asan");
+    compile_with(
+        "clang",
+        &[
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+        ],
+        "remote_client.c",
+        &program,
+        &lib,
+    );
+    let (ok, text, stderr) = run_program(&[], &program, &dir, &sanitizer_env());
+    assert!(!stderr.contains("Sanitizer"), "{stderr}");
+    assert_remote_client_output(ok, &text, &stderr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_client_entry_points_refuse_null_and_bad_values_and_accessors_answer_null_with_a_default() {
+    use wp_result::*;
+    // What the header promises to share between threads is Sync; what it gives to one
+    // thread at a time may move between threads (checked when this compiles).
+    fn shared<T: Sync + Send>() {}
+    fn moved<T: Send>() {}
+    shared::<wp_client>();
+    moved::<wp_client_config>();
+    let c = |s: &str| CString::new(s).unwrap();
+    let text = c("x");
+    let s = text.as_ptr();
+    // SAFETY: every pointer passed is NULL (the point of the test), a live CString, a live
+    // local, or a handle returned by the library and freed once.
+    unsafe {
+        let cn: *mut wp_client_config = ptr::null_mut();
+        for r in [
+            wp_client_config_new(ptr::null_mut()),
+            wp_client_config_set_manager(cn, s, 1),
+            wp_client_config_set_identity_pem_files(cn, s, s),
+            wp_client_config_add_manager_certificate_pem_file(cn, s),
+            wp_client_config_add_manager_ca_pem_file(cn, s),
+            wp_client_config_set_verify_hostname(cn, false),
+            wp_client_config_set_name(cn, s),
+            wp_client_config_set_connect_timeout_ms(cn, 1),
+            wp_client_config_set_backoff_initial_ms(cn, 1),
+            wp_client_config_set_backoff_max_ms(cn, 1),
+            wp_client_config_set_reconnect_grace_ms(cn, 1),
+            wp_client_config_set_result_output_limit(cn, 1),
+            wp_client_connect(ptr::null(), ptr::null_mut()),
+        ] {
+            assert_eq!(r, WP_RESULT_NULL_PARAMETER);
+        }
+        let cl: *const wp_client = ptr::null();
+        let mut job = ptr::null_mut();
+        let mut jobs = [ptr::null_mut(); 1];
+        let mut status = ptr::null_mut();
+        let mut list = ptr::null_mut();
+        let mut workers = ptr::null_mut();
+        let mut stats = ptr::null_mut();
+        for r in [
+            wp_client_submit(cl, s, &mut job),
+            wp_client_submit_spec(cl, ptr::null(), &mut job),
+            wp_client_submit_array(cl, ptr::null(), 1, 1, jobs.as_mut_ptr(), 1),
+            wp_client_attach(cl, 1, &mut job),
+            wp_client_job(cl, 1, &mut status),
+            wp_client_jobs(cl, &mut list),
+            wp_client_workers(cl, &mut workers),
+            wp_client_stats(cl, &mut stats),
+            wp_client_cancel(cl, 1),
+            wp_client_close(cl),
+        ] {
+            assert_eq!(r, WP_RESULT_NULL_PARAMETER);
+        }
+        assert!(job.is_null() && jobs[0].is_null() && status.is_null() && list.is_null());
+        assert!(workers.is_null() && stats.is_null());
+        assert!(wp_client_name(cl).is_null());
+        assert!(!wp_client_is_connected(cl));
+        wp_client_free(ptr::null_mut());
+        wp_client_config_free(ptr::null_mut());
+
+        // NULL strings and outputs on a real configuration, and values out of range.
+        let mut cc = ptr::null_mut();
+        assert_eq!(wp_client_config_new(&mut cc), WP_RESULT_OK);
+        assert_eq!(
+            wp_client_config_set_manager(cc, ptr::null(), 1),
+            WP_RESULT_NULL_PARAMETER
+        );
+        assert_eq!(
+            wp_client_config_set_manager(cc, s, 0),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(
+            wp_client_config_set_name(cc, c("").as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("1 to 256 bytes"), "{}", last_error());
+        let not_utf8 = CString::new(vec![b'a', 0xff]).unwrap();
+        assert_eq!(
+            wp_client_config_set_name(cc, not_utf8.as_ptr()),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("UTF-8"), "{}", last_error());
+        assert_eq!(
+            wp_client_config_set_backoff_max_ms(cc, u64::MAX),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert_eq!(wp_client_config_set_reconnect_grace_ms(cc, 0), WP_RESULT_OK);
+        assert_eq!(
+            wp_client_connect(cc, ptr::null_mut()),
+            WP_RESULT_NULL_PARAMETER
+        );
+        // Settings that each pass but do not work together are refused when connecting,
+        // before any connection is tried.
+        let dir = remote_cert_dir("c-client-setters");
+        let file = |f: &str| c(dir.join(f).to_str().unwrap());
+        let (cert, key) = (file("submitter-1-cert.pem"), file("submitter-1-key.pem"));
+        assert_eq!(
+            wp_client_config_set_identity_pem_files(cc, cert.as_ptr(), key.as_ptr()),
+            WP_RESULT_OK
+        );
+        assert_eq!(
+            wp_client_config_set_manager(cc, c("127.0.0.1").as_ptr(), 9),
+            WP_RESULT_OK
+        );
+        assert_eq!(
+            wp_client_config_set_backoff_initial_ms(cc, 2000),
+            WP_RESULT_OK
+        );
+        assert_eq!(wp_client_config_set_backoff_max_ms(cc, 1000), WP_RESULT_OK);
+        let mut client: *mut wp_client = ptr::null_mut();
+        assert_eq!(
+            wp_client_connect(cc, &mut client),
+            WP_RESULT_INVALID_ARGUMENT
+        );
+        assert!(last_error().contains("backoff_initial"), "{}", last_error());
+        assert!(client.is_null());
+        wp_client_config_free(cc);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
 #[test]
 fn the_module_map_imports_as_a_clang_module_the_way_swift_reads_it() {
     if !have_tool("clang") {
@@ -1126,10 +1383,17 @@ fn block_items(ty: &str, open: &str, name_of: impl Fn(&str) -> Option<&str>) -> 
 #[test]
 fn every_public_method_and_setting_of_the_rust_api_has_a_c_counterpart() {
     let mut rust = Vec::new();
-    for ty in ["Manager", "JobHandle", "Worker", "JobSpec"] {
+    for ty in [
+        "Manager",
+        "JobHandle",
+        "Worker",
+        "JobSpec",
+        "Client",
+        "RemoteJob",
+    ] {
         rust.extend(public_methods(ty));
     }
-    for ty in ["ManagerConfig", "WorkerConfig"] {
+    for ty in ["ManagerConfig", "WorkerConfig", "ClientConfig"] {
         rust.extend(public_fields(ty));
     }
     // The table of docs/C-API.md: | `Rust::name` | `wp_function`, ... | notes |

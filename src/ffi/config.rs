@@ -1,11 +1,13 @@
-//! The two configuration handles, `wp_manager_config` and `wp_worker_config`: each holds
-//! the Rust configuration (`ManagerConfig`, `WorkerConfig`) with its defaults, plus the
-//! identity and trust that C sets from PEM files. Setters check their argument and refuse
-//! a bad one with nothing changed; `wp_manager_start` and `wp_worker_start` (in
-//! `manager.rs` and `worker.rs`) read a configuration and never change it.
+//! The configuration handles, `wp_manager_config`, `wp_worker_config` and
+//! `wp_client_config`: each holds the Rust configuration (`ManagerConfig`,
+//! `WorkerConfig`, `ClientConfig`) with its defaults, plus the identity and trust that C
+//! sets from PEM files. Setters check their argument and refuse a bad one with nothing
+//! changed; `wp_manager_start`, `wp_worker_start` and `wp_client_connect` (in
+//! `manager.rs`, `worker.rs` and `client.rs`) read a configuration and never change it.
 
 use super::common::wp_result::*;
 use super::common::*;
+use crate::client::ClientConfig;
 use crate::manager::{MAX_HANDSHAKE_TIMEOUT, ManagerConfig};
 use crate::tls::{Identity, PeerTrust};
 use crate::worker::WorkerConfig;
@@ -30,6 +32,19 @@ pub struct wp_manager_config {
 pub struct wp_worker_config {
     /// Every setting but the security, which `wp_worker_start` fills in.
     pub(crate) rust: WorkerConfig,
+    pub(crate) manager_set: bool,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) manager_trust: PeerTrust,
+    pub(crate) verify_hostname: bool,
+}
+
+/// Settings for `wp_client_connect`. Made by `wp_client_config_new`; freed once with
+/// `wp_client_config_free`. Threads: one call at a time on a configuration (setters
+/// change it); `wp_client_connect` only reads it, so one configuration may connect
+/// several clients.
+pub struct wp_client_config {
+    /// Every setting but the security, which `wp_client_connect` fills in.
+    pub(crate) rust: ClientConfig,
     pub(crate) manager_set: bool,
     pub(crate) identity: Option<Identity>,
     pub(crate) manager_trust: PeerTrust,
@@ -891,5 +906,250 @@ pub unsafe extern "C" fn wp_worker_config_set_job_user(
 /// Ownership: call it once per configuration, after every other call on it returned.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_worker_config_free(config: *mut wp_worker_config) {
+    ffi!((), { free(config) })
+}
+
+/// A new client configuration: hostname verification on, named HOSTNAME:PID, the
+/// reconnect grace the manager announces, everything else as `ClientConfig`'s defaults.
+/// It needs the manager (`wp_client_config_set_manager`), an identity (a submitter
+/// certificate, `wp_client_config_set_identity_pem_files`) and the manager's certificate
+/// or CA before `wp_client_connect`.
+///
+/// Ownership: `*out` receives a configuration the caller owns and frees once with
+/// `wp_client_config_free`. Threads: callable from any thread.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_new(out: *mut *mut wp_client_config) -> wp_result {
+    ffi!({
+        out!(out);
+        boxed(
+            out,
+            wp_client_config {
+                rust: ClientConfig::insecure_plaintext("", 9001),
+                manager_set: false,
+                identity: None,
+                manager_trust: PeerTrust::new(),
+                verify_hostname: true,
+            },
+        )
+    })
+}
+
+/// Sets the manager to dial.
+///
+/// Ownership: `host` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_manager(
+    config: *mut wp_client_config,
+    host: *const c_char,
+    port: u16,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let host = text!(host);
+        refuse_if!(
+            host.is_empty() || port == 0,
+            "the manager's host must not be empty nor its port 0"
+        );
+        config.rust.host = host.to_string();
+        config.rust.port = port;
+        config.manager_set = true;
+        WP_RESULT_OK
+    })
+}
+
+/// Loads the client's certificate chain and key from PEM files: a submitter certificate
+/// (`generate-tls-certificates --number-of-submitters`) that the manager trusts as a
+/// submitter.
+///
+/// Ownership: the paths are only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_identity_pem_files(
+    config: *mut wp_client_config,
+    cert_path: *const c_char,
+    key_path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
+        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
+    })
+}
+
+/// Pins the manager's self-signed certificate(s) in a PEM file, as
+/// `wp_worker_config_add_manager_certificate_pem_file` does for a worker: accepted only as
+/// itself; a certificate that is not self-signed is refused (`WP_RESULT_INVALID_ARGUMENT`).
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_add_manager_certificate_pem_file(
+    config: *mut wp_client_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Pinned) }
+    })
+}
+
+/// Trusts the CA certificates in a PEM file as issuers of the manager's certificate (for
+/// server authentication).
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_add_manager_ca_pem_file(
+    config: *mut wp_client_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
+        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Ca) }
+    })
+}
+
+/// Turns the check that the manager's certificate names its host on (default) or off
+/// (the certificate itself is still verified).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_verify_hostname(
+    config: *mut wp_client_config,
+    verify: bool,
+) -> wp_result {
+    ffi!({
+        arg_mut!(config).verify_hostname = verify;
+        WP_RESULT_OK
+    })
+}
+
+/// Sets the name the manager's logs know the client by (printable text, 1 to 256 bytes;
+/// not an identity: the certificate is).
+///
+/// Ownership: `name` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_name(
+    config: *mut wp_client_config,
+    name: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let name = text!(name);
+        if let Err(why) = crate::protocol::check_label("the client name", name) {
+            return fail(WP_RESULT_INVALID_ARGUMENT, why);
+        }
+        config.rust.name = name.to_string();
+        WP_RESULT_OK
+    })
+}
+
+/// Sets the deadline for connecting to the manager, the TLS handshake and the hello, in
+/// milliseconds (default 10000; 1 to 365 days).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_connect_timeout_ms(
+    config: *mut wp_client_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.connect_timeout,
+            "the connect timeout",
+            ms,
+            false,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets the first wait before reconnecting, in milliseconds (default 100; 1 to 365
+/// days); it doubles per failure up to the longest wait. `wp_client_connect` refuses a
+/// first wait longer than the longest.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_backoff_initial_ms(
+    config: *mut wp_client_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.backoff_initial,
+            "the first reconnect wait",
+            ms,
+            false,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets the longest wait between connection attempts, in milliseconds (default 10000;
+/// 1 to 365 days).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_backoff_max_ms(
+    config: *mut wp_client_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        set_ms!(
+            config.rust.backoff_max,
+            "the longest reconnect wait",
+            ms,
+            false,
+            MAX_DURATION_MS
+        )
+    })
+}
+
+/// Sets how long the client tries to get back into its session after losing the
+/// manager before it gives the session up (its waiting calls fail and its jobs end
+/// `WP_OUTCOME_REJECTED`), in milliseconds (0 to 365 days). By default: the reconnect
+/// grace the manager announced, after which the manager has given the session up too.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_reconnect_grace_ms(
+    config: *mut wp_client_config,
+    ms: u64,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        match duration_ms("the reconnect grace", ms, true, MAX_DURATION_MS) {
+            Ok(d) => {
+                config.rust.reconnect_grace = Some(d);
+                WP_RESULT_OK
+            }
+            Err(code) => code,
+        }
+    })
+}
+
+/// Sets how many bytes of each stream a `wp_job_result` of this client's jobs keeps
+/// (default 16 MiB; 0 keeps none); beyond it `wp_job_result_truncated` says so. Live
+/// `WP_EVENT_OUTPUT` events are never cut.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_set_result_output_limit(
+    config: *mut wp_client_config,
+    bytes: usize,
+) -> wp_result {
+    ffi!({
+        arg_mut!(config).rust.result_output_limit = bytes;
+        WP_RESULT_OK
+    })
+}
+
+/// Frees a configuration; NULL does nothing. Clients connected with it are not affected.
+///
+/// Ownership: call it once per configuration, after every other call on it returned.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_client_config_free(config: *mut wp_client_config) {
     ffi!((), { free(config) })
 }

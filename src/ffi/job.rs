@@ -1,31 +1,88 @@
-//! Jobs after submission: the `wp_job` handle (`JobHandle`: events, wait, cancel), what
-//! a wait returns (`wp_job_result`, a `JobResult`), and where an unfinished job is
-//! (`wp_job_status`, a `JobStatus`, alone or in a `wp_job_list`).
+//! Jobs after submission: the `wp_job` handle (a `JobHandle` of a job submitted in
+//! process, or a `RemoteJob` of one submitted or attached through a client: events,
+//! wait, cancel), what a wait returns (`wp_job_result`, a `JobResult`), and where an
+//! unfinished job is (`wp_job_status`, a `JobStatus`, alone or in a `wp_job_list`).
 
 use super::common::wp_result::*;
 use super::common::*;
 use super::events::{job_event, outcome_parts, wp_event, wp_outcome};
-use crate::job::{JobEvent, JobResult, JobState, JobStatus, Outcome};
+use crate::client::RemoteJob;
+use crate::job::{JobEvent, JobId, JobResult, JobState, JobStatus, Outcome};
 use crate::manager::JobHandle;
-use crossbeam_channel::RecvTimeoutError;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::ffi::{CString, c_char};
 use std::time::Duration;
 
-/// A submitted job. Made by `wp_manager_submit` or `wp_manager_submit_spec`;
+/// A submitted job, local or remote: the same functions serve both. Made by
+/// `wp_manager_submit` or `wp_manager_submit_spec` (a job of this process's manager), or
+/// by `wp_client_submit`, `wp_client_submit_spec`, `wp_client_submit_array` or
+/// `wp_client_attach` (a job of a remote manager, followed through a client);
 /// `wp_job_free`, called once, forgets it (the job itself goes on; cancel it first if it
 /// should not). Threads: one call at a time on a job (`wp_job_next_event` hands out
 /// bytes that live in the handle), though the thread may change from call to call;
 /// different jobs may be used at once.
 pub struct wp_job {
-    inner: JobHandle,
+    inner: Handle,
     /// The bytes of the last event handed out.
     data: Vec<u8>,
     /// Its end was delivered, as `WP_EVENT_FINISHED` or as a result.
     ended: bool,
 }
 
+/// What a `wp_job` follows.
+enum Handle {
+    Local(JobHandle),
+    Remote(RemoteJob),
+}
+
+impl Handle {
+    fn id(&self) -> JobId {
+        match self {
+            Handle::Local(h) => h.id(),
+            Handle::Remote(h) => h.id(),
+        }
+    }
+
+    fn events(&self) -> &Receiver<JobEvent> {
+        match self {
+            Handle::Local(h) => h.events(),
+            Handle::Remote(h) => h.events(),
+        }
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Option<JobResult> {
+        match self {
+            Handle::Local(h) => h.wait_timeout(timeout),
+            Handle::Remote(h) => h.wait_timeout(timeout),
+        }
+    }
+
+    fn cancel(&self) -> crate::Result<()> {
+        match self {
+            Handle::Local(h) => h.cancel(),
+            Handle::Remote(h) => h.cancel(),
+        }
+    }
+
+    /// Why the events ended without a `Finished` (as the handle's own wait says it).
+    fn gone(&self) -> &'static str {
+        match self {
+            Handle::Local(_) => "the manager went away",
+            Handle::Remote(_) => "the client was closed before the job ended",
+        }
+    }
+}
+
 impl wp_job {
     pub(crate) fn new(inner: JobHandle) -> wp_job {
+        wp_job::of(Handle::Local(inner))
+    }
+
+    pub(crate) fn remote(inner: RemoteJob) -> wp_job {
+        wp_job::of(Handle::Remote(inner))
+    }
+
+    fn of(inner: Handle) -> wp_job {
         wp_job {
             inner,
             data: Vec::new(),
@@ -70,7 +127,7 @@ pub unsafe extern "C" fn wp_job_next_event(
             Ok(ev) => ev,
             Err(RecvTimeoutError::Timeout) => return WP_RESULT_TIMEOUT,
             Err(RecvTimeoutError::Disconnected) => {
-                JobEvent::Finished(Outcome::Rejected("the manager went away".into()))
+                JobEvent::Finished(Outcome::Rejected(job.inner.gone().into()))
             }
         };
         job.ended = matches!(ev, JobEvent::Finished(_));
@@ -79,13 +136,14 @@ pub unsafe extern "C" fn wp_job_next_event(
 }
 
 /// Waits for the job to end and writes its result to `*out`: the outcome, exit code or
-/// signal, and the output collected (up to the manager's result output limit per stream;
-/// `wp_job_result_truncated` says when more was cut). Output already taken with
-/// `wp_job_next_event` is not in it. `WP_RESULT_ENDED`: its end was already delivered.
+/// signal, and the output collected (up to the result output limit per stream, the
+/// manager's or, for a remote job, the client's; `wp_job_result_truncated` says when
+/// more was cut). Output already taken with `wp_job_next_event` is not in it.
+/// `WP_RESULT_ENDED`: its end was already delivered.
 ///
 /// Ownership: `*out` receives a result the caller owns and frees once with
 /// `wp_job_result_free`. Threads: one call at a time per job; it blocks until the job
-/// ends (a manager that shuts down ends every job).
+/// ends (a manager that shuts down, or a client that is closed, ends every job).
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_job_wait(job: *mut wp_job, out: *mut *mut wp_job_result) -> wp_result {
     ffi!({
@@ -130,7 +188,9 @@ pub unsafe extern "C" fn wp_job_wait_timeout(
 }
 
 /// Asks for the job to be cancelled (queued: it never starts; running: SIGTERM, then
-/// SIGKILL) and returns at once. Its end says how it ended.
+/// SIGKILL) and returns at once. Its end says how it ended. For a remote job the request
+/// is sent and not waited for (`wp_client_cancel` waits for the manager to take it);
+/// `WP_RESULT_SHUT_DOWN` once its client is closed.
 ///
 /// Threads: one call at a time per job.
 #[unsafe(no_mangle)]
@@ -138,7 +198,8 @@ pub unsafe extern "C" fn wp_job_cancel(job: *mut wp_job) -> wp_result {
     ffi!({ result_of(arg!(job).inner.cancel()) })
 }
 
-/// The job's id (counting up from 1 per manager); 0 for NULL.
+/// The job's id (counting up from 1 per manager: a remote job's is its manager's); 0
+/// for NULL.
 ///
 /// Threads: one call at a time per job.
 #[unsafe(no_mangle)]
@@ -307,9 +368,9 @@ pub enum wp_job_state {
 }
 
 /// A job that has not ended, as the manager saw it when asked. Made by
-/// `wp_manager_job_status` (freed once with `wp_job_status_free`) or borrowed from a
-/// `wp_job_list` (never freed on its own). Every accessor only reads, so a status may
-/// be read from several threads at once.
+/// `wp_manager_job_status` or `wp_client_job` (freed once with `wp_job_status_free`) or
+/// borrowed from a `wp_job_list` (never freed on its own). Every accessor only reads, so
+/// a status may be read from several threads at once.
 pub struct wp_job_status {
     inner: JobStatus,
     worker: Option<CString>,
@@ -396,7 +457,7 @@ pub unsafe extern "C" fn wp_job_status_output_paused(status: *const wp_job_statu
     ffi!(false, { arg_or!(status, false).inner.output_paused })
 }
 
-/// Frees a status made by `wp_manager_job_status`; NULL does nothing. Never pass one
+/// Frees a status made by `wp_manager_job_status` or `wp_client_job`; NULL does nothing. Never pass one
 /// from `wp_job_list_get`.
 ///
 /// Ownership: call it once per status, after every other call on it returned.
@@ -405,9 +466,9 @@ pub unsafe extern "C" fn wp_job_status_free(status: *mut wp_job_status) {
     ffi!((), { free(status) })
 }
 
-/// Every job that had not ended when `wp_manager_jobs` was called, by id. Made by
-/// `wp_manager_jobs`; freed once with `wp_job_list_free`. Every accessor only reads, so
-/// a list may be read from several threads at once.
+/// Every job that had not ended when `wp_manager_jobs` or `wp_client_jobs` was called,
+/// by id. Made by either; freed once with `wp_job_list_free`. Every accessor only reads,
+/// so a list may be read from several threads at once.
 pub struct wp_job_list {
     items: Vec<wp_job_status>,
 }

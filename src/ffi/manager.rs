@@ -191,13 +191,7 @@ pub unsafe extern "C" fn wp_manager_workers(
     ffi!({
         let manager = arg!(manager);
         out!(out);
-        let items = manager
-            .inner
-            .workers()
-            .into_iter()
-            .map(wp_worker_info::new)
-            .collect();
-        boxed(out, wp_worker_list { items })
+        boxed(out, wp_worker_list::new(manager.inner.workers()))
     })
 }
 
@@ -389,11 +383,19 @@ pub unsafe extern "C" fn wp_worker_info_draining(info: *const wp_worker_info) ->
     ffi!(false, { arg_or!(info, false).draining })
 }
 
-/// The workers connected when `wp_manager_workers` was called. Freed once with
-/// `wp_worker_list_free`. Every accessor only reads, so a list may be read from several
-/// threads at once.
+/// The workers connected when `wp_manager_workers` or `wp_client_workers` was called.
+/// Freed once with `wp_worker_list_free`. Every accessor only reads, so a list may be
+/// read from several threads at once.
 pub struct wp_worker_list {
     items: Vec<wp_worker_info>,
+}
+
+impl wp_worker_list {
+    pub(crate) fn new(workers: Vec<WorkerInfo>) -> wp_worker_list {
+        wp_worker_list {
+            items: workers.into_iter().map(wp_worker_info::new).collect(),
+        }
+    }
 }
 
 /// How many workers the list holds; 0 for NULL. Threads: any.
@@ -512,9 +514,9 @@ pub struct wp_worker_stats {
     pub connected_for_ms: u64,
 }
 
-/// A snapshot of a manager's figures. Made by `wp_manager_stats`; freed once with
-/// `wp_stats_free`. Every accessor only reads, so a snapshot may be read from several
-/// threads at once.
+/// A snapshot of a manager's figures. Made by `wp_manager_stats` or `wp_client_stats`;
+/// freed once with `wp_stats_free`. Every accessor only reads, so a snapshot may be read
+/// from several threads at once.
 pub struct wp_stats {
     inner: Stats,
     names: Vec<CString>,
@@ -522,7 +524,7 @@ pub struct wp_stats {
 }
 
 impl wp_stats {
-    fn new(inner: Stats) -> wp_stats {
+    pub(crate) fn new(inner: Stats) -> wp_stats {
         wp_stats {
             names: inner.per_worker.iter().map(|w| c_text(&w.name)).collect(),
             inner,

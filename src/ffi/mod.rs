@@ -6,11 +6,12 @@
 //! | file | handles |
 //! | --- | --- |
 //! | `common.rs` | none: `wp_result`, `wp_bytes`, the last error, the boundary macros |
-//! | `config.rs` | `wp_manager_config`, `wp_worker_config` |
+//! | `config.rs` | `wp_manager_config`, `wp_worker_config`, `wp_client_config` |
 //! | `manager.rs` | `wp_manager`, and its snapshots `wp_worker_list`/`wp_worker_info`, `wp_stats` |
 //! | `worker.rs` | `wp_worker` |
+//! | `client.rs` | `wp_client` (its jobs are `wp_job`s, its snapshots the manager's) |
 //! | `spec.rs` | `wp_job_spec` |
-//! | `job.rs` | `wp_job`, `wp_job_result`, `wp_job_status`, `wp_job_list` |
+//! | `job.rs` | `wp_job` (a local or a remote job), `wp_job_result`, `wp_job_status`, `wp_job_list` |
 //! | `events.rs` | `wp_event` (a job's), `wp_subscription` and `wp_manager_event` (the pool's) |
 //! | `log.rs` | the log callback |
 //!
@@ -25,6 +26,7 @@
 
 #[macro_use]
 mod common;
+mod client;
 mod config;
 mod events;
 mod job;
@@ -34,6 +36,7 @@ mod spec;
 mod worker;
 
 pub use self::log::*;
+pub use client::*;
 #[cfg(feature = "test-hooks")]
 #[doc(hidden)]
 pub use common::wp_debug_panic;
