@@ -1505,7 +1505,10 @@ fn main() {
             value_of(&args, "--only").map(|v| v.split(',').map(String::from).collect());
         let known = ["throughput", "latency", "streaming", "scale", "queue"];
         if let Some(bad) = only.iter().flatten().find(|o| !known.contains(&o.as_str())) {
-            eprintln!("bench: unknown scenario {bad:?} (one of {})", known.join(", "));
+            eprintln!(
+                "bench: unknown scenario {bad:?} (one of {})",
+                known.join(", ")
+            );
             std::process::exit(2);
         }
         let runs = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|x| x == name));

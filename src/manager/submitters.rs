@@ -269,6 +269,8 @@ pub(crate) enum Take {
     Again,
     /// No: requests before it are missing (a broken peer).
     Gap { expected: u64 },
+    /// No: the session holds this many bytes the submitter has not acknowledged.
+    Unacknowledged(usize),
 }
 
 /// The sessions of remote submitters and the jobs they follow.
@@ -419,11 +421,17 @@ impl Hub {
         (cancel, next)
     }
 
-    /// Whether the numbered request is the next one of the session.
+    /// Whether the numbered request is the next one of the session. A session that
+    /// holds more than twice its window unacknowledged takes none: answers do not wait
+    /// for the window, so a submitter that asks and never acknowledges would make the
+    /// manager keep answers without bound.
     pub(crate) fn take_request(&mut self, session: u64, seq: u64) -> Take {
         let Some(s) = self.sessions.get_mut(&session) else {
             return Take::Again;
         };
+        if s.unacked_bytes > 2 * self.settings.window {
+            return Take::Unacknowledged(s.unacked_bytes);
+        }
         match seq.cmp(&s.next_request) {
             std::cmp::Ordering::Less => Take::Again,
             std::cmp::Ordering::Equal => {
@@ -808,6 +816,11 @@ impl Conn<'_> {
                     Take::Gap { expected } => {
                         return Err(format!("request {seq} came when {expected} was expected"));
                     }
+                    Take::Unacknowledged(bytes) => {
+                        return Err(format!(
+                            "it sent a request with {bytes} bytes of events unacknowledged"
+                        ));
+                    }
                 }
                 self.on_request(seq, request);
                 Ok(true)
@@ -1171,6 +1184,14 @@ mod tests {
         assert_eq!(hub.take_request(s, 0), Take::Again);
         assert_eq!(hub.take_request(s, 2), Take::Gap { expected: 1 });
         assert_eq!(hub.take_request(s, 1), Take::New);
+        // A submitter that asks and never acknowledges is stopped at twice its window.
+        let big = Reply::Failed(RequestError::InvalidJob("x".repeat(1500)));
+        hub.reply(s, 1, &big);
+        assert_eq!(hub.take_request(s, 2), Take::New);
+        hub.reply(s, 2, &big);
+        assert!(matches!(hub.take_request(s, 3), Take::Unacknowledged(_)));
+        hub.ack(s, u64::MAX);
+        assert_eq!(hub.take_request(s, 3), Take::New);
         // Another certificate, or another manager, cannot resume it: a new session.
         let (tx3, _) = link();
         let other = hub.open(owner("b"), tx3, Some(&resume), 1);
