@@ -1057,6 +1057,14 @@ impl Io {
         if self.pending() == 0 {
             self.progress = Instant::now();
         }
+        // Bytes already sent are let go of once they are half the buffer, so that a
+        // buffer that never quite empties (a peer that reads as fast as it is written
+        // to) does not grow with everything that passed through it. Each byte is moved
+        // at most once per time the buffer doubles: linear in the bytes.
+        if self.from > 0 && self.from >= self.pending.len() / 2 {
+            self.pending.drain(..self.from);
+            self.from = 0;
+        }
         let Some(conn) = &mut self.tls else {
             for p in parts {
                 self.pending.extend_from_slice(p);
@@ -1276,6 +1284,33 @@ pub(crate) fn recv_now(tcp: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_buffer_that_never_empties_does_not_keep_what_was_sent() {
+        use std::io::Read;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut far, _) = listener.accept().unwrap();
+        far.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut io = Io::new(Arc::new(near), None);
+        let chunk = vec![7u8; 64 << 10];
+        let mut buf = vec![0u8; 60 << 10];
+        // The reader takes a little less than is written, so that the buffer never
+        // empties once the socket's own buffer is full: 128 MiB pass through it.
+        for _ in 0..2048 {
+            io.queue(&[&chunk]).unwrap();
+            io.push().unwrap();
+            far.read_exact(&mut buf).unwrap();
+        }
+        assert!(io.pending() > 0, "the buffer never emptied");
+        assert!(
+            io.pending.capacity() <= 4 * io.pending() + (1 << 20),
+            "{} bytes of capacity for {} pending",
+            io.pending.capacity(),
+            io.pending()
+        );
+    }
 
     #[test]
     fn a_mismatched_key_is_refused_when_loaded() {

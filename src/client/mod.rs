@@ -577,21 +577,16 @@ fn link_deadline(shared: &Shared, r: &Reading) -> Option<Instant> {
 
 /// Reads what the manager sent into the session; why the link ended, if it did.
 fn read_link(shared: &Shared, r: &mut Reading) -> Option<String> {
-    let mut got: Vec<ToSubmitter> = Vec::new();
+    // Each event as it is decoded, so that acknowledgements go out while the rest of
+    // what the socket holds is still being read (the manager's window keeps moving).
     let read = link::read_ready(&mut r.reader, &r.tx, &mut |m| {
-        got.push(m);
+        if let ToSubmitter::Event { seq, event } = m {
+            let mut st = lock(&shared.state);
+            st.session.received(Instant::now(), seq, event);
+            shared.carry_out(&mut st);
+        }
         true
     });
-    if !got.is_empty() {
-        let mut st = lock(&shared.state);
-        let now = Instant::now();
-        for m in got {
-            if let ToSubmitter::Event { seq, event } = m {
-                st.session.received(now, seq, event);
-            }
-        }
-        shared.carry_out(&mut st);
-    }
     match read {
         Ok(got) if got.open => None,
         Ok(_) => Some("the manager closed the connection".into()),
