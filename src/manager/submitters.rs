@@ -539,11 +539,10 @@ impl Hub {
         let window = self.settings.window;
         let sessions = &mut self.sessions;
         let mut full = false;
+        // A watcher that is away is waited for as well, detached job or not: it comes
+        // back within the grace expecting every event, or its session ends and it goes.
         r.watchers.retain(|w| match sessions.get(w) {
             None => false,
-            // A detached job does not wait for a watcher that is away: it can attach
-            // again and read what the job kept.
-            Some(s) if s.full(window) && s.link.is_none() && r.detached => false,
             Some(s) => {
                 full |= s.full(window);
                 true
@@ -1345,7 +1344,7 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_job_does_not_wait_for_a_watcher_that_is_away() {
+    fn a_detached_job_waits_for_a_watcher_that_is_away_until_its_grace_ends() {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, _o) = link();
@@ -1357,9 +1356,48 @@ mod tests {
         assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
         assert!(matches!(hub.push(t0, JobId(2), out(1)), Pushed::Full(_)));
         hub.disconnected(t0, s, &tx);
-        // Away: the detached job goes on without it; the attached one waits for it.
-        assert_eq!(hub.push(t0, JobId(1), out(1)), Pushed::Taken);
+        // Away: both wait for it to come back (it expects every event).
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
         assert!(matches!(hub.push(t0, JobId(2), out(1)), Pushed::Full(_)));
+        // Its grace ends: the detached job goes on without it, the attached one is
+        // cancelled.
+        let (cancel, _) = hub.tick(t0 + Duration::from_secs(10));
+        assert_eq!(cancel, vec![JobId(2)]);
+        assert_eq!(hub.push(t0, JobId(1), out(1)), Pushed::Taken);
+    }
+
+    #[test]
+    fn a_watcher_away_with_its_window_full_gets_every_event_of_a_detached_job_when_it_returns() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        hub.follow_new(s, JobId(1), true);
+        assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
+        let received = events(&o).len() as u64;
+        // The connection drops with the window full; the job goes on meanwhile.
+        hub.disconnected(t0, s, &tx);
+        let mut waiting = vec![out(7), JobEvent::Finished(Outcome::Exited(0))];
+        // The submitter comes back within the grace, having received everything.
+        let (tx2, o2) = link();
+        let pushed = hub.push(t0, JobId(1), waiting.remove(0));
+        if let Pushed::Full(ev) = pushed {
+            waiting.insert(0, ev);
+        }
+        let resume = SessionResume {
+            manager_id: 1,
+            session: s,
+            next_event: received,
+        };
+        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).resumed);
+        for ev in waiting {
+            assert_eq!(hub.push(t0, JobId(1), ev), Pushed::Taken);
+        }
+        // Nothing lost: the rest of the job's output and exactly one end.
+        assert_eq!(
+            job_events(&o2),
+            vec![out(7), JobEvent::Finished(Outcome::Exited(0))]
+        );
     }
 }
 
