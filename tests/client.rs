@@ -321,3 +321,40 @@ fn closing_a_client_cancels_its_attached_jobs_and_not_its_detached_ones() {
     assert_eq!(r.outcome, Outcome::Exited(0));
     assert_eq!(r.stdout_text(), "still here\n");
 }
+
+/// The threads of this process with this name.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+#[test]
+fn jobs_queued_while_a_reader_is_behind_do_not_take_a_thread_each() {
+    const ARRAY: u64 = 400;
+    let p = pool(1, 1, |_| {});
+    let client = p.client(1);
+    // A job whose events nobody reads fills the session's window and is paused.
+    let _unread = client
+        .submit(JobSpec::new("head -c 30000000 /dev/zero"))
+        .unwrap();
+    wait_until("the unread job paused", || {
+        p.manager.jobs().iter().any(|j| j.output_paused)
+    });
+    // Jobs that stay queued (no worker has the tag): their `Queued` comes while the
+    // window is full.
+    let array = client
+        .submit_array(JobSpec::new("true").require_tag("nowhere"), 1, ARRAY)
+        .unwrap();
+    assert_eq!(array.len() as u64, ARRAY);
+    wait_until("the array queued", || {
+        p.manager.jobs().len() == ARRAY as usize + 1
+    });
+    let delivering = threads_named("wp-deliver");
+    assert!(
+        delivering < ARRAY as usize / 4,
+        "{delivering} delivery threads for {ARRAY} queued jobs"
+    );
+}

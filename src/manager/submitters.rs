@@ -536,7 +536,14 @@ impl Hub {
         let Some(r) = self.jobs.get_mut(&job) else {
             return Pushed::Gone(ev);
         };
-        let window = self.settings.window;
+        // Only output and warnings wait for room. A job's other events are few (queued,
+        // started, requeued per retry, finished) and small, and each one held back
+        // would cost the job a delivery thread while it waits: a session behind on one
+        // job's output would otherwise take a thread per job it submits meanwhile.
+        let window = match ev {
+            JobEvent::Output { .. } | JobEvent::Warning(_) => self.settings.window,
+            _ => usize::MAX,
+        };
         let sessions = &mut self.sessions;
         let mut full = false;
         // A watcher that is away is waited for as well, detached job or not: it comes
@@ -1138,6 +1145,29 @@ mod tests {
         // An attached job is forgotten once it ended.
         assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Gone(_)));
         assert_eq!(events(&o).len(), 2);
+    }
+
+    #[test]
+    fn a_full_window_holds_back_output_and_warnings_only() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).session;
+        hub.follow_new(s, JobId(1), false);
+        hub.follow_new(s, JobId(2), false);
+        assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
+        let warning = JobEvent::Warning("w".into());
+        assert!(matches!(hub.push(t0, JobId(2), warning), Pushed::Full(_)));
+        for ev in [
+            JobEvent::Queued,
+            JobEvent::Started { worker: "w".into() },
+            JobEvent::Requeued { attempt: 2 },
+            JobEvent::Finished(Outcome::Cancelled),
+        ] {
+            assert_eq!(hub.push(t0, JobId(2), ev), Pushed::Taken);
+        }
+        assert_eq!(job_events(&o).len(), 5);
     }
 
     #[test]
