@@ -358,3 +358,29 @@ fn jobs_queued_while_a_reader_is_behind_do_not_take_a_thread_each() {
         "{delivering} delivery threads for {ARRAY} queued jobs"
     );
 }
+
+#[test]
+fn a_large_answer_is_acknowledged_before_the_next_request_and_the_link_stays_up() {
+    const ARRAY: u64 = 9000;
+    let p = pool(1, 1, |_| {});
+    let relay = Relay::start(p.manager.local_addr());
+    let mut config = p.client_config(relay.port, 1);
+    config.reconnect_grace = Some(Duration::from_secs(2));
+    let client = Client::connect(config).unwrap();
+    // From now on the client cannot come back if its link is closed.
+    relay.refuse(true);
+    // Queued jobs of its own, listed with their scripts: an answer of about 9 MiB.
+    let script = format!("true {}", "x".repeat(2000));
+    let _array = client
+        .submit_array(JobSpec::new(script).require_tag("nowhere"), 1, ARRAY)
+        .unwrap();
+    wait_until("the array queued", || {
+        p.manager.jobs().len() == ARRAY as usize
+    });
+    assert_eq!(client.jobs().unwrap().len(), ARRAY as usize);
+    // The next request finds the manager holding that answer unacknowledged, unless
+    // the client said it has it.
+    let stats = client.stats();
+    assert!(stats.is_ok(), "{stats:?}");
+    assert!(client.is_connected());
+}
