@@ -384,3 +384,21 @@ fn a_large_answer_is_acknowledged_before_the_next_request_and_the_link_stays_up(
     assert!(stats.is_ok(), "{stats:?}");
     assert!(client.is_connected());
 }
+
+#[test]
+fn an_array_whose_copies_of_its_spec_add_up_past_the_limit_is_refused() {
+    let p = pool(1, 1, |_| {});
+    let client = p.client(1);
+    // One request of 4 MiB, which would be 300 jobs of 4 MiB each in the manager.
+    let spec = JobSpec::new(format!("true {}", "x".repeat(4 << 20))).require_tag("nowhere");
+    let refused = client.submit_array(spec, 1, 300);
+    assert!(
+        matches!(&refused, Err(Error::InvalidJob(why)) if why.contains("array")),
+        "{:?}",
+        refused.as_ref().map(|jobs| jobs.len())
+    );
+    assert!(p.manager.jobs().is_empty());
+    // A smaller array of the same spec is taken.
+    let spec = JobSpec::new(format!("true {}", "x".repeat(4 << 20))).require_tag("nowhere");
+    assert_eq!(client.submit_array(spec, 1, 3).unwrap().len(), 3);
+}

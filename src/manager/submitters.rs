@@ -48,6 +48,9 @@ const KEPT_CHUNK: usize = 64 << 10;
 
 /// The most jobs one array request may hold.
 pub(crate) const MAX_ARRAY: u64 = 1_000_000;
+/// The most bytes an array's jobs may hold in all (each job has its own copy of the
+/// spec: one request of a few MiB must not become gigabytes in the manager).
+pub(crate) const MAX_ARRAY_BYTES: usize = 1 << 30;
 
 /// Who a session is: the certificate (DER) its connection presented; `None` without TLS
 /// (every plaintext submitter is the same nobody).
@@ -960,6 +963,14 @@ impl Conn<'_> {
                 return;
             }
         };
+        let size = spec.wire_size();
+        if array.is_some() && count.saturating_mul(size) > MAX_ARRAY_BYTES {
+            let why = format!(
+                "an array's jobs may hold at most {MAX_ARRAY_BYTES} bytes in all ({count} jobs of {size} bytes each were asked for)"
+            );
+            self.reply(seq, Reply::Failed(RequestError::InvalidJob(why)));
+            return;
+        }
         let s = self.shared;
         if let Err(e) = s.admit(&spec, count) {
             let e = match e {
