@@ -321,3 +321,84 @@ fn closing_a_client_cancels_its_attached_jobs_and_not_its_detached_ones() {
     assert_eq!(r.outcome, Outcome::Exited(0));
     assert_eq!(r.stdout_text(), "still here\n");
 }
+
+/// The threads of this process with this name.
+fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim_end() == name)
+        .count()
+}
+
+#[test]
+fn jobs_queued_while_a_reader_is_behind_do_not_take_a_thread_each() {
+    const ARRAY: u64 = 400;
+    let p = pool(1, 1, |_| {});
+    let client = p.client(1);
+    // A job whose events nobody reads fills the session's window and is paused.
+    let _unread = client
+        .submit(JobSpec::new("head -c 30000000 /dev/zero"))
+        .unwrap();
+    wait_until("the unread job paused", || {
+        p.manager.jobs().iter().any(|j| j.output_paused)
+    });
+    // Jobs that stay queued (no worker has the tag): their `Queued` comes while the
+    // window is full.
+    let array = client
+        .submit_array(JobSpec::new("true").require_tag("nowhere"), 1, ARRAY)
+        .unwrap();
+    assert_eq!(array.len() as u64, ARRAY);
+    wait_until("the array queued", || {
+        p.manager.jobs().len() == ARRAY as usize + 1
+    });
+    let delivering = threads_named("wp-deliver");
+    assert!(
+        delivering < ARRAY as usize / 4,
+        "{delivering} delivery threads for {ARRAY} queued jobs"
+    );
+}
+
+#[test]
+fn a_large_answer_is_acknowledged_before_the_next_request_and_the_link_stays_up() {
+    const ARRAY: u64 = 9000;
+    let p = pool(1, 1, |_| {});
+    let relay = Relay::start(p.manager.local_addr());
+    let mut config = p.client_config(relay.port, 1);
+    config.reconnect_grace = Some(Duration::from_secs(2));
+    let client = Client::connect(config).unwrap();
+    // From now on the client cannot come back if its link is closed.
+    relay.refuse(true);
+    // Queued jobs of its own, listed with their scripts: an answer of about 9 MiB.
+    let script = format!("true {}", "x".repeat(2000));
+    let _array = client
+        .submit_array(JobSpec::new(script).require_tag("nowhere"), 1, ARRAY)
+        .unwrap();
+    wait_until("the array queued", || {
+        p.manager.jobs().len() == ARRAY as usize
+    });
+    assert_eq!(client.jobs().unwrap().len(), ARRAY as usize);
+    // The next request finds the manager holding that answer unacknowledged, unless
+    // the client said it has it.
+    let stats = client.stats();
+    assert!(stats.is_ok(), "{stats:?}");
+    assert!(client.is_connected());
+}
+
+#[test]
+fn an_array_whose_copies_of_its_spec_add_up_past_the_limit_is_refused() {
+    let p = pool(1, 1, |_| {});
+    let client = p.client(1);
+    // One request of 4 MiB, which would be 300 jobs of 4 MiB each in the manager.
+    let spec = JobSpec::new(format!("true {}", "x".repeat(4 << 20))).require_tag("nowhere");
+    let refused = client.submit_array(spec, 1, 300);
+    assert!(
+        matches!(&refused, Err(Error::InvalidJob(why)) if why.contains("array")),
+        "{:?}",
+        refused.as_ref().map(|jobs| jobs.len())
+    );
+    assert!(p.manager.jobs().is_empty());
+    // A smaller array of the same spec is taken.
+    let spec = JobSpec::new(format!("true {}", "x".repeat(4 << 20))).require_tag("nowhere");
+    assert_eq!(client.submit_array(spec, 1, 3).unwrap().len(), 3);
+}

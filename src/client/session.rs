@@ -223,6 +223,10 @@ impl Session {
         self.next_request += 1;
         let up = self.is_up();
         if up {
+            // What was taken is acknowledged first: the manager takes no request while
+            // it holds more than twice its window unacknowledged, and one answer (a
+            // long job list) can be that large.
+            self.ack(true);
             self.actions.push(Action::Send(SubmitterMessage::Request {
                 seq,
                 request: request.clone(),

@@ -43,8 +43,14 @@ pub(crate) const WINDOW: usize = 4 << 20;
 const MAX_LISTED_JOBS: usize = 10_000;
 const MAX_LISTED_SCRIPT: usize = 1024;
 
+/// The most bytes of output a detached job keeps in one event (see `Kept::push`).
+const KEPT_CHUNK: usize = 64 << 10;
+
 /// The most jobs one array request may hold.
 pub(crate) const MAX_ARRAY: u64 = 1_000_000;
+/// The most bytes an array's jobs may hold in all (each job has its own copy of the
+/// spec: one request of a few MiB must not become gigabytes in the manager).
+pub(crate) const MAX_ARRAY_BYTES: usize = 1 << 30;
 
 /// Who a session is: the certificate (DER) its connection presented; `None` without TLS
 /// (every plaintext submitter is the same nobody).
@@ -183,10 +189,28 @@ struct Kept {
 
 impl Kept {
     fn push(&mut self, ev: &JobEvent, limit: usize) {
-        if let JobEvent::Output { bytes, .. } = ev {
+        if let JobEvent::Output { bytes, stream } = ev {
             self.output += bytes.len();
+            // Output joins the chunk before it (up to a size): a job that writes a byte
+            // at a time would otherwise cost an event (tens of bytes) per byte kept.
+            if let Some(JobEvent::Output {
+                stream: last_stream,
+                bytes: last,
+            }) = self.events.back_mut()
+                && last_stream == stream
+                && last.len() + bytes.len() <= KEPT_CHUNK
+            {
+                last.extend_from_slice(bytes);
+                self.trim(limit);
+                return;
+            }
         }
         self.events.push_back(ev.clone());
+        self.trim(limit);
+    }
+
+    /// Drops the oldest output beyond `limit` bytes.
+    fn trim(&mut self, limit: usize) {
         while self.output > limit {
             // Drop the oldest output (whole chunks, then part of one).
             let Some(i) = self
@@ -536,14 +560,20 @@ impl Hub {
         let Some(r) = self.jobs.get_mut(&job) else {
             return Pushed::Gone(ev);
         };
-        let window = self.settings.window;
+        // Only output and warnings wait for room. A job's other events are few (queued,
+        // started, requeued per retry, finished) and small, and each one held back
+        // would cost the job a delivery thread while it waits: a session behind on one
+        // job's output would otherwise take a thread per job it submits meanwhile.
+        let window = match ev {
+            JobEvent::Output { .. } | JobEvent::Warning(_) => self.settings.window,
+            _ => usize::MAX,
+        };
         let sessions = &mut self.sessions;
         let mut full = false;
+        // A watcher that is away is waited for as well, detached job or not: it comes
+        // back within the grace expecting every event, or its session ends and it goes.
         r.watchers.retain(|w| match sessions.get(w) {
             None => false,
-            // A detached job does not wait for a watcher that is away: it can attach
-            // again and read what the job kept.
-            Some(s) if s.full(window) && s.link.is_none() && r.detached => false,
             Some(s) => {
                 full |= s.full(window);
                 true
@@ -933,6 +963,14 @@ impl Conn<'_> {
                 return;
             }
         };
+        let size = spec.wire_size();
+        if array.is_some() && count.saturating_mul(size) > MAX_ARRAY_BYTES {
+            let why = format!(
+                "an array's jobs may hold at most {MAX_ARRAY_BYTES} bytes in all ({count} jobs of {size} bytes each were asked for)"
+            );
+            self.reply(seq, Reply::Failed(RequestError::InvalidJob(why)));
+            return;
+        }
         let s = self.shared;
         if let Err(e) = s.admit(&spec, count) {
             let e = match e {
@@ -1142,6 +1180,48 @@ mod tests {
     }
 
     #[test]
+    fn a_full_window_holds_back_output_and_warnings_only() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).session;
+        hub.follow_new(s, JobId(1), false);
+        hub.follow_new(s, JobId(2), false);
+        assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
+        let warning = JobEvent::Warning("w".into());
+        assert!(matches!(hub.push(t0, JobId(2), warning), Pushed::Full(_)));
+        for ev in [
+            JobEvent::Queued,
+            JobEvent::Started { worker: "w".into() },
+            JobEvent::Requeued { attempt: 2 },
+            JobEvent::Finished(Outcome::Cancelled),
+        ] {
+            assert_eq!(hub.push(t0, JobId(2), ev), Pushed::Taken);
+        }
+        assert_eq!(job_events(&o).len(), 5);
+    }
+
+    #[test]
+    fn a_detached_job_s_kept_output_costs_few_events_whatever_its_chunks() {
+        let mut k = Kept::default();
+        for _ in 0..100_000 {
+            k.push(&out(1), 1 << 20);
+        }
+        k.push(&JobEvent::Finished(Outcome::Exited(0)), 1 << 20);
+        assert_eq!(k.output, 100_000);
+        assert!(k.events.len() <= 3, "{} events kept", k.events.len());
+        // Over the limit, the oldest bytes go and are counted.
+        let mut k = Kept::default();
+        for i in 0..10_000u32 {
+            k.push(&out(1 + (i % 3) as usize), 1000);
+        }
+        assert_eq!(k.output, 1000);
+        assert_eq!(k.dropped, 20_000 - 1000 - 1);
+        assert!(k.events.len() <= 2, "{} events kept", k.events.len());
+    }
+
+    #[test]
     fn a_resumed_session_gets_again_what_was_not_received_and_requests_are_taken_once() {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
@@ -1345,7 +1425,7 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_job_does_not_wait_for_a_watcher_that_is_away() {
+    fn a_detached_job_waits_for_a_watcher_that_is_away_until_its_grace_ends() {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, _o) = link();
@@ -1357,9 +1437,48 @@ mod tests {
         assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
         assert!(matches!(hub.push(t0, JobId(2), out(1)), Pushed::Full(_)));
         hub.disconnected(t0, s, &tx);
-        // Away: the detached job goes on without it; the attached one waits for it.
-        assert_eq!(hub.push(t0, JobId(1), out(1)), Pushed::Taken);
+        // Away: both wait for it to come back (it expects every event).
+        assert!(matches!(hub.push(t0, JobId(1), out(1)), Pushed::Full(_)));
         assert!(matches!(hub.push(t0, JobId(2), out(1)), Pushed::Full(_)));
+        // Its grace ends: the detached job goes on without it, the attached one is
+        // cancelled.
+        let (cancel, _) = hub.tick(t0 + Duration::from_secs(10));
+        assert_eq!(cancel, vec![JobId(2)]);
+        assert_eq!(hub.push(t0, JobId(1), out(1)), Pushed::Taken);
+    }
+
+    #[test]
+    fn a_watcher_away_with_its_window_full_gets_every_event_of_a_detached_job_when_it_returns() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        hub.follow_new(s, JobId(1), true);
+        assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
+        let received = events(&o).len() as u64;
+        // The connection drops with the window full; the job goes on meanwhile.
+        hub.disconnected(t0, s, &tx);
+        let mut waiting = vec![out(7), JobEvent::Finished(Outcome::Exited(0))];
+        // The submitter comes back within the grace, having received everything.
+        let (tx2, o2) = link();
+        let pushed = hub.push(t0, JobId(1), waiting.remove(0));
+        if let Pushed::Full(ev) = pushed {
+            waiting.insert(0, ev);
+        }
+        let resume = SessionResume {
+            manager_id: 1,
+            session: s,
+            next_event: received,
+        };
+        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).resumed);
+        for ev in waiting {
+            assert_eq!(hub.push(t0, JobId(1), ev), Pushed::Taken);
+        }
+        // Nothing lost: the rest of the job's output and exactly one end.
+        assert_eq!(
+            job_events(&o2),
+            vec![out(7), JobEvent::Finished(Outcome::Exited(0))]
+        );
     }
 }
 
@@ -1497,33 +1616,35 @@ mod wire_tests {
                 request: Request::Cancel { job },
             },
         );
+        // The cancel's answer and the job's end race (the worker may report the end
+        // before the link thread answers): read until both came.
+        let done = SessionEvent::Reply {
+            request: 1,
+            reply: Reply::Done,
+        };
+        let finished = SessionEvent::Job {
+            job,
+            event: JobEvent::Finished(Outcome::Cancelled),
+        };
         let mut rest = vec![];
-        loop {
+        while !(rest.contains(&done) && rest.contains(&finished)) {
             let (s, ev) = next(&mut est);
             assert_eq!(s, received + rest.len() as u64);
-            let done = matches!(
-                ev,
-                SessionEvent::Job {
-                    event: JobEvent::Finished(_),
-                    ..
-                }
-            );
             rest.push(ev);
-            if done {
-                break;
-            }
         }
-        assert!(rest.contains(&SessionEvent::Reply {
-            request: 1,
-            reply: Reply::Done
-        }));
-        assert_eq!(
-            rest.last(),
-            Some(&SessionEvent::Job {
-                job,
-                event: JobEvent::Finished(Outcome::Cancelled)
+        let ends = rest
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    SessionEvent::Job {
+                        event: JobEvent::Finished(_),
+                        ..
+                    }
+                )
             })
-        );
+            .count();
+        assert_eq!(ends, 1, "{rest:?}");
         assert_eq!(m.jobs(), vec![], "no second job was queued");
         w.stop();
         m.shutdown();

@@ -495,10 +495,13 @@ fn a_submit_whose_caller_gave_up_is_not_sent_and_a_taken_one_has_its_jobs_cancel
     assert!(
         matches!(
             &sent[..],
-            [SubmitterMessage::Request {
-                request: Request::Cancel { job: JobId(9) },
-                ..
-            }]
+            [
+                SubmitterMessage::Ack { next: 1 },
+                SubmitterMessage::Request {
+                    request: Request::Cancel { job: JobId(9) },
+                    ..
+                }
+            ]
         ),
         "{sent:?}"
     );
@@ -583,4 +586,29 @@ fn a_closed_session_says_goodbye_answers_its_callers_and_takes_nothing_more() {
         Err(Error::ShutDown)
     ));
     assert!(h.after(Duration::from_secs(60)).is_empty(), "no reconnect");
+}
+
+#[test]
+fn what_was_taken_is_acknowledged_before_the_next_request() {
+    let mut h = Harness::up();
+    let (a, _ra) = h.ask(Request::Jobs);
+    assert_eq!(request_seqs(&h.sent()), vec![a]);
+    // One answer (it may be megabytes): not enough for an acknowledgement by itself.
+    h.event(
+        0,
+        SessionEvent::Reply {
+            request: a,
+            reply: Reply::Jobs(vec![]),
+        },
+    );
+    assert!(h.sent().is_empty());
+    // The next request goes out after the acknowledgement of that answer.
+    let (b, _rb) = h.ask(Request::Stats);
+    let sent = h.sent();
+    assert_eq!(acks(&sent), vec![1]);
+    assert!(matches!(sent[0], SubmitterMessage::Ack { next: 1 }));
+    assert_eq!(request_seqs(&sent), vec![b]);
+    // Nothing new taken: no acknowledgement again.
+    let (c, _rc) = h.ask(Request::Workers);
+    assert_eq!(h.sent().len(), 1, "request {c} alone");
 }
