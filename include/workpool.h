@@ -656,6 +656,14 @@ wp_result wp_manager_config_add_worker_root_pem_file(struct wp_manager_config *c
 wp_result wp_manager_config_set_max_connections_per_certificate(struct wp_manager_config *config,
                                                                 uint32_t max);
 
+// Sets how many sessions one submitter certificate may hold at once, connected or
+// waiting for their submitter within the reconnect grace (default 64; at least 1).
+// A new session beyond it is refused; a resumed one is not new.
+//
+// Threads: one call at a time per configuration.
+wp_result wp_manager_config_set_max_sessions_per_certificate(struct wp_manager_config *config,
+                                                             uint32_t max);
+
 // Sets the most heartbeats a second the manager should hear from idle workers (default
 // 2000; 0: no limit). Beyond that many workers per second of heartbeat interval, the
 // interval announced to workers is stretched to keep to the rate, and the heartbeat

@@ -272,6 +272,8 @@ int main(int argc, char **argv) {
     check(wp_manager_config_set_max_connections_per_certificate(mc, 2), "set_max_connections_per_certificate");
     check(wp_manager_config_set_max_heartbeats_per_second(mc, 5000), "set_max_heartbeats_per_second");
     check(wp_manager_config_set_detached_output_limit(mc, 65536), "set_detached_output_limit");
+    refused("zero sessions per certificate", wp_manager_config_set_max_sessions_per_certificate(mc, 0));
+    check(wp_manager_config_set_max_sessions_per_certificate(mc, 16), "set_max_sessions_per_certificate");
     refused("a retention over 365 days",
             wp_manager_config_set_detached_retention(mc, 366ULL * 86400 * 1000, 10));
     check(wp_manager_config_set_detached_retention(mc, 60000, 10), "set_detached_retention");

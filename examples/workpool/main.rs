@@ -212,6 +212,10 @@ struct ManagerArgs {
     /// Connections one worker certificate may hold [default: 4]
     #[arg(long, value_name = "N", value_parser = number::<usize>)]
     max_connections_per_certificate: Option<usize>,
+    /// Sessions one submitter certificate may hold, connected or within their grace
+    /// [default: 64]
+    #[arg(long, value_name = "N", value_parser = number::<usize>)]
+    max_sessions_per_certificate: Option<usize>,
     /// Most heartbeats a second to hear from idle workers; beyond it heartbeats, their
     /// timeout and the reconnect grace are stretched (0: no limit) [default: 2000]
     #[arg(long, value_name = "N", value_parser = number::<u32>)]
@@ -461,6 +465,9 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
             .submitter_trust(trust(submitters, submitter_cas)?)
     };
     config.metrics_addr = a.metrics_address;
+    if let Some(n) = a.max_sessions_per_certificate {
+        config.max_sessions_per_certificate = n;
+    }
     if let Some(n) = a.max_connections_per_certificate {
         config.max_connections_per_certificate = n;
     }

@@ -271,6 +271,24 @@ pub unsafe extern "C" fn wp_manager_config_set_max_connections_per_certificate(
     })
 }
 
+/// Sets how many sessions one submitter certificate may hold at once, connected or
+/// waiting for their submitter within the reconnect grace (default 64; at least 1).
+/// A new session beyond it is refused; a resumed one is not new.
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_max_sessions_per_certificate(
+    config: *mut wp_manager_config,
+    max: u32,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        refuse_if!(max == 0, "max_sessions_per_certificate must be at least 1");
+        config.rust.max_sessions_per_certificate = max as usize;
+        WP_RESULT_OK
+    })
+}
+
 /// Sets the most heartbeats a second the manager should hear from idle workers (default
 /// 2000; 0: no limit). Beyond that many workers per second of heartbeat interval, the
 /// interval announced to workers is stretched to keep to the rate, and the heartbeat

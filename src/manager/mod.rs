@@ -123,6 +123,12 @@ pub struct ManagerConfig {
     /// worker's new connection replaces its old one under the same name). Without TLS
     /// there are no certificates and no such limit.
     pub max_connections_per_certificate: usize,
+    /// Most sessions one submitter certificate may hold at once (64 by default),
+    /// connected or waiting for their submitter to come back within the grace; a new
+    /// one beyond it is refused (a resumed one is not new). Each session may keep up to
+    /// about two windows of unacknowledged events and one answer, so this bounds what one
+    /// certificate can make the manager hold. Without TLS there is no such limit.
+    pub max_sessions_per_certificate: usize,
     /// Most heartbeats a second the manager should hear from its workers when they are
     /// idle (2,000 by default; 0: no limit). Each worker sends one per
     /// `heartbeat_interval`; beyond this many workers per second of interval, the
@@ -195,6 +201,7 @@ impl ManagerConfig {
             metrics_addr: None,
             reconnect_grace: Duration::from_secs(10),
             max_connections_per_certificate: 4,
+            max_sessions_per_certificate: 64,
             max_heartbeats_per_second: 2000,
             detached_output_limit: 1 << 20,
             detached_retention: Duration::from_secs(3600),
@@ -218,6 +225,9 @@ impl ManagerConfig {
         }
         if self.handshake_timeout.is_zero() || self.handshake_timeout > MAX_HANDSHAKE_TIMEOUT {
             return bad("handshake_timeout must be more than zero and at most an hour");
+        }
+        if self.max_sessions_per_certificate == 0 {
+            return bad("max_sessions_per_certificate must be at least 1");
         }
         if self.max_connections_per_certificate == 0 {
             return bad("max_connections_per_certificate must be at least 1");
@@ -374,6 +384,7 @@ impl Manager {
                 kept_output: config.detached_output_limit,
                 keep_ended_for: config.detached_retention,
                 keep_ended: config.detached_retention_count,
+                max_sessions_per_owner: config.max_sessions_per_certificate,
             },
             // Submitters are few: their links keep the base timing.
             Arc::new(Pace::new(base, config.reconnect_grace, 0)),

@@ -35,8 +35,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The most bytes of unacknowledged events a session keeps for its submitter; beyond
-/// it, the jobs it follows wait (their workers are paused) until it acknowledges.
-pub(crate) const WINDOW: usize = 4 << 20;
+/// it, the output of the jobs it follows waits (their workers are paused) until it
+/// acknowledges. 1 MiB streamed fastest on loopback: 1 GiB through `workpool submit`
+/// took a median 2.0 s with 1 MiB, 2.8 s with 4 MiB and 5.4 s with 16 MiB (a
+/// submitter acknowledges every 512 KiB; see docs/PERFORMANCE.md).
+pub(crate) const WINDOW: usize = 1 << 20;
 
 /// The most jobs a `Jobs` answer lists (the oldest first), and the most bytes of each
 /// script it shows, so that the answer fits one frame.
@@ -69,6 +72,8 @@ pub(crate) struct HubSettings {
     pub keep_ended_for: Duration,
     /// The most ended detached jobs kept (the oldest are forgotten first).
     pub keep_ended: usize,
+    /// The most sessions one certificate may hold (none without TLS).
+    pub max_sessions_per_owner: usize,
 }
 
 struct Session {
@@ -325,7 +330,7 @@ impl Hub {
         link: Arc<Tx>,
         resume: Option<&SessionResume>,
         manager_id: u64,
-    ) -> Opened {
+    ) -> Result<Opened, String> {
         if let Some(r) = resume.filter(|r| r.manager_id == manager_id)
             && let Some(s) = self.sessions.get_mut(&r.session)
             && s.owner == owner
@@ -342,11 +347,20 @@ impl Hub {
                     break;
                 }
             }
-            return Opened {
+            return Ok(Opened {
                 session: r.session,
                 resumed: true,
                 next_request: s.next_request,
-            };
+            });
+        }
+        if owner.is_some() {
+            let held = self.sessions.values().filter(|s| s.owner == owner).count();
+            let max = self.settings.max_sessions_per_owner;
+            if held >= max {
+                return Err(format!(
+                    "its certificate already holds {held} session(s), the most allowed (max_sessions_per_certificate = {max}); a session is kept for the reconnect grace after its connection ends"
+                ));
+            }
         }
         let mut id = crate::random::u64();
         while id == 0 || self.sessions.contains_key(&id) {
@@ -365,11 +379,11 @@ impl Hub {
                 attached: BTreeSet::new(),
             },
         );
-        Opened {
+        Ok(Opened {
             session: id,
             resumed: false,
             next_request: 0,
-        }
+        })
     }
 
     /// A session's connection ended (`link` is the one that ended: a newer one that
@@ -650,6 +664,9 @@ impl Submitters {
         let mut hub = self.lock();
         while !self.closing.load(Ordering::Acquire) {
             let (jobs, next) = hub.tick(Instant::now());
+            // Sessions that ended no longer hold jobs back (a detached job's output
+            // waited for them): let waiting sinks look again.
+            self.room.notify_all();
             if !jobs.is_empty() {
                 drop(hub);
                 self.room.notify_all();
@@ -765,6 +782,16 @@ pub(crate) fn serve(
         hello.resume.as_ref(),
         shared.manager_id,
     );
+    // A resume acknowledges what the submitter received: sinks waiting for room look again.
+    subs.room.notify_all();
+    let opened = match opened {
+        Ok(o) => o,
+        Err(why) => {
+            log::warn!("refused submitter {name} at {peer}: {why}");
+            link::refuse(&est, &why);
+            return;
+        }
+    };
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let paced = subs.pace.now();
     let welcome = SubmitterWelcome {
@@ -1044,6 +1071,7 @@ mod tests {
             kept_output: 100,
             keep_ended_for: Duration::from_secs(60),
             keep_ended: 2,
+            max_sessions_per_owner: 3,
         }
     }
 
@@ -1144,7 +1172,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, o) = link();
-        let s = hub.open(owner("a"), tx, None, 1);
+        let s = hub.open(owner("a"), tx, None, 1).unwrap();
         assert!(!s.resumed);
         let s = s.session;
         hub.follow_new(s, JobId(1), false);
@@ -1184,7 +1212,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, o) = link();
-        let s = hub.open(owner("a"), tx, None, 1).session;
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
         hub.follow_new(s, JobId(1), false);
         hub.follow_new(s, JobId(2), false);
         assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
@@ -1226,7 +1254,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, o) = link();
-        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        let s = hub.open(owner("a"), tx.clone(), None, 1).unwrap().session;
         assert_eq!(hub.take_request(s, 0), Take::New);
         hub.follow_new(s, JobId(1), false);
         hub.reply(s, 0, &Reply::Submitted(vec![JobId(1)]));
@@ -1245,7 +1273,7 @@ mod tests {
             session: s,
             next_event: 3,
         };
-        let back = hub.open(owner("a"), tx2, Some(&resume), 1);
+        let back = hub.open(owner("a"), tx2, Some(&resume), 1).unwrap();
         assert_eq!(
             back,
             Opened {
@@ -1274,19 +1302,58 @@ mod tests {
         assert_eq!(hub.take_request(s, 3), Take::New);
         // Another certificate, or another manager, cannot resume it: a new session.
         let (tx3, _) = link();
-        let other = hub.open(owner("b"), tx3, Some(&resume), 1);
+        let other = hub.open(owner("b"), tx3, Some(&resume), 1).unwrap();
         assert!(!other.resumed && other.session != s);
         let (tx4, _) = link();
-        let stale = hub.open(
-            owner("a"),
-            tx4,
-            Some(&SessionResume {
-                manager_id: 2,
-                ..resume
-            }),
-            1,
-        );
+        let stale = hub
+            .open(
+                owner("a"),
+                tx4,
+                Some(&SessionResume {
+                    manager_id: 2,
+                    ..resume
+                }),
+                1,
+            )
+            .unwrap();
         assert!(!stale.resumed);
+    }
+
+    #[test]
+    fn a_certificate_holds_a_bounded_number_of_sessions_and_a_resume_is_not_a_new_one() {
+        let mut hub = Hub::new(settings());
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let (tx, _) = link();
+            held.push((hub.open(owner("a"), tx.clone(), None, 1).unwrap(), tx));
+        }
+        let (tx, _) = link();
+        let e = hub.open(owner("a"), tx, None, 1).unwrap_err();
+        assert!(e.contains("max_sessions_per_certificate = 3"), "{e}");
+        // Away but within its grace, a session still counts; it may come back.
+        let (first, old) = &held[0];
+        hub.disconnected(Instant::now(), first.session, old);
+        let (tx, _) = link();
+        let e = hub.open(owner("a"), tx, None, 1).unwrap_err();
+        assert!(e.contains("holds 3 session(s)"), "{e}");
+        let resume = SessionResume {
+            manager_id: 1,
+            session: first.session,
+            next_event: 0,
+        };
+        let (tx, _) = link();
+        assert!(hub.open(owner("a"), tx, Some(&resume), 1).unwrap().resumed);
+        // Another certificate has its own count; without TLS there is none.
+        let (tx, _) = link();
+        assert!(hub.open(owner("b"), tx, None, 1).is_ok());
+        for _ in 0..5 {
+            let (tx, _) = link();
+            assert!(hub.open(None, tx, None, 1).is_ok());
+        }
+        // A session that ended makes room.
+        hub.close(held[1].0.session);
+        let (tx, _) = link();
+        assert!(hub.open(owner("a"), tx, None, 1).is_ok());
     }
 
     #[test]
@@ -1294,7 +1361,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, _o) = link();
-        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        let s = hub.open(owner("a"), tx.clone(), None, 1).unwrap().session;
         hub.follow_new(s, JobId(1), false);
         hub.follow_new(s, JobId(2), true);
         hub.follow_new(s, JobId(3), false);
@@ -1321,7 +1388,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, _o) = link();
-        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        let s = hub.open(owner("a"), tx.clone(), None, 1).unwrap().session;
         hub.follow_new(s, JobId(1), false);
         hub.disconnected(t0, s, &tx);
         let (tx2, _o2) = link();
@@ -1330,7 +1397,7 @@ mod tests {
             session: s,
             next_event: 0,
         };
-        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).resumed);
+        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).unwrap().resumed);
         assert_eq!(hub.tick(t0 + Duration::from_secs(60)).0, vec![]);
         assert_eq!(hub.close(s), vec![JobId(1)]);
         assert_eq!(hub.close(s), vec![], "once");
@@ -1341,7 +1408,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, o) = link();
-        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        let s = hub.open(owner("a"), tx.clone(), None, 1).unwrap().session;
         hub.follow_new(s, JobId(1), true);
         hub.push(t0, JobId(1), JobEvent::Queued);
         for _ in 0..3 {
@@ -1356,7 +1423,7 @@ mod tests {
         hub.push(t0, JobId(1), JobEvent::Finished(Outcome::Exited(3)));
         // Someone else cannot attach; the same certificate can, from a new session.
         let (tx2, o2) = link();
-        let other = hub.open(owner("b"), tx2, None, 1).session;
+        let other = hub.open(owner("b"), tx2, None, 1).unwrap().session;
         hub.attach(other, 0, JobId(1));
         assert!(matches!(
             &events(&o2)[..],
@@ -1369,7 +1436,7 @@ mod tests {
             )]
         ));
         let (tx3, o3) = link();
-        let again = hub.open(owner("a"), tx3, None, 1).session;
+        let again = hub.open(owner("a"), tx3, None, 1).unwrap().session;
         hub.attach(again, 0, JobId(1));
         let got = job_events(&o3);
         assert_eq!(got[0], JobEvent::Queued);
@@ -1395,7 +1462,7 @@ mod tests {
             Some(t0 + Duration::from_secs(60))
         );
         let (tx4, o4) = link();
-        let late = hub.open(owner("a"), tx4, None, 1).session;
+        let late = hub.open(owner("a"), tx4, None, 1).unwrap().session;
         hub.tick(t0 + Duration::from_secs(60));
         hub.attach(late, 0, JobId(1));
         assert!(matches!(
@@ -1429,7 +1496,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, _o) = link();
-        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        let s = hub.open(owner("a"), tx.clone(), None, 1).unwrap().session;
         hub.follow_new(s, JobId(1), true);
         hub.follow_new(s, JobId(2), false);
         hub.push(t0, JobId(1), out(1000));
@@ -1452,7 +1519,7 @@ mod tests {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
         let (tx, o) = link();
-        let s = hub.open(owner("a"), tx.clone(), None, 1).session;
+        let s = hub.open(owner("a"), tx.clone(), None, 1).unwrap().session;
         hub.follow_new(s, JobId(1), true);
         assert_eq!(hub.push(t0, JobId(1), out(1000)), Pushed::Taken);
         let received = events(&o).len() as u64;
@@ -1470,7 +1537,7 @@ mod tests {
             session: s,
             next_event: received,
         };
-        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).resumed);
+        assert!(hub.open(owner("a"), tx2, Some(&resume), 1).unwrap().resumed);
         for ev in waiting {
             assert_eq!(hub.push(t0, JobId(1), ev), Pushed::Taken);
         }
