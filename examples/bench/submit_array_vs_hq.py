@@ -11,7 +11,7 @@ exits when every job has ended), as HyperQueue's is from `hq submit --array` to 
 of `hq job wait`. Everything started here is stopped by its PID.
 
   BENCH_DIR=/tmp/hqb HQ_BIN=.../hq WORKPOOL_BIN=target/release/examples/workpool \\
-  HARNESS=../shared/bench/hq_vs_workpool.py REPS=3 python3 examples/bench/submit_array_vs_hq.py
+  HARNESS=path/to/hq_vs_workpool.py REPS=3 python3 examples/bench/submit_array_vs_hq.py
 
 Certificates first: workpool generate-tls-certificates --number-of-workers 2
 --number-of-submitters 1 --hostname 127.0.0.1 --output-dir $BENCH_DIR/certs
@@ -19,7 +19,7 @@ Certificates first: workpool generate-tls-certificates --number-of-workers 2
 import importlib.util, os, statistics, subprocess as sp, sys, time
 
 spec = importlib.util.spec_from_file_location(
-    "harness", os.environ.get("HARNESS", "../shared/bench/hq_vs_workpool.py"))
+    "harness", os.environ.get("HARNESS", "hq_vs_workpool.py"))
 h = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(h)
 
