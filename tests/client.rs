@@ -282,6 +282,9 @@ fn cancel_job_and_attach_act_on_the_client_s_own_jobs_only() {
     );
     assert!(matches!(theirs.cancel(id), Err(Error::NotPermitted(_))));
     assert!(matches!(theirs.attach(id), Err(Error::NotPermitted(_))));
+    // The client that follows it cannot follow it twice (the first would lose its
+    // events); its own handle goes on.
+    assert!(matches!(mine.attach(id), Err(Error::InvalidJob(_))));
     assert!(matches!(
         mine.cancel(JobId(999_999)),
         Err(Error::UnknownJob(999_999))

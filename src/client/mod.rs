@@ -212,8 +212,16 @@ impl Client {
     }
 
     /// Follows a job this client's certificate submitted: what the manager kept of its
-    /// events, then the rest as they come (its end only, if it has ended).
+    /// events, then the rest as they come (its end only, if it has ended). A job this
+    /// client follows already (it submitted or attached to it) is refused
+    /// ([`Error::InvalidJob`]): its events go to the `RemoteJob` the client has.
     pub fn attach(&self, id: JobId) -> Result<RemoteJob> {
+        // One follower per job and client: a second would take the first one's events.
+        if lock(&self.shared.state).session.follows_job(id) {
+            return Err(Error::InvalidJob(format!(
+                "job {id} is followed by this client already: its events go to the RemoteJob it has"
+            )));
+        }
         let mut jobs = self.follow(Request::Attach { job: id })?;
         jobs.pop()
             .ok_or_else(|| Error::Protocol("the manager answered an attach with no job".into()))

@@ -433,6 +433,11 @@ impl Session {
         self.retry_at = None;
     }
 
+    /// Whether the session follows the job (its events go to a `RemoteJob` of this client).
+    pub(crate) fn follows_job(&self, job: JobId) -> bool {
+        self.follows.contains_key(&job)
+    }
+
     /// How many requests wait for their answers (for tests and statistics).
     #[cfg(test)]
     pub(crate) fn waiting_requests(&self) -> usize {
