@@ -349,6 +349,32 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
+    /// Takes the events of job `id` from `events` until its end (its result) or until
+    /// `deadline`, if there is one (`None`; what came so far is kept for the next call).
+    pub(crate) fn gather(
+        &mut self,
+        id: JobId,
+        limit: usize,
+        events: &crossbeam_channel::Receiver<JobEvent>,
+        deadline: Option<std::time::Instant>,
+        gone: &str,
+    ) -> Option<JobResult> {
+        use crossbeam_channel::RecvTimeoutError;
+        loop {
+            let ev = match deadline {
+                None => events.recv().ok(),
+                Some(d) => match events.recv_deadline(d) {
+                    Ok(ev) => Some(ev),
+                    Err(RecvTimeoutError::Timeout) => return None,
+                    Err(RecvTimeoutError::Disconnected) => None,
+                },
+            };
+            if let Some(r) = self.absorb(id, limit, ev, gone) {
+                return Some(r);
+            }
+        }
+    }
+
     /// Takes one event of job `id` (each stream kept up to `limit` bytes); returns the
     /// result at its `Finished`. `None` is the channel closed without a `Finished`: the
     /// job ends `Rejected(gone)`.

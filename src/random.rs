@@ -4,6 +4,7 @@
 
 use rustls::crypto::SecureRandom;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 fn source() -> &'static dyn SecureRandom {
     static SOURCE: OnceLock<&'static dyn SecureRandom> = OnceLock::new();
@@ -31,6 +32,21 @@ pub(crate) fn hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     fill(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Capped exponential backoff with jitter, for a connect loop after its `failures`-th
+/// failure in a row: a random wait in [d/2, d], where d doubles per failure from
+/// `initial` up to `max`, so that many peers of a restarted manager do not all come
+/// back in the same instant. `rng` is the caller's xorshift state (seeded from [`u64`];
+/// a test gives its own, to see the waits it expects).
+pub(crate) fn backoff(initial: Duration, max: Duration, failures: u32, rng: &mut u64) -> Duration {
+    let exp = failures.saturating_sub(1).min(30);
+    let d = initial.saturating_mul(1u32 << exp).min(max);
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let frac = (*rng >> 11) as f64 / (1u64 << 53) as f64;
+    d.mul_f64(0.5 + 0.5 * frac)
 }
 
 #[cfg(test)]

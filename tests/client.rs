@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 use workpool::job::{JobEvent, JobId, JobSpec, Outcome, Stream};
 use workpool::manager::{Manager, ManagerConfig};
-use workpool::tls::{Identity, PeerTrust, TrustRoots};
+use workpool::tls::{Identity, TrustRoots};
 use workpool::worker::Worker;
 use workpool::{Client, ClientConfig, Error};
 
@@ -24,31 +24,10 @@ struct Pool {
 fn pool(slots: u32, clients: usize, m: impl FnOnce(&mut ManagerConfig)) -> Pool {
     let certs = Certs::new(1 + clients);
     // Certificate 0 may only take jobs; the others may only submit them.
-    let pin = |c: &workpool::tls::GeneratedCertificate| {
-        PeerTrust::pinned_pem(c.cert_pem.as_bytes()).unwrap()
-    };
-    let mut submitters = PeerTrust::new();
-    for c in &certs.workers[1..] {
-        submitters.add_pinned_pem(c.cert_pem.as_bytes()).unwrap();
-    }
-    let mut config = ManagerConfig::new(
-        "127.0.0.1:0",
-        certs.manager_identity(),
-        pin(&certs.workers[0]),
-    )
-    .submitter_trust(submitters);
-    config.shutdown_grace = Duration::from_secs(5);
+    let mut config = certs.submitters_manager_config();
     config.reconnect_grace = Duration::from_secs(30);
     m(&mut config);
-    let manager = Manager::bind(config).unwrap();
-    let events = manager.subscribe();
-    let worker = Worker::start(
-        certs
-            .worker_config(manager.local_addr().port(), 0, "w0")
-            .slots(slots),
-    )
-    .unwrap();
-    wait_joined(&events, 1);
+    let (manager, worker) = certs.manager_and_worker(config, slots);
     Pool {
         certs,
         manager,

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 use workpool::job::JobSpec;
-use workpool::manager::{Manager, ManagerConfig};
-use workpool::tls::PeerTrust;
+use workpool::manager::Manager;
 use workpool::worker::Worker;
 
 struct Pool {
@@ -27,24 +26,9 @@ fn pool(name: &str, slots: u32, grace: Duration) -> Pool {
     let dir = scratch(name);
     let certs = Certs::new(3);
     certs.write_to(&dir);
-    let mut submitters = PeerTrust::new();
-    for c in &certs.workers[1..] {
-        submitters.add_pinned_pem(c.cert_pem.as_bytes()).unwrap();
-    }
-    let workers = PeerTrust::pinned_pem(certs.workers[0].cert_pem.as_bytes()).unwrap();
-    let mut config = ManagerConfig::new("127.0.0.1:0", certs.manager_identity(), workers)
-        .submitter_trust(submitters);
+    let mut config = certs.submitters_manager_config();
     config.reconnect_grace = grace;
-    config.shutdown_grace = Duration::from_secs(2);
-    let manager = Manager::bind(config).unwrap();
-    let events = manager.subscribe();
-    let worker = Worker::start(
-        certs
-            .worker_config(manager.local_addr().port(), 0, "w0")
-            .slots(slots),
-    )
-    .unwrap();
-    wait_joined(&events, 1);
+    let (manager, worker) = certs.manager_and_worker(config, slots);
     Pool {
         dir,
         manager,

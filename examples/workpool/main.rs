@@ -225,8 +225,9 @@ struct ManagerArgs {
     insecure_plaintext: bool,
 }
 
+/// Where the manager is and how it is recognised: the worker's and the submitter's flags.
 #[derive(Args, Debug)]
-struct WorkerArgs {
+struct PoolArgs {
     /// The manager's host
     #[arg(short = 'h', long, value_name = "HOST", default_value = "127.0.0.1")]
     host: String,
@@ -241,6 +242,29 @@ struct WorkerArgs {
     /// these two options)
     #[arg(long, value_name = "FILE")]
     security_pool_ca: Vec<PathBuf>,
+}
+
+impl PoolArgs {
+    /// What the manager's certificate must be: the pinned one, or one a CA issued.
+    fn trust(&self) -> Result<PeerTrust, Failure> {
+        if self.security_pool_certificate.is_none() && self.security_pool_ca.is_empty() {
+            return Err(usage(
+                "--security-pool-certificate is required (or --security-pool-ca, or --insecure-plaintext)",
+            ));
+        }
+        let mut trust =
+            PeerTrust::pinned_pem_files(self.security_pool_certificate.iter()).map_err(failed)?;
+        for ca in &self.security_pool_ca {
+            trust.add_ca_pem_file(ca).map_err(failed)?;
+        }
+        Ok(trust)
+    }
+}
+
+#[derive(Args, Debug)]
+struct WorkerArgs {
+    #[command(flatten)]
+    pool: PoolArgs,
     /// This worker's certificate (PEM)
     #[arg(long, value_name = "FILE")]
     security_worker_certificate: Option<PathBuf>,
@@ -600,17 +624,12 @@ fn signal_name(sig: i32) -> String {
 }
 
 fn run_worker(a: WorkerArgs) -> Result<(), Failure> {
-    let (host, port) = (a.host, a.port);
+    let (host, port) = (a.pool.host.clone(), a.pool.port);
     let mut config = if a.insecure_plaintext {
         WorkerConfig::insecure_plaintext(host.clone(), port)
     } else {
         let why = " (or --insecure-plaintext)";
-        let (pool, cas) = (a.security_pool_certificate, a.security_pool_ca);
-        if pool.is_none() && cas.is_empty() {
-            return Err(usage(
-                "--security-pool-certificate is required (or --security-pool-ca, or --insecure-plaintext)",
-            ));
-        }
+        let trust = a.pool.trust()?;
         let cert = a
             .security_worker_certificate
             .ok_or_else(|| usage(format!("--security-worker-certificate is required{why}")))?;
@@ -618,10 +637,6 @@ fn run_worker(a: WorkerArgs) -> Result<(), Failure> {
             .security_worker_key
             .ok_or_else(|| usage(format!("--security-worker-key is required{why}")))?;
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
-        let mut trust = PeerTrust::pinned_pem_files(pool).map_err(failed)?;
-        for ca in cas {
-            trust.add_ca_pem_file(ca).map_err(failed)?;
-        }
         let c = WorkerConfig::new(host.clone(), port, identity, trust);
         if a.no_verify_hostname {
             c.no_verify_hostname()
@@ -1817,12 +1832,8 @@ impl Console {
     }
 
     fn status(&mut self) {
-        let s = match self.pool.stats() {
-            Ok(s) => s,
-            Err(e) => {
-                self.failed += 1;
-                return self.out.complain(&format!("cannot read the status: {e}"));
-            }
+        let Some(s) = self.answer(self.pool.stats(), "read the status") else {
+            return;
         };
         if self.out.json {
             let finished = s
@@ -1892,13 +1903,20 @@ impl Console {
         }
     }
 
-    fn list_jobs(&mut self) {
-        let jobs = match self.pool.jobs() {
-            Ok(j) => j,
-            Err(e) => {
+    /// What the pool answered, or `None` after saying why it could not (counted as a
+    /// failure).
+    fn answer<T>(&mut self, answer: workpool::Result<T>, what: &str) -> Option<T> {
+        answer
+            .inspect_err(|e| {
                 self.failed += 1;
-                return self.out.complain(&format!("cannot list the jobs: {e}"));
-            }
+                self.out.complain(&format!("cannot {what}: {e}"));
+            })
+            .ok()
+    }
+
+    fn list_jobs(&mut self) {
+        let Some(jobs) = self.answer(self.pool.jobs(), "list the jobs") else {
+            return;
         };
         if self.out.json {
             let jobs = jobs
@@ -1955,12 +1973,8 @@ impl Console {
     }
 
     fn list_workers(&mut self) {
-        let workers = match self.pool.workers() {
-            Ok(w) => w,
-            Err(e) => {
-                self.failed += 1;
-                return self.out.complain(&format!("cannot list the workers: {e}"));
-            }
+        let Some(workers) = self.answer(self.pool.workers(), "list the workers") else {
+            return;
         };
         if self.out.json {
             let workers = workers

@@ -3,8 +3,8 @@
 //! console runs on either kind of pool.
 
 use super::{
-    Console, Event, Failure, Input, Out, Stop, block_signals, failed, number, parse_duration,
-    read_lines, usage, wait_signal,
+    Console, Event, Failure, Input, Out, PoolArgs, Stop, block_signals, failed, number,
+    parse_duration, read_lines, usage, wait_signal,
 };
 use clap::Args;
 use crossbeam_channel::{Receiver, Select, unbounded};
@@ -16,7 +16,7 @@ use std::time::Duration;
 use workpool::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
 use workpool::manager::{JobHandle, Manager, WorkerInfo};
 use workpool::metrics::Stats;
-use workpool::tls::{Identity, PeerTrust};
+use workpool::tls::Identity;
 use workpool::{Client, ClientConfig, RemoteJob};
 
 /// Where the console's jobs go: a manager in this process, or one over the network.
@@ -103,18 +103,8 @@ impl Pool {
 /// How `submit` and the other remote commands reach the manager (the worker's flags).
 #[derive(Args, Debug)]
 pub(crate) struct ConnArgs {
-    /// The manager's host
-    #[arg(short = 'h', long, value_name = "HOST", default_value = "127.0.0.1")]
-    host: String,
-    /// The manager's port
-    #[arg(short, long, value_name = "PORT", default_value_t = 9001, value_parser = number::<u16>)]
-    port: u16,
-    /// The manager's self-signed certificate to pin (PEM): accepted only as itself
-    #[arg(long, value_name = "FILE")]
-    security_pool_certificate: Option<PathBuf>,
-    /// A CA whose issued manager certificate is accepted (repeatable)
-    #[arg(long, value_name = "FILE")]
-    security_pool_ca: Vec<PathBuf>,
+    #[command(flatten)]
+    pool: PoolArgs,
     /// This submitter's certificate (PEM)
     #[arg(long, value_name = "FILE")]
     security_submitter_certificate: Option<PathBuf>,
@@ -134,18 +124,12 @@ pub(crate) struct ConnArgs {
 
 impl ConnArgs {
     fn config(&self) -> Result<ClientConfig, Failure> {
+        let (host, port) = (self.pool.host.clone(), self.pool.port);
         if self.insecure_plaintext {
-            return Ok(ClientConfig::insecure_plaintext(
-                self.host.clone(),
-                self.port,
-            ));
+            return Ok(ClientConfig::insecure_plaintext(host, port));
         }
         let why = " (or --insecure-plaintext)";
-        if self.security_pool_certificate.is_none() && self.security_pool_ca.is_empty() {
-            return Err(usage(
-                "--security-pool-certificate is required (or --security-pool-ca, or --insecure-plaintext)",
-            ));
-        }
+        let trust = self.pool.trust()?;
         let cert = self
             .security_submitter_certificate
             .clone()
@@ -155,12 +139,7 @@ impl ConnArgs {
             .clone()
             .ok_or_else(|| usage(format!("--security-submitter-key is required{why}")))?;
         let identity = Identity::from_pem_files(cert, key).map_err(failed)?;
-        let mut trust =
-            PeerTrust::pinned_pem_files(self.security_pool_certificate.iter()).map_err(failed)?;
-        for ca in &self.security_pool_ca {
-            trust.add_ca_pem_file(ca).map_err(failed)?;
-        }
-        let c = ClientConfig::new(self.host.clone(), self.port, identity, trust);
+        let c = ClientConfig::new(host, port, identity, trust);
         Ok(if self.no_verify_hostname {
             c.no_verify_hostname()
         } else {
@@ -173,7 +152,7 @@ impl ConnArgs {
         let client = Client::connect(config).map_err(|e| {
             failed(format!(
                 "cannot reach the manager at {}:{}: {e}",
-                self.host, self.port
+                self.pool.host, self.pool.port
             ))
         })?;
         Ok(Arc::new(client))

@@ -649,35 +649,22 @@ impl RemoteJob {
 
     /// Waits for the job to end; returns its outcome and everything it wrote.
     pub fn wait(mut self) -> JobResult {
-        loop {
-            let ev = self.events.recv().ok();
-            if let Some(r) = self.absorb(ev) {
-                return r;
-            }
-        }
+        self.gather(None)
+            .expect("without a deadline, the job's end")
     }
 
     /// Like [`RemoteJob::wait`], but gives up after `timeout` (output received so far
     /// is kept for the next call). Once it has returned a result, do not call it again.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<JobResult> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ev = match self.events.recv_deadline(deadline) {
-                Ok(ev) => Some(ev),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return None,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
-            };
-            if let Some(r) = self.absorb(ev) {
-                return Some(r);
-            }
-        }
+        self.gather(Some(Instant::now() + timeout))
     }
 
-    fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
-        self.partial.absorb(
+    fn gather(&mut self, deadline: Option<Instant>) -> Option<JobResult> {
+        self.partial.gather(
             self.id,
             self.limit,
-            ev,
+            &self.events,
+            deadline,
             "the client was closed before the job ended",
         )
     }

@@ -52,38 +52,24 @@ impl JobHandle {
 
     /// Waits for the job to end; returns its outcome and everything it wrote.
     pub fn wait(mut self) -> JobResult {
-        loop {
-            let ev = self.events.recv().ok();
-            if let Some(r) = self.absorb(ev) {
-                return r;
-            }
-        }
+        self.gather(None)
+            .expect("without a deadline, the job's end")
     }
 
     /// Like [`JobHandle::wait`], but gives up after `timeout` (output received so far is
     /// kept for the next call). Once it has returned a result, do not call it again.
     pub fn wait_timeout(&mut self, timeout: Duration) -> Option<JobResult> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let ev = match self.events.recv_deadline(deadline) {
-                Ok(ev) => Some(ev),
-                Err(crossbeam_channel::RecvTimeoutError::Timeout) => return None,
-                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => None,
-            };
-            if let Some(r) = self.absorb(ev) {
-                return Some(r);
-            }
-        }
+        self.gather(Some(Instant::now() + timeout))
     }
 
-    /// Takes one event into the partial result; returns the result at the end.
-    /// `None` means the channel closed without a `Finished`, which happens only when
-    /// the manager went away under the job.
-    fn absorb(&mut self, ev: Option<JobEvent>) -> Option<JobResult> {
-        self.partial.absorb(
+    /// The job's events into its result, until its end or `deadline`. The channel
+    /// closes without a `Finished` only when the manager went away under the job.
+    fn gather(&mut self, deadline: Option<Instant>) -> Option<JobResult> {
+        self.partial.gather(
             self.id,
             self.shared.result_limit,
-            ev,
+            &self.events,
+            deadline,
             "the manager shut down",
         )
     }

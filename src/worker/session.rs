@@ -455,21 +455,10 @@ impl Session {
         }
     }
 
-    /// Capped exponential backoff with jitter: a random wait in [d/2, d], where d doubles
-    /// per failure from `backoff_initial` up to `backoff_max`, so that many workers of a
-    /// restarted manager do not all come back in the same instant.
+    /// The wait after the `failures`-th failed attempt in a row (see `random::backoff`).
     fn backoff(&mut self, failures: u32) -> Duration {
-        let exp = failures.saturating_sub(1).min(30);
-        let d = self
-            .cfg
-            .backoff_initial
-            .saturating_mul(1u32 << exp)
-            .min(self.cfg.backoff_max);
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        let frac = (self.rng >> 11) as f64 / (1u64 << 53) as f64;
-        d.mul_f64(0.5 + 0.5 * frac)
+        let c = &self.cfg;
+        crate::random::backoff(c.backoff_initial, c.backoff_max, failures, &mut self.rng)
     }
 
     /// Timers and the conditions that follow from any input.

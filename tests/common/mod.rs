@@ -62,6 +62,33 @@ impl Certs {
         c
     }
 
+    /// A manager that trusts certificate 0 as a worker's only and the others as
+    /// submitters' only.
+    pub fn submitters_manager_config(&self) -> ManagerConfig {
+        let mut submitters = TrustRoots::new();
+        for c in &self.workers[1..] {
+            submitters.add_pinned_pem(c.cert_pem.as_bytes()).unwrap();
+        }
+        let worker = TrustRoots::pinned_pem(self.workers[0].cert_pem.as_bytes()).unwrap();
+        let mut c = ManagerConfig::new("127.0.0.1:0", self.manager_identity(), worker)
+            .submitter_trust(submitters);
+        c.shutdown_grace = Duration::from_secs(5);
+        c
+    }
+
+    /// Starts a manager from `config` and worker 0 (`slots` slots) on it, joined.
+    pub fn manager_and_worker(&self, config: ManagerConfig, slots: u32) -> (Manager, Worker) {
+        let manager = Manager::bind(config).unwrap();
+        let events = manager.subscribe();
+        let worker = Worker::start(
+            self.worker_config(manager.local_addr().port(), 0, "w0")
+                .slots(slots),
+        )
+        .unwrap();
+        wait_joined(&events, 1);
+        (manager, worker)
+    }
+
     pub fn worker_config(&self, port: u16, i: usize, name: &str) -> WorkerConfig {
         let w = &self.workers[i];
         let mut c = WorkerConfig::new(
