@@ -11,7 +11,7 @@ use super::admission::Reason;
 use super::dispatcher::LinkEvent;
 use super::dispatcher::driver::{Event, LinkHandle};
 use super::routing::{self, Complaints, Link, Routes};
-use crate::error::Error;
+use crate::error::{Error, Result};
 use crate::link::{self, Beat, Established, Hello, Outbox};
 use crate::protocol::{ManagerMessage, Role, Welcome, WorkerHello, WorkerMessage};
 use crate::sync::{self, lock};
@@ -233,38 +233,34 @@ fn serve_worker(shared: &Arc<Shared>, mut est: Established, hello: WorkerHello, 
     };
     let started = link::welcome(&mut est, &welcome, paced.timing);
     let mut complaints = Complaints::default();
-    let result = match started {
-        // A panic here must not leave the worker registered with its link gone.
-        Ok(()) => catch_unwind(AssertUnwindSafe(|| {
-            let link = Link {
-                events: &shared.events,
-                counters: &shared.counters,
-                worker: worker_id,
-                label: &label,
-                routes: &routes,
-            };
-            // What the link's own thread sends: heartbeats, and timing changes.
-            let own = Outbox::<ManagerMessage>::new(est.tx.clone());
-            let heartbeat = || {
-                own.send(ManagerMessage::Heartbeat);
-            };
-            let announce = |p: &link::Paced| {
-                log::debug!(
-                    "{label}: heartbeats every {:.1} s now, timeout {:.1} s",
-                    p.timing.heartbeat_interval.as_secs_f64(),
-                    p.timing.heartbeat_timeout.as_secs_f64()
-                );
-                own.send(ManagerMessage::Timing {
-                    heartbeat_interval_ms: ms(p.timing.heartbeat_interval),
-                    heartbeat_timeout_ms: ms(p.timing.heartbeat_timeout),
-                    reconnect_grace_ms: ms(p.grace),
-                });
-            };
-            let mut deliver = |msg: WorkerMessage| match routing::on_worker_message(
-                &link,
-                &mut complaints,
-                msg,
-            ) {
+    // A panic here must not leave the worker registered with its link gone.
+    let result = guarded(started, || {
+        let link = Link {
+            events: &shared.events,
+            counters: &shared.counters,
+            worker: worker_id,
+            label: &label,
+            routes: &routes,
+        };
+        // What the link's own thread sends: heartbeats, and timing changes.
+        let own = Outbox::<ManagerMessage>::new(est.tx.clone());
+        let heartbeat = || {
+            own.send(ManagerMessage::Heartbeat);
+        };
+        let announce = |p: &link::Paced| {
+            log::debug!(
+                "{label}: heartbeats every {:.1} s now, timeout {:.1} s",
+                p.timing.heartbeat_interval.as_secs_f64(),
+                p.timing.heartbeat_timeout.as_secs_f64()
+            );
+            own.send(ManagerMessage::Timing {
+                heartbeat_interval_ms: ms(p.timing.heartbeat_interval),
+                heartbeat_timeout_ms: ms(p.timing.heartbeat_timeout),
+                reconnect_grace_ms: ms(p.grace),
+            });
+        };
+        let mut deliver =
+            |msg: WorkerMessage| match routing::on_worker_message(&link, &mut complaints, msg) {
                 Ok(()) => true,
                 Err(why) => {
                     log::warn!("{label}: {why}; closing the link");
@@ -272,38 +268,47 @@ fn serve_worker(shared: &Arc<Shared>, mut est: Established, hello: WorkerHello, 
                     false
                 }
             };
-            link::drive(
-                &mut est.reader,
-                &est.tx,
-                link::Drive {
-                    paced,
-                    pace: &shared.pace,
-                    announce: &announce,
-                    beat: Beat::Answer,
-                    heartbeat: &heartbeat,
-                    deliver: &mut deliver,
-                },
-            )
-        }))
-        .unwrap_or_else(|_| {
-            Err(Error::Protocol(
-                "the link's reader failed (a bug: see the log)".into(),
-            ))
-        }),
-        Err(e) => Err(e),
-    };
+        link::drive(
+            &mut est.reader,
+            &est.tx,
+            link::Drive {
+                paced,
+                pace: &shared.pace,
+                announce: &announce,
+                beat: Beat::Answer,
+                heartbeat: &heartbeat,
+                deliver: &mut deliver,
+            },
+        )
+    });
     complaints.summary(&label);
     // Nothing keeps the socket open from here: whoever still holds the link's `Tx`
     // (the dispatcher until it forgets the worker, job sinks) finds it closed.
-    est.tx.release();
-    let reason = live.reason().unwrap_or_else(|| match result {
-        Ok(()) => "it closed the connection".to_string(),
-        Err(e) => e.to_string(),
-    });
+    let reason = ended(&est, result);
     let _ = shared.events.send(Event::Link {
         worker: worker_id,
         event: LinkEvent::Closed { reason },
     });
+}
+
+/// Runs a welcomed link (`started` is the welcome's fate) with `run`, a panic taken as
+/// the link's failure, so that a link thread always gets to say that its link ended.
+pub(super) fn guarded(started: Result<()>, run: impl FnOnce() -> Result<()>) -> Result<()> {
+    started?;
+    catch_unwind(AssertUnwindSafe(run)).unwrap_or_else(|_| {
+        Err(Error::Protocol(
+            "the link's reader failed (a bug: see the log)".into(),
+        ))
+    })
+}
+
+/// Lets go of an ended link's socket; why it ended.
+pub(super) fn ended(est: &Established, result: Result<()>) -> String {
+    est.tx.release();
+    est.tx.live().reason().unwrap_or_else(|| match result {
+        Ok(()) => "it closed the connection".to_string(),
+        Err(e) => e.to_string(),
+    })
 }
 
 fn log_lost_slot(who: &str, deadline: Instant) {

@@ -29,7 +29,6 @@ use crossbeam_channel::{SendError, TrySendError};
 use serde::Serialize;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -816,45 +815,35 @@ pub(crate) fn serve(
         label,
     };
     let live = est.tx.live().clone();
-    let result = match link::welcome(&mut est, &welcome, paced.timing) {
-        Ok(()) => catch_unwind(AssertUnwindSafe(|| {
-            let own = link::Outbox::<protocol::ToSubmitter>::new(est.tx.clone());
-            let heartbeat = || {
-                own.send(protocol::ToSubmitter::Heartbeat);
-            };
-            let mut deliver = |msg: SubmitterMessage| match conn.on_message(msg) {
-                Ok(go_on) => go_on,
-                Err(why) => {
-                    log::warn!("{}: {why}; closing the link", conn.label);
-                    live.close_because(why);
-                    false
-                }
-            };
-            link::drive(
-                &mut est.reader,
-                &est.tx,
-                link::Drive {
-                    paced,
-                    pace: &subs.pace,
-                    announce: &|_| {},
-                    beat: Beat::Answer,
-                    heartbeat: &heartbeat,
-                    deliver: &mut deliver,
-                },
-            )
-        }))
-        .unwrap_or_else(|_| {
-            Err(Error::Protocol(
-                "the link's reader failed (a bug: see the log)".into(),
-            ))
-        }),
-        Err(e) => Err(e),
-    };
-    est.tx.release();
-    let reason = live.reason().unwrap_or_else(|| match result {
-        Ok(()) => "it closed the connection".to_string(),
-        Err(e) => e.to_string(),
+    let started = link::welcome(&mut est, &welcome, paced.timing);
+    let result = super::acceptor::guarded(started, || {
+        let own = link::Outbox::<protocol::ToSubmitter>::new(est.tx.clone());
+        let heartbeat = || {
+            own.send(protocol::ToSubmitter::Heartbeat);
+        };
+        let mut deliver = |msg: SubmitterMessage| match conn.on_message(msg) {
+            Ok(go_on) => go_on,
+            Err(why) => {
+                log::warn!("{}: {why}; closing the link", conn.label);
+                live.close_because(why);
+                false
+            }
+        };
+        link::drive(
+            &mut est.reader,
+            &est.tx,
+            link::Drive {
+                paced,
+                pace: &subs.pace,
+                announce: &|_| {},
+                beat: Beat::Answer,
+                heartbeat: &heartbeat,
+                deliver: &mut deliver,
+            },
+        )
     });
+
+    let reason = super::acceptor::ended(&est, result);
     log::info!("{}: link ended: {reason}", conn.label);
     subs.lock()
         .disconnected(Instant::now(), conn.session, &est.tx);
