@@ -229,34 +229,38 @@ fn pids_in(file: &Path, n: usize) -> Vec<i32> {
 }
 
 #[test]
-fn sigint_on_submit_cancels_the_job_s_whole_process_tree_and_exits_130() {
+fn sigint_or_sigterm_on_submit_cancels_the_job_s_whole_process_tree_and_exits_128_n() {
     let p = pool("submit-sigint", 1, Duration::from_secs(10));
-    let pids = p.dir.join("pids");
-    let script = format!(
-        "sleep 300 & echo $! >> {f}; (sleep 301 & echo $! >> {f}; wait) & echo $$ >> {f}; wait",
-        f = pids.display()
-    );
-    let child = p
-        .command("submit", 1, &["--", &script])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let tree = pids_in(&pids, 3);
-    assert!(tree.iter().all(|&pid| alive(pid)));
-    // SAFETY: kill takes no pointers; the PID is our own child's, not yet reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let out = finish(child);
-    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
-    assert!(
-        text(&out.stderr).contains("cancelled"),
-        "{}",
-        text(&out.stderr)
-    );
-    wait_until("every process of the job is gone", || {
-        tree.iter().all(|&pid| !alive(pid))
-    });
-    assert!(p.manager.jobs().is_empty());
+    for (n, sig) in [libc::SIGINT, libc::SIGTERM].into_iter().enumerate() {
+        let pids = p.dir.join(format!("pids-{n}"));
+        let script = format!(
+            "sleep 300 & echo $! >> {f}; (sleep 301 & echo $! >> {f}; wait) & echo $$ >> {f}; wait",
+            f = pids.display()
+        );
+        let child = p
+            .command("submit", 1, &["--", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let tree = pids_in(&pids, 3);
+        assert!(tree.iter().all(|&pid| alive(pid)));
+        // SAFETY: kill takes no pointers; the PID is our own child's, not yet reaped.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+        let out = finish(child);
+        assert_eq!(out.status.code(), Some(128 + sig), "{}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("cancelled"),
+            "{}",
+            text(&out.stderr)
+        );
+        wait_until("every process of the job is gone", || {
+            tree.iter().all(|&pid| !alive(pid))
+        });
+        wait_until("the manager forgets the job", || {
+            p.manager.jobs().is_empty()
+        });
+    }
 }
 
 #[test]
