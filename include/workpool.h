@@ -530,22 +530,22 @@ wp_result wp_client_submit_array(const struct wp_client *client,
 // earlier one): what the manager kept of its events (a detached job's last output),
 // then the rest as they come; only its end if it has ended. `WP_RESULT_UNKNOWN_JOB`: no
 // such job (or an ended one the manager no longer keeps); `WP_RESULT_INVALID_ARGUMENT`:
-// another certificate submitted it. A job this client already follows is followed by
-// the new handle only (the former one ends `WP_OUTCOME_REJECTED`).
+// another certificate submitted it, or this client follows it already (its events go to
+// the handle the client has).
 //
 // Ownership: `*out` receives a job handle the caller owns and frees once with
 // `wp_job_free`. Threads: any, concurrently.
 wp_result wp_client_attach(const struct wp_client *client, uint64_t id, struct wp_job **out);
 
-// Where job `id` is, if it has not ended (another certificate's job without its
-// script). `WP_RESULT_UNKNOWN_JOB`: it has ended or never existed.
+// Where job `id` is, if it has not ended (without its script when this certificate did
+// not submit it). `WP_RESULT_UNKNOWN_JOB`: it has ended or never existed.
 //
 // Ownership: `*out` receives a status the caller owns and frees once with
 // `wp_job_status_free`. Threads: any, concurrently.
 wp_result wp_client_job(const struct wp_client *client, uint64_t id, struct wp_job_status **out);
 
-// Every job of the manager that has not ended, by id (other certificates' jobs without
-// their scripts).
+// Every job of the manager that has not ended, by id (the jobs this certificate did not
+// submit, those of the manager's own process included, without their scripts).
 //
 // Ownership: `*out` receives a list the caller owns and frees once with
 // `wp_job_list_free`. Threads: any, concurrently.

@@ -10,11 +10,11 @@ the time is from starting `workpool submit --array 1-2000 -- true` to its exit (
 exits when every job has ended), as HyperQueue's is from `hq submit --array` to the end
 of `hq job wait`. Everything started here is stopped by its PID.
 
-  BENCH_DIR=/tmp/hqb HQ_BIN=.../hq WORKPOOL_BIN=target/release/examples/workpool \\
-  HARNESS=path/to/hq_vs_workpool.py REPS=3 python3 examples/bench/submit_array_vs_hq.py
-
-Certificates first: workpool generate-tls-certificates --number-of-workers 2
---number-of-submitters 1 --hostname 127.0.0.1 --output-dir $BENCH_DIR/certs
+  export BENCH_DIR=/tmp/hqb
+  target/release/examples/workpool generate-tls-certificates --number-of-workers 2 \\
+      --number-of-submitters 1 --hostname 127.0.0.1 --output-dir $BENCH_DIR/certs
+  HQ_BIN=.../hq WORKPOOL_BIN=$PWD/target/release/examples/workpool \\
+      HARNESS=path/to/hq_vs_workpool.py REPS=3 python3 examples/bench/submit_array_vs_hq.py
 """
 import importlib.util, os, statistics, subprocess as sp, sys, time
 

@@ -101,9 +101,10 @@ const SUBMIT_AFTER_HELP: &str = "\
 Exit status: the job's own exit code; 128+N if it was killed by signal N; 124 if it timed
 out; 125 if it was cancelled; 126 if it could not start; 122 if its worker was lost; 123 if
 it was rejected (or contact with the manager was lost). 130 or 143 after SIGINT or SIGTERM
-here (the job is cancelled first); 1 if the manager could not be reached; 2 for a usage
-error. With --array or jobs read from stdin: 0 if every job succeeded, else 1, with a
-summary line of the outcomes on stderr.";
+here (the job is cancelled first); 1 if the manager could not be reached, refused this
+certificate or did not take the job (the reason on stderr); 2 for a usage error. With
+--array of more than one index, or jobs read from stdin: 0 if every job succeeded, else
+1, with a summary line of the outcomes on stderr.";
 
 const WORKER_AFTER_HELP: &str = "\
 SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones finish, then
@@ -1957,7 +1958,7 @@ impl Console {
                     _ => "queued".to_string(),
                 };
                 let script = if j.script.is_empty() {
-                    "(another submitter's job: its script is not shown)"
+                    "(not this certificate's job: its script is not shown)"
                 } else {
                     &j.script
                 };

@@ -235,7 +235,8 @@ impl Client {
         }
     }
 
-    /// Every job that has not ended (other certificates' jobs without their scripts).
+    /// Every job that has not ended (the jobs this certificate did not submit, those of
+    /// the manager's own process included, without their scripts).
     pub fn jobs(&self) -> Result<Vec<JobStatus>> {
         match self.call(Request::Jobs)? {
             Reply::Jobs(jobs) => Ok(jobs),

@@ -308,6 +308,8 @@ pub(crate) struct Hub {
     jobs: HashMap<JobId, Record>,
     /// Detached jobs that ended, oldest first (each is forgotten after a while).
     ended: VecDeque<(Instant, JobId)>,
+    /// See [`Hub::take_timer_news`].
+    timer_news: bool,
 }
 
 impl Hub {
@@ -317,6 +319,7 @@ impl Hub {
             sessions: HashMap::new(),
             jobs: HashMap::new(),
             ended: VecDeque::new(),
+            timer_news: false,
         }
     }
 
@@ -433,14 +436,7 @@ impl Hub {
             }
             cancel.extend(jobs);
         }
-        while let Some(&(at, job)) = self.ended.front() {
-            let old = now >= at + self.settings.keep_ended_for;
-            if !old && self.ended.len() <= self.settings.keep_ended {
-                break;
-            }
-            self.ended.pop_front();
-            self.jobs.remove(&job);
-        }
+        self.forget_ended(now);
         let next_session = self
             .sessions
             .values()
@@ -456,6 +452,24 @@ impl Hub {
             (a, b) => a.or(b),
         };
         (cancel, next)
+    }
+
+    /// Forgets the ended detached jobs kept long enough, and the oldest beyond the count.
+    fn forget_ended(&mut self, now: Instant) {
+        while let Some(&(at, job)) = self.ended.front() {
+            let old = now >= at + self.settings.keep_ended_for;
+            if !old && self.ended.len() <= self.settings.keep_ended {
+                break;
+            }
+            self.ended.pop_front();
+            self.jobs.remove(&job);
+        }
+    }
+
+    /// Whether the timer's next deadline may have moved earlier since the last call
+    /// (a first ended detached job to forget later): the caller wakes the timer.
+    pub(crate) fn take_timer_news(&mut self) -> bool {
+        std::mem::take(&mut self.timer_news)
     }
 
     /// Whether the numbered request is the next one of the session. A session that
@@ -616,7 +630,10 @@ impl Hub {
             }
             if r.detached {
                 r.watchers.clear();
+                self.timer_news |= self.ended.is_empty();
                 self.ended.push_back((now, job));
+                // The count is kept at once; the time, by the timer.
+                self.forget_ended(now);
             } else {
                 self.jobs.remove(&job);
             }
@@ -721,8 +738,14 @@ pub(crate) struct RemoteDest {
 
 impl RemoteDest {
     pub(crate) fn try_send(&self, ev: JobEvent) -> std::result::Result<(), TrySendError<JobEvent>> {
-        match self.submitters.lock().push(Instant::now(), self.job, ev) {
-            Pushed::Taken => Ok(()),
+        let mut hub = self.submitters.lock();
+        match hub.push(Instant::now(), self.job, ev) {
+            Pushed::Taken => {
+                if hub.take_timer_news() {
+                    self.submitters.wake.notify_all();
+                }
+                Ok(())
+            }
             Pushed::Full(ev) => Err(TrySendError::Full(ev)),
             Pushed::Gone(ev) => Err(TrySendError::Disconnected(ev)),
         }
@@ -739,7 +762,12 @@ impl RemoteDest {
                 return Err(SendError(ev));
             }
             match hub.push(Instant::now(), self.job, ev) {
-                Pushed::Taken => return Ok(()),
+                Pushed::Taken => {
+                    if hub.take_timer_news() {
+                        s.wake.notify_all();
+                    }
+                    return Ok(());
+                }
                 Pushed::Gone(e) => return Err(SendError(e)),
                 Pushed::Full(e) => ev = e,
             }
@@ -1464,11 +1492,15 @@ mod tests {
                 }
             )]
         ));
+        let _ = hub.take_timer_news();
         for j in 2..=4 {
             hub.follow_new(late, JobId(j), true);
             hub.push(t0, JobId(j), JobEvent::Finished(Outcome::Exited(0)));
         }
-        hub.tick(t0);
+        // The first ended job tells the timer (it will have one to forget); the count
+        // is kept at once, without it.
+        assert!(hub.take_timer_news());
+        assert!(!hub.take_timer_news(), "told once");
         assert_eq!(
             hub.check_owner(&owner("a"), JobId(2)),
             Err(RequestError::NoSuchJob(JobId(2)))
