@@ -75,6 +75,23 @@ pub struct JobSpec {
     /// submitter has been gone for the reconnect grace. A job submitted in process is
     /// never cancelled for its submitter, so this changes nothing there.
     pub detached: bool,
+    /// Whether the job's stdin stays open and is fed while it runs
+    /// ([`JobHandle::stdin`](crate::JobHandle::stdin)), instead of `stdin`'s bytes up
+    /// front. Flow control is end to end: a job that does not read makes the writer wait.
+    pub interactive: bool,
+    /// Run the job under a pseudo-terminal of this size, as the session leader with the
+    /// terminal as its controlling terminal: its stdout and stderr come merged as stdout.
+    /// A terminal job is interactive.
+    pub pty: Option<PtySize>,
+}
+
+/// A terminal's size, in characters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PtySize {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
 }
 
 impl JobSpec {
@@ -90,7 +107,24 @@ impl JobSpec {
             stdin: Vec::new(),
             retries: 0,
             detached: false,
+            interactive: false,
+            pty: None,
         }
+    }
+
+    /// Keeps the job's stdin open, to be written while it runs (see
+    /// [`JobSpec::interactive`]).
+    pub fn interactive(mut self) -> JobSpec {
+        self.interactive = true;
+        self
+    }
+
+    /// Runs the job under a pseudo-terminal of `rows` × `cols` (see [`JobSpec::pty`]); the
+    /// job is interactive.
+    pub fn pty(mut self, rows: u16, cols: u16) -> JobSpec {
+        self.pty = Some(PtySize { rows, cols });
+        self.interactive = true;
+        self
     }
 
     /// Makes the job independent of its submitter (see [`JobSpec::detached`]).
@@ -148,6 +182,18 @@ impl JobSpec {
             if name.starts_with("WORKPOOL_") && name != "WORKPOOL_ARRAY_INDEX" {
                 return Err(format!("{name}: WORKPOOL_ variables are set by the worker"));
             }
+        }
+        if self.interactive && !self.stdin.is_empty() {
+            return Err(
+                "an interactive job takes its stdin while it runs: write these bytes to it instead"
+                    .into(),
+            );
+        }
+        if self.pty.is_some() && !self.interactive {
+            return Err("a terminal job is interactive".into());
+        }
+        if self.pty.is_some_and(|p| p.rows == 0 || p.cols == 0) {
+            return Err("a terminal must have at least one row and one column".into());
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err("a timeout must be longer than zero".into());

@@ -8,7 +8,7 @@
 //! bincode is called from [`encode_into`] and [`decode`] only.
 
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
+use crate::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, PtySize, Stream};
 use crate::manager::WorkerInfo;
 use crate::metrics::Stats;
 use bincode::Options;
@@ -26,6 +26,12 @@ pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The largest chunk of job output put into one message: with its framing and TLS
 /// record overhead it stays under loopback's 65,483-byte segment (see docs/PERFORMANCE.md).
 pub const OUTPUT_CHUNK: usize = 60_000;
+
+/// The most bytes of an interactive job's stdin that may be on the way to it, sent and
+/// not yet taken (written to its pipe or terminal): the sender waits for `StdinTaken`
+/// beyond it, so a job that does not read its stdin holds its writer, and nothing on
+/// the way grows without bound.
+pub const STDIN_WINDOW: u64 = 256 << 10;
 
 /// The most bytes of a peer's free text (a decline reason, a cleanup error, a spawn
 /// error) that are logged or passed on to a submitter; the rest is cut.
@@ -134,6 +140,8 @@ pub struct HeldJob {
     pub finished: bool,
     /// A run sent ahead that has not started: the manager takes it back.
     pub ahead: bool,
+    /// An interactive job's stdin bytes taken so far (the manager sends again from here).
+    pub stdin_taken: u64,
 }
 
 /// The manager's answer to an accepted hello.
@@ -207,6 +215,22 @@ pub enum WorkerMessage {
         /// The job.
         job: JobId,
     },
+    /// An interactive job has been given every stdin byte before `upto` (written to its
+    /// pipe or terminal): the manager may send up to [`STDIN_WINDOW`] bytes beyond it.
+    StdinTaken {
+        /// The job.
+        job: JobId,
+        /// Stdin bytes taken, from the start.
+        upto: u64,
+    },
+    /// An interactive job's stdin is closed (the job closed it, or ended): the bytes
+    /// from `upto` on were not taken, and no more will be.
+    StdinClosed {
+        /// The job.
+        job: JobId,
+        /// Stdin bytes taken, from the start.
+        upto: u64,
+    },
 }
 
 /// Manager → worker, after the welcome.
@@ -252,6 +276,32 @@ pub enum ManagerMessage {
     Revoke {
         /// The job.
         job: JobId,
+    },
+    /// Bytes of an interactive job's stdin, from byte `offset` of its stream (bytes the
+    /// worker has already taken are skipped: after a reconnect the manager sends again
+    /// from what the worker said it had).
+    StdinData {
+        /// The job.
+        job: JobId,
+        /// Where these bytes start in the job's stdin.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "byte_buf")]
+        bytes: Vec<u8>,
+    },
+    /// An interactive job's stdin ends at byte `offset` (after every byte before it).
+    StdinEof {
+        /// The job.
+        job: JobId,
+        /// Its length.
+        offset: u64,
+    },
+    /// A terminal job's terminal has a new size.
+    Resize {
+        /// The job.
+        job: JobId,
+        /// The size.
+        size: PtySize,
     },
     /// From now on, the link's timing is this (the manager stretches it when many
     /// workers are connected: see `ManagerConfig::max_heartbeats_per_second`). The
@@ -376,6 +426,32 @@ pub enum SubmitterMessage {
     Heartbeat,
     /// The submitter is leaving on purpose: its attached jobs are cancelled now.
     Goodbye,
+    /// Bytes of an interactive job's stdin, from byte `offset` (as `ManagerMessage::
+    /// StdinData`; bytes the manager has taken are skipped, so a resend after a reconnect
+    /// is harmless). At most [`STDIN_WINDOW`] beyond what the manager last said it took.
+    Stdin {
+        /// The job.
+        job: JobId,
+        /// Where these bytes start in the job's stdin.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "byte_buf")]
+        bytes: Vec<u8>,
+    },
+    /// An interactive job's stdin ends at byte `offset`.
+    StdinEof {
+        /// The job.
+        job: JobId,
+        /// Its length.
+        offset: u64,
+    },
+    /// A terminal job's terminal has a new size.
+    Resize {
+        /// The job.
+        job: JobId,
+        /// The size.
+        size: PtySize,
+    },
 }
 
 /// What a submitter asks of the manager.
@@ -446,6 +522,17 @@ pub enum SessionEvent {
         request: u64,
         /// The answer.
         reply: Reply,
+    },
+    /// How far an interactive job's stdin has been taken (see
+    /// `WorkerMessage::StdinTaken`), and whether it is closed: the submitter may write up
+    /// to [`STDIN_WINDOW`] bytes beyond `taken`.
+    Stdin {
+        /// The job.
+        job: JobId,
+        /// Stdin bytes taken, from the start.
+        taken: u64,
+        /// Whether the job's stdin is closed (no more is taken).
+        closed: bool,
     },
     /// An event of a job the session follows (in the job's order; a job's events
     /// follow the reply that made the session follow it).

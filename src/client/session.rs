@@ -390,6 +390,8 @@ impl Session {
         }
         self.next_event += 1;
         match event {
+            // TODO(interactive): the client side of interactive jobs.
+            SessionEvent::Stdin { .. } => {}
             SessionEvent::Reply { request, reply } => {
                 self.on_reply(request, reply);
                 self.taken_events += 1;

@@ -178,6 +178,8 @@ pub(crate) fn on_worker_message(
         ..
     } = *link;
     match msg {
+        // TODO(interactive): the manager side of interactive jobs.
+        WorkerMessage::StdinTaken { .. } | WorkerMessage::StdinClosed { .. } => {}
         WorkerMessage::Output {
             job,
             stream,

@@ -883,6 +883,10 @@ impl Conn<'_> {
     /// One message; `Ok(false)` ends the link (a goodbye), `Err` closes it.
     fn on_message(&self, msg: SubmitterMessage) -> std::result::Result<bool, String> {
         match msg {
+            // TODO(interactive): a submitter's stdin for its interactive jobs.
+            SubmitterMessage::Stdin { .. }
+            | SubmitterMessage::StdinEof { .. }
+            | SubmitterMessage::Resize { .. } => Ok(true),
             SubmitterMessage::Request { seq, request } => {
                 match self.subs.lock().take_request(self.session, seq) {
                     Take::New => {}

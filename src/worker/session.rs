@@ -440,6 +440,7 @@ impl Session {
                     job: k.job,
                     finished: r.finished.is_some(),
                     ahead: false,
+                    stdin_taken: 0, // TODO(interactive): the run's stdin taken
                 })
                 .chain(
                     self.waiting
@@ -449,6 +450,7 @@ impl Session {
                             job: w.job,
                             finished: false,
                             ahead: true,
+                            stdin_taken: 0,
                         }),
                 )
                 .collect(),
@@ -768,6 +770,10 @@ impl Session {
 
     fn on_manager(&mut self, msg: ManagerMessage) {
         match msg {
+            // TODO(interactive): the worker side of interactive jobs.
+            ManagerMessage::StdinData { .. }
+            | ManagerMessage::StdinEof { .. }
+            | ManagerMessage::Resize { .. } => {}
             ManagerMessage::Run { job, spec, ahead } => self.on_run(job, spec, ahead),
             ManagerMessage::Cancel { job } => {
                 if let Some(key) = self.live(job) {
