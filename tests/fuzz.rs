@@ -105,6 +105,7 @@ fn sample(rng: &mut Rng) -> Vec<u8> {
                     job,
                     finished: true,
                     ahead: false,
+                    stdin_taken: rng.next(),
                 }],
             },
         ),

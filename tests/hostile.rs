@@ -443,6 +443,7 @@ fn another_certificate_cannot_take_over_a_disconnected_worker_s_jobs() {
             job: h.id(),
             finished: false,
             ahead: false,
+            stdin_taken: 0,
         }],
     };
     let mut frame = Vec::new();

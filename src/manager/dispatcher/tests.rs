@@ -65,6 +65,7 @@ fn returning(name: &str, slots: u32, jobs: &[JobId]) -> WorkerHello {
                 job,
                 finished: false,
                 ahead: false,
+                stdin_taken: 0,
             })
             .collect(),
         ..hello(name, slots)
@@ -1408,11 +1409,13 @@ fn a_returning_worker_s_held_runs_are_taken_back_or_go_on_if_they_started() {
                 job: j1,
                 finished: false,
                 ahead: false,
+                stdin_taken: 0,
             },
             HeldJob {
                 job: held,
                 finished: false,
                 ahead: true,
+                stdin_taken: 0,
             },
         ],
         ahead: 1,
@@ -1445,11 +1448,13 @@ fn a_returning_worker_s_held_runs_are_taken_back_or_go_on_if_they_started() {
                 job: first,
                 finished: true,
                 ahead: false,
+                stdin_taken: 0,
             },
             HeldJob {
                 job: held,
                 finished: false,
                 ahead: false,
+                stdin_taken: 0,
             },
         ],
         ahead: 1,

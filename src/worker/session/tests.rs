@@ -289,6 +289,7 @@ fn a_lost_link_is_dialled_again_after_the_first_backoff_and_the_jobs_go_on() {
             job: JobId(1),
             finished: false,
             ahead: false,
+            stdin_taken: 0,
         }]
     );
     // The attempt ends before the manager would give up on the job (grace 10 s less the
@@ -1085,12 +1086,14 @@ fn a_reconnecting_worker_lists_its_held_runs_and_drops_them_unless_resumed() {
             HeldJob {
                 job: JobId(1),
                 finished: true,
-                ahead: false
+                ahead: false,
+                stdin_taken: 0,
             },
             HeldJob {
                 job: JobId(2),
                 finished: false,
-                ahead: true
+                ahead: true,
+                stdin_taken: 0,
             },
         ]
     );
