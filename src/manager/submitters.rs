@@ -1136,7 +1136,7 @@ mod tests {
             .into_iter()
             .filter_map(|(_, e)| match e {
                 SessionEvent::Job { event, .. } => Some(event),
-                SessionEvent::Reply { .. } => None,
+                SessionEvent::Reply { .. } | SessionEvent::Stdin { .. } => None,
             })
             .collect()
     }
