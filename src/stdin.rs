@@ -448,9 +448,11 @@ mod tests {
             done += w.write(&big[done..]).unwrap();
             assert!(w.held() as u64 <= STDIN_WINDOW);
             let out = w.pending();
-            assert!(out.iter().all(
-                |o| matches!(o, StdinOut::Data { bytes, .. } if bytes.len() <= OUTPUT_CHUNK)
-            ));
+            assert!(
+                out.iter().all(
+                    |o| matches!(o, StdinOut::Data { bytes, .. } if bytes.len() <= OUTPUT_CHUNK)
+                )
+            );
             let upto = w.written();
             w.on_taken(upto).unwrap();
             rounds += 1;

@@ -14,11 +14,11 @@
 
 use crate::error::Error;
 use crate::job::{JobEvent, JobId, Outcome, PtySize};
-use crate::stdin::{Refused, StdinOut, StdinWindow};
 use crate::protocol::{
     Reply, Request, RequestError, SessionEvent, SessionResume, SubmitterHello, SubmitterMessage,
     SubmitterWelcome,
 };
+use crate::stdin::{Refused, StdinOut, StdinWindow};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};

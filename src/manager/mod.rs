@@ -30,13 +30,13 @@ use dispatcher::{Dispatcher, Settings};
 pub use job_handle::JobHandle;
 use queue::QueuedJob;
 use sink::JobSink;
-pub(crate) use stdin::StdinPort;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+pub(crate) use stdin::StdinPort;
 use submitters::{HubSettings, Submitters};
 
 /// How many events a job's channel holds before its sink keeps a backlog and pauses the

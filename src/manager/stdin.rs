@@ -233,3 +233,139 @@ impl StdinPort {
         self.lock().w.held()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::{JobEvent, Outcome};
+    use crate::link::{Liveness, Outbox};
+    use crate::manager::sink::JobSink;
+    use crate::protocol::STDIN_WINDOW;
+    use crossbeam_channel::unbounded;
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+
+    fn producer() -> Producer {
+        Outbox::detached(Liveness::new(), 4 << 20)
+    }
+
+    /// The stdin bytes a worker link was sent, as `(offset, len)`, and whether an end.
+    fn sent(p: &Producer) -> (Vec<(u64, usize)>, Option<u64>, Vec<PtySize>) {
+        let (mut data, mut eof, mut sizes) = (Vec::new(), None, Vec::new());
+        for m in p.take_sent().0 {
+            match m {
+                ManagerMessage::StdinData { offset, bytes, .. } => data.push((offset, bytes.len())),
+                ManagerMessage::StdinEof { offset, .. } => eof = Some(offset),
+                ManagerMessage::Resize { size, .. } => sizes.push(size),
+                _ => {}
+            }
+        }
+        (data, eof, sizes)
+    }
+
+    fn writer(port: &Arc<StdinPort>) -> crate::JobStdin {
+        crate::JobStdin {
+            job: JobId(1),
+            end: crate::stdin::End::Local(port.clone()),
+        }
+    }
+
+    #[test]
+    fn bytes_before_the_start_wait_for_the_link_and_a_returning_worker_gets_them_again() {
+        let port = StdinPort::new(JobId(1), false, None);
+        let (tx, _rx) = unbounded();
+        let sink = JobSink::with_stdin(JobId(1), tx, Arc::default(), Some(port.clone()));
+        let mut w = writer(&port);
+        w.write_all(&[b'a'; 1000]).unwrap();
+        let first = producer();
+        sink.set_producer(Some(first.clone()));
+        assert_eq!(sent(&first).0, vec![(0, 1000)]);
+        port.on_taken(400).unwrap();
+        assert_eq!(port.held(), 600);
+        // The link drops; meanwhile more is written and the stream ended.
+        sink.set_producer(None);
+        w.write_all(&[b'b'; 500]).unwrap();
+        w.close().unwrap();
+        // The worker comes back having taken 700 (its report of it was lost).
+        port.resume_from(700);
+        let second = producer();
+        sink.set_producer(Some(second.clone()));
+        assert_eq!(sent(&second), (vec![(700, 800)], Some(1500), vec![]));
+        assert_eq!(port.progress(), (700, false));
+        assert!(port.on_taken(1501).is_err(), "more than was written");
+    }
+
+    #[test]
+    fn a_writer_waits_at_the_window_goes_on_when_bytes_are_taken_and_fails_when_closed() {
+        let port = StdinPort::new(JobId(1), true, None);
+        let out = producer();
+        port.set_producer(Some(out.clone()));
+        let mut w = writer(&port);
+        let window = STDIN_WINDOW as usize;
+        let (done_tx, done) = unbounded();
+        let t = std::thread::spawn(move || {
+            let r = w.write_all(&vec![7u8; 3 * window]);
+            done_tx.send(()).unwrap();
+            r
+        });
+        // It fills the window and waits there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while port.held() < window {
+            assert!(Instant::now() < deadline, "the window never filled");
+            std::thread::yield_now();
+        }
+        assert!(done.try_recv().is_err(), "the writer waits");
+        assert_eq!(port.held(), window, "never more than the window");
+        // The job reads one window: the writer goes on, and fills it again.
+        port.on_taken(STDIN_WINDOW).unwrap();
+        while port.progress().0 < STDIN_WINDOW || port.held() < window {
+            assert!(Instant::now() < deadline, "the writer did not go on");
+            std::thread::yield_now();
+        }
+        let (data, ..) = sent(&out);
+        assert_eq!(
+            data.iter().map(|(_, n)| n).sum::<usize>(),
+            2 * window,
+            "two windows sent"
+        );
+        // The job closes its stdin: the waiting writer is let go with a clear error.
+        port.on_closed(STDIN_WINDOW + 10).unwrap();
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("the writer returned");
+        let e = t.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+        assert_eq!(e.to_string(), "stdin closed");
+        assert_eq!(port.held(), 0, "nothing kept once closed");
+        assert_eq!(port.progress(), (STDIN_WINDOW + 10, true));
+    }
+
+    #[test]
+    fn the_job_s_end_lets_a_waiting_writer_go_and_a_resize_goes_to_the_link() {
+        let port = StdinPort::new(JobId(1), true, None);
+        let (tx, _rx) = unbounded();
+        let sink = JobSink::with_stdin(JobId(1), tx, Arc::default(), Some(port.clone()));
+        // Resized before the start: told when the job gets its link.
+        port.resize(PtySize { rows: 5, cols: 6 }).unwrap();
+        assert!(port.resize(PtySize { rows: 0, cols: 6 }).is_err());
+        let out = producer();
+        sink.set_producer(Some(out.clone()));
+        assert_eq!(sent(&out).2, vec![PtySize { rows: 5, cols: 6 }]);
+        port.resize(PtySize { rows: 7, cols: 8 }).unwrap();
+        assert_eq!(sent(&out).2, vec![PtySize { rows: 7, cols: 8 }]);
+        let mut w = writer(&port);
+        let t = std::thread::spawn(move || w.write_all(&vec![1u8; 2 * STDIN_WINDOW as usize]));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while port.held() < STDIN_WINDOW as usize {
+            assert!(Instant::now() < deadline, "the window never filled");
+            std::thread::yield_now();
+        }
+        sink.push(JobEvent::Finished(Outcome::Exited(0)));
+        let e = t.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+        let again = writer(&port).close().unwrap_err();
+        assert_eq!(again.kind(), std::io::ErrorKind::BrokenPipe);
+        // A job without a terminal has nothing to resize.
+        let plain = StdinPort::new(JobId(2), false, None);
+        assert!(plain.resize(PtySize { rows: 1, cols: 1 }).is_err());
+    }
+}

@@ -574,7 +574,9 @@ impl Hub {
             return Ok(None);
         };
         if r.owner != s.owner {
-            log::warn!("a submitter wrote to the stdin of job {job}, which is not its own (dropped)");
+            log::warn!(
+                "a submitter wrote to the stdin of job {job}, which is not its own (dropped)"
+            );
             return Ok(None);
         }
         Ok(r.stdin.clone())
@@ -1046,9 +1048,7 @@ impl Conn<'_> {
                 let stdin = self.subs.lock().stdin_of(self.session, job);
                 if let Ok(Some(stdin)) = stdin {
                     let (taken, closed) = stdin.progress();
-                    self.subs
-                        .lock()
-                        .stdin_to(self.session, job, taken, closed);
+                    self.subs.lock().stdin_to(self.session, job, taken, closed);
                 }
             }
             Request::Cancel { job } => {
