@@ -382,12 +382,6 @@ impl Session {
         Ok(())
     }
 
-    /// Bytes of a job's stdin kept for the manager (at most the window).
-    #[cfg(test)]
-    pub(crate) fn stdin_held(&self, job: JobId) -> Option<usize> {
-        self.stdins.get(&job).map(|s| s.w.held())
-    }
-
     fn on_stdin(&mut self, job: JobId, taken: u64, closed: bool) {
         let Some(st) = self.stdins.get_mut(&job) else {
             return;
