@@ -318,6 +318,7 @@ pub extern "C" fn wp_result_name(result: u32) -> *const c_char {
             10 => c"WP_RESULT_UNKNOWN_JOB",
             11 => c"WP_RESULT_PROTOCOL",
             12 => c"WP_RESULT_LOGGER_IN_USE",
+            13 => c"WP_RESULT_STDIN_CLOSED",
             _ => c"WP_RESULT_UNKNOWN",
         };
         name.as_ptr()
