@@ -805,7 +805,7 @@ const FULL_API_LINES: &[&str] = &[
     "wait after the last event: WP_RESULT_ENDED",
     "output paused: yes",
     "paused job: outcome cancelled, kept 64 bytes, truncated 1",
-    "stats: workers 2, slots 4, submitted 8, ended 8, exited 2, timed out 1, signaled 2, cancelled 3, queued 0",
+    "stats: workers 2, slots 4, submitted 11, ended 11, exited 5, timed out 1, signaled 2, cancelled 3, queued 0",
     "per worker: 2",
     "worker stats: c-worker-0, slots 2, running 0, draining 0",
     "worker stats: c-worker-1, slots 2, running 0, draining 0",

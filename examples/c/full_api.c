@@ -516,6 +516,7 @@ int main(int argc, char **argv) {
     check(wp_manager_submit(manager, "true", &job), "submit plain");
     refused("stdin of a plain job", wp_job_write_stdin(job, (const uint8_t *)"x", 1));
     refused("resize of a plain job", wp_job_resize(job, 10, 10));
+    wp_job_result_free(wait_result(job));
     wp_job_free(job);
 
     /* A terminal job: `stty size` shows the size asked for, then the new one. */
