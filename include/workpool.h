@@ -51,6 +51,9 @@ enum wp_result
   // `wp_set_log_callback`: another logger of the `log` crate is installed in this
   // process (by a Rust part of the program), or the call came from inside the callback.
   WP_RESULT_LOGGER_IN_USE = 12,
+  // An interactive job's stdin is closed: the job closed it or ended, or it was ended
+  // with `wp_job_close_stdin` (`wp_job_write_stdin`, `wp_job_close_stdin`).
+  WP_RESULT_STDIN_CLOSED = 13,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -1038,6 +1041,33 @@ wp_result wp_job_wait_timeout(struct wp_job *job, uint32_t timeout_ms, struct wp
 // Threads: one call at a time per job.
 wp_result wp_job_cancel(struct wp_job *job);
 
+// Writes `len` bytes from `data` to an interactive job's stdin (`wp_job_spec_set_interactive`
+// or `wp_job_spec_set_pty`), local or remote, and returns when all of them are on their
+// way. It waits (with no deadline, as a pipe does) while 256 KiB are on the way and not
+// yet read by the job. `WP_RESULT_STDIN_CLOSED`: the job closed its stdin or ended (a
+// waiting write returns then too; some of the bytes may have been taken), or
+// `wp_job_close_stdin` was called. `WP_RESULT_INVALID_ARGUMENT`: the job is not
+// interactive. `data` may be NULL only when `len` is 0 (which does nothing).
+//
+// Ownership: the bytes are copied. Threads: one call at a time per job, as for every
+// call on it: a job whose output nobody reads may stop reading its stdin, so write in
+// pieces between reading its events (`wp_job_next_event`) when it echoes.
+wp_result wp_job_write_stdin(struct wp_job *job, const uint8_t *data, size_t len);
+
+// Ends an interactive job's stdin: the job reads EOF after every byte written before.
+// `WP_RESULT_STDIN_CLOSED`: the job had closed it or ended already.
+// `WP_RESULT_INVALID_ARGUMENT`: the job is not interactive.
+//
+// Threads: one call at a time per job.
+wp_result wp_job_close_stdin(struct wp_job *job);
+
+// Tells a terminal job (`wp_job_spec_set_pty`) its terminal's new size, as a window
+// resize does, and returns at once. `WP_RESULT_INVALID_ARGUMENT`: the job has no
+// terminal, or `rows` or `cols` is 0.
+//
+// Threads: one call at a time per job.
+wp_result wp_job_resize(struct wp_job *job, uint16_t rows, uint16_t cols);
+
 // The job's id (counting up from 1 per manager: a remote job's is its manager's); 0
 // for NULL.
 //
@@ -1428,6 +1458,22 @@ wp_result wp_job_spec_set_retries(struct wp_job_spec *spec, uint32_t retries);
 //
 // Threads: one call at a time per spec.
 wp_result wp_job_spec_set_detached(struct wp_job_spec *spec, bool detached);
+
+// Makes the job interactive (`JobSpec::interactive`): its stdin stays open and is
+// written while it runs (`wp_job_write_stdin`, `wp_job_close_stdin`), instead of bytes
+// given up front (an interactive job takes none from `wp_job_spec_set_stdin`, and no
+// retries). `interactive` false makes it a plain job again, and drops a terminal.
+//
+// Threads: one call at a time per spec.
+wp_result wp_job_spec_set_interactive(struct wp_job_spec *spec, bool interactive);
+
+// Runs the job under a pseudo-terminal of `rows` × `cols` (`JobSpec::pty`): it is the
+// session leader with the terminal as its controlling terminal, its stdout and stderr
+// come merged as stdout, and it is interactive. `wp_job_resize` changes the size while
+// it runs. Rows and columns must be at least 1.
+//
+// Threads: one call at a time per spec.
+wp_result wp_job_spec_set_pty(struct wp_job_spec *spec, uint16_t rows, uint16_t cols);
 
 // Checks the spec as `JobSpec::validate` does: `WP_RESULT_OK`, or
 // `WP_RESULT_INVALID_ARGUMENT` with the reason for `wp_last_error_message`. (The setters

@@ -519,6 +519,13 @@ fn null_arguments_are_refused_and_free_null_is_fine() {
             WP_RESULT_NULL_PARAMETER
         );
         assert_eq!(wp_job_cancel(ptr::null_mut()), WP_RESULT_NULL_PARAMETER);
+        for r in [
+            wp_job_write_stdin(ptr::null_mut(), b"x".as_ptr(), 1),
+            wp_job_close_stdin(ptr::null_mut()),
+            wp_job_resize(ptr::null_mut(), 1, 1),
+        ] {
+            assert_eq!(r, WP_RESULT_NULL_PARAMETER);
+        }
         assert_eq!(wp_job_id(ptr::null()), 0);
         // NULL strings and outputs on a real handle, too.
         let mut mc = ptr::null_mut();
@@ -624,7 +631,7 @@ fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
             "WP_RESULT_QUEUE_FULL"
         );
         // Any integer a C program passes is answered, none is taken for a Rust enum.
-        for code in [13, 9999, u32::MAX] {
+        for code in [14, 9999, u32::MAX] {
             let name = wp_result_name(code);
             assert_eq!(
                 std::ffi::CStr::from_ptr(name).to_str().unwrap(),
@@ -773,6 +780,13 @@ const FULL_API_LINES: &[&str] = &[
     "empty tag: WP_RESULT_INVALID_ARGUMENT",
     "stdin NULL with a length: WP_RESULT_NULL_PARAMETER",
     "wire size: ok",
+    "interactive cat: 3 lines echoed one at a time, outcome exited, exit 0",
+    "write after close: WP_RESULT_STDIN_CLOSED (stdin closed",
+    "stdin of a plain job: WP_RESULT_INVALID_ARGUMENT (invalid job: job ",
+    "resize of a plain job: WP_RESULT_INVALID_ARGUMENT (",
+    "zero-row terminal: WP_RESULT_INVALID_ARGUMENT (a terminal must have at least one row and one column",
+    "pty size: 24 80",
+    "pty resized: 40 100, outcome exited",
     "full job: outcome exited, exit 0, signal 0, attempts 1, on c-worker-",
     // The environment, and the stdin bytes (a NUL and 0xff among them) as od saw them.
     "full job stdout: hello, c\n 61 00 62 0a ff \n",
@@ -791,7 +805,7 @@ const FULL_API_LINES: &[&str] = &[
     "wait after the last event: WP_RESULT_ENDED",
     "output paused: yes",
     "paused job: outcome cancelled, kept 64 bytes, truncated 1",
-    "stats: workers 2, slots 4, submitted 8, ended 8, exited 2, timed out 1, signaled 2, cancelled 3, queued 0",
+    "stats: workers 2, slots 4, submitted 11, ended 11, exited 5, timed out 1, signaled 2, cancelled 3, queued 0",
     "per worker: 2",
     "worker stats: c-worker-0, slots 2, running 0, draining 0",
     "worker stats: c-worker-1, slots 2, running 0, draining 0",
@@ -1488,6 +1502,8 @@ fn every_new_entry_point_refuses_null_and_accessors_answer_null_with_a_default()
             wp_job_spec_require_platform(sp, s),
             wp_job_spec_set_priority(sp, 1),
             wp_job_spec_set_retries(sp, 1),
+            wp_job_spec_set_interactive(sp, true),
+            wp_job_spec_set_pty(sp, 1, 1),
             wp_job_spec_validate(sp),
         ] {
             assert_eq!(r, WP_RESULT_NULL_PARAMETER);

@@ -1,488 +1,481 @@
-//! Interactive jobs on a real worker, driven by a manager made by hand (`testing`): the
-//! real TLS handshake, hello and welcome, then every frame decided here. Live stdin
-//! (`StdinData`, `StdinEof`) and what the worker says back (`StdinTaken`,
-//! `StdinClosed`), its window, a reconnect in the middle, and terminal jobs.
+//! Interactive jobs: a job's stdin written while it runs, with flow control end to end,
+//! and a terminal. The first tests put a raw worker (workpool's own link code, through
+//! the `testing` feature) in front of the manager and answer its stdin by hand; the
+//! rest run real workers, locally and through a remote client and a relay that cuts.
 
 mod common;
 
 use common::*;
-use std::net::TcpListener;
-use std::sync::{Mutex, Once};
-use std::time::Instant;
-use workpool::job::{JobId, JobSpec, Outcome, Stream};
-use workpool::protocol::{ManagerMessage, STDIN_WINDOW, Welcome, WorkerHello, WorkerMessage};
+use std::io::Write;
+use std::time::{Duration, Instant};
+use workpool::job::{JobEvent, JobSpec, Outcome, PtySize};
+use workpool::manager::Manager;
+use workpool::protocol::{
+    HeldJob, ManagerMessage, STDIN_WINDOW, Welcome, WorkerHello, WorkerMessage,
+};
 use workpool::testing::{self, RawReader, RawWriter};
-use workpool::worker::Worker;
+use workpool::tls::{Identity, TrustRoots};
+use workpool::{Client, ClientConfig, JobHandle, JobStdin};
 
-/// Warnings, captured so that a test can look at why the worker closed its link.
-struct Capture;
+const DEADLINE: Duration = Duration::from_secs(30);
 
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            let mut lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
-            if lines.len() < 10_000 {
-                lines.push(r.args().to_string());
-            }
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Warn);
-    });
-}
-
-const MANAGER_ID: u64 = 42;
-const JOB: JobId = JobId(1);
-
-/// A real worker and the manager made by hand that it joined.
-struct Rig {
-    certs: Certs,
-    listener: TcpListener,
-    worker: Option<Worker>,
-    r: RawReader,
-    w: RawWriter,
-}
-
-fn welcome(resume: Vec<(JobId, u64)>) -> Welcome {
-    Welcome {
-        manager_id: MANAGER_ID,
-        worker_id: 1,
-        heartbeat_interval_ms: 1000,
-        // Held jobs are given up a timeout and an interval before the grace ends.
-        heartbeat_timeout_ms: 60_000,
-        reconnect_grace_ms: 300_000,
-        resume,
+fn hello(name: &str, manager_id: Option<u64>, jobs: Vec<HeldJob>) -> WorkerHello {
+    WorkerHello {
+        name: name.into(),
+        tags: Default::default(),
+        platform: "linux-x86_64".into(),
+        slots: 1,
+        ahead: 0,
+        manager_id,
+        jobs,
+        draining: false,
     }
 }
 
-impl Rig {
-    fn new(name: &str) -> Rig {
-        let certs = Certs::new(1);
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let worker = Worker::start(certs.worker_config(port, 0, name)).unwrap();
-        let (_, r, w) = accept(&certs, &listener, welcome(vec![]));
-        Rig {
-            certs,
-            listener,
-            worker: Some(worker),
-            r,
-            w,
-        }
-    }
-
-    fn run(&mut self, spec: JobSpec) {
-        self.send(ManagerMessage::Run {
-            job: JOB,
-            spec,
-            ahead: false,
-        });
-    }
-
-    fn send(&mut self, m: ManagerMessage) {
-        self.w.send(&m).unwrap();
-    }
-
-    fn stdin(&mut self, offset: u64, bytes: &[u8]) {
-        self.send(ManagerMessage::StdinData {
-            job: JOB,
-            offset,
-            bytes: bytes.to_vec(),
-        });
-    }
-
-    /// The next message other than a heartbeat; `None` when the link closed.
-    fn next(&mut self) -> Option<WorkerMessage> {
-        loop {
-            match self.r.recv::<WorkerMessage>() {
-                Ok(Some(WorkerMessage::Heartbeat)) => {}
-                Ok(Some(m)) => return Some(m),
-                Ok(None) => return None,
-                Err(e) if e.to_string().contains("timed out") => {
-                    panic!("nothing from the worker within the deadline")
-                }
-                Err(_) => return None,
-            }
-        }
-    }
-
-    fn next_open(&mut self) -> WorkerMessage {
-        self.next().expect("the worker closed the link")
-    }
-}
-
-impl Drop for Rig {
-    fn drop(&mut self) {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
-    }
-}
-
-fn accept(
-    certs: &Certs,
-    listener: &TcpListener,
-    welcome: Welcome,
-) -> (WorkerHello, RawReader, RawWriter) {
-    let (tcp, _) = listener.accept().unwrap();
-    let (hello, r, w) = testing::accept_worker(
-        tcp,
-        &certs.manager_identity(),
-        &certs.worker_roots(),
-        &welcome,
+fn join(certs: &Certs, manager: &Manager, hello: &WorkerHello) -> (Welcome, RawReader, RawWriter) {
+    let w = &certs.workers[0];
+    let (welcome, r, w) = testing::connect_worker(
+        &manager.local_addr().to_string(),
+        "127.0.0.1",
+        &Identity::from_pem(w.cert_pem.as_bytes(), w.key_pem.as_bytes()).unwrap(),
+        &TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+        hello,
         DEADLINE,
     )
     .unwrap();
     r.set_read_timeout(Some(DEADLINE)).unwrap();
-    (hello, r, w)
+    (welcome, r, w)
 }
 
-/// What came of one job, as it came: its output text, the stdin counts it was told
-/// of, and its ending.
-#[derive(Default, Debug)]
-struct Seen {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    taken: Vec<u64>,
-    closed: Option<u64>,
-    /// `StdinClosed` came before `Finished`.
-    closed_first: bool,
-    outcome: Option<Outcome>,
-    next_seq: u64,
-}
-
-impl Seen {
-    fn take(&mut self, m: WorkerMessage) {
-        match m {
-            WorkerMessage::Output {
-                job,
-                stream,
-                seq,
-                bytes,
-            } => {
-                assert_eq!(job, JOB);
-                assert_eq!(seq, self.next_seq, "output in order, once");
-                self.next_seq += 1;
-                match stream {
-                    Stream::Stdout => self.stdout.extend_from_slice(&bytes),
-                    Stream::Stderr => self.stderr.extend_from_slice(&bytes),
-                }
-            }
-            WorkerMessage::StdinTaken { job, upto } => {
-                assert_eq!(job, JOB);
-                assert!(self.closed.is_none(), "taken after closed");
-                if let Some(&last) = self.taken.last() {
-                    assert!(upto >= last, "taken went back: {last} then {upto}");
-                }
-                self.taken.push(upto);
-            }
-            WorkerMessage::StdinClosed { job, upto } => {
-                assert_eq!(job, JOB);
-                assert_eq!(self.closed, None, "closed twice");
-                self.closed = Some(upto);
-                self.closed_first = self.outcome.is_none();
-            }
-            WorkerMessage::Finished { job, outcome, .. } => {
-                assert_eq!(job, JOB);
-                self.outcome = Some(outcome);
-            }
-            other => panic!("unexpected {other:?}"),
+/// The next message other than a heartbeat.
+fn next(r: &mut RawReader) -> ManagerMessage {
+    loop {
+        match r.recv::<ManagerMessage>() {
+            Ok(Some(ManagerMessage::Heartbeat)) => {}
+            Ok(Some(m)) => return m,
+            other => panic!("expected a message from the manager, got {other:?}"),
         }
     }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
 }
 
-/// Reads until `done` says so.
-fn until(rig: &mut Rig, seen: &mut Seen, mut done: impl FnMut(&Seen) -> bool) {
-    while !done(seen) {
-        let m = rig.next_open();
-        seen.take(m);
+/// Reads `StdinData` until the stream has reached `upto` bytes; checks each starts where
+/// the last ended and none goes beyond `taken` + the window.
+fn read_stdin_to(r: &mut RawReader, from: u64, upto: u64, taken: u64) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut at = from;
+    while at < upto {
+        match next(r) {
+            ManagerMessage::StdinData { offset, bytes, .. } => {
+                assert_eq!(offset, at, "the stream goes on where it was");
+                at += bytes.len() as u64;
+                assert!(at <= taken + STDIN_WINDOW, "sent beyond the window");
+                got.extend_from_slice(&bytes);
+            }
+            other => panic!("expected stdin, got {other:?}"),
+        }
     }
+    assert_eq!(at, upto);
+    got
+}
+
+/// Writes `bytes` to the job's stdin on a thread of its own; the result comes back on
+/// the channel.
+fn write_on_thread(
+    mut stdin: JobStdin,
+    bytes: Vec<u8>,
+) -> crossbeam_channel::Receiver<std::io::Result<()>> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(stdin.write_all(&bytes));
+    });
+    rx
+}
+
+/// A manager, a raw worker, and an interactive job that the worker was told to run.
+fn started(certs: &Certs, spec: JobSpec) -> (Manager, JobHandle, RawReader, RawWriter, u64) {
+    let manager = Manager::bind(certs.manager_config()).unwrap();
+    let (welcome, mut r, w) = join(certs, &manager, &hello("raw", None, vec![]));
+    let job = manager.submit(spec).unwrap();
+    match next(&mut r) {
+        ManagerMessage::Run { job: id, .. } => assert_eq!(id, job.id()),
+        other => panic!("expected the run, got {other:?}"),
+    }
+    (manager, job, r, w, welcome.manager_id)
 }
 
 #[test]
-fn cat_gives_back_each_line_before_the_next_is_written() {
-    let mut rig = Rig::new("cat");
-    rig.run(JobSpec::new("cat").interactive());
-    let mut seen = Seen::default();
-    let mut offset = 0;
-    let mut expected = String::new();
-    for i in 0..5 {
-        let line = format!("line {i}\n");
-        rig.stdin(offset, line.as_bytes());
-        offset += line.len() as u64;
-        expected.push_str(&line);
-        until(&mut rig, &mut seen, |s| s.stdout.len() >= expected.len());
-        assert_eq!(seen.text(), expected, "line {i} came back alone");
+fn the_writer_waits_at_the_window_and_goes_on_as_the_worker_takes_bytes() {
+    let certs = Certs::new(1);
+    let (manager, job, mut r, mut w, _) = started(&certs, JobSpec::new("cat").interactive());
+    let total = 3 * STDIN_WINDOW as usize;
+    let pattern: Vec<u8> = (0..total).map(|i| (i % 253) as u8).collect();
+    let done = write_on_thread(job.stdin().unwrap(), pattern.clone());
+    // One window arrives, and nothing beyond it (`read_stdin_to` checks each message).
+    let mut got = read_stdin_to(&mut r, 0, STDIN_WINDOW, 0);
+    assert!(done.try_recv().is_err(), "the writer waits at the window");
+    // The job takes a window at a time: the writer goes on each time.
+    for round in 1..3u64 {
+        w.send(&WorkerMessage::StdinTaken {
+            job: job.id(),
+            upto: round * STDIN_WINDOW,
+        })
+        .unwrap();
+        got.extend(read_stdin_to(
+            &mut r,
+            round * STDIN_WINDOW,
+            (round + 1) * STDIN_WINDOW,
+            round * STDIN_WINDOW,
+        ));
     }
-    rig.send(ManagerMessage::StdinEof { job: JOB, offset });
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.outcome, Some(Outcome::Exited(0)));
+    done.recv_timeout(DEADLINE)
+        .expect("the writer returned")
+        .unwrap();
+    assert!(got == pattern, "every byte once, in order");
+    job.stdin().unwrap().close().unwrap();
     assert_eq!(
-        seen.taken.last(),
-        Some(&offset),
-        "every byte taken and said so"
+        next(&mut r),
+        ManagerMessage::StdinEof {
+            job: job.id(),
+            offset: total as u64
+        }
     );
-    assert_eq!(seen.closed, Some(offset));
-    assert!(seen.closed_first, "StdinClosed comes before Finished");
-    assert_eq!(seen.text(), expected);
+    job.resize(3, 4).unwrap_err(); // not a terminal job
+    w.send(&WorkerMessage::Finished {
+        job: job.id(),
+        outcome: Outcome::Exited(0),
+        cleanup_error: None,
+    })
+    .unwrap();
+    assert_eq!(job.wait().outcome, Outcome::Exited(0));
+    manager.shutdown_within(Duration::ZERO);
 }
 
 #[test]
-fn head_takes_one_byte_and_ends_while_more_is_offered() {
-    let mut rig = Rig::new("head");
-    rig.run(JobSpec::new("head -c 1").interactive());
-    let mut offered = vec![b'a'];
-    offered.extend(std::iter::repeat_n(b'z', 200 << 10));
-    rig.stdin(0, &offered);
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.outcome, Some(Outcome::Exited(0)));
-    assert_eq!(seen.text(), "a");
-    let closed = seen.closed.expect("StdinClosed");
-    assert!(seen.closed_first);
-    assert!(
-        (1..offered.len() as u64).contains(&closed),
-        "{closed} of {} taken",
-        offered.len()
-    );
-    // More after the close is dropped without a word, and the link goes on.
-    rig.stdin(offered.len() as u64, b"more");
-    rig.send(ManagerMessage::Ended { job: JOB });
-    rig.send(ManagerMessage::Run {
-        job: JobId(2),
-        spec: JobSpec::new("echo still here"),
+fn a_closed_stdin_lets_a_waiting_writer_go_with_broken_pipe() {
+    let certs = Certs::new(1);
+    let (manager, job, mut r, mut w, _) = started(&certs, JobSpec::new("head -c 1").interactive());
+    let done = write_on_thread(job.stdin().unwrap(), vec![b'x'; 2 * STDIN_WINDOW as usize]);
+    read_stdin_to(&mut r, 0, STDIN_WINDOW, 0);
+    // The job read one byte and closed its stdin.
+    w.send(&WorkerMessage::StdinClosed {
+        job: job.id(),
+        upto: 1,
+    })
+    .unwrap();
+    let e = done
+        .recv_timeout(DEADLINE)
+        .expect("the writer returned")
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+    assert_eq!(e.to_string(), "stdin closed");
+    let again = job.stdin().unwrap().write(b"y").unwrap_err();
+    assert_eq!(again.kind(), std::io::ErrorKind::BrokenPipe);
+    w.send(&WorkerMessage::Finished {
+        job: job.id(),
+        outcome: Outcome::Exited(0),
+        cleanup_error: None,
+    })
+    .unwrap();
+    assert_eq!(job.wait().outcome, Outcome::Exited(0));
+    manager.shutdown_within(Duration::ZERO);
+}
+
+#[test]
+fn a_returning_worker_gets_the_stdin_again_from_what_it_says_it_took() {
+    let certs = Certs::new(1);
+    let mut config = certs.manager_config();
+    config.reconnect_grace = Duration::from_secs(30);
+    let manager = Manager::bind(config).unwrap();
+    let (welcome, mut r, mut w) = join(&certs, &manager, &hello("raw", None, vec![]));
+    let job = manager.submit(JobSpec::new("cat").pty(24, 80)).unwrap();
+    assert!(matches!(next(&mut r), ManagerMessage::Run { .. }));
+    let mut stdin = job.stdin().unwrap();
+    stdin.write_all(b"hello, ").unwrap();
+    assert_eq!(read_stdin_to(&mut r, 0, 7, 0), b"hello, ");
+    w.send(&WorkerMessage::StdinTaken {
+        job: job.id(),
+        upto: 2,
+    })
+    .unwrap();
+    // The link is cut; the job's stdin goes on being written and resized meanwhile.
+    w.cut();
+    drop((r, w));
+    wait_until("the worker's loss is noticed", || {
+        manager.workers().is_empty()
+    });
+    stdin.write_all(b"world").unwrap();
+    stdin.close().unwrap();
+    job.resize(30, 100).unwrap();
+    // It comes back having taken 5 bytes: it is sent the rest from there, then the end.
+    let held = HeldJob {
+        job: job.id(),
+        finished: false,
         ahead: false,
-    });
-    match rig.next_open() {
-        WorkerMessage::Output { job, bytes, .. } => {
-            assert_eq!(job, JobId(2));
-            assert_eq!(bytes, b"still here\n");
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-/// The pipe's buffer on this machine (what a job that never reads still takes).
-fn pipe_buffer() -> u64 {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe writes.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: fcntl on a descriptor just made; then both are closed.
-    let size = unsafe { libc::fcntl(fds[0], libc::F_GETPIPE_SZ) };
-    // SAFETY: closing the two descriptors made above.
-    unsafe {
-        libc::close(fds[0]);
-        libc::close(fds[1]);
-    }
-    assert!(size > 0);
-    size as u64
-}
-
-#[test]
-fn a_job_that_never_reads_takes_at_most_its_pipe_and_a_window_more_closes_the_link() {
-    capture_logs();
-    let mut rig = Rig::new("never-reads");
-    rig.run(JobSpec::new("echo ready; exec sleep 600").interactive());
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.text() == "ready\n");
-    // A whole window, in pieces: allowed, whatever the job takes.
-    let piece = 32 << 10;
-    let mut offset = 0;
-    while offset < STDIN_WINDOW {
-        rig.stdin(offset, &vec![b'x'; piece]);
-        offset += piece as u64;
-    }
-    // The pipe fills: taken stops at its buffer, said once a quarter window was taken.
-    let pipe = pipe_buffer();
-    assert!(pipe <= STDIN_WINDOW / 2, "a pipe of {pipe} bytes");
-    until(&mut rig, &mut seen, |s| !s.taken.is_empty());
-    let taken = *seen.taken.last().unwrap();
-    assert!(taken <= pipe, "{taken} taken into a pipe of {pipe}");
-    // Past the window (whatever was taken, at most the pipe): the link is closed.
-    rig.stdin(offset, &vec![b'y'; pipe as usize + 1]);
-    while let Some(m) = rig.next() {
-        seen.take(m);
-    }
-    assert!(seen.taken.iter().all(|&t| t <= pipe), "{:?}", seen.taken);
-    assert_eq!(seen.outcome, None, "the job goes on");
-    let why = LINES
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|l| l.contains("never-reads") && l.contains("broke the protocol"))
-        .cloned()
-        .expect("the reason is logged");
-    assert!(why.contains("window"), "{why}");
-    // It comes back holding the job, with the stdin it took; a resend from there skips
-    // what it has (the bytes waiting at it), and its count stays within the pipe.
-    let (hello, r, w) = accept(&rig.certs, &rig.listener, welcome(vec![(JOB, 1)]));
-    rig.r = r;
-    rig.w = w;
-    let held = hello
-        .jobs
-        .iter()
-        .find(|j| j.job == JOB)
-        .unwrap_or_else(|| panic!("held: {hello:?}"));
-    assert!(held.stdin_taken > 0 && held.stdin_taken <= pipe, "{held:?}");
-    let from = held.stdin_taken;
-    rig.stdin(from, &vec![b'x'; (STDIN_WINDOW - from) as usize]);
-    rig.send(ManagerMessage::Cancel { job: JOB });
-    let mut seen = Seen {
-        next_seq: 1,
-        ..Seen::default()
+        stdin_taken: 5,
     };
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.outcome, Some(Outcome::Cancelled));
-    let closed = seen.closed.expect("StdinClosed");
-    assert!(closed <= pipe, "{closed}");
+    let (back, mut r, mut w) = join(
+        &certs,
+        &manager,
+        &hello("raw", Some(welcome.manager_id), vec![held]),
+    );
+    assert_eq!(back.resume, vec![(job.id(), 0)]);
+    assert_eq!(
+        next(&mut r),
+        ManagerMessage::Resize {
+            job: job.id(),
+            size: PtySize {
+                rows: 30,
+                cols: 100
+            }
+        }
+    );
+    assert_eq!(read_stdin_to(&mut r, 5, 12, 5), b", world");
+    assert_eq!(
+        next(&mut r),
+        ManagerMessage::StdinEof {
+            job: job.id(),
+            offset: 12
+        }
+    );
+    w.send(&WorkerMessage::Finished {
+        job: job.id(),
+        outcome: Outcome::Exited(0),
+        cleanup_error: None,
+    })
+    .unwrap();
+    assert_eq!(job.wait().outcome, Outcome::Exited(0));
+    manager.shutdown_within(Duration::ZERO);
 }
 
 #[test]
-fn after_a_reconnect_stdin_sent_again_from_the_hello_is_taken_once() {
-    let mut rig = Rig::new("resend");
-    rig.run(JobSpec::new("cat").interactive());
-    let mut seen = Seen::default();
-    rig.stdin(0, b"one\n");
-    until(&mut rig, &mut seen, |s| s.text() == "one\n");
-    rig.w.cut();
-    // It comes back; a manager that lost track sends everything again, then more.
-    let (hello, r, w) = accept(&rig.certs, &rig.listener, welcome(vec![(JOB, 1)]));
-    rig.r = r;
-    rig.w = w;
-    let held = hello
-        .jobs
-        .iter()
-        .find(|j| j.job == JOB)
-        .unwrap_or_else(|| panic!("held: {hello:?}"));
-    assert_eq!(held.stdin_taken, 4);
-    rig.stdin(0, b"one\ntwo\n");
-    rig.stdin(4, b"two\nthree\n");
-    rig.send(ManagerMessage::StdinEof {
-        job: JOB,
-        offset: 14,
-    });
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.text(), "one\ntwo\nthree\n");
-    assert_eq!(seen.closed, Some(14));
-    assert_eq!(seen.outcome, Some(Outcome::Exited(0)));
+fn a_plain_job_has_no_stdin_writer_and_an_interactive_one_is_not_retried() {
+    let certs = Certs::new(1);
+    let manager = Manager::bind(certs.manager_config()).unwrap();
+    let job = manager.submit(JobSpec::new("true")).unwrap();
+    let e = job.stdin().unwrap_err().to_string();
+    assert!(e.contains("is not interactive"), "{e}");
+    let e = job.resize(10, 10).unwrap_err().to_string();
+    assert!(e.contains("no terminal"), "{e}");
+    let Err(e) = manager.submit(JobSpec::new("cat").interactive().retries(1)) else {
+        panic!("an interactive job with retries was taken");
+    };
+    let e = e.to_string();
+    assert!(e.contains("not retried"), "{e}");
+    manager.shutdown_within(Duration::ZERO);
 }
 
-// ---- terminal jobs ----
+// ---- with real workers ----
 
-fn pty_job(script: &str, rows: u16, cols: u16) -> JobSpec {
-    JobSpec::new(script).pty(rows, cols)
-}
-
-#[test]
-fn a_terminal_job_has_a_pts_its_size_a_resize_and_reads_a_typed_line() {
-    let mut rig = Rig::new("pty");
-    rig.run(pty_job(
-        "tty; stty size; read a; stty size; read x; echo \"got $x\"",
-        24,
-        80,
-    ));
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.text().contains("24 80\r\n"));
-    assert!(seen.text().starts_with("/dev/pts/"), "{:?}", seen.text());
-    rig.send(ManagerMessage::Resize {
-        job: JOB,
-        size: workpool::job::PtySize {
-            rows: 30,
-            cols: 100,
-        },
-    });
-    rig.stdin(0, b"\n");
-    until(&mut rig, &mut seen, |s| s.text().contains("30 100\r\n"));
-    rig.stdin(1, b"hello\r");
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert!(seen.text().contains("got hello\r\n"), "{:?}", seen.text());
-    assert_eq!(seen.outcome, Some(Outcome::Exited(0)));
-    assert!(seen.stderr.is_empty());
-    assert_eq!(seen.closed, Some(7));
-}
-
-#[test]
-fn ctrl_c_through_the_terminal_ends_the_job_with_sigint() {
-    let mut rig = Rig::new("ctrl-c");
-    rig.run(pty_job("echo ready; exec sleep 100", 24, 80));
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.text().contains("ready"));
-    rig.stdin(0, b"\x03");
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.outcome, Some(Outcome::Signaled(libc::SIGINT)));
-}
-
-#[test]
-fn a_terminal_job_s_stderr_comes_merged_into_its_output() {
-    let mut rig = Rig::new("merged");
-    rig.run(pty_job("echo out; echo err >&2; echo out again", 24, 80));
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.text(), "out\r\nerr\r\nout again\r\n");
-    assert!(seen.stderr.is_empty());
-    assert_eq!(seen.outcome, Some(Outcome::Exited(0)));
-}
-
-#[test]
-fn the_end_of_stdin_reaches_a_terminal_job_as_end_of_file() {
-    let mut rig = Rig::new("pty-eof");
-    rig.run(pty_job("cat > /dev/null; echo done", 24, 80));
-    rig.stdin(0, b"abc\n");
-    rig.send(ManagerMessage::StdinEof {
-        job: JOB,
-        offset: 4,
-    });
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert!(seen.text().ends_with("done\r\n"), "{:?}", seen.text());
-    assert_eq!(seen.outcome, Some(Outcome::Exited(0)));
-}
-
-/// The state letter of a process in `/proc/PID/stat`, if it exists.
-fn process_state(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 2..].chars().next()
-}
-
-#[test]
-fn cancel_kills_a_terminal_job_s_whole_tree() {
-    let mut rig = Rig::new("pty-cancel");
-    rig.run(pty_job(
-        "sleep 600 & echo $!; setsid sleep 600 & echo $!; echo up; wait",
-        24,
-        80,
-    ));
-    let mut seen = Seen::default();
-    until(&mut rig, &mut seen, |s| s.text().contains("up"));
-    let pids: Vec<i32> = seen
-        .text()
-        .split_whitespace()
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    assert_eq!(pids.len(), 2, "{:?}", seen.text());
-    rig.send(ManagerMessage::Cancel { job: JOB });
-    until(&mut rig, &mut seen, |s| s.outcome.is_some());
-    assert_eq!(seen.outcome, Some(Outcome::Cancelled));
+/// Reads the job's output until it holds `needle`; what was read.
+fn await_output(events: &crossbeam_channel::Receiver<JobEvent>, needle: &str) -> String {
     let deadline = Instant::now() + DEADLINE;
-    for pid in pids {
-        while matches!(process_state(pid), Some(s) if s != 'Z') {
-            assert!(Instant::now() < deadline, "{pid} survived the cancel");
-            std::thread::yield_now();
+    let mut seen = String::new();
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match events.recv_timeout(left) {
+            Ok(JobEvent::Output { bytes, .. }) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            Ok(JobEvent::Finished(o)) => panic!("ended ({o:?}) before {needle:?}; saw {seen:?}"),
+            Ok(_) => {}
+            Err(_) => panic!("no {needle:?} in time; saw {seen:?}"),
         }
     }
+    seen
+}
+
+#[test]
+
+fn cat_echoes_each_line_before_the_next_is_written() {
+    let certs = Certs::new(1);
+    let (manager, _worker) = certs.manager_and_worker(certs.manager_config(), 1);
+    let job = manager.submit(JobSpec::new("cat").interactive()).unwrap();
+    let mut stdin = job.stdin().unwrap();
+    for i in 0..20 {
+        let line = format!("line {i}\n");
+        stdin.write_all(line.as_bytes()).unwrap();
+        await_output(job.events(), &line);
+    }
+    stdin.close().unwrap();
+    let result = job.wait();
+    assert_eq!(result.outcome, Outcome::Exited(0));
+}
+
+#[test]
+
+fn head_takes_one_byte_and_the_writer_gets_stdin_closed_not_a_hang() {
+    let certs = Certs::new(1);
+    let (manager, _worker) = certs.manager_and_worker(certs.manager_config(), 1);
+    let job = manager
+        .submit(JobSpec::new("head -c 1").interactive())
+        .unwrap();
+    let done = write_on_thread(job.stdin().unwrap(), vec![b'z'; 8 << 20]);
+    let e = done
+        .recv_timeout(DEADLINE)
+        .expect("the writer returned")
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+    let result = job.wait();
+    assert_eq!(result.outcome, Outcome::Exited(0));
+    assert_eq!(result.stdout, b"z");
+}
+
+/// This process's resident memory, in bytes (Linux).
+fn rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[test]
+
+fn a_job_that_never_reads_holds_a_100_mib_writer_and_memory_stays_bounded() {
+    let certs = Certs::new(1);
+    let (manager, _worker) = certs.manager_and_worker(certs.manager_config(), 1);
+    let job = manager
+        .submit(JobSpec::new("sleep 600").interactive())
+        .unwrap();
+    let before = rss();
+    // 100 MiB offered in 1 MiB writes; the writer stops at the window (the manager's
+    // and the worker's, both in this process), and stays there.
+    let (tx, progress) = crossbeam_channel::unbounded();
+    let mut stdin = job.stdin().unwrap();
+    std::thread::spawn(move || {
+        let chunk = vec![b'q'; 1 << 20];
+        for _ in 0..100 {
+            let mut at = 0;
+            while at < chunk.len() {
+                match stdin.write(&chunk[at..]) {
+                    Ok(n) => {
+                        at += n;
+                        let _ = tx.send(n);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(0);
+                        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    // Wait until a window has gone (the writer is then at the window or beyond it).
+    let mut written = 0usize;
+    while written < STDIN_WINDOW as usize {
+        written += progress.recv_timeout(DEADLINE).expect("the writer wrote");
+    }
+    let grown = rss().saturating_sub(before);
+    assert!(
+        grown < 64 << 20,
+        "memory grew by {grown} bytes for a job that reads nothing"
+    );
+    job.cancel().unwrap();
+    assert_eq!(job.wait().outcome, Outcome::Cancelled);
+    // The waiting writer was let go with the job's end, having written only what the
+    // windows and the job's pipe hold, not the 100 MiB offered.
+    loop {
+        match progress
+            .recv_timeout(DEADLINE)
+            .expect("the writer was let go")
+        {
+            0 => break,
+            n => written += n,
+        }
+    }
+    assert!(
+        written < 16 << 20,
+        "{written} bytes were taken for a job that reads nothing"
+    );
+    let grown = rss().saturating_sub(before);
+    assert!(grown < 64 << 20, "memory grew by {grown} bytes");
+}
+
+#[test]
+
+fn a_terminal_job_has_a_tty_its_size_changes_and_a_line_is_read() {
+    let certs = Certs::new(1);
+    let (manager, _worker) = certs.manager_and_worker(certs.manager_config(), 1);
+    let job = manager.submit(JobSpec::new("tty").pty(24, 80)).unwrap();
+    let result = job.wait();
+    assert!(
+        result.stdout_text().starts_with("/dev/pts/"),
+        "{:?}",
+        result.stdout_text()
+    );
+    let job = manager
+        .submit(JobSpec::new("stty size; read x; stty size; read line; echo got:$line").pty(24, 80))
+        .unwrap();
+    await_output(job.events(), "24 80");
+    job.resize(40, 120).unwrap();
+    let mut stdin = job.stdin().unwrap();
+    stdin.write_all(b"\n").unwrap();
+    await_output(job.events(), "40 120");
+    stdin.write_all(b"typed here\n").unwrap();
+    await_output(job.events(), "got:typed here");
+    assert_eq!(job.wait().outcome, Outcome::Exited(0));
+}
+
+#[test]
+
+fn ctrl_c_through_the_terminal_ends_sleep_with_sigint() {
+    let certs = Certs::new(1);
+    let (manager, _worker) = certs.manager_and_worker(certs.manager_config(), 1);
+    let mut job = manager
+        .submit(JobSpec::new("echo ready; exec sleep 100").pty(24, 80))
+        .unwrap();
+    await_output(job.events(), "ready");
+    job.stdin().unwrap().write_all(&[0x03]).unwrap();
+    let result = job
+        .wait_timeout(DEADLINE)
+        .expect("the job ended after Ctrl-C");
+    assert_eq!(result.outcome, Outcome::Signaled(libc::SIGINT));
+}
+
+#[test]
+
+fn a_relay_cut_during_a_remote_session_loses_and_duplicates_no_stdin_byte() {
+    let certs = Certs::new(2);
+    let mut config = certs.submitters_manager_config();
+    config.reconnect_grace = Duration::from_secs(20);
+    let (manager, _worker) = certs.manager_and_worker(config, 1);
+    let relay = Relay::start(manager.local_addr());
+    let s = &certs.workers[1];
+    let mut cc = ClientConfig::new(
+        "127.0.0.1",
+        relay.port,
+        Identity::from_pem(s.cert_pem.as_bytes(), s.key_pem.as_bytes()).unwrap(),
+        TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+    );
+    cc.backoff_initial = Duration::from_millis(10);
+    cc.backoff_max = Duration::from_millis(100);
+    let client = Client::connect(cc).unwrap();
+    // The job counts what it reads and echoes a checksum at the end.
+    let job = client.submit(JobSpec::new("cksum").interactive()).unwrap();
+    let data: Vec<u8> = (0..6_000_000u64).map(|i| (i * 7 % 256) as u8).collect();
+    let mut stdin = job.stdin().unwrap();
+    for (i, piece) in data.chunks(500_000).enumerate() {
+        stdin.write_all(piece).unwrap();
+        if i % 4 == 1 {
+            relay.cut();
+        }
+    }
+    stdin.close().unwrap();
+    let result = job.wait();
+    assert_eq!(result.outcome, Outcome::Exited(0));
+    let want = local_cksum(&data);
+    assert_eq!(result.stdout_text(), want, "every byte once, in order");
+}
+
+/// What `cksum` prints for these bytes read from stdin.
+fn local_cksum(data: &[u8]) -> String {
+    let mut child = std::process::Command::new("cksum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8(out.stdout).unwrap()
 }

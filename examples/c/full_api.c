@@ -163,6 +163,29 @@ static wp_event await_job_event(wp_job *job, wp_event_kind kind) {
     exit(1);
 }
 
+/* Whether `len` bytes at `hay` hold the text `needle`. */
+static int holds(const uint8_t *hay, size_t len, const char *needle) {
+    size_t n = strlen(needle);
+    for (size_t i = 0; n <= len && i <= len - n; i++) {
+        if (memcmp(hay + i, needle, n) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Reads a job's output events until what came holds `needle` (the job must not end first). */
+static void await_output(wp_job *job, const char *needle) {
+    uint8_t seen[4096];
+    size_t len = 0;
+    while (!holds(seen, len, needle)) {
+        wp_event ev = await_job_event(job, WP_EVENT_OUTPUT);
+        expect(len + ev.len <= sizeof seen, "the awaited output in 4 KiB");
+        memcpy(seen + len, ev.data, ev.len);
+        len += ev.len;
+    }
+}
+
 static wp_job_result *wait_result(wp_job *job) {
     wp_job_result *result = NULL;
     check(wp_job_wait_timeout(job, WAIT_MS, &result), "wp_job_wait_timeout");
@@ -470,6 +493,47 @@ int main(int argc, char **argv) {
     printf("cancelled running: outcome %s, exit %d, signal %d, attempt %u\n", outcome_name(ev.outcome), ev.exit_code,
            ev.signal, ev.attempt);
     printf("wait after the last event: %s\n", wp_result_name(wp_job_wait_timeout(job, 0, &again)));
+    wp_job_free(job);
+
+    /* An interactive job: each line written comes back before the next is written. */
+    check(wp_job_spec_new("cat", &spec), "wp_job_spec_new cat");
+    check(wp_job_spec_set_interactive(spec, true), "wp_job_spec_set_interactive");
+    check(wp_manager_submit_spec(manager, spec, &job), "submit cat");
+    wp_job_spec_free(spec);
+    for (int i = 0; i < 3; i++) {
+        char line[32];
+        int n = snprintf(line, sizeof line, "line %d\n", i);
+        check(wp_job_write_stdin(job, (const uint8_t *)line, (size_t)n), "wp_job_write_stdin");
+        await_output(job, line);
+    }
+    check(wp_job_close_stdin(job), "wp_job_close_stdin");
+    refused("write after close", wp_job_write_stdin(job, (const uint8_t *)"x", 1));
+    result = wait_result(job);
+    printf("interactive cat: 3 lines echoed one at a time, outcome %s, exit %d\n",
+           outcome_name(wp_job_result_outcome(result)), wp_job_result_exit_code(result));
+    wp_job_result_free(result);
+    wp_job_free(job);
+    check(wp_manager_submit(manager, "true", &job), "submit plain");
+    refused("stdin of a plain job", wp_job_write_stdin(job, (const uint8_t *)"x", 1));
+    refused("resize of a plain job", wp_job_resize(job, 10, 10));
+    wp_job_result_free(wait_result(job));
+    wp_job_free(job);
+
+    /* A terminal job: `stty size` shows the size asked for, then the new one. */
+    check(wp_job_spec_new("stty size; read _; stty size", &spec), "wp_job_spec_new stty");
+    refused("zero-row terminal", wp_job_spec_set_pty(spec, 0, 80));
+    check(wp_job_spec_set_pty(spec, 24, 80), "wp_job_spec_set_pty");
+    check(wp_manager_submit_spec(manager, spec, &job), "submit stty");
+    wp_job_spec_free(spec);
+    await_output(job, "24 80");
+    printf("pty size: 24 80\n");
+    check(wp_job_resize(job, 40, 100), "wp_job_resize");
+    check(wp_job_write_stdin(job, (const uint8_t *)"\n", 1), "wp_job_write_stdin newline");
+    result = wait_result(job);
+    out = wp_job_result_stdout(result);
+    printf("pty resized: %s, outcome %s\n", holds(out.data, out.len, "40 100") ? "40 100" : "not seen",
+           outcome_name(wp_job_result_outcome(result)));
+    wp_job_result_free(result);
     wp_job_free(job);
 
     /* A job nobody reads: its output is paused (polled: pausing has no event). */

@@ -290,3 +290,115 @@ fn a_refusal_is_the_manager_s_reason_and_a_dead_port_is_an_error() {
         .expect("no manager");
     assert!(e.to_string().contains("connecting to 127.0.0.1"), "{e}");
 }
+
+#[test]
+fn stdin_bytes_not_taken_are_sent_again_after_a_cut_and_reach_the_manager_once_in_order() {
+    use crate::protocol::STDIN_WINDOW;
+    const TOTAL: usize = 700_000;
+    let pattern: Vec<u8> = (0..TOTAL).map(|i| (i % 251) as u8).collect();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake = {
+        let listener = listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let (mut est, _) = accept(&listener);
+            welcome(&mut est, false, 0);
+            let (_, request) = next_request(&mut est);
+            assert!(matches!(request, Request::Submit { ref spec, .. } if spec.interactive));
+            let reply = Reply::Submitted(vec![JobId(1)]);
+            send(&est, 0, SessionEvent::Reply { request: 0, reply });
+            // What the manager has of the job's stdin, each byte once, by offset.
+            let mut got: Vec<u8> = Vec::new();
+            let mut taken = 0u64;
+            let mut seq = 1;
+            let mut cut = false;
+            let eof = loop {
+                let msg = next(&mut est).expect("the client's stdin");
+                match msg {
+                    SubmitterMessage::Stdin { job, offset, bytes } => {
+                        assert_eq!(job, JobId(1));
+                        assert!(offset <= got.len() as u64, "a gap at {offset}");
+                        let end = offset + bytes.len() as u64;
+                        assert!(end <= taken + STDIN_WINDOW, "beyond the window");
+                        if end > got.len() as u64 {
+                            got.extend_from_slice(&bytes[got.len() - offset as usize..]);
+                        }
+                    }
+                    SubmitterMessage::StdinEof { offset, .. } => break offset,
+                    SubmitterMessage::Ack { .. } => continue,
+                    other => panic!("{other:?}"),
+                }
+                // A window's worth arrived: the job "takes" half of it.
+                if got.len() as u64 == taken + STDIN_WINDOW {
+                    taken += STDIN_WINDOW / 2;
+                    let closed = false;
+                    send(
+                        &est,
+                        seq,
+                        SessionEvent::Stdin {
+                            job: JobId(1),
+                            taken,
+                            closed,
+                        },
+                    );
+                    seq += 1;
+                    if !cut {
+                        // The link is cut with bytes on the way and not taken.
+                        cut = true;
+                        est.tx.cut();
+                        drop(est);
+                        let (e, hello) = accept(&listener);
+                        est = e;
+                        let resume = hello.resume.expect("a resume");
+                        seq = resume.next_event;
+                        welcome(&mut est, true, 1);
+                        // The manager forgot what it had beyond what was taken.
+                        got.truncate(taken as usize);
+                    }
+                }
+            };
+            assert!(cut);
+            assert_eq!(eof, TOTAL as u64);
+            let end = SessionEvent::Job {
+                job: JobId(1),
+                event: JobEvent::Finished(Outcome::Exited(0)),
+            };
+            send(&est, seq, end);
+            assert_eq!(next_goodbye(&mut est), Some(SubmitterMessage::Goodbye));
+            got
+        })
+    };
+    let client = connect(&listener);
+    let job = client
+        .submit(JobSpec::new("cat >/dev/null").interactive())
+        .unwrap();
+    let mut stdin = job.stdin().unwrap();
+    use std::io::Write;
+    stdin.write_all(&pattern).unwrap();
+    stdin.close().unwrap();
+    assert_eq!(job.wait().outcome, Outcome::Exited(0));
+    // The job has ended: its stdin is closed.
+    let e = client_stdin_error(&client);
+    assert_eq!(e, std::io::ErrorKind::BrokenPipe);
+    client.close();
+    let got = fake.join().unwrap();
+    assert!(got == pattern, "every byte once, in order");
+}
+
+/// A non-interactive job's handle has no stdin; an ended job's writer fails.
+fn client_stdin_error(client: &Client) -> std::io::ErrorKind {
+    let end = RemoteStdin {
+        client: Arc::downgrade(&client.shared),
+        job: JobId(1),
+    };
+    end.write(b"x").unwrap_err().kind()
+}
+
+/// The client's next message other than an acknowledgement.
+fn next_goodbye(est: &mut Established) -> Option<SubmitterMessage> {
+    loop {
+        match next(est)? {
+            SubmitterMessage::Ack { .. } => {}
+            other => return Some(other),
+        }
+    }
+}

@@ -41,6 +41,9 @@ pub enum wp_result {
     /// `wp_set_log_callback`: another logger of the `log` crate is installed in this
     /// process (by a Rust part of the program), or the call came from inside the callback.
     WP_RESULT_LOGGER_IN_USE = 12,
+    /// An interactive job's stdin is closed: the job closed it or ended, or it was ended
+    /// with `wp_job_close_stdin` (`wp_job_write_stdin`, `wp_job_close_stdin`).
+    WP_RESULT_STDIN_CLOSED = 13,
 }
 
 use wp_result::*;
@@ -315,6 +318,7 @@ pub extern "C" fn wp_result_name(result: u32) -> *const c_char {
             10 => c"WP_RESULT_UNKNOWN_JOB",
             11 => c"WP_RESULT_PROTOCOL",
             12 => c"WP_RESULT_LOGGER_IN_USE",
+            13 => c"WP_RESULT_STDIN_CLOSED",
             _ => c"WP_RESULT_UNKNOWN",
         };
         name.as_ptr()

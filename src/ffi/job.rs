@@ -64,6 +64,20 @@ impl Handle {
         }
     }
 
+    fn stdin(&self) -> crate::Result<crate::JobStdin> {
+        match self {
+            Handle::Local(h) => h.stdin(),
+            Handle::Remote(h) => h.stdin(),
+        }
+    }
+
+    fn resize(&self, rows: u16, cols: u16) -> crate::Result<()> {
+        match self {
+            Handle::Local(h) => h.resize(rows, cols),
+            Handle::Remote(h) => h.resize(rows, cols),
+        }
+    }
+
     /// Why the events ended without a `Finished` (as the handle's own wait says it).
     fn gone(&self) -> &'static str {
         match self {
@@ -196,6 +210,74 @@ pub unsafe extern "C" fn wp_job_wait_timeout(
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn wp_job_cancel(job: *mut wp_job) -> wp_result {
     ffi!({ result_of(arg!(job).inner.cancel()) })
+}
+
+/// Writes `len` bytes from `data` to an interactive job's stdin (`wp_job_spec_set_interactive`
+/// or `wp_job_spec_set_pty`), local or remote, and returns when all of them are on their
+/// way. It waits (with no deadline, as a pipe does) while 256 KiB are on the way and not
+/// yet read by the job. `WP_RESULT_STDIN_CLOSED`: the job closed its stdin or ended (a
+/// waiting write returns then too; some of the bytes may have been taken), or
+/// `wp_job_close_stdin` was called. `WP_RESULT_INVALID_ARGUMENT`: the job is not
+/// interactive. `data` may be NULL only when `len` is 0 (which does nothing).
+///
+/// Ownership: the bytes are copied. Threads: one call at a time per job, as for every
+/// call on it: a job whose output nobody reads may stop reading its stdin, so write in
+/// pieces between reading its events (`wp_job_next_event`) when it echoes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_job_write_stdin(
+    job: *mut wp_job,
+    data: *const u8,
+    len: usize,
+) -> wp_result {
+    ffi!({
+        let job = arg_mut!(job);
+        if len == 0 {
+            return WP_RESULT_OK;
+        }
+        if data.is_null() {
+            return fail(WP_RESULT_NULL_PARAMETER, "data is NULL and len is not 0");
+        }
+        // SAFETY: `data` is non-NULL and the caller promises `len` readable bytes there.
+        let bytes = unsafe { std::slice::from_raw_parts(data, len) };
+        let mut stdin = match job.inner.stdin() {
+            Ok(s) => s,
+            Err(e) => return from_error(e),
+        };
+        match std::io::Write::write_all(&mut stdin, bytes) {
+            Ok(()) => WP_RESULT_OK,
+            Err(e) => fail(WP_RESULT_STDIN_CLOSED, e.to_string()),
+        }
+    })
+}
+
+/// Ends an interactive job's stdin: the job reads EOF after every byte written before.
+/// `WP_RESULT_STDIN_CLOSED`: the job had closed it or ended already.
+/// `WP_RESULT_INVALID_ARGUMENT`: the job is not interactive.
+///
+/// Threads: one call at a time per job.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_job_close_stdin(job: *mut wp_job) -> wp_result {
+    ffi!({
+        let job = arg_mut!(job);
+        let stdin = match job.inner.stdin() {
+            Ok(s) => s,
+            Err(e) => return from_error(e),
+        };
+        match stdin.close() {
+            Ok(()) => WP_RESULT_OK,
+            Err(e) => fail(WP_RESULT_STDIN_CLOSED, e.to_string()),
+        }
+    })
+}
+
+/// Tells a terminal job (`wp_job_spec_set_pty`) its terminal's new size, as a window
+/// resize does, and returns at once. `WP_RESULT_INVALID_ARGUMENT`: the job has no
+/// terminal, or `rows` or `cols` is 0.
+///
+/// Threads: one call at a time per job.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_job_resize(job: *mut wp_job, rows: u16, cols: u16) -> wp_result {
+    ffi!({ result_of(arg!(job).inner.resize(rows, cols)) })
 }
 
 /// The job's id (counting up from 1 per manager: a remote job's is its manager's); 0

@@ -222,6 +222,51 @@ pub unsafe extern "C" fn wp_job_spec_set_detached(
     })
 }
 
+/// Makes the job interactive (`JobSpec::interactive`): its stdin stays open and is
+/// written while it runs (`wp_job_write_stdin`, `wp_job_close_stdin`), instead of bytes
+/// given up front (an interactive job takes none from `wp_job_spec_set_stdin`, and no
+/// retries). `interactive` false makes it a plain job again, and drops a terminal.
+///
+/// Threads: one call at a time per spec.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_job_spec_set_interactive(
+    spec: *mut wp_job_spec,
+    interactive: bool,
+) -> wp_result {
+    ffi!({
+        let spec = arg_mut!(spec);
+        spec.inner.interactive = interactive;
+        if !interactive {
+            spec.inner.pty = None;
+        }
+        WP_RESULT_OK
+    })
+}
+
+/// Runs the job under a pseudo-terminal of `rows` × `cols` (`JobSpec::pty`): it is the
+/// session leader with the terminal as its controlling terminal, its stdout and stderr
+/// come merged as stdout, and it is interactive. `wp_job_resize` changes the size while
+/// it runs. Rows and columns must be at least 1.
+///
+/// Threads: one call at a time per spec.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_job_spec_set_pty(
+    spec: *mut wp_job_spec,
+    rows: u16,
+    cols: u16,
+) -> wp_result {
+    ffi!({
+        let spec = arg_mut!(spec);
+        refuse_if!(
+            rows == 0 || cols == 0,
+            "a terminal must have at least one row and one column (not {rows} x {cols})"
+        );
+        spec.inner.pty = Some(crate::job::PtySize { rows, cols });
+        spec.inner.interactive = true;
+        WP_RESULT_OK
+    })
+}
+
 /// Checks the spec as `JobSpec::validate` does: `WP_RESULT_OK`, or
 /// `WP_RESULT_INVALID_ARGUMENT` with the reason for `wp_last_error_message`. (The setters
 /// already refuse what it would; `wp_manager_submit_spec` also refuses a job whose
