@@ -57,6 +57,7 @@ pub mod metrics;
 pub(crate) mod net;
 pub mod protocol;
 pub(crate) mod random;
+pub(crate) mod stdin;
 pub(crate) mod sync;
 #[cfg(feature = "testing")]
 #[doc(hidden)]
@@ -71,4 +72,5 @@ pub use job::{
     JobEvent, JobId, JobResult, JobSpec, JobState, JobStatus, Outcome, Requirements, Stream,
 };
 pub use manager::{JobHandle, Manager, ManagerConfig, ManagerEvent, ManagerSecurity, WorkerInfo};
+pub use stdin::JobStdin;
 pub use worker::{Worker, WorkerConfig, WorkerSecurity};

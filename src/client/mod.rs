@@ -22,19 +22,20 @@ mod session;
 pub use config::{ClientConfig, ClientSecurity};
 
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Partial};
+use crate::job::{JobEvent, JobId, JobResult, JobSpec, JobStatus, Partial, PtySize};
 use crate::link::{self, Beat, Reader, Timing, Tx};
 use crate::manager::WorkerInfo;
 use crate::metrics::Stats;
 use crate::net::{self, Waker};
 use crate::protocol::{self, Reply, Request, Role, SubmitterHello, ToSubmitter};
-use crate::sync::lock;
+use crate::stdin::{End, JobStdin, closed_error, not_interactive, refused_error};
+use crate::sync::{self, lock};
 use crate::tls;
 use crossbeam_channel::{Receiver, RecvTimeoutError, bounded};
 use session::{Action, Answer, Session, Settings};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,8 @@ pub struct Client {
 struct Shared {
     name: String,
     state: Mutex<State>,
+    /// Notified whenever the session has changed: writers of a job's stdin look again.
+    stdin_room: Condvar,
     /// Wakes the client thread from its `poll`.
     wake: Waker,
     address: String,
@@ -137,6 +140,7 @@ impl Client {
                 sleeps_until: None,
                 stop: false,
             }),
+            stdin_room: Condvar::new(),
             wake: Waker::new().map_err(|e| Error::io("making the client's waker", e))?,
             address,
             server_name,
@@ -305,6 +309,11 @@ impl Client {
 
     /// Sends a request that makes the session follow jobs, and waits for them.
     fn follow(&self, request: Request) -> Result<Vec<RemoteJob>> {
+        // An attached job may be interactive: its stdin closes at once if it is not.
+        let interactive = match &request {
+            Request::Submit { spec, .. } | Request::SubmitArray { spec, .. } => spec.interactive,
+            _ => true,
+        };
         match self.shared.ask(request)? {
             Answer::Follow(jobs) => Ok(jobs
                 .into_iter()
@@ -314,6 +323,7 @@ impl Client {
                     client: Arc::downgrade(&self.shared),
                     partial: Partial::default(),
                     limit: self.shared.result_limit,
+                    interactive,
                 })
                 .collect()),
             Answer::Reply(other) => Err(unexpected("jobs to follow", &other)),
@@ -413,6 +423,8 @@ impl Shared {
                 Action::Connect { hello, deadline } => connect = Some((hello, deadline)),
             }
         }
+        // Writers of a job's stdin waiting for room look again.
+        self.stdin_room.notify_all();
         // The client thread sleeps until a deadline that may now be too late.
         if let Some(until) = *sleeps_until {
             let earlier = match (session.next_deadline(), until) {
@@ -626,9 +638,53 @@ pub struct RemoteJob {
     client: Weak<Shared>,
     partial: Partial,
     limit: usize,
+    interactive: bool,
 }
 
 impl RemoteJob {
+    /// A writer for an interactive job's stdin ([`JobSpec::interactive`]); an error
+    /// ([`Error::InvalidJob`]) for a job submitted without it. The client keeps what
+    /// the manager has not taken (at most the window) and sends it again after a
+    /// reconnect, so every byte reaches the job once, in order. A job attached to
+    /// ([`Client::attach`]) is written from where the job has taken its stdin to; if
+    /// it is not interactive, its writer fails as for a closed stdin. See [`JobStdin`].
+    pub fn stdin(&self) -> Result<JobStdin> {
+        if !self.interactive {
+            return Err(not_interactive(self.id));
+        }
+        Ok(JobStdin {
+            job: self.id,
+            end: End::Remote(RemoteStdin {
+                client: self.client.clone(),
+                job: self.id,
+            }),
+        })
+    }
+
+    /// Tells a terminal job ([`JobSpec::pty`]) its terminal's new size; does not wait
+    /// (told again after a reconnect). An error for a job without a terminal as far as
+    /// this client knows, or a size of zero.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.interactive {
+            return Err(Error::InvalidJob(format!(
+                "job {} has no terminal to resize (JobSpec::pty)",
+                self.id
+            )));
+        }
+        if rows == 0 || cols == 0 {
+            return Err(Error::InvalidJob(
+                "a terminal must have at least one row and one column".into(),
+            ));
+        }
+        let client = self.client.upgrade().ok_or(Error::ShutDown)?;
+        let mut st = lock(&client.state);
+        st.session
+            .resize(self.id, PtySize { rows, cols })
+            .map_err(|_| Error::InvalidJob(format!("job {}: its stdin is closed", self.id)))?;
+        client.carry_out(&mut st);
+        Ok(())
+    }
+
     /// The job's id.
     pub fn id(&self) -> JobId {
         self.id
@@ -679,3 +735,40 @@ impl std::fmt::Debug for RemoteJob {
 
 #[cfg(test)]
 mod tests;
+
+/// A remote job's stdin, written through its client's session.
+pub(crate) struct RemoteStdin {
+    client: Weak<Shared>,
+    job: JobId,
+}
+
+impl RemoteStdin {
+    /// What fits of `bytes`, waiting while nothing does (until the manager takes some,
+    /// the stdin closes, the job ends or the client is closed).
+    pub(crate) fn write(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        let client = self.client.upgrade().ok_or_else(closed_error)?;
+        let mut st = lock(&client.state);
+        loop {
+            if st.stop || st.session.is_closed() {
+                return Err(closed_error());
+            }
+            let n = st
+                .session
+                .stdin_write(self.job, bytes)
+                .map_err(refused_error)?;
+            if n > 0 {
+                client.carry_out(&mut st);
+                return Ok(n);
+            }
+            st = sync::wait(&client.stdin_room, st);
+        }
+    }
+
+    pub(crate) fn finish(&self) -> std::io::Result<()> {
+        let client = self.client.upgrade().ok_or_else(closed_error)?;
+        let mut st = lock(&client.state);
+        st.session.stdin_finish(self.job).map_err(refused_error)?;
+        client.carry_out(&mut st);
+        Ok(())
+    }
+}

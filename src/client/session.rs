@@ -13,7 +13,8 @@
 //! output at its worker.
 
 use crate::error::Error;
-use crate::job::{JobEvent, JobId, Outcome};
+use crate::job::{JobEvent, JobId, Outcome, PtySize};
+use crate::stdin::{Refused, StdinOut, StdinWindow};
 use crate::protocol::{
     Reply, Request, RequestError, SessionEvent, SessionResume, SubmitterHello, SubmitterMessage,
     SubmitterWelcome,
@@ -135,8 +136,19 @@ pub(crate) struct Session {
     held: VecDeque<Held>,
     retry_at: Option<Instant>,
     follows: HashMap<JobId, Follow>,
+    /// The stdin of the interactive jobs it follows: what was written and the manager
+    /// has not taken (at most the window), sent again after a reconnect.
+    stdins: HashMap<JobId, Stdin>,
     actions: Vec<Action>,
     rng: u64,
+}
+
+/// An interactive job's stdin, on the client.
+#[derive(Default)]
+struct Stdin {
+    w: StdinWindow,
+    /// The terminal size last asked for, told again after a reconnect.
+    size: Option<PtySize>,
 }
 
 impl Session {
@@ -160,6 +172,7 @@ impl Session {
             held: VecDeque::new(),
             retry_at: None,
             follows: HashMap::new(),
+            stdins: HashMap::new(),
             actions: Vec::new(),
             rng: seed | 1,
         }
@@ -304,7 +317,92 @@ impl Session {
             self.actions
                 .push(Action::Send(SubmitterMessage::Request { seq, request }));
         }
+        // Stdin the manager has not said it took: again, from what it last said.
+        let mut jobs: Vec<JobId> = self.stdins.keys().copied().collect();
+        jobs.sort();
+        for job in jobs {
+            let Some(st) = self.stdins.get_mut(&job) else {
+                continue;
+            };
+            st.w.link(None).expect("from what was taken");
+            if let Some(size) = st.size {
+                self.actions
+                    .push(Action::Send(SubmitterMessage::Resize { job, size }));
+            }
+            self.send_stdin(job);
+        }
         self.ack(true);
+    }
+
+    /// Sends what an interactive job's stdin has pending, if the link is up.
+    fn send_stdin(&mut self, job: JobId) {
+        if !self.is_up() {
+            return;
+        }
+        let Some(st) = self.stdins.get_mut(&job) else {
+            return;
+        };
+        for o in st.w.pending() {
+            let msg = match o {
+                StdinOut::Data { offset, bytes } => SubmitterMessage::Stdin { job, offset, bytes },
+                StdinOut::Eof { offset } => SubmitterMessage::StdinEof { job, offset },
+            };
+            self.actions.push(Action::Send(msg));
+        }
+    }
+
+    /// Bytes for an interactive job's stdin: how many were taken (0 when the window is
+    /// full: the caller waits for the manager to take some). `Refused` once the job's
+    /// stdin is closed, the job ended, or the client does not follow it.
+    pub(crate) fn stdin_write(&mut self, job: JobId, bytes: &[u8]) -> Result<usize, Refused> {
+        let st = self.stdins.get_mut(&job).ok_or(Refused::Closed)?;
+        let n = st.w.write(bytes)?;
+        if n > 0 {
+            self.send_stdin(job);
+        }
+        Ok(n)
+    }
+
+    /// Ends an interactive job's stdin after what was written.
+    pub(crate) fn stdin_finish(&mut self, job: JobId) -> Result<(), Refused> {
+        let st = self.stdins.get_mut(&job).ok_or(Refused::Closed)?;
+        st.w.finish()?;
+        self.send_stdin(job);
+        Ok(())
+    }
+
+    /// A terminal job's new size (told now, and again after a reconnect).
+    pub(crate) fn resize(&mut self, job: JobId, size: PtySize) -> Result<(), Refused> {
+        let st = self.stdins.get_mut(&job).ok_or(Refused::Closed)?;
+        st.size = Some(size);
+        if self.is_up() {
+            self.actions
+                .push(Action::Send(SubmitterMessage::Resize { job, size }));
+        }
+        Ok(())
+    }
+
+    /// Bytes of a job's stdin kept for the manager (at most the window).
+    #[cfg(test)]
+    pub(crate) fn stdin_held(&self, job: JobId) -> Option<usize> {
+        self.stdins.get(&job).map(|s| s.w.held())
+    }
+
+    fn on_stdin(&mut self, job: JobId, taken: u64, closed: bool) {
+        let Some(st) = self.stdins.get_mut(&job) else {
+            return;
+        };
+        if taken > st.w.written() {
+            st.w.catch_up(taken);
+        }
+        let r = if closed {
+            st.w.on_closed(taken).map(|_| ())
+        } else {
+            st.w.on_taken(taken).map(|_| ())
+        };
+        if let Err(e) = r {
+            self.cut(format!("job {job}: {e}"));
+        }
     }
 
     /// A connection attempt failed.
@@ -330,6 +428,9 @@ impl Session {
             self.cfg.name
         );
         self.lost_since = Some(now);
+        for st in self.stdins.values_mut() {
+            st.w.unlink();
+        }
         let at = now + self.backoff(1);
         self.link = Link::Waiting { at, failures: 1 };
     }
@@ -390,17 +491,21 @@ impl Session {
         }
         self.next_event += 1;
         match event {
-            // TODO(interactive): the client side of interactive jobs.
-            SessionEvent::Stdin { .. } => {}
+            SessionEvent::Stdin { job, taken, closed } => {
+                self.on_stdin(job, taken, closed);
+                self.taken_events += 1;
+            }
             SessionEvent::Reply { request, reply } => {
                 self.on_reply(request, reply);
                 self.taken_events += 1;
             }
             SessionEvent::Job { job, event } => {
-                if matches!(event, JobEvent::Finished(_))
-                    && let Some(f) = self.follows.get_mut(&job)
-                {
-                    f.ended = true;
+                if matches!(event, JobEvent::Finished(_)) {
+                    if let Some(f) = self.follows.get_mut(&job) {
+                        f.ended = true;
+                    }
+                    // Its stdin's writers hear at once.
+                    self.stdins.remove(&job);
                 }
                 self.held.push_back(Held {
                     seq: Some(seq),
@@ -431,6 +536,7 @@ impl Session {
             }
         }
         self.follows.clear();
+        self.stdins.clear();
         self.held.clear();
         self.retry_at = None;
     }
@@ -540,6 +646,23 @@ impl Session {
             (Request::Attach { job }, Reply::Attached) => Some(vec![*job]),
             _ => None,
         };
+        // An interactive job's stdin, written from its start; an attached job's from
+        // where the manager says it is (its next event: closed for a job that is not
+        // interactive).
+        let interactive = match &p.request {
+            Request::Submit { spec, .. } | Request::SubmitArray { spec, .. } => spec.interactive,
+            Request::Attach { .. } => true,
+            _ => false,
+        };
+        if interactive && let Some(ids) = &followed {
+            for &id in ids {
+                let mut st = Stdin::default();
+                if self.is_up() {
+                    st.w.link(None).expect("from the start");
+                }
+                self.stdins.insert(id, st);
+            }
+        }
         if let Some(ids) = followed {
             let mut receivers = Vec::with_capacity(ids.len());
             for &id in &ids {
@@ -554,6 +677,7 @@ impl Session {
                 // Its caller gave up: nobody will see these jobs.
                 for id in ids {
                     self.follows.remove(&id);
+                    self.stdins.remove(&id);
                     if matches!(reply, Reply::Submitted(_)) {
                         let _ = self.request(Request::Cancel { job: id }, None);
                     }
@@ -592,6 +716,8 @@ impl Session {
         for h in &mut self.held {
             h.seq = None; // that session's numbering is over
         }
+        // The jobs of that session are over for this client: so are their stdins.
+        self.stdins.clear();
         let mut ended: Vec<JobId> = self
             .follows
             .iter_mut()

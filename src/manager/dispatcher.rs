@@ -1290,7 +1290,14 @@ impl Dispatcher {
                 .jobs
                 .iter()
                 .find(|h| ours && h.job == job)
-                .map(|h| h.ahead);
+                .map(|h| (h.ahead, h.stdin_taken));
+            let listed = listed.map(|(ahead, stdin_taken)| {
+                // An interactive job's stdin goes on from what the worker has taken.
+                if let Some(stdin) = route.sink.stdin() {
+                    stdin.resume_from(stdin_taken);
+                }
+                ahead
+            });
             match listed {
                 None => {
                     if route.held_by.is_none() {

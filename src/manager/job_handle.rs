@@ -4,8 +4,10 @@
 
 use super::Shared;
 use super::dispatcher::driver::Event;
+use super::stdin::StdinPort;
 use crate::error::{Error, Result};
-use crate::job::{JobEvent, JobId, JobResult, Partial};
+use crate::job::{JobEvent, JobId, JobResult, Partial, PtySize};
+use crate::stdin::{End, JobStdin, not_interactive};
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,16 +18,50 @@ pub struct JobHandle {
     events: Receiver<JobEvent>,
     shared: Arc<Shared>,
     partial: Partial,
+    stdin: Option<Arc<StdinPort>>,
 }
 
 impl JobHandle {
-    pub(crate) fn new(id: JobId, events: Receiver<JobEvent>, shared: Arc<Shared>) -> JobHandle {
+    pub(crate) fn new(
+        id: JobId,
+        events: Receiver<JobEvent>,
+        shared: Arc<Shared>,
+        stdin: Option<Arc<StdinPort>>,
+    ) -> JobHandle {
         JobHandle {
             id,
             events,
             shared,
             partial: Partial::default(),
+            stdin,
         }
+    }
+
+    /// A writer for an interactive job's stdin ([`JobSpec::interactive`]); an error
+    /// ([`Error::InvalidJob`]) for any other job. Bytes written before the job starts
+    /// wait for it (up to the window). Every writer of a job writes the one stream:
+    /// see [`JobStdin`].
+    ///
+    /// [`JobSpec::interactive`]: crate::JobSpec::interactive
+    pub fn stdin(&self) -> Result<JobStdin> {
+        let port = self.stdin.clone().ok_or_else(|| not_interactive(self.id))?;
+        Ok(JobStdin {
+            job: self.id,
+            end: End::Local(port),
+        })
+    }
+
+    /// Tells a terminal job ([`JobSpec::pty`](crate::JobSpec::pty)) its terminal's new
+    /// size (as a window resize does); does not wait. An error for a job without a
+    /// terminal, or a size of zero rows or columns.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        let port = self.stdin.as_ref().ok_or_else(|| {
+            Error::InvalidJob(format!(
+                "job {} has no terminal to resize (JobSpec::pty)",
+                self.id
+            ))
+        })?;
+        port.resize(PtySize { rows, cols })
     }
 
     /// The job's id.

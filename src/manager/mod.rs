@@ -13,6 +13,7 @@ mod job_handle;
 mod queue;
 mod routing;
 mod sink;
+mod stdin;
 mod submitters;
 
 use crate::error::{Error, Result};
@@ -29,6 +30,7 @@ use dispatcher::{Dispatcher, Settings};
 pub use job_handle::JobHandle;
 use queue::QueuedJob;
 use sink::JobSink;
+pub(crate) use stdin::StdinPort;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -480,9 +482,12 @@ impl Manager {
         s.admit(&spec, 1)?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
-        let sink = JobSink::new(id, tx, s.counters.clone());
+        let stdin = spec
+            .interactive
+            .then(|| StdinPort::new(id, spec.pty.is_some(), None));
+        let sink = JobSink::with_stdin(id, tx, s.counters.clone(), stdin.clone());
         s.enqueue(id, spec, sink)?;
-        Ok(JobHandle::new(id, rx, self.shared.clone()))
+        Ok(JobHandle::new(id, rx, self.shared.clone(), stdin))
     }
 
     /// Cancels a job: a queued one never starts; a running one is killed. Either way it
@@ -606,6 +611,13 @@ impl Shared {
             return Err(Error::ShutDown);
         }
         spec.validate().map_err(Error::InvalidJob)?;
+        if spec.interactive && spec.retries > 0 {
+            // What a run took of its stdin is gone: another run could not have it again.
+            return Err(Error::InvalidJob(
+                "an interactive job is not retried: its stdin cannot be given to another run"
+                    .into(),
+            ));
+        }
         let size = spec.wire_size();
         if size > MAX_JOB_BYTES {
             return Err(Error::InvalidJob(format!(

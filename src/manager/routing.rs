@@ -178,8 +178,28 @@ pub(crate) fn on_worker_message(
         ..
     } = *link;
     match msg {
-        // TODO(interactive): the manager side of interactive jobs.
-        WorkerMessage::StdinTaken { .. } | WorkerMessage::StdinClosed { .. } => {}
+        WorkerMessage::StdinTaken { job, upto } | WorkerMessage::StdinClosed { job, upto } => {
+            let closed = matches!(msg, WorkerMessage::StdinClosed { .. });
+            // Under the routes lock: the job's stdin does not block (it may tell the
+            // sessions following a remote job, whose hub never waits either).
+            let routes = lock(routes);
+            let Some(route) = routes.get(&job) else {
+                drop(routes);
+                if complaints.ignored(label) {
+                    log::warn!("{label}: stdin news of job {job}, which it does not run (ignored)");
+                }
+                return Ok(());
+            };
+            let Some(stdin) = route.sink.stdin() else {
+                return Err(format!("stdin news of job {job}, which is not interactive"));
+            };
+            let r = if closed {
+                stdin.on_closed(upto)
+            } else {
+                stdin.on_taken(upto)
+            };
+            r.map_err(|e| format!("job {job}: {e}"))?;
+        }
         WorkerMessage::Output {
             job,
             stream,

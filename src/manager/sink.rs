@@ -11,6 +11,7 @@
 //! link is closed by the caller) and the number of warnings a job gets
 //! ([`MAX_WARNINGS`]; the rest are counted and summed up in one more before `Finished`).
 
+use super::stdin::StdinPort;
 use super::submitters::RemoteDest;
 use crate::job::{JobEvent, JobId};
 use crate::link::Outbox;
@@ -70,6 +71,9 @@ pub(crate) struct JobSink {
     state: Mutex<State>,
     counters: Arc<Counters>,
     backlog_limit: usize,
+    /// An interactive job's stdin: it goes to the same worker link as the output
+    /// comes from, and closes at the job's end.
+    stdin: Option<Arc<StdinPort>>,
 }
 
 #[derive(Default)]
@@ -96,11 +100,13 @@ impl std::fmt::Debug for JobSink {
 }
 
 impl JobSink {
+    #[cfg(test)]
     pub(crate) fn new(job: JobId, tx: impl Into<Dest>, counters: Arc<Counters>) -> Arc<JobSink> {
         JobSink::with_backlog_limit(job, tx.into(), counters, MAX_BACKLOG_BYTES)
     }
 
     /// A sink whose backlog holds at most `backlog_limit` (see [`MAX_BACKLOG_BYTES`]).
+    #[cfg(test)]
     pub(crate) fn with_backlog_limit(
         job: JobId,
         tx: Dest,
@@ -113,7 +119,30 @@ impl JobSink {
             state: Mutex::default(),
             counters,
             backlog_limit,
+            stdin: None,
         })
+    }
+
+    /// The sink of an interactive job, with its stdin (see [`StdinPort`]).
+    pub(crate) fn with_stdin(
+        job: JobId,
+        tx: impl Into<Dest>,
+        counters: Arc<Counters>,
+        stdin: Option<Arc<StdinPort>>,
+    ) -> Arc<JobSink> {
+        Arc::new(JobSink {
+            job,
+            tx: tx.into(),
+            state: Mutex::default(),
+            counters,
+            backlog_limit: MAX_BACKLOG_BYTES,
+            stdin,
+        })
+    }
+
+    /// An interactive job's stdin.
+    pub(crate) fn stdin(&self) -> Option<&Arc<StdinPort>> {
+        self.stdin.as_ref()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -124,6 +153,9 @@ impl JobSink {
     /// still behind is paused on its new link too.
     pub(crate) fn set_producer(&self, producer: Option<Producer>) {
         let mut s = self.lock();
+        if let Some(stdin) = self.stdin.as_ref().filter(|_| !s.ended) {
+            stdin.set_producer(producer.clone());
+        }
         s.producer = producer;
         if let Some(p) = s.producer.as_ref().filter(|_| s.paused) {
             p.send(ManagerMessage::Pause { job: self.job });
@@ -187,8 +219,12 @@ impl JobSink {
 
     fn deliver(self: &Arc<Self>, s: &mut State, ev: JobEvent, inline: &mut Vec<JobEvent>) {
         if let JobEvent::Finished(outcome) = &ev {
-            // The one place every job's end passes exactly once: count it here.
+            // The one place every job's end passes exactly once: count it here, and let
+            // its stdin's writers go (they hear before the end is delivered).
             s.ended = true;
+            if let Some(stdin) = &self.stdin {
+                stdin.end();
+            }
             self.counters.finished(outcome);
         }
         if s.abandoned {

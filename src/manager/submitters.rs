@@ -17,6 +17,7 @@
 use super::Shared;
 use super::dispatcher::driver::Event;
 use super::sink::{Dest, JobSink};
+use super::stdin::StdinPort;
 use crate::error::Error;
 use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
 use crate::link::{self, Beat, Established, Pace, Tx};
@@ -167,8 +168,19 @@ impl<'a> ToSubmitterRef<'a> {
 /// `SessionEvent`, borrowed.
 #[derive(Clone, Copy, Serialize)]
 enum SessionEventRef<'a> {
-    Reply { request: u64, reply: &'a Reply },
-    Job { job: JobId, event: &'a JobEvent },
+    Reply {
+        request: u64,
+        reply: &'a Reply,
+    },
+    Stdin {
+        job: JobId,
+        taken: u64,
+        closed: bool,
+    },
+    Job {
+        job: JobId,
+        event: &'a JobEvent,
+    },
 }
 
 /// A job that remote submitters follow.
@@ -180,6 +192,8 @@ struct Record {
     /// A detached job's last events, for a later `attach`.
     kept: Option<Kept>,
     ended: bool,
+    /// An interactive job's stdin, which its owner's sessions write.
+    stdin: Option<Arc<StdinPort>>,
 }
 
 /// The last events of a detached job: every event but output is kept; output is kept
@@ -526,8 +540,65 @@ impl Hub {
                 watchers: vec![session],
                 kept: detached.then(Kept::default),
                 ended: false,
+                stdin: None,
             },
         );
+    }
+
+    /// An interactive job's stdin, for its owner's sessions to write.
+    pub(crate) fn give_stdin(&mut self, job: JobId, stdin: Arc<StdinPort>) {
+        if let Some(r) = self.jobs.get_mut(&job) {
+            r.stdin = Some(stdin);
+        }
+    }
+
+    /// The stdin of a job the session may write to: `Ok(None)` for a job that has ended
+    /// or is not its certificate's (the bytes are dropped), `Err` when the session holds
+    /// too much unacknowledged (each step of a stdin is an event: a submitter that
+    /// writes and never acknowledges would make the manager keep events without bound).
+    pub(crate) fn stdin_of(
+        &self,
+        session: u64,
+        job: JobId,
+    ) -> std::result::Result<Option<Arc<StdinPort>>, String> {
+        let Some(s) = self.sessions.get(&session) else {
+            return Ok(None);
+        };
+        if s.unacked_bytes > 2 * self.settings.window {
+            return Err(format!(
+                "it wrote a job's stdin with {} bytes of events unacknowledged",
+                s.unacked_bytes
+            ));
+        }
+        let Some(r) = self.jobs.get(&job) else {
+            return Ok(None);
+        };
+        if r.owner != s.owner {
+            log::warn!("a submitter wrote to the stdin of job {job}, which is not its own (dropped)");
+            return Ok(None);
+        }
+        Ok(r.stdin.clone())
+    }
+
+    /// How far a job's stdin has been taken, and whether it closed: every session that
+    /// follows the job hears it (not held for the window: it is small, and it is what
+    /// lets the submitter write more).
+    pub(crate) fn stdin(&mut self, job: JobId, taken: u64, closed: bool) {
+        let Some(r) = self.jobs.get(&job) else {
+            return;
+        };
+        for w in &r.watchers {
+            if let Some(s) = self.sessions.get_mut(w) {
+                s.emit(SessionEventRef::Stdin { job, taken, closed });
+            }
+        }
+    }
+
+    /// The same, for one session that has just begun to follow the job.
+    pub(crate) fn stdin_to(&mut self, session: u64, job: JobId, taken: u64, closed: bool) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.emit(SessionEventRef::Stdin { job, taken, closed });
+        }
     }
 
     /// Whether `owner` may act on the job: `Err` says why not.
@@ -883,10 +954,35 @@ impl Conn<'_> {
     /// One message; `Ok(false)` ends the link (a goodbye), `Err` closes it.
     fn on_message(&self, msg: SubmitterMessage) -> std::result::Result<bool, String> {
         match msg {
-            // TODO(interactive): a submitter's stdin for its interactive jobs.
-            SubmitterMessage::Stdin { .. }
-            | SubmitterMessage::StdinEof { .. }
-            | SubmitterMessage::Resize { .. } => Ok(true),
+            // The hub's lock is let go before the job's stdin is taken (whose lock may
+            // be held when the hub's is taken).
+            SubmitterMessage::Stdin { job, offset, bytes } => {
+                let stdin = self.subs.lock().stdin_of(self.session, job)?;
+                if let Some(stdin) = stdin {
+                    stdin
+                        .offer(offset, &bytes)
+                        .map_err(|e| format!("job {job}: {e}"))?;
+                }
+                Ok(true)
+            }
+            SubmitterMessage::StdinEof { job, offset } => {
+                let stdin = self.subs.lock().stdin_of(self.session, job)?;
+                if let Some(stdin) = stdin {
+                    stdin
+                        .finish_at(offset)
+                        .map_err(|e| format!("job {job}: {e}"))?;
+                }
+                Ok(true)
+            }
+            SubmitterMessage::Resize { job, size } => {
+                let stdin = self.subs.lock().stdin_of(self.session, job)?;
+                if let Some(stdin) = stdin
+                    && let Err(e) = stdin.resize(size)
+                {
+                    log::warn!("{}: {e} (ignored)", self.label);
+                }
+                Ok(true)
+            }
             SubmitterMessage::Request { seq, request } => {
                 match self.subs.lock().take_request(self.session, seq) {
                     Take::New => {}
@@ -943,7 +1039,18 @@ impl Conn<'_> {
                 first,
                 last,
             } => self.submit(seq, spec, detached, Some((first, last))),
-            Request::Attach { job } => self.subs.lock().attach(self.session, seq, job),
+            Request::Attach { job } => {
+                self.subs.lock().attach(self.session, seq, job);
+                // An interactive job's stdin: how far it is, for the new follower to
+                // write from (its later steps follow as they happen).
+                let stdin = self.subs.lock().stdin_of(self.session, job);
+                if let Ok(Some(stdin)) = stdin {
+                    let (taken, closed) = stdin.progress();
+                    self.subs
+                        .lock()
+                        .stdin_to(self.session, job, taken, closed);
+                }
+            }
             Request::Cancel { job } => {
                 let checked = self.subs.lock().check_owner(&self.owner, job);
                 let reply = match checked {
@@ -1032,10 +1139,20 @@ impl Conn<'_> {
         let first = s.next_job.fetch_add(count as u64, Ordering::Relaxed);
         let ids: Vec<JobId> = (0..count as u64).map(|i| JobId(first + i)).collect();
         let mut jobs = Vec::with_capacity(count);
+        let ports: Vec<Option<Arc<StdinPort>>> = ids
+            .iter()
+            .map(|&id| {
+                spec.interactive
+                    .then(|| StdinPort::new(id, spec.pty.is_some(), Some(self.subs.clone())))
+            })
+            .collect();
         {
             let mut hub = self.subs.lock();
-            for &id in &ids {
+            for (&id, port) in ids.iter().zip(&ports) {
                 hub.follow_new(self.session, id, detached);
+                if let Some(port) = port {
+                    hub.give_stdin(id, port.clone());
+                }
             }
             hub.reply(self.session, seq, &Reply::Submitted(ids.clone()));
         }
@@ -1051,7 +1168,8 @@ impl Conn<'_> {
                 submitters: self.subs.clone(),
                 job: id,
             };
-            let sink = JobSink::new(id, Dest::Remote(dest), s.counters.clone());
+            let sink =
+                JobSink::with_stdin(id, Dest::Remote(dest), s.counters.clone(), ports[i].clone());
             jobs.push((id, spec, sink));
         }
         for (id, spec, sink) in jobs {
