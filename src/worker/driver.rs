@@ -327,6 +327,29 @@ fn carry_out(st: &mut State, later: &mut Later) {
                     later.send = Some(l.out.clone());
                 }
             }
+            Action::Stdin { key, bytes } => {
+                if let Some(job) = jobs.get(&key) {
+                    job.stdin(bytes);
+                }
+            }
+            Action::StdinEnd(key) => {
+                if let Some(job) = jobs.get(&key) {
+                    job.stdin_end();
+                }
+            }
+            Action::Resize(key, size) => {
+                if let Some(job) = jobs.get(&key) {
+                    job.resize(size);
+                }
+            }
+            Action::CloseLink(why) => {
+                // The worker thread sees the socket shut and reports the link down,
+                // with this reason.
+                if let Some(l) = link {
+                    l.out.tx.live().close_because(why);
+                    l.out.tx.cut();
+                }
+            }
             Action::Exit => later.wake_driver = true,
         }
     }
@@ -364,6 +387,14 @@ impl JobEvents for Reporter {
         self.0.feed_with(Input::CleanedUp { key, error }, |st| {
             st.jobs.remove(&key);
         });
+    }
+
+    fn stdin_taken(&self, key: JobKey, upto: u64) {
+        self.0.feed(Input::StdinTaken { key, upto });
+    }
+
+    fn stdin_closed(&self, key: JobKey, upto: u64) {
+        self.0.feed(Input::StdinClosed { key, upto });
     }
 }
 
@@ -496,6 +527,7 @@ fn link_deadline(r: &Reading) -> Option<Instant> {
 /// Reads what the manager sent into the session; why the link ended, if it did.
 fn read_link(shared: &Arc<Shared>, r: &mut Reading) -> Option<String> {
     let mut retimed = None;
+    let tx = r.out.tx.clone();
     let mut deliver = |m| {
         if let ManagerMessage::Timing {
             heartbeat_interval_ms,
@@ -508,7 +540,8 @@ fn read_link(shared: &Arc<Shared>, r: &mut Reading) -> Option<String> {
             return true;
         }
         shared.feed(Input::Manager(m));
-        true
+        // A protocol error closed the link: what else it brought is not read.
+        !tx.live().is_closed()
     };
     let read = link::read_ready(&mut r.reader, &r.out.tx, &mut deliver);
     if let Some(timing) = retimed {

@@ -8,14 +8,26 @@
 //! SIGKILL after the grace period. As soon as the script has exited and its output is
 //! all read, the outcome is reported; then whatever it left running is killed, the
 //! process is reaped and the folder deleted, and that is reported too.
+//!
+//! An interactive job's stdin is a pipe kept open (a terminal job's, its terminal: see
+//! `spawn`). The bytes the session hands over ([`RunningJob::stdin`]) wait in the job's
+//! [`Control`] until its supervisor writes them, in the same `poll` loop as the output:
+//! our end is non-blocking, polled for `POLLOUT` while bytes wait, so neither the
+//! session nor the supervisor ever waits for a job that does not read, and no thread is
+//! added per job. What was written is reported as it goes ([`JobEvents::stdin_taken`]);
+//! a job that closed its stdin (EPIPE, EIO, or `POLLERR` on an idle pipe) is reported
+//! once ([`JobEvents::stdin_closed`]) and the bytes still waiting are dropped. What
+//! waits is bounded by the session (at most `protocol::STDIN_WINDOW` beyond what was
+//! taken).
 //! Nothing here knows about connections.
 use super::folder::{self, Removal};
 use super::job_user::JobUser;
 use super::replay::Chunk;
 use super::spawn;
 use super::tree;
-use crate::job::{JobId, JobSpec, Outcome, Stream};
+use crate::job::{JobId, JobSpec, Outcome, PtySize, Stream};
 use crate::protocol::OUTPUT_CHUNK;
+use std::collections::VecDeque;
 use std::ffi::{CString, OsStr};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -23,7 +35,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -52,6 +64,12 @@ pub(crate) trait JobEvents: Send + Sync {
     /// What the job left is killed, it is reaped and its folder deleted (`error` if that
     /// failed): the supervisor is done with it.
     fn cleaned_up(&self, key: JobKey, error: Option<String>);
+    /// An interactive job has taken every stdin byte before `upto` (written into its
+    /// pipe or terminal).
+    fn stdin_taken(&self, key: JobKey, upto: u64);
+    /// An interactive job closed its stdin after taking `upto` bytes (not said when it
+    /// simply ends: its exit says that).
+    fn stdin_closed(&self, key: JobKey, upto: u64);
 }
 
 const NONE: u8 = 0;
@@ -63,8 +81,22 @@ struct Control {
     /// NONE, CANCEL (TERM, then KILL after the grace) or KILL (at once); only rises.
     request: AtomicU8,
     paused: AtomicBool,
+    /// An interactive job's stdin and terminal, from the session.
+    feed: Mutex<Feed>,
     wake_r: OwnedFd,
     wake_w: OwnedFd,
+}
+
+/// What the session has handed over for an interactive job, until its supervisor takes
+/// it.
+#[derive(Default)]
+struct Feed {
+    /// Stdin bytes, in order.
+    bytes: VecDeque<Vec<u8>>,
+    /// Stdin ends after them.
+    end: bool,
+    /// The terminal's new size.
+    resize: Option<PtySize>,
 }
 
 impl Control {
@@ -97,6 +129,7 @@ impl RunningJob {
             control: Arc::new(Control {
                 request: AtomicU8::new(NONE),
                 paused: AtomicBool::new(false),
+                feed: Mutex::new(Feed::default()),
                 wake_r,
                 wake_w,
             }),
@@ -115,6 +148,26 @@ impl RunningJob {
     pub(crate) fn kill(&self) {
         self.control.request.store(KILL, Ordering::SeqCst);
         self.control.paused.store(false, Ordering::SeqCst);
+        self.control.poke();
+    }
+
+    /// Bytes for an interactive job's stdin, after those handed over before.
+    pub(crate) fn stdin(&self, bytes: Vec<u8>) {
+        crate::sync::lock(&self.control.feed).bytes.push_back(bytes);
+        self.control.poke();
+    }
+
+    /// An interactive job's stdin ends after the bytes handed over: a pipe is closed;
+    /// a terminal in canonical mode is sent its end-of-file character (as typing Ctrl-D
+    /// would), and stays open.
+    pub(crate) fn stdin_end(&self) {
+        crate::sync::lock(&self.control.feed).end = true;
+        self.control.poke();
+    }
+
+    /// A terminal job's terminal gets this size.
+    pub(crate) fn resize(&self, size: PtySize) {
+        crate::sync::lock(&self.control.feed).resize = Some(size);
         self.control.poke();
     }
 
@@ -233,7 +286,9 @@ fn supervise(
         script: &spec.script,
         dir: &dir.path,
         vars: &vars,
-        stdin: !spec.stdin.is_empty(),
+        stdin: !spec.stdin.is_empty() || spec.interactive,
+        live: spec.interactive,
+        pty: spec.pty,
         user,
     });
     let process = match spawned {
@@ -248,9 +303,12 @@ fn supervise(
         }
     };
     let pid = process.pid;
-    let feeder = process
-        .stdin
-        .map(|stdin| feed_stdin(stdin, spec.stdin.clone()));
+    let interactive = spec.interactive || spec.pty.is_some();
+    let (feeder, mut live) = match process.stdin {
+        Some(stdin) if interactive => (None, Some(LiveStdin::new(stdin, spec.pty.is_some()))),
+        Some(stdin) => (Some(feed_stdin(stdin, spec.stdin.clone())), None),
+        None => (None, None),
+    };
     let mut job = Supervisor {
         key,
         pid,
@@ -265,7 +323,17 @@ fn supervise(
         started: Instant::now(),
     };
     let exit_watch = ExitWatch::new(pid);
-    job.pump(process.stdout, process.stderr, &exit_watch, control, events);
+    job.pump(
+        process.stdout,
+        process.stderr,
+        &mut live,
+        &exit_watch,
+        control,
+        events,
+    );
+    // What waits for a job that has ended is dropped (the session counts its stdin
+    // closed when it hears of the exit).
+    drop(live);
     // The outcome is known before the process is reaped (so that its pid and process
     // group stay reserved for the sweep below): reported at once.
     let early = match job.reason.take() {
@@ -393,19 +461,24 @@ impl Supervisor {
     /// and what it left running is killed later (`sweep`), after its exit is reported.
     /// If something else still holds a pipe open, it is killed now, so that the pipe
     /// ends.
+    ///
+    /// An interactive job's stdin is written in the same loop (see [`LiveStdin`]), and a
+    /// terminal's new size set on its master (`stdout`), until the script exits.
     fn pump(
         &mut self,
         stdout: OwnedFd,
-        stderr: OwnedFd,
+        stderr: Option<OwnedFd>,
+        live: &mut Option<LiveStdin>,
         exit_watch: &ExitWatch,
         control: &Control,
         events: &dyn JobEvents,
     ) {
-        // Our ends are non-blocking (`spawn`): reads never wait.
-        let mut pipes: Vec<(Stream, i32)> = vec![
-            (Stream::Stdout, stdout.as_raw_fd()),
-            (Stream::Stderr, stderr.as_raw_fd()),
-        ];
+        // Our ends are non-blocking (`spawn`): reads never wait. A terminal's master is
+        // its output, stderr merged.
+        let mut pipes: Vec<(Stream, i32)> = vec![(Stream::Stdout, stdout.as_raw_fd())];
+        if let Some(stderr) = &stderr {
+            pipes.push((Stream::Stderr, stderr.as_raw_fd()));
+        }
         let wake = &control.wake_r;
         let mut drain_until: Option<Instant> = None;
         let mut buf = Vec::with_capacity(OUTPUT_CHUNK);
@@ -420,6 +493,15 @@ impl Supervisor {
             }
             let next_deadline = self.enforce(control);
             let paused = control.paused.load(Ordering::SeqCst);
+            if let Some(l) = live.as_mut() {
+                if self.exited.is_some() {
+                    *live = None;
+                } else if let Some(size) = l.take_feed(control)
+                    && let Err(e) = spawn::set_size(&stdout, size)
+                {
+                    log::warn!("job {}: cannot resize its terminal: {e}", self.key.job);
+                }
+            }
             if self.exited.is_some() {
                 if pipes.is_empty() {
                     return;
@@ -451,6 +533,14 @@ impl Supervisor {
             }
             let wake_index = fds.len();
             fds.push(poll(wake.as_raw_fd()));
+            let stdin_index = fds.len();
+            if let Some((fd, events)) = live.as_ref().and_then(LiveStdin::wants) {
+                fds.push(libc::pollfd {
+                    fd,
+                    events,
+                    revents: 0,
+                });
+            }
             let mut wake_at = next_deadline;
             if self.exited.is_none() {
                 match exit_watch.fd() {
@@ -483,6 +573,13 @@ impl Supervisor {
             }
             if fds[wake_index].revents != 0 {
                 drain_wake(wake);
+            }
+            if let Some(l) = live.as_mut()
+                && fds.len() > stdin_index
+                && fds[stdin_index].fd == l.raw_fd()
+                && fds[stdin_index].revents != 0
+            {
+                l.on_ready(fds[stdin_index].revents, self.key, events);
             }
             if paused {
                 continue;
@@ -523,6 +620,134 @@ impl Supervisor {
             true
         });
         pipes.is_empty()
+    }
+}
+
+/// An interactive job's stdin on its supervisor: the bytes the session handed over,
+/// written without waiting as the job's pipe or terminal takes them.
+struct LiveStdin {
+    /// Our end (non-blocking): the pipe's, or a second descriptor of the terminal's
+    /// master. `None` once closed.
+    fd: Option<OwnedFd>,
+    terminal: bool,
+    pending: VecDeque<Vec<u8>>,
+    /// How much of the front buffer is written.
+    front: usize,
+    /// Bytes written, from the start.
+    taken: u64,
+    /// Stdin ends after the pending bytes.
+    end: bool,
+}
+
+impl LiveStdin {
+    fn new(fd: OwnedFd, terminal: bool) -> LiveStdin {
+        LiveStdin {
+            fd: Some(fd),
+            terminal,
+            pending: VecDeque::new(),
+            front: 0,
+            taken: 0,
+            end: false,
+        }
+    }
+
+    fn raw_fd(&self) -> i32 {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// Takes what the session handed over; returns a new terminal size, if one came.
+    fn take_feed(&mut self, control: &Control) -> Option<PtySize> {
+        let mut feed = crate::sync::lock(&control.feed);
+        if self.fd.is_some() {
+            self.pending.append(&mut feed.bytes);
+            self.end |= feed.end;
+        } else {
+            feed.bytes.clear();
+        }
+        feed.resize.take()
+    }
+
+    /// The descriptor to poll, and for what: `POLLOUT` while there is something to
+    /// write; nothing else otherwise (a pipe whose reader is gone still says `POLLERR`).
+    fn wants(&self) -> Option<(i32, i16)> {
+        let fd = self.fd.as_ref()?.as_raw_fd();
+        let busy = !self.pending.is_empty() || self.end;
+        Some((fd, if busy { libc::POLLOUT } else { 0 }))
+    }
+
+    /// Writes what it can without waiting; reports what was taken, or the close.
+    fn on_ready(&mut self, revents: i16, key: JobKey, events: &dyn JobEvents) {
+        let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return;
+        };
+        let before = self.taken;
+        let mut closed = false;
+        while let Some(buf) = self.pending.front() {
+            let rest = &buf[self.front..];
+            // SAFETY: `rest` is a live slice of its length; `fd` is our descriptor.
+            let r = unsafe { libc::write(fd, rest.as_ptr() as *const libc::c_void, rest.len()) };
+            if r > 0 {
+                self.front += r as usize;
+                self.taken += r as u64;
+                if self.front == buf.len() {
+                    self.pending.pop_front();
+                    self.front = 0;
+                }
+                continue;
+            }
+            match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock => break,
+                // EPIPE (the reader is gone), EIO (the terminal is), or worse.
+                _ => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if self.taken > before {
+            events.stdin_taken(key, self.taken);
+        }
+        let idle = self.pending.is_empty() && !self.end;
+        if closed || (idle && revents & (libc::POLLERR | libc::POLLHUP) != 0) {
+            events.stdin_closed(key, self.taken);
+            self.pending.clear();
+            self.fd = None;
+            return;
+        }
+        if self.pending.is_empty() && self.end {
+            if self.terminal && !self.say_end_of_file(fd) {
+                return; // the terminal's input is full: again when it takes more
+            }
+            // Closing a pipe's end is the job's end of file; a terminal's master stays
+            // open (the job's output), only this second descriptor of it is closed.
+            self.fd = None;
+        }
+    }
+
+    /// Types the terminal's end-of-file character, if it is in canonical mode (as
+    /// util-linux's `script` does at the end of its input): a program reading a line
+    /// then sees the end. False if the terminal cannot take it now.
+    fn say_end_of_file(&self, fd: i32) -> bool {
+        // SAFETY: all-zero bytes are a valid `termios`, filled in by tcgetattr.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `t` is a live, writable termios; `fd` is a terminal's master.
+        if unsafe { libc::tcgetattr(fd, &mut t) } != 0 || t.c_lflag & libc::ICANON == 0 {
+            return true;
+        }
+        let eof = [t.c_cc[libc::VEOF]];
+        loop {
+            // SAFETY: one byte from a live local to our descriptor.
+            let r = unsafe { libc::write(fd, eof.as_ptr() as *const libc::c_void, 1) };
+            if r == 1 {
+                return true;
+            }
+            match io::Error::last_os_error().kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return false,
+                _ => return true,
+            }
+        }
     }
 }
 

@@ -7,7 +7,8 @@
 //! What decides is `session`, a state machine without sockets, threads or a clock of
 //! its own; `driver` holds the threads and sockets that feed it and carry out what it
 //! says; `pool` keeps the job supervisor threads, which run `executor`; `replay` keeps
-//! each job's output for the link; `config` is the worker's settings.
+//! each job's output for the link; `stdin` counts an interactive job's stdin; `config` is
+//! the worker's settings.
 
 pub(crate) mod config;
 mod driver;
@@ -18,6 +19,7 @@ mod pool;
 mod replay;
 mod session;
 mod spawn;
+mod stdin;
 mod tree;
 
 pub use config::{WorkerConfig, WorkerSecurity, detect_platform};

@@ -17,7 +17,8 @@
 
 use super::executor::JobKey;
 use super::replay::{Chunk, Numbered, OutputLog};
-use crate::job::{JobId, JobSpec, Outcome, Stream};
+use super::stdin::StdinFlow;
+use crate::job::{JobId, JobSpec, Outcome, PtySize, Stream};
 use crate::protocol::{HeldJob, ManagerMessage, Welcome, WorkerHello, WorkerMessage};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -84,6 +85,12 @@ pub(crate) enum Input {
     Drain(Option<Instant>),
     /// `Worker::stop`: kill the jobs, say goodbye, leave.
     Stop,
+    /// An interactive job's supervisor wrote every stdin byte before `upto` into the
+    /// job's pipe or terminal.
+    StdinTaken { key: JobKey, upto: u64 },
+    /// An interactive job closed its stdin (a write failed with EPIPE or EIO) after
+    /// taking `upto` bytes.
+    StdinClosed { key: JobKey, upto: u64 },
 }
 
 /// What the session asks its drivers to do.
@@ -105,6 +112,15 @@ pub(crate) enum Action {
     Pause(JobKey, bool),
     /// The link's writer waits and there is something to send: wake it.
     WakeWriter,
+    /// Write these bytes into an interactive job's stdin, after those given before.
+    Stdin { key: JobKey, bytes: Vec<u8> },
+    /// An interactive job's stdin ends after the bytes given: close it (a pipe), or
+    /// say end-of-file through the terminal.
+    StdinEnd(JobKey),
+    /// A terminal job's terminal has a new size.
+    Resize(JobKey, PtySize),
+    /// The manager broke the protocol: close the link, for this reason.
+    CloseLink(String),
     /// Everything is done: the worker ends.
     Exit,
 }
@@ -174,6 +190,10 @@ struct Run {
     paused: bool,
     /// In the writer's round.
     queued: bool,
+    /// An interactive run's stdin counts.
+    stdin: Option<StdinFlow>,
+    /// A terminal run.
+    pty: bool,
 }
 
 impl Run {
@@ -213,6 +233,10 @@ struct Waiting {
     spec: JobSpec,
     /// The manager asked to pause its output (its submitter is behind).
     paused: bool,
+    /// An interactive run's stdin counts, and the bytes that came before it started
+    /// (at most the window).
+    stdin: Option<StdinFlow>,
+    stdin_held: Vec<u8>,
 }
 
 /// The worker's session state (see the module documentation).
@@ -243,6 +267,9 @@ pub(crate) struct Session {
     /// Runs with something to send, in turn.
     ready: VecDeque<JobKey>,
     writer_waiting: bool,
+    /// The link that is up is being closed for a protocol error: what else it brings is
+    /// not acted on.
+    link_failed: bool,
     actions: Vec<Action>,
     rng: u64,
 }
@@ -272,6 +299,7 @@ impl Session {
             control: VecDeque::new(),
             ready: VecDeque::new(),
             writer_waiting: false,
+            link_failed: false,
             actions: Vec::new(),
             rng: seed | 1,
         }
@@ -332,6 +360,8 @@ impl Session {
             Input::CleanedUp { key, error } => self.on_cleaned_up(key, error),
             Input::Drain(deadline) => self.on_drain(deadline),
             Input::Stop => self.leave(now),
+            Input::StdinTaken { key, upto } => self.on_stdin_taken(key, upto),
+            Input::StdinClosed { key, upto } => self.on_stdin_closed(key, upto),
         }
         self.check(now);
         self.start_waiting();
@@ -440,7 +470,7 @@ impl Session {
                     job: k.job,
                     finished: r.finished.is_some(),
                     ahead: false,
-                    stdin_taken: 0, // TODO(interactive): the run's stdin taken
+                    stdin_taken: r.stdin.as_ref().map_or(0, StdinFlow::taken_so_far),
                 })
                 .chain(
                     self.waiting
@@ -621,6 +651,7 @@ impl Session {
         self.next_link_id += 1;
         self.link = Link::Up { id };
         self.writer_waiting = false;
+        self.link_failed = false;
         self.goodbye = Goodbye::None;
         log::info!(
             "worker {} connected to the manager at {}",
@@ -684,6 +715,16 @@ impl Session {
             );
         }
         for key in resumed {
+            // The new link hears where the stdin of each interactive run stands (the
+            // hello said what was taken when it was made).
+            if let Some(flow) = self.runs.get_mut(&key).and_then(|r| r.stdin.as_mut()) {
+                let job = key.job;
+                if let Some(upto) = flow.closed() {
+                    self.send(WorkerMessage::StdinClosed { job, upto });
+                } else if let Some(upto) = flow.resync() {
+                    self.send(WorkerMessage::StdinTaken { job, upto });
+                }
+            }
             self.queue(key);
         }
         if self.leaving.is_some() {
@@ -770,10 +811,12 @@ impl Session {
 
     fn on_manager(&mut self, msg: ManagerMessage) {
         match msg {
-            // TODO(interactive): the worker side of interactive jobs.
-            ManagerMessage::StdinData { .. }
-            | ManagerMessage::StdinEof { .. }
-            | ManagerMessage::Resize { .. } => {}
+            _ if self.link_failed => {}
+            ManagerMessage::StdinData { job, offset, bytes } => {
+                self.on_stdin_data(job, offset, bytes)
+            }
+            ManagerMessage::StdinEof { job, offset } => self.on_stdin_eof(job, offset),
+            ManagerMessage::Resize { job, size } => self.on_resize(job, size),
             ManagerMessage::Run { job, spec, ahead } => self.on_run(job, spec, ahead),
             ManagerMessage::Cancel { job } => {
                 if let Some(key) = self.live(job) {
@@ -839,6 +882,134 @@ impl Session {
         }
     }
 
+    /// The manager broke the protocol: the link is closed (the worker dials again, and
+    /// its jobs go on meanwhile), and nothing more it brings is acted on.
+    fn protocol_error(&mut self, why: String) {
+        if self.link_failed || self.link_id().is_none() {
+            return;
+        }
+        log::warn!(
+            "worker {}: the manager at {} broke the protocol: {why}; closing the link",
+            self.cfg.name,
+            self.cfg.address
+        );
+        self.link_failed = true;
+        self.actions
+            .push(Action::CloseLink(format!("the manager broke the protocol: {why}")));
+    }
+
+    fn on_stdin_data(&mut self, job: JobId, offset: u64, bytes: Vec<u8>) {
+        if let Some(w) = self.waiting_mut(job) {
+            let Some(flow) = w.stdin.as_mut() else {
+                let why = format!("stdin bytes for job {job}, which is not interactive");
+                return self.protocol_error(why);
+            };
+            match flow.accept(offset, &bytes) {
+                Ok(new) => w.stdin_held.extend_from_slice(new),
+                Err(why) => self.protocol_error(format!("job {job}: {why}")),
+            }
+            return;
+        }
+        let Some(key) = self.live(job) else {
+            return; // ended and forgotten, or never here: nothing to take it
+        };
+        let run = self.runs.get_mut(&key).expect("live");
+        let Some(flow) = run.stdin.as_mut() else {
+            let why = format!("stdin bytes for job {job}, which is not interactive");
+            return self.protocol_error(why);
+        };
+        if run.finished.is_some() {
+            return; // its stdin was closed when it ended
+        }
+        match flow.accept(offset, &bytes) {
+            Ok(new) => {
+                if !new.is_empty() {
+                    let bytes = if new.len() == bytes.len() {
+                        bytes
+                    } else {
+                        new.to_vec()
+                    };
+                    self.actions.push(Action::Stdin { key, bytes });
+                }
+                if flow.end_due() {
+                    self.actions.push(Action::StdinEnd(key));
+                }
+            }
+            Err(why) => self.protocol_error(format!("job {job}: {why}")),
+        }
+    }
+
+    fn on_stdin_eof(&mut self, job: JobId, offset: u64) {
+        let (flow, key) = if let Some(w) = self.waiting_mut(job) {
+            (w.stdin.as_mut(), None)
+        } else if let Some(key) = self.live(job) {
+            let run = self.runs.get_mut(&key).expect("live");
+            if run.finished.is_some() {
+                return;
+            }
+            (run.stdin.as_mut(), Some(key))
+        } else {
+            return;
+        };
+        let Some(flow) = flow else {
+            let why = format!("the end of stdin for job {job}, which is not interactive");
+            return self.protocol_error(why);
+        };
+        match flow.end(offset) {
+            Ok(true) => {
+                if let Some(key) = key {
+                    self.actions.push(Action::StdinEnd(key));
+                }
+                // (A run not started yet is given its end when it starts.)
+            }
+            Ok(false) => {}
+            Err(why) => self.protocol_error(format!("job {job}: {why}")),
+        }
+    }
+
+    fn on_resize(&mut self, job: JobId, size: PtySize) {
+        if size.rows == 0 || size.cols == 0 {
+            let why = format!("job {job}: a terminal size of {}x{}", size.rows, size.cols);
+            return self.protocol_error(why);
+        }
+        if let Some(w) = self.waiting_mut(job) {
+            if let Some(pty) = w.spec.pty.as_mut() {
+                *pty = size; // it starts with the size it has by then
+            }
+        } else if let Some(key) = self.live(job)
+            && self.runs.get(&key).is_some_and(|r| r.pty && r.finished.is_none())
+        {
+            self.actions.push(Action::Resize(key, size));
+        } else {
+            log::debug!("job {job}: a resize for no running terminal job; ignored");
+        }
+    }
+
+    fn on_stdin_taken(&mut self, key: JobKey, upto: u64) {
+        let Some(run) = self.runs.get_mut(&key) else {
+            return;
+        };
+        if run.dropped {
+            return;
+        }
+        if let Some(upto) = run.stdin.as_mut().and_then(|f| f.taken(upto)) {
+            self.send(WorkerMessage::StdinTaken { job: key.job, upto });
+        }
+    }
+
+    fn on_stdin_closed(&mut self, key: JobKey, upto: u64) {
+        let Some(run) = self.runs.get_mut(&key) else {
+            return;
+        };
+        if run.dropped {
+            return;
+        }
+        if let Some(upto) = run.stdin.as_mut().and_then(|f| f.close(upto)) {
+            log::debug!("job {}: its stdin is closed after {upto} bytes", key.job);
+            self.send(WorkerMessage::StdinClosed { job: key.job, upto });
+        }
+    }
+
     fn take_waiting(&mut self, job: JobId) -> Option<Waiting> {
         let manager = self.manager.unwrap_or_default();
         let i = self
@@ -877,13 +1048,29 @@ impl Session {
             if Some(w.manager) != self.manager {
                 continue;
             }
-            self.start_run(w.job, w.spec, w.paused);
-            self.send(WorkerMessage::Started { job: w.job });
+            let job = w.job;
+            let key = self.start_run(w.job, w.spec, w.paused);
+            if let Some(flow) = w.stdin {
+                // What came while it waited is written first.
+                let run = self.runs.get_mut(&key).expect("just started");
+                if !w.stdin_held.is_empty() {
+                    self.actions.push(Action::Stdin {
+                        key,
+                        bytes: w.stdin_held,
+                    });
+                }
+                let mut flow = flow;
+                if flow.end_due() {
+                    self.actions.push(Action::StdinEnd(key));
+                }
+                run.stdin = Some(flow);
+            }
+            self.send(WorkerMessage::Started { job });
             running += 1;
         }
     }
 
-    fn start_run(&mut self, job: JobId, spec: JobSpec, paused_by_manager: bool) {
+    fn start_run(&mut self, job: JobId, spec: JobSpec, paused_by_manager: bool) -> JobKey {
         log::debug!("starting job {job}");
         self.next_run += 1;
         let key = JobKey {
@@ -893,8 +1080,13 @@ impl Session {
         };
         let run = self.runs.entry(key).or_default();
         run.paused_by_manager = paused_by_manager;
+        run.pty = spec.pty.is_some();
+        if spec.interactive || spec.pty.is_some() {
+            run.stdin = Some(StdinFlow::default());
+        }
         self.actions.push(Action::Start { key, spec });
         sync_pause(&mut self.actions, key, run);
+        key
     }
 
     fn on_run(&mut self, job: JobId, spec: JobSpec, ahead: bool) {
@@ -919,11 +1111,14 @@ impl Session {
             && self.waiting.len() < self.cfg.ahead as usize
         {
             log::debug!("holding job {job} until a slot frees");
+            let interactive = spec.interactive || spec.pty.is_some();
             self.waiting.push_back(Waiting {
                 manager: self.manager.unwrap_or_default(),
                 job,
                 spec,
                 paused: false,
+                stdin: interactive.then(StdinFlow::default),
+                stdin_held: Vec::new(),
             });
             return;
         }
@@ -970,9 +1165,15 @@ impl Session {
             return;
         };
         log::debug!("job {} ended: {outcome}", key.job);
+        // Its stdin ends with it (sent before its `Finished`, which goes in the runs'
+        // round after the other messages).
+        let closed = run.stdin.as_mut().and_then(|f| f.close(0));
         run.finished = Some((outcome, cleanup_error));
         run.held_back = false;
         run.paused = false;
+        if let Some(upto) = closed.filter(|_| !run.dropped) {
+            self.send(WorkerMessage::StdinClosed { job: key.job, upto });
+        }
         self.queue(key);
     }
 

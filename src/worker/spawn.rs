@@ -12,11 +12,22 @@
 //! - `fork` (std's `Command` with a hook run before `exec`) for everything else: a job
 //!   user (`setgroups`, `setgid`, `setuid` have no spawn attribute), other C libraries.
 //!
+//! A terminal job (`JobSpec::pty`) gets a new pseudo-terminal instead of pipes, from
+//! `posix_openpt`, `grantpt`, `unlockpt` and `ptsname_r` through libc (all in the C
+//! library itself, where `openpty` needs libutil on older glibc; no crate needed): its
+//! size is set on the master (`TIOCSWINSZ`) before the job starts, and the job's child
+//! becomes the leader of a new session (`setsid`, which also makes it the leader of a
+//! process group of its own, as every job is) with the slave as its controlling
+//! terminal (`TIOCSCTTY`) on 0, 1 and 2. Such a job always takes the `fork` way:
+//! `posix_spawn` has `POSIX_SPAWN_SETSID` but no `TIOCSCTTY`, and acquiring the terminal
+//! by opening it in a file action would depend on the order glibc runs its steps in.
+//!
 //! A job's environment is the worker process's environment as captured when the worker
 //! started ([`capture_environment`]), with the job's variables over it. It is built into
 //! the `envp` array once per job; the captured part is shared, not copied.
 
 use super::job_user::{self, JobUser};
+use crate::job::PtySize;
 use std::ffi::{CStr, CString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -75,17 +86,24 @@ pub(crate) struct Launch<'a> {
     pub vars: &'a [(&'a str, &'a str)],
     /// A pipe for stdin (else `/dev/null`).
     pub stdin: bool,
+    /// Our end of that pipe non-blocking (an interactive job's, written as it reads).
+    pub live: bool,
+    /// A new terminal of this size for stdin, stdout and stderr instead (`stdin` and
+    /// `live` are then not looked at).
+    pub pty: Option<PtySize>,
     pub user: Option<&'a JobUser>,
 }
 
 /// A started job process, not reaped: the caller reaps it ([`wait`]).
 pub(crate) struct Process {
     pub pid: i32,
-    /// Our end of its stdin, if it has a pipe (blocking).
+    /// Our end of its stdin, if it has a pipe (blocking, unless `Launch::live`); for a
+    /// terminal job, a second descriptor of the terminal's master (non-blocking).
     pub stdin: Option<OwnedFd>,
-    /// Our ends of its stdout and stderr (non-blocking).
+    /// Our ends of its stdout and stderr (non-blocking); for a terminal job, the master
+    /// (stdout and stderr merged), and no stderr.
     pub stdout: OwnedFd,
-    pub stderr: OwnedFd,
+    pub stderr: Option<OwnedFd>,
 }
 
 /// Starts a job's process (see the module's comment).
@@ -95,6 +113,7 @@ pub(crate) fn spawn(launch: &Launch) -> io::Result<Process> {
     let env = Env::new(inherited(), launch)?;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if launch.user.is_none()
+        && launch.pty.is_none()
         && let Some(actions) = glibc::actions()
     {
         return glibc::spawn(actions, &script, launch, &env);
@@ -226,10 +245,10 @@ struct Stdio3 {
 }
 
 impl Stdio3 {
-    fn new(stdin: bool) -> io::Result<Stdio3> {
+    fn new(stdin: bool, live: bool) -> io::Result<Stdio3> {
         let (child_in, our_in) = match stdin {
             true => {
-                let (r, w) = pipe(false, false)?;
+                let (r, w) = pipe(live, false)?;
                 (Some(r), Some(w))
             }
             false => (None, None),
@@ -250,9 +269,84 @@ impl Stdio3 {
             pid,
             stdin,
             stdout,
-            stderr,
+            stderr: Some(stderr),
         }
     }
+}
+
+/// A new pseudo-terminal of `size`: the master (ours: non-blocking, close-on-exec) and
+/// the slave (the job's: close-on-exec, not made anyone's controlling terminal here).
+fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
+    // SAFETY: posix_openpt takes flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::posix_openpt(flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor from posix_openpt, owned by nobody else.
+    let master = above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })?;
+    let m = master.as_raw_fd();
+    // SAFETY: grantpt and unlockpt take the master's descriptor and pass no memory.
+    if unsafe { libc::grantpt(m) } != 0 || unsafe { libc::unlockpt(m) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut name = [0 as libc::c_char; 128];
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // SAFETY: `name` is writable for its length, which is passed.
+        let r = unsafe { libc::ptsname_r(m, name.as_mut_ptr(), name.len()) };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        // SAFETY: ptsname returns a pointer to a static NUL-terminated string or null;
+        // it is copied at once (no other thread of this crate calls ptsname).
+        let p = unsafe { libc::ptsname(m) };
+        if p.is_null() {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `p` is a NUL-terminated string (above).
+        let bytes = unsafe { CStr::from_ptr(p) }.to_bytes_with_nul();
+        if bytes.len() > name.len() {
+            return Err(invalid("the terminal's name is too long".into()));
+        }
+        for (d, s) in name.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+    }
+    name[name.len() - 1] = 0;
+    // SAFETY: `name` is NUL-terminated (its last element at least).
+    let fd = unsafe { libc::open(name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor from open, owned by nobody else.
+    let slave = above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })?;
+    set_size(&master, size)?;
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    unsafe {
+        let fl = libc::fcntl(m, libc::F_GETFL);
+        libc::fcntl(m, libc::F_SETFL, fl | libc::O_NONBLOCK);
+    }
+    Ok((master, slave))
+}
+
+/// Sets a terminal's size (`TIOCSWINSZ`; on a master the kernel then sends SIGWINCH to
+/// the terminal's foreground process group).
+pub(crate) fn set_size(fd: &OwnedFd, size: PtySize) -> io::Result<()> {
+    let ws = libc::winsize {
+        ws_row: size.rows,
+        ws_col: size.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one `winsize`, which `ws` is, for its duration.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -332,7 +426,7 @@ mod glibc {
     ) -> io::Result<Process> {
         let dir = CString::new(launch.dir.as_os_str().as_bytes())
             .map_err(|_| invalid("a NUL byte in the job folder's path".into()))?;
-        let stdio = Stdio3::new(launch.stdin)?;
+        let stdio = Stdio3::new(launch.stdin, launch.live)?;
         let argv = bash_argv(script);
         let envp = env.pointers();
 
@@ -419,19 +513,22 @@ mod glibc {
 /// `exec`; the hook (`before_exec`) ends with `execve` of the prepared arrays, so that
 /// std never builds an environment of its own.
 fn fork(launch: &Launch, script: CString, env: Env) -> io::Result<Process> {
+    if let Some(size) = launch.pty {
+        return fork_pty(launch, size, script, env);
+    }
     let Stdio3 {
         child_in,
         child_out,
         child_err,
         ours,
-    } = Stdio3::new(launch.stdin)?;
+    } = Stdio3::new(launch.stdin, launch.live)?;
     let mut cmd = Command::new(SHELL);
     cmd.current_dir(launch.dir)
         .stdin(child_in.map_or_else(Stdio::null, Stdio::from))
         .stdout(Stdio::from(child_out))
         .stderr(Stdio::from(child_err))
         .process_group(0);
-    before_exec(&mut cmd, launch.user, Some(Exec::new(script, env)));
+    before_exec(&mut cmd, launch.user, false, Some(Exec::new(script, env)));
     let child = cmd.spawn()?;
     // Reaped by the caller through the pid (`wait`): dropping a `Child` neither waits
     // nor kills. Dropping `cmd` closes the job's ends of the pipes here.
@@ -443,14 +540,40 @@ fn fork(launch: &Launch, script: CString, env: Env) -> io::Result<Process> {
         pid,
         stdin,
         stdout,
-        stderr,
+        stderr: Some(stderr),
+    })
+}
+
+/// A terminal job by `fork`: the slave on 0, 1 and 2; in the child, `setsid` and
+/// `TIOCSCTTY` on 0 before `exec` (see `before_exec`); no `process_group` (a group
+/// leader cannot `setsid`, and the new session is a new group anyway).
+fn fork_pty(launch: &Launch, size: PtySize, script: CString, env: Env) -> io::Result<Process> {
+    let (master, slave) = open_pty(size)?;
+    let input = master.try_clone()?;
+    let mut cmd = Command::new(SHELL);
+    cmd.current_dir(launch.dir)
+        .stdin(Stdio::from(slave.try_clone()?))
+        .stdout(Stdio::from(slave.try_clone()?))
+        .stderr(Stdio::from(slave));
+    before_exec(&mut cmd, launch.user, true, Some(Exec::new(script, env)));
+    let child = cmd.spawn()?;
+    let pid = child.id() as i32;
+    drop(child);
+    // The slave's last descriptor here closes: when the job's are closed too, reading
+    // the master ends (EIO).
+    drop(cmd);
+    Ok(Process {
+        pid,
+        stdin: Some(input),
+        stdout: master,
+        stderr: None,
     })
 }
 
 /// For a command that is not a job (the job user's check at start): what a job's child
 /// does before `exec`, as `user`, then std's `exec`.
 pub(crate) fn prepare_as(cmd: &mut Command, user: &JobUser) {
-    before_exec(cmd, Some(user), None);
+    before_exec(cmd, Some(user), false, None);
 }
 
 /// `/bin/bash -c SCRIPT` as a null-terminated `argv` (pointing into `script`).
@@ -502,8 +625,9 @@ impl Exec {
 /// reset): every descriptor from 3 up marked close-on-exec, the signal mask emptied (the
 /// worker's threads block SIGPIPE, and std leaves the mask as it is), every other ignored
 /// signal back to its default, with a job user that user's identity, and then `exec`,
-/// if given (else std's own).
-fn before_exec(cmd: &mut Command, user: Option<&JobUser>, exec: Option<Exec>) {
+/// if given (else std's own). With `terminal`, first a new session whose controlling
+/// terminal is the one on descriptor 0 (std has put the slave on 0, 1 and 2 by then).
+fn before_exec(cmd: &mut Command, user: Option<&JobUser>, terminal: bool, exec: Option<Exec>) {
     let ids = user.map(|u| (u.uid, u.gid));
     let fd_limit = fd_limit();
     let max_signal = libc::SIGRTMAX();
@@ -514,10 +638,19 @@ fn before_exec(cmd: &mut Command, user: Option<&JobUser>, exec: Option<Exec>) {
         set
     };
     // SAFETY: the closure runs in the child between fork and exec. It makes only
-    // async-signal-safe system calls (close_range or fcntl, sigprocmask, sigaction,
-    // setgroups, setgid, setuid, execve), allocates nothing and takes no lock.
+    // async-signal-safe system calls (setsid, ioctl, close_range or fcntl, sigprocmask,
+    // sigaction, setgroups, setgid, setuid, execve), allocates nothing and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
+            if terminal {
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                #[allow(clippy::useless_conversion)]
+                if libc::ioctl(0, libc::TIOCSCTTY.into(), 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             inherit_nothing(fd_limit);
             libc::pthread_sigmask(libc::SIG_SETMASK, &no_signals, std::ptr::null_mut());
             default_signals(max_signal);
@@ -676,7 +809,7 @@ mod tests {
             std::fs::File::from(fd).write_all(stdin).unwrap();
         }
         let out = read_all(p.stdout);
-        let err = read_all(p.stderr);
+        let err = read_all(p.stderr.unwrap());
         let status = wait(p.pid).unwrap();
         let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
         (
@@ -700,6 +833,8 @@ mod tests {
             dir,
             vars,
             stdin: false,
+            live: false,
+            pty: None,
             user: None,
         }
     }
