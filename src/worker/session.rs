@@ -894,8 +894,9 @@ impl Session {
             self.cfg.address
         );
         self.link_failed = true;
-        self.actions
-            .push(Action::CloseLink(format!("the manager broke the protocol: {why}")));
+        self.actions.push(Action::CloseLink(format!(
+            "the manager broke the protocol: {why}"
+        )));
     }
 
     fn on_stdin_data(&mut self, job: JobId, offset: u64, bytes: Vec<u8>) {
@@ -977,7 +978,10 @@ impl Session {
                 *pty = size; // it starts with the size it has by then
             }
         } else if let Some(key) = self.live(job)
-            && self.runs.get(&key).is_some_and(|r| r.pty && r.finished.is_none())
+            && self
+                .runs
+                .get(&key)
+                .is_some_and(|r| r.pty && r.finished.is_none())
         {
             self.actions.push(Action::Resize(key, size));
         } else {

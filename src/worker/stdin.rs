@@ -230,7 +230,10 @@ mod tests {
         assert_eq!(f.close(4), Some(4));
         assert_eq!(f.close(6), None);
         assert_eq!(f.closed(), Some(4));
-        assert_eq!(f.accept(6, &vec![0; 2 * STDIN_WINDOW as usize]).unwrap(), b"");
+        assert_eq!(
+            f.accept(6, &vec![0; 2 * STDIN_WINDOW as usize]).unwrap(),
+            b""
+        );
         assert_eq!(f.taken(6), None);
         assert_eq!(f.end(100), Ok(false));
         assert_eq!(f.resync(), None);
