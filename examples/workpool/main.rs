@@ -48,7 +48,6 @@ use workpool::tls::{
 };
 use workpool::worker::{Worker, WorkerConfig};
 
-mod pending_api;
 mod remote;
 mod terminal;
 use remote::{Handle, Pool};

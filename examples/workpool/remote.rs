@@ -2,7 +2,6 @@
 //! `cancel` talk to a manager over the network as a submitter (a [`Client`]), and the
 //! console runs on either kind of pool.
 
-use super::pending_api::{Interactive, JobStdin};
 use super::terminal::{self, Plan, RawMode};
 use super::{
     Console, Event, Failure, Input, Out, PoolArgs, Stop, block_signals, failed, number,
@@ -19,7 +18,7 @@ use workpool::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
 use workpool::manager::{JobHandle, Manager, WorkerInfo};
 use workpool::metrics::Stats;
 use workpool::tls::Identity;
-use workpool::{Client, ClientConfig, RemoteJob};
+use workpool::{Client, ClientConfig, JobStdin, RemoteJob};
 
 /// Where the console's jobs go: a manager in this process, or one over the network.
 pub(crate) enum Pool {
