@@ -469,3 +469,29 @@ fn it_with_a_pipe_for_stdin_says_so_and_the_job_still_gets_a_terminal() {
         err.text()
     );
 }
+
+#[test]
+fn t_alone_leaves_the_terminal_cooked_and_ctrl_c_there_cancels_the_job() {
+    let p = pool("t-alone");
+    let pty = Pty::open(24, 80);
+    let cooked = pty.modes();
+    let mut cli = pty.spawn(p.submit(&["-t", "--", "tty; echo ready; exec sleep 100"]));
+    pty.shown.wait_for("ready");
+    assert!(
+        pty.shown.text().starts_with("/dev/pts/"),
+        "{}",
+        pty.shown.text()
+    );
+    assert_eq!(pty.modes(), cooked, "no raw mode without -i");
+    // Ctrl-C on this terminal is SIGINT to the CLI, which cancels the job.
+    pty.type_in(b"\x03");
+    let status = exit_of(&mut cli);
+    assert_eq!(status.code(), Some(130), "{}", pty.shown.text());
+    pty.shown.wait_for("was cancelled");
+    assert!(
+        pty.shown.text().contains("SIGINT: cancelling job"),
+        "{}",
+        pty.shown.text()
+    );
+    assert_eq!(pty.modes(), cooked);
+}
