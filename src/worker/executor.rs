@@ -1040,6 +1040,8 @@ mod tests {
         fn cleaned_up(&self, _: JobKey, error: Option<String>) {
             let _ = self.0.send(ExecEvent::CleanedUp { error });
         }
+        fn stdin_taken(&self, _: JobKey, _: u64) {}
+        fn stdin_closed(&self, _: JobKey, _: u64) {}
     }
 
     /// Runs a job on a thread of its own, reporting to `tx`.

@@ -957,13 +957,14 @@ impl Session {
             return self.protocol_error(why);
         };
         match flow.end(offset) {
-            Ok(true) => {
-                if let Some(key) = key {
+            // (A run not started yet is given its end when it starts.)
+            Ok(()) => {
+                if let Some(key) = key
+                    && flow.end_due()
+                {
                     self.actions.push(Action::StdinEnd(key));
                 }
-                // (A run not started yet is given its end when it starts.)
             }
-            Ok(false) => {}
             Err(why) => self.protocol_error(format!("job {job}: {why}")),
         }
     }

@@ -75,11 +75,11 @@ impl StdinFlow {
         Ok(&bytes[skip..])
     }
 
-    /// The stream ends at `offset`: whether to hand the end on now (every byte before it
-    /// has come), or why it breaks the protocol.
-    pub(crate) fn end(&mut self, offset: u64) -> Result<bool, String> {
+    /// The stream ends at `offset` (handed on by [`StdinFlow::end_due`] once every byte
+    /// before it has come), or why that breaks the protocol.
+    pub(crate) fn end(&mut self, offset: u64) -> Result<(), String> {
         if self.closed.is_some() {
-            return Ok(false);
+            return Ok(());
         }
         if offset < self.received {
             return Err(format!(
@@ -95,7 +95,7 @@ impl StdinFlow {
             ));
         }
         self.eof = Some(offset);
-        Ok(self.end_due())
+        Ok(())
     }
 
     /// Whether the end is to be handed on now (once).
@@ -212,13 +212,15 @@ mod tests {
     fn the_end_is_handed_on_once_every_byte_before_it_has_come() {
         let mut f = StdinFlow::default();
         f.accept(0, b"abc").unwrap();
-        assert_eq!(f.end(5), Ok(false));
+        assert_eq!(f.end(5), Ok(()));
+        assert!(!f.end_due(), "bytes before it have not come");
         assert!(f.end(6).is_err(), "the end moved");
         assert!(f.accept(3, b"def").unwrap_err().contains("past its end"));
         assert_eq!(f.accept(3, b"de").unwrap(), b"de");
         assert!(f.end_due());
         assert!(!f.end_due(), "once");
-        assert_eq!(f.end(5), Ok(false), "a resent end is not handed on again");
+        assert_eq!(f.end(5), Ok(()));
+        assert!(!f.end_due(), "a resent end is not handed on again");
         assert!(f.end(4).is_err());
     }
 
@@ -235,7 +237,8 @@ mod tests {
             b""
         );
         assert_eq!(f.taken(6), None);
-        assert_eq!(f.end(100), Ok(false));
+        assert_eq!(f.end(100), Ok(()));
+        assert!(!f.end_due());
         assert_eq!(f.resync(), None);
     }
 }

@@ -2,6 +2,7 @@
 //! writer would send pulled with `transmit`. Nothing here sleeps or opens a socket.
 
 use super::*;
+use crate::protocol::STDIN_WINDOW;
 use std::sync::Arc;
 
 const MANAGER: u64 = 7;
@@ -1169,4 +1170,186 @@ fn stop_drops_the_held_runs() {
     assert_eq!(h.feed(Input::Stop), vec![Action::Kill(key)]);
     assert!(starts(&h.exit(key, -1)).is_empty(), "nothing held starts");
     assert_eq!(h.sent(), vec![Wire::Msg(WorkerMessage::Goodbye)]);
+}
+
+// ---- interactive jobs ----
+
+fn run_interactive(job: u64, spec: JobSpec) -> Input {
+    Input::Manager(ManagerMessage::Run {
+        job: JobId(job),
+        spec,
+        ahead: false,
+    })
+}
+
+fn stdin_data(job: u64, offset: u64, bytes: &[u8]) -> Input {
+    Input::Manager(ManagerMessage::StdinData {
+        job: JobId(job),
+        offset,
+        bytes: bytes.to_vec(),
+    })
+}
+
+/// The stdin bytes the actions hand to supervisors, and the ends.
+fn stdin_actions(actions: &[Action]) -> (Vec<u8>, usize) {
+    let mut bytes = Vec::new();
+    let mut ends = 0;
+    for a in actions {
+        match a {
+            Action::Stdin { bytes: b, .. } => bytes.extend_from_slice(b),
+            Action::StdinEnd(_) => ends += 1,
+            _ => {}
+        }
+    }
+    (bytes, ends)
+}
+
+fn taken(job: u64, upto: u64) -> Wire {
+    Wire::Msg(WorkerMessage::StdinTaken {
+        job: JobId(job),
+        upto,
+    })
+}
+
+fn stdin_closed(job: u64, upto: u64) -> Wire {
+    Wire::Msg(WorkerMessage::StdinClosed {
+        job: JobId(job),
+        upto,
+    })
+}
+
+#[test]
+fn stdin_is_handed_on_once_and_taken_is_said_when_the_pipe_drains() {
+    let mut h = Harness::connected();
+    let a = h.feed(run_interactive(1, JobSpec::new("cat").interactive()));
+    let key = started_key(&a);
+    let a = h.feed(stdin_data(1, 0, b"abc"));
+    assert_eq!(stdin_actions(&a), (b"abc".to_vec(), 0));
+    h.feed(Input::StdinTaken { key, upto: 2 });
+    assert_eq!(h.sent(), vec![], "bytes still wait, and little was taken");
+    h.feed(Input::StdinTaken { key, upto: 3 });
+    assert_eq!(h.sent(), vec![taken(1, 3)]);
+    // The end, after every byte before it.
+    let a = h.feed(Input::Manager(ManagerMessage::StdinEof {
+        job: JobId(1),
+        offset: 3,
+    }));
+    assert_eq!(stdin_actions(&a), (vec![], 1));
+    h.exit(key, 0);
+    assert_eq!(h.sent(), vec![stdin_closed(1, 3), finished(1, 0)]);
+}
+
+#[test]
+fn after_a_reconnect_the_hello_says_what_was_taken_and_a_resend_is_not_handed_on_twice() {
+    let mut h = Harness::connected();
+    let a = h.feed(run_interactive(1, JobSpec::new("cat").interactive()));
+    let key = started_key(&a);
+    h.feed(stdin_data(1, 0, b"hello world"));
+    h.feed(Input::StdinTaken { key, upto: 5 });
+    h.feed(Input::Disconnected { why: "cut".into() });
+    let a = h.at_deadline();
+    let (hello, _) = h.expect_attempt(a);
+    assert_eq!(hello.jobs.len(), 1);
+    assert_eq!(hello.jobs[0].stdin_taken, 5);
+    h.feed(Input::Connected(welcome(MANAGER, &[(1, 0)])));
+    assert_eq!(
+        h.sent(),
+        vec![taken(1, 5)],
+        "the new link hears where stdin stands"
+    );
+    // The manager sends again from 5: what waits at the supervisor is skipped.
+    let a = h.feed(stdin_data(1, 5, b" world!"));
+    assert_eq!(stdin_actions(&a), (b"!".to_vec(), 0));
+    let a = h.feed(stdin_data(1, 0, b"hello"));
+    assert_eq!(stdin_actions(&a), (vec![], 0));
+    assert!(h.s.link_id().is_some());
+}
+
+#[test]
+fn stdin_past_the_window_or_with_a_gap_closes_the_link_and_nothing_after_is_acted_on() {
+    for (offset, len) in [(0, STDIN_WINDOW as usize + 1), (1, 1)] {
+        let mut h = Harness::connected();
+        let a = h.feed(run_interactive(1, JobSpec::new("cat").interactive()));
+        started_key(&a);
+        let a = h.feed(stdin_data(1, offset, &vec![0; len]));
+        let closes: Vec<&String> = a
+            .iter()
+            .filter_map(|a| match a {
+                Action::CloseLink(why) => Some(why),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closes.len(), 1, "{a:?}");
+        assert!(closes[0].contains("broke the protocol"), "{}", closes[0]);
+        assert_eq!(stdin_actions(&a), (vec![], 0));
+        // What the same link still brings is not acted on.
+        let a = h.feed(Input::Manager(ManagerMessage::Cancel { job: JobId(1) }));
+        assert_eq!(a, vec![]);
+        // The next link is heard again.
+        h.feed(Input::Disconnected {
+            why: closes[0].clone(),
+        });
+        let a = h.at_deadline();
+        h.expect_attempt(a);
+        h.feed(Input::Connected(welcome(MANAGER, &[(1, 0)])));
+        let a = h.feed(stdin_data(1, 0, b"ok"));
+        assert_eq!(stdin_actions(&a), (b"ok".to_vec(), 0));
+    }
+}
+
+#[test]
+fn stdin_for_a_job_that_is_not_interactive_is_a_protocol_error() {
+    let mut h = Harness::connected();
+    h.start(1);
+    let a = h.feed(stdin_data(1, 0, b"x"));
+    assert!(matches!(&a[..], [Action::CloseLink(why)] if why.contains("not interactive")));
+}
+
+#[test]
+fn a_job_that_closes_its_stdin_is_said_so_once_and_later_bytes_are_dropped() {
+    let mut h = Harness::connected();
+    let a = h.feed(run_interactive(1, JobSpec::new("head -c 1").interactive()));
+    let key = started_key(&a);
+    h.feed(stdin_data(1, 0, b"abcdef"));
+    h.feed(Input::StdinClosed { key, upto: 4 });
+    let a = h.feed(stdin_data(1, 6, b"more"));
+    assert_eq!(a, vec![]);
+    h.exit(key, 0);
+    assert_eq!(h.sent(), vec![stdin_closed(1, 4), finished(1, 0)]);
+}
+
+#[test]
+fn a_resize_reaches_a_terminal_job_and_a_run_held_ahead_gets_its_stdin_when_it_starts() {
+    let mut h = Harness::connected_ahead(1, 1);
+    let busy = h.start(1);
+    h.feed(Input::Manager(ManagerMessage::Run {
+        job: JobId(2),
+        spec: JobSpec::new("cat").pty(24, 80),
+        ahead: true,
+    }));
+    h.feed(stdin_data(2, 0, b"early"));
+    h.feed(Input::Manager(ManagerMessage::StdinEof {
+        job: JobId(2),
+        offset: 5,
+    }));
+    let size = PtySize {
+        rows: 30,
+        cols: 100,
+    };
+    h.feed(Input::Manager(ManagerMessage::Resize {
+        job: JobId(2),
+        size,
+    }));
+    let a = h.exit(busy, 0);
+    let key = started_key(&a);
+    match a.iter().find(|a| matches!(a, Action::Start { .. })) {
+        Some(Action::Start { spec, .. }) => assert_eq!(spec.pty, Some(size)),
+        _ => unreachable!(),
+    }
+    assert_eq!(stdin_actions(&a), (b"early".to_vec(), 1));
+    let a = h.feed(Input::Manager(ManagerMessage::Resize {
+        job: JobId(2),
+        size: PtySize { rows: 5, cols: 6 },
+    }));
+    assert_eq!(a, vec![Action::Resize(key, PtySize { rows: 5, cols: 6 })]);
 }
