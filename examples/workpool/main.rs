@@ -49,6 +49,7 @@ use workpool::tls::{
 use workpool::worker::{Worker, WorkerConfig};
 
 mod remote;
+mod terminal;
 use remote::{Handle, Pool};
 
 /// The longest piece of a line that human output holds back waiting for its newline;
@@ -104,7 +105,19 @@ it was rejected (or contact with the manager was lost). 130 or 143 after SIGINT 
 here (the job is cancelled first); 1 if the manager could not be reached, refused this
 certificate or did not take the job (the reason on stderr); 2 for a usage error. With
 --array of more than one index, or jobs read from stdin: 0 if every job succeeded, else
-1, with a summary line of the outcomes on stderr.";
+1, with a summary line of the outcomes on stderr.
+
+Interactive jobs: -i forwards this command's stdin to the job as it comes, and closes the
+job's stdin at its end of file (if the job closes its stdin first, forwarding stops). -t
+gives the job a terminal (stdout and stderr merged on it) of this terminal's size, or 24x80
+if stdin and stdout are not terminals, and follows window size changes. -it together, on a
+terminal, makes this terminal raw until the job ends (or this command ends any other way):
+every key goes to the job, so Ctrl-C interrupts the job's program, not this command, as
+with `ssh -t` or `kubectl exec -it`; to cancel the job, `workpool cancel ID` or SIGTERM
+here. -t without -i: the job's stdin is closed at once and this terminal is left as it is
+(Ctrl-C cancels the job, as without -t). -it with a stdin that is not a terminal: a note on
+stderr, then stdin is forwarded as it is (the job still gets a terminal). SIGTERM, SIGHUP
+or SIGQUIT here cancel the job and put this terminal back; the status is then 128+N.";
 
 const WORKER_AFTER_HELP: &str = "\
 SIGTERM or SIGINT drains the worker: it takes no new jobs, lets the running ones finish, then
@@ -620,6 +633,8 @@ fn signal_name(sig: i32) -> String {
     match sig {
         libc::SIGINT => "SIGINT".into(),
         libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
         n => format!("signal {n}"),
     }
 }

@@ -2,13 +2,14 @@
 //! `cancel` talk to a manager over the network as a submitter (a [`Client`]), and the
 //! console runs on either kind of pool.
 
+use super::terminal::{self, Plan, RawMode};
 use super::{
     Console, Event, Failure, Input, Out, PoolArgs, Stop, block_signals, failed, number,
     parse_duration, read_lines, usage, wait_signal,
 };
 use clap::Args;
 use crossbeam_channel::{Receiver, Select, unbounded};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use workpool::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
 use workpool::manager::{JobHandle, Manager, WorkerInfo};
 use workpool::metrics::Stats;
 use workpool::tls::Identity;
-use workpool::{Client, ClientConfig, RemoteJob};
+use workpool::{Client, ClientConfig, JobStdin, RemoteJob};
 
 /// Where the console's jobs go: a manager in this process, or one over the network.
 pub(crate) enum Pool {
@@ -187,6 +188,15 @@ pub(crate) struct SubmitArgs {
     /// Submit one job per index, FIRST-LAST (e.g. 1-100), each with WORKPOOL_ARRAY_INDEX
     #[arg(long, value_name = "FIRST-LAST", value_parser = parse_range)]
     array: Option<(u64, u64)>,
+    /// Interactive: forward this command's stdin to the job while it runs, until its
+    /// end of file (then the job's stdin is closed)
+    #[arg(short = 'i', long, conflicts_with_all = ["array", "detach", "json"])]
+    interactive: bool,
+    /// Give the job a terminal (a pseudo-terminal of this terminal's size, else 24x80;
+    /// window size changes follow). With -i on a terminal, this terminal is raw while
+    /// the job runs: every key goes to the job, Ctrl-C included (see --help)
+    #[arg(short = 't', long, conflicts_with_all = ["array", "detach", "json"])]
+    tty: bool,
     /// The script (its words joined by spaces); without it, jobs are read from stdin,
     /// one per line, as the manager's console reads them
     #[arg(last = true, value_name = "SCRIPT")]
@@ -253,7 +263,22 @@ pub(crate) fn exit_status(outcome: &Outcome) -> u8 {
 /// The SIGINT and SIGTERM this process gets, as a channel (blocked first, so that no
 /// thread started later takes them).
 fn signals() -> Receiver<i32> {
-    let set = block_signals();
+    signals_with(&[])
+}
+
+/// [`signals`], and also the signals in `extra`.
+fn signals_with(extra: &[i32]) -> Receiver<i32> {
+    let mut set = block_signals();
+    if !extra.is_empty() {
+        // SAFETY: `set` is an initialised signal set, a live local, and the old mask
+        // is not asked for (null).
+        unsafe {
+            for &sig in extra {
+                libc::sigaddset(&mut set, sig);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+    }
     let (tx, rx) = unbounded();
     std::thread::spawn(move || {
         loop {
@@ -290,7 +315,27 @@ pub(crate) fn submit(a: SubmitArgs) -> Result<ExitCode, Failure> {
     if script.trim().is_empty() && (a.array.is_some() || a.detach) {
         return Err(usage("--array and --detach need a script after --"));
     }
-    let signals = signals();
+    if script.trim().is_empty() && (a.interactive || a.tty) {
+        return Err(usage("-i and -t need a script after --"));
+    }
+    let plan = terminal::plan(
+        a.interactive,
+        a.tty,
+        terminal::is_terminal(0),
+        terminal::window_size(),
+    );
+    if let Some((rows, cols)) = plan.pty {
+        template = template.pty(rows, cols);
+    } else if plan.forward_stdin {
+        template = template.interactive();
+    }
+    let signals = if plan.pty.is_some() {
+        // SIGHUP and SIGQUIT too, so that they end this process through the path that
+        // puts the terminal back; SIGWINCH for the job's window size.
+        signals_with(&[libc::SIGHUP, libc::SIGQUIT, libc::SIGWINCH])
+    } else {
+        signals()
+    };
     let client = a.conn.connect()?;
     let json = a.conn.json;
     if script.trim().is_empty() {
@@ -336,9 +381,16 @@ pub(crate) fn submit(a: SubmitArgs) -> Result<ExitCode, Failure> {
         close(client);
         return Ok(ExitCode::SUCCESS);
     }
+    if a.interactive || a.tty {
+        let (_, job) = jobs.into_iter().next().expect("one job");
+        let code = interact(&job, &plan, &signals);
+        drop(job);
+        close(client);
+        return code.map(ExitCode::from);
+    }
     if jobs.len() == 1 && !json {
         let (_, job) = jobs.into_iter().next().expect("one job");
-        let code = follow_raw(&job, &signals);
+        let code = follow_raw(&job, &signals, Local::default());
         drop(job);
         close(client);
         return Ok(ExitCode::from(code));
@@ -385,16 +437,119 @@ fn close(client: Arc<Client>) {
     }
 }
 
+/// An interactive job (`-i`, `-t`): its stdin forwarded or closed, this terminal raw
+/// while it runs if the plan says so, then [`follow_raw`]. Raw mode ends when this
+/// returns (or panics: see [`terminal`]).
+fn interact(job: &RemoteJob, plan: &Plan, signals: &Receiver<i32>) -> Result<u8, Failure> {
+    let id = job.id();
+    if let Some(note) = plan.note {
+        eprintln!("{note}");
+    }
+    let stdin = match job.stdin() {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = job.cancel();
+            return Err(failed(format!(
+                "job {id}: its stdin cannot be written: {e}"
+            )));
+        }
+    };
+    let raw = if plan.raw {
+        match RawMode::enter(0) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                let _ = job.cancel();
+                return Err(failed(format!("cannot put the terminal in raw mode: {e}")));
+            }
+        }
+    } else {
+        None
+    };
+    let local = Local {
+        eol: if raw.is_some() && terminal::is_terminal(2) {
+            "\r\n"
+        } else {
+            "\n"
+        },
+        resize: plan.resize,
+    };
+    if plan.forward_stdin {
+        forward_stdin(stdin, id, local.eol);
+    } else {
+        // `-t` alone: the job's stdin ends at once, as with `kubectl exec -t`.
+        let _ = stdin.close();
+    }
+    let code = follow_raw(job, signals, local);
+    drop(raw);
+    Ok(code)
+}
+
+/// A thread that copies this process's stdin to the job's as it comes (a keystroke at
+/// a time in raw mode, a line at a time on a terminal that is not, a pipe's chunks),
+/// and closes the job's stdin at our end of file. It stops quietly when the job's
+/// stdin is closed (the job closed it or ended); it may stay blocked reading until the
+/// process exits.
+fn forward_stdin(mut to: JobStdin, id: JobId, eol: &'static str) {
+    std::thread::spawn(move || {
+        let stdin = std::io::stdin();
+        let mut from = stdin.lock();
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => {
+                    let _ = to.close();
+                    return;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    eprint!("workpool: job {id}: reading stdin: {e}; its stdin is closed{eol}");
+                    let _ = to.close();
+                    return;
+                }
+            };
+            if let Err(e) = to.write_all(&buf[..n]).and_then(|()| to.flush()) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    eprint!("workpool: job {id}: its stdin: {e}{eol}");
+                }
+                return;
+            }
+        }
+    });
+}
+
+/// What [`follow_raw`] does for this process's terminal.
+#[derive(Clone, Copy, Debug)]
+struct Local {
+    /// The end of the lines it writes on stderr ("\r\n" while the terminal is raw).
+    eol: &'static str,
+    /// Whether SIGWINCH sends this terminal's size to the job.
+    resize: bool,
+}
+
+impl Default for Local {
+    fn default() -> Local {
+        Local {
+            eol: "\n",
+            resize: false,
+        }
+    }
+}
+
 /// Writes one job's output to this process's stdout and stderr as it comes, byte for
-/// byte; SIGINT or SIGTERM cancels the job (a second one exits at once). Returns the
-/// exit status for its outcome, or 128+N after signal N.
-fn follow_raw(job: &RemoteJob, signals: &Receiver<i32>) -> u8 {
+/// byte; SIGINT or SIGTERM (and, for a terminal job, SIGHUP and SIGQUIT) cancels the
+/// job (a second one exits at once, after putting the terminal back); SIGWINCH resizes
+/// a terminal job's window. Returns the exit status for its outcome, or 128+N after
+/// signal N.
+fn follow_raw(job: &RemoteJob, signals: &Receiver<i32>, local: Local) -> u8 {
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let mut out = std::io::BufWriter::with_capacity(64 << 10, stdout.lock());
     let mut err = stderr.lock();
     let mut signalled: Option<i32> = None;
     let id = job.id();
+    let eol = local.eol;
+    let mut size = terminal::window_size();
     loop {
         let mut sel = Select::new();
         let ev_i = sel.recv(job.events());
@@ -402,13 +557,24 @@ fn follow_raw(job: &RemoteJob, signals: &Receiver<i32>) -> u8 {
         let op = sel.select();
         if op.index() == sig_i {
             let Ok(sig) = op.recv(signals) else { continue };
+            if sig == libc::SIGWINCH {
+                let now = terminal::window_size();
+                if local.resize && now != size {
+                    size = now;
+                    if let Some((rows, cols)) = now {
+                        let _ = job.resize(rows, cols);
+                    }
+                }
+                continue;
+            }
             if signalled.is_some() {
                 let _ = out.flush();
+                terminal::restore();
                 std::process::exit(128 + sig);
             }
-            let _ = writeln!(
+            let _ = write!(
                 err,
-                "workpool: {}: cancelling job {id}",
+                "workpool: {}: cancelling job {id}{eol}",
                 super::signal_name(sig)
             );
             let _ = job.cancel();
@@ -435,28 +601,28 @@ fn follow_raw(job: &RemoteJob, signals: &Receiver<i32>) -> u8 {
             }
             Ok(JobEvent::Warning(w)) => {
                 let _ = out.flush();
-                let _ = writeln!(err, "workpool: job {id}: warning: {w}");
+                let _ = write!(err, "workpool: job {id}: warning: {w}{eol}");
                 continue;
             }
             Ok(JobEvent::Requeued { attempt }) => {
                 let _ = out.flush();
-                let _ = writeln!(
+                let _ = write!(
                     err,
-                    "workpool: job {id}: its worker was lost; queued again (attempt {attempt})"
+                    "workpool: job {id}: its worker was lost; queued again (attempt {attempt}){eol}"
                 );
                 continue;
             }
             Ok(JobEvent::Finished(outcome)) => {
                 let _ = out.flush();
                 if !matches!(outcome, Outcome::Exited(_)) {
-                    let _ = writeln!(err, "workpool: job {id} {}", ended_how(&outcome));
+                    let _ = write!(err, "workpool: job {id} {}{eol}", ended_how(&outcome));
                 }
                 exit_status(&outcome)
             }
             Ok(_) => continue,
             Err(_) => {
                 let _ = out.flush();
-                let _ = writeln!(err, "workpool: job {id}: the client stopped");
+                let _ = write!(err, "workpool: job {id}: the client stopped{eol}");
                 123
             }
         };
@@ -487,7 +653,7 @@ pub(crate) fn attach(a: AttachArgs) -> Result<ExitCode, Failure> {
         .attach(JobId(a.id))
         .map_err(|e| failed(format!("cannot attach to job {}: {e}", a.id)))?;
     if !a.conn.json {
-        let code = follow_raw(&job, &signals);
+        let code = follow_raw(&job, &signals, Local::default());
         drop(job);
         close(client);
         return Ok(ExitCode::from(code));
