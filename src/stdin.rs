@@ -114,6 +114,11 @@ impl StdinWindow {
     /// resend after a reconnect). `Err` for bytes after a gap, beyond the window or
     /// after the end. Bytes for a closed stdin are dropped: the writer hears it is closed.
     pub(crate) fn offer(&mut self, offset: u64, bytes: &[u8]) -> Result<(), String> {
+        if self.closed {
+            // What was kept is gone (`written` is back at `taken`): bytes the writer
+            // sent before it heard of the close may start anywhere after it.
+            return Ok(());
+        }
         let written = self.written();
         if offset > written {
             return Err(format!(
@@ -121,7 +126,7 @@ impl StdinWindow {
             ));
         }
         let end = offset.saturating_add(bytes.len() as u64);
-        if self.closed || end <= written {
+        if end <= written {
             return Ok(());
         }
         if self.eof {
@@ -435,6 +440,22 @@ mod tests {
             w.pending(),
             vec![data(0, b"abcdefgh"), StdinOut::Eof { offset: 8 }]
         );
+    }
+
+    #[test]
+    fn remote_bytes_still_on_the_way_when_the_job_closes_its_stdin_are_dropped() {
+        // A remote writer sent a window's worth in chunks; the job took 3 bytes and
+        // closed its stdin while the later chunks were still on their way.
+        let mut w = StdinWindow::new(8);
+        w.offer(0, b"ab").unwrap();
+        w.offer(2, b"cd").unwrap();
+        assert_eq!(w.on_closed(3), Ok(true));
+        // The chunks that follow are dropped, not a protocol error: the writer had
+        // not heard of the close when it sent them.
+        assert_eq!(w.offer(4, b"ef"), Ok(()));
+        assert_eq!(w.offer(6, b"gh"), Ok(()));
+        assert_eq!(w.finish_at(8), Ok(()));
+        assert_eq!(w.held(), 0);
     }
 
     #[test]
