@@ -301,3 +301,25 @@ fn a_job_inherits_no_descriptor_beyond_stdin_stdout_stderr() {
     assert_eq!(r.stdout_text(), "0 1 2\n");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_job_user_s_terminal_job_owns_its_terminal_and_can_open_it_by_name() {
+    if !root_or_skip("a_job_user_s_terminal_job_owns_its_terminal_and_can_open_it_by_name") {
+        return;
+    }
+    let c = Cluster::with(1, |_, cfg| cfg.job_user("nobody"));
+    let (uid, _) = ids_of("nobody");
+    // As `screen`, `mesg` or a pinentry do: the terminal opened again by its name.
+    let r = run(
+        &c.manager,
+        JobSpec::new(
+            "t=$(tty); echo owner $(stat -c %u $t); \
+             (exec 3<>\"$t\") 2>/dev/null && echo opened || echo refused",
+        )
+        .pty(24, 80),
+    );
+    assert_eq!(r.outcome, Outcome::Exited(0));
+    let out = r.stdout_text();
+    assert!(out.contains(&format!("owner {uid}\r\n")), "{out:?}");
+    assert!(out.contains("opened"), "{out:?}");
+}

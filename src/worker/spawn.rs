@@ -275,8 +275,9 @@ impl Stdio3 {
 }
 
 /// A new pseudo-terminal of `size`: the master (ours: non-blocking, close-on-exec) and
-/// the slave (the job's: close-on-exec, not made anyone's controlling terminal here).
-fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
+/// the slave (the job's: close-on-exec, not made anyone's controlling terminal here;
+/// owned by the job user, if there is one).
+fn open_pty(size: PtySize, user: Option<&JobUser>) -> io::Result<(OwnedFd, OwnedFd)> {
     let flags = libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC;
     // SAFETY: posix_openpt takes flags and returns a new descriptor or -1.
     let fd = unsafe { libc::posix_openpt(flags) };
@@ -324,6 +325,14 @@ fn open_pty(size: PtySize) -> io::Result<(OwnedFd, OwnedFd)> {
     }
     // SAFETY: a new descriptor from open, owned by nobody else.
     let slave = above_stdio(unsafe { OwnedFd::from_raw_fd(fd) })?;
+    if let Some(user) = user {
+        // The job user's own terminal (as a login's is): a program that opens it again
+        // by its name (`tty`'s answer) is let in. Its group (tty) and mode stay.
+        // SAFETY: fchown on a descriptor we own; no memory is passed.
+        if unsafe { libc::fchown(slave.as_raw_fd(), user.uid, libc::gid_t::MAX) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
     set_size(&master, size)?;
     // SAFETY: fcntl on a descriptor we own; no memory is passed.
     unsafe {
@@ -548,7 +557,7 @@ fn fork(launch: &Launch, script: CString, env: Env) -> io::Result<Process> {
 /// `TIOCSCTTY` on 0 before `exec` (see `before_exec`); no `process_group` (a group
 /// leader cannot `setsid`, and the new session is a new group anyway).
 fn fork_pty(launch: &Launch, size: PtySize, script: CString, env: Env) -> io::Result<Process> {
-    let (master, slave) = open_pty(size)?;
+    let (master, slave) = open_pty(size, launch.user)?;
     let input = master.try_clone()?;
     let mut cmd = Command::new(SHELL);
     cmd.current_dir(launch.dir)
