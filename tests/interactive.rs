@@ -479,3 +479,59 @@ fn local_cksum(data: &[u8]) -> String {
     let out = child.wait_with_output().unwrap();
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// A writer waiting at the window of a job that has not started.
+fn queued_writer(
+    manager: &Manager,
+) -> (JobHandle, crossbeam_channel::Receiver<std::io::Result<()>>) {
+    let job = manager.submit(JobSpec::new("cat").interactive()).unwrap();
+    let done = write_on_thread(job.stdin().unwrap(), vec![b'q'; 2 * STDIN_WINDOW as usize]);
+    (job, done)
+}
+
+#[test]
+fn a_writer_of_a_queued_job_is_let_go_by_a_cancel_and_by_the_shutdown() {
+    let certs = Certs::new(1);
+    let manager = Manager::bind(certs.manager_config()).unwrap();
+    let (cancelled, first) = queued_writer(&manager);
+    let (_kept, second) = queued_writer(&manager);
+    // No worker: both wait at the window.
+    cancelled.cancel().unwrap();
+    let e = first.recv_timeout(DEADLINE).expect("the cancel let it go");
+    assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+    manager.shutdown_within(Duration::ZERO);
+    let e = second
+        .recv_timeout(DEADLINE)
+        .expect("the shutdown let it go");
+    assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+}
+
+#[test]
+fn a_remote_writer_of_a_queued_job_is_let_go_by_a_cancel_and_by_the_client_s_close() {
+    let certs = Certs::new(2);
+    let manager = Manager::bind(certs.submitters_manager_config()).unwrap();
+    let s = &certs.workers[1];
+    let cc = ClientConfig::new(
+        "127.0.0.1",
+        manager.local_addr().port(),
+        Identity::from_pem(s.cert_pem.as_bytes(), s.key_pem.as_bytes()).unwrap(),
+        TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+    );
+    let client = Client::connect(cc).unwrap();
+    let spec = JobSpec::new("cat").interactive();
+    let (cancelled, kept) = (
+        client.submit(spec.clone()).unwrap(),
+        client.submit(spec).unwrap(),
+    );
+    let big = vec![b'q'; 2 * STDIN_WINDOW as usize];
+    let first = write_on_thread(cancelled.stdin().unwrap(), big.clone());
+    let second = write_on_thread(kept.stdin().unwrap(), big);
+    // No worker: both wait at the window.
+    cancelled.cancel().unwrap();
+    let e = first.recv_timeout(DEADLINE).expect("the cancel let it go");
+    assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+    client.close();
+    let e = second.recv_timeout(DEADLINE).expect("the close let it go");
+    assert_eq!(e.unwrap_err().kind(), std::io::ErrorKind::BrokenPipe);
+    manager.shutdown_within(Duration::ZERO);
+}
