@@ -309,10 +309,13 @@ impl Client {
 
     /// Sends a request that makes the session follow jobs, and waits for them.
     fn follow(&self, request: Request) -> Result<Vec<RemoteJob>> {
-        // An attached job may be interactive: its stdin closes at once if it is not.
-        let interactive = match &request {
-            Request::Submit { spec, .. } | Request::SubmitArray { spec, .. } => spec.interactive,
-            _ => true,
+        // Only the submitter writes a job's stdin: a job attached to has no writer here
+        // (another writer's bytes may be on the way, at offsets this client cannot know).
+        let (interactive, attached) = match &request {
+            Request::Submit { spec, .. } | Request::SubmitArray { spec, .. } => {
+                (spec.interactive, false)
+            }
+            _ => (false, true),
         };
         match self.shared.ask(request)? {
             Answer::Follow(jobs) => Ok(jobs
@@ -324,6 +327,7 @@ impl Client {
                     partial: Partial::default(),
                     limit: self.shared.result_limit,
                     interactive,
+                    attached,
                 })
                 .collect()),
             Answer::Reply(other) => Err(unexpected("jobs to follow", &other)),
@@ -639,16 +643,24 @@ pub struct RemoteJob {
     partial: Partial,
     limit: usize,
     interactive: bool,
+    /// From [`Client::attach`]: it follows the job, and does not write its stdin.
+    attached: bool,
 }
 
 impl RemoteJob {
     /// A writer for an interactive job's stdin ([`JobSpec::interactive`]); an error
     /// ([`Error::InvalidJob`]) for a job submitted without it. The client keeps what
     /// the manager has not taken (at most the window) and sends it again after a
-    /// reconnect, so every byte reaches the job once, in order. A job attached to
-    /// ([`Client::attach`]) is written from where the job has taken its stdin to; if
-    /// it is not interactive, its writer fails as for a closed stdin. See [`JobStdin`].
+    /// reconnect, so every byte reaches the job once, in order. Only the `RemoteJob`
+    /// that submitted the job writes it: one from [`Client::attach`] gets the same error
+    /// (the submitter's bytes may be on the way). See [`JobStdin`].
     pub fn stdin(&self) -> Result<JobStdin> {
+        if self.attached {
+            return Err(Error::InvalidJob(format!(
+                "job {} was attached to: only the RemoteJob that submitted it writes its stdin",
+                self.id
+            )));
+        }
         if !self.interactive {
             return Err(not_interactive(self.id));
         }

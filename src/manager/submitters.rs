@@ -192,8 +192,10 @@ struct Record {
     /// A detached job's last events, for a later `attach`.
     kept: Option<Kept>,
     ended: bool,
-    /// An interactive job's stdin, which its owner's sessions write.
+    /// An interactive job's stdin, which the session that submitted it writes.
     stdin: Option<Arc<StdinPort>>,
+    /// The session that submitted the job.
+    submitter: u64,
 }
 
 /// The last events of a detached job: every event but output is kept; output is kept
@@ -324,6 +326,8 @@ pub(crate) struct Hub {
     ended: VecDeque<(Instant, JobId)>,
     /// See [`Hub::take_timer_news`].
     timer_news: bool,
+    /// See [`Hub::take_orphaned_stdin`].
+    orphaned_stdin: Vec<Arc<StdinPort>>,
 }
 
 impl Hub {
@@ -334,6 +338,7 @@ impl Hub {
             jobs: HashMap::new(),
             ended: VecDeque::new(),
             timer_news: false,
+            orphaned_stdin: Vec::new(),
         }
     }
 
@@ -422,6 +427,14 @@ impl Hub {
         if let Some(l) = &s.link {
             l.close(std::net::Shutdown::Write);
         }
+        // Nobody else writes the stdin of the jobs it submitted: it ends where it is
+        // (for a detached job, which runs on; see `take_orphaned_stdin`).
+        let orphaned = self
+            .jobs
+            .values()
+            .filter(|r| r.submitter == session && !r.ended);
+        self.orphaned_stdin
+            .extend(orphaned.filter_map(|r| r.stdin.clone()));
         s.attached
             .into_iter()
             .filter(|j| self.jobs.get(j).is_some_and(|r| !r.ended))
@@ -478,6 +491,13 @@ impl Hub {
             self.ended.pop_front();
             self.jobs.remove(&job);
         }
+    }
+
+    /// The stdin of jobs whose submitter's session ended, to be ended (EOF) by the
+    /// caller once the hub's lock is let go (a stdin's lock comes after the hub's only
+    /// when the hub's is not held).
+    pub(crate) fn take_orphaned_stdin(&mut self) -> Vec<Arc<StdinPort>> {
+        std::mem::take(&mut self.orphaned_stdin)
     }
 
     /// Whether the timer's next deadline may have moved earlier since the last call
@@ -541,11 +561,12 @@ impl Hub {
                 kept: detached.then(Kept::default),
                 ended: false,
                 stdin: None,
+                submitter: session,
             },
         );
     }
 
-    /// An interactive job's stdin, for its owner's sessions to write.
+    /// An interactive job's stdin, for the session that submitted it to write.
     pub(crate) fn give_stdin(&mut self, job: JobId, stdin: Arc<StdinPort>) {
         if let Some(r) = self.jobs.get_mut(&job) {
             r.stdin = Some(stdin);
@@ -573,9 +594,10 @@ impl Hub {
         let Some(r) = self.jobs.get(&job) else {
             return Ok(None);
         };
-        if r.owner != s.owner {
+        if r.owner != s.owner || r.submitter != session {
+            // Offsets are the submitter's own: another writer's bytes would collide.
             log::warn!(
-                "a submitter wrote to the stdin of job {job}, which is not its own (dropped)"
+                "a submitter wrote to the stdin of job {job}, which another session submitted (dropped)"
             );
             return Ok(None);
         }
@@ -756,8 +778,12 @@ impl Submitters {
             // Sessions that ended no longer hold jobs back (a detached job's output
             // waited for them): let waiting sinks look again.
             self.room.notify_all();
-            if !jobs.is_empty() {
+            let orphaned = hub.take_orphaned_stdin();
+            if !jobs.is_empty() || !orphaned.is_empty() {
                 drop(hub);
+                for stdin in orphaned {
+                    let _ = stdin.finish();
+                }
                 self.room.notify_all();
                 for job in jobs {
                     cancel(job);
@@ -1008,7 +1034,13 @@ impl Conn<'_> {
             }
             SubmitterMessage::Heartbeat => Ok(true),
             SubmitterMessage::Goodbye => {
-                let jobs = self.subs.lock().close(self.session);
+                let (jobs, orphaned) = {
+                    let mut hub = self.subs.lock();
+                    (hub.close(self.session), hub.take_orphaned_stdin())
+                };
+                for stdin in orphaned {
+                    let _ = stdin.finish();
+                }
                 self.subs.room.notify_all();
                 if !jobs.is_empty() {
                     log::info!(
