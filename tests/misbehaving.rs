@@ -10,8 +10,8 @@ mod common;
 
 use common::*;
 use std::net::TcpListener;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 use workpool::job::{JobId, JobSpec, Outcome, Stream};
 use workpool::manager::{Manager, ManagerEvent};
@@ -20,44 +20,6 @@ use workpool::testing::{self, RawReader, RawWriter};
 use workpool::tls::{Identity, TrustRoots};
 use workpool::worker::Worker;
 use workpool::{Error, ManagerConfig};
-
-/// Log lines at info and above, captured so that tests can look at what was logged.
-struct Capture;
-
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Info
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            let mut lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
-            if lines.len() < 200_000 {
-                lines.push(r.args().to_string());
-            }
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Info);
-    });
-}
-
-/// Captured log lines that contain `marker`.
-fn logged(marker: &str) -> Vec<String> {
-    let lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
-    lines
-        .iter()
-        .filter(|l| l.contains(marker))
-        .cloned()
-        .collect()
-}
 
 fn hello(name: &str, slots: u32) -> WorkerHello {
     WorkerHello {
@@ -344,7 +306,7 @@ fn a_worker_that_declines_every_job_is_not_sent_it_again_and_the_job_runs_elsewh
 
 #[test]
 fn maximum_size_text_fields_are_cut_and_escaped_before_they_are_logged_or_passed_on() {
-    capture_logs();
+    capture_logs(log::LevelFilter::Info);
     let c = Cluster::new(0);
     let (mut r, mut w) = join(&c, "verbose", 1);
     wait_joined(&c.events, 1);
@@ -422,7 +384,7 @@ fn maximum_size_text_fields_are_cut_and_escaped_before_they_are_logged_or_passed
 /// number of times.
 #[test]
 fn cleanup_failures_reach_the_submitter_and_a_flood_after_the_end_is_logged_boundedly() {
-    capture_logs();
+    capture_logs(log::LevelFilter::Info);
     let c = Cluster::new(0);
     let (mut r, mut w) = join(&c, "untidy", 1);
     wait_joined(&c.events, 1);

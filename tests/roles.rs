@@ -6,51 +6,12 @@
 mod common;
 
 use common::*;
-use std::sync::{Mutex, Once};
 use workpool::Error;
 use workpool::manager::{Manager, ManagerConfig};
 use workpool::protocol::{SubmitterHello, WorkerHello};
 use workpool::testing;
 use workpool::tls::{GeneratedCertificate, Identity, PeerTrust, TrustRoots};
 use workpool::worker::{Worker, WorkerConfig};
-
-/// Log lines at warn and above, captured so that the tests can see what the manager said.
-struct Capture;
-
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            let mut lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
-            if lines.len() < 100_000 {
-                lines.push(r.args().to_string());
-            }
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Warn);
-    });
-}
-
-/// Captured log lines that contain `marker`.
-fn logged(marker: &str) -> Vec<String> {
-    let lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
-    lines
-        .iter()
-        .filter(|l| l.contains(marker))
-        .cloned()
-        .collect()
-}
 
 const WORKER_CANNOT_SUBMIT: &str = "this certificate is trusted for workers, not for submitters: a worker certificate cannot submit jobs";
 const SUBMITTER_CANNOT_WORK: &str = "this certificate is trusted for submitters, not for workers: a submitter certificate cannot take jobs";
@@ -248,7 +209,7 @@ fn assert_not_refused_for_its_role(result: workpool::Result<()>, name: &str) {
 }
 
 fn roles_are_kept_apart(roles: Roles, label: &str) {
-    capture_logs();
+    capture_logs(log::LevelFilter::Warn);
     let manager = roles.manager();
     let events = manager.subscribe();
 
@@ -304,7 +265,7 @@ fn a_worker_certificate_from_the_worker_ca_cannot_submit_nor_one_from_the_submit
 
 #[test]
 fn a_certificate_in_both_lists_may_take_both_roles() {
-    capture_logs();
+    capture_logs(log::LevelFilter::Warn);
     let mut roles = Roles::pinned();
     roles
         .submitter_trust
@@ -320,7 +281,7 @@ fn a_certificate_in_both_lists_may_take_both_roles() {
 
 #[test]
 fn without_submitter_trust_no_certificate_can_submit_and_workers_still_work() {
-    capture_logs();
+    capture_logs(log::LevelFilter::Warn);
     let roles = Roles::pinned();
     // ManagerConfig::new alone: workers only.
     let manager = Manager::bind(ManagerConfig::new(

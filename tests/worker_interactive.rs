@@ -7,40 +7,11 @@ mod common;
 
 use common::*;
 use std::net::TcpListener;
-use std::sync::{Mutex, Once};
 use std::time::Instant;
 use workpool::job::{JobId, JobSpec, Outcome, Stream};
 use workpool::protocol::{ManagerMessage, STDIN_WINDOW, Welcome, WorkerHello, WorkerMessage};
 use workpool::testing::{self, RawReader, RawWriter};
 use workpool::worker::Worker;
-
-/// Warnings, captured so that a test can look at why the worker closed its link.
-struct Capture;
-
-static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-impl log::Log for Capture {
-    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
-        m.level() <= log::Level::Warn
-    }
-    fn log(&self, r: &log::Record<'_>) {
-        if self.enabled(r.metadata()) {
-            let mut lines = LINES.lock().unwrap_or_else(|p| p.into_inner());
-            if lines.len() < 10_000 {
-                lines.push(r.args().to_string());
-            }
-        }
-    }
-    fn flush(&self) {}
-}
-
-fn capture_logs() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        log::set_logger(&Capture).expect("no other logger in this test binary");
-        log::set_max_level(log::LevelFilter::Warn);
-    });
-}
 
 const MANAGER_ID: u64 = 42;
 const JOB: JobId = JobId(1);
@@ -295,7 +266,7 @@ fn pipe_buffer() -> u64 {
 
 #[test]
 fn a_job_that_never_reads_takes_at_most_its_pipe_and_a_window_more_closes_the_link() {
-    capture_logs();
+    capture_logs(log::LevelFilter::Warn);
     let mut rig = Rig::new("never-reads");
     rig.run(JobSpec::new("echo ready; exec sleep 600").interactive());
     let mut seen = Seen::default();
@@ -320,12 +291,9 @@ fn a_job_that_never_reads_takes_at_most_its_pipe_and_a_window_more_closes_the_li
     }
     assert!(seen.taken.iter().all(|&t| t <= pipe), "{:?}", seen.taken);
     assert_eq!(seen.outcome, None, "the job goes on");
-    let why = LINES
-        .lock()
-        .unwrap()
-        .iter()
-        .find(|l| l.contains("never-reads") && l.contains("broke the protocol"))
-        .cloned()
+    let why = logged("never-reads")
+        .into_iter()
+        .find(|l| l.contains("broke the protocol"))
         .expect("the reason is logged");
     assert!(why.contains("window"), "{why}");
     // It comes back holding the job, with the stdin it took; a resend from there skips

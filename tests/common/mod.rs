@@ -618,3 +618,43 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// Log lines, captured so that tests can look at what was logged (a test binary's one
+/// logger: every test in it sees the lines of all).
+struct Capture;
+
+static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+impl log::Log for Capture {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::max_level()
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            let mut lines = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+            if lines.len() < 200_000 {
+                lines.push(r.args().to_string());
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Captures log lines at `level` and above from now on (the first call's level holds).
+pub fn capture_logs(level: log::LevelFilter) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&Capture).expect("no other logger in this test binary");
+        log::set_max_level(level);
+    });
+}
+
+/// Captured log lines that contain `marker`.
+pub fn logged(marker: &str) -> Vec<String> {
+    let lines = LOGGED.lock().unwrap_or_else(|p| p.into_inner());
+    lines
+        .iter()
+        .filter(|l| l.contains(marker))
+        .cloned()
+        .collect()
+}
