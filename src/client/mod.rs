@@ -516,10 +516,40 @@ fn client_thread(shared: Arc<Shared>, first: Reading) {
             link_down(&shared, reading.take(), &why);
         }
     }
-    if let Some(r) = reading {
+    if let Some(mut r) = reading {
+        linger(&mut r, Instant::now() + CLOSE_WAIT);
         r.tx.release();
     }
     reading_release(&shared);
+}
+
+/// After the goodbye: reads (and drops) what the manager still sends until it closes its
+/// side, or `deadline`. Closing a socket with bytes unread resets the connection, and a
+/// reset makes the manager throw away what it has not read yet: the goodbye, and stdin
+/// bytes written just before it.
+fn linger(r: &mut Reading, deadline: Instant) {
+    let fd = r.reader.socket().as_raw_fd();
+    loop {
+        loop {
+            match r.reader.frame() {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+        if r.reader.ended() {
+            return;
+        }
+        match r.reader.fill(&r.tx) {
+            Ok(link::Fill::Got { .. }) => {}
+            Ok(link::Fill::Nothing) => {
+                if !matches!(net::wait_ready(fd, libc::POLLIN, Some(deadline)), Ok(true)) {
+                    return;
+                }
+            }
+            Ok(link::Fill::End) | Err(_) => return,
+        }
+    }
 }
 
 /// One connection attempt, on the client thread; the link if it was welcomed.
