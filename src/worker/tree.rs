@@ -221,8 +221,13 @@ mod tests {
         let pid = child.id() as i32;
         // `setsid` execs sleep in the same process once it runs in a new session; the
         // token is there either way.
+        // Waits until it has become `sleep` too: while `setsid` execs, its environment
+        // may not be readable for a moment, and one scan would miss it.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while !others(root.id() as i32, &token, false, Scope::All).contains(&pid) {
+        let is_sleep = || {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "sleep")
+        };
+        while !(is_sleep() && others(root.id() as i32, &token, false, Scope::All).contains(&pid)) {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the marked process was never found"
