@@ -58,17 +58,17 @@ pub unsafe extern "C" fn wp_client_connect(
     ffi!({
         let c = arg!(config);
         out!(out);
-        let (true, Some(identity)) = (c.manager_set, c.identity.clone()) else {
-            return fail(
-                WP_RESULT_INVALID_ARGUMENT,
-                "the client needs wp_client_config_set_manager and wp_client_config_set_identity_pem_files",
-            );
+        let (identity, manager_trust, verify_hostname) = match c.dial.security(
+            "the client needs wp_client_config_set_manager and wp_client_config_set_identity_pem_files",
+        ) {
+            Ok(parts) => parts,
+            Err(code) => return code,
         };
         let mut rust = c.rust.clone();
         rust.security = ClientSecurity::MutualTls {
             identity,
-            manager_trust: c.manager_trust.clone(),
-            verify_hostname: c.verify_hostname,
+            manager_trust,
+            verify_hostname,
         };
         let name = c_text(&rust.name);
         match Client::connect(rust) {

@@ -32,10 +32,7 @@ pub struct wp_manager_config {
 pub struct wp_worker_config {
     /// Every setting but the security, which `wp_worker_start` fills in.
     pub(crate) rust: WorkerConfig,
-    pub(crate) manager_set: bool,
-    pub(crate) identity: Option<Identity>,
-    pub(crate) manager_trust: PeerTrust,
-    pub(crate) verify_hostname: bool,
+    pub(crate) dial: Dial,
 }
 
 /// Settings for `wp_client_connect`. Made by `wp_client_config_new`; freed once with
@@ -45,10 +42,52 @@ pub struct wp_worker_config {
 pub struct wp_client_config {
     /// Every setting but the security, which `wp_client_connect` fills in.
     pub(crate) rust: ClientConfig,
-    pub(crate) manager_set: bool,
-    pub(crate) identity: Option<Identity>,
-    pub(crate) manager_trust: PeerTrust,
-    pub(crate) verify_hostname: bool,
+    pub(crate) dial: Dial,
+}
+
+/// How a worker or a client reaches the manager, as C sets it: the manager's address
+/// (in the Rust configuration, once set), the identity and what the manager must show.
+pub(crate) struct Dial {
+    manager_set: bool,
+    identity: Option<Identity>,
+    manager_trust: PeerTrust,
+    verify_hostname: bool,
+}
+
+impl Dial {
+    fn new() -> Dial {
+        Dial {
+            manager_set: false,
+            identity: None,
+            manager_trust: PeerTrust::new(),
+            verify_hostname: true,
+        }
+    }
+
+    /// The manager's host and port, into the Rust configuration's `host` and `port`.
+    fn set_manager(&mut self, host: &str, port: u16, to: (&mut String, &mut u16)) -> wp_result {
+        refuse_if!(
+            host.is_empty() || port == 0,
+            "the manager's host must not be empty nor its port 0"
+        );
+        *to.0 = host.to_string();
+        *to.1 = port;
+        self.manager_set = true;
+        WP_RESULT_OK
+    }
+
+    /// The identity, the manager's trust and whether its host name is checked; `Err`
+    /// (after saying `needs`) when the manager or the identity was not set.
+    pub(crate) fn security(&self, needs: &str) -> Result<(Identity, PeerTrust, bool), wp_result> {
+        match (self.manager_set, &self.identity) {
+            (true, Some(identity)) => Ok((
+                identity.clone(),
+                self.manager_trust.clone(),
+                self.verify_hostname,
+            )),
+            _ => Err(fail(WP_RESULT_INVALID_ARGUMENT, needs)),
+        }
+    }
 }
 
 /// Loads an identity from two PEM files into a configuration.
@@ -570,10 +609,7 @@ pub unsafe extern "C" fn wp_worker_config_new(out: *mut *mut wp_worker_config) -
             out,
             wp_worker_config {
                 rust: WorkerConfig::insecure_plaintext("", 9001),
-                manager_set: false,
-                identity: None,
-                manager_trust: PeerTrust::new(),
-                verify_hostname: true,
+                dial: Dial::new(),
             },
         )
     })
@@ -591,14 +627,10 @@ pub unsafe extern "C" fn wp_worker_config_set_manager(
     ffi!({
         let config = arg_mut!(config);
         let host = text!(host);
-        refuse_if!(
-            host.is_empty() || port == 0,
-            "the manager's host must not be empty nor its port 0"
-        );
-        config.rust.host = host.to_string();
-        config.rust.port = port;
-        config.manager_set = true;
-        WP_RESULT_OK
+        let rust = &mut config.rust;
+        config
+            .dial
+            .set_manager(host, port, (&mut rust.host, &mut rust.port))
     })
 }
 
@@ -614,7 +646,7 @@ pub unsafe extern "C" fn wp_worker_config_set_identity_pem_files(
     ffi!({
         let config = arg_mut!(config);
         // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
-        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
+        unsafe { set_identity(&mut config.dial.identity, cert_path, key_path) }
     })
 }
 
@@ -633,7 +665,7 @@ pub unsafe extern "C" fn wp_worker_config_add_manager_certificate_pem_file(
     ffi!({
         let config = arg_mut!(config);
         // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
-        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Pinned) }
+        unsafe { add_trust(&mut config.dial.manager_trust, path, TrustKind::Pinned) }
     })
 }
 
@@ -649,7 +681,7 @@ pub unsafe extern "C" fn wp_worker_config_add_manager_ca_pem_file(
     ffi!({
         let config = arg_mut!(config);
         // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
-        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Ca) }
+        unsafe { add_trust(&mut config.dial.manager_trust, path, TrustKind::Ca) }
     })
 }
 
@@ -894,7 +926,7 @@ pub unsafe extern "C" fn wp_worker_config_set_verify_hostname(
     verify: bool,
 ) -> wp_result {
     ffi!({
-        arg_mut!(config).verify_hostname = verify;
+        arg_mut!(config).dial.verify_hostname = verify;
         WP_RESULT_OK
     })
 }
@@ -943,10 +975,7 @@ pub unsafe extern "C" fn wp_client_config_new(out: *mut *mut wp_client_config) -
             out,
             wp_client_config {
                 rust: ClientConfig::insecure_plaintext("", 9001),
-                manager_set: false,
-                identity: None,
-                manager_trust: PeerTrust::new(),
-                verify_hostname: true,
+                dial: Dial::new(),
             },
         )
     })
@@ -964,14 +993,10 @@ pub unsafe extern "C" fn wp_client_config_set_manager(
     ffi!({
         let config = arg_mut!(config);
         let host = text!(host);
-        refuse_if!(
-            host.is_empty() || port == 0,
-            "the manager's host must not be empty nor its port 0"
-        );
-        config.rust.host = host.to_string();
-        config.rust.port = port;
-        config.manager_set = true;
-        WP_RESULT_OK
+        let rust = &mut config.rust;
+        config
+            .dial
+            .set_manager(host, port, (&mut rust.host, &mut rust.port))
     })
 }
 
@@ -989,7 +1014,7 @@ pub unsafe extern "C" fn wp_client_config_set_identity_pem_files(
     ffi!({
         let config = arg_mut!(config);
         // SAFETY: the two paths are the caller's NUL-terminated strings, checked by `text!`.
-        unsafe { set_identity(&mut config.identity, cert_path, key_path) }
+        unsafe { set_identity(&mut config.dial.identity, cert_path, key_path) }
     })
 }
 
@@ -1006,7 +1031,7 @@ pub unsafe extern "C" fn wp_client_config_add_manager_certificate_pem_file(
     ffi!({
         let config = arg_mut!(config);
         // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
-        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Pinned) }
+        unsafe { add_trust(&mut config.dial.manager_trust, path, TrustKind::Pinned) }
     })
 }
 
@@ -1022,7 +1047,7 @@ pub unsafe extern "C" fn wp_client_config_add_manager_ca_pem_file(
     ffi!({
         let config = arg_mut!(config);
         // SAFETY: `path` is NULL (refused) or a NUL-terminated string, as documented.
-        unsafe { add_trust(&mut config.manager_trust, path, TrustKind::Ca) }
+        unsafe { add_trust(&mut config.dial.manager_trust, path, TrustKind::Ca) }
     })
 }
 
@@ -1036,7 +1061,7 @@ pub unsafe extern "C" fn wp_client_config_set_verify_hostname(
     verify: bool,
 ) -> wp_result {
     ffi!({
-        arg_mut!(config).verify_hostname = verify;
+        arg_mut!(config).dial.verify_hostname = verify;
         WP_RESULT_OK
     })
 }

@@ -33,17 +33,17 @@ pub unsafe extern "C" fn wp_worker_start(
     ffi!({
         let c = arg!(config);
         out!(out);
-        let (true, Some(identity)) = (c.manager_set, c.identity.clone()) else {
-            return fail(
-                WP_RESULT_INVALID_ARGUMENT,
-                "the worker needs wp_worker_config_set_manager and wp_worker_config_set_identity_pem_files",
-            );
+        let (identity, manager_trust, verify_hostname) = match c.dial.security(
+            "the worker needs wp_worker_config_set_manager and wp_worker_config_set_identity_pem_files",
+        ) {
+            Ok(parts) => parts,
+            Err(code) => return code,
         };
         let mut rust = c.rust.clone();
         rust.security = WorkerSecurity::MutualTls {
             identity,
-            manager_trust: c.manager_trust.clone(),
-            verify_hostname: c.verify_hostname,
+            manager_trust,
+            verify_hostname,
         };
         let name = c_text(&rust.name);
         match Worker::start(rust) {
