@@ -714,13 +714,9 @@ impl Hub {
         }
         if matches!(ev, JobEvent::Finished(_)) {
             r.ended = true;
-            for w in &r.watchers {
-                if let Some(s) = sessions.get_mut(w) {
-                    s.attached.remove(&job);
-                }
-            }
-            // Its submitter may also have left before it ended.
-            for s in sessions.values_mut() {
+            // Only the session that submitted an attached job lists it (if it is still
+            // there: it may have left before the job ended).
+            if let Some(s) = sessions.get_mut(&r.submitter) {
                 s.attached.remove(&job);
             }
             if r.detached {
