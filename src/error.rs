@@ -51,6 +51,10 @@ pub enum Error {
     /// A remote client lost contact with the manager and its session did not survive:
     /// the request may or may not have been carried out (the message says which).
     ContactLost(String),
+    /// The manager's journal cannot be opened, read or written (corrupt, written by a
+    /// newer version, in use by another manager, a full disk); the message says which
+    /// and where.
+    Journal(String),
 }
 
 /// `Result` with [`Error`].
@@ -88,6 +92,7 @@ impl fmt::Display for Error {
             Error::Timeout(m) => write!(f, "timed out: {m}"),
             Error::NotPermitted(m) => write!(f, "not permitted: {m}"),
             Error::ContactLost(m) => write!(f, "contact with the manager was lost: {m}"),
+            Error::Journal(m) => write!(f, "journal: {m}"),
         }
     }
 }

@@ -51,6 +51,7 @@ pub mod error;
 pub mod ffi;
 pub(crate) mod flusher;
 pub mod job;
+pub(crate) mod journal;
 pub(crate) mod link;
 pub mod manager;
 pub mod metrics;

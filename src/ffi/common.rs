@@ -44,6 +44,9 @@ pub enum wp_result {
     /// An interactive job's stdin is closed: the job closed it or ended, or it was ended
     /// with `wp_job_close_stdin` (`wp_job_write_stdin`, `wp_job_close_stdin`).
     WP_RESULT_STDIN_CLOSED = 13,
+    /// The manager's journal cannot be opened, read or written (corrupt, from a newer
+    /// version, in use by another manager, a full disk): see the message.
+    WP_RESULT_JOURNAL = 14,
 }
 
 use wp_result::*;
@@ -99,6 +102,7 @@ fn code_of(e: &Error) -> wp_result {
         Error::Timeout(_) => WP_RESULT_TIMEOUT,
         Error::NotPermitted(_) => WP_RESULT_INVALID_ARGUMENT,
         Error::ContactLost(_) => WP_RESULT_IO,
+        Error::Journal(_) => WP_RESULT_JOURNAL,
         Error::Protocol(_) | Error::VersionMismatch { .. } | Error::Refused(_) => {
             WP_RESULT_PROTOCOL
         }
