@@ -233,6 +233,10 @@ struct ManagerArgs {
     /// Keep no journal, even with --serve: a restart loses the queue
     #[arg(long)]
     no_journal: bool,
+    /// How long the jobs of a worker whose link dropped (or of every worker, after a
+    /// restart with a journal) wait for it to come back [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    reconnect_grace: Option<Duration>,
     /// How long an ended job stays in the journal [default: 1h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     journal_retention: Option<Duration>,
@@ -536,6 +540,9 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
         (None, false, true) => Some(default_journal()?),
         _ => None,
     };
+    if let Some(d) = a.reconnect_grace {
+        config.reconnect_grace = d;
+    }
     if let Some(d) = a.journal_retention {
         config.journal_retention = d;
     }
