@@ -630,8 +630,13 @@ fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
             std::ffi::CStr::from_ptr(name).to_str().unwrap(),
             "WP_RESULT_QUEUE_FULL"
         );
+        let name = wp_result_name(WP_RESULT_JOURNAL as u32);
+        assert_eq!(
+            std::ffi::CStr::from_ptr(name).to_str().unwrap(),
+            "WP_RESULT_JOURNAL"
+        );
         // Any integer a C program passes is answered, none is taken for a Rust enum.
-        for code in [14, 9999, u32::MAX] {
+        for code in [15, 9999, u32::MAX] {
             let name = wp_result_name(code);
             assert_eq!(
                 std::ffi::CStr::from_ptr(name).to_str().unwrap(),

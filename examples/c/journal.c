@@ -125,7 +125,8 @@ int main(int argc, char **argv) {
     check(wp_manager_submit(m, "echo two", &second), "submit");
     uint64_t last_id = wp_job_id(second);
     size_t queued = 0;
-    printf("first manager: %zu job(s), %zu queued\n", jobs(m, &queued), queued);
+    size_t all = jobs(m, &queued);
+    printf("first manager: %zu job(s), %zu queued\n", all, queued);
 
     /* A second manager cannot open a journal in use. */
     wp_manager *other = NULL;
@@ -149,7 +150,8 @@ int main(int argc, char **argv) {
     char listen[64];
     snprintf(listen, sizeof listen, "127.0.0.1:%u", (unsigned)port);
     check(start(dir, listen, journal, &m), "the manager started again");
-    printf("after the restart: %zu job(s), %zu queued\n", jobs(m, &queued), queued);
+    all = jobs(m, &queued);
+    printf("after the restart: %zu job(s), %zu queued\n", all, queued);
     wp_job *third = NULL;
     check(wp_manager_submit(m, "echo three", &third), "submit");
     printf("ids go on: %s\n", wp_job_id(third) > last_id ? "yes" : "no");
