@@ -486,6 +486,11 @@ fn usage_message(e: &clap::Error) -> String {
 }
 
 fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
+    // A journal that reaches a file size limit (`ulimit -f`) fails its write (EFBIG, a
+    // submission refused with the reason) instead of killing the manager.
+    // SAFETY: setting a signal's disposition to SIG_IGN takes no handler code; no thread
+    // has started yet.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     // Before any thread starts, so that every thread inherits the mask and only the
     // signal thread takes SIGINT and SIGTERM.
     let signals = block_signals();
