@@ -1,0 +1,620 @@
+//! The journal proven with real processes: a journaled CLI manager killed with SIGKILL
+//! at pseudo-random moments under a stream of submissions, and restarted each time on
+//! the same port and journal, loses no accepted job and runs none twice; a SIGTERM
+//! restart leaves running jobs running; a journal that is corrupt, in use or from a newer
+//! version stops the CLI manager in one line and is left as it is; a file size limit
+//! fails submissions clearly while a running job goes on.
+//!
+//! Every job appends `S TOKEN` to a file when it starts and `E TOKEN` when it ends (on
+//! the worker's side, which is this machine): each token must be there once of each.
+//! The journal itself is read at the end (rusqlite, read-only, once the manager has
+//! stopped): every job it knows ended `exited 0`, and it knows exactly the jobs that ran.
+
+mod common;
+
+use common::*;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use serde_json::Value;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the end of a run may take: every job left to run on a small machine.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(180);
+
+/// A pool's files: certificates (workers 0 and 1 are workers, 2 is a submitter), the
+/// journal, the marker files the jobs write, and the processes' logs.
+struct Pool {
+    dir: PathBuf,
+    port: u16,
+    journal: PathBuf,
+    starts: PathBuf,
+    ends: PathBuf,
+    /// Every process started, stopped by PID when the test ends however it ends.
+    children: Vec<u32>,
+}
+
+impl Pool {
+    fn new(name: &str) -> Pool {
+        let dir = scratch(name);
+        Certs::new(3).write_to(&dir);
+        Pool {
+            port: free_port(),
+            journal: dir.join("journal.sqlite"),
+            starts: dir.join("starts"),
+            ends: dir.join("ends"),
+            dir,
+            children: Vec::new(),
+        }
+    }
+
+    fn file(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// `manager` on this pool's port with its certificates, `--json`, then `extra`.
+    fn manager_command(&self, extra: &[&str]) -> Command {
+        let mut c = Command::new(cli());
+        c.arg("manager")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--json"])
+            .args(["--security-pool-certificate", &self.file("host-cert.pem")])
+            .args(["--security-pool-key", &self.file("host-key.pem")])
+            .arg("--security-worker-certificates")
+            .args([
+                self.file("worker-0-cert.pem"),
+                self.file("worker-1-cert.pem"),
+            ])
+            .arg("--security-submitter-certificates")
+            .arg(self.file("worker-2-cert.pem"))
+            .args(extra);
+        c
+    }
+
+    /// The journaled console manager: jobs are the lines written to its stdin.
+    fn console_args(&self) -> Vec<String> {
+        vec![
+            "--journal".into(),
+            self.journal.display().to_string(),
+            "--reconnect-grace".into(),
+            "30s".into(),
+        ]
+    }
+
+    /// Starts a manager from `command` (stdout: JSON lines; stderr appended to
+    /// `manager.log`) and waits until it listens.
+    fn start_manager(&mut self, mut command: Command) -> Mgr {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("manager.log"))
+            .unwrap();
+        let spawned = Instant::now();
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child.id());
+        let events = json_lines(child.stdout.take().unwrap());
+        let stdin = child.stdin.take();
+        let mut mgr = Mgr {
+            child,
+            stdin,
+            events,
+            spawned,
+            listening_after: Duration::ZERO,
+            joined: 0,
+            joined_after: None,
+        };
+        match mgr.events.recv_timeout(DEADLINE) {
+            Ok(v) if v["event"] == "listening" => {}
+            other => panic!(
+                "the manager did not listen ({other:?}); its log:\n{}",
+                tail(&self.dir.join("manager.log"), 20)
+            ),
+        }
+        mgr.listening_after = spawned.elapsed();
+        mgr
+    }
+
+    /// Starts CLI worker `i` (certificate `worker-i`) with `slots` slots; its log goes to
+    /// `worker-i.log`.
+    fn start_worker(&mut self, i: usize, slots: u32) -> Child {
+        let log = std::fs::File::create(self.dir.join(format!("worker-{i}.log"))).unwrap();
+        let child = Command::new(cli())
+            .arg("worker")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["--security-pool-certificate", &self.file("host-cert.pem")])
+            .args([
+                "--security-worker-certificate",
+                &self.file(&format!("worker-{i}-cert.pem")),
+            ])
+            .args([
+                "--security-worker-key",
+                &self.file(&format!("worker-{i}-key.pem")),
+            ])
+            .args(["--name", &format!("w{i}"), "--slots", &slots.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.children.push(child.id());
+        child
+    }
+
+    /// A short job: its start and end markers.
+    fn short_job(&self, token: &str) -> String {
+        format!(
+            "echo S {token} >> {s}; echo E {token} >> {e}",
+            s = self.starts.display(),
+            e = self.ends.display()
+        )
+    }
+
+    /// A long job that prints `1`..=`lines`, one line each `pace` seconds.
+    fn long_job(&self, token: &str, lines: u32, pace: &str) -> String {
+        format!(
+            "echo S {token} >> {s}; for i in $(seq 1 {lines}); do echo $i; sleep {pace}; done; \
+             echo E {token} >> {e}",
+            s = self.starts.display(),
+            e = self.ends.display()
+        )
+    }
+
+    fn markers(&self) -> Markers {
+        Markers {
+            starts: count_tokens(&self.starts, "S"),
+            ends: count_tokens(&self.ends, "E"),
+        }
+    }
+
+    /// Lines of the workers' logs that say a job was killed because its manager no
+    /// longer waited for it.
+    fn orphan_kills(&self) -> Vec<String> {
+        (0..2)
+            .flat_map(|i| {
+                std::fs::read_to_string(self.dir.join(format!("worker-{i}.log")))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("killed job"))
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for &pid in &self.children {
+            // SAFETY: kill takes no pointers; each PID is a child this test started (a
+            // reaped one may have been reused only if this test waited for it, and it
+            // then is not in the way of the signal: its exit was seen, so this is a
+            // no-op or hits nothing of ours).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A running CLI manager.
+struct Mgr {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    events: Receiver<Value>,
+    spawned: Instant,
+    /// From its start until it listened.
+    listening_after: Duration,
+    /// Workers it has seen join, and how long after its start the second one did.
+    joined: usize,
+    joined_after: Option<Duration>,
+}
+
+impl Mgr {
+    /// Writes lines to the console's stdin; false if it is gone.
+    fn write_lines(&mut self, lines: &[String]) -> bool {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return false;
+        };
+        let mut text = lines.join("\n");
+        text.push('\n');
+        stdin.write_all(text.as_bytes()).is_ok() && stdin.flush().is_ok()
+    }
+
+    /// The next event before `deadline` (None at the deadline or at the end of output);
+    /// counts workers joining on the way.
+    fn next_before(&mut self, deadline: Instant) -> Option<Value> {
+        match self.events.recv_deadline(deadline) {
+            Ok(v) => {
+                if v["event"] == "worker_joined" {
+                    self.joined += 1;
+                    if self.joined == 2 {
+                        self.joined_after = Some(self.spawned.elapsed());
+                    }
+                }
+                Some(v)
+            }
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
+        }
+    }
+
+    /// The next event of this kind (panics at the deadline).
+    fn until(&mut self, kind: &str) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.next_before(deadline) {
+                Some(v) if v["event"] == kind => return v,
+                Some(_) => {}
+                None => panic!("no {kind:?} event from the manager before the deadline"),
+            }
+        }
+    }
+
+    /// SIGKILL, and waits for it to be gone (so that its port is free).
+    fn kill_9(mut self) {
+        let status = self.child.try_wait().unwrap();
+        assert!(
+            status.is_none(),
+            "the manager had ended by itself: {status:?}"
+        );
+        self.child.kill().unwrap();
+        wait_exit(&mut self.child);
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill takes no pointers; the PID is our own child's, not yet reaped.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+
+    /// Asks the console for the jobs it has (queued or running), by `:jobs`.
+    fn jobs(&mut self) -> Vec<Value> {
+        assert!(self.write_lines(&[":jobs".into()]), "the console is gone");
+        self.until("jobs")["jobs"].as_array().unwrap().clone()
+    }
+}
+
+/// A child's stdout as JSON lines, read on a thread of its own.
+fn json_lines(from: impl std::io::Read + Send + 'static) -> Receiver<Value> {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { return };
+            let v: Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line:?}: {e}"));
+            if tx.send(v).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits (with the deadline) until a child has exited; its status.
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let mut status = None;
+    wait_until("the process exits", || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    });
+    status.unwrap()
+}
+
+/// The last `n` lines of a file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// How many times each token is in a marker file (lines `TAG TOKEN`).
+fn count_tokens(path: &Path, tag: &str) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        let (t, token) = line.split_once(' ').unwrap_or_else(|| panic!("{line:?}"));
+        assert_eq!(t, tag, "a line of {}: {line:?}", path.display());
+        *counts.entry(token.to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The start and end markers of every job that ran.
+struct Markers {
+    starts: HashMap<String, usize>,
+    ends: HashMap<String, usize>,
+}
+
+impl Markers {
+    fn ended(&self, token: &str) -> bool {
+        self.ends.contains_key(token)
+    }
+
+    /// Tokens started or ended more than once, and tokens started but never ended.
+    fn faults(&self) -> Vec<String> {
+        let mut faults: Vec<String> = Vec::new();
+        for (t, &n) in &self.starts {
+            if n > 1 {
+                faults.push(format!("{t} started {n} times"));
+            }
+            if !self.ends.contains_key(t) {
+                faults.push(format!("{t} started and never ended"));
+            }
+        }
+        for (t, &n) in &self.ends {
+            if n > 1 {
+                faults.push(format!("{t} ended {n} times"));
+            }
+            if !self.starts.contains_key(t) {
+                faults.push(format!("{t} ended without a start"));
+            }
+        }
+        faults.sort();
+        faults
+    }
+}
+
+/// One row of the journal's `jobs` table: (state, outcome, exit code, script).
+type JournalRow = (String, Option<String>, Option<i64>, String);
+
+/// The journal's jobs by id, read once no manager has it open.
+fn journal_jobs(path: &Path) -> BTreeMap<u64, JournalRow> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap();
+    let mut stmt = conn
+        .prepare("SELECT id, state, outcome, outcome_code, script FROM jobs")
+        .unwrap();
+    stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)? as u64,
+            (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?),
+        ))
+    })
+    .unwrap()
+    .map(Result::unwrap)
+    .collect()
+}
+
+/// The token a marker script carries (`echo S TOKEN >> …`).
+fn token_of(script: &str) -> Option<&str> {
+    script.strip_prefix("echo S ")?.split_whitespace().next()
+}
+
+/// A small seeded generator (splitmix64): the moments of the faults.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn between(&mut self, lo: Duration, hi: Duration) -> Duration {
+        let span = (hi - lo).as_micros() as u64;
+        lo + Duration::from_micros(self.next() % (span + 1))
+    }
+}
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
+    // Sizes (each can be changed for a longer soak): kills, short jobs accepted in all,
+    // long jobs, and the seed of the moments.
+    let kills: usize = env_or("WP_CRASH_KILLS", 30);
+    let target: usize = env_or("WP_CRASH_JOBS", 3000);
+    let long_jobs: usize = 4;
+    let seed: u64 = env_or(
+        "WP_CRASH_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
+    eprintln!("crash test: seed {seed} (WP_CRASH_SEED), {kills} kills, {target} short jobs");
+    let mut rng = Rng(seed);
+    let began = Instant::now();
+    let mut pool = Pool::new("journal-crash");
+    let args = pool.console_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // The first manager, then the workers (a few slots each, one run held ahead).
+    let mut mgr = pool.start_manager(pool.manager_command(&args));
+    let mut workers = vec![pool.start_worker(0, 3), pool.start_worker(1, 3)];
+
+    // Tokens whose `submitted` line was seen (their job was accepted: its record is
+    // on disk), by id; tokens written to a console that died before saying so.
+    let mut accepted: BTreeMap<String, u64> = BTreeMap::new();
+    let mut unanswered: BTreeSet<String> = BTreeSet::new();
+    let mut next_token = 0usize;
+    let mut long_tokens: Vec<String> = Vec::new();
+    let mut listening = Vec::new();
+    let mut back = Vec::new();
+    const CHUNK: usize = 20;
+
+    let mut long_wanted = 0usize;
+    for life in 0..=kills {
+        let last = life == kills;
+        let kill_at = (!last).then(|| {
+            Instant::now() + rng.between(Duration::from_millis(150), Duration::from_millis(1500))
+        });
+        // A chunk of submissions in flight at a time; the next one once it is answered.
+        let mut in_flight: BTreeSet<String> = BTreeSet::new();
+        // Long jobs go in first, and again halfway: they run through many kills.
+        if life == 0 || life == kills / 2 {
+            long_wanted = (long_wanted + long_jobs / 2).min(long_jobs);
+        }
+        let long_sent = long_tokens
+            .iter()
+            .filter(|t| accepted.contains_key(*t))
+            .count();
+        if long_sent < long_wanted {
+            let lines: Vec<String> = (long_sent..long_wanted)
+                .map(|_| {
+                    let t = format!("long{}", long_tokens.len() + 1);
+                    long_tokens.push(t.clone());
+                    in_flight.insert(t.clone());
+                    pool.long_job(&t, 150, "0.1")
+                })
+                .collect();
+            mgr.write_lines(&lines);
+        }
+        loop {
+            let short_accepted = accepted.len()
+                - long_tokens
+                    .iter()
+                    .filter(|t| accepted.contains_key(*t))
+                    .count();
+            if in_flight.is_empty() && short_accepted < target {
+                let chunk: Vec<String> = (0..CHUNK.min(target - short_accepted))
+                    .map(|_| {
+                        next_token += 1;
+                        format!("t{next_token}")
+                    })
+                    .collect();
+                let lines: Vec<String> = chunk.iter().map(|t| pool.short_job(t)).collect();
+                in_flight.extend(chunk);
+                if !mgr.write_lines(&lines) {
+                    break;
+                }
+            }
+            let deadline = match kill_at {
+                Some(at) => at,
+                None if in_flight.is_empty() && short_accepted >= target => break,
+                None => Instant::now() + DEADLINE,
+            };
+            let Some(ev) = mgr.next_before(deadline) else {
+                assert!(
+                    kill_at.is_some(),
+                    "the console answered no submission before the deadline"
+                );
+                break;
+            };
+            match ev["event"].as_str() {
+                Some("submitted") => {
+                    let script = ev["command"].as_str().unwrap();
+                    let token = token_of(script).unwrap().to_owned();
+                    in_flight.remove(&token);
+                    accepted.insert(token, ev["job"].as_u64().unwrap());
+                }
+                Some("error") => panic!("a submission failed: {ev}"),
+                _ => {}
+            }
+        }
+        if last {
+            break;
+        }
+        if life > 0
+            && let Some(d) = mgr.joined_after
+        {
+            back.push(d);
+        }
+        mgr.kill_9();
+        unanswered.extend(in_flight);
+        mgr = pool.start_manager(pool.manager_command(&args));
+        listening.push(mgr.listening_after);
+    }
+    let submitted_in = began.elapsed();
+
+    // Every job runs to its end: the markers say so, then the manager has none left.
+    let short_accepted = accepted.keys().filter(|t| t.starts_with('t')).count();
+    let deadline = Instant::now() + DRAIN_DEADLINE;
+    loop {
+        let m = pool.markers();
+        let left: Vec<&String> = accepted.keys().filter(|t| !m.ended(t)).collect();
+        if left.is_empty() && mgr.jobs().is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} accepted job(s) never ended, e.g. {:?}; jobs the manager has: {:?}",
+            left.len(),
+            &left[..left.len().min(5)],
+            mgr.jobs()
+        );
+        // Pacing of the polls only: what is waited for is the condition above.
+        let _ = mgr.next_before(Instant::now() + Duration::from_millis(200));
+    }
+    let drained_in = began.elapsed() - submitted_in;
+
+    // Stopped (a journaled shutdown ends nothing: there is nothing left), then read.
+    mgr.signal(libc::SIGTERM);
+    wait_exit(&mut mgr.child);
+    for w in &mut workers {
+        w.kill().unwrap();
+        wait_exit(w);
+    }
+    let markers = pool.markers();
+    assert_eq!(
+        markers.faults(),
+        Vec::<String>::new(),
+        "each job ran once, to its end"
+    );
+    for t in accepted.keys() {
+        assert_eq!(markers.starts.get(t), Some(&1), "accepted job {t} ran once");
+    }
+    // Jobs the console had not confirmed ran at most once (checked above); some of them
+    // were accepted before the kill and ran.
+    let unconfirmed_ran = unanswered
+        .iter()
+        .filter(|t| markers.starts.contains_key(*t))
+        .count();
+    let journal = journal_jobs(&pool.journal);
+    let mut journal_tokens = BTreeSet::new();
+    for (id, (state, outcome, code, script)) in &journal {
+        assert_eq!(
+            (state.as_str(), outcome.as_deref(), *code),
+            ("ended", Some("exited"), Some(0)),
+            "job {id} in the journal ({script})"
+        );
+        journal_tokens.insert(token_of(script).unwrap().to_owned());
+    }
+    for (t, id) in &accepted {
+        assert!(
+            journal.contains_key(id),
+            "accepted job {id} ({t}) is in the journal"
+        );
+    }
+    let ran: BTreeSet<String> = markers.starts.keys().cloned().collect();
+    assert_eq!(
+        journal_tokens, ran,
+        "the journal knows exactly the jobs that ran"
+    );
+    let kills_of_jobs = pool.orphan_kills();
+    assert!(
+        kills_of_jobs.is_empty(),
+        "workers killed jobs: {kills_of_jobs:?}"
+    );
+
+    eprintln!(
+        "crash test: seed {seed}: {kills} kills; {short_accepted} short + {} long jobs accepted, \
+         {} more ran that were accepted as the manager died ({} never confirmed); \
+         restart to listening: median {:?}, max {:?}; to both workers back: median {:?} \
+         ({} seen); submissions over in {:.1} s, the rest ran in {:.1} s",
+        long_tokens.len(),
+        unconfirmed_ran,
+        unanswered.len(),
+        median(&mut listening.clone()),
+        listening.iter().max().copied().unwrap_or_default(),
+        median(&mut back),
+        back.len(),
+        submitted_in.as_secs_f64(),
+        drained_in.as_secs_f64(),
+    );
+    std::fs::remove_dir_all(&pool.dir).unwrap();
+}
