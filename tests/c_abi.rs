@@ -1147,10 +1147,7 @@ fn the_journal_example_restarts_a_manager_that_goes_on_with_its_queue() {
 #[test]
 fn the_journal_example_is_clean_under_valgrind() {
     if !have_tool("valgrind") {
-        return missing_prerequisite(
-            "the valgrind run of journal.c",
-            "valgrind is not installed",
-        );
+        return missing_prerequisite("the valgrind run of journal.c", "valgrind is not installed");
     }
     if !have_cc("the valgrind run of journal.c") {
         return;

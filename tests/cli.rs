@@ -569,7 +569,11 @@ fn serve_keeps_serving_with_stdin_closed_and_sigterm_shuts_it_down_gracefully() 
         "a service stopped on request exits 0"
     );
     let journal = dir.join("workpool/journal.sqlite");
-    assert!(journal.is_file(), "the default journal {}", journal.display());
+    assert!(
+        journal.is_file(),
+        "the default journal {}",
+        journal.display()
+    );
     std::fs::remove_dir_all(dir).unwrap();
 }
 

@@ -141,7 +141,10 @@ fn a_journal_in_use_or_that_is_not_a_journal_is_refused_in_one_line() {
     let Err(Error::Journal(why)) = refused else {
         panic!("a file that is not a journal: {:?}", refused.err());
     };
-    assert!(why.contains("garbage.sqlite") && !why.contains('\n'), "{why}");
+    assert!(
+        why.contains("garbage.sqlite") && !why.contains('\n'),
+        "{why}"
+    );
     assert_eq!(std::fs::read(&garbage).unwrap(), junk, "left as it was");
     std::fs::remove_dir_all(dir).unwrap();
 }

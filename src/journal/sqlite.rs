@@ -738,10 +738,20 @@ fn outcome_of(name: &str, code: Option<i32>, reason: Option<String>) -> Option<O
     })
 }
 
+/// What is done once records are committed.
+enum Done {
+    /// Nothing (a failure is logged).
+    Nothing,
+    /// Say whether they are durable to a caller who waits.
+    Tell(Sender<Result<(), String>>),
+    /// Run this once they are durable (not if their commit failed).
+    Then(Box<dyn FnOnce() + Send>),
+}
+
 /// What the writer thread is sent.
 enum Msg {
-    /// Records, and where to say whether they are durable (`None`: nobody waits).
-    Records(Vec<Record>, Option<Sender<Result<(), String>>>),
+    /// Records, and what is done once they are committed.
+    Records(Vec<Record>, Done),
     /// Commit what came before, then stop.
     Close,
 }
@@ -820,7 +830,7 @@ fn run(
 ) {
     let mut compact_at: Option<Instant> = next_expiry.and_then(instant_of);
     let mut closing = false;
-    let mut batch: Vec<(Vec<Record>, Option<Sender<Result<(), String>>>)> = Vec::new();
+    let mut batch: Vec<(Vec<Record>, Done)> = Vec::new();
     while !closing {
         let first = match compact_at {
             Some(at) => rx.recv_deadline(at),
@@ -859,15 +869,16 @@ fn run(
                 let soon = Instant::now() + COMPACT_AFTER;
                 compact_at = Some(compact_at.map_or(soon, |at| at.min(soon)));
             }
-            for (records, reply) in batch.drain(..) {
-                match (reply, &r) {
-                    (Some(reply), r) => {
+            for (records, done) in batch.drain(..) {
+                match (done, &r) {
+                    (Done::Tell(reply), r) => {
                         let _ = reply.send(r.as_ref().map(|_| ()).map_err(Clone::clone));
                     }
-                    (None, Err(e)) => {
+                    (Done::Then(then), Ok(_)) => then(),
+                    (Done::Nothing | Done::Then(_), Err(e)) => {
                         log::error!("{e}; {} records were lost", records.len());
                     }
-                    (None, Ok(_)) => {}
+                    (Done::Nothing, Ok(_)) => {}
                 }
             }
         }
@@ -892,7 +903,7 @@ impl Journal for SqliteJournal {
         let closed = || Error::Journal(format!("{}: the journal is closed", self.path.display()));
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.tx
-            .send(Msg::Records(records, Some(reply)))
+            .send(Msg::Records(records, Done::Tell(reply)))
             .map_err(|_| closed())?;
         match answer.recv() {
             Ok(r) => r.map_err(Error::Journal),
@@ -901,7 +912,12 @@ impl Journal for SqliteJournal {
     }
 
     fn record(&self, records: Vec<Record>) {
-        if self.tx.send(Msg::Records(records, None)).is_err() {
+        self.record_then(records, None);
+    }
+
+    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>) {
+        let done = then.map_or(Done::Nothing, Done::Then);
+        if self.tx.send(Msg::Records(records, done)).is_err() {
             log::debug!(
                 "{}: the journal is closed; records were dropped",
                 self.path.display()

@@ -598,7 +598,8 @@ impl Dispatcher {
                 // are queued back to back, so the link's writer usually sends them in one
                 // write, and the worker starts the next job before it forgets the last.
                 self.fill(now, worker);
-                if known.is_some() {
+                // With a journal, the job's sink says `Ended` once the end is on disk.
+                if known.is_some() && !self.settings.journaled {
                     self.send(worker, ManagerMessage::Ended { job });
                 }
                 if let Some(x) = claimant {

@@ -267,10 +267,20 @@ impl JobSink {
             if !s.suspended {
                 self.counters.finished(outcome);
                 if let Some(journal) = self.journal.get() {
-                    journal.record(vec![Record::Ended {
-                        id: self.job,
+                    // The worker forgets the job when told `Ended`: only once its end is
+                    // on disk, so that a restart never finds a job sent to a worker that
+                    // no longer has it although it ran (it would end lost, or run again).
+                    let job = self.job;
+                    let then = s.producer.clone().map(|link| {
+                        Box::new(move || {
+                            link.send(ManagerMessage::Ended { job });
+                        }) as Box<dyn FnOnce() + Send>
+                    });
+                    let ended = Record::Ended {
+                        id: job,
                         outcome: outcome.clone(),
-                    }]);
+                    };
+                    journal.record_then(vec![ended], then);
                 }
             }
         }

@@ -1854,3 +1854,27 @@ fn where_each_job_goes_is_journaled_declines_and_retries_included() {
     );
     assert_eq!(open_jobs(&j), vec![(job.0, 2, sent_to("a"))]);
 }
+
+#[test]
+fn with_a_journal_a_worker_is_told_a_job_ended_only_once_its_end_is_on_disk() {
+    let mut r = Rig::journaled();
+    let w = r.join("a", 1);
+    let first = r.submit();
+    assert_eq!(r.runs(w), vec![first.0]);
+    r.finished(w, first, Outcome::Exited(0));
+    assert!(
+        r.sent(w).contains(&ManagerMessage::Ended { job: first }),
+        "acknowledged after its commit"
+    );
+    let second = r.submit();
+    assert_eq!(r.runs(w), vec![second.0]);
+    let j = the_journal(&r);
+    j.fail_writes(Some("the disk is full"));
+    r.finished(w, second, Outcome::Exited(0));
+    let sent = r.sent(w);
+    assert!(
+        !sent.contains(&ManagerMessage::Ended { job: second }),
+        "its end is not on disk: the worker keeps the job ({sent:?})"
+    );
+    assert_eq!(r.events(second).last(), Some(&finished(Outcome::Exited(0))));
+}
