@@ -249,14 +249,16 @@ impl Journal for MemoryJournal {
         self.record_then(records, None);
     }
 
-    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>) {
-        match self.add(records) {
-            Ok(()) => {
-                if let Some(then) = then {
-                    then();
-                }
+    fn record_then(&self, records: Vec<Record>, then: Option<super::Then>) {
+        let durable = match self.add(records) {
+            Ok(()) => !lock(&self.inner).closed,
+            Err(e) => {
+                log::error!("the journal lost records: {e}");
+                false
             }
-            Err(e) => log::error!("the journal lost records: {e}"),
+        };
+        if let Some(then) = then {
+            then(durable);
         }
     }
 

@@ -150,6 +150,10 @@ pub(crate) struct Retention {
     pub keep_ended: usize,
 }
 
+/// What [`Journal::record_then`] runs once a commit is done, told whether its records
+/// are durable.
+pub(crate) type Then = Box<dyn FnOnce(bool) + Send>;
+
 /// The manager's journal.
 pub(crate) trait Journal: Send + Sync {
     /// Adds `records` and returns once they are durable (with the records of every
@@ -162,9 +166,12 @@ pub(crate) trait Journal: Send + Sync {
     /// logged.
     fn record(&self, records: Vec<Record>);
 
-    /// [`Journal::record`], and runs `then` (on the journal's own thread: it must not
-    /// block) once the records are durable; not if their commit failed.
-    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>);
+    /// [`Journal::record`] (the records may be none), and runs `then` (on the
+    /// journal's own thread: it must not block) once their commit is done, with whether
+    /// they are durable (false: the commit failed, or the journal is closed). Every
+    /// record added before (by any thread) is in that commit or an earlier one, and
+    /// calls come in the order they were made.
+    fn record_then(&self, records: Vec<Record>, then: Option<Then>);
 
     /// Bytes the journal takes on disk now.
     fn size_bytes(&self) -> u64;

@@ -744,8 +744,9 @@ enum Done {
     Nothing,
     /// Say whether they are durable to a caller who waits.
     Tell(Sender<Result<(), String>>),
-    /// Run this once they are durable (not if their commit failed).
-    Then(Box<dyn FnOnce() + Send>),
+    /// Run this once they are committed, or their commit failed (the failure logged
+    /// first), with whether they are durable.
+    Then(super::Then),
 }
 
 /// What the writer thread is sent.
@@ -856,15 +857,21 @@ fn run(
             }
         }
         if !batch.is_empty() {
-            let r = db.commit(batch.iter().flat_map(|(r, _)| r), SystemTime::now());
-            commits.fetch_add(1, Ordering::Relaxed);
-            let r = r.map_err(|e| {
-                format!(
-                    "{}: cannot write the journal: {}",
-                    db.path.display(),
-                    describe(&db.conn, &e)
-                )
-            });
+            // Only calls to run, no records: what came before them was committed (or
+            // failed) in an earlier round.
+            let r = if batch.iter().all(|(r, _)| r.is_empty()) {
+                Ok(false)
+            } else {
+                let r = db.commit(batch.iter().flat_map(|(r, _)| r), SystemTime::now());
+                commits.fetch_add(1, Ordering::Relaxed);
+                r.map_err(|e| {
+                    format!(
+                        "{}: cannot write the journal: {}",
+                        db.path.display(),
+                        describe(&db.conn, &e)
+                    )
+                })
+            };
             if let Ok(true) = r {
                 let soon = Instant::now() + COMPACT_AFTER;
                 compact_at = Some(compact_at.map_or(soon, |at| at.min(soon)));
@@ -874,8 +881,14 @@ fn run(
                     (Done::Tell(reply), r) => {
                         let _ = reply.send(r.as_ref().map(|_| ()).map_err(Clone::clone));
                     }
-                    (Done::Then(then), Ok(_)) => then(),
-                    (Done::Nothing | Done::Then(_), Err(e)) => {
+                    (Done::Then(then), Ok(_)) => then(true),
+                    (Done::Then(then), Err(e)) => {
+                        if !records.is_empty() {
+                            log::error!("{e}; {} records were lost", records.len());
+                        }
+                        then(false);
+                    }
+                    (Done::Nothing, Err(e)) => {
                         log::error!("{e}; {} records were lost", records.len());
                     }
                     (Done::Nothing, Ok(_)) => {}
@@ -894,6 +907,14 @@ fn run(
                     Some(Instant::now() + COMPACT_AFTER)
                 }
             };
+        }
+    }
+    // Sent after the close: nothing more is written. A caller of `write` hears that the
+    // journal is closed (its answer is dropped); what was to run once records were
+    // committed runs, told they are not durable.
+    while let Ok(msg) = rx.try_recv() {
+        if let Msg::Records(_, Done::Then(then)) = msg {
+            then(false);
         }
     }
 }
@@ -915,13 +936,16 @@ impl Journal for SqliteJournal {
         self.record_then(records, None);
     }
 
-    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>) {
+    fn record_then(&self, records: Vec<Record>, then: Option<super::Then>) {
         let done = then.map_or(Done::Nothing, Done::Then);
-        if self.tx.send(Msg::Records(records, done)).is_err() {
+        if let Err(e) = self.tx.send(Msg::Records(records, done)) {
             log::debug!(
                 "{}: the journal is closed; records were dropped",
                 self.path.display()
             );
+            if let Msg::Records(_, Done::Then(then)) = e.into_inner() {
+                then(false);
+            }
         }
     }
 

@@ -272,9 +272,11 @@ impl JobSink {
                     // no longer has it although it ran (it would end lost, or run again).
                     let job = self.job;
                     let then = s.producer.clone().map(|link| {
-                        Box::new(move || {
-                            link.send(ManagerMessage::Ended { job });
-                        }) as Box<dyn FnOnce() + Send>
+                        Box::new(move |durable| {
+                            if durable {
+                                link.send(ManagerMessage::Ended { job });
+                            }
+                        }) as crate::journal::Then
                     });
                     let ended = Record::Ended {
                         id: job,

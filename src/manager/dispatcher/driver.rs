@@ -157,35 +157,28 @@ impl Ports {
     }
 
     fn carry_out(&mut self, d: &mut Dispatcher) {
-        // Links sent to in this round, held (corked) until its end: the messages one
-        // event gives a link (a `Run` and the `Ended` before it) go out in one write.
-        let mut corked: Vec<(u64, Outbox<ManagerMessage>)> = Vec::new();
+        let mut ops: Vec<LinkOp> = Vec::new();
         let mut records = Vec::new();
         while let Some(action) = d.poll_action() {
             match action {
                 Action::Send { worker, msg } => {
                     if let Some(l) = self.links.get(&worker) {
-                        if !corked.iter().any(|(w, _)| *w == worker) {
-                            l.out.cork();
-                            corked.push((worker, l.out.clone()));
-                        }
-                        l.out.send(msg);
+                        ops.push(LinkOp::Send(worker, l.out.clone(), msg));
                     }
                 }
                 Action::Attach { worker, sink } => {
                     if let Some(l) = self.links.get(&worker) {
-                        sink.set_producer(Some(l.out.clone()));
+                        ops.push(LinkOp::Attach(l.out.clone(), sink));
                     }
                 }
                 Action::Close { worker } => {
                     if let Some(l) = self.links.get(&worker) {
-                        l.out.close();
-                        l.live.mark_closed();
+                        ops.push(LinkOp::Close(l.out.clone(), l.live.clone()));
                     }
                 }
                 Action::Cut { worker } => {
                     if let Some(l) = self.links.get(&worker) {
-                        l.out.cut();
+                        ops.push(LinkOp::Cut(l.out.clone()));
                     }
                 }
                 Action::Forget { worker } => {
@@ -195,13 +188,188 @@ impl Ports {
                 Action::Record(r) => records.push(r),
             }
         }
-        // Into the journal before the messages go: a job's `Sent` comes before anything
-        // its worker can answer (its end is journaled after it).
-        if let Some(j) = self.journal.as_ref().filter(|_| !records.is_empty()) {
-            j.record(records);
+        // With a journal, what this round does to links waits until its records are
+        // durable: a worker is never sent a `Run` whose `Sent` a restart would not know
+        // (the restarted manager would queue the job again while the worker runs it).
+        // The journal's thread does the rounds' link operations in their order, after
+        // their commits; this thread does not wait.
+        match &self.journal {
+            Some(j) if !ops.is_empty() => {
+                // (Done even if the commit failed, a full disk: running jobs go on.)
+                j.record_then(records, Some(Box::new(move |_durable| apply(ops))));
+            }
+            Some(j) if !records.is_empty() => j.record(records),
+            _ => apply(ops),
         }
-        for (_, out) in corked {
-            out.uncork();
+    }
+}
+
+/// What a round of the dispatcher does to a link.
+enum LinkOp {
+    Send(u64, Outbox<ManagerMessage>, ManagerMessage),
+    Attach(Outbox<ManagerMessage>, Arc<crate::manager::sink::JobSink>),
+    Close(Outbox<ManagerMessage>, Arc<Liveness>),
+    Cut(Outbox<ManagerMessage>),
+}
+
+/// Does a round's link operations in order. The messages it gives a link are held
+/// (corked) until its end, so that they go out together, in one write (a `Run` and the
+/// `Ended` before it).
+fn apply(ops: Vec<LinkOp>) {
+    let mut corked: Vec<(u64, Outbox<ManagerMessage>)> = Vec::new();
+    for op in ops {
+        match op {
+            LinkOp::Send(worker, out, msg) => {
+                if !corked.iter().any(|(w, _)| *w == worker) {
+                    out.cork();
+                    corked.push((worker, out.clone()));
+                }
+                out.send(msg);
+            }
+            LinkOp::Attach(out, sink) => sink.set_producer(Some(out)),
+            LinkOp::Close(out, live) => {
+                out.close();
+                live.mark_closed();
+            }
+            LinkOp::Cut(out) => out.cut(),
         }
+    }
+    for (_, out) in corked {
+        out.uncork();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Record, Then};
+    use crate::manager::sink::JobSink;
+    use crate::manager::{Counters, JobSpec};
+    use crate::sync::lock;
+    use crossbeam_channel::{bounded, unbounded};
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A journal whose commits the test makes: what it was given, waiting.
+    #[derive(Default)]
+    struct Held(Mutex<Vec<(Vec<Record>, Option<Then>)>>);
+
+    impl Held {
+        /// Commits everything given so far (durable or failed), in order; the records.
+        fn commit(&self, durable: bool) -> Vec<Record> {
+            let given: Vec<_> = lock(&self.0).drain(..).collect();
+            let mut records = Vec::new();
+            for (r, then) in given {
+                records.extend(r);
+                if let Some(then) = then {
+                    then(durable);
+                }
+            }
+            records
+        }
+    }
+
+    impl Journal for Held {
+        fn write(&self, records: Vec<Record>) -> crate::Result<()> {
+            lock(&self.0).push((records, None));
+            Ok(())
+        }
+        fn record(&self, records: Vec<Record>) {
+            lock(&self.0).push((records, None));
+        }
+        fn record_then(&self, records: Vec<Record>, then: Option<Then>) {
+            lock(&self.0).push((records, then));
+        }
+        fn size_bytes(&self) -> u64 {
+            0
+        }
+        fn close(&self) {}
+    }
+
+    fn runs(out: &Outbox<ManagerMessage>) -> Vec<JobId> {
+        out.take_sent()
+            .0
+            .into_iter()
+            .filter_map(|m| match m {
+                ManagerMessage::Run { job, .. } => Some(job),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn with_a_journal_a_run_goes_once_its_sent_is_committed_even_a_failed_commit() {
+        let journal = Arc::new(Held::default());
+        let settings = super::super::Settings {
+            reconnect_grace: Duration::from_secs(10),
+            max_connections_per_certificate: 4,
+            manager_id: 7,
+            journaled: true,
+        };
+        let counters: Arc<Counters> = Arc::default();
+        let mut d = Dispatcher::new(settings, Arc::new(AtomicUsize::new(0)), counters.clone());
+        let mut ports = Ports {
+            links: IdMap::default(),
+            subscribers: Vec::new(),
+            journal: Some(journal.clone()),
+        };
+        let now = Instant::now();
+        let live = Liveness::new();
+        let out = Outbox::detached(live.clone(), crate::link::PENDING_LIMIT);
+        let (reply, answer) = bounded(1);
+        let hello = WorkerHello {
+            name: "w".into(),
+            tags: Default::default(),
+            platform: "linux-x86_64".into(),
+            slots: 2,
+            ahead: 0,
+            manager_id: None,
+            jobs: vec![],
+            draining: false,
+        };
+        let link = LinkHandle {
+            out: out.clone(),
+            routes: Arc::default(),
+            live,
+        };
+        ports.handle(
+            &mut d,
+            now,
+            Event::Register {
+                hello,
+                peer: None,
+                cert: None,
+                link,
+                reply,
+            },
+        );
+        ports.carry_out(&mut d);
+        answer.try_recv().unwrap().unwrap();
+        journal.commit(true);
+        let mut submit = |id: u64| {
+            let (tx, _rx) = unbounded();
+            let job = QueuedJob {
+                id: JobId(id),
+                spec: JobSpec::new("true"),
+                events: JobSink::new(JobId(id), tx, counters.clone()),
+                attempt: 1,
+                since: now,
+            };
+            ports.handle(&mut d, now, Event::Submit(job));
+            ports.carry_out(&mut d);
+        };
+        submit(1);
+        assert_eq!(runs(&out), vec![], "its `Sent` is not on disk yet");
+        let records = journal.commit(true);
+        assert!(
+            matches!(records[..], [Record::Sent { id: JobId(1), .. }]),
+            "{records:?}"
+        );
+        assert_eq!(runs(&out), vec![JobId(1)], "on disk: it goes");
+        // A commit that fails (a full disk) lets the run go all the same: jobs go on.
+        submit(2);
+        assert_eq!(runs(&out), vec![]);
+        journal.commit(false);
+        assert_eq!(runs(&out), vec![JobId(2)]);
     }
 }
