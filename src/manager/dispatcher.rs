@@ -1399,12 +1399,26 @@ impl Dispatcher {
                 ahead
             });
             match listed {
+                // Not listed by a worker that names this manager: such a worker holds
+                // every run it was sent and not told ended (one that gave its runs up
+                // after its grace names no manager), so this run never reached it (lost
+                // with the link, or with a manager that crashed), or it declined it in a
+                // message lost with the link. It goes back to the queue.
+                None if ours => {
+                    log::info!(
+                        "job {job}: worker {} came back without it (it never got it); queued again",
+                        d.name
+                    );
+                    self.never_arrived(now, job, route);
+                    continue;
+                }
                 None => {
                     if route.held_by.is_none() {
                         log::warn!("job {job}: worker {} came back without it", d.name);
                     }
-                    // Not listed: a held run it gave up after its grace (it may have
-                    // started it) looks the same as one it never had, so it may have run.
+                    // A worker that gave its runs up after its grace (it may have
+                    // started this one), or another process under its name: it may have
+                    // run.
                     self.settle(now, job, route, false);
                     continue;
                 }
@@ -1440,6 +1454,44 @@ impl Dispatcher {
             }
         }
         resume
+    }
+
+    /// A run its worker never got (see [`Dispatcher::reattach`]) goes back to the queue
+    /// with the same attempt, as if declined: a run sent ahead to its place, a running
+    /// one (whose submitter saw it start) with `Requeued`; unless it was cancelled, or
+    /// the manager is closing.
+    fn never_arrived(&mut self, now: Instant, job: JobId, route: Route) {
+        let claimant = self.release_held(job);
+        let Some(mut r) = self.running.remove(&job) else {
+            route.sink.push(JobEvent::Finished(Outcome::WorkerLost));
+            return;
+        };
+        if let Some(h) = r.held.take() {
+            self.put_back(job, r, h, route.sink);
+        } else if r.cancelled {
+            route.sink.push(JobEvent::Finished(Outcome::Cancelled));
+        } else if self.closing() {
+            self.end_for_shutdown(&route.sink);
+        } else {
+            self.record(|| Record::Queued {
+                id: job,
+                attempt: r.attempt,
+            });
+            route.sink.set_producer(None);
+            route.sink.push(JobEvent::Requeued { attempt: r.attempt });
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            self.queue.push(QueuedJob {
+                id: job,
+                spec: r.spec,
+                events: route.sink,
+                attempt: r.attempt,
+                since: now,
+            });
+        }
+        if let Some(x) = claimant {
+            self.fill(now, x);
+        }
+        self.fill_all(now);
     }
 
     fn link_closed(&mut self, now: Instant, worker: u64, reason: &str) {

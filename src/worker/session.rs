@@ -556,6 +556,13 @@ impl Session {
     /// Held jobs of a manager that has surely given up on them (its grace has passed)
     /// are killed rather than left running for nobody.
     fn give_up_held_jobs(&mut self) {
+        if !self.waiting.is_empty() || self.runs.values().any(|r| !r.dropped) {
+            // Its hellos name that manager no more: a hello that names a manager holds
+            // every run of its that it was sent and not told ended, so that a run it
+            // does not list never reached it (and is queued again, not taken for one
+            // that may have run).
+            self.manager = None;
+        }
         self.waiting.clear();
         let mut n = 0;
         for (key, run) in self.runs.iter_mut().filter(|(_, r)| !r.dropped) {

@@ -555,16 +555,41 @@ fn a_worker_that_comes_back_within_the_grace_goes_on_with_its_jobs_from_the_next
 
 #[test]
 fn a_worker_that_comes_back_without_a_job_or_from_another_manager_has_it_settled() {
+    // Its hello names this manager: it holds every run it got and was not told ended,
+    // so the one it does not list never reached it (lost with the link). It is queued
+    // again, the same attempt, and runs once.
     let mut r = Rig::new();
     let w = r.join("a", 2);
     let (kept, forgotten) = (r.submit(), r.submit());
     r.link_lost(w);
-    let (_, resume) = r.join_with(returning("a", 2, &[kept]), Some(b"a")).unwrap();
+    let (again, resume) = r.join_with(returning("a", 2, &[kept]), Some(b"a")).unwrap();
     assert_eq!(resume, vec![(kept, 0)]);
+    assert_eq!(r.runs(again), vec![forgotten.0]);
     assert_eq!(
-        r.events(forgotten).last(),
-        Some(&finished(Outcome::WorkerLost))
+        r.events(forgotten),
+        vec![
+            JobEvent::Queued,
+            started("a"),
+            JobEvent::Requeued { attempt: 1 },
+            started("a")
+        ]
     );
+    assert_eq!(r.d.jobs(r.now, Some(forgotten))[0].attempt, 1);
+    // One that gave its runs up after its own grace names no manager: a job it does
+    // not list may have run (it may have killed it), and is not run again.
+    let mut r = Rig::new();
+    let w = r.join("a", 2);
+    let (kept, lost) = (r.submit(), r.submit());
+    r.link_lost(w);
+    let gave_up = WorkerHello {
+        manager_id: None,
+        ..returning("a", 2, &[kept])
+    };
+    let (again, resume) = r.join_with(gave_up, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![]);
+    assert_eq!(r.runs(again), vec![]);
+    assert_eq!(r.events(lost).last(), Some(&finished(Outcome::WorkerLost)));
+    assert_eq!(r.events(kept).last(), Some(&finished(Outcome::WorkerLost)));
     // A worker that restarted (no manager id, or another one) holds none of ours.
     let mut r = Rig::new();
     let w = r.join("b", 1);
@@ -1420,21 +1445,37 @@ fn a_held_run_goes_back_after_a_goodbye_and_is_settled_as_running_after_a_cut() 
 #[test]
 fn a_held_run_its_returning_worker_does_not_list_may_have_run_and_is_not_run_again() {
     // Its `Started` was lost with the link, and the worker gave it up (killed it) after
-    // its own grace: it comes back within the manager's without it. So would a worker
-    // that never got it; the two cannot be told apart, so it is settled as a running job.
+    // its own grace: it comes back within the manager's without it, naming no manager
+    // (it gave its runs up). It may have run: settled as a running job.
     let mut r = Rig::new();
     let a = r.join_ahead("a", 1, 1);
     let (_, held) = (r.submit(), r.submit());
     r.link_lost(a);
     r.advance(GRACE / 2);
     let back = WorkerHello {
-        manager_id: Some(MANAGER_ID),
+        manager_id: None,
         ahead: 1,
         ..hello("a", 1)
     };
     let (again, _) = r.join_with(back, Some(b"a")).unwrap();
     assert_eq!(r.runs_sent(again), vec![], "not run again");
     assert_eq!(r.events(held).last(), Some(&finished(Outcome::WorkerLost)));
+    // A worker that names this manager and does not list it never got it: it goes back
+    // to its place in the queue (no event: it was queued all along) and out again.
+    let mut r = Rig::new();
+    let a = r.join_ahead("a", 1, 1);
+    let (first, held) = (r.submit(), r.submit());
+    r.link_lost(a);
+    let back = WorkerHello {
+        manager_id: Some(MANAGER_ID),
+        ahead: 1,
+        ..returning("a", 1, &[first])
+    };
+    let (again, resume) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(first, 0)]);
+    assert_eq!(r.runs_sent(again), vec![(held.0, true)], "sent again");
+    assert_eq!(r.events(held), vec![JobEvent::Queued]);
+    assert_eq!(r.d.jobs(r.now, Some(held))[0].attempt, 1);
 }
 
 #[test]
@@ -1487,13 +1528,18 @@ fn a_returning_worker_s_held_runs_are_taken_back_or_go_on_if_they_started() {
     };
     let (again, resume) = r.join_with(back, Some(b"a")).unwrap();
     assert_eq!(resume, vec![(j1, 0)]);
-    assert_eq!(r.events(j2).last(), Some(&finished(Outcome::WorkerLost)));
+    // j2 never reached it: queued again, after the others.
+    assert_eq!(
+        r.events(j2).last(),
+        Some(&JobEvent::Requeued { attempt: 1 })
+    );
     // Taken back to its place, ahead of the one submitted later: both go out again,
     // into the slot j2 left and ahead of it.
     assert_eq!(
         r.runs_sent(again),
         vec![(held.0, false), (started_away.0, true)]
     );
+    assert_eq!(r.d.queue.len(), 1, "j2 waits for room");
     assert_eq!(
         r.events(held),
         vec![JobEvent::Queued, started("a")],
@@ -1777,12 +1823,37 @@ fn a_returning_worker_that_does_not_list_a_restored_job_has_it_settled_never_run
     let j = the_journal(&r);
     drop(r);
 
+    // The first `Run` never reached the worker (the manager crashed with it unsent):
+    // it lists only the second, and names this manager, so it holds every run it got.
+    // The first is queued again and runs once.
     let mut r = Rig::restarted(j.clone());
-    // It never got the first `Run` (or lost it): it lists only the second.
-    let (_, resume) = r.join_with(returning("a", 2, &[kept]), Some(b"a")).unwrap();
+    let (w, resume) = r.join_with(returning("a", 2, &[kept]), Some(b"a")).unwrap();
     assert_eq!(resume, vec![(kept, 0)]);
-    assert_eq!(r.events(lost), vec![finished(Outcome::WorkerLost)]);
-    assert_eq!(open_jobs(&j), vec![(kept.0, 1, sent_to("a"))]);
+    assert_eq!(r.runs(w), vec![lost.0]);
+    assert_eq!(
+        r.events(lost),
+        vec![JobEvent::Requeued { attempt: 1 }, started("a")]
+    );
+    assert_eq!(
+        open_jobs(&j),
+        vec![(lost.0, 1, sent_to("a")), (kept.0, 1, sent_to("a"))]
+    );
+    r.finished(w, lost, Outcome::Exited(0));
+    assert_eq!(r.events(lost), vec![finished(Outcome::Exited(0))]);
+    drop(r);
+
+    // A worker that gave its runs up after its grace (the manager stayed down too long)
+    // names no manager: what it does not list may have run, and ends lost.
+    let mut r = Rig::restarted(j.clone());
+    let gave_up = WorkerHello {
+        manager_id: None,
+        ..hello("a", 2)
+    };
+    let (w, resume) = r.join_with(gave_up, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![]);
+    assert_eq!(r.runs(w), vec![]);
+    assert_eq!(r.events(kept), vec![finished(Outcome::WorkerLost)]);
+    assert_eq!(open_jobs(&j), vec![]);
 }
 
 #[test]

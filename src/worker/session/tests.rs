@@ -565,14 +565,34 @@ fn held_jobs_are_given_up_a_heartbeat_timeout_and_an_interval_before_the_manager
     }
     // Grace 10 s, heartbeat timeout 5 s, interval 1 s: given up 4 s after the loss.
     assert_eq!(h.now, lost + Duration::from_secs(4));
-    // Its late output and ending are dropped; the next hello does not list it.
+    // Its late output and ending are dropped; the next hello does not list it, and
+    // names no manager: a hello that names one holds every run of its it got (so that
+    // the manager takes a run it does not list for one that never reached it).
     h.output(key, 10);
     h.exit(key, 0);
     let a = h.at_deadline();
     let (hello, _) = h.expect_attempt(a);
     assert!(hello.jobs.is_empty());
+    assert_eq!(hello.manager_id, None, "it gave its runs up");
     h.feed(Input::Connected(welcome(MANAGER, &[])));
     assert_eq!(h.sent(), vec![]);
+    // Away as long with nothing held, it has given nothing up: it still names its
+    // manager.
+    let mut h = Harness::connected();
+    let lost = h.now;
+    h.feed(Input::Disconnected { why: "cut".into() });
+    let hello = loop {
+        let a = h.at_deadline();
+        let (hello, _) = h.expect_attempt(a);
+        if h.now >= lost + Duration::from_secs(4) {
+            break hello;
+        }
+        h.feed(Input::ConnectFailed {
+            why: "refused".into(),
+            loud: false,
+        });
+    };
+    assert_eq!(hello.manager_id, Some(MANAGER));
 }
 
 #[test]
