@@ -626,3 +626,252 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
     );
     std::fs::remove_dir_all(&pool.dir).unwrap();
 }
+
+/// Runs a process to its end (with the deadline): its exit code, stdout and stderr.
+fn run_to_end(mut command: Command) -> (Option<i32>, String, String) {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut o = String::new();
+        let _ = out.read_to_string(&mut o);
+        o
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut e = String::new();
+        let _ = err.read_to_string(&mut e);
+        e
+    });
+    let status = wait_exit(&mut child);
+    (
+        status.code(),
+        reader.join().unwrap(),
+        err_reader.join().unwrap(),
+    )
+}
+
+/// A job that writes its shell's PID to `pid`, then runs until `go` exists.
+fn held_job(pool: &Pool, token: &str, pid: &Path, go: &Path) -> String {
+    format!(
+        "echo S {token} >> {s}; echo $$ > {pid}; while [ ! -e {go} ]; do sleep 0.02; done; \
+         echo E {token} >> {e}",
+        s = pool.starts.display(),
+        e = pool.ends.display(),
+        pid = pid.display(),
+        go = go.display()
+    )
+}
+
+/// The PID a job wrote to `file`, once it has.
+fn pid_in(file: &Path) -> i32 {
+    let mut pid = None;
+    wait_until("the job writes its PID", || {
+        pid = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        pid.is_some()
+    });
+    pid.unwrap()
+}
+
+/// Waits (with the deadline) until the manager has no job left.
+fn wait_no_jobs(mgr: &mut Mgr) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let jobs = mgr.jobs();
+        if jobs.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "jobs never ended: {jobs:?}");
+        // Pacing of the polls only: what is waited for is the condition above.
+        let _ = mgr.next_before(Instant::now() + Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_sigterm_restart_leaves_running_jobs_running_and_resumes_them() {
+    let mut pool = Pool::new("journal-sigterm");
+    let args = pool.console_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut mgr = pool.start_manager(pool.manager_command(&args));
+    // One slot and one run held ahead: a running job, one held on the worker, one in
+    // the manager's queue.
+    let mut worker = pool.start_worker(0, 1);
+    mgr.until("worker_joined");
+    let (pid_file, go) = (pool.dir.join("pid"), pool.dir.join("go"));
+    let lines = [
+        held_job(&pool, "long", &pid_file, &go),
+        pool.short_job("next"),
+        pool.short_job("last"),
+    ];
+    assert!(mgr.write_lines(&lines));
+    let mut ids = BTreeMap::new();
+    while ids.len() < 3 {
+        let ev = mgr.until("submitted");
+        let token = token_of(ev["command"].as_str().unwrap())
+            .unwrap()
+            .to_owned();
+        ids.insert(token, ev["job"].as_u64().unwrap());
+    }
+    let shell = pid_in(&pid_file);
+
+    // SIGTERM: the console shuts down, and with a journal it ends no job.
+    mgr.signal(libc::SIGTERM);
+    let status = wait_exit(&mut mgr.child);
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    assert!(alive(shell), "the running job was not killed");
+    assert!(worker.try_wait().unwrap().is_none(), "the worker goes on");
+    let started: BTreeSet<String> = pool.markers().starts.into_keys().collect();
+    assert_eq!(started, BTreeSet::from(["long".to_owned()]));
+
+    // Started again on the same port and journal: the worker comes back and is given
+    // its job again; the others run after it.
+    let mut mgr = pool.start_manager(pool.manager_command(&args));
+    let long = ids["long"];
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let jobs = mgr.jobs();
+        let state = jobs
+            .iter()
+            .find(|j| j["job"] == long)
+            .map(|j| j["state"].clone());
+        if state == Some(Value::from("running")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the long job was not resumed: {jobs:?}"
+        );
+        // Pacing of the polls only: what is waited for is the condition above.
+        let _ = mgr.next_before(Instant::now() + Duration::from_millis(50));
+    }
+    let resumed_after = mgr.spawned.elapsed();
+    assert!(alive(shell), "the same run goes on");
+    std::fs::write(&go, "").unwrap();
+    wait_no_jobs(&mut mgr);
+    let markers = pool.markers();
+    assert_eq!(markers.faults(), Vec::<String>::new());
+    for t in ids.keys() {
+        assert_eq!(markers.starts.get(t), Some(&1), "{t} ran once");
+    }
+    assert_eq!(
+        pid_in(&pid_file),
+        shell,
+        "its shell is the one that started first"
+    );
+    let kills = pool.orphan_kills();
+    assert!(kills.is_empty(), "the worker killed jobs: {kills:?}");
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker never stopped"
+    );
+
+    mgr.signal(libc::SIGTERM);
+    wait_exit(&mut mgr.child);
+    worker.kill().unwrap();
+    wait_exit(&mut worker);
+    let journal = journal_jobs(&pool.journal);
+    for (t, id) in &ids {
+        let (state, outcome, code, _) = &journal[id];
+        assert_eq!(
+            (state.as_str(), outcome.as_deref(), *code),
+            ("ended", Some("exited"), Some(0)),
+            "job {id} ({t})"
+        );
+    }
+    eprintln!(
+        "sigterm restart: the running job was resumed {:?} after the manager started again",
+        resumed_after
+    );
+    std::fs::remove_dir_all(&pool.dir).unwrap();
+}
+
+/// `manager` on `journal` (its own free port, stdin closed) run to its end.
+fn manager_on(pool: &Pool, journal: &Path) -> (Option<i32>, String, String) {
+    let mut c = Command::new(cli());
+    c.arg("manager")
+        .args(["-h", "127.0.0.1", "-p", &free_port().to_string()])
+        .args(["--security-pool-certificate", &pool.file("host-cert.pem")])
+        .args(["--security-pool-key", &pool.file("host-key.pem")])
+        .args([
+            "--security-worker-certificates",
+            &pool.file("worker-0-cert.pem"),
+        ])
+        .args(["--serve", "--journal"])
+        .arg(journal);
+    run_to_end(c)
+}
+
+/// A refused journal: exit code 1, one line on stderr that names the file and says
+/// `why`, and the file as it was.
+fn assert_refused(pool: &Pool, journal: &Path, why: &str) {
+    let before = std::fs::read(journal).unwrap();
+    let (code, _, err) = manager_on(pool, journal);
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&journal.display().to_string()), "{err}");
+    assert!(err.contains(why), "{err}");
+    assert_eq!(std::fs::read(journal).unwrap(), before, "left as it was");
+}
+
+#[test]
+fn a_corrupt_a_locked_a_newer_or_a_foreign_journal_stops_the_cli_manager_in_one_line() {
+    let mut pool = Pool::new("journal-refused");
+    // Garbage.
+    let garbage = pool.dir.join("garbage.sqlite");
+    let mut junk = vec![0u8; 64 << 10];
+    let mut rng = Rng(14);
+    for b in &mut junk {
+        *b = rng.next() as u8;
+    }
+    std::fs::write(&garbage, &junk).unwrap();
+    assert_refused(&pool, &garbage, "is corrupt");
+
+    // In use by a running manager: the second is refused, the first goes on.
+    let args = pool.console_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut first = pool.start_manager(pool.manager_command(&args));
+    assert_refused(
+        &pool,
+        &pool.journal,
+        &format!(
+            "is in use by another manager (process {})",
+            first.child.id()
+        ),
+    );
+    let mut worker = pool.start_worker(0, 1);
+    assert!(first.write_lines(&[pool.short_job("after")]));
+    first.until("submitted");
+    let finished = first.until("finished");
+    assert_eq!(finished["exit_code"], 0, "{finished}");
+    first.signal(libc::SIGTERM);
+    wait_exit(&mut first.child);
+    worker.kill().unwrap();
+    wait_exit(&mut worker);
+
+    // Written by a newer version (its format number, as a newer build would write it).
+    let newer = pool.dir.join("newer.sqlite");
+    std::fs::copy(&pool.journal, &newer).unwrap();
+    {
+        let c = rusqlite::Connection::open(&newer).unwrap();
+        c.execute("UPDATE meta SET value = value + 1 WHERE key = 'format'", [])
+            .unwrap();
+    }
+    assert_refused(&pool, &newer, "was written by a newer version of workpool");
+
+    // An SQLite database of something else.
+    let foreign = pool.dir.join("foreign.sqlite");
+    {
+        let c = rusqlite::Connection::open(&foreign).unwrap();
+        c.execute_batch("CREATE TABLE notes (text TEXT); INSERT INTO notes VALUES ('mine');")
+            .unwrap();
+    }
+    assert_refused(&pool, &foreign, "not a workpool journal");
+    std::fs::remove_dir_all(&pool.dir).unwrap();
+}
