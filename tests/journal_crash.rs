@@ -57,19 +57,29 @@ impl Pool {
     /// `manager` on this pool's port with its certificates, `--json`, then `extra`.
     fn manager_command(&self, extra: &[&str]) -> Command {
         let mut c = Command::new(cli());
-        c.arg("manager")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "--json"])
-            .args(["--security-pool-certificate", &self.file("host-cert.pem")])
-            .args(["--security-pool-key", &self.file("host-key.pem")])
-            .arg("--security-worker-certificates")
-            .args([
-                self.file("worker-0-cert.pem"),
-                self.file("worker-1-cert.pem"),
-            ])
-            .arg("--security-submitter-certificates")
-            .arg(self.file("worker-2-cert.pem"))
-            .args(extra);
+        c.args(self.manager_args(extra));
         c
+    }
+
+    fn manager_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = ["manager", "-h", "127.0.0.1", "-p"]
+            .map(String::from)
+            .into();
+        a.push(self.port.to_string());
+        a.push("--json".into());
+        a.extend([
+            "--security-pool-certificate".into(),
+            self.file("host-cert.pem"),
+            "--security-pool-key".into(),
+            self.file("host-key.pem"),
+            "--security-worker-certificates".into(),
+            self.file("worker-0-cert.pem"),
+            self.file("worker-1-cert.pem"),
+            "--security-submitter-certificates".into(),
+            self.file("worker-2-cert.pem"),
+        ]);
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
     }
 
     /// The journaled console manager: jobs are the lines written to its stdin.
@@ -249,6 +259,18 @@ impl Mgr {
                 Some(v) if v["event"] == kind => return v,
                 Some(_) => {}
                 None => panic!("no {kind:?} event from the manager before the deadline"),
+            }
+        }
+    }
+
+    /// The next event of one of these kinds (panics at the deadline).
+    fn until_any(&mut self, kinds: &[&str]) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            match self.next_before(deadline) {
+                Some(v) if kinds.iter().any(|k| v["event"] == *k) => return v,
+                Some(_) => {}
+                None => panic!("no {kinds:?} event from the manager before the deadline"),
             }
         }
     }
@@ -873,5 +895,134 @@ fn a_corrupt_a_locked_a_newer_or_a_foreign_journal_stops_the_cli_manager_in_one_
             .unwrap();
     }
     assert_refused(&pool, &foreign, "not a workpool journal");
+    std::fs::remove_dir_all(&pool.dir).unwrap();
+}
+
+/// The file size limit the manager runs under in the full-disk test, in KiB (`ulimit
+/// -f`): the new journal takes about 30 KiB, and each of the test's big jobs about
+/// 130 KiB of write-ahead log (its script twice: as a column and in its spec), so a
+/// few are taken before the journal cannot grow.
+const FSIZE_LIMIT_KIB: u64 = 512;
+
+#[test]
+fn a_full_disk_fails_submissions_clearly_while_a_running_job_goes_on() {
+    if !have_tool("bash") {
+        return missing_prerequisite("the full-disk test", "bash is not installed");
+    }
+    let mut pool = Pool::new("journal-full");
+    let args = pool.console_args();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The soft limit only, so that it can be raised again from here (space comes back).
+    let mut command = Command::new("bash");
+    command
+        .arg("-c")
+        .arg(format!(
+            "ulimit -S -f {FSIZE_LIMIT_KIB} && exec \"$0\" \"$@\""
+        ))
+        .arg(cli())
+        .args(pool.manager_args(&args));
+    let mut mgr = pool.start_manager(command);
+    let manager_pid = mgr.child.id() as i32;
+    let mut worker = pool.start_worker(0, 1);
+    mgr.until("worker_joined");
+    let (pid_file, go) = (pool.dir.join("pid"), pool.dir.join("go"));
+    assert!(mgr.write_lines(&[held_job(&pool, "running", &pid_file, &go)]));
+    let running = mgr.until("submitted")["job"].as_u64().unwrap();
+    let shell = pid_in(&pid_file);
+
+    // Big jobs until the journal cannot take one more.
+    let padding = "x".repeat(60_000);
+    let big = |t: &str| format!("{}; : {padding}", pool.short_job(t));
+    let mut accepted = BTreeMap::new();
+    let mut refused = Vec::new();
+    let mut why = String::new();
+    for i in 0..100 {
+        let token = format!("big{i}");
+        assert!(mgr.write_lines(&[big(&token)]));
+        let ev = mgr.until_any(&["submitted", "error"]);
+        if ev["event"] == "submitted" {
+            accepted.insert(token, ev["job"].as_u64().unwrap());
+        } else {
+            why = ev["message"].as_str().unwrap().to_owned();
+            refused.push(token);
+            break;
+        }
+    }
+    let full_at = std::fs::metadata(&pool.journal).unwrap().len()
+        + std::fs::metadata(pool.dir.join("journal.sqlite-wal")).map_or(0, |m| m.len());
+    assert!(!accepted.is_empty(), "some jobs were taken first");
+    assert!(
+        !refused.is_empty(),
+        "the journal never filled: {full_at} bytes"
+    );
+    assert!(
+        why.contains("job not submitted: journal:")
+            && why.contains(&pool.journal.display().to_string())
+            && why.contains("the disk is full"),
+        "{why}"
+    );
+    // The manager goes on, and so does the running job.
+    assert!(mgr.child.try_wait().unwrap().is_none(), "the manager runs");
+    assert!(alive(shell), "the running job runs");
+    assert_eq!(mgr.jobs().len(), 1 + accepted.len());
+
+    // Space comes back: the journal takes jobs again.
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: both pointers are valid for the call (the old limit is not asked for);
+    // the PID is the manager's, our child, not yet reaped.
+    let r = unsafe {
+        libc::prlimit(
+            manager_pid,
+            libc::RLIMIT_FSIZE,
+            &unlimited,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    assert!(mgr.write_lines(&[big("again")]));
+    let ev = mgr.until_any(&["submitted", "error"]);
+    assert_eq!(ev["event"], "submitted", "{ev}");
+    accepted.insert("again".into(), ev["job"].as_u64().unwrap());
+
+    std::fs::write(&go, "").unwrap();
+    wait_no_jobs(&mut mgr);
+    let markers = pool.markers();
+    assert_eq!(markers.faults(), Vec::<String>::new());
+    assert_eq!(
+        markers.starts.get("running"),
+        Some(&1),
+        "the running job ran once"
+    );
+    assert_eq!(pid_in(&pid_file), shell);
+    for t in accepted.keys() {
+        assert_eq!(markers.starts.get(t), Some(&1), "{t} ran once");
+    }
+    for t in &refused {
+        assert!(
+            !markers.starts.contains_key(t),
+            "{t} was refused and never ran"
+        );
+    }
+    mgr.signal(libc::SIGTERM);
+    wait_exit(&mut mgr.child);
+    worker.kill().unwrap();
+    wait_exit(&mut worker);
+    let journal = journal_jobs(&pool.journal);
+    for id in accepted.values().chain([&running]) {
+        let (state, outcome, code, _) = &journal[id];
+        assert_eq!(
+            (state.as_str(), outcome.as_deref(), *code),
+            ("ended", Some("exited"), Some(0)),
+            "job {id}"
+        );
+    }
+    eprintln!(
+        "full disk: a limit of {FSIZE_LIMIT_KIB} KiB took {} big job(s), then refused one \
+         (journal: {full_at} bytes): {why}",
+        accepted.len() - 1
+    );
     std::fs::remove_dir_all(&pool.dir).unwrap();
 }
