@@ -434,8 +434,8 @@ fn median(v: &mut [Duration]) -> Duration {
 fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
     // Sizes (each can be changed for a longer soak): kills, short jobs accepted in all,
     // long jobs, and the seed of the moments.
-    let kills: usize = env_or("WP_CRASH_KILLS", 30);
-    let target: usize = env_or("WP_CRASH_JOBS", 3000);
+    let kills: usize = env_or("WP_CRASH_KILLS", 36);
+    let target: usize = env_or("WP_CRASH_JOBS", 4000);
     let long_jobs: usize = 4;
     let seed: u64 = env_or(
         "WP_CRASH_SEED",
