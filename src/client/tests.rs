@@ -31,6 +31,7 @@ fn welcome(est: &mut Established, resumed: bool, next_request: u64) {
         manager_id: MANAGER,
         session: SESSION,
         resumed,
+        restored: false,
         next_request,
         heartbeat_interval_ms: 50,
         heartbeat_timeout_ms: 5000,

@@ -35,6 +35,11 @@ struct State {
     resume_from: Option<u64>,
     /// The terminal's size asked for since the job was submitted.
     size: Option<PtySize>,
+    /// Rebuilt after the manager restarted (see [`StdinPort::restored`]): the stream
+    /// starts where the worker says it took it to, or where the writer's first bytes
+    /// start, whichever comes first and is further.
+    adopt_worker: bool,
+    adopt_writer: bool,
 }
 
 impl std::fmt::Debug for StdinPort {
@@ -53,10 +58,26 @@ impl StdinPort {
                 producer: None,
                 resume_from: None,
                 size: None,
+                adopt_worker: false,
+                adopt_writer: false,
             }),
             room: Condvar::new(),
             hub,
         })
+    }
+
+    /// The stdin of a remote job found in the journal after a restart: what the old
+    /// manager held of it is gone, so it starts where its worker (on its return) or its
+    /// submitter (sending again what it kept) says the stream is, and goes on from there.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn restored(job: JobId, pty: bool, hub: Arc<Submitters>) -> Arc<StdinPort> {
+        let port = StdinPort::new(job, pty, Some(hub));
+        {
+            let mut s = port.lock();
+            s.adopt_worker = true;
+            s.adopt_writer = true;
+        }
+        port
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -103,6 +124,11 @@ impl StdinPort {
             Some(p) => {
                 let from = s.resume_from.take();
                 let before = s.w.taken();
+                if std::mem::take(&mut s.adopt_worker)
+                    && let Some(from) = from
+                {
+                    s.w.skip_to(from);
+                }
                 if let Err(e) = s.w.link(from) {
                     // A worker cannot have taken what was never sent: sent from what
                     // the manager knows was taken.
@@ -183,6 +209,9 @@ impl StdinPort {
     /// A remote submitter's bytes from `offset`. `Err`: it broke the protocol.
     pub(crate) fn offer(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
         let mut s = self.lock();
+        if std::mem::take(&mut s.adopt_writer) {
+            s.w.skip_to(offset);
+        }
         s.w.offer(offset, bytes)?;
         self.flush(&mut s);
         Ok(())
@@ -191,6 +220,9 @@ impl StdinPort {
     /// A remote submitter ends the stream at `offset`.
     pub(crate) fn finish_at(&self, offset: u64) -> Result<(), String> {
         let mut s = self.lock();
+        if std::mem::take(&mut s.adopt_writer) {
+            s.w.skip_to(offset);
+        }
         s.w.finish_at(offset)?;
         self.flush(&mut s);
         Ok(())

@@ -8,6 +8,11 @@
 //! cancelled. A detached job keeps the last part of its output for whoever attaches
 //! later, and is forgotten a while after it ends.
 //!
+//! With a journal, a restarted manager rebuilds the sessions and jobs it finds there
+//! ([`Hub::restore`]): each session waits for its submitter for the grace, adopts the
+//! submitter's numbering of events when it comes back, and answers a submit the journal
+//! holds with its jobs instead of submitting them again.
+//!
 //! [`Hub`] is the state machine (sessions, the jobs they follow, what is unacknowledged,
 //! the grace), tested in memory on a clock the test moves. [`Submitters`] puts it behind
 //! a lock for the threads that feed it: each submitter's link thread ([`serve`]), the job
@@ -19,11 +24,12 @@ use super::dispatcher::driver::Event;
 use super::sink::{Dest, JobSink};
 use super::stdin::StdinPort;
 use crate::error::Error;
-use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
+use crate::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
+use crate::journal::{self, EndedJob, Journal, OpenJob};
 use crate::link::{self, Beat, Established, Pace, Tx};
 use crate::protocol::{
     self, Reply, Request, RequestError, SessionResume, SubmitterHello, SubmitterMessage,
-    SubmitterWelcome,
+    SubmitterWelcome, ToSubmitter,
 };
 use crate::sync::{self, lock};
 use crossbeam_channel::{SendError, TrySendError};
@@ -32,7 +38,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The most bytes of unacknowledged events a session keeps for its submitter; beyond
 /// it, the output of the jobs it follows waits (their workers are paused) until it
@@ -91,6 +97,16 @@ struct Session {
     gone_since: Option<Instant>,
     /// Attached jobs it submitted that have not ended: cancelled when it is closed.
     attached: BTreeSet<JobId>,
+    /// Rebuilt from the journal after a restart (see [`Hub::restore`]): it takes
+    /// requests with gaps (its submitter sends again each one it has no answer for),
+    /// and its welcome says `restored` until the submitter has said which jobs it
+    /// follows ([`Hub::follow_again`]).
+    restored: bool,
+    /// The submitter came back: the numbering of events is its (for a restored
+    /// session, events are numbered provisionally from 0 until then).
+    adopted: bool,
+    /// A restored session's submitter has said which jobs it follows.
+    told_follows: bool,
 }
 
 impl Session {
@@ -146,6 +162,31 @@ impl Session {
     fn full(&self, window: usize) -> bool {
         self.unacked_bytes >= window
     }
+
+    /// A restored session's submitter came back expecting event `next_event` next: the
+    /// events kept for it since the restart are numbered from there.
+    fn adopt(&mut self, next_event: u64) {
+        let kept = std::mem::take(&mut self.unacked);
+        self.unacked_bytes = 0;
+        self.next_event = next_event;
+        for (_, frame) in kept {
+            let event = match protocol::decode::<ToSubmitter>(&frame[4..]) {
+                Ok(ToSubmitter::Event { event, .. }) => event,
+                other => {
+                    log::error!("a kept submitter event does not decode: {other:?}");
+                    continue;
+                }
+            };
+            let seq = self.next_event;
+            let mut frame = Vec::new();
+            if protocol::encode_into(&mut frame, &ToSubmitter::Event { seq, event }).is_ok() {
+                self.next_event += 1;
+                self.unacked_bytes += frame.len();
+                self.unacked.push_back((seq, frame));
+            }
+        }
+        self.adopted = true;
+    }
 }
 
 /// `ToSubmitter::Event` as bincode lays it out, from borrowed parts (no copy of a job's
@@ -181,6 +222,14 @@ enum SessionEventRef<'a> {
         job: JobId,
         event: &'a JobEvent,
     },
+    Output {
+        job: JobId,
+        attempt: u32,
+        seq: u64,
+        stream: Stream,
+        #[serde(with = "protocol::byte_buf")]
+        bytes: &'a [u8],
+    },
 }
 
 /// A job that remote submitters follow.
@@ -196,6 +245,8 @@ struct Record {
     stdin: Option<Arc<StdinPort>>,
     /// The session that submitted the job.
     submitter: u64,
+    /// The attempt its output comes from (see `SessionEvent::Output`).
+    attempt: u32,
 }
 
 /// The last events of a detached job: every event but output is kept; output is kept
@@ -256,6 +307,17 @@ impl Kept {
         }
     }
 
+    /// The output a journal keeps of it: its chunks, in order.
+    fn output(&self) -> Vec<(Stream, Vec<u8>)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Output { stream, bytes } => Some((*stream, bytes.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What a new watcher is sent: the kept events, a note of the dropped output first.
     fn replay(&self) -> Vec<JobEvent> {
         let mut out = Vec::with_capacity(self.events.len() + 1);
@@ -301,6 +363,8 @@ pub(crate) enum Pushed {
 pub(crate) struct Opened {
     pub session: u64,
     pub resumed: bool,
+    /// Resumed into a session rebuilt from the journal (see `SubmitterWelcome::restored`).
+    pub restored: bool,
     pub next_request: u64,
 }
 
@@ -322,12 +386,26 @@ pub(crate) struct Hub {
     settings: HubSettings,
     sessions: HashMap<u64, Session>,
     jobs: HashMap<JobId, Record>,
-    /// Detached jobs that ended, oldest first (each is forgotten after a while).
+    /// Detached jobs that ended, with when each is forgotten, oldest first.
     ended: VecDeque<(Instant, JobId)>,
     /// See [`Hub::take_timer_news`].
     timer_news: bool,
     /// See [`Hub::take_orphaned_stdin`].
     orphaned_stdin: Vec<Arc<StdinPort>>,
+    /// Where a detached job's kept output is recorded at its end.
+    journal: Option<Arc<dyn Journal>>,
+    /// The jobs each request of a restored session submitted, as the journal holds
+    /// them: a request sent again is answered with them (see [`Hub::answer_again`]).
+    requests: HashMap<u64, HashMap<u64, Vec<JobId>>>,
+}
+
+/// The end given to a job that a submitter follows and a restarted manager no longer
+/// knows.
+fn not_kept() -> Outcome {
+    Outcome::Rejected(
+        "the job ended while the manager restarted, and its end was not kept: its outcome is not known"
+            .into(),
+    )
 }
 
 impl Hub {
@@ -339,12 +417,133 @@ impl Hub {
             ended: VecDeque::new(),
             timer_news: false,
             orphaned_stdin: Vec::new(),
+            journal: None,
+            requests: HashMap::new(),
         }
+    }
+
+    /// Records each detached job's kept output in `journal` when the job ends.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn set_journal(&mut self, journal: Arc<dyn Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Rebuilds, after a restart, what the journal holds of remote submitters (called
+    /// once, before any submitter connects; `now` and `wall` are the same moment on the
+    /// two clocks):
+    ///
+    /// - each session that submitted a job of `open` or `ended`, away since now (it
+    ///   waits for its submitter for the grace, then is closed and its attached jobs are
+    ///   cancelled), with its certificate, following the open jobs it submitted;
+    /// - each open job of `open` (other submitters are skipped), attached or detached,
+    ///   at its attempt; a detached one keeps its output from now on;
+    /// - each ended detached job of `ended` (oldest end first), with its kept output and
+    ///   its outcome, for `attach` until its retention, counted from its `ended_at`;
+    /// - `remote_requests` (`(session, request, job)`, in job order): what a request sent
+    ///   again is answered with.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn restore(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        open: &[&OpenJob],
+        ended: Vec<EndedJob>,
+        remote_requests: &[(u64, u64, JobId)],
+    ) {
+        let keep_for = self.settings.keep_ended_for;
+        let limit = self.settings.kept_output;
+        for job in open {
+            let journal::Submitter::Remote {
+                cert,
+                session,
+                detached,
+                ..
+            } = &job.submitter
+            else {
+                continue;
+            };
+            let s = self.restored_session(now, *session, cert);
+            if !detached {
+                s.attached.insert(job.id);
+            }
+            self.jobs.insert(
+                job.id,
+                Record {
+                    owner: cert.as_deref().map(Arc::from),
+                    detached: *detached,
+                    watchers: vec![*session],
+                    kept: detached.then(Kept::default),
+                    ended: false,
+                    stdin: None,
+                    submitter: *session,
+                    attempt: job.attempt,
+                },
+            );
+        }
+        for job in ended {
+            let journal::Submitter::Remote { cert, session, .. } = &job.submitter else {
+                continue;
+            };
+            let age = wall.duration_since(job.ended_at).unwrap_or_default();
+            let Some(left) = keep_for.checked_sub(age).filter(|d| !d.is_zero()) else {
+                continue; // kept long enough already
+            };
+            self.restored_session(now, *session, cert);
+            let mut kept = Kept::default();
+            for (stream, bytes) in job.output {
+                kept.push(&JobEvent::Output { stream, bytes }, limit);
+            }
+            kept.dropped += job.dropped;
+            kept.push(&JobEvent::Finished(job.outcome), limit);
+            self.jobs.insert(
+                job.id,
+                Record {
+                    owner: cert.as_deref().map(Arc::from),
+                    detached: true,
+                    watchers: Vec::new(),
+                    kept: Some(kept),
+                    ended: true,
+                    stdin: None,
+                    submitter: *session,
+                    attempt: 1,
+                },
+            );
+            self.ended.push_back((now + left, job.id));
+        }
+        self.forget_ended(now);
+        for &(session, request, job) in remote_requests {
+            if self.sessions.contains_key(&session) {
+                self.requests
+                    .entry(session)
+                    .or_default()
+                    .entry(request)
+                    .or_default()
+                    .push(job);
+            }
+        }
+    }
+
+    /// The restored session `id`, made now if it is not there yet.
+    fn restored_session(&mut self, now: Instant, id: u64, cert: &Option<Vec<u8>>) -> &mut Session {
+        self.sessions.entry(id).or_insert_with(|| Session {
+            owner: cert.as_deref().map(Arc::from),
+            link: None,
+            next_event: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            next_request: 0,
+            gone_since: Some(now),
+            attached: BTreeSet::new(),
+            restored: true,
+            adopted: false,
+            told_follows: false,
+        })
     }
 
     /// A connection's hello: resumes its session if it names one this manager still
     /// keeps for the same certificate, else starts a new one. What the submitter has
-    /// not received is sent again on `link` (which holds it until the welcome).
+    /// not received is sent again on `link` (which holds it until the welcome). A
+    /// restored session takes the submitter's numbering of events the first time.
     pub(crate) fn open(
         &mut self,
         owner: Owner,
@@ -360,6 +559,16 @@ impl Hub {
                 // The old connection is dead, whether or not its thread knows yet.
                 old.cut();
             }
+            if !s.adopted {
+                // Room for as many events as a session could ever number.
+                if r.next_event > u64::MAX / 2 {
+                    return Err(format!(
+                        "its resume names event {}, out of range",
+                        r.next_event
+                    ));
+                }
+                s.adopt(r.next_event);
+            }
             s.gone_since = None;
             s.ack(r.next_event.min(s.next_event));
             for (_, frame) in &s.unacked {
@@ -371,11 +580,17 @@ impl Hub {
             return Ok(Opened {
                 session: r.session,
                 resumed: true,
+                restored: s.restored && !s.told_follows,
                 next_request: s.next_request,
             });
         }
         if owner.is_some() {
-            let held = self.sessions.values().filter(|s| s.owner == owner).count();
+            // Sessions restored from the journal count once their submitter is back.
+            let held = self
+                .sessions
+                .values()
+                .filter(|s| s.owner == owner && s.adopted)
+                .count();
             let max = self.settings.max_sessions_per_owner;
             if held >= max {
                 return Err(format!(
@@ -398,11 +613,15 @@ impl Hub {
                 next_request: 0,
                 gone_since: None,
                 attached: BTreeSet::new(),
+                restored: false,
+                adopted: true,
+                told_follows: false,
             },
         );
         Ok(Opened {
             session: id,
             resumed: false,
+            restored: false,
             next_request: 0,
         })
     }
@@ -424,6 +643,7 @@ impl Hub {
         let Some(s) = self.sessions.remove(&session) else {
             return Vec::new();
         };
+        self.requests.remove(&session);
         if let Some(l) = &s.link {
             l.close(std::net::Shutdown::Write);
         }
@@ -470,10 +690,7 @@ impl Hub {
             .filter_map(|s| s.gone_since)
             .min()
             .map(|t| t + grace);
-        let next_forget = self
-            .ended
-            .front()
-            .map(|(at, _)| *at + self.settings.keep_ended_for);
+        let next_forget = self.ended.front().map(|(at, _)| *at);
         let next = match (next_session, next_forget) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -484,7 +701,7 @@ impl Hub {
     /// Forgets the ended detached jobs kept long enough, and the oldest beyond the count.
     fn forget_ended(&mut self, now: Instant) {
         while let Some(&(at, job)) = self.ended.front() {
-            let old = now >= at + self.settings.keep_ended_for;
+            let old = now >= at;
             if !old && self.ended.len() <= self.settings.keep_ended {
                 break;
             }
@@ -521,6 +738,12 @@ impl Hub {
             std::cmp::Ordering::Less => Take::Again,
             std::cmp::Ordering::Equal => {
                 s.next_request += 1;
+                Take::New
+            }
+            // A restored session's submitter sends again the requests it has no
+            // answer for, which need not follow each other.
+            std::cmp::Ordering::Greater if s.restored => {
+                s.next_request = seq + 1;
                 Take::New
             }
             std::cmp::Ordering::Greater => Take::Gap {
@@ -562,8 +785,86 @@ impl Hub {
                 ended: false,
                 stdin: None,
                 submitter: session,
+                attempt: 1,
             },
         );
+    }
+
+    /// A request of a restored session sent again, which the journal says submitted
+    /// jobs before the restart: it is answered with them (true), and not carried out
+    /// again. The session follows them: those still running already did since the
+    /// restore; for one that has ended it is sent what the job kept (a detached job's
+    /// last output and end), or an end saying its outcome is not known.
+    pub(crate) fn answer_again(&mut self, session: u64, request: u64) -> bool {
+        let Some(ids) = self
+            .requests
+            .get_mut(&session)
+            .and_then(|r| r.remove(&request))
+        else {
+            return false;
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        s.emit(SessionEventRef::Reply {
+            request,
+            reply: &Reply::Submitted(ids.clone()),
+        });
+        for job in ids {
+            match self.jobs.get_mut(&job) {
+                Some(r) if r.ended => {
+                    for ev in r.kept.as_ref().map(Kept::replay).unwrap_or_default() {
+                        s.emit(SessionEventRef::Job { job, event: &ev });
+                    }
+                }
+                Some(r) => {
+                    if !r.watchers.contains(&session) {
+                        r.watchers.push(session);
+                    }
+                }
+                None => s.emit(SessionEventRef::Job {
+                    job,
+                    event: &JobEvent::Finished(not_kept()),
+                }),
+            }
+        }
+        true
+    }
+
+    /// The jobs a restored session's submitter follows (`SubmitterMessage::Follow`):
+    /// the session gets their events from now on; a job that has ended is sent its end
+    /// (kept, or not known).
+    pub(crate) fn follow_again(&mut self, session: u64, jobs: &[JobId]) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        s.told_follows = true;
+        for &job in jobs {
+            match self.jobs.get_mut(&job) {
+                Some(r) if r.owner != s.owner => {
+                    log::warn!(
+                        "a submitter asked to follow job {job}, which another certificate submitted (ignored)"
+                    );
+                }
+                Some(r) if r.ended => {
+                    let end = r.kept.as_ref().and_then(|k| k.events.back());
+                    let end = match end {
+                        Some(ev @ JobEvent::Finished(_)) => ev.clone(),
+                        _ => JobEvent::Finished(not_kept()),
+                    };
+                    s.emit(SessionEventRef::Job { job, event: &end });
+                }
+                Some(r) => {
+                    if !r.watchers.contains(&session) {
+                        r.watchers.push(session);
+                    }
+                }
+                None => s.emit(SessionEventRef::Job {
+                    job,
+                    event: &JobEvent::Finished(not_kept()),
+                }),
+            }
+        }
     }
 
     /// An interactive job's stdin, for the session that submitted it to write.
@@ -678,7 +979,20 @@ impl Hub {
     }
 
     /// A job event, from the job's sink (in the job's order).
+    #[cfg(test)]
     pub(crate) fn push(&mut self, now: Instant, job: JobId, ev: JobEvent) -> Pushed {
+        self.push_numbered(now, job, ev, None)
+    }
+
+    /// The same, with the worker's `seq` of an output message (sent on to the
+    /// submitter, which drops output it already has).
+    pub(crate) fn push_numbered(
+        &mut self,
+        now: Instant,
+        job: JobId,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> Pushed {
         let Some(r) = self.jobs.get_mut(&job) else {
             return Pushed::Gone(ev);
         };
@@ -704,9 +1018,22 @@ impl Hub {
         if full {
             return Pushed::Full(ev);
         }
+        if let JobEvent::Requeued { attempt } = ev {
+            r.attempt = attempt;
+        }
+        let event = match (&ev, seq) {
+            (JobEvent::Output { stream, bytes }, Some(seq)) => SessionEventRef::Output {
+                job,
+                attempt: r.attempt,
+                seq,
+                stream: *stream,
+                bytes,
+            },
+            _ => SessionEventRef::Job { job, event: &ev },
+        };
         for w in &r.watchers {
             if let Some(s) = sessions.get_mut(w) {
-                s.emit(SessionEventRef::Job { job, event: &ev });
+                s.emit(event);
             }
         }
         if let Some(k) = &mut r.kept {
@@ -721,8 +1048,16 @@ impl Hub {
             }
             if r.detached {
                 r.watchers.clear();
+                if let (Some(j), Some(k)) = (&self.journal, &r.kept) {
+                    j.record(vec![journal::Record::Kept {
+                        id: job,
+                        output: k.output(),
+                        dropped: k.dropped,
+                    }]);
+                }
                 self.timer_news |= self.ended.is_empty();
-                self.ended.push_back((now, job));
+                self.ended
+                    .push_back((now + self.settings.keep_ended_for, job));
                 // The count is kept at once; the time, by the timer.
                 self.forget_ended(now);
             } else {
@@ -763,6 +1098,47 @@ impl Submitters {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Hub> {
         lock(&self.hub)
+    }
+
+    /// Records each detached job's kept output in `journal` at its end.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn set_journal(&self, journal: Arc<dyn Journal>) {
+        self.lock().set_journal(journal);
+    }
+
+    /// After a restart, before the manager's threads start: rebuilds the sessions and
+    /// jobs of remote submitters that the journal holds (see [`Hub::restore`]; `open`
+    /// may hold every open job, those of other submitters are skipped). Returns the
+    /// stdin of each open interactive job, already given to its session: the job's
+    /// sink is built with it (`JobSink::with_stdin(id, Dest::Remote(RemoteDest { .. }),
+    /// counters, stdin)`). Such a stdin takes up where the first of the job's worker
+    /// and its submitter to come back says it is.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub(crate) fn restore(
+        self: &Arc<Self>,
+        open: &[&OpenJob],
+        ended: Vec<EndedJob>,
+        remote_requests: &[(u64, u64, JobId)],
+    ) -> HashMap<JobId, Arc<StdinPort>> {
+        let mut hub = self.lock();
+        hub.restore(
+            Instant::now(),
+            SystemTime::now(),
+            open,
+            ended,
+            remote_requests,
+        );
+        let mut ports = HashMap::new();
+        for job in open {
+            if job.spec.interactive && hub.jobs.contains_key(&job.id) {
+                let port = StdinPort::restored(job.id, job.spec.pty.is_some(), self.clone());
+                hub.give_stdin(job.id, port.clone());
+                ports.insert(job.id, port);
+            }
+        }
+        drop(hub);
+        self.wake.notify_all();
+        ports
     }
 
     /// Ends sessions past their grace (cancelling their attached jobs through
@@ -832,9 +1208,14 @@ pub(crate) struct RemoteDest {
 }
 
 impl RemoteDest {
-    pub(crate) fn try_send(&self, ev: JobEvent) -> std::result::Result<(), TrySendError<JobEvent>> {
+    /// `seq`: the worker's number of an output message.
+    pub(crate) fn try_send(
+        &self,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> std::result::Result<(), TrySendError<JobEvent>> {
         let mut hub = self.submitters.lock();
-        match hub.push(Instant::now(), self.job, ev) {
+        match hub.push_numbered(Instant::now(), self.job, ev, seq) {
             Pushed::Taken => {
                 if hub.take_timer_news() {
                     self.submitters.wake.notify_all();
@@ -848,7 +1229,11 @@ impl RemoteDest {
 
     /// Waits for room (the submitter's acknowledgement, its session's end, or the
     /// manager's shutdown, which drops the event).
-    pub(crate) fn send(&self, ev: JobEvent) -> std::result::Result<(), SendError<JobEvent>> {
+    pub(crate) fn send(
+        &self,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> std::result::Result<(), SendError<JobEvent>> {
         let s = &self.submitters;
         let mut hub = s.lock();
         let mut ev = ev;
@@ -856,7 +1241,7 @@ impl RemoteDest {
             if s.closing.load(Ordering::Acquire) {
                 return Err(SendError(ev));
             }
-            match hub.push(Instant::now(), self.job, ev) {
+            match hub.push_numbered(Instant::now(), self.job, ev, seq) {
                 Pushed::Taken => {
                     if hub.take_timer_news() {
                         s.wake.notify_all();
@@ -920,12 +1305,18 @@ pub(crate) fn serve(
         manager_id: shared.manager_id,
         session: opened.session,
         resumed: opened.resumed,
+        restored: opened.restored,
         next_request: opened.next_request,
         heartbeat_interval_ms: ms(paced.timing.heartbeat_interval),
         heartbeat_timeout_ms: ms(paced.timing.heartbeat_timeout),
         reconnect_grace_ms: ms(paced.grace),
     };
-    if opened.resumed {
+    if opened.restored {
+        log::info!(
+            "{label} is back (session {:x}, restored from the journal)",
+            opened.session
+        );
+    } else if opened.resumed {
         log::info!("{label} is back (session {:x})", opened.session);
     } else {
         log::info!("{label} connected (session {:x})", opened.session);
@@ -1021,6 +1412,17 @@ impl Conn<'_> {
                     }
                 }
                 self.on_request(seq, request);
+                Ok(true)
+            }
+            SubmitterMessage::Follow { jobs } => {
+                if jobs.len() > protocol::MAX_FOLLOW {
+                    return Err(format!(
+                        "it named {} jobs to follow in one message (at most {} allowed)",
+                        jobs.len(),
+                        protocol::MAX_FOLLOW
+                    ));
+                }
+                self.subs.lock().follow_again(self.session, &jobs);
                 Ok(true)
             }
             SubmitterMessage::Ack { next } => {
@@ -1133,6 +1535,10 @@ impl Conn<'_> {
     /// follows; answers with their ids before any of their events.
     fn submit(&self, seq: u64, spec: JobSpec, detached: bool, array: Option<(u64, u64)>) {
         let detached = detached || spec.detached;
+        // Sent again after a restart, and in the journal: answered with its jobs.
+        if self.subs.lock().answer_again(self.session, seq) {
+            return;
+        }
         let count = match array {
             None => 1,
             Some((first, last)) if first <= last && last - first < MAX_ARRAY => {
@@ -1166,7 +1572,37 @@ impl Conn<'_> {
         }
         let first = s.next_job.fetch_add(count as u64, Ordering::Relaxed);
         let ids: Vec<JobId> = (0..count as u64).map(|i| JobId(first + i)).collect();
-        let mut jobs = Vec::with_capacity(count);
+        let specs: Vec<JobSpec> = (0..count)
+            .map(|i| {
+                let mut spec = spec.clone();
+                if let Some((first_index, _)) = array {
+                    spec.env.insert(
+                        "WORKPOOL_ARRAY_INDEX".into(),
+                        (first_index + i as u64).to_string(),
+                    );
+                }
+                spec
+            })
+            .collect();
+        // Durable before anything is said or queued: a job is accepted once the
+        // journal keeps it.
+        let accepted: Vec<(JobId, &JobSpec)> = ids.iter().copied().zip(&specs).collect();
+        let submitter = crate::journal::Submitter::Remote {
+            cert: self.owner.as_deref().map(<[u8]>::to_vec),
+            session: self.session,
+            request: seq,
+            detached,
+        };
+        if let Err(e) = s.write_accepted(&accepted, &submitter) {
+            s.queued.fetch_sub(count, Ordering::Relaxed);
+            let why = match e {
+                Error::Journal(why) => why,
+                other => other.to_string(),
+            };
+            log::error!("{}: {count} job(s) not accepted: {why}", self.label);
+            self.reply(seq, Reply::Failed(RequestError::Journal(why)));
+            return;
+        }
         let ports: Vec<Option<Arc<StdinPort>>> = ids
             .iter()
             .map(|&id| {
@@ -1184,23 +1620,12 @@ impl Conn<'_> {
             }
             hub.reply(self.session, seq, &Reply::Submitted(ids.clone()));
         }
-        for (i, &id) in ids.iter().enumerate() {
-            let mut spec = spec.clone();
-            if let Some((first_index, _)) = array {
-                spec.env.insert(
-                    "WORKPOOL_ARRAY_INDEX".into(),
-                    (first_index + i as u64).to_string(),
-                );
-            }
+        for ((id, spec), port) in ids.into_iter().zip(specs).zip(ports) {
             let dest = RemoteDest {
                 submitters: self.subs.clone(),
                 job: id,
             };
-            let sink =
-                JobSink::with_stdin(id, Dest::Remote(dest), s.counters.clone(), ports[i].clone());
-            jobs.push((id, spec, sink));
-        }
-        for (id, spec, sink) in jobs {
+            let sink = JobSink::with_stdin(id, Dest::Remote(dest), s.counters.clone(), port);
             if s.enqueue(id, spec, sink.clone()).is_err() {
                 sink.push(JobEvent::Finished(crate::job::Outcome::Rejected(
                     "the manager shut down".into(),
@@ -1282,6 +1707,9 @@ mod tests {
             .into_iter()
             .filter_map(|(_, e)| match e {
                 SessionEvent::Job { event, .. } => Some(event),
+                SessionEvent::Output { stream, bytes, .. } => {
+                    Some(JobEvent::Output { stream, bytes })
+                }
                 SessionEvent::Reply { .. } | SessionEvent::Stdin { .. } => None,
             })
             .collect()
@@ -1446,6 +1874,7 @@ mod tests {
             Opened {
                 session: s,
                 resumed: true,
+                restored: false,
                 next_request: 1
             }
         );
@@ -1809,17 +2238,23 @@ mod wire_tests {
         };
         let job = ids[0];
         let mut seen = vec![];
-        while !seen.contains(&JobEvent::Output {
+        let one = SessionEvent::Output {
+            job,
+            attempt: 1,
+            seq: 0,
             stream: Stream::Stdout,
             bytes: b"one\n".to_vec(),
-        }) {
+        };
+        while !seen.contains(&one) {
             let (s, ev) = next(&mut est);
             assert_eq!(s, seen.len() as u64 + 1);
-            let SessionEvent::Job { job: j, event } = ev else {
-                panic!("{ev:?}")
-            };
-            assert_eq!(j, job);
-            seen.push(event);
+            match &ev {
+                SessionEvent::Job { job: j, .. } | SessionEvent::Output { job: j, .. } => {
+                    assert_eq!(*j, job)
+                }
+                other => panic!("{other:?}"),
+            }
+            seen.push(ev);
         }
         let received = seen.len() as u64 + 1;
         // The connection is cut; the session comes back with what it received.

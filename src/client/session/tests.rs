@@ -25,6 +25,7 @@ fn welcome(resumed: bool, next_request: u64) -> SubmitterWelcome {
         manager_id: MANAGER,
         session: SESSION,
         resumed,
+        restored: false,
         next_request,
         heartbeat_interval_ms: 1000,
         heartbeat_timeout_ms: 5000,
