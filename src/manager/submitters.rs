@@ -2147,6 +2147,455 @@ mod tests {
             vec![out(7), JobEvent::Finished(Outcome::Exited(0))]
         );
     }
+
+    // ---- after a restart: what the journal held ----
+
+    fn remote(cert: &str, session: u64, request: u64, detached: bool) -> journal::Submitter {
+        journal::Submitter::Remote {
+            cert: Some(cert.as_bytes().to_vec()),
+            session,
+            request,
+            detached,
+        }
+    }
+
+    fn open_job(id: u64, submitter: journal::Submitter, attempt: u32) -> OpenJob {
+        OpenJob {
+            id: JobId(id),
+            spec: JobSpec::new("true"),
+            submitter,
+            attempt,
+            place: journal::Place::Queued,
+        }
+    }
+
+    fn resume(session: u64, next_event: u64) -> SessionResume {
+        SessionResume {
+            manager_id: 1,
+            session,
+            next_event,
+        }
+    }
+
+    #[test]
+    fn a_restored_session_adopts_the_submitter_s_numbering_and_gets_what_happened_while_it_was_away()
+     {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        let a = open_job(7, remote("a", 40, 3, false), 2);
+        let b = open_job(8, remote("a", 40, 4, true), 1);
+        let local = open_job(9, journal::Submitter::Local, 1);
+        hub.restore(t0, wall, &[&a, &b, &local], vec![], &[]);
+        // Its jobs are its certificate's, whoever comes first; a job submitted in the
+        // manager's process is not the hub's.
+        assert_eq!(hub.check_owner(&owner("a"), JobId(7)), Ok(()));
+        assert_eq!(
+            hub.check_owner(&owner("b"), JobId(8)),
+            Err(RequestError::NotYours(JobId(8)))
+        );
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(9)),
+            Err(RequestError::NoSuchJob(JobId(9)))
+        );
+        // While its submitter is away, the session keeps its jobs' events: output
+        // numbered by the worker, at the attempt the journal had.
+        let numbered = |seq| JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: vec![b'0' + seq as u8],
+        };
+        assert_eq!(
+            hub.push_numbered(t0, JobId(7), numbered(4), Some(4)),
+            Pushed::Taken
+        );
+        assert_eq!(
+            hub.push(t0, JobId(8), JobEvent::Finished(Outcome::Exited(0))),
+            Pushed::Taken
+        );
+        // Another certificate naming the session gets a new one.
+        let (tx, _) = link();
+        let other = hub.open(owner("b"), tx, Some(&resume(40, 0)), 1).unwrap();
+        assert!(!other.resumed && other.session != 40);
+        // The submitter comes back having received 12 events: the kept ones are 12, 13.
+        let (tx, o) = link();
+        let back = hub.open(owner("a"), tx.clone(), Some(&resume(40, 12)), 1);
+        assert_eq!(
+            back,
+            Ok(Opened {
+                session: 40,
+                resumed: true,
+                restored: true,
+                next_request: 0
+            })
+        );
+        assert_eq!(
+            events(&o),
+            vec![
+                (
+                    12,
+                    SessionEvent::Output {
+                        job: JobId(7),
+                        attempt: 2,
+                        seq: 4,
+                        stream: Stream::Stdout,
+                        bytes: b"4".to_vec()
+                    }
+                ),
+                (
+                    13,
+                    SessionEvent::Job {
+                        job: JobId(8),
+                        event: JobEvent::Finished(Outcome::Exited(0))
+                    }
+                )
+            ]
+        );
+        // Live events go on from there; a retry's output comes with its attempt.
+        hub.push(t0, JobId(7), JobEvent::Requeued { attempt: 3 });
+        hub.push_numbered(t0, JobId(7), numbered(0), Some(0));
+        let got = events(&o);
+        assert_eq!(got[0].0, 14);
+        assert!(matches!(
+            got[1],
+            (
+                15,
+                SessionEvent::Output {
+                    attempt: 3,
+                    seq: 0,
+                    ..
+                }
+            )
+        ));
+        // Until it has said which jobs it follows, a return is still `restored`; then
+        // it is an ordinary resume, and its numbering is kept.
+        hub.disconnected(t0, 40, &tx);
+        let (tx, o) = link();
+        let again = hub.open(owner("a"), tx.clone(), Some(&resume(40, 15)), 1);
+        assert!(again.as_ref().is_ok_and(|o| o.restored), "{again:?}");
+        assert_eq!(events(&o).iter().map(|e| e.0).collect::<Vec<_>>(), [15]);
+        hub.follow_again(40, &[JobId(7)]);
+        hub.disconnected(t0, 40, &tx);
+        let (tx, o) = link();
+        let last = hub.open(owner("a"), tx, Some(&resume(40, 16)), 1).unwrap();
+        assert!(last.resumed && !last.restored);
+        assert!(events(&o).is_empty());
+    }
+
+    #[test]
+    fn a_restored_session_whose_submitter_does_not_come_back_cancels_its_attached_jobs_after_the_grace()
+     {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        let jobs = [
+            open_job(1, remote("a", 40, 0, false), 1),
+            open_job(2, remote("a", 40, 1, true), 1),
+            open_job(3, remote("a", 41, 0, false), 1),
+        ];
+        hub.restore(t0, wall, &jobs.iter().collect::<Vec<_>>(), vec![], &[]);
+        // Away since the restore: not counted against its certificate meanwhile.
+        for _ in 0..3 {
+            let (tx, _) = link();
+            assert!(hub.open(owner("a"), tx, None, 1).is_ok());
+        }
+        let (cancel, next) = hub.tick(t0 + Duration::from_secs(9));
+        assert!(cancel.is_empty());
+        assert_eq!(next, Some(t0 + Duration::from_secs(10)));
+        // Session 41 comes back in time; 40 does not: its attached job is cancelled,
+        // its detached one runs on.
+        let (tx, _o) = link();
+        assert!(
+            hub.open(owner("a"), tx, Some(&resume(41, 0)), 1)
+                .unwrap()
+                .resumed
+        );
+        let (mut cancel, _) = hub.tick(t0 + Duration::from_secs(10));
+        cancel.sort();
+        assert_eq!(cancel, vec![JobId(1)]);
+        assert_eq!(hub.push(t0, JobId(2), out(5)), Pushed::Taken);
+        assert_eq!(hub.check_owner(&owner("a"), JobId(3)), Ok(()));
+    }
+
+    #[test]
+    fn a_request_sent_again_to_a_restored_session_is_answered_from_the_journal_and_not_taken_twice()
+    {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        // Request 2 submitted job 5 (running) and job 6 (an array; it ended, attached:
+        // its end was not kept); request 4, detached job 8, ended and kept.
+        let running = open_job(5, remote("a", 40, 2, false), 1);
+        let ended = EndedJob {
+            id: JobId(8),
+            submitter: remote("a", 40, 4, true),
+            outcome: Outcome::Exited(3),
+            output: vec![(Stream::Stdout, b"kept".to_vec())],
+            dropped: 0,
+            ended_at: wall - Duration::from_secs(5),
+        };
+        let requests = [(40, 2, JobId(5)), (40, 2, JobId(6)), (40, 4, JobId(8))];
+        hub.restore(t0, wall, &[&running], vec![ended], &requests);
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 30)), 1).unwrap();
+        hub.follow_again(40, &[]);
+        // The submitter sends again what it has no answer for: 2, 4 and 5 (a new one).
+        assert_eq!(hub.take_request(40, 2), Take::New);
+        assert!(hub.answer_again(40, 2));
+        assert_eq!(hub.take_request(40, 4), Take::New);
+        assert!(hub.answer_again(40, 4));
+        assert_eq!(hub.take_request(40, 5), Take::New);
+        assert!(!hub.answer_again(40, 5), "not in the journal: carried out");
+        // Once taken, a request is not taken again.
+        assert_eq!(hub.take_request(40, 4), Take::Again);
+        assert!(!hub.answer_again(40, 2), "answered once");
+        let got = events(&o);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    30,
+                    SessionEvent::Reply {
+                        request: 2,
+                        reply: Reply::Submitted(vec![JobId(5), JobId(6)])
+                    }
+                ),
+                (
+                    31,
+                    SessionEvent::Job {
+                        job: JobId(6),
+                        event: JobEvent::Finished(not_kept())
+                    }
+                ),
+                (
+                    32,
+                    SessionEvent::Reply {
+                        request: 4,
+                        reply: Reply::Submitted(vec![JobId(8)])
+                    }
+                ),
+                (
+                    33,
+                    SessionEvent::Job {
+                        job: JobId(8),
+                        event: out_bytes(b"kept")
+                    }
+                ),
+                (
+                    34,
+                    SessionEvent::Job {
+                        job: JobId(8),
+                        event: JobEvent::Finished(Outcome::Exited(3))
+                    }
+                ),
+            ]
+        );
+        // The running job was followed since the restore, and still is.
+        hub.push(t0, JobId(5), JobEvent::Started { worker: "w".into() });
+        assert_eq!(
+            job_events(&o),
+            vec![JobEvent::Started { worker: "w".into() }]
+        );
+        // An ordinary session takes requests in order only.
+        let (tx, _o) = link();
+        let plain = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        assert_eq!(hub.take_request(plain, 1), Take::Gap { expected: 0 });
+        assert!(!hub.answer_again(plain, 0));
+    }
+
+    fn out_bytes(b: &[u8]) -> JobEvent {
+        JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: b.to_vec(),
+        }
+    }
+
+    #[test]
+    fn follows_named_after_a_restart_get_their_jobs_events_or_their_ends() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        // Job 5 was attached to by session 40 (the journal does not know that), job 6
+        // is another certificate's, job 8 ended detached, job 9 is not known.
+        let running = open_job(5, remote("a", 39, 0, true), 1);
+        let theirs = open_job(6, remote("b", 50, 0, true), 1);
+        let mine = open_job(7, remote("a", 40, 0, false), 1);
+        let ended = EndedJob {
+            id: JobId(8),
+            submitter: remote("a", 39, 1, true),
+            outcome: Outcome::Cancelled,
+            output: vec![],
+            dropped: 0,
+            ended_at: wall,
+        };
+        hub.restore(t0, wall, &[&running, &theirs, &mine], vec![ended], &[]);
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 0)), 1).unwrap();
+        hub.follow_again(40, &[JobId(5), JobId(6), JobId(8), JobId(9)]);
+        assert_eq!(
+            job_events(&o),
+            vec![
+                JobEvent::Finished(Outcome::Cancelled),
+                JobEvent::Finished(not_kept())
+            ]
+        );
+        for j in [5, 6, 7] {
+            hub.push(t0, JobId(j), JobEvent::Started { worker: "w".into() });
+        }
+        let got: Vec<JobId> = events(&o)
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                SessionEvent::Job { job, .. } => Some(job),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![JobId(5), JobId(7)], "not another's job");
+    }
+
+    #[test]
+    fn an_ended_detached_job_is_attachable_after_a_restart_until_its_retention_from_its_end() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings()); // kept 60 s, at most 2, 100 bytes of output
+        let ended = |id: u64, ago: u64, output: Vec<(Stream, Vec<u8>)>, dropped| EndedJob {
+            id: JobId(id),
+            submitter: remote("a", 40, id, true),
+            outcome: Outcome::Exited(id as i32),
+            output,
+            dropped,
+            ended_at: wall - Duration::from_secs(ago),
+        };
+        hub.restore(
+            t0,
+            wall,
+            &[],
+            vec![
+                ended(1, 60, vec![], 0),
+                ended(
+                    2,
+                    50,
+                    vec![
+                        (Stream::Stdout, b"out".to_vec()),
+                        (Stream::Stderr, b"err".to_vec()),
+                    ],
+                    1000,
+                ),
+                ended(3, 0, vec![], 0),
+            ],
+            &[],
+        );
+        // Job 1 was kept its 60 s already; job 2 ended 50 s ago: 10 s left.
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(1)),
+            Err(RequestError::NoSuchJob(JobId(1)))
+        );
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.attach(s, 0, JobId(2));
+        let got = job_events(&o);
+        assert!(
+            matches!(&got[0], JobEvent::Warning(w) if w.contains("1000 bytes of earlier output were not kept")),
+            "{got:?}"
+        );
+        assert_eq!(
+            got[1..],
+            [
+                out_bytes(b"out"),
+                JobEvent::Output {
+                    stream: Stream::Stderr,
+                    bytes: b"err".to_vec()
+                },
+                JobEvent::Finished(Outcome::Exited(2))
+            ]
+        );
+        assert_eq!(hub.tick(t0).1, Some(t0 + Duration::from_secs(10)));
+        hub.tick(t0 + Duration::from_secs(10));
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(2)),
+            Err(RequestError::NoSuchJob(JobId(2)))
+        );
+        assert_eq!(hub.check_owner(&owner("a"), JobId(3)), Ok(()));
+        // The count holds across the restart: two more ended jobs forget job 3.
+        for j in [10, 11] {
+            hub.follow_new(s, JobId(j), true);
+            hub.push(t0, JobId(j), JobEvent::Finished(Outcome::Exited(0)));
+        }
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(3)),
+            Err(RequestError::NoSuchJob(JobId(3)))
+        );
+    }
+
+    #[test]
+    fn a_detached_job_s_kept_output_goes_to_the_journal_at_its_end_and_comes_back_after_a_restart()
+    {
+        let retention = journal::Retention {
+            keep_ended_for: Duration::from_secs(60),
+            keep_ended: 2,
+        };
+        let j = Arc::new(journal::MemoryJournal::new(retention));
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        hub.set_journal(j.clone());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        // What the manager writes around the hub: the job accepted, then its end.
+        let spec = JobSpec::new("seq 100");
+        j.write(vec![journal::Record::Accepted {
+            id: JobId(1),
+            spec,
+            submitter: remote("a", s, 0, true),
+        }])
+        .unwrap();
+        hub.follow_new(s, JobId(1), true);
+        for _ in 0..3 {
+            hub.push_numbered(t0, JobId(1), out(60), Some(0));
+        }
+        j.record(vec![journal::Record::Ended {
+            id: JobId(1),
+            outcome: Outcome::Exited(4),
+        }]);
+        hub.push(t0, JobId(1), JobEvent::Finished(Outcome::Exited(4)));
+        // A new manager finds it: kept output (the last 100 bytes) and end.
+        let recovered = j.recovered();
+        assert_eq!(recovered.ended_detached.len(), 1);
+        assert_eq!(recovered.ended_detached[0].dropped, 80);
+        assert_eq!(recovered.remote_requests, vec![(s, 0, JobId(1))]);
+        let mut hub = Hub::new(settings());
+        hub.restore(
+            t0,
+            SystemTime::now(),
+            &[],
+            recovered.ended_detached,
+            &recovered.remote_requests,
+        );
+        let (tx, o) = link();
+        let again = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.attach(again, 0, JobId(1));
+        let got = job_events(&o);
+        let kept: usize = got
+            .iter()
+            .map(|e| match e {
+                JobEvent::Output { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(kept, 100);
+        assert!(matches!(&got[0], JobEvent::Warning(w) if w.contains("80 bytes")));
+        assert_eq!(got.last(), Some(&JobEvent::Finished(Outcome::Exited(4))));
+    }
+
+    #[test]
+    fn a_resume_naming_an_event_out_of_range_is_refused() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let job = open_job(1, remote("a", 40, 0, false), 1);
+        hub.restore(t0, SystemTime::now(), &[&job], vec![], &[]);
+        let (tx, _) = link();
+        let e = hub
+            .open(owner("a"), tx, Some(&resume(40, u64::MAX - 1)), 1)
+            .unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+    }
 }
 
 /// A submitter spoken to message by message over a real socket: the manager side as a
