@@ -2771,4 +2771,162 @@ mod wire_tests {
         w.stop();
         m.shutdown();
     }
+
+    #[test]
+    fn a_submitter_comes_back_into_a_restored_session_and_its_numbering_its_requests_and_its_jobs_go_on()
+     {
+        use crate::job::JobId;
+        use crate::journal::{EndedJob, Submitter};
+        use std::time::SystemTime;
+        let m = Manager::bind(ManagerConfig::insecure_plaintext("127.0.0.1:0")).unwrap();
+        let w = Worker::start(WorkerConfig::insecure_plaintext(
+            "127.0.0.1",
+            m.local_addr().port(),
+        ))
+        .unwrap();
+        // What a journal held: session 40 submitted detached job 1008 (request 2),
+        // which ended, and attached job 1006 (request 3), whose end was not kept.
+        let kept = EndedJob {
+            id: JobId(1008),
+            submitter: Submitter::Remote {
+                cert: None,
+                session: 40,
+                request: 2,
+                detached: true,
+            },
+            outcome: Outcome::Exited(3),
+            output: vec![(Stream::Stdout, b"kept\n".to_vec())],
+            dropped: 0,
+            ended_at: SystemTime::now(),
+        };
+        let requests = [(40, 2, JobId(1008)), (40, 3, JobId(1006))];
+        let ports = m.shared.submitters.restore(&[], vec![kept], &requests);
+        assert!(ports.is_empty());
+        // The submitter comes back having received 17 events.
+        let resume = SessionResume {
+            manager_id: m.shared.manager_id,
+            session: 40,
+            next_event: 17,
+        };
+        let (mut est, welcome) = connect(&m, Some(resume.clone()));
+        assert!(welcome.resumed && welcome.restored, "{welcome:?}");
+        assert_eq!(welcome.session, 40);
+        send(&est, &SubmitterMessage::Follow { jobs: vec![] });
+        // It sends again requests 3 and 2 (in order: 2, then 3), then a new one, 5.
+        for (seq, script) in [(2, "true"), (3, "true"), (5, "echo hi")] {
+            send(
+                &est,
+                &SubmitterMessage::Request {
+                    seq,
+                    request: Request::Submit {
+                        spec: JobSpec::new(script),
+                        detached: false,
+                    },
+                },
+            );
+        }
+        let mut got = Vec::new();
+        let finished = |e: &(u64, SessionEvent)| {
+            matches!(
+                e,
+                (
+                    _,
+                    SessionEvent::Job {
+                        event: JobEvent::Finished(_),
+                        ..
+                    }
+                )
+            )
+        };
+        while got.iter().filter(|e| finished(e)).count() < 3 {
+            got.push(next(&mut est));
+        }
+        let seqs: Vec<u64> = got.iter().map(|e| e.0).collect();
+        assert_eq!(seqs, (17..17 + got.len() as u64).collect::<Vec<_>>());
+        let not_kept = || {
+            JobEvent::Finished(Outcome::Rejected(
+                "the job ended while the manager restarted, and its end was not kept: its outcome is not known"
+                    .into(),
+            ))
+        };
+        let job = |j: u64, event: JobEvent| SessionEvent::Job {
+            job: JobId(j),
+            event,
+        };
+        assert_eq!(
+            got[..6].iter().map(|e| e.1.clone()).collect::<Vec<_>>(),
+            vec![
+                SessionEvent::Reply {
+                    request: 2,
+                    reply: Reply::Submitted(vec![JobId(1008)])
+                },
+                job(
+                    1008,
+                    JobEvent::Output {
+                        stream: Stream::Stdout,
+                        bytes: b"kept\n".to_vec()
+                    }
+                ),
+                job(1008, JobEvent::Finished(Outcome::Exited(3))),
+                SessionEvent::Reply {
+                    request: 3,
+                    reply: Reply::Submitted(vec![JobId(1006)])
+                },
+                job(1006, not_kept()),
+                SessionEvent::Reply {
+                    request: 5,
+                    reply: Reply::Submitted(vec![JobId(1)])
+                },
+            ]
+        );
+        // The new one ran, its output numbered by its worker.
+        let rest: Vec<SessionEvent> = got[6..].iter().map(|e| e.1.clone()).collect();
+        assert!(
+            rest.contains(&SessionEvent::Output {
+                job: JobId(1),
+                attempt: 1,
+                seq: 0,
+                stream: Stream::Stdout,
+                bytes: b"hi\n".to_vec()
+            }),
+            "{rest:?}"
+        );
+        assert_eq!(
+            rest.last(),
+            Some(&job(1, JobEvent::Finished(Outcome::Exited(0))))
+        );
+        // The detached job ended before the restart is attachable; the job the
+        // journal answered for was not queued again.
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 6,
+                request: Request::Attach { job: JobId(1008) },
+            },
+        );
+        let (_, attached) = next(&mut est);
+        assert_eq!(
+            attached,
+            SessionEvent::Reply {
+                request: 6,
+                reply: Reply::Attached
+            }
+        );
+        assert_eq!(m.jobs(), vec![]);
+        // After a cut, it is an ordinary resume: the manager took up to request 6.
+        let received = 17 + got.len() as u64 + 1;
+        est.tx.cut();
+        drop(est);
+        let (_est, again) = connect(
+            &m,
+            Some(SessionResume {
+                next_event: received,
+                ..resume
+            }),
+        );
+        assert!(again.resumed && !again.restored, "{again:?}");
+        assert_eq!(again.next_request, 7);
+        w.stop();
+        m.shutdown();
+    }
 }

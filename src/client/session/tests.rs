@@ -524,6 +524,10 @@ fn failed_requests_become_the_crate_s_errors() {
         (RequestError::NoSuchJob(JobId(5)), "no such job: 5"),
         (RequestError::NotYours(JobId(6)), "not permitted: job 6"),
         (RequestError::ShutDown, "shut down"),
+        (
+            RequestError::Journal("disk full".into()),
+            "journal: disk full",
+        ),
     ];
     for (i, (e, words)) in cases.into_iter().enumerate() {
         let (seq, rx) = h.ask(Request::Cancel { job: JobId(1) });
