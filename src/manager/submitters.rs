@@ -52,6 +52,10 @@ pub(crate) const WINDOW: usize = 1 << 20;
 const MAX_LISTED_JOBS: usize = 10_000;
 const MAX_LISTED_SCRIPT: usize = 1024;
 
+/// How many jobs a restored session may be told have ended unknown beyond those the
+/// journal says it submitted (jobs it had attached to; see [`Hub::follow_again`]).
+const UNKNOWN_ENDS_SLACK: usize = 10_000;
+
 /// The most bytes of output a detached job keeps in one event (see `Kept::push`).
 const KEPT_CHUNK: usize = 64 << 10;
 
@@ -100,13 +104,17 @@ struct Session {
     /// Rebuilt from the journal after a restart (see [`Hub::restore`]): it takes
     /// requests with gaps (its submitter sends again each one it has no answer for),
     /// and its welcome says `restored` until the submitter has said which jobs it
-    /// follows ([`Hub::follow_again`]).
+    /// follows ([`Hub::follow_again`], then [`Hub::follows_told`]).
     restored: bool,
     /// The submitter came back: the numbering of events is its (for a restored
     /// session, events are numbered provisionally from 0 until then).
     adopted: bool,
     /// A restored session's submitter has said which jobs it follows.
     told_follows: bool,
+    /// How many more followed jobs it may be told have ended unknown (each is an
+    /// event kept for it beyond the window): the jobs the journal says it submitted,
+    /// and some it may have attached to.
+    unknown_ends: usize,
 }
 
 impl Session {
@@ -512,7 +520,8 @@ impl Hub {
         }
         self.forget_ended(now);
         for &(session, request, job) in remote_requests {
-            if self.sessions.contains_key(&session) {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.unknown_ends += 1;
                 self.requests
                     .entry(session)
                     .or_default()
@@ -537,6 +546,7 @@ impl Hub {
             restored: true,
             adopted: false,
             told_follows: false,
+            unknown_ends: UNKNOWN_ENDS_SLACK,
         })
     }
 
@@ -616,6 +626,7 @@ impl Hub {
                 restored: false,
                 adopted: true,
                 told_follows: false,
+                unknown_ends: 0,
             },
         );
         Ok(Opened {
@@ -833,12 +844,12 @@ impl Hub {
 
     /// The jobs a restored session's submitter follows (`SubmitterMessage::Follow`):
     /// the session gets their events from now on; a job that has ended is sent its end
-    /// (kept, or not known).
+    /// (kept, or not known: only in a restored session, at most as many as it may be
+    /// told of).
     pub(crate) fn follow_again(&mut self, session: u64, jobs: &[JobId]) {
         let Some(s) = self.sessions.get_mut(&session) else {
             return;
         };
-        s.told_follows = true;
         for &job in jobs {
             match self.jobs.get_mut(&job) {
                 Some(r) if r.owner != s.owner => {
@@ -859,11 +870,25 @@ impl Hub {
                         r.watchers.push(session);
                     }
                 }
-                None => s.emit(SessionEventRef::Job {
-                    job,
-                    event: &JobEvent::Finished(not_kept()),
-                }),
+                None if s.unknown_ends > 0 => {
+                    s.unknown_ends -= 1;
+                    s.emit(SessionEventRef::Job {
+                        job,
+                        event: &JobEvent::Finished(not_kept()),
+                    });
+                }
+                None => log::debug!(
+                    "a submitter asked to follow job {job}, which this manager does not know (ignored)"
+                ),
             }
+        }
+    }
+
+    /// A restored session's submitter has sent something after its `Follow`s: later
+    /// returns are ordinary resumes.
+    pub(crate) fn follows_told(&mut self, session: u64) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.told_follows = true;
         }
     }
 
@@ -1265,6 +1290,9 @@ struct Conn<'a> {
     session: u64,
     owner: Owner,
     label: String,
+    /// A restored session whose submitter has not sent anything after its `Follow`s
+    /// yet on this link.
+    following_told: std::cell::Cell<bool>,
 }
 
 /// A submitter's link, after its hello: the session (new or resumed), the welcome,
@@ -1327,6 +1355,7 @@ pub(crate) fn serve(
         session: opened.session,
         owner,
         label,
+        following_told: std::cell::Cell::new(!opened.restored),
     };
     let live = est.tx.live().clone();
     let started = link::welcome(&mut est, &welcome, paced.timing);
@@ -1368,6 +1397,11 @@ pub(crate) fn serve(
 impl Conn<'_> {
     /// One message; `Ok(false)` ends the link (a goodbye), `Err` closes it.
     fn on_message(&self, msg: SubmitterMessage) -> std::result::Result<bool, String> {
+        if !self.following_told.get() && !matches!(msg, SubmitterMessage::Follow { .. }) {
+            // Every `Follow` it had came before this.
+            self.following_told.set(true);
+            self.subs.lock().follows_told(self.session);
+        }
         match msg {
             // The hub's lock is let go before the job's stdin is taken (whose lock may
             // be held when the hub's is taken).
@@ -2275,6 +2309,15 @@ mod tests {
         assert_eq!(events(&o).iter().map(|e| e.0).collect::<Vec<_>>(), [15]);
         hub.follow_again(40, &[JobId(7)]);
         hub.disconnected(t0, 40, &tx);
+        let (tx, _o) = link();
+        let again = hub.open(owner("a"), tx.clone(), Some(&resume(40, 16)), 1);
+        assert!(
+            again.is_ok_and(|o| o.restored),
+            "until it sends something else"
+        );
+        hub.follow_again(40, &[JobId(7)]);
+        hub.follows_told(40);
+        hub.disconnected(t0, 40, &tx);
         let (tx, o) = link();
         let last = hub.open(owner("a"), tx, Some(&resume(40, 16)), 1).unwrap();
         assert!(last.resumed && !last.restored);
@@ -2449,6 +2492,29 @@ mod tests {
             })
             .collect();
         assert_eq!(got, vec![JobId(5), JobId(7)], "not another's job");
+        // Ends of jobs it does not know: at most as many as the journal says the
+        // session submitted, and some more; none in an ordinary session.
+        let mut hub = Hub::new(settings());
+        let mine = open_job(1, remote("a", 40, 0, false), 1);
+        hub.restore(
+            t0,
+            wall,
+            &[&mine],
+            vec![],
+            &[(40, 0, JobId(1)), (40, 1, JobId(2))],
+        );
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 0)), 1).unwrap();
+        let many: Vec<JobId> = (1000..1000 + UNKNOWN_ENDS_SLACK as u64 + 5)
+            .map(JobId)
+            .collect();
+        hub.follow_again(40, &many);
+        hub.follow_again(40, &many);
+        assert_eq!(job_events(&o).len(), UNKNOWN_ENDS_SLACK + 2);
+        let (tx, o) = link();
+        let plain = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.follow_again(plain, &many);
+        assert!(events(&o).is_empty());
     }
 
     #[test]
@@ -2927,6 +2993,56 @@ mod wire_tests {
         assert!(again.resumed && !again.restored, "{again:?}");
         assert_eq!(again.next_request, 7);
         w.stop();
+        m.shutdown();
+    }
+
+    #[test]
+    fn a_follow_naming_too_many_jobs_closes_the_link() {
+        use crate::job::JobId;
+        let m = Manager::bind(ManagerConfig::insecure_plaintext("127.0.0.1:0")).unwrap();
+        let (mut est, _) = connect(&m, None);
+        let jobs = (0..=protocol::MAX_FOLLOW as u64).map(JobId).collect();
+        send(&est, &SubmitterMessage::Follow { jobs });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            while let Some(body) = est.reader.frame().unwrap() {
+                let msg = protocol::decode::<ToSubmitter>(body).unwrap();
+                assert_eq!(msg, ToSubmitter::Heartbeat, "nothing but heartbeats");
+            }
+            assert!(Instant::now() < deadline, "the link is still open");
+            match est.reader.fill(&est.tx) {
+                Ok(link::Fill::End) | Err(_) => break,
+                Ok(link::Fill::Got { .. }) => {}
+                Ok(link::Fill::Nothing) => {
+                    use std::os::fd::AsRawFd;
+                    let fd = est.reader.socket().as_raw_fd();
+                    crate::net::wait_ready(fd, libc::POLLIN, Some(deadline)).unwrap();
+                }
+            }
+        }
+        // One of at most the allowed length is taken.
+        let (est, _) = connect(&m, None);
+        let jobs = (0..protocol::MAX_FOLLOW as u64).map(JobId).collect();
+        send(&est, &SubmitterMessage::Follow { jobs });
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 0,
+                request: Request::Stats,
+            },
+        );
+        let mut est = est;
+        let (_, answer) = next(&mut est);
+        assert!(
+            matches!(
+                answer,
+                SessionEvent::Reply {
+                    request: 0,
+                    reply: Reply::Stats(_)
+                }
+            ),
+            "{answer:?}"
+        );
         m.shutdown();
     }
 }
