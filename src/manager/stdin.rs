@@ -400,4 +400,61 @@ mod tests {
         let plain = StdinPort::new(JobId(2), false, None);
         assert!(plain.resize(PtySize { rows: 1, cols: 1 }).is_err());
     }
+
+    #[test]
+    fn a_restored_stdin_starts_where_its_worker_or_its_writer_comes_back_and_goes_on_once() {
+        let hub = super::super::submitters::Submitters::new(
+            super::super::submitters::HubSettings {
+                grace: Duration::from_secs(10),
+                window: 1 << 20,
+                kept_output: 1 << 20,
+                keep_ended_for: Duration::from_secs(60),
+                keep_ended: 10,
+                max_sessions_per_owner: 4,
+            },
+            Arc::new(crate::link::Pace::new(
+                crate::link::Timing {
+                    heartbeat_interval: Duration::from_secs(1),
+                    heartbeat_timeout: Duration::from_secs(5),
+                },
+                Duration::from_secs(10),
+                0,
+            )),
+        );
+        let bytes = |n: usize| vec![b'x'; n];
+        // The worker comes back first, having taken 700; the writer sends again what
+        // it kept, from 400 (what the old manager last told it), and ends the stream.
+        let port = StdinPort::restored(JobId(1), false, hub.clone());
+        port.resume_from(700);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link), (vec![], None, vec![]));
+        assert_eq!(port.progress(), (700, false));
+        port.offer(400, &bytes(600)).unwrap();
+        port.finish_at(1000).unwrap();
+        assert_eq!(sent(&link), (vec![(700, 300)], Some(1000), vec![]));
+        // The writer comes back first, from 400; the worker had taken 900.
+        let port = StdinPort::restored(JobId(2), false, hub.clone());
+        port.offer(400, &bytes(600)).unwrap();
+        port.resume_from(900);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link).0, vec![(900, 100)]);
+        assert_eq!(port.progress(), (900, false));
+        // The worker had taken more than the writer's first piece reached: what the
+        // writer sends after is taken from there.
+        let port = StdinPort::restored(JobId(3), false, hub.clone());
+        port.offer(400, &bytes(60)).unwrap();
+        port.resume_from(900);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link).0, vec![]);
+        port.offer(460, &bytes(540)).unwrap();
+        assert_eq!(sent(&link).0, vec![(900, 100)]);
+        // Only the first of each says where the stream is: a later gap is still one.
+        assert!(port.offer(1200, &bytes(1)).is_err());
+        // A stdin that was not restored takes no gap at its start.
+        let plain = StdinPort::new(JobId(4), false, None);
+        assert!(plain.offer(400, &bytes(1)).is_err());
+    }
 }

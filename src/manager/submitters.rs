@@ -2651,6 +2651,64 @@ mod tests {
     }
 
     #[test]
+    fn output_held_back_for_a_full_window_keeps_its_worker_s_numbers() {
+        let pace = Arc::new(Pace::new(
+            crate::link::Timing {
+                heartbeat_interval: Duration::from_secs(1),
+                heartbeat_timeout: Duration::from_secs(5),
+            },
+            Duration::from_secs(10),
+            0,
+        ));
+        let subs = Submitters::new(settings(), pace); // a window of 1000 bytes
+        let (tx, o) = link();
+        let s = subs.lock().open(owner("a"), tx, None, 1).unwrap().session;
+        subs.lock().follow_new(s, JobId(1), false);
+        let dest = Dest::Remote(RemoteDest {
+            submitters: subs.clone(),
+            job: JobId(1),
+        });
+        let sink = JobSink::with_stdin(JobId(1), dest, Arc::default(), None);
+        // The second fills the window: the rest wait in the sink's backlog.
+        for seq in 0..5 {
+            sink.push_output(seq, Stream::Stdout, vec![b'x'; 600]);
+        }
+        sink.push(JobEvent::Finished(Outcome::Exited(0)));
+        let mut got: Vec<SessionEvent> = events(&o).into_iter().map(|(_, e)| e).collect();
+        assert_eq!(got.len(), 2, "held back until acknowledged: {got:?}");
+        subs.lock().ack(s, 2);
+        subs.room.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(
+            got.last(),
+            Some(SessionEvent::Job {
+                event: JobEvent::Finished(_),
+                ..
+            })
+        ) {
+            assert!(Instant::now() < deadline, "only {got:?} came");
+            let new = events(&o);
+            if let Some(&(last, _)) = new.last() {
+                subs.lock().ack(s, last + 1);
+                subs.room.notify_all();
+            }
+            got.extend(new.into_iter().map(|(_, e)| e));
+            std::thread::yield_now();
+        }
+        let numbers: Vec<u64> = got
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Output {
+                    attempt: 1, seq, ..
+                } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3, 4]);
+        assert_eq!(got.len(), 6, "{got:?}");
+    }
+
+    #[test]
     fn a_resume_naming_an_event_out_of_range_is_refused() {
         let t0 = Instant::now();
         let mut hub = Hub::new(settings());
