@@ -756,7 +756,10 @@ impl Session {
                     match f.admit(&h.event, h.out) {
                         Verdict::Take => {}
                         Verdict::Drop => {
-                            self.taken_events += 1;
+                            if h.seq.is_some() {
+                                self.taken_events += 1;
+                                self.taken_bytes += bytes;
+                            }
                             continue;
                         }
                         Verdict::Gap(lost) => {

@@ -411,7 +411,7 @@ pub(crate) struct Hub {
 /// knows.
 fn not_kept() -> Outcome {
     Outcome::Rejected(
-        "the job ended while the manager restarted, and its end was not kept: its outcome is not known"
+        "the job ended before the manager restarted, and its end was not kept: its outcome is not known"
             .into(),
     )
 }
@@ -2969,7 +2969,7 @@ mod wire_tests {
         assert_eq!(seqs, (17..17 + got.len() as u64).collect::<Vec<_>>());
         let not_kept = || {
             JobEvent::Finished(Outcome::Rejected(
-                "the job ended while the manager restarted, and its end was not kept: its outcome is not known"
+                "the job ended before the manager restarted, and its end was not kept: its outcome is not known"
                     .into(),
             ))
         };
