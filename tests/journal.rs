@@ -50,6 +50,10 @@ fn queued_jobs_come_back_in_priority_order_and_ids_go_on_after_a_restart() {
     let ids = [low.id(), a.id(), high.id()];
     let stats = m.stats();
     assert!(stats.journal_bytes.is_some_and(|b| b > 0), "{stats:?}");
+    assert!(
+        stats.to_prometheus().contains("\nworkpool_journal_bytes "),
+        "the metrics tell the journal's size"
+    );
     drop(m);
 
     let m = journaled(&certs, port, &journal);
@@ -153,6 +157,7 @@ fn a_journal_in_use_or_that_is_not_a_journal_is_refused_in_one_line() {
 fn without_a_journal_nothing_is_written_and_stats_say_so() {
     let c = Cluster::new(1);
     assert_eq!(c.manager.stats().journal_bytes, None);
+    assert!(!c.manager.stats().to_prometheus().contains("journal"));
     let config: ManagerConfig = Certs::new(1).manager_config();
     assert!(config.journal.is_none());
 }
