@@ -20,7 +20,7 @@ use std::io::{self, BufReader, Read};
 /// The first four bytes of every hello.
 pub const MAGIC: [u8; 4] = *b"WPL\x01";
 /// The protocol version this build speaks. Peers of another version are refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The default largest frame body accepted, checked before any allocation.
 pub const DEFAULT_MAX_FRAME: usize = 16 << 20;
 /// The largest chunk of job output put into one message: with its framing and TLS
@@ -384,11 +384,17 @@ pub struct SubmitterWelcome {
     /// The session's id (a new one unless the hello's was resumed).
     pub session: u64,
     /// Whether the hello's session was resumed. When it was not (the grace ran out, or
-    /// the manager restarted), its attached jobs were cancelled and its unanswered
-    /// requests were never taken.
+    /// the manager restarted without a journal), its attached jobs were cancelled and its
+    /// unanswered requests were never taken.
     pub resumed: bool,
+    /// With `resumed`: the session was rebuilt from the manager's journal after a
+    /// restart. Its jobs are there, but not what the manager had sent or taken: its
+    /// events go on from the hello's `next_event`, and the submitter sends
+    /// [`SubmitterMessage::Follow`], then every request it has no answer for (a submit
+    /// the journal holds is answered with its jobs, not submitted again).
+    pub restored: bool,
     /// The `seq` of the first request the manager has not taken: the submitter sends
-    /// again from there (0 in a new session).
+    /// again from there (0 in a new session; 0 and not to be relied on when `restored`).
     pub next_request: u64,
     /// How often each side sends a heartbeat when it has nothing else to send.
     pub heartbeat_interval_ms: u64,
@@ -452,7 +458,19 @@ pub enum SubmitterMessage {
         /// The size.
         size: PtySize,
     },
+    /// After a welcome that says `restored`, before anything else: the jobs the
+    /// submitter follows and has not seen end (a restarted manager does not know who
+    /// followed what). Their events go to the session from now on; a job the manager
+    /// no longer knows (it ended, and its end was not kept) is ended for the session
+    /// with `Rejected`. Sent in pieces of at most [`MAX_FOLLOW`] jobs.
+    Follow {
+        /// The jobs.
+        jobs: Vec<JobId>,
+    },
 }
+
+/// The most jobs one [`SubmitterMessage::Follow`] names.
+pub const MAX_FOLLOW: usize = 100_000;
 
 /// What a submitter asks of the manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -542,6 +560,24 @@ pub enum SessionEvent {
         /// The event.
         event: JobEvent,
     },
+    /// Output of a job the session follows, as its worker numbered it: after a
+    /// restart of the manager the worker sends again from the oldest output it kept, so
+    /// the submitter drops what it has (an `attempt` below the one it has, or a `seq`
+    /// below the next it expects for that attempt). Output kept for an `Attach` comes
+    /// as [`SessionEvent::Job`].
+    Output {
+        /// The job.
+        job: JobId,
+        /// The job's attempt that wrote it (1, then 2 after a first retry, ...).
+        attempt: u32,
+        /// The output message's number in that attempt's run, from 0.
+        seq: u64,
+        /// Which stream.
+        stream: Stream,
+        /// The bytes.
+        #[serde(with = "byte_buf")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -582,6 +618,9 @@ pub enum RequestError {
     NotYours(JobId),
     /// The manager is shutting down.
     ShutDown,
+    /// The manager could not make the job durable in its journal (a full disk, an I/O
+    /// error): it was not accepted.
+    Journal(String),
 }
 
 impl Heartbeat for SubmitterMessage {

@@ -194,6 +194,17 @@ impl StdinWindow {
         }
     }
 
+    /// After the manager restarted, a stdin that starts where the first of its worker and
+    /// its writer to come back says the stream is: every byte before `upto` is taken as
+    /// far as this hop is concerned (what was kept before it is let go).
+    pub(crate) fn skip_to(&mut self, upto: u64) {
+        if upto > self.written() {
+            self.buf.clear();
+            self.taken = upto;
+            self.sent = upto;
+        }
+    }
+
     /// The job takes no more (it closed its stdin at `upto`, or ended): what is kept is
     /// dropped, writers are refused. True when that changed anything.
     pub(crate) fn on_closed(&mut self, upto: u64) -> Result<bool, String> {

@@ -50,6 +50,10 @@ fn queued_jobs_come_back_in_priority_order_and_ids_go_on_after_a_restart() {
     let ids = [low.id(), a.id(), high.id()];
     let stats = m.stats();
     assert!(stats.journal_bytes.is_some_and(|b| b > 0), "{stats:?}");
+    assert!(
+        stats.to_prometheus().contains("\nworkpool_journal_bytes "),
+        "the metrics tell the journal's size"
+    );
     drop(m);
 
     let m = journaled(&certs, port, &journal);
@@ -153,6 +157,88 @@ fn a_journal_in_use_or_that_is_not_a_journal_is_refused_in_one_line() {
 fn without_a_journal_nothing_is_written_and_stats_say_so() {
     let c = Cluster::new(1);
     assert_eq!(c.manager.stats().journal_bytes, None);
+    assert!(!c.manager.stats().to_prometheus().contains("journal"));
     let config: ManagerConfig = Certs::new(1).manager_config();
     assert!(config.journal.is_none());
+}
+
+/// A remote client (certificate 1) of the manager at `port`.
+fn client_config(certs: &Certs, port: u16) -> workpool::ClientConfig {
+    use workpool::tls::{Identity, TrustRoots};
+    let c = &certs.workers[1];
+    let mut config = workpool::ClientConfig::new(
+        "127.0.0.1",
+        port,
+        Identity::from_pem(c.cert_pem.as_bytes(), c.key_pem.as_bytes()).unwrap(),
+        TrustRoots::from_pem(certs.manager.cert_pem.as_bytes()).unwrap(),
+    )
+    .name("journal-client");
+    config.backoff_initial = Duration::from_millis(20);
+    config.backoff_max = Duration::from_millis(200);
+    config.reconnect_grace = Some(Duration::from_secs(60));
+    config
+}
+
+/// A journaled manager that takes certificate 0 as a worker and 1 as a submitter.
+fn journaled_for_submitters(certs: &Certs, port: u16, journal: &Path) -> Manager {
+    let mut config = certs.submitters_manager_config().journal(journal);
+    config.listen = format!("127.0.0.1:{port}");
+    config.reconnect_grace = Duration::from_secs(60);
+    Manager::bind(config).expect("the journaled manager starts")
+}
+
+#[test]
+fn a_remote_submitter_follows_its_job_through_a_restart_with_every_byte_once_in_order() {
+    use workpool::job::{JobEvent, Stream};
+    let dir = scratch("journal-remote");
+    let journal = dir.join("journal.sqlite");
+    let flag = dir.join("second-half");
+    let certs = Certs::new(2);
+    let m = journaled_for_submitters(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let client = workpool::Client::connect(client_config(&certs, port)).unwrap();
+    let script = format!(
+        "seq -f 'line-%g' 1 20000; while [ ! -e {f} ]; do sleep 0.02; done; seq -f 'line-%g' 20001 40000",
+        f = flag.display()
+    );
+    let mut job = client.submit(JobSpec::new(script)).unwrap();
+    let mut stdout = Vec::new();
+    let first_half: Vec<u8> = (1..=20000)
+        .flat_map(|i| format!("line-{i}\n").into_bytes())
+        .collect();
+    while stdout.len() < first_half.len() {
+        match job.events().recv_timeout(DEADLINE).expect("output in time") {
+            JobEvent::Output {
+                stream: Stream::Stdout,
+                bytes,
+            } => stdout.extend_from_slice(&bytes),
+            JobEvent::Finished(o) => panic!("ended before the restart: {o:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(stdout, first_half);
+    drop(m);
+
+    let m = journaled_for_submitters(&certs, port, &journal);
+    std::fs::write(&flag, "").unwrap();
+    let r = job.wait_timeout(DEADLINE).expect("the job ends in time");
+    stdout.extend_from_slice(&r.stdout);
+    let all: Vec<u8> = (1..=40000)
+        .flat_map(|i| format!("line-{i}\n").into_bytes())
+        .collect();
+    assert_eq!(r.outcome, exited(0));
+    assert!(
+        stdout == all,
+        "{} bytes, {} expected",
+        stdout.len(),
+        all.len()
+    );
+    // A job submitted after the restart has the next id.
+    let next = client.submit(JobSpec::new("true")).unwrap();
+    assert!(next.id() > job.id());
+    assert_eq!(next.wait().outcome, exited(0));
+    client.close();
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -11,16 +11,23 @@
 //! dropped because nobody reads the job any more) are acknowledged, so a reader that is
 //! behind fills the manager's window of unacknowledged events, which pauses the job's
 //! output at its worker.
+//!
+//! After the manager restarted with a journal, the session comes back `restored`: the
+//! manager has its jobs but not what it had sent or taken, so the session tells it
+//! which jobs it follows and sends again every request it has no answer for. A job's
+//! output then comes numbered by its worker (attempt, `seq`), which may send again
+//! what the client already has: that is dropped, a real gap is told as a warning, and
+//! a repeated `Queued`, `Started` or `Finished` is dropped too.
 
 use crate::error::Error;
 use crate::job::{JobEvent, JobId, Outcome, PtySize};
 use crate::protocol::{
-    Reply, Request, RequestError, SessionEvent, SessionResume, SubmitterHello, SubmitterMessage,
-    SubmitterWelcome,
+    MAX_FOLLOW, Reply, Request, RequestError, SessionEvent, SessionResume, SubmitterHello,
+    SubmitterMessage, SubmitterWelcome,
 };
 use crate::stdin::{Refused, StdinOut, StdinWindow};
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// Room in a job's channel, in events.
@@ -88,15 +95,101 @@ struct Follow {
     tx: Sender<JobEvent>,
     /// Its `Finished` has arrived (it may still be held).
     ended: bool,
+    /// The run its output comes from: the attempt, and the `seq` of the next output
+    /// message expected. `None` until its first numbered output, for a job attached to
+    /// (its kept output is not numbered; the live output goes on from anywhere).
+    run: Option<(u32, u64)>,
+    /// Whether a `Started` was handed over for the current run.
+    started: bool,
+    /// Whether any event was handed over.
+    seen: bool,
+}
+
+/// What becomes of an event of a followed job.
+#[derive(Debug, PartialEq)]
+enum Verdict {
+    Take,
+    /// Already here: sent again after the manager restarted.
+    Drop,
+    /// Taken, after this many output messages that never came.
+    Gap(u64),
+}
+
+impl Follow {
+    fn new(tx: Sender<JobEvent>, run: Option<(u32, u64)>) -> Follow {
+        Follow {
+            tx,
+            ended: false,
+            run,
+            started: false,
+            seen: false,
+        }
+    }
+
+    /// Takes note of an event about to be handed over (`out`: the attempt and `seq` of
+    /// numbered output).
+    fn admit(&mut self, event: &JobEvent, out: Option<(u32, u64)>) -> Verdict {
+        let first = !std::mem::replace(&mut self.seen, true);
+        match event {
+            JobEvent::Queued if !first => Verdict::Drop,
+            JobEvent::Started { .. } if self.started => Verdict::Drop,
+            JobEvent::Started { .. } => {
+                self.started = true;
+                Verdict::Take
+            }
+            JobEvent::Requeued { attempt } => {
+                // Another run: its output counts from 0.
+                self.started = false;
+                if self.run.is_none_or(|(a, _)| *attempt >= a) {
+                    self.run = Some((*attempt, 0));
+                }
+                Verdict::Take
+            }
+            JobEvent::Output { .. } => {
+                let Some((attempt, seq)) = out else {
+                    return Verdict::Take;
+                };
+                let next = match self.run {
+                    None => seq,
+                    Some((a, _)) if attempt < a => return Verdict::Drop,
+                    Some((a, _)) if attempt > a => 0,
+                    Some((_, next)) if seq < next => return Verdict::Drop,
+                    Some((_, next)) => next,
+                };
+                self.run = Some((attempt, seq.saturating_add(1)));
+                match seq - next {
+                    0 => Verdict::Take,
+                    lost => Verdict::Gap(lost),
+                }
+            }
+            _ => Verdict::Take,
+        }
+    }
 }
 
 /// An event not yet handed to its job's channel. `seq` is `None` for an event the
-/// client made itself (the end of a job whose session was lost), and for the events
-/// of a session that is over.
+/// client made itself (the end of a job whose session was lost, a warning of lost
+/// output), and for the events of a session that is over.
 struct Held {
     seq: Option<u64>,
     job: JobId,
     event: JobEvent,
+    /// Numbered output: its attempt and `seq`.
+    out: Option<(u32, u64)>,
+    /// Its job's [`Follow::admit`] has seen it.
+    checked: bool,
+}
+
+impl Held {
+    fn new(seq: Option<u64>, job: JobId, event: JobEvent) -> Held {
+        Held {
+            seq,
+            job,
+            event,
+            out: None,
+            checked: false,
+        }
+    }
 }
 
 /// What the driver does for the session.
@@ -136,6 +229,10 @@ pub(crate) struct Session {
     held: VecDeque<Held>,
     retry_at: Option<Instant>,
     follows: HashMap<JobId, Follow>,
+    /// Submits sent again after a restored welcome and not answered yet: events of jobs
+    /// it does not follow wait for them (they may be those submits' jobs, whose answer
+    /// the restart lost).
+    restored_submits: BTreeSet<u64>,
     /// The stdin of the interactive jobs it follows: what was written and the manager
     /// has not taken (at most the window), sent again after a reconnect.
     stdins: HashMap<JobId, Stdin>,
@@ -172,6 +269,7 @@ impl Session {
             held: VecDeque::new(),
             retry_at: None,
             follows: HashMap::new(),
+            restored_submits: BTreeSet::new(),
             stdins: HashMap::new(),
             actions: Vec::new(),
             rng: seed | 1,
@@ -274,6 +372,7 @@ impl Session {
         }
         let asked = self.session;
         let resumed = welcome.resumed && asked == Some((welcome.manager_id, welcome.session));
+        let restored = resumed && welcome.restored;
         self.grace = self
             .cfg
             .reconnect_grace
@@ -292,7 +391,7 @@ impl Session {
             }
             self.session = Some((welcome.manager_id, welcome.session));
             self.renumber_from(welcome.next_request);
-        } else if welcome.next_request > self.next_request {
+        } else if !restored && welcome.next_request > self.next_request {
             self.cut(format!(
                 "the manager says it took request {} and more, but only {} were sent",
                 welcome.next_request, self.next_request
@@ -301,10 +400,49 @@ impl Session {
         }
         // Requests from `next_request` on were not taken: (again) now, in order. A
         // submit whose caller gave up goes as a harmless request instead, to keep the
-        // numbering.
-        let from = welcome.next_request;
+        // numbering. A restored session knows no longer what it took: every request
+        // without an answer goes again, after the jobs followed (the manager answers a
+        // submit it has in its journal with its jobs, whose events may come first).
+        let mut from = welcome.next_request;
+        if restored {
+            from = 0;
+            log::info!(
+                "client {}: the manager restarted and restored this client's session",
+                self.cfg.name
+            );
+            let mut jobs: Vec<JobId> = self
+                .follows
+                .iter()
+                .filter(|(_, f)| !f.ended)
+                .map(|(&id, _)| id)
+                .collect();
+            jobs.sort();
+            for piece in jobs.chunks(MAX_FOLLOW) {
+                self.actions.push(Action::Send(SubmitterMessage::Follow {
+                    jobs: piece.to_vec(),
+                }));
+            }
+            if jobs.is_empty() {
+                self.actions
+                    .push(Action::Send(SubmitterMessage::Follow { jobs }));
+            }
+            self.restored_submits = self
+                .requests
+                .iter()
+                .filter(|(_, p)| {
+                    matches!(
+                        p.request,
+                        Request::Submit { .. } | Request::SubmitArray { .. }
+                    )
+                })
+                .map(|(&seq, _)| seq)
+                .collect();
+        }
         for (&seq, p) in self.requests.range_mut(from..) {
+            // (After a restart a submit goes as it was: its jobs, if it was taken, are
+            // cancelled when the answer comes.)
             let request = if p.abandoned
+                && !restored
                 && matches!(
                     p.request,
                     Request::Submit { .. } | Request::SubmitArray { .. } | Request::Attach { .. }
@@ -492,26 +630,41 @@ impl Session {
             SessionEvent::Reply { request, reply } => {
                 self.on_reply(request, reply);
                 self.taken_events += 1;
-            }
-            SessionEvent::Job { job, event } => {
-                if matches!(event, JobEvent::Finished(_)) {
-                    if let Some(f) = self.follows.get_mut(&job) {
-                        f.ended = true;
-                    }
-                    // Its stdin's writers hear at once.
-                    self.stdins.remove(&job);
-                }
-                self.held.push_back(Held {
-                    seq: Some(seq),
-                    job,
-                    event,
-                });
-                if self.retry_at.is_none() {
+                if self.restored_submits.remove(&request) && !self.held.is_empty() {
+                    // Events held for the jobs it answers with may go now.
                     self.drain(now);
                 }
             }
+            SessionEvent::Job { job, event } => {
+                self.job_event(now, Held::new(Some(seq), job, event));
+            }
+            SessionEvent::Output {
+                job,
+                attempt,
+                seq: out,
+                stream,
+                bytes,
+            } => {
+                let mut h = Held::new(Some(seq), job, JobEvent::Output { stream, bytes });
+                h.out = Some((attempt, out));
+                self.job_event(now, h);
+            }
         }
         self.ack(false);
+    }
+
+    fn job_event(&mut self, now: Instant, h: Held) {
+        if matches!(h.event, JobEvent::Finished(_)) {
+            if let Some(f) = self.follows.get_mut(&h.job) {
+                f.ended = true;
+            }
+            // Its stdin's writers hear at once.
+            self.stdins.remove(&h.job);
+        }
+        self.held.push_back(h);
+        if self.retry_at.is_none() {
+            self.drain(now);
+        }
     }
 
     /// The client is closing: a goodbye goes out if a link is up; waiting callers are
@@ -520,6 +673,7 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        self.restored_submits.clear();
         if self.is_up() {
             self.actions.push(Action::Send(SubmitterMessage::Goodbye));
         }
@@ -592,32 +746,66 @@ impl Session {
     /// Hands held events to their jobs' channels, in order, until one does not fit.
     fn drain(&mut self, now: Instant) {
         let was_blocked = self.retry_at.take().is_some();
-        while let Some(Held { seq, job, event }) = self.held.pop_front() {
-            let bytes = match &event {
+        while let Some(mut h) = self.held.pop_front() {
+            let bytes = match &h.event {
                 JobEvent::Output { bytes, .. } => bytes.len(),
                 _ => 0,
             };
-            // A job nobody follows (any more): its events are dropped.
-            if let Some(f) = self.follows.get(&job) {
-                let finished = matches!(event, JobEvent::Finished(_));
-                match f.tx.try_send(event) {
+            if let Some(f) = self.follows.get_mut(&h.job) {
+                if !std::mem::replace(&mut h.checked, true) {
+                    match f.admit(&h.event, h.out) {
+                        Verdict::Take => {}
+                        Verdict::Drop => {
+                            if h.seq.is_some() {
+                                self.taken_events += 1;
+                                self.taken_bytes += bytes;
+                            }
+                            continue;
+                        }
+                        Verdict::Gap(lost) => {
+                            log::warn!(
+                                "client {}: job {}: {lost} output message(s) never came",
+                                self.cfg.name,
+                                h.job
+                            );
+                            let warning = JobEvent::Warning(format!(
+                                "{lost} output message(s) of this job were lost while the manager restarted"
+                            ));
+                            let mut w = Held::new(None, h.job, warning);
+                            w.checked = true;
+                            self.held.push_front(h);
+                            self.held.push_front(w);
+                            continue;
+                        }
+                    }
+                }
+                let finished = matches!(h.event, JobEvent::Finished(_));
+                match f.tx.try_send(h.event) {
                     Ok(()) => {
                         if finished {
-                            self.follows.remove(&job);
+                            self.follows.remove(&h.job);
                         }
                     }
                     Err(TrySendError::Disconnected(_)) => {
                         // Its handle was dropped: nobody reads it.
-                        self.follows.remove(&job);
+                        self.follows.remove(&h.job);
                     }
                     Err(TrySendError::Full(event)) => {
-                        self.held.push_front(Held { seq, job, event });
+                        h.event = event;
+                        self.held.push_front(h);
                         self.retry_at = Some(now + HELD_RETRY);
                         return;
                     }
                 }
+            } else if h.seq.is_some() && !self.restored_submits.is_empty() {
+                // Perhaps a job of a submit sent again after a restart, whose answer
+                // comes after the events the manager kept for it: it waits for that.
+                self.held.push_front(h);
+                self.retry_at = Some(now + HELD_RETRY);
+                return;
             }
-            if seq.is_some() {
+            // (A job nobody follows any more: its events are dropped.)
+            if h.seq.is_some() {
                 self.taken_events += 1;
                 self.taken_bytes += bytes;
             }
@@ -659,9 +847,11 @@ impl Session {
         }
         if let Some(ids) = followed {
             let mut receivers = Vec::with_capacity(ids.len());
+            // A submitted job's output counts from the start of its first attempt.
+            let run = matches!(reply, Reply::Submitted(_)).then_some((1, 0));
             for &id in &ids {
                 let (tx, rx) = bounded(JOB_CHANNEL);
-                self.follows.insert(id, Follow { tx, ended: false });
+                self.follows.insert(id, Follow::new(tx, run));
                 receivers.push((id, rx));
             }
             let given = p
@@ -707,6 +897,7 @@ impl Session {
                 self.requests.insert(seq, p);
             }
         }
+        self.restored_submits.clear();
         for h in &mut self.held {
             h.seq = None; // that session's numbering is over
         }
@@ -723,18 +914,18 @@ impl Session {
             .collect();
         ended.sort();
         for &job in &ended {
-            self.held.push_back(Held {
-                seq: None,
+            self.held.push_back(Held::new(
+                None,
                 job,
-                event: JobEvent::Warning(format!("contact with the manager was lost: {why}")),
-            });
-            self.held.push_back(Held {
-                seq: None,
+                JobEvent::Warning(format!("contact with the manager was lost: {why}")),
+            ));
+            self.held.push_back(Held::new(
+                None,
                 job,
-                event: JobEvent::Finished(Outcome::Rejected(format!(
+                JobEvent::Finished(Outcome::Rejected(format!(
                     "contact with the manager was lost ({why}); the job's fate is not known"
                 ))),
-            });
+            ));
         }
         if failed + ended.len() > 0 {
             log::warn!(
@@ -779,6 +970,7 @@ pub(crate) fn request_error(e: RequestError) -> Error {
             Error::NotPermitted(format!("job {id} was submitted with another certificate"))
         }
         RequestError::ShutDown => Error::ShutDown,
+        RequestError::Journal(why) => Error::Journal(why),
     }
 }
 

@@ -31,6 +31,7 @@ fn welcome(est: &mut Established, resumed: bool, next_request: u64) {
         manager_id: MANAGER,
         session: SESSION,
         resumed,
+        restored: false,
         next_request,
         heartbeat_interval_ms: 50,
         heartbeat_timeout_ms: 5000,
@@ -401,4 +402,132 @@ fn next_goodbye(est: &mut Established) -> Option<SubmitterMessage> {
             other => return Some(other),
         }
     }
+}
+
+fn numbered_output(job: u64, seq: u64) -> SessionEvent {
+    SessionEvent::Output {
+        job: JobId(job),
+        attempt: 1,
+        seq,
+        stream: Stream::Stdout,
+        bytes: format!("line {seq}\n").into_bytes(),
+    }
+}
+
+#[test]
+fn through_a_restart_of_the_manager_a_job_s_output_arrives_once_and_an_unanswered_request_is_answered()
+ {
+    const LINES: u64 = 100;
+    const BEFORE: u64 = 50;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (asked, workers_asked) = bounded::<()>(1);
+    let fake = {
+        let listener = listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let (mut est, _) = accept(&listener);
+            welcome(&mut est, false, 0);
+            let (seq, _) = next_request(&mut est);
+            assert_eq!(seq, 0);
+            send(
+                &est,
+                0,
+                SessionEvent::Reply {
+                    request: 0,
+                    reply: Reply::Submitted(vec![JobId(1)]),
+                },
+            );
+            for line in 0..BEFORE {
+                send(&est, 1 + line, numbered_output(1, line));
+            }
+            acked_up_to(&mut est, 1 + BEFORE);
+            asked.send(()).unwrap();
+            let (seq, request) = next_request(&mut est);
+            assert_eq!((seq, request), (1, Request::Workers));
+            // The manager dies without answering; a new one with the same journal
+            // (and so the same id) comes up on the same port.
+            est.tx.cut();
+            drop(est);
+            let (mut est, hello) = accept(&listener);
+            let resume = hello.resume.expect("a resume");
+            assert_eq!(resume.next_event, 1 + BEFORE);
+            let w = SubmitterWelcome {
+                manager_id: MANAGER,
+                session: SESSION,
+                resumed: true,
+                restored: true,
+                next_request: 0,
+                heartbeat_interval_ms: 50,
+                heartbeat_timeout_ms: 5000,
+                reconnect_grace_ms: 20_000,
+            };
+            link::welcome(&mut est, &w, Timing::adopted(50, 5000)).unwrap();
+            let mut said = Vec::new();
+            while said.len() < 2 {
+                match next(&mut est).expect("the client's news") {
+                    SubmitterMessage::Ack { .. } => {}
+                    other => said.push(other),
+                }
+            }
+            assert_eq!(
+                said,
+                vec![
+                    SubmitterMessage::Follow {
+                        jobs: vec![JobId(1)]
+                    },
+                    SubmitterMessage::Request {
+                        seq: 1,
+                        request: Request::Workers
+                    }
+                ]
+            );
+            let mut seq = resume.next_event;
+            send(
+                &est,
+                seq,
+                SessionEvent::Reply {
+                    request: 1,
+                    reply: Reply::Workers(vec![]),
+                },
+            );
+            seq += 1;
+            // The worker sends again from the oldest output it kept.
+            for line in BEFORE - 10..LINES {
+                send(&est, seq, numbered_output(1, line));
+                seq += 1;
+            }
+            for _ in 0..2 {
+                let end = SessionEvent::Job {
+                    job: JobId(1),
+                    event: JobEvent::Finished(Outcome::Exited(0)),
+                };
+                send(&est, seq, end);
+                seq += 1;
+            }
+            loop {
+                match next(&mut est).expect("a goodbye") {
+                    SubmitterMessage::Ack { next } => assert!(next <= seq),
+                    SubmitterMessage::Goodbye => break,
+                    other => panic!("{other:?}"),
+                }
+            }
+        })
+    };
+    let client = Arc::new(connect(&listener));
+    let job = client.submit(JobSpec::new("ignored")).unwrap();
+    let waiting = std::thread::spawn(move || job.wait());
+    workers_asked
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the job's first output acknowledged");
+    let asking = {
+        let client = client.clone();
+        std::thread::spawn(move || client.workers())
+    };
+    let result = waiting.join().unwrap();
+    let want: String = (0..LINES).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(result.stdout_text(), want, "every line once, in order");
+    assert_eq!(result.outcome, Outcome::Exited(0));
+    assert!(result.warnings.is_empty(), "{:?}", result.warnings);
+    assert_eq!(asking.join().unwrap().unwrap(), vec![]);
+    Arc::into_inner(client).unwrap().close();
+    fake.join().unwrap();
 }

@@ -30,7 +30,7 @@ use dispatcher::driver::Event;
 use dispatcher::{Dispatcher, Settings};
 pub use job_handle::JobHandle;
 use queue::QueuedJob;
-use sink::JobSink;
+use sink::{Dest, JobSink};
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 pub(crate) use stdin::StdinPort;
-use submitters::{HubSettings, Submitters};
+use submitters::{HubSettings, RemoteDest, Submitters};
 
 /// How many events a job's channel holds before its sink keeps a backlog and pauses the
 /// job (about 1.9 MiB of output). The channel reserves its slots up front, so this is
@@ -475,6 +475,9 @@ impl Manager {
             journaled: journal.is_some(),
         };
         let mut d = Dispatcher::new(settings, queued, counters);
+        if let Some(j) = &journal {
+            shared.submitters.set_journal(j.clone());
+        }
         if let Some(recovered) = recovered {
             d.restore(Instant::now(), shared.restore(recovered));
         }
@@ -726,16 +729,31 @@ impl Shared {
     /// submitter's job delivers to the submitters' hub (which has its sessions back), an
     /// in-process submitter's to nobody (it runs to its end, which is journaled).
     fn restore(&self, recovered: journal::Recovered) -> Vec<dispatcher::Restored> {
-        let mut restored = Vec::with_capacity(recovered.open.len());
         let now = Instant::now();
+        let open: Vec<&journal::OpenJob> = recovered.open.iter().collect();
+        let mut ports =
+            self.submitters
+                .restore(&open, recovered.ended_detached, &recovered.remote_requests);
+        let mut restored = Vec::with_capacity(recovered.open.len());
         for open in recovered.open {
             let id = open.id;
-            let stdin = open
-                .spec
-                .interactive
-                .then(|| StdinPort::new(id, open.spec.pty.is_some(), None));
-            let (tx, _nobody) = bounded(1);
-            let sink = JobSink::with_stdin(id, tx, self.counters.clone(), stdin);
+            let sink = match open.submitter {
+                Submitter::Remote { .. } => {
+                    let dest = Dest::Remote(RemoteDest {
+                        submitters: self.submitters.clone(),
+                        job: id,
+                    });
+                    JobSink::with_stdin(id, dest, self.counters.clone(), ports.remove(&id))
+                }
+                Submitter::Local => {
+                    let stdin = open
+                        .spec
+                        .interactive
+                        .then(|| StdinPort::new(id, open.spec.pty.is_some(), None));
+                    let (tx, _nobody) = bounded(1);
+                    JobSink::with_stdin(id, tx, self.counters.clone(), stdin)
+                }
+            };
             if let Some(j) = &self.journal {
                 sink.journal_to(j.clone());
             }

@@ -253,7 +253,7 @@ pub(crate) fn on_worker_message(
             counters
                 .output_bytes
                 .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-            route.sink.push(JobEvent::Output { stream, bytes });
+            route.sink.push_output(seq, stream, bytes);
         }
         WorkerMessage::Finished {
             job,

@@ -13,7 +13,7 @@
 
 use super::stdin::StdinPort;
 use super::submitters::RemoteDest;
-use crate::job::{JobEvent, JobId, Outcome};
+use crate::job::{JobEvent, JobId, Outcome, Stream};
 use crate::journal::{Journal, Record};
 use crate::link::Outbox;
 use crate::metrics::Counters;
@@ -42,27 +42,32 @@ pub(crate) const MAX_WARNINGS: u32 = 16;
 
 /// Where a job's events go: the bounded channel of an in-process [`super::JobHandle`],
 /// or the sessions of the remote submitters that follow the job (see `submitters`).
-/// Both take an event at once or say they are full, and both can wait for room.
+/// Both take an event at once or say they are full, and both can wait for room. An
+/// output event comes with its worker's `seq`, which only a remote submitter is told
+/// (it drops output it already has after the manager restarted).
 pub(crate) enum Dest {
     Local(Sender<JobEvent>),
     Remote(RemoteDest),
 }
 
 impl Dest {
-    fn try_send(&self, ev: JobEvent) -> Result<(), TrySendError<JobEvent>> {
+    fn try_send(&self, ev: JobEvent, seq: Option<u64>) -> Result<(), TrySendError<JobEvent>> {
         match self {
             Dest::Local(tx) => tx.try_send(ev),
-            Dest::Remote(r) => r.try_send(ev),
+            Dest::Remote(r) => r.try_send(ev, seq),
         }
     }
 
-    fn send(&self, ev: JobEvent) -> Result<(), SendError<JobEvent>> {
+    fn send(&self, ev: JobEvent, seq: Option<u64>) -> Result<(), SendError<JobEvent>> {
         match self {
             Dest::Local(tx) => tx.send(ev),
-            Dest::Remote(r) => r.send(ev),
+            Dest::Remote(r) => r.send(ev, seq),
         }
     }
 }
+
+/// An event on its way, with the worker's `seq` of an output message.
+type Numbered = (JobEvent, Option<u64>);
 
 impl From<Sender<JobEvent>> for Dest {
     fn from(tx: Sender<JobEvent>) -> Dest {
@@ -85,7 +90,7 @@ pub(crate) struct JobSink {
 
 #[derive(Default)]
 struct State {
-    backlog: VecDeque<JobEvent>,
+    backlog: VecDeque<Numbered>,
     /// What the backlog holds, counted as [`MAX_BACKLOG_BYTES`] is.
     backlog_bytes: usize,
     pumping: bool,
@@ -174,6 +179,7 @@ impl JobSink {
             self.push_locked(
                 &mut s,
                 JobEvent::Finished(Outcome::Rejected(SUSPENDED.into())),
+                None,
             )
         };
         self.hand_over(inline);
@@ -226,13 +232,25 @@ impl JobSink {
     /// Adds an event; never blocks. After `Finished`, nothing is accepted. Warnings
     /// beyond [`MAX_WARNINGS`] are counted, and reported as one before `Finished`.
     pub(crate) fn push(self: &Arc<Self>, ev: JobEvent) {
-        let inline = self.push_locked(&mut self.lock(), ev);
+        let inline = self.push_locked(&mut self.lock(), ev, None);
+        self.hand_over(inline);
+    }
+
+    /// Adds the worker's output message `seq` (see [`JobSink::push`]).
+    pub(crate) fn push_output(self: &Arc<Self>, seq: u64, stream: Stream, bytes: Vec<u8>) {
+        let ev = JobEvent::Output { stream, bytes };
+        let inline = self.push_locked(&mut self.lock(), ev, Some(seq));
         self.hand_over(inline);
     }
 
     /// Takes an event under the lock; returns events to hand over in place (only when a
     /// delivery thread could not be started).
-    fn push_locked(self: &Arc<Self>, s: &mut State, ev: JobEvent) -> Vec<JobEvent> {
+    fn push_locked(
+        self: &Arc<Self>,
+        s: &mut State,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> Vec<Numbered> {
         let mut inline = Vec::new();
         if s.ended {
             return inline;
@@ -248,15 +266,21 @@ impl JobSink {
                 let summary = JobEvent::Warning(format!(
                     "{n} more warning(s) about this job were left out (at most {MAX_WARNINGS} are given)"
                 ));
-                self.deliver(s, summary, &mut inline);
+                self.deliver(s, summary, None, &mut inline);
             }
             _ => {}
         }
-        self.deliver(s, ev, &mut inline);
+        self.deliver(s, ev, seq, &mut inline);
         inline
     }
 
-    fn deliver(self: &Arc<Self>, s: &mut State, ev: JobEvent, inline: &mut Vec<JobEvent>) {
+    fn deliver(
+        self: &Arc<Self>,
+        s: &mut State,
+        ev: JobEvent,
+        seq: Option<u64>,
+        inline: &mut Vec<Numbered>,
+    ) {
         if let JobEvent::Finished(outcome) = &ev {
             // The one place every job's end passes exactly once: count it here, and let
             // its stdin's writers go (they hear before the end is delivered).
@@ -290,20 +314,20 @@ impl JobSink {
             return;
         }
         if !inline.is_empty() {
-            inline.push(ev);
+            inline.push((ev, seq));
             return;
         }
         if s.pumping {
             s.backlog_bytes += cost(&ev);
-            s.backlog.push_back(ev);
+            s.backlog.push_back((ev, seq));
             return;
         }
-        match self.tx.try_send(ev) {
+        match self.tx.try_send(ev, seq) {
             Ok(()) => {}
             Err(TrySendError::Disconnected(_)) => self.abandon(s),
             Err(TrySendError::Full(ev)) => {
                 s.backlog_bytes += cost(&ev);
-                s.backlog.push_back(ev);
+                s.backlog.push_back((ev, seq));
                 s.pumping = true;
                 if let Some(p) = s.producer.as_ref().filter(|_| !s.ended) {
                     p.send(ManagerMessage::Pause { job: self.job });
@@ -326,9 +350,9 @@ impl JobSink {
     }
 
     /// Hands events over in place, outside the lock (see [`JobSink::push_locked`]).
-    fn hand_over(&self, inline: Vec<JobEvent>) {
-        for ev in inline {
-            if self.tx.send(ev).is_err() {
+    fn hand_over(&self, inline: Vec<Numbered>) {
+        for (ev, seq) in inline {
+            if self.tx.send(ev, seq).is_err() {
                 break;
             }
         }
@@ -357,7 +381,7 @@ impl JobSink {
                 let mut s = self.lock();
                 match s.backlog.pop_front() {
                     Some(ev) => {
-                        s.backlog_bytes -= cost(&ev);
+                        s.backlog_bytes -= cost(&ev.0);
                         ev
                     }
                     None => {
@@ -367,7 +391,7 @@ impl JobSink {
                     }
                 }
             };
-            if self.tx.send(ev).is_err() {
+            if self.tx.send(ev.0, ev.1).is_err() {
                 let mut s = self.lock();
                 s.pumping = false;
                 self.abandon(&mut s);

@@ -35,6 +35,11 @@ struct State {
     resume_from: Option<u64>,
     /// The terminal's size asked for since the job was submitted.
     size: Option<PtySize>,
+    /// Rebuilt after the manager restarted (see [`StdinPort::restored`]): the stream
+    /// starts where the worker says it took it to, or where the writer's first bytes
+    /// start, whichever comes first and is further.
+    adopt_worker: bool,
+    adopt_writer: bool,
 }
 
 impl std::fmt::Debug for StdinPort {
@@ -53,10 +58,25 @@ impl StdinPort {
                 producer: None,
                 resume_from: None,
                 size: None,
+                adopt_worker: false,
+                adopt_writer: false,
             }),
             room: Condvar::new(),
             hub,
         })
+    }
+
+    /// The stdin of a remote job found in the journal after a restart: what the old
+    /// manager held of it is gone, so it starts where its worker (on its return) or its
+    /// submitter (sending again what it kept) says the stream is, and goes on from there.
+    pub(crate) fn restored(job: JobId, pty: bool, hub: Arc<Submitters>) -> Arc<StdinPort> {
+        let port = StdinPort::new(job, pty, Some(hub));
+        {
+            let mut s = port.lock();
+            s.adopt_worker = true;
+            s.adopt_writer = true;
+        }
+        port
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -103,6 +123,11 @@ impl StdinPort {
             Some(p) => {
                 let from = s.resume_from.take();
                 let before = s.w.taken();
+                if std::mem::take(&mut s.adopt_worker)
+                    && let Some(from) = from
+                {
+                    s.w.skip_to(from);
+                }
                 if let Err(e) = s.w.link(from) {
                     // A worker cannot have taken what was never sent: sent from what
                     // the manager knows was taken.
@@ -183,6 +208,9 @@ impl StdinPort {
     /// A remote submitter's bytes from `offset`. `Err`: it broke the protocol.
     pub(crate) fn offer(&self, offset: u64, bytes: &[u8]) -> Result<(), String> {
         let mut s = self.lock();
+        if std::mem::take(&mut s.adopt_writer) {
+            s.w.skip_to(offset);
+        }
         s.w.offer(offset, bytes)?;
         self.flush(&mut s);
         Ok(())
@@ -191,6 +219,9 @@ impl StdinPort {
     /// A remote submitter ends the stream at `offset`.
     pub(crate) fn finish_at(&self, offset: u64) -> Result<(), String> {
         let mut s = self.lock();
+        if std::mem::take(&mut s.adopt_writer) {
+            s.w.skip_to(offset);
+        }
         s.w.finish_at(offset)?;
         self.flush(&mut s);
         Ok(())
@@ -367,5 +398,62 @@ mod tests {
         // A job without a terminal has nothing to resize.
         let plain = StdinPort::new(JobId(2), false, None);
         assert!(plain.resize(PtySize { rows: 1, cols: 1 }).is_err());
+    }
+
+    #[test]
+    fn a_restored_stdin_starts_where_its_worker_or_its_writer_comes_back_and_goes_on_once() {
+        let hub = super::super::submitters::Submitters::new(
+            super::super::submitters::HubSettings {
+                grace: Duration::from_secs(10),
+                window: 1 << 20,
+                kept_output: 1 << 20,
+                keep_ended_for: Duration::from_secs(60),
+                keep_ended: 10,
+                max_sessions_per_owner: 4,
+            },
+            Arc::new(crate::link::Pace::new(
+                crate::link::Timing {
+                    heartbeat_interval: Duration::from_secs(1),
+                    heartbeat_timeout: Duration::from_secs(5),
+                },
+                Duration::from_secs(10),
+                0,
+            )),
+        );
+        let bytes = |n: usize| vec![b'x'; n];
+        // The worker comes back first, having taken 700; the writer sends again what
+        // it kept, from 400 (what the old manager last told it), and ends the stream.
+        let port = StdinPort::restored(JobId(1), false, hub.clone());
+        port.resume_from(700);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link), (vec![], None, vec![]));
+        assert_eq!(port.progress(), (700, false));
+        port.offer(400, &bytes(600)).unwrap();
+        port.finish_at(1000).unwrap();
+        assert_eq!(sent(&link), (vec![(700, 300)], Some(1000), vec![]));
+        // The writer comes back first, from 400; the worker had taken 900.
+        let port = StdinPort::restored(JobId(2), false, hub.clone());
+        port.offer(400, &bytes(600)).unwrap();
+        port.resume_from(900);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link).0, vec![(900, 100)]);
+        assert_eq!(port.progress(), (900, false));
+        // The worker had taken more than the writer's first piece reached: what the
+        // writer sends after is taken from there.
+        let port = StdinPort::restored(JobId(3), false, hub.clone());
+        port.offer(400, &bytes(60)).unwrap();
+        port.resume_from(900);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link).0, vec![]);
+        port.offer(460, &bytes(540)).unwrap();
+        assert_eq!(sent(&link).0, vec![(900, 100)]);
+        // Only the first of each says where the stream is: a later gap is still one.
+        assert!(port.offer(1200, &bytes(1)).is_err());
+        // A stdin that was not restored takes no gap at its start.
+        let plain = StdinPort::new(JobId(4), false, None);
+        assert!(plain.offer(400, &bytes(1)).is_err());
     }
 }

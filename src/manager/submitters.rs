@@ -8,6 +8,11 @@
 //! cancelled. A detached job keeps the last part of its output for whoever attaches
 //! later, and is forgotten a while after it ends.
 //!
+//! With a journal, a restarted manager rebuilds the sessions and jobs it finds there
+//! ([`Hub::restore`]): each session waits for its submitter for the grace, adopts the
+//! submitter's numbering of events when it comes back, and answers a submit the journal
+//! holds with its jobs instead of submitting them again.
+//!
 //! [`Hub`] is the state machine (sessions, the jobs they follow, what is unacknowledged,
 //! the grace), tested in memory on a clock the test moves. [`Submitters`] puts it behind
 //! a lock for the threads that feed it: each submitter's link thread ([`serve`]), the job
@@ -19,11 +24,12 @@ use super::dispatcher::driver::Event;
 use super::sink::{Dest, JobSink};
 use super::stdin::StdinPort;
 use crate::error::Error;
-use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
+use crate::job::{JobEvent, JobId, JobSpec, JobStatus, Outcome, Stream};
+use crate::journal::{self, EndedJob, Journal, OpenJob};
 use crate::link::{self, Beat, Established, Pace, Tx};
 use crate::protocol::{
     self, Reply, Request, RequestError, SessionResume, SubmitterHello, SubmitterMessage,
-    SubmitterWelcome,
+    SubmitterWelcome, ToSubmitter,
 };
 use crate::sync::{self, lock};
 use crossbeam_channel::{SendError, TrySendError};
@@ -32,7 +38,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The most bytes of unacknowledged events a session keeps for its submitter; beyond
 /// it, the output of the jobs it follows waits (their workers are paused) until it
@@ -45,6 +51,10 @@ pub(crate) const WINDOW: usize = 1 << 20;
 /// script it shows, so that the answer fits one frame.
 const MAX_LISTED_JOBS: usize = 10_000;
 const MAX_LISTED_SCRIPT: usize = 1024;
+
+/// How many jobs a restored session may be told have ended unknown beyond those the
+/// journal says it submitted (jobs it had attached to; see [`Hub::follow_again`]).
+const UNKNOWN_ENDS_SLACK: usize = 10_000;
 
 /// The most bytes of output a detached job keeps in one event (see `Kept::push`).
 const KEPT_CHUNK: usize = 64 << 10;
@@ -91,6 +101,20 @@ struct Session {
     gone_since: Option<Instant>,
     /// Attached jobs it submitted that have not ended: cancelled when it is closed.
     attached: BTreeSet<JobId>,
+    /// Rebuilt from the journal after a restart (see [`Hub::restore`]): it takes
+    /// requests with gaps (its submitter sends again each one it has no answer for),
+    /// and its welcome says `restored` until the submitter has said which jobs it
+    /// follows ([`Hub::follow_again`], then [`Hub::follows_told`]).
+    restored: bool,
+    /// The submitter came back: the numbering of events is its (for a restored
+    /// session, events are numbered provisionally from 0 until then).
+    adopted: bool,
+    /// A restored session's submitter has said which jobs it follows.
+    told_follows: bool,
+    /// How many more followed jobs it may be told have ended unknown (each is an
+    /// event kept for it beyond the window): the jobs the journal says it submitted,
+    /// and some it may have attached to.
+    unknown_ends: usize,
 }
 
 impl Session {
@@ -146,6 +170,31 @@ impl Session {
     fn full(&self, window: usize) -> bool {
         self.unacked_bytes >= window
     }
+
+    /// A restored session's submitter came back expecting event `next_event` next: the
+    /// events kept for it since the restart are numbered from there.
+    fn adopt(&mut self, next_event: u64) {
+        let kept = std::mem::take(&mut self.unacked);
+        self.unacked_bytes = 0;
+        self.next_event = next_event;
+        for (_, frame) in kept {
+            let event = match protocol::decode::<ToSubmitter>(&frame[4..]) {
+                Ok(ToSubmitter::Event { event, .. }) => event,
+                other => {
+                    log::error!("a kept submitter event does not decode: {other:?}");
+                    continue;
+                }
+            };
+            let seq = self.next_event;
+            let mut frame = Vec::new();
+            if protocol::encode_into(&mut frame, &ToSubmitter::Event { seq, event }).is_ok() {
+                self.next_event += 1;
+                self.unacked_bytes += frame.len();
+                self.unacked.push_back((seq, frame));
+            }
+        }
+        self.adopted = true;
+    }
 }
 
 /// `ToSubmitter::Event` as bincode lays it out, from borrowed parts (no copy of a job's
@@ -181,6 +230,14 @@ enum SessionEventRef<'a> {
         job: JobId,
         event: &'a JobEvent,
     },
+    Output {
+        job: JobId,
+        attempt: u32,
+        seq: u64,
+        stream: Stream,
+        #[serde(with = "protocol::byte_buf")]
+        bytes: &'a [u8],
+    },
 }
 
 /// A job that remote submitters follow.
@@ -196,6 +253,8 @@ struct Record {
     stdin: Option<Arc<StdinPort>>,
     /// The session that submitted the job.
     submitter: u64,
+    /// The attempt its output comes from (see `SessionEvent::Output`).
+    attempt: u32,
 }
 
 /// The last events of a detached job: every event but output is kept; output is kept
@@ -256,6 +315,17 @@ impl Kept {
         }
     }
 
+    /// The output a journal keeps of it: its chunks, in order.
+    fn output(&self) -> Vec<(Stream, Vec<u8>)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Output { stream, bytes } => Some((*stream, bytes.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// What a new watcher is sent: the kept events, a note of the dropped output first.
     fn replay(&self) -> Vec<JobEvent> {
         let mut out = Vec::with_capacity(self.events.len() + 1);
@@ -301,6 +371,8 @@ pub(crate) enum Pushed {
 pub(crate) struct Opened {
     pub session: u64,
     pub resumed: bool,
+    /// Resumed into a session rebuilt from the journal (see `SubmitterWelcome::restored`).
+    pub restored: bool,
     pub next_request: u64,
 }
 
@@ -322,12 +394,26 @@ pub(crate) struct Hub {
     settings: HubSettings,
     sessions: HashMap<u64, Session>,
     jobs: HashMap<JobId, Record>,
-    /// Detached jobs that ended, oldest first (each is forgotten after a while).
+    /// Detached jobs that ended, with when each is forgotten, oldest first.
     ended: VecDeque<(Instant, JobId)>,
     /// See [`Hub::take_timer_news`].
     timer_news: bool,
     /// See [`Hub::take_orphaned_stdin`].
     orphaned_stdin: Vec<Arc<StdinPort>>,
+    /// Where a detached job's kept output is recorded at its end.
+    journal: Option<Arc<dyn Journal>>,
+    /// The jobs each request of a restored session submitted, as the journal holds
+    /// them: a request sent again is answered with them (see [`Hub::answer_again`]).
+    requests: HashMap<u64, HashMap<u64, Vec<JobId>>>,
+}
+
+/// The end given to a job that a submitter follows and a restarted manager no longer
+/// knows.
+fn not_kept() -> Outcome {
+    Outcome::Rejected(
+        "the job ended before the manager restarted, and its end was not kept: its outcome is not known"
+            .into(),
+    )
 }
 
 impl Hub {
@@ -339,12 +425,133 @@ impl Hub {
             ended: VecDeque::new(),
             timer_news: false,
             orphaned_stdin: Vec::new(),
+            journal: None,
+            requests: HashMap::new(),
         }
+    }
+
+    /// Records each detached job's kept output in `journal` when the job ends.
+    pub(crate) fn set_journal(&mut self, journal: Arc<dyn Journal>) {
+        self.journal = Some(journal);
+    }
+
+    /// Rebuilds, after a restart, what the journal holds of remote submitters (called
+    /// once, before any submitter connects; `now` and `wall` are the same moment on the
+    /// two clocks):
+    ///
+    /// - each session that submitted a job of `open` or `ended`, away since now (it
+    ///   waits for its submitter for the grace, then is closed and its attached jobs are
+    ///   cancelled), with its certificate, following the open jobs it submitted;
+    /// - each open job of `open` (other submitters are skipped), attached or detached,
+    ///   at its attempt; a detached one keeps its output from now on;
+    /// - each ended detached job of `ended` (oldest end first), with its kept output and
+    ///   its outcome, for `attach` until its retention, counted from its `ended_at`;
+    /// - `remote_requests` (`(session, request, job)`, in job order): what a request sent
+    ///   again is answered with.
+    pub(crate) fn restore(
+        &mut self,
+        now: Instant,
+        wall: SystemTime,
+        open: &[&OpenJob],
+        ended: Vec<EndedJob>,
+        remote_requests: &[(u64, u64, JobId)],
+    ) {
+        let keep_for = self.settings.keep_ended_for;
+        let limit = self.settings.kept_output;
+        for job in open {
+            let journal::Submitter::Remote {
+                cert,
+                session,
+                detached,
+                ..
+            } = &job.submitter
+            else {
+                continue;
+            };
+            let s = self.restored_session(now, *session, cert);
+            if !detached {
+                s.attached.insert(job.id);
+            }
+            self.jobs.insert(
+                job.id,
+                Record {
+                    owner: cert.as_deref().map(Arc::from),
+                    detached: *detached,
+                    watchers: vec![*session],
+                    kept: detached.then(Kept::default),
+                    ended: false,
+                    stdin: None,
+                    submitter: *session,
+                    attempt: job.attempt,
+                },
+            );
+        }
+        for job in ended {
+            let journal::Submitter::Remote { cert, session, .. } = &job.submitter else {
+                continue;
+            };
+            let age = wall.duration_since(job.ended_at).unwrap_or_default();
+            let Some(left) = keep_for.checked_sub(age).filter(|d| !d.is_zero()) else {
+                continue; // kept long enough already
+            };
+            self.restored_session(now, *session, cert);
+            let mut kept = Kept::default();
+            for (stream, bytes) in job.output {
+                kept.push(&JobEvent::Output { stream, bytes }, limit);
+            }
+            kept.dropped += job.dropped;
+            kept.push(&JobEvent::Finished(job.outcome), limit);
+            self.jobs.insert(
+                job.id,
+                Record {
+                    owner: cert.as_deref().map(Arc::from),
+                    detached: true,
+                    watchers: Vec::new(),
+                    kept: Some(kept),
+                    ended: true,
+                    stdin: None,
+                    submitter: *session,
+                    attempt: 1,
+                },
+            );
+            self.ended.push_back((now + left, job.id));
+        }
+        self.forget_ended(now);
+        for &(session, request, job) in remote_requests {
+            if let Some(s) = self.sessions.get_mut(&session) {
+                s.unknown_ends += 1;
+                self.requests
+                    .entry(session)
+                    .or_default()
+                    .entry(request)
+                    .or_default()
+                    .push(job);
+            }
+        }
+    }
+
+    /// The restored session `id`, made now if it is not there yet.
+    fn restored_session(&mut self, now: Instant, id: u64, cert: &Option<Vec<u8>>) -> &mut Session {
+        self.sessions.entry(id).or_insert_with(|| Session {
+            owner: cert.as_deref().map(Arc::from),
+            link: None,
+            next_event: 0,
+            unacked: VecDeque::new(),
+            unacked_bytes: 0,
+            next_request: 0,
+            gone_since: Some(now),
+            attached: BTreeSet::new(),
+            restored: true,
+            adopted: false,
+            told_follows: false,
+            unknown_ends: UNKNOWN_ENDS_SLACK,
+        })
     }
 
     /// A connection's hello: resumes its session if it names one this manager still
     /// keeps for the same certificate, else starts a new one. What the submitter has
-    /// not received is sent again on `link` (which holds it until the welcome).
+    /// not received is sent again on `link` (which holds it until the welcome). A
+    /// restored session takes the submitter's numbering of events the first time.
     pub(crate) fn open(
         &mut self,
         owner: Owner,
@@ -360,6 +567,16 @@ impl Hub {
                 // The old connection is dead, whether or not its thread knows yet.
                 old.cut();
             }
+            if !s.adopted {
+                // Room for as many events as a session could ever number.
+                if r.next_event > u64::MAX / 2 {
+                    return Err(format!(
+                        "its resume names event {}, out of range",
+                        r.next_event
+                    ));
+                }
+                s.adopt(r.next_event);
+            }
             s.gone_since = None;
             s.ack(r.next_event.min(s.next_event));
             for (_, frame) in &s.unacked {
@@ -371,11 +588,17 @@ impl Hub {
             return Ok(Opened {
                 session: r.session,
                 resumed: true,
+                restored: s.restored && !s.told_follows,
                 next_request: s.next_request,
             });
         }
         if owner.is_some() {
-            let held = self.sessions.values().filter(|s| s.owner == owner).count();
+            // Sessions restored from the journal count once their submitter is back.
+            let held = self
+                .sessions
+                .values()
+                .filter(|s| s.owner == owner && s.adopted)
+                .count();
             let max = self.settings.max_sessions_per_owner;
             if held >= max {
                 return Err(format!(
@@ -398,11 +621,16 @@ impl Hub {
                 next_request: 0,
                 gone_since: None,
                 attached: BTreeSet::new(),
+                restored: false,
+                adopted: true,
+                told_follows: false,
+                unknown_ends: 0,
             },
         );
         Ok(Opened {
             session: id,
             resumed: false,
+            restored: false,
             next_request: 0,
         })
     }
@@ -424,6 +652,7 @@ impl Hub {
         let Some(s) = self.sessions.remove(&session) else {
             return Vec::new();
         };
+        self.requests.remove(&session);
         if let Some(l) = &s.link {
             l.close(std::net::Shutdown::Write);
         }
@@ -470,10 +699,7 @@ impl Hub {
             .filter_map(|s| s.gone_since)
             .min()
             .map(|t| t + grace);
-        let next_forget = self
-            .ended
-            .front()
-            .map(|(at, _)| *at + self.settings.keep_ended_for);
+        let next_forget = self.ended.front().map(|(at, _)| *at);
         let next = match (next_session, next_forget) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -484,7 +710,7 @@ impl Hub {
     /// Forgets the ended detached jobs kept long enough, and the oldest beyond the count.
     fn forget_ended(&mut self, now: Instant) {
         while let Some(&(at, job)) = self.ended.front() {
-            let old = now >= at + self.settings.keep_ended_for;
+            let old = now >= at;
             if !old && self.ended.len() <= self.settings.keep_ended {
                 break;
             }
@@ -521,6 +747,12 @@ impl Hub {
             std::cmp::Ordering::Less => Take::Again,
             std::cmp::Ordering::Equal => {
                 s.next_request += 1;
+                Take::New
+            }
+            // A restored session's submitter sends again the requests it has no
+            // answer for, which need not follow each other.
+            std::cmp::Ordering::Greater if s.restored => {
+                s.next_request = seq + 1;
                 Take::New
             }
             std::cmp::Ordering::Greater => Take::Gap {
@@ -562,8 +794,100 @@ impl Hub {
                 ended: false,
                 stdin: None,
                 submitter: session,
+                attempt: 1,
             },
         );
+    }
+
+    /// A request of a restored session sent again, which the journal says submitted
+    /// jobs before the restart: it is answered with them (true), and not carried out
+    /// again. The session follows them: those still running already did since the
+    /// restore; for one that has ended it is sent what the job kept (a detached job's
+    /// last output and end), or an end saying its outcome is not known.
+    pub(crate) fn answer_again(&mut self, session: u64, request: u64) -> bool {
+        let Some(ids) = self
+            .requests
+            .get_mut(&session)
+            .and_then(|r| r.remove(&request))
+        else {
+            return false;
+        };
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return false;
+        };
+        s.emit(SessionEventRef::Reply {
+            request,
+            reply: &Reply::Submitted(ids.clone()),
+        });
+        for job in ids {
+            match self.jobs.get_mut(&job) {
+                Some(r) if r.ended => {
+                    for ev in r.kept.as_ref().map(Kept::replay).unwrap_or_default() {
+                        s.emit(SessionEventRef::Job { job, event: &ev });
+                    }
+                }
+                Some(r) => {
+                    if !r.watchers.contains(&session) {
+                        r.watchers.push(session);
+                    }
+                }
+                None => s.emit(SessionEventRef::Job {
+                    job,
+                    event: &JobEvent::Finished(not_kept()),
+                }),
+            }
+        }
+        true
+    }
+
+    /// The jobs a restored session's submitter follows (`SubmitterMessage::Follow`):
+    /// the session gets their events from now on; a job that has ended is sent its end
+    /// (kept, or not known: only in a restored session, at most as many as it may be
+    /// told of).
+    pub(crate) fn follow_again(&mut self, session: u64, jobs: &[JobId]) {
+        let Some(s) = self.sessions.get_mut(&session) else {
+            return;
+        };
+        for &job in jobs {
+            match self.jobs.get_mut(&job) {
+                Some(r) if r.owner != s.owner => {
+                    log::warn!(
+                        "a submitter asked to follow job {job}, which another certificate submitted (ignored)"
+                    );
+                }
+                Some(r) if r.ended => {
+                    let end = r.kept.as_ref().and_then(|k| k.events.back());
+                    let end = match end {
+                        Some(ev @ JobEvent::Finished(_)) => ev.clone(),
+                        _ => JobEvent::Finished(not_kept()),
+                    };
+                    s.emit(SessionEventRef::Job { job, event: &end });
+                }
+                Some(r) => {
+                    if !r.watchers.contains(&session) {
+                        r.watchers.push(session);
+                    }
+                }
+                None if s.unknown_ends > 0 => {
+                    s.unknown_ends -= 1;
+                    s.emit(SessionEventRef::Job {
+                        job,
+                        event: &JobEvent::Finished(not_kept()),
+                    });
+                }
+                None => log::debug!(
+                    "a submitter asked to follow job {job}, which this manager does not know (ignored)"
+                ),
+            }
+        }
+    }
+
+    /// A restored session's submitter has sent something after its `Follow`s: later
+    /// returns are ordinary resumes.
+    pub(crate) fn follows_told(&mut self, session: u64) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.told_follows = true;
+        }
     }
 
     /// An interactive job's stdin, for the session that submitted it to write.
@@ -678,7 +1002,20 @@ impl Hub {
     }
 
     /// A job event, from the job's sink (in the job's order).
+    #[cfg(test)]
     pub(crate) fn push(&mut self, now: Instant, job: JobId, ev: JobEvent) -> Pushed {
+        self.push_numbered(now, job, ev, None)
+    }
+
+    /// The same, with the worker's `seq` of an output message (sent on to the
+    /// submitter, which drops output it already has).
+    pub(crate) fn push_numbered(
+        &mut self,
+        now: Instant,
+        job: JobId,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> Pushed {
         let Some(r) = self.jobs.get_mut(&job) else {
             return Pushed::Gone(ev);
         };
@@ -704,9 +1041,22 @@ impl Hub {
         if full {
             return Pushed::Full(ev);
         }
+        if let JobEvent::Requeued { attempt } = ev {
+            r.attempt = attempt;
+        }
+        let event = match (&ev, seq) {
+            (JobEvent::Output { stream, bytes }, Some(seq)) => SessionEventRef::Output {
+                job,
+                attempt: r.attempt,
+                seq,
+                stream: *stream,
+                bytes,
+            },
+            _ => SessionEventRef::Job { job, event: &ev },
+        };
         for w in &r.watchers {
             if let Some(s) = sessions.get_mut(w) {
-                s.emit(SessionEventRef::Job { job, event: &ev });
+                s.emit(event);
             }
         }
         if let Some(k) = &mut r.kept {
@@ -721,8 +1071,16 @@ impl Hub {
             }
             if r.detached {
                 r.watchers.clear();
+                if let (Some(j), Some(k)) = (&self.journal, &r.kept) {
+                    j.record(vec![journal::Record::Kept {
+                        id: job,
+                        output: k.output(),
+                        dropped: k.dropped,
+                    }]);
+                }
                 self.timer_news |= self.ended.is_empty();
-                self.ended.push_back((now, job));
+                self.ended
+                    .push_back((now + self.settings.keep_ended_for, job));
                 // The count is kept at once; the time, by the timer.
                 self.forget_ended(now);
             } else {
@@ -763,6 +1121,45 @@ impl Submitters {
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, Hub> {
         lock(&self.hub)
+    }
+
+    /// Records each detached job's kept output in `journal` at its end.
+    pub(crate) fn set_journal(&self, journal: Arc<dyn Journal>) {
+        self.lock().set_journal(journal);
+    }
+
+    /// After a restart, before the manager's threads start: rebuilds the sessions and
+    /// jobs of remote submitters that the journal holds (see [`Hub::restore`]; `open`
+    /// may hold every open job, those of other submitters are skipped). Returns the
+    /// stdin of each open interactive job, already given to its session: the job's
+    /// sink is built with it (`JobSink::with_stdin(id, Dest::Remote(RemoteDest { .. }),
+    /// counters, stdin)`). Such a stdin takes up where the first of the job's worker
+    /// and its submitter to come back says it is.
+    pub(crate) fn restore(
+        self: &Arc<Self>,
+        open: &[&OpenJob],
+        ended: Vec<EndedJob>,
+        remote_requests: &[(u64, u64, JobId)],
+    ) -> HashMap<JobId, Arc<StdinPort>> {
+        let mut hub = self.lock();
+        hub.restore(
+            Instant::now(),
+            SystemTime::now(),
+            open,
+            ended,
+            remote_requests,
+        );
+        let mut ports = HashMap::new();
+        for job in open {
+            if job.spec.interactive && hub.jobs.contains_key(&job.id) {
+                let port = StdinPort::restored(job.id, job.spec.pty.is_some(), self.clone());
+                hub.give_stdin(job.id, port.clone());
+                ports.insert(job.id, port);
+            }
+        }
+        drop(hub);
+        self.wake.notify_all();
+        ports
     }
 
     /// Ends sessions past their grace (cancelling their attached jobs through
@@ -832,9 +1229,14 @@ pub(crate) struct RemoteDest {
 }
 
 impl RemoteDest {
-    pub(crate) fn try_send(&self, ev: JobEvent) -> std::result::Result<(), TrySendError<JobEvent>> {
+    /// `seq`: the worker's number of an output message.
+    pub(crate) fn try_send(
+        &self,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> std::result::Result<(), TrySendError<JobEvent>> {
         let mut hub = self.submitters.lock();
-        match hub.push(Instant::now(), self.job, ev) {
+        match hub.push_numbered(Instant::now(), self.job, ev, seq) {
             Pushed::Taken => {
                 if hub.take_timer_news() {
                     self.submitters.wake.notify_all();
@@ -848,7 +1250,11 @@ impl RemoteDest {
 
     /// Waits for room (the submitter's acknowledgement, its session's end, or the
     /// manager's shutdown, which drops the event).
-    pub(crate) fn send(&self, ev: JobEvent) -> std::result::Result<(), SendError<JobEvent>> {
+    pub(crate) fn send(
+        &self,
+        ev: JobEvent,
+        seq: Option<u64>,
+    ) -> std::result::Result<(), SendError<JobEvent>> {
         let s = &self.submitters;
         let mut hub = s.lock();
         let mut ev = ev;
@@ -856,7 +1262,7 @@ impl RemoteDest {
             if s.closing.load(Ordering::Acquire) {
                 return Err(SendError(ev));
             }
-            match hub.push(Instant::now(), self.job, ev) {
+            match hub.push_numbered(Instant::now(), self.job, ev, seq) {
                 Pushed::Taken => {
                     if hub.take_timer_news() {
                         s.wake.notify_all();
@@ -880,6 +1286,9 @@ struct Conn<'a> {
     session: u64,
     owner: Owner,
     label: String,
+    /// A restored session whose submitter has not sent anything after its `Follow`s
+    /// yet on this link.
+    following_told: std::cell::Cell<bool>,
 }
 
 /// A submitter's link, after its hello: the session (new or resumed), the welcome,
@@ -920,12 +1329,18 @@ pub(crate) fn serve(
         manager_id: shared.manager_id,
         session: opened.session,
         resumed: opened.resumed,
+        restored: opened.restored,
         next_request: opened.next_request,
         heartbeat_interval_ms: ms(paced.timing.heartbeat_interval),
         heartbeat_timeout_ms: ms(paced.timing.heartbeat_timeout),
         reconnect_grace_ms: ms(paced.grace),
     };
-    if opened.resumed {
+    if opened.restored {
+        log::info!(
+            "{label} is back (session {:x}, restored from the journal)",
+            opened.session
+        );
+    } else if opened.resumed {
         log::info!("{label} is back (session {:x})", opened.session);
     } else {
         log::info!("{label} connected (session {:x})", opened.session);
@@ -936,6 +1351,7 @@ pub(crate) fn serve(
         session: opened.session,
         owner,
         label,
+        following_told: std::cell::Cell::new(!opened.restored),
     };
     let live = est.tx.live().clone();
     let started = link::welcome(&mut est, &welcome, paced.timing);
@@ -977,6 +1393,11 @@ pub(crate) fn serve(
 impl Conn<'_> {
     /// One message; `Ok(false)` ends the link (a goodbye), `Err` closes it.
     fn on_message(&self, msg: SubmitterMessage) -> std::result::Result<bool, String> {
+        if !self.following_told.get() && !matches!(msg, SubmitterMessage::Follow { .. }) {
+            // Every `Follow` it had came before this.
+            self.following_told.set(true);
+            self.subs.lock().follows_told(self.session);
+        }
         match msg {
             // The hub's lock is let go before the job's stdin is taken (whose lock may
             // be held when the hub's is taken).
@@ -1021,6 +1442,17 @@ impl Conn<'_> {
                     }
                 }
                 self.on_request(seq, request);
+                Ok(true)
+            }
+            SubmitterMessage::Follow { jobs } => {
+                if jobs.len() > protocol::MAX_FOLLOW {
+                    return Err(format!(
+                        "it named {} jobs to follow in one message (at most {} allowed)",
+                        jobs.len(),
+                        protocol::MAX_FOLLOW
+                    ));
+                }
+                self.subs.lock().follow_again(self.session, &jobs);
                 Ok(true)
             }
             SubmitterMessage::Ack { next } => {
@@ -1133,6 +1565,10 @@ impl Conn<'_> {
     /// follows; answers with their ids before any of their events.
     fn submit(&self, seq: u64, spec: JobSpec, detached: bool, array: Option<(u64, u64)>) {
         let detached = detached || spec.detached;
+        // Sent again after a restart, and in the journal: answered with its jobs.
+        if self.subs.lock().answer_again(self.session, seq) {
+            return;
+        }
         let count = match array {
             None => 1,
             Some((first, last)) if first <= last && last - first < MAX_ARRAY => {
@@ -1166,7 +1602,37 @@ impl Conn<'_> {
         }
         let first = s.next_job.fetch_add(count as u64, Ordering::Relaxed);
         let ids: Vec<JobId> = (0..count as u64).map(|i| JobId(first + i)).collect();
-        let mut jobs = Vec::with_capacity(count);
+        let specs: Vec<JobSpec> = (0..count)
+            .map(|i| {
+                let mut spec = spec.clone();
+                if let Some((first_index, _)) = array {
+                    spec.env.insert(
+                        "WORKPOOL_ARRAY_INDEX".into(),
+                        (first_index + i as u64).to_string(),
+                    );
+                }
+                spec
+            })
+            .collect();
+        // Durable before anything is said or queued: a job is accepted once the
+        // journal keeps it.
+        let accepted: Vec<(JobId, &JobSpec)> = ids.iter().copied().zip(&specs).collect();
+        let submitter = crate::journal::Submitter::Remote {
+            cert: self.owner.as_deref().map(<[u8]>::to_vec),
+            session: self.session,
+            request: seq,
+            detached,
+        };
+        if let Err(e) = s.write_accepted(&accepted, &submitter) {
+            s.queued.fetch_sub(count, Ordering::Relaxed);
+            let why = match e {
+                Error::Journal(why) => why,
+                other => other.to_string(),
+            };
+            log::error!("{}: {count} job(s) not accepted: {why}", self.label);
+            self.reply(seq, Reply::Failed(RequestError::Journal(why)));
+            return;
+        }
         let ports: Vec<Option<Arc<StdinPort>>> = ids
             .iter()
             .map(|&id| {
@@ -1184,23 +1650,12 @@ impl Conn<'_> {
             }
             hub.reply(self.session, seq, &Reply::Submitted(ids.clone()));
         }
-        for (i, &id) in ids.iter().enumerate() {
-            let mut spec = spec.clone();
-            if let Some((first_index, _)) = array {
-                spec.env.insert(
-                    "WORKPOOL_ARRAY_INDEX".into(),
-                    (first_index + i as u64).to_string(),
-                );
-            }
+        for ((id, spec), port) in ids.into_iter().zip(specs).zip(ports) {
             let dest = RemoteDest {
                 submitters: self.subs.clone(),
                 job: id,
             };
-            let sink =
-                JobSink::with_stdin(id, Dest::Remote(dest), s.counters.clone(), ports[i].clone());
-            jobs.push((id, spec, sink));
-        }
-        for (id, spec, sink) in jobs {
+            let sink = JobSink::with_stdin(id, Dest::Remote(dest), s.counters.clone(), port);
             if s.enqueue(id, spec, sink.clone()).is_err() {
                 sink.push(JobEvent::Finished(crate::job::Outcome::Rejected(
                     "the manager shut down".into(),
@@ -1282,6 +1737,9 @@ mod tests {
             .into_iter()
             .filter_map(|(_, e)| match e {
                 SessionEvent::Job { event, .. } => Some(event),
+                SessionEvent::Output { stream, bytes, .. } => {
+                    Some(JobEvent::Output { stream, bytes })
+                }
                 SessionEvent::Reply { .. } | SessionEvent::Stdin { .. } => None,
             })
             .collect()
@@ -1446,6 +1904,7 @@ mod tests {
             Opened {
                 session: s,
                 resumed: true,
+                restored: false,
                 next_request: 1
             }
         );
@@ -1718,6 +2177,545 @@ mod tests {
             vec![out(7), JobEvent::Finished(Outcome::Exited(0))]
         );
     }
+
+    // ---- after a restart: what the journal held ----
+
+    fn remote(cert: &str, session: u64, request: u64, detached: bool) -> journal::Submitter {
+        journal::Submitter::Remote {
+            cert: Some(cert.as_bytes().to_vec()),
+            session,
+            request,
+            detached,
+        }
+    }
+
+    fn open_job(id: u64, submitter: journal::Submitter, attempt: u32) -> OpenJob {
+        OpenJob {
+            id: JobId(id),
+            spec: JobSpec::new("true"),
+            submitter,
+            attempt,
+            place: journal::Place::Queued,
+        }
+    }
+
+    fn resume(session: u64, next_event: u64) -> SessionResume {
+        SessionResume {
+            manager_id: 1,
+            session,
+            next_event,
+        }
+    }
+
+    #[test]
+    fn a_restored_session_adopts_the_submitter_s_numbering_and_gets_what_happened_while_it_was_away()
+     {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        let a = open_job(7, remote("a", 40, 3, false), 2);
+        let b = open_job(8, remote("a", 40, 4, true), 1);
+        let local = open_job(9, journal::Submitter::Local, 1);
+        hub.restore(t0, wall, &[&a, &b, &local], vec![], &[]);
+        // Its jobs are its certificate's, whoever comes first; a job submitted in the
+        // manager's process is not the hub's.
+        assert_eq!(hub.check_owner(&owner("a"), JobId(7)), Ok(()));
+        assert_eq!(
+            hub.check_owner(&owner("b"), JobId(8)),
+            Err(RequestError::NotYours(JobId(8)))
+        );
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(9)),
+            Err(RequestError::NoSuchJob(JobId(9)))
+        );
+        // While its submitter is away, the session keeps its jobs' events: output
+        // numbered by the worker, at the attempt the journal had.
+        let numbered = |seq| JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: vec![b'0' + seq as u8],
+        };
+        assert_eq!(
+            hub.push_numbered(t0, JobId(7), numbered(4), Some(4)),
+            Pushed::Taken
+        );
+        assert_eq!(
+            hub.push(t0, JobId(8), JobEvent::Finished(Outcome::Exited(0))),
+            Pushed::Taken
+        );
+        // Another certificate naming the session gets a new one.
+        let (tx, _) = link();
+        let other = hub.open(owner("b"), tx, Some(&resume(40, 0)), 1).unwrap();
+        assert!(!other.resumed && other.session != 40);
+        // The submitter comes back having received 12 events: the kept ones are 12, 13.
+        let (tx, o) = link();
+        let back = hub.open(owner("a"), tx.clone(), Some(&resume(40, 12)), 1);
+        assert_eq!(
+            back,
+            Ok(Opened {
+                session: 40,
+                resumed: true,
+                restored: true,
+                next_request: 0
+            })
+        );
+        assert_eq!(
+            events(&o),
+            vec![
+                (
+                    12,
+                    SessionEvent::Output {
+                        job: JobId(7),
+                        attempt: 2,
+                        seq: 4,
+                        stream: Stream::Stdout,
+                        bytes: b"4".to_vec()
+                    }
+                ),
+                (
+                    13,
+                    SessionEvent::Job {
+                        job: JobId(8),
+                        event: JobEvent::Finished(Outcome::Exited(0))
+                    }
+                )
+            ]
+        );
+        // Live events go on from there; a retry's output comes with its attempt.
+        hub.push(t0, JobId(7), JobEvent::Requeued { attempt: 3 });
+        hub.push_numbered(t0, JobId(7), numbered(0), Some(0));
+        let got = events(&o);
+        assert_eq!(got[0].0, 14);
+        assert!(matches!(
+            got[1],
+            (
+                15,
+                SessionEvent::Output {
+                    attempt: 3,
+                    seq: 0,
+                    ..
+                }
+            )
+        ));
+        // Until it has said which jobs it follows, a return is still `restored`; then
+        // it is an ordinary resume, and its numbering is kept.
+        hub.disconnected(t0, 40, &tx);
+        let (tx, o) = link();
+        let again = hub.open(owner("a"), tx.clone(), Some(&resume(40, 15)), 1);
+        assert!(again.as_ref().is_ok_and(|o| o.restored), "{again:?}");
+        assert_eq!(events(&o).iter().map(|e| e.0).collect::<Vec<_>>(), [15]);
+        hub.follow_again(40, &[JobId(7)]);
+        hub.disconnected(t0, 40, &tx);
+        let (tx, _o) = link();
+        let again = hub.open(owner("a"), tx.clone(), Some(&resume(40, 16)), 1);
+        assert!(
+            again.is_ok_and(|o| o.restored),
+            "until it sends something else"
+        );
+        hub.follow_again(40, &[JobId(7)]);
+        hub.follows_told(40);
+        hub.disconnected(t0, 40, &tx);
+        let (tx, o) = link();
+        let last = hub.open(owner("a"), tx, Some(&resume(40, 16)), 1).unwrap();
+        assert!(last.resumed && !last.restored);
+        assert!(events(&o).is_empty());
+    }
+
+    #[test]
+    fn a_restored_session_whose_submitter_does_not_come_back_cancels_its_attached_jobs_after_the_grace()
+     {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        let jobs = [
+            open_job(1, remote("a", 40, 0, false), 1),
+            open_job(2, remote("a", 40, 1, true), 1),
+            open_job(3, remote("a", 41, 0, false), 1),
+        ];
+        hub.restore(t0, wall, &jobs.iter().collect::<Vec<_>>(), vec![], &[]);
+        // Away since the restore: not counted against its certificate meanwhile.
+        for _ in 0..3 {
+            let (tx, _) = link();
+            assert!(hub.open(owner("a"), tx, None, 1).is_ok());
+        }
+        let (cancel, next) = hub.tick(t0 + Duration::from_secs(9));
+        assert!(cancel.is_empty());
+        assert_eq!(next, Some(t0 + Duration::from_secs(10)));
+        // Session 41 comes back in time; 40 does not: its attached job is cancelled,
+        // its detached one runs on.
+        let (tx, _o) = link();
+        assert!(
+            hub.open(owner("a"), tx, Some(&resume(41, 0)), 1)
+                .unwrap()
+                .resumed
+        );
+        let (mut cancel, _) = hub.tick(t0 + Duration::from_secs(10));
+        cancel.sort();
+        assert_eq!(cancel, vec![JobId(1)]);
+        assert_eq!(hub.push(t0, JobId(2), out(5)), Pushed::Taken);
+        assert_eq!(hub.check_owner(&owner("a"), JobId(3)), Ok(()));
+    }
+
+    #[test]
+    fn a_request_sent_again_to_a_restored_session_is_answered_from_the_journal_and_not_taken_twice()
+    {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        // Request 2 submitted job 5 (running) and job 6 (an array; it ended, attached:
+        // its end was not kept); request 4, detached job 8, ended and kept.
+        let running = open_job(5, remote("a", 40, 2, false), 1);
+        let ended = EndedJob {
+            id: JobId(8),
+            submitter: remote("a", 40, 4, true),
+            outcome: Outcome::Exited(3),
+            output: vec![(Stream::Stdout, b"kept".to_vec())],
+            dropped: 0,
+            ended_at: wall - Duration::from_secs(5),
+        };
+        let requests = [(40, 2, JobId(5)), (40, 2, JobId(6)), (40, 4, JobId(8))];
+        hub.restore(t0, wall, &[&running], vec![ended], &requests);
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 30)), 1).unwrap();
+        hub.follow_again(40, &[]);
+        // The submitter sends again what it has no answer for: 2, 4 and 5 (a new one).
+        assert_eq!(hub.take_request(40, 2), Take::New);
+        assert!(hub.answer_again(40, 2));
+        assert_eq!(hub.take_request(40, 4), Take::New);
+        assert!(hub.answer_again(40, 4));
+        assert_eq!(hub.take_request(40, 5), Take::New);
+        assert!(!hub.answer_again(40, 5), "not in the journal: carried out");
+        // Once taken, a request is not taken again.
+        assert_eq!(hub.take_request(40, 4), Take::Again);
+        assert!(!hub.answer_again(40, 2), "answered once");
+        let got = events(&o);
+        assert_eq!(
+            got,
+            vec![
+                (
+                    30,
+                    SessionEvent::Reply {
+                        request: 2,
+                        reply: Reply::Submitted(vec![JobId(5), JobId(6)])
+                    }
+                ),
+                (
+                    31,
+                    SessionEvent::Job {
+                        job: JobId(6),
+                        event: JobEvent::Finished(not_kept())
+                    }
+                ),
+                (
+                    32,
+                    SessionEvent::Reply {
+                        request: 4,
+                        reply: Reply::Submitted(vec![JobId(8)])
+                    }
+                ),
+                (
+                    33,
+                    SessionEvent::Job {
+                        job: JobId(8),
+                        event: out_bytes(b"kept")
+                    }
+                ),
+                (
+                    34,
+                    SessionEvent::Job {
+                        job: JobId(8),
+                        event: JobEvent::Finished(Outcome::Exited(3))
+                    }
+                ),
+            ]
+        );
+        // The running job was followed since the restore, and still is.
+        hub.push(t0, JobId(5), JobEvent::Started { worker: "w".into() });
+        assert_eq!(
+            job_events(&o),
+            vec![JobEvent::Started { worker: "w".into() }]
+        );
+        // An ordinary session takes requests in order only.
+        let (tx, _o) = link();
+        let plain = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        assert_eq!(hub.take_request(plain, 1), Take::Gap { expected: 0 });
+        assert!(!hub.answer_again(plain, 0));
+    }
+
+    fn out_bytes(b: &[u8]) -> JobEvent {
+        JobEvent::Output {
+            stream: Stream::Stdout,
+            bytes: b.to_vec(),
+        }
+    }
+
+    #[test]
+    fn follows_named_after_a_restart_get_their_jobs_events_or_their_ends() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        // Job 5 was attached to by session 40 (the journal does not know that), job 6
+        // is another certificate's, job 8 ended detached, job 9 is not known.
+        let running = open_job(5, remote("a", 39, 0, true), 1);
+        let theirs = open_job(6, remote("b", 50, 0, true), 1);
+        let mine = open_job(7, remote("a", 40, 0, false), 1);
+        let ended = EndedJob {
+            id: JobId(8),
+            submitter: remote("a", 39, 1, true),
+            outcome: Outcome::Cancelled,
+            output: vec![],
+            dropped: 0,
+            ended_at: wall,
+        };
+        hub.restore(t0, wall, &[&running, &theirs, &mine], vec![ended], &[]);
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 0)), 1).unwrap();
+        hub.follow_again(40, &[JobId(5), JobId(6), JobId(8), JobId(9)]);
+        assert_eq!(
+            job_events(&o),
+            vec![
+                JobEvent::Finished(Outcome::Cancelled),
+                JobEvent::Finished(not_kept())
+            ]
+        );
+        for j in [5, 6, 7] {
+            hub.push(t0, JobId(j), JobEvent::Started { worker: "w".into() });
+        }
+        let got: Vec<JobId> = events(&o)
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                SessionEvent::Job { job, .. } => Some(job),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(got, vec![JobId(5), JobId(7)], "not another's job");
+        // Ends of jobs it does not know: at most as many as the journal says the
+        // session submitted, and some more; none in an ordinary session.
+        let mut hub = Hub::new(settings());
+        let mine = open_job(1, remote("a", 40, 0, false), 1);
+        hub.restore(
+            t0,
+            wall,
+            &[&mine],
+            vec![],
+            &[(40, 0, JobId(1)), (40, 1, JobId(2))],
+        );
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 0)), 1).unwrap();
+        let many: Vec<JobId> = (1000..1000 + UNKNOWN_ENDS_SLACK as u64 + 5)
+            .map(JobId)
+            .collect();
+        hub.follow_again(40, &many);
+        hub.follow_again(40, &many);
+        assert_eq!(job_events(&o).len(), UNKNOWN_ENDS_SLACK + 2);
+        let (tx, o) = link();
+        let plain = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.follow_again(plain, &many);
+        assert!(events(&o).is_empty());
+    }
+
+    #[test]
+    fn an_ended_detached_job_is_attachable_after_a_restart_until_its_retention_from_its_end() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings()); // kept 60 s, at most 2, 100 bytes of output
+        let ended = |id: u64, ago: u64, output: Vec<(Stream, Vec<u8>)>, dropped| EndedJob {
+            id: JobId(id),
+            submitter: remote("a", 40, id, true),
+            outcome: Outcome::Exited(id as i32),
+            output,
+            dropped,
+            ended_at: wall - Duration::from_secs(ago),
+        };
+        hub.restore(
+            t0,
+            wall,
+            &[],
+            vec![
+                ended(1, 60, vec![], 0),
+                ended(
+                    2,
+                    50,
+                    vec![
+                        (Stream::Stdout, b"out".to_vec()),
+                        (Stream::Stderr, b"err".to_vec()),
+                    ],
+                    1000,
+                ),
+                ended(3, 0, vec![], 0),
+            ],
+            &[],
+        );
+        // Job 1 was kept its 60 s already; job 2 ended 50 s ago: 10 s left.
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(1)),
+            Err(RequestError::NoSuchJob(JobId(1)))
+        );
+        let (tx, o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.attach(s, 0, JobId(2));
+        let got = job_events(&o);
+        assert!(
+            matches!(&got[0], JobEvent::Warning(w) if w.contains("1000 bytes of earlier output were not kept")),
+            "{got:?}"
+        );
+        assert_eq!(
+            got[1..],
+            [
+                out_bytes(b"out"),
+                JobEvent::Output {
+                    stream: Stream::Stderr,
+                    bytes: b"err".to_vec()
+                },
+                JobEvent::Finished(Outcome::Exited(2))
+            ]
+        );
+        assert_eq!(hub.tick(t0).1, Some(t0 + Duration::from_secs(10)));
+        hub.tick(t0 + Duration::from_secs(10));
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(2)),
+            Err(RequestError::NoSuchJob(JobId(2)))
+        );
+        assert_eq!(hub.check_owner(&owner("a"), JobId(3)), Ok(()));
+        // The count holds across the restart: two more ended jobs forget job 3.
+        for j in [10, 11] {
+            hub.follow_new(s, JobId(j), true);
+            hub.push(t0, JobId(j), JobEvent::Finished(Outcome::Exited(0)));
+        }
+        assert_eq!(
+            hub.check_owner(&owner("a"), JobId(3)),
+            Err(RequestError::NoSuchJob(JobId(3)))
+        );
+    }
+
+    #[test]
+    fn a_detached_job_s_kept_output_goes_to_the_journal_at_its_end_and_comes_back_after_a_restart()
+    {
+        let retention = journal::Retention {
+            keep_ended_for: Duration::from_secs(60),
+            keep_ended: 2,
+        };
+        let j = Arc::new(journal::MemoryJournal::new(retention));
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        hub.set_journal(j.clone());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        // What the manager writes around the hub: the job accepted, then its end.
+        let spec = JobSpec::new("seq 100");
+        j.write(vec![journal::Record::Accepted {
+            id: JobId(1),
+            spec,
+            submitter: remote("a", s, 0, true),
+        }])
+        .unwrap();
+        hub.follow_new(s, JobId(1), true);
+        for _ in 0..3 {
+            hub.push_numbered(t0, JobId(1), out(60), Some(0));
+        }
+        j.record(vec![journal::Record::Ended {
+            id: JobId(1),
+            outcome: Outcome::Exited(4),
+        }]);
+        hub.push(t0, JobId(1), JobEvent::Finished(Outcome::Exited(4)));
+        // A new manager finds it: kept output (the last 100 bytes) and end.
+        let recovered = j.recovered();
+        assert_eq!(recovered.ended_detached.len(), 1);
+        assert_eq!(recovered.ended_detached[0].dropped, 80);
+        assert_eq!(recovered.remote_requests, vec![(s, 0, JobId(1))]);
+        let mut hub = Hub::new(settings());
+        hub.restore(
+            t0,
+            SystemTime::now(),
+            &[],
+            recovered.ended_detached,
+            &recovered.remote_requests,
+        );
+        let (tx, o) = link();
+        let again = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.attach(again, 0, JobId(1));
+        let got = job_events(&o);
+        let kept: usize = got
+            .iter()
+            .map(|e| match e {
+                JobEvent::Output { bytes, .. } => bytes.len(),
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(kept, 100);
+        assert!(matches!(&got[0], JobEvent::Warning(w) if w.contains("80 bytes")));
+        assert_eq!(got.last(), Some(&JobEvent::Finished(Outcome::Exited(4))));
+    }
+
+    #[test]
+    fn output_held_back_for_a_full_window_keeps_its_worker_s_numbers() {
+        let pace = Arc::new(Pace::new(
+            crate::link::Timing {
+                heartbeat_interval: Duration::from_secs(1),
+                heartbeat_timeout: Duration::from_secs(5),
+            },
+            Duration::from_secs(10),
+            0,
+        ));
+        let subs = Submitters::new(settings(), pace); // a window of 1000 bytes
+        let (tx, o) = link();
+        let s = subs.lock().open(owner("a"), tx, None, 1).unwrap().session;
+        subs.lock().follow_new(s, JobId(1), false);
+        let dest = Dest::Remote(RemoteDest {
+            submitters: subs.clone(),
+            job: JobId(1),
+        });
+        let sink = JobSink::with_stdin(JobId(1), dest, Arc::default(), None);
+        // The second fills the window: the rest wait in the sink's backlog.
+        for seq in 0..5 {
+            sink.push_output(seq, Stream::Stdout, vec![b'x'; 600]);
+        }
+        sink.push(JobEvent::Finished(Outcome::Exited(0)));
+        let mut got: Vec<SessionEvent> = events(&o).into_iter().map(|(_, e)| e).collect();
+        assert_eq!(got.len(), 2, "held back until acknowledged: {got:?}");
+        subs.lock().ack(s, 2);
+        subs.room.notify_all();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !matches!(
+            got.last(),
+            Some(SessionEvent::Job {
+                event: JobEvent::Finished(_),
+                ..
+            })
+        ) {
+            assert!(Instant::now() < deadline, "only {got:?} came");
+            let new = events(&o);
+            if let Some(&(last, _)) = new.last() {
+                subs.lock().ack(s, last + 1);
+                subs.room.notify_all();
+            }
+            got.extend(new.into_iter().map(|(_, e)| e));
+            std::thread::yield_now();
+        }
+        let numbers: Vec<u64> = got
+            .iter()
+            .filter_map(|e| match e {
+                SessionEvent::Output {
+                    attempt: 1, seq, ..
+                } => Some(*seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(numbers, vec![0, 1, 2, 3, 4]);
+        assert_eq!(got.len(), 6, "{got:?}");
+    }
+
+    #[test]
+    fn a_resume_naming_an_event_out_of_range_is_refused() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let job = open_job(1, remote("a", 40, 0, false), 1);
+        hub.restore(t0, SystemTime::now(), &[&job], vec![], &[]);
+        let (tx, _) = link();
+        let e = hub
+            .open(owner("a"), tx, Some(&resume(40, u64::MAX - 1)), 1)
+            .unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+    }
 }
 
 /// A submitter spoken to message by message over a real socket: the manager side as a
@@ -1809,17 +2807,23 @@ mod wire_tests {
         };
         let job = ids[0];
         let mut seen = vec![];
-        while !seen.contains(&JobEvent::Output {
+        let one = SessionEvent::Output {
+            job,
+            attempt: 1,
+            seq: 0,
             stream: Stream::Stdout,
             bytes: b"one\n".to_vec(),
-        }) {
+        };
+        while !seen.contains(&one) {
             let (s, ev) = next(&mut est);
             assert_eq!(s, seen.len() as u64 + 1);
-            let SessionEvent::Job { job: j, event } = ev else {
-                panic!("{ev:?}")
-            };
-            assert_eq!(j, job);
-            seen.push(event);
+            match &ev {
+                SessionEvent::Job { job: j, .. } | SessionEvent::Output { job: j, .. } => {
+                    assert_eq!(*j, job)
+                }
+                other => panic!("{other:?}"),
+            }
+            seen.push(ev);
         }
         let received = seen.len() as u64 + 1;
         // The connection is cut; the session comes back with what it received.
@@ -1885,6 +2889,214 @@ mod wire_tests {
         assert_eq!(ends, 1, "{rest:?}");
         assert_eq!(m.jobs(), vec![], "no second job was queued");
         w.stop();
+        m.shutdown();
+    }
+
+    #[test]
+    fn a_submitter_comes_back_into_a_restored_session_and_its_numbering_its_requests_and_its_jobs_go_on()
+     {
+        use crate::job::JobId;
+        use crate::journal::{EndedJob, Submitter};
+        use std::time::SystemTime;
+        let m = Manager::bind(ManagerConfig::insecure_plaintext("127.0.0.1:0")).unwrap();
+        let w = Worker::start(WorkerConfig::insecure_plaintext(
+            "127.0.0.1",
+            m.local_addr().port(),
+        ))
+        .unwrap();
+        // What a journal held: session 40 submitted detached job 1008 (request 2),
+        // which ended, and attached job 1006 (request 3), whose end was not kept.
+        let kept = EndedJob {
+            id: JobId(1008),
+            submitter: Submitter::Remote {
+                cert: None,
+                session: 40,
+                request: 2,
+                detached: true,
+            },
+            outcome: Outcome::Exited(3),
+            output: vec![(Stream::Stdout, b"kept\n".to_vec())],
+            dropped: 0,
+            ended_at: SystemTime::now(),
+        };
+        let requests = [(40, 2, JobId(1008)), (40, 3, JobId(1006))];
+        let ports = m.shared.submitters.restore(&[], vec![kept], &requests);
+        assert!(ports.is_empty());
+        // The submitter comes back having received 17 events.
+        let resume = SessionResume {
+            manager_id: m.shared.manager_id,
+            session: 40,
+            next_event: 17,
+        };
+        let (mut est, welcome) = connect(&m, Some(resume.clone()));
+        assert!(welcome.resumed && welcome.restored, "{welcome:?}");
+        assert_eq!(welcome.session, 40);
+        send(&est, &SubmitterMessage::Follow { jobs: vec![] });
+        // It sends again requests 3 and 2 (in order: 2, then 3), then a new one, 5.
+        for (seq, script) in [(2, "true"), (3, "true"), (5, "echo hi")] {
+            send(
+                &est,
+                &SubmitterMessage::Request {
+                    seq,
+                    request: Request::Submit {
+                        spec: JobSpec::new(script),
+                        detached: false,
+                    },
+                },
+            );
+        }
+        let mut got = Vec::new();
+        let finished = |e: &(u64, SessionEvent)| {
+            matches!(
+                e,
+                (
+                    _,
+                    SessionEvent::Job {
+                        event: JobEvent::Finished(_),
+                        ..
+                    }
+                )
+            )
+        };
+        while got.iter().filter(|e| finished(e)).count() < 3 {
+            got.push(next(&mut est));
+        }
+        let seqs: Vec<u64> = got.iter().map(|e| e.0).collect();
+        assert_eq!(seqs, (17..17 + got.len() as u64).collect::<Vec<_>>());
+        let not_kept = || {
+            JobEvent::Finished(Outcome::Rejected(
+                "the job ended before the manager restarted, and its end was not kept: its outcome is not known"
+                    .into(),
+            ))
+        };
+        let job = |j: u64, event: JobEvent| SessionEvent::Job {
+            job: JobId(j),
+            event,
+        };
+        assert_eq!(
+            got[..6].iter().map(|e| e.1.clone()).collect::<Vec<_>>(),
+            vec![
+                SessionEvent::Reply {
+                    request: 2,
+                    reply: Reply::Submitted(vec![JobId(1008)])
+                },
+                job(
+                    1008,
+                    JobEvent::Output {
+                        stream: Stream::Stdout,
+                        bytes: b"kept\n".to_vec()
+                    }
+                ),
+                job(1008, JobEvent::Finished(Outcome::Exited(3))),
+                SessionEvent::Reply {
+                    request: 3,
+                    reply: Reply::Submitted(vec![JobId(1006)])
+                },
+                job(1006, not_kept()),
+                SessionEvent::Reply {
+                    request: 5,
+                    reply: Reply::Submitted(vec![JobId(1)])
+                },
+            ]
+        );
+        // The new one ran, its output numbered by its worker.
+        let rest: Vec<SessionEvent> = got[6..].iter().map(|e| e.1.clone()).collect();
+        assert!(
+            rest.contains(&SessionEvent::Output {
+                job: JobId(1),
+                attempt: 1,
+                seq: 0,
+                stream: Stream::Stdout,
+                bytes: b"hi\n".to_vec()
+            }),
+            "{rest:?}"
+        );
+        assert_eq!(
+            rest.last(),
+            Some(&job(1, JobEvent::Finished(Outcome::Exited(0))))
+        );
+        // The detached job ended before the restart is attachable; the job the
+        // journal answered for was not queued again.
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 6,
+                request: Request::Attach { job: JobId(1008) },
+            },
+        );
+        let (_, attached) = next(&mut est);
+        assert_eq!(
+            attached,
+            SessionEvent::Reply {
+                request: 6,
+                reply: Reply::Attached
+            }
+        );
+        assert_eq!(m.jobs(), vec![]);
+        // After a cut, it is an ordinary resume: the manager took up to request 6.
+        let received = 17 + got.len() as u64 + 1;
+        est.tx.cut();
+        drop(est);
+        let (_est, again) = connect(
+            &m,
+            Some(SessionResume {
+                next_event: received,
+                ..resume
+            }),
+        );
+        assert!(again.resumed && !again.restored, "{again:?}");
+        assert_eq!(again.next_request, 7);
+        w.stop();
+        m.shutdown();
+    }
+
+    #[test]
+    fn a_follow_naming_too_many_jobs_closes_the_link() {
+        use crate::job::JobId;
+        let m = Manager::bind(ManagerConfig::insecure_plaintext("127.0.0.1:0")).unwrap();
+        let (mut est, _) = connect(&m, None);
+        let jobs = (0..=protocol::MAX_FOLLOW as u64).map(JobId).collect();
+        send(&est, &SubmitterMessage::Follow { jobs });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            while let Some(body) = est.reader.frame().unwrap() {
+                let msg = protocol::decode::<ToSubmitter>(body).unwrap();
+                assert_eq!(msg, ToSubmitter::Heartbeat, "nothing but heartbeats");
+            }
+            assert!(Instant::now() < deadline, "the link is still open");
+            match est.reader.fill(&est.tx) {
+                Ok(link::Fill::End) | Err(_) => break,
+                Ok(link::Fill::Got { .. }) => {}
+                Ok(link::Fill::Nothing) => {
+                    use std::os::fd::AsRawFd;
+                    let fd = est.reader.socket().as_raw_fd();
+                    crate::net::wait_ready(fd, libc::POLLIN, Some(deadline)).unwrap();
+                }
+            }
+        }
+        // One of at most the allowed length is taken.
+        let (est, _) = connect(&m, None);
+        let jobs = (0..protocol::MAX_FOLLOW as u64).map(JobId).collect();
+        send(&est, &SubmitterMessage::Follow { jobs });
+        send(
+            &est,
+            &SubmitterMessage::Request {
+                seq: 0,
+                request: Request::Stats,
+            },
+        );
+        let mut est = est;
+        let (_, answer) = next(&mut est);
+        assert!(
+            matches!(
+                answer,
+                SessionEvent::Reply {
+                    request: 0,
+                    reply: Reply::Stats(_)
+                }
+            ),
+            "{answer:?}"
+        );
         m.shutdown();
     }
 }

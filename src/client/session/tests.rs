@@ -25,6 +25,7 @@ fn welcome(resumed: bool, next_request: u64) -> SubmitterWelcome {
         manager_id: MANAGER,
         session: SESSION,
         resumed,
+        restored: false,
         next_request,
         heartbeat_interval_ms: 1000,
         heartbeat_timeout_ms: 5000,
@@ -523,6 +524,10 @@ fn failed_requests_become_the_crate_s_errors() {
         (RequestError::NoSuchJob(JobId(5)), "no such job: 5"),
         (RequestError::NotYours(JobId(6)), "not permitted: job 6"),
         (RequestError::ShutDown, "shut down"),
+        (
+            RequestError::Journal("disk full".into()),
+            "journal: disk full",
+        ),
     ];
     for (i, (e, words)) in cases.into_iter().enumerate() {
         let (seq, rx) = h.ask(Request::Cancel { job: JobId(1) });
@@ -611,4 +616,267 @@ fn what_was_taken_is_acknowledged_before_the_next_request() {
     // Nothing new taken: no acknowledgement again.
     let (c, _rc) = h.ask(Request::Workers);
     assert_eq!(h.sent().len(), 1, "request {c} alone");
+}
+
+// ---- after the manager restarted (a `restored` welcome) ----
+
+fn restored_welcome() -> SubmitterWelcome {
+    SubmitterWelcome {
+        restored: true,
+        ..welcome(true, 0)
+    }
+}
+
+/// Output numbered by its worker: `attempt`, `seq`, one byte.
+fn numbered(job: u64, attempt: u32, seq: u64, byte: u8) -> SessionEvent {
+    SessionEvent::Output {
+        job: JobId(job),
+        attempt,
+        seq,
+        stream: Stream::Stdout,
+        bytes: vec![byte],
+    }
+}
+
+#[test]
+fn a_restored_welcome_names_the_jobs_followed_and_sends_again_every_request_without_an_answer() {
+    let mut h = Harness::up();
+    let jobs = h.submit(0, &[1, 2]);
+    // Job 2 ends; request 1 (a job list) was answered; 2 and 3 were not.
+    h.job_event(1, 2, JobEvent::Finished(Outcome::Exited(0)));
+    let (_, _r1) = h.ask(Request::Jobs);
+    let (_, r2) = h.ask(Request::Workers);
+    let (_, _r3) = h.ask(Request::Submit {
+        spec: JobSpec::new("true"),
+        detached: true,
+    });
+    h.event(
+        2,
+        SessionEvent::Reply {
+            request: 1,
+            reply: Reply::Jobs(vec![]),
+        },
+    );
+    h.sent();
+    let hello = reconnect(&mut h);
+    assert_eq!(hello.resume.unwrap().next_event, 3);
+    // The manager restarted: it says nothing about what it took.
+    h.s.connected(h.now, &restored_welcome());
+    let sent = h.sent();
+    assert_eq!(
+        sent[0],
+        SubmitterMessage::Follow {
+            jobs: vec![JobId(1)]
+        },
+        "{sent:?}"
+    );
+    assert_eq!(request_seqs(&sent), vec![2, 3]);
+    assert!(
+        !sent.iter().any(|m| matches!(
+            m,
+            SubmitterMessage::Request {
+                request: Request::Cancel { .. },
+                ..
+            }
+        )),
+        "nothing is cancelled: {sent:?}"
+    );
+    // The session goes on where it was: job 1's events keep coming, numbered on.
+    h.job_event(3, 1, out(1, 9));
+    assert_eq!(jobs[0].1.try_recv().unwrap(), out(1, 9));
+    h.event(
+        4,
+        SessionEvent::Reply {
+            request: 2,
+            reply: Reply::Workers(vec![]),
+        },
+    );
+    assert!(matches!(
+        r2.try_recv(),
+        Ok(Ok(Answer::Reply(Reply::Workers(_))))
+    ));
+    // Events are numbered as before: one sent again is dropped.
+    h.job_event(4, 1, out(1, 10));
+    assert!(jobs[0].1.try_recv().is_err());
+}
+
+#[test]
+fn output_the_worker_sends_again_after_a_restart_is_dropped_by_its_seq_and_a_gap_is_told() {
+    let mut h = Harness::up();
+    let jobs = h.submit(0, &[1]);
+    let rx = &jobs[0].1;
+    let mut seq = 1;
+    let mut ev = |h: &mut Harness, e: SessionEvent| {
+        h.event(seq, e);
+        seq += 1;
+    };
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: JobEvent::Queued,
+        },
+    );
+    let started = JobEvent::Started { worker: "w".into() };
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: started.clone(),
+        },
+    );
+    for s in 0..5 {
+        ev(&mut h, numbered(1, 1, s, s as u8));
+    }
+    // After the restart: a `Started` and `Queued` again, and the worker sends again
+    // from its output 2; then output 8 (6 and 7 never come).
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: started.clone(),
+        },
+    );
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: JobEvent::Queued,
+        },
+    );
+    for s in [2, 3, 4, 5, 8, 9] {
+        ev(&mut h, numbered(1, 1, s, s as u8));
+    }
+    // A retry: its output counts from 0 again; a late one of the old attempt is dropped.
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: JobEvent::Requeued { attempt: 2 },
+        },
+    );
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: started.clone(),
+        },
+    );
+    ev(&mut h, numbered(1, 1, 10, 10));
+    ev(&mut h, numbered(1, 2, 0, 100));
+    ev(&mut h, numbered(1, 2, 0, 100));
+    let end = JobEvent::Finished(Outcome::Exited(0));
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: end.clone(),
+        },
+    );
+    ev(
+        &mut h,
+        SessionEvent::Job {
+            job: JobId(1),
+            event: end.clone(),
+        },
+    );
+    let got: Vec<JobEvent> = rx.try_iter().collect();
+    let one = |b: u8| out(1, b);
+    assert_eq!(
+        got,
+        vec![
+            JobEvent::Queued,
+            started.clone(),
+            one(0),
+            one(1),
+            one(2),
+            one(3),
+            one(4),
+            one(5),
+            JobEvent::Warning(
+                "2 output message(s) of this job were lost while the manager restarted".into()
+            ),
+            one(8),
+            one(9),
+            JobEvent::Requeued { attempt: 2 },
+            started,
+            one(100),
+            end,
+        ]
+    );
+    // Everything dropped was taken all the same: acknowledged.
+    assert_eq!(h.s.beat(), SubmitterMessage::Ack { next: seq });
+}
+
+#[test]
+fn a_job_attached_to_takes_its_first_numbered_output_wherever_it_starts() {
+    let mut h = Harness::up();
+    let (req, rx) = h.ask(Request::Attach { job: JobId(4) });
+    h.event(
+        0,
+        SessionEvent::Reply {
+            request: req,
+            reply: Reply::Attached,
+        },
+    );
+    let Ok(Ok(Answer::Follow(jobs))) = rx.try_recv() else {
+        panic!("not followed")
+    };
+    // Kept output (not numbered), then live output from seq 40 of attempt 3.
+    h.job_event(1, 4, out(1, 1));
+    h.event(2, numbered(4, 3, 40, 2));
+    h.event(3, numbered(4, 3, 40, 2));
+    h.event(4, numbered(4, 3, 41, 3));
+    let got: Vec<JobEvent> = jobs[0].1.try_iter().collect();
+    assert_eq!(got, vec![out(1, 1), out(1, 2), out(1, 3)]);
+}
+
+#[test]
+fn events_of_a_job_whose_submit_is_sent_again_wait_for_its_answer() {
+    let mut h = Harness::up();
+    let (_, rx) = h.ask(Request::Submit {
+        spec: JobSpec::new("true"),
+        detached: false,
+    });
+    h.sent();
+    reconnect(&mut h);
+    h.s.connected(h.now, &restored_welcome());
+    let sent = h.sent();
+    assert_eq!(sent[0], SubmitterMessage::Follow { jobs: vec![] });
+    assert_eq!(request_seqs(&sent), vec![0]);
+    // The manager kept events of the job since its restart, and sends them before it
+    // answers the submit sent again (the answer before the restart was lost).
+    h.job_event(0, 6, JobEvent::Started { worker: "w".into() });
+    h.event(1, numbered(6, 1, 3, 3));
+    assert_eq!(h.s.held_events(), 2);
+    assert_eq!(
+        h.s.beat(),
+        SubmitterMessage::Heartbeat,
+        "held: nothing acknowledged"
+    );
+    h.event(
+        2,
+        SessionEvent::Reply {
+            request: 0,
+            reply: Reply::Submitted(vec![JobId(6)]),
+        },
+    );
+    let Ok(Ok(Answer::Follow(jobs))) = rx.try_recv() else {
+        panic!("not answered")
+    };
+    let got: Vec<JobEvent> = jobs[0].1.try_iter().collect();
+    assert_eq!(
+        got,
+        vec![
+            JobEvent::Started { worker: "w".into() },
+            JobEvent::Warning(
+                "3 output message(s) of this job were lost while the manager restarted".into()
+            ),
+            out(1, 3)
+        ]
+    );
+    // Once every submit sent again is answered, events of jobs not followed are dropped.
+    h.job_event(3, 99, JobEvent::Queued);
+    assert_eq!(h.s.held_events(), 0);
+    assert_eq!(h.s.beat(), SubmitterMessage::Ack { next: 4 });
 }
