@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long the end of a run may take: every job left to run on a small machine.
@@ -89,6 +90,9 @@ impl Pool {
             self.journal.display().to_string(),
             "--reconnect-grace".into(),
             "30s".into(),
+            // Every ended job stays in the journal, for the checks.
+            "--journal-retention-count".into(),
+            "10000000".into(),
         ]
     }
 
@@ -430,13 +434,160 @@ fn median(v: &mut [Duration]) -> Duration {
     v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
+/// Remote submitters: threads that each submit arrays of short jobs with `workpool
+/// submit --detach --array`, and CLI processes that follow long jobs (`workpool submit`).
+const SUBMITTERS: usize = 3;
+const ARRAY: usize = 25;
+
+/// Where the managers are: a generation that goes up each time one listens again.
+#[derive(Default)]
+struct Up {
+    generation: std::sync::Mutex<u64>,
+    changed: std::sync::Condvar,
+}
+
+impl Up {
+    fn now(&self) -> u64 {
+        *self.generation.lock().unwrap()
+    }
+
+    fn bump(&self) {
+        *self.generation.lock().unwrap() += 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits (with the deadline) until a manager newer than `seen` listens.
+    fn wait_past(&self, seen: u64) {
+        let deadline = Instant::now() + DEADLINE;
+        let mut g = self.generation.lock().unwrap();
+        while *g <= seen {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(!left.is_zero(), "no manager came back");
+            g = self.changed.wait_timeout(g, left).unwrap().0;
+        }
+    }
+}
+
+/// How a remote submitter reaches the pool (certificate 2, trusted as a submitter).
+#[derive(Clone)]
+struct Conn {
+    dir: PathBuf,
+    port: u16,
+}
+
+impl Conn {
+    fn command(&self, rest: &[&str]) -> Command {
+        let f = |n: &str| self.dir.join(n).display().to_string();
+        let mut c = Command::new(cli());
+        c.arg("submit")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["--security-pool-certificate", &f("host-cert.pem")])
+            .args(["--security-submitter-certificate", &f("worker-2-cert.pem")])
+            .args(["--security-submitter-key", &f("worker-2-key.pem")])
+            .args(rest)
+            .env("RUST_LOG", "warn");
+        c
+    }
+}
+
+/// What a remote submitter thread saw: the tokens of the jobs it was answered with, by
+/// id, and the token prefixes of arrays that got no answer (the manager died with them;
+/// they may have been accepted).
+#[derive(Default)]
+struct Submitted {
+    accepted: Vec<(String, u64)>,
+    unanswered: Vec<String>,
+    /// Why, as `submit` said (one line each).
+    why: Vec<String>,
+}
+
+/// A remote submitter: `arrays` arrays of short jobs, each job writing `S PREFIX-INDEX`
+/// and `E PREFIX-INDEX`; an array not answered is sent again (under a new prefix) once
+/// a manager listens again.
+fn remote_submitter(
+    conn: Conn,
+    up: Arc<Up>,
+    me: usize,
+    arrays: usize,
+    markers: (PathBuf, PathBuf),
+) -> Submitted {
+    let script = format!(
+        "echo S $T-$WORKPOOL_ARRAY_INDEX >> {}; echo E $T-$WORKPOOL_ARRAY_INDEX >> {}",
+        markers.0.display(),
+        markers.1.display()
+    );
+    let range = format!("1-{ARRAY}");
+    let mut out = Submitted::default();
+    let mut attempt = 0;
+    for n in 0..arrays {
+        loop {
+            attempt += 1;
+            let prefix = format!("r{me}-{n}-{attempt}");
+            let seen = up.now();
+            let env = format!("T={prefix}");
+            let (code, stdout, stderr) = run_to_end(
+                conn.command(&["--detach", "--array", &range, "--env", &env, "--", &script]),
+            );
+            if code == Some(0) {
+                let ids: Vec<u64> = stdout.lines().map(|l| l.trim().parse().unwrap()).collect();
+                assert_eq!(ids.len(), ARRAY, "{stdout}");
+                for (i, id) in ids.into_iter().enumerate() {
+                    out.accepted.push((format!("{prefix}-{}", i + 1), id));
+                }
+                break;
+            }
+            assert_eq!(code, Some(1), "{stderr}");
+            let why = stderr.lines().last().unwrap_or_default();
+            assert!(why.starts_with("workpool: error: "), "{stderr}");
+            out.unanswered.push(prefix);
+            out.why.push(why.to_owned());
+            up.wait_past(seen);
+        }
+    }
+    out
+}
+
+/// A long job followed by `workpool submit` (attached): it prints `1`..=`lines`, one
+/// each `pace` seconds, between its start and end markers.
+struct Follower {
+    token: String,
+    child: Child,
+    stdout: std::thread::JoinHandle<Vec<u8>>,
+}
+
+fn follow_long_job(conn: &Conn, pool: &Pool, token: &str, lines: u32) -> Follower {
+    use std::io::Read;
+    let script = pool.long_job(token, lines, "0.05");
+    let mut child = conn
+        .command(&["--", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(pool.dir.join(format!("{token}.stderr"))).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let stdout = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        b
+    });
+    Follower {
+        token: token.to_owned(),
+        child,
+        stdout,
+    }
+}
+
 #[test]
 fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
-    // Sizes (each can be changed for a longer soak): kills, short jobs accepted in all,
-    // long jobs, and the seed of the moments.
+    // Sizes (each can be changed for a longer soak): kills, short jobs in all (a quarter
+    // through the console, the rest from remote submitters), and the seed of the moments.
     let kills: usize = env_or("WP_CRASH_KILLS", 36);
-    let target: usize = env_or("WP_CRASH_JOBS", 4000);
-    let long_jobs: usize = 4;
+    let jobs: usize = env_or("WP_CRASH_JOBS", 4000);
+    let arrays = (jobs * 3 / 4).div_ceil(ARRAY * SUBMITTERS);
+    let target = jobs.saturating_sub(arrays * ARRAY * SUBMITTERS);
+    let long_jobs: u32 = 4;
+    let long_lines: u32 = 300;
     let seed: u64 = env_or(
         "WP_CRASH_SEED",
         std::time::SystemTime::now()
@@ -444,62 +595,58 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
             .unwrap()
             .as_nanos() as u64,
     );
-    eprintln!("crash test: seed {seed} (WP_CRASH_SEED), {kills} kills, {target} short jobs");
+    eprintln!("crash test: seed {seed} (WP_CRASH_SEED), {kills} kills, {jobs} short jobs");
     let mut rng = Rng(seed);
     let began = Instant::now();
     let mut pool = Pool::new("journal-crash");
     let args = pool.console_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let conn = Conn {
+        dir: pool.dir.clone(),
+        port: pool.port,
+    };
+    let up = Arc::new(Up::default());
 
-    // The first manager, then the workers (a few slots each, one run held ahead).
+    // The first manager, then the workers (a few slots each, one run held ahead), then
+    // the remote submitters.
     let mut mgr = pool.start_manager(pool.manager_command(&args));
     let mut workers = vec![pool.start_worker(0, 3), pool.start_worker(1, 3)];
+    let submitters: Vec<_> = (0..SUBMITTERS)
+        .map(|me| {
+            let (conn, up) = (conn.clone(), up.clone());
+            let markers = (pool.starts.clone(), pool.ends.clone());
+            std::thread::spawn(move || remote_submitter(conn, up, me, arrays, markers))
+        })
+        .collect();
+    let mut followers: Vec<Follower> = Vec::new();
 
-    // Tokens whose `submitted` line was seen (their job was accepted: its record is
-    // on disk), by id; tokens written to a console that died before saying so.
+    // Console jobs whose `submitted` line was seen (accepted: their record is on disk),
+    // by token; tokens written to a console that died before saying so.
     let mut accepted: BTreeMap<String, u64> = BTreeMap::new();
     let mut unanswered: BTreeSet<String> = BTreeSet::new();
     let mut next_token = 0usize;
-    let mut long_tokens: Vec<String> = Vec::new();
     let mut listening = Vec::new();
     let mut back = Vec::new();
     const CHUNK: usize = 20;
 
-    let mut long_wanted = 0usize;
     for life in 0..=kills {
         let last = life == kills;
         let kill_at = (!last).then(|| {
             Instant::now() + rng.between(Duration::from_millis(150), Duration::from_millis(1500))
         });
-        // A chunk of submissions in flight at a time; the next one once it is answered.
-        let mut in_flight: BTreeSet<String> = BTreeSet::new();
         // Long jobs go in first, and again halfway: they run through many kills.
         if life == 0 || life == kills / 2 {
-            long_wanted = (long_wanted + long_jobs / 2).min(long_jobs);
+            for _ in 0..long_jobs / 2 {
+                let token = format!("long{}", followers.len() + 1);
+                followers.push(follow_long_job(&conn, &pool, &token, long_lines));
+            }
         }
-        let long_sent = long_tokens
-            .iter()
-            .filter(|t| accepted.contains_key(*t))
-            .count();
-        if long_sent < long_wanted {
-            let lines: Vec<String> = (long_sent..long_wanted)
-                .map(|_| {
-                    let t = format!("long{}", long_tokens.len() + 1);
-                    long_tokens.push(t.clone());
-                    in_flight.insert(t.clone());
-                    pool.long_job(&t, 150, "0.1")
-                })
-                .collect();
-            mgr.write_lines(&lines);
-        }
+        // A chunk of console submissions in flight at a time; the next once it is
+        // answered.
+        let mut in_flight: BTreeSet<String> = BTreeSet::new();
         loop {
-            let short_accepted = accepted.len()
-                - long_tokens
-                    .iter()
-                    .filter(|t| accepted.contains_key(*t))
-                    .count();
-            if in_flight.is_empty() && short_accepted < target {
-                let chunk: Vec<String> = (0..CHUNK.min(target - short_accepted))
+            if in_flight.is_empty() && accepted.len() < target {
+                let chunk: Vec<String> = (0..CHUNK.min(target - accepted.len()))
                     .map(|_| {
                         next_token += 1;
                         format!("t{next_token}")
@@ -513,7 +660,7 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
             }
             let deadline = match kill_at {
                 Some(at) => at,
-                None if in_flight.is_empty() && short_accepted >= target => break,
+                None if in_flight.is_empty() && accepted.len() >= target => break,
                 None => Instant::now() + DEADLINE,
             };
             let Some(ev) = mgr.next_before(deadline) else {
@@ -545,12 +692,26 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
         mgr.kill_9();
         unanswered.extend(in_flight);
         mgr = pool.start_manager(pool.manager_command(&args));
+        up.bump();
         listening.push(mgr.listening_after);
+    }
+    let console_accepted = accepted.len();
+    let mut remote_unanswered = Vec::new();
+    let mut remote_why: BTreeMap<String, usize> = BTreeMap::new();
+    for s in submitters {
+        let s = s.join().expect("a remote submitter panicked");
+        accepted.extend(s.accepted);
+        remote_unanswered.extend(s.unanswered);
+        for w in s.why {
+            // The address and the OS's words vary; what went wrong is before them.
+            let what = w.split(" at 127.0.0.1").next().unwrap_or(&w).to_owned();
+            *remote_why.entry(what).or_insert(0) += 1;
+        }
     }
     let submitted_in = began.elapsed();
 
     // Every job runs to its end: the manager has none left (queued, running, or
-    // waiting for its worker).
+    // waiting for its worker), and each follower has its job's every line.
     let deadline = Instant::now() + DRAIN_DEADLINE;
     loop {
         let jobs = mgr.jobs();
@@ -567,7 +728,22 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
         let _ = mgr.next_before(Instant::now() + Duration::from_millis(200));
     }
     let drained_in = began.elapsed() - submitted_in;
-    let short_accepted = accepted.keys().filter(|t| t.starts_with('t')).count();
+    let expected: Vec<u8> = (1..=long_lines)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    for mut f in followers {
+        let status = wait_exit(&mut f.child);
+        let stdout = f.stdout.join().unwrap();
+        let stderr = std::fs::read_to_string(pool.dir.join(format!("{}.stderr", f.token))).unwrap();
+        assert_eq!(status.code(), Some(0), "{}: {stderr}", f.token);
+        assert!(
+            stdout == expected,
+            "{}: every line once and in order: {:?} (stderr: {stderr})",
+            f.token,
+            String::from_utf8_lossy(&stdout)
+        );
+        accepted.insert(f.token, 0);
+    }
 
     // Stopped (a journaled shutdown ends nothing: there is nothing left), then read.
     mgr.signal(libc::SIGTERM);
@@ -585,31 +761,46 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
     for t in accepted.keys() {
         assert_eq!(markers.starts.get(t), Some(&1), "accepted job {t} ran once");
     }
-    // Jobs the console had not confirmed ran at most once (checked above); some of them
-    // were accepted before the kill and ran.
-    let unconfirmed_ran = unanswered
-        .iter()
-        .filter(|t| markers.starts.contains_key(*t))
+    // Jobs whose submission was not answered ran at most once (checked above); some of
+    // them were accepted before the kill and ran.
+    let remote_unanswered_ran = markers
+        .starts
+        .keys()
+        .filter(|t| {
+            remote_unanswered.iter().any(|p| {
+                t.strip_prefix(p.as_str())
+                    .is_some_and(|r| r.starts_with('-'))
+            })
+        })
+        .count();
+    let unconfirmed_ran = markers
+        .starts
+        .keys()
+        .filter(|t| {
+            unanswered.contains(*t)
+                || remote_unanswered.iter().any(|p| {
+                    t.strip_prefix(p.as_str())
+                        .is_some_and(|r| r.starts_with('-'))
+                })
+        })
         .count();
     let journal = journal_jobs(&pool.journal);
-    let mut journal_tokens = BTreeSet::new();
     for (id, (state, outcome, code, script)) in &journal {
         assert_eq!(
             (state.as_str(), outcome.as_deref(), *code),
             ("ended", Some("exited"), Some(0)),
             "job {id} in the journal ({script})"
         );
-        journal_tokens.insert(token_of(script).unwrap().to_owned());
     }
-    for (t, id) in &accepted {
+    for (t, id) in accepted.iter().filter(|(_, id)| **id > 0) {
         assert!(
             journal.contains_key(id),
             "accepted job {id} ({t}) is in the journal"
         );
     }
-    let ran: BTreeSet<String> = markers.starts.keys().cloned().collect();
     assert_eq!(
-        journal_tokens, ran,
+        journal.len(),
+        markers.starts.len(),
         "the journal knows exactly the jobs that ran"
     );
     let kills_of_jobs = pool.orphan_kills();
@@ -627,18 +818,32 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
         .filter_map(|rest| rest.split(' ').next()?.parse::<usize>().ok())
         .sum();
     let never_got = log.matches("(it never got it); queued again").count();
+    let mut opened: Vec<Duration> = log
+        .lines()
+        .filter_map(|l| l.split(" job(s) to go on with, read in ").nth(1))
+        .filter_map(|rest| rest.trim_end_matches(" s").parse::<f64>().ok())
+        .map(Duration::from_secs_f64)
+        .collect();
+    eprintln!(
+        "crash test: the journal read at each start: median {:?}, max {:?}; arrays not \
+         answered ({remote_unanswered_ran} of their jobs ran), and why: {remote_why:?}",
+        median(&mut opened),
+        opened.iter().max().copied().unwrap_or_default()
+    );
     eprintln!(
         "crash test: {resumed} runs resumed by their workers after a restart, {never_got} \
          queued again (their run never reached its worker)"
     );
     eprintln!(
-        "crash test: seed {seed}: {kills} kills; {short_accepted} short + {} long jobs accepted, \
-         {} more ran that were accepted as the manager died ({} never confirmed); \
-         restart to listening: median {:?}, max {:?}; to both workers back: median {:?} \
-         ({} seen); submissions over in {:.1} s, the rest ran in {:.1} s",
-        long_tokens.len(),
+        "crash test: seed {seed}: {kills} kills; {console_accepted} short jobs accepted through \
+         the console and {} from remote submitters, {long_jobs} long ones followed; {} more ran \
+         that were accepted as the manager died ({} console and {} remote arrays never \
+         answered); restart to listening: median {:?}, max {:?}; to both workers back: median \
+         {:?} ({} seen); submissions over in {:.1} s, the rest ran in {:.1} s",
+        accepted.len() - console_accepted - long_jobs as usize,
         unconfirmed_ran,
         unanswered.len(),
+        remote_unanswered.len(),
         median(&mut listening.clone()),
         listening.iter().max().copied().unwrap_or_default(),
         median(&mut back),
