@@ -927,17 +927,46 @@ fn a_sigterm_restart_leaves_running_jobs_running_and_resumes_them() {
     let args = pool.console_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut mgr = pool.start_manager(pool.manager_command(&args));
-    // One slot and one run held ahead: a running job, one held on the worker, one in
-    // the manager's queue.
-    let mut worker = pool.start_worker(0, 1);
+    // Two slots and one run held ahead: two running jobs (one followed by a remote
+    // submitter), one held on the worker, one in the manager's queue.
+    let mut worker = pool.start_worker(0, 2);
     mgr.until("worker_joined");
     let (pid_file, go) = (pool.dir.join("pid"), pool.dir.join("go"));
-    let lines = [
-        held_job(&pool, "long", &pid_file, &go),
-        pool.short_job("next"),
-        pool.short_job("last"),
-    ];
-    assert!(mgr.write_lines(&lines));
+    assert!(mgr.write_lines(&[held_job(&pool, "long", &pid_file, &go)]));
+    let conn = Conn {
+        dir: pool.dir.clone(),
+        port: pool.port,
+    };
+    let followed = format!(
+        "echo S followed >> {s}; seq 1 1000; while [ ! -e {go} ]; do sleep 0.02; done; \
+         seq 1001 2000; echo E followed >> {e}",
+        s = pool.starts.display(),
+        e = pool.ends.display(),
+        go = go.display()
+    );
+    let mut follower = {
+        use std::io::Read;
+        let mut child = conn
+            .command(&["--", &followed])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        pool.children.push(child.id());
+        let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let reader = std::thread::spawn(move || {
+            let (mut o, mut e) = (Vec::new(), String::new());
+            let _ = out.read_to_end(&mut o);
+            let _ = err.read_to_string(&mut e);
+            (o, e)
+        });
+        (child, reader)
+    };
+    wait_until("the followed job starts", || {
+        pool.markers().starts.contains_key("followed")
+    });
+    assert!(mgr.write_lines(&[pool.short_job("next"), pool.short_job("last")]));
     let mut ids = BTreeMap::new();
     while ids.len() < 3 {
         let ev = mgr.until("submitted");
@@ -955,7 +984,10 @@ fn a_sigterm_restart_leaves_running_jobs_running_and_resumes_them() {
     assert!(alive(shell), "the running job was not killed");
     assert!(worker.try_wait().unwrap().is_none(), "the worker goes on");
     let started: BTreeSet<String> = pool.markers().starts.into_keys().collect();
-    assert_eq!(started, BTreeSet::from(["long".to_owned()]));
+    assert_eq!(
+        started,
+        BTreeSet::from(["long".to_owned(), "followed".to_owned()])
+    );
 
     // Started again on the same port and journal: the worker comes back and is given
     // its job again; the others run after it.
@@ -982,6 +1014,20 @@ fn a_sigterm_restart_leaves_running_jobs_running_and_resumes_them() {
     assert!(alive(shell), "the same run goes on");
     std::fs::write(&go, "").unwrap();
     wait_no_jobs(&mut mgr);
+    // Its remote submitter followed the other one through the restart: every line,
+    // once and in order, and its exit status.
+    let status = wait_exit(&mut follower.0);
+    let (stdout, stderr) = follower.1.join().unwrap();
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    let expected: Vec<u8> = (1..=2000)
+        .flat_map(|i| format!("{i}\n").into_bytes())
+        .collect();
+    assert!(
+        stdout == expected,
+        "every line once and in order: {} bytes of {} ({stderr})",
+        stdout.len(),
+        expected.len()
+    );
     let markers = pool.markers();
     assert_eq!(markers.faults(), Vec::<String>::new());
     for t in ids.keys() {
@@ -1135,20 +1181,27 @@ fn a_full_disk_fails_submissions_clearly_while_a_running_job_goes_on() {
     let running = mgr.until("submitted")["job"].as_u64().unwrap();
     let shell = pid_in(&pid_file);
 
-    // Big jobs until the journal cannot take one more.
+    // Big jobs from a remote submitter (`submit --detach`) until the journal cannot
+    // take one more.
+    let conn = Conn {
+        dir: pool.dir.clone(),
+        port: pool.port,
+    };
     let padding = "x".repeat(60_000);
     let big = |t: &str| format!("{}; : {padding}", pool.short_job(t));
+    let submit = |t: &str| run_to_end(conn.command(&["--detach", "--", &big(t)]));
     let mut accepted = BTreeMap::new();
     let mut refused = Vec::new();
     let mut why = String::new();
     for i in 0..100 {
         let token = format!("big{i}");
-        assert!(mgr.write_lines(&[big(&token)]));
-        let ev = mgr.until_any(&["submitted", "error"]);
-        if ev["event"] == "submitted" {
-            accepted.insert(token, ev["job"].as_u64().unwrap());
+        let (code, stdout, stderr) = submit(&token);
+        if code == Some(0) {
+            accepted.insert(token, stdout.trim().parse::<u64>().unwrap());
         } else {
-            why = ev["message"].as_str().unwrap().to_owned();
+            assert_eq!(code, Some(1), "{stderr}");
+            assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+            why = stderr.trim().to_owned();
             refused.push(token);
             break;
         }
@@ -1161,11 +1214,19 @@ fn a_full_disk_fails_submissions_clearly_while_a_running_job_goes_on() {
         "the journal never filled: {full_at} bytes"
     );
     assert!(
-        why.contains("job not submitted: journal:")
+        why.starts_with("workpool: error: the job was not submitted:")
+            && why.contains("journal")
             && why.contains(&pool.journal.display().to_string())
             && why.contains("the disk is full"),
         "{why}"
     );
+    // The console's own submissions get the same answer.
+    assert!(mgr.write_lines(&[big("console")]));
+    let ev = mgr.until_any(&["submitted", "error"]);
+    assert_eq!(ev["event"], "error", "{ev}");
+    let said = ev["message"].as_str().unwrap();
+    assert!(said.contains("the disk is full"), "{said}");
+    refused.push("console".into());
     // The manager goes on, and so does the running job.
     assert!(mgr.child.try_wait().unwrap().is_none(), "the manager runs");
     assert!(alive(shell), "the running job runs");
@@ -1187,10 +1248,13 @@ fn a_full_disk_fails_submissions_clearly_while_a_running_job_goes_on() {
         )
     };
     assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
-    assert!(mgr.write_lines(&[big("again")]));
+    let (code, stdout, stderr) = submit("again");
+    assert_eq!(code, Some(0), "{stderr}");
+    accepted.insert("again".into(), stdout.trim().parse().unwrap());
+    assert!(mgr.write_lines(&[big("console-again")]));
     let ev = mgr.until_any(&["submitted", "error"]);
     assert_eq!(ev["event"], "submitted", "{ev}");
-    accepted.insert("again".into(), ev["job"].as_u64().unwrap());
+    accepted.insert("console-again".into(), ev["job"].as_u64().unwrap());
 
     std::fs::write(&go, "").unwrap();
     wait_no_jobs(&mut mgr);
@@ -1227,7 +1291,7 @@ fn a_full_disk_fails_submissions_clearly_while_a_running_job_goes_on() {
     eprintln!(
         "full disk: a limit of {FSIZE_LIMIT_KIB} KiB took {} big job(s), then refused one \
          (journal: {full_at} bytes): {why}",
-        accepted.len() - 1
+        accepted.len() - 2
     );
     std::fs::remove_dir_all(&pool.dir).unwrap();
 }
