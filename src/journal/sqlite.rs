@@ -570,8 +570,10 @@ impl Db {
             if free > 64 && free * 4 > pages {
                 // Keep half for the jobs to come, give the rest back. The pragma frees a
                 // page per row it returns: it runs until its last row.
-                let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum(?1)")?;
-                let mut rows = vacuum.query([free / 2])?;
+                let mut vacuum = self
+                    .conn
+                    .prepare(&format!("PRAGMA incremental_vacuum({})", free / 2))?;
+                let mut rows = vacuum.query([])?;
                 while rows.next()?.is_some() {}
             }
         }
@@ -1168,7 +1170,7 @@ mod tests {
             );
         }
         let back = tw.db.recovered().unwrap();
-        assert_eq!(back.next_job, 25);
+        assert_eq!(back.next_job, 30);
         assert_eq!(back.open.len(), 2);
         assert_eq!(
             back.open[1].place,
@@ -1232,7 +1234,7 @@ mod tests {
     }
 
     fn any_record(rng: &mut Rng, next_id: &mut u64) -> Record {
-        let id = JobId(1 + rng.below(*next_id));
+        let id = JobId(1 + rng.below(*next_id + 2));
         let worker = format!("w{}", rng.below(3));
         match rng.below(10) {
             0 | 1 => {
@@ -1804,14 +1806,15 @@ mod tests {
             ChildRun { child, lines }
         }
 
-        /// Waits for a line starting with `prefix`; returns the rest.
+        /// Waits for a line holding `prefix` (the test harness may have written on the
+        /// same line before it); returns what follows it.
         fn expect(&self, prefix: &str) -> String {
             let deadline = Instant::now() + DEADLINE;
             loop {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match self.lines.recv_timeout(left) {
                     Ok(line) => {
-                        if let Some(rest) = line.strip_prefix(prefix) {
+                        if let Some((_, rest)) = line.split_once(prefix) {
                             return rest.to_owned();
                         }
                     }
@@ -1852,7 +1855,7 @@ mod tests {
         match mode.as_str() {
             "hold" => {
                 let (_j, _) = open(&path, KEEP_ALL).unwrap();
-                println!("open");
+                println!("child: open");
                 // Until the parent closes our stdin.
                 let _ = std::io::stdin().read_to_end(&mut Vec::new());
             }
@@ -1861,7 +1864,7 @@ mod tests {
                 for id in 1..=50 {
                     j.write(vec![accepted(id, Submitter::Local)]).unwrap();
                 }
-                println!("written");
+                println!("child: written");
                 // SAFETY: sends a signal to this process; no memory is involved.
                 unsafe {
                     libc::kill(libc::getpid(), libc::SIGKILL);
@@ -1877,7 +1880,7 @@ mod tests {
         let dir = scratch("other-process");
         let path = dir.join("journal.db");
         let holder = ChildRun::start("hold", &path);
-        holder.expect("open");
+        holder.expect("child: open");
         let pid = holder.child.id();
         let err = match open(&path, KEEP_ALL) {
             Ok(_) => panic!("opened while another process holds it"),
@@ -1897,7 +1900,7 @@ mod tests {
         let dir = scratch("crash");
         let path = dir.join("journal.db");
         let child = ChildRun::start("crash", &path);
-        child.expect("written");
+        child.expect("child: written");
         let status = child.wait();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
@@ -1959,7 +1962,7 @@ mod tests {
         want.push(failed_id + 3);
         assert_eq!(ids, want);
         assert_eq!(back.next_job, failed_id + 4);
-        println!("full disk checked: write {failed_id} failed with: {err}");
+        println!("child: full disk checked: write {failed_id} failed with: {err}");
     }
 
     #[test]
@@ -1967,7 +1970,7 @@ mod tests {
         let dir = scratch("full");
         let path = dir.join("journal.db");
         let child = ChildRun::start("full", &path);
-        let said = child.expect("full disk checked: ");
+        let said = child.expect("child: full disk checked: ");
         assert!(said.contains("disk is full"), "{said}");
         assert!(child.wait().success());
     }
