@@ -198,7 +198,7 @@ impl LockFile {
         let _ = file
             .set_len(0)
             .and_then(|()| file.rewind())
-            .and_then(|()| write!(file, "{}\n", std::process::id()))
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.flush());
         Ok(LockFile { _file: file })
     }
@@ -740,10 +740,13 @@ fn outcome_of(name: &str, code: Option<i32>, reason: Option<String>) -> Option<O
     })
 }
 
+/// Where the writer says whether a caller's records are durable.
+type Reply = Sender<Result<(), String>>;
+
 /// What the writer thread is sent.
 enum Msg {
     /// Records, and where to say whether they are durable (`None`: nobody waits).
-    Records(Vec<Record>, Option<Sender<Result<(), String>>>),
+    Records(Vec<Record>, Option<Reply>),
     /// Commit what came before, then stop.
     Close,
 }
@@ -822,7 +825,7 @@ fn run(
 ) {
     let mut compact_at: Option<Instant> = next_expiry.and_then(instant_of);
     let mut closing = false;
-    let mut batch: Vec<(Vec<Record>, Option<Sender<Result<(), String>>>)> = Vec::new();
+    let mut batch: Vec<(Vec<Record>, Option<Reply>)> = Vec::new();
     while !closing {
         let first = match compact_at {
             Some(at) => rx.recv_deadline(at),
@@ -942,10 +945,8 @@ mod tests {
 
     /// A fresh private folder for one test.
     fn scratch(name: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!(
-            "workpool-journal-{name}-{}",
-            std::process::id()
-        ));
+        let d =
+            std::env::temp_dir().join(format!("workpool-journal-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
@@ -997,10 +998,7 @@ mod tests {
         fn new(path: &Path) -> Twins {
             let db = Db::open(path).unwrap();
             let mut state = State::default();
-            state.apply(
-                Record::ManagerId(db.recovered().unwrap().manager_id),
-                t(0),
-            );
+            state.apply(Record::ManagerId(db.recovered().unwrap().manager_id), t(0));
             Twins { db, state }
         }
 
@@ -1164,7 +1162,10 @@ mod tests {
             tw.commit(
                 &[
                     accepted(id, remote(12, id, true)),
-                    Record::Ended { id: JobId(id), outcome },
+                    Record::Ended {
+                        id: JobId(id),
+                        outcome,
+                    },
                 ],
                 t(4),
             );
@@ -1469,7 +1470,11 @@ mod tests {
         for w in writers {
             w.join().unwrap().unwrap();
         }
-        assert_eq!(j.commits(), 2, "the first record, then all 16 writes at once");
+        assert_eq!(
+            j.commits(),
+            2,
+            "the first record, then all 16 writes at once"
+        );
         j.close();
         drop(j);
         let (_j, back) = open(&path, KEEP_ALL).unwrap();
@@ -1681,7 +1686,11 @@ mod tests {
     fn a_file_that_is_not_a_database_is_refused_and_left_as_it_is() {
         let dir = scratch("garbage");
         let path = dir.join("journal.db");
-        std::fs::write(&path, b"these are not the bytes of a database\n".repeat(200)).unwrap();
+        std::fs::write(
+            &path,
+            b"these are not the bytes of a database\n".repeat(200),
+        )
+        .unwrap();
         let err = open_error(&path);
         assert!(err.contains("is corrupt"), "{err}");
         assert!(!with_suffix(&path, "-wal").exists());
@@ -1722,8 +1731,11 @@ mod tests {
         let path = dir.join("journal.db");
         journal_with_jobs(&path);
         let c = Connection::open(&path).unwrap();
-        c.execute("UPDATE meta SET value = ?1 WHERE key = 'format'", [FORMAT + 1])
-            .unwrap();
+        c.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'format'",
+            [FORMAT + 1],
+        )
+        .unwrap();
         drop(c);
         let err = open_error(&path);
         assert!(err.contains("newer version"), "{err}");
@@ -1924,7 +1936,10 @@ mod tests {
             rlim_max: 0,
         };
         // SAFETY: `limit` is a valid rlimit for the call to fill.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) }, 0);
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) },
+            0
+        );
         let original = limit;
         let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let biggest = len(path).max(len(&with_suffix(path, "-wal")));
