@@ -1990,3 +1990,202 @@ mod tests {
         assert!(child.wait().success());
     }
 }
+
+/// Figures for docs/PERFORMANCE.md ("The journal"):
+/// `cargo test --release --lib journal::sqlite::measure -- --ignored --nocapture`.
+#[cfg(test)]
+mod measure {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "workpool-journal-measure-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A spec of about 200 bytes once encoded, as a typical job's.
+    fn spec(id: u64) -> JobSpec {
+        JobSpec::new(format!(
+            "./run-step --input data/{id}.csv --output out/{id}.json --verbose"
+        ))
+        .env("RUN", "nightly")
+        .env("STAGE", "transform")
+        .require_tag("linux")
+        .timeout(Duration::from_secs(600))
+        .retries(1)
+    }
+
+    /// The manager's default retention.
+    const RETENTION: Retention = Retention {
+        keep_ended_for: Duration::from_secs(3600),
+        keep_ended: 10_000,
+    };
+
+    /// `threads` submitters for `secs`: each writes a job's `Accepted` and waits for it
+    /// to be durable, then records its `Sent` and `Ended` (as the dispatcher and the
+    /// sink do). Returns durable submits per second.
+    fn submits(threads: u64, secs: f64) -> f64 {
+        let dir = scratch(&format!("submits-{threads}"));
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, RETENTION).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicU64::new(1));
+        let start = Instant::now();
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (j, stop, next) = (j.clone(), stop.clone(), next.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = JobId(next.fetch_add(1, Ordering::Relaxed));
+                        j.write(vec![Record::Accepted {
+                            id,
+                            spec: spec(id.0),
+                            submitter: Submitter::Local,
+                        }])
+                        .unwrap();
+                        j.record(vec![
+                            Record::Sent {
+                                id,
+                                attempt: 1,
+                                worker: format!("worker-{t}"),
+                                ahead: false,
+                            },
+                            Record::Ended {
+                                id,
+                                outcome: Outcome::Exited(0),
+                            },
+                        ]);
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+        let done: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        let rate = done as f64 / start.elapsed().as_secs_f64();
+        j.close();
+        drop(j);
+        // Every job whose write returned is there.
+        let (_j, back) = open(&path, KEEP_EVERYTHING).unwrap();
+        assert_eq!(back.next_job, next.load(Ordering::Relaxed));
+        let _ = std::fs::remove_dir_all(&dir);
+        rate
+    }
+
+    const KEEP_EVERYTHING: Retention = Retention {
+        keep_ended_for: Duration::from_secs(1 << 40),
+        keep_ended: usize::MAX,
+    };
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    }
+
+    #[test]
+    #[ignore = "a measurement: run by hand in release"]
+    fn measure() {
+        let runs = 3;
+        let secs = 3.0;
+        println!("durable submits/s, median of {runs} runs of {secs} s:");
+        for threads in [1, 16, 64] {
+            let all: Vec<f64> = (0..runs).map(|_| submits(threads, secs)).collect();
+            println!(
+                "  {threads:>2} threads: {:.0}  (runs: {})",
+                median(all.clone()),
+                all.iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+
+        // 100,000 jobs through their end, with the default retention (10,000 ended
+        // jobs for an hour), in writes of 1,000 jobs.
+        let dir = scratch("bytes");
+        let path = dir.join("journal.db");
+        let jobs = 100_000u64;
+        let (j, _) = open(&path, RETENTION).unwrap();
+        for first in (1..=jobs).step_by(1000) {
+            let mut records = Vec::new();
+            for id in (first..first + 1000).map(JobId) {
+                records.push(Record::Accepted {
+                    id,
+                    spec: spec(id.0),
+                    submitter: Submitter::Local,
+                });
+                records.push(Record::Sent {
+                    id,
+                    attempt: 1,
+                    worker: "worker-1".into(),
+                    ahead: false,
+                });
+                records.push(Record::Ended {
+                    id,
+                    outcome: Outcome::Exited(0),
+                });
+            }
+            j.write(records).unwrap();
+        }
+        let live = j.size_bytes();
+        j.close();
+        drop(j);
+        // Opening compacts what the writer had not yet.
+        let (j, back) = open(&path, RETENTION).unwrap();
+        assert_eq!(back.next_job, jobs + 1);
+        j.close();
+        drop(j);
+        let held: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(held as usize, RETENTION.keep_ended);
+        let size = std::fs::metadata(&path).unwrap().len();
+        println!(
+            "{jobs} jobs ended, {held} kept: {size} bytes on disk after compaction \
+             ({:.0} bytes per finished job kept; {live} bytes with the WAL while running)",
+            size as f64 / held as f64
+        );
+
+        // Opening a journal with 100,000 queued jobs.
+        let dir = scratch("queued");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, RETENTION).unwrap();
+        for first in (1..=jobs).step_by(1000) {
+            j.write(
+                (first..first + 1000)
+                    .map(|id| Record::Accepted {
+                        id: JobId(id),
+                        spec: spec(id),
+                        submitter: Submitter::Local,
+                    })
+                    .collect(),
+            )
+            .unwrap();
+        }
+        j.close();
+        drop(j);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            let (j, back) = open(&path, RETENTION).unwrap();
+            times.push(started.elapsed().as_secs_f64());
+            assert_eq!(back.open.len() as u64, jobs);
+            drop(j);
+        }
+        println!(
+            "opening {jobs} queued jobs ({size} bytes): {:.3} s (median of {runs})",
+            median(times)
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
