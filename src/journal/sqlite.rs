@@ -765,14 +765,18 @@ impl SqliteJournal {
     pub(crate) fn open(path: &Path, retention: Retention) -> Result<(SqliteJournal, Recovered)> {
         let lock = LockFile::take(path)?;
         let mut db = Db::open(path)?;
-        let now = SystemTime::now();
-        let next = db.compact(now, retention).map_err(|e| {
-            Error::Journal(format!(
-                "{}: cannot compact the journal: {}",
-                path.display(),
-                describe(&db.conn, &e)
-            ))
-        })?;
+        // Compacting now is not needed to start: on a full disk, the writer tries again.
+        let next = match db.compact(SystemTime::now(), retention) {
+            Ok(next) => next,
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot compact the journal: {}",
+                    path.display(),
+                    describe(&db.conn, &e)
+                );
+                Some(SystemTime::now() + COMPACT_AFTER)
+            }
+        };
         let recovered = db.recovered()?;
         let (tx, rx) = crossbeam_channel::unbounded();
         let commits = Arc::new(AtomicU64::new(0));
