@@ -54,6 +54,9 @@ enum wp_result
   // An interactive job's stdin is closed: the job closed it or ended, or it was ended
   // with `wp_job_close_stdin` (`wp_job_write_stdin`, `wp_job_close_stdin`).
   WP_RESULT_STDIN_CLOSED = 13,
+  // The manager's journal cannot be opened, read or written (corrupt, from a newer
+  // version, in use by another manager, a full disk): see the message.
+  WP_RESULT_JOURNAL = 14,
 };
 #ifndef __cplusplus
 #if __STDC_VERSION__ >= 202311L
@@ -423,6 +426,8 @@ typedef struct wp_stats_figures {
   uint64_t dispatch_latency_p99_us;
   // Output bytes received from workers.
   uint64_t output_bytes;
+  // Bytes the manager's journal takes on disk; 0 without a journal.
+  uint64_t journal_bytes;
 } wp_stats_figures;
 
 // One connected worker's figures (`wp_stats_worker`). `name` is owned by the
@@ -762,6 +767,25 @@ wp_result wp_manager_config_set_detached_output_limit(struct wp_manager_config *
 wp_result wp_manager_config_set_detached_retention(struct wp_manager_config *config,
                                                    uint64_t ms,
                                                    size_t count);
+
+// Keeps the manager's journal at `path`, an SQLite database (created if missing; off
+// by default): a job is accepted only once it is on disk, and a manager started again
+// on the same journal goes on with its queue, its running jobs, its job ids and its
+// detached jobs' ends. With a journal, shutting the manager down ends no job. A journal
+// that is corrupt, from a newer version or in use by another manager makes
+// `wp_manager_start` fail with `WP_RESULT_JOURNAL`.
+//
+// Ownership: `path` is only read. Threads: one call at a time per configuration.
+wp_result wp_manager_config_set_journal(struct wp_manager_config *config, const char *path);
+
+// Sets how long an ended job stays in the journal, in milliseconds (default 3600000,
+// one hour; 0 to 365 days), and how many ended jobs it keeps at most (default 10000;
+// the oldest are compacted away first).
+//
+// Threads: one call at a time per configuration.
+wp_result wp_manager_config_set_journal_retention(struct wp_manager_config *config,
+                                                  uint64_t ms,
+                                                  size_t count);
 
 // Frees a configuration; NULL does nothing. Managers started from it are not affected.
 //

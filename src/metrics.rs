@@ -146,6 +146,10 @@ pub struct Stats {
     pub output_bytes: u64,
     /// Per connected worker.
     pub per_worker: Vec<WorkerStats>,
+    /// Bytes the manager's journal takes on disk (its database and write-ahead log);
+    /// `None` without a journal.
+    #[serde(default)]
+    pub journal_bytes: Option<u64>,
 }
 
 impl Stats {
@@ -198,6 +202,13 @@ impl Stats {
             "Running jobs whose worker is reconnecting.",
             self.jobs_disconnected.to_string(),
         );
+        if let Some(bytes) = self.journal_bytes {
+            gauge(
+                "workpool_journal_bytes",
+                "Bytes the manager's journal takes on disk.",
+                bytes.to_string(),
+            );
+        }
         gauge(
             "workpool_oldest_queued_job_wait_seconds",
             "How long the longest-waiting queued job has waited (0 when none waits).",

@@ -630,8 +630,13 @@ fn bad_text_and_bad_addresses_are_invalid_arguments_and_write_nothing() {
             std::ffi::CStr::from_ptr(name).to_str().unwrap(),
             "WP_RESULT_QUEUE_FULL"
         );
+        let name = wp_result_name(WP_RESULT_JOURNAL as u32);
+        assert_eq!(
+            std::ffi::CStr::from_ptr(name).to_str().unwrap(),
+            "WP_RESULT_JOURNAL"
+        );
         // Any integer a C program passes is answered, none is taken for a Rust enum.
-        for code in [14, 9999, u32::MAX] {
+        for code in [15, 9999, u32::MAX] {
             let name = wp_result_name(code);
             assert_eq!(
                 std::ffi::CStr::from_ptr(name).to_str().unwrap(),
@@ -1103,6 +1108,60 @@ fn the_remote_client_example_is_clean_under_address_and_undefined_behaviour_sani
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// What `examples/c/journal.c` prints when every call did what it should.
+const JOURNAL_LINES: &[&str] = &[
+    "empty journal path: WP_RESULT_INVALID_ARGUMENT (the journal's path is empty)",
+    "NULL journal path: WP_RESULT_NULL_PARAMETER",
+    "journal retention over 365 days: WP_RESULT_INVALID_ARGUMENT (the journal's retention must be",
+    "first manager: 2 job(s), 2 queued",
+    "a second manager on the journal: WP_RESULT_JOURNAL (journal: ",
+    "a folder as the journal: WP_RESULT_JOURNAL (journal: ",
+    "journal bytes: some",
+    "after the restart: 2 job(s), 2 queued",
+    "ids go on: yes",
+    "jobs that exited after the restart: 3",
+    "done",
+];
+
+fn assert_journal_output(ok: bool, text: &str, stderr: &str) {
+    assert!(ok, "journal failed:\n{text}\n{stderr}");
+    for line in JOURNAL_LINES {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn the_journal_example_restarts_a_manager_that_goes_on_with_its_queue() {
+    if !have_cc("journal.c") {
+        return;
+    }
+    let dir = cert_dir("c-journal");
+    let lib = static_lib();
+    let program = dir.join("journal");
+    compile("journal.c", &program, &lib);
+    let (ok, text, stderr) = run_program(&[], &program, &dir, &[]);
+    assert_journal_output(ok, &text, &stderr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_journal_example_is_clean_under_valgrind() {
+    if !have_tool("valgrind") {
+        return missing_prerequisite("the valgrind run of journal.c", "valgrind is not installed");
+    }
+    if !have_cc("the valgrind run of journal.c") {
+        return;
+    }
+    let dir = cert_dir("c-journal-valgrind");
+    let lib = static_lib();
+    let program = dir.join("journal");
+    compile("journal.c", &program, &lib);
+    let (ok, text, stderr) = run_program(&valgrind(), &program, &dir, &[]);
+    assert!(ok, "valgrind: {stderr}\n{text}");
+    assert_journal_output(ok, &text, &stderr);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[test]
 fn the_client_entry_points_refuse_null_and_bad_values_and_accessors_answer_null_with_a_default() {
     use wp_result::*;
@@ -1474,6 +1533,8 @@ fn every_new_entry_point_refuses_null_and_accessors_answer_null_with_a_default()
             wp_manager_config_set_result_output_limit(n, 1),
             wp_manager_config_add_submitter_certificate_pem_file(n, s),
             wp_manager_config_add_submitter_ca_pem_file(n, s),
+            wp_manager_config_set_journal(n, s),
+            wp_manager_config_set_journal_retention(n, 1, 1),
         ] {
             assert_eq!(r, WP_RESULT_NULL_PARAMETER);
         }

@@ -527,10 +527,13 @@ fn serve_keeps_serving_with_stdin_closed_and_sigterm_shuts_it_down_gracefully() 
     let dir = scratch("cli-serve");
     let certs = Certs::new(1);
     certs.write_to(&dir);
-    // stdin is closed from the start: a console would have ended at once.
+    // stdin is closed from the start: a console would have ended at once. A service
+    // keeps a journal by default, in the XDG state folder (here the test's own).
     let mut child = Command::new(cli())
         .args(manager_args(&dir))
         .args(["--serve", "-h", "127.0.0.1"])
+        .env_remove("STATE_DIRECTORY")
+        .env("XDG_STATE_HOME", &dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -564,6 +567,12 @@ fn serve_keeps_serving_with_stdin_closed_and_sigterm_shuts_it_down_gracefully() 
         exit_code(&mut child),
         0,
         "a service stopped on request exits 0"
+    );
+    let journal = dir.join("workpool/journal.sqlite");
+    assert!(
+        journal.is_file(),
+        "the default journal {}",
+        journal.display()
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

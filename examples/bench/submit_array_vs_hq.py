@@ -33,7 +33,7 @@ class WPServe:
         self.dir = h.fresh_dir(tag)
         self.port = h.next_port()
         C = h.C
-        self.m = sp.Popen([h.W, "manager", "--serve", "--port", str(self.port),
+        self.m = sp.Popen([h.W, "manager", "--serve", "--no-journal", "--port", str(self.port),
                            "--security-pool-certificate", f"{C}/host-cert.pem",
                            "--security-pool-key", f"{C}/host-key.pem",
                            "--security-worker-certificates", f"{C}/worker-0-cert.pem", f"{C}/worker-1-cert.pem",

@@ -96,7 +96,10 @@ STDIN: each non-empty line is a job, submitted at once (`/bin/bash -c LINE` on a
 At the end of stdin the manager waits for every job to end, then exits 0. SIGTERM or SIGINT
 is `exit`, then the manager exits 128+N (a second one exits at once).
 With --serve the manager does not read stdin: it serves until SIGTERM or SIGINT, which shut
-it down as `exit` does, then it exits 0.";
+it down as `exit` does, then it exits 0.
+With a journal (--journal FILE; with --serve by default, unless --no-journal) a job is taken
+only once it is on disk, and shutting down ends no job: queued jobs stay queued, running jobs
+go on on their workers, and the manager started again on the same journal goes on with them.";
 
 const SUBMIT_AFTER_HELP: &str = "\
 Exit status: the job's own exit code; 128+N if it was killed by signal N; 124 if it timed
@@ -217,9 +220,29 @@ struct ManagerArgs {
     /// One JSON object per line on stdout
     #[arg(long)]
     json: bool,
-    /// Do not read stdin: serve until SIGTERM or SIGINT
+    /// Do not read stdin: serve until SIGTERM or SIGINT (with a journal at the default
+    /// path unless --journal or --no-journal says otherwise)
     #[arg(long)]
     serve: bool,
+    /// Keep accepted jobs in this journal (an SQLite file, created if missing): a restart
+    /// goes on with the queue and the running jobs [default with --serve:
+    /// $STATE_DIRECTORY/journal.sqlite, else $XDG_STATE_HOME/workpool/journal.sqlite, else
+    /// ~/.local/state/workpool/journal.sqlite; none without --serve]
+    #[arg(long, value_name = "FILE", conflicts_with = "no_journal")]
+    journal: Option<PathBuf>,
+    /// Keep no journal, even with --serve: a restart loses the queue
+    #[arg(long)]
+    no_journal: bool,
+    /// How long the jobs of a worker whose link dropped (or of every worker, after a
+    /// restart with a journal) wait for it to come back [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    reconnect_grace: Option<Duration>,
+    /// How long an ended job stays in the journal [default: 1h]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    journal_retention: Option<Duration>,
+    /// Most ended jobs the journal keeps [default: 10000]
+    #[arg(long, value_name = "N", value_parser = number::<usize>)]
+    journal_retention_count: Option<usize>,
     /// Serve Prometheus metrics at http://ADDR/metrics
     #[arg(long, value_name = "ADDR")]
     metrics_address: Option<String>,
@@ -463,6 +486,11 @@ fn usage_message(e: &clap::Error) -> String {
 }
 
 fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
+    // A journal that reaches a file size limit (`ulimit -f`) fails its write (EFBIG, a
+    // submission refused with the reason) instead of killing the manager.
+    // SAFETY: setting a signal's disposition to SIG_IGN takes no handler code; no thread
+    // has started yet.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     // Before any thread starts, so that every thread inherits the mask and only the
     // signal thread takes SIGINT and SIGTERM.
     let signals = block_signals();
@@ -512,6 +540,20 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
     if let Some(n) = a.max_heartbeats_per_second {
         config.max_heartbeats_per_second = n;
     }
+    config.journal = match (a.journal, a.no_journal, a.serve) {
+        (Some(path), _, _) => Some(path),
+        (None, false, true) => Some(default_journal()?),
+        _ => None,
+    };
+    if let Some(d) = a.reconnect_grace {
+        config.reconnect_grace = d;
+    }
+    if let Some(d) = a.journal_retention {
+        config.journal_retention = d;
+    }
+    if let Some(n) = a.journal_retention_count {
+        config.journal_retention_count = n;
+    }
     let manager = Arc::new(Manager::bind(config).map_err(failed)?);
     let (sig_tx, sig_rx) = unbounded();
     std::thread::spawn(move || {
@@ -549,6 +591,37 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
         Stop::Signal(sig) if !a.serve => ExitCode::from(128 + sig as u8),
         _ => ExitCode::SUCCESS,
     })
+}
+
+/// Where `manager --serve` keeps its journal unless told: systemd's state directory
+/// (`StateDirectory=`), else the XDG state folder; its folder is made if missing.
+fn default_journal() -> Result<PathBuf, Failure> {
+    let nonempty = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty());
+    let dir = if let Some(d) = nonempty("STATE_DIRECTORY") {
+        // systemd lists one folder per `StateDirectory=` entry, separated by colons.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        PathBuf::from(first)
+    } else if let Some(d) = nonempty("XDG_STATE_HOME") {
+        PathBuf::from(d).join("workpool")
+    } else if let Some(home) = nonempty("HOME") {
+        PathBuf::from(home).join(".local/state/workpool")
+    } else {
+        return Err(usage(
+            "no folder for the journal: set --journal FILE (or STATE_DIRECTORY, XDG_STATE_HOME or HOME), or --no-journal",
+        ));
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        failed(format!(
+            "cannot make the journal's folder {}: {e} (set --journal FILE, or --no-journal)",
+            dir.display()
+        ))
+    })?;
+    Ok(dir.join("journal.sqlite"))
 }
 
 /// A thread that hands `first` (the demo's showcase), then the lines of `stdin`, if

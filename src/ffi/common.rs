@@ -323,6 +323,7 @@ pub extern "C" fn wp_result_name(result: u32) -> *const c_char {
             11 => c"WP_RESULT_PROTOCOL",
             12 => c"WP_RESULT_LOGGER_IN_USE",
             13 => c"WP_RESULT_STDIN_CLOSED",
+            14 => c"WP_RESULT_JOURNAL",
             _ => c"WP_RESULT_UNKNOWN",
         };
         name.as_ptr()

@@ -587,6 +587,57 @@ pub unsafe extern "C" fn wp_manager_config_set_detached_retention(
     })
 }
 
+/// Keeps the manager's journal at `path`, an SQLite database (created if missing; off
+/// by default): a job is accepted only once it is on disk, and a manager started again
+/// on the same journal goes on with its queue, its running jobs, its job ids and its
+/// detached jobs' ends. With a journal, shutting the manager down ends no job. A journal
+/// that is corrupt, from a newer version or in use by another manager makes
+/// `wp_manager_start` fail with `WP_RESULT_JOURNAL`.
+///
+/// Ownership: `path` is only read. Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_journal(
+    config: *mut wp_manager_config,
+    path: *const c_char,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let path = text!(path);
+        if path.is_empty() {
+            return fail(WP_RESULT_INVALID_ARGUMENT, "the journal's path is empty");
+        }
+        config.rust.journal = Some(path.into());
+        WP_RESULT_OK
+    })
+}
+
+/// Sets how long an ended job stays in the journal, in milliseconds (default 3600000,
+/// one hour; 0 to 365 days), and how many ended jobs it keeps at most (default 10000;
+/// the oldest are compacted away first).
+///
+/// Threads: one call at a time per configuration.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn wp_manager_config_set_journal_retention(
+    config: *mut wp_manager_config,
+    ms: u64,
+    count: usize,
+) -> wp_result {
+    ffi!({
+        let config = arg_mut!(config);
+        let set = set_ms!(
+            config.rust.journal_retention,
+            "the journal's retention",
+            ms,
+            true,
+            MAX_DURATION_MS
+        );
+        if set == WP_RESULT_OK {
+            config.rust.journal_retention_count = count;
+        }
+        set
+    })
+}
+
 /// Frees a configuration; NULL does nothing. Managers started from it are not affected.
 ///
 /// Ownership: call it once per configuration, after every other call on it returned.

@@ -491,6 +491,8 @@ pub struct wp_stats_figures {
     pub dispatch_latency_p99_us: u64,
     /// Output bytes received from workers.
     pub output_bytes: u64,
+    /// Bytes the manager's journal takes on disk; 0 without a journal.
+    pub journal_bytes: u64,
 }
 
 /// One connected worker's figures (`wp_stats_worker`). `name` is owned by the
@@ -571,6 +573,7 @@ impl wp_stats {
             dispatch_latency_p50_us: micros(&s.dispatch_latency, 0.5),
             dispatch_latency_p99_us: micros(&s.dispatch_latency, 0.99),
             output_bytes: s.output_bytes,
+            journal_bytes: s.journal_bytes.unwrap_or(0),
         }
     }
 }
@@ -689,6 +692,7 @@ mod tests {
             dispatch_latency: Histogram::default(),
             output_bytes: 99,
             per_worker: Vec::new(),
+            journal_bytes: Some(4096),
         });
         let f = s.figures();
         assert_eq!(
@@ -713,5 +717,6 @@ mod tests {
             (0, 0)
         );
         assert_eq!((f.workers, f.slots_busy, f.output_bytes), (2, 3, 99));
+        assert_eq!(f.journal_bytes, 4096);
     }
 }

@@ -246,8 +246,17 @@ impl Journal for MemoryJournal {
     }
 
     fn record(&self, records: Vec<Record>) {
-        if let Err(e) = self.add(records) {
-            log::error!("the journal lost records: {e}");
+        self.record_then(records, None);
+    }
+
+    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>) {
+        match self.add(records) {
+            Ok(()) => {
+                if let Some(then) = then {
+                    then();
+                }
+            }
+            Err(e) => log::error!("the journal lost records: {e}"),
         }
     }
 

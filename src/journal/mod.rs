@@ -162,6 +162,10 @@ pub(crate) trait Journal: Send + Sync {
     /// logged.
     fn record(&self, records: Vec<Record>);
 
+    /// [`Journal::record`], and runs `then` (on the journal's own thread: it must not
+    /// block) once the records are durable; not if their commit failed.
+    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>);
+
     /// Bytes the journal takes on disk now.
     fn size_bytes(&self) -> u64;
 

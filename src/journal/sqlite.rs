@@ -740,13 +740,20 @@ fn outcome_of(name: &str, code: Option<i32>, reason: Option<String>) -> Option<O
     })
 }
 
-/// Where the writer says whether a caller's records are durable.
-type Reply = Sender<Result<(), String>>;
+/// What is done once records are committed.
+enum Done {
+    /// Nothing (a failure is logged).
+    Nothing,
+    /// Say whether they are durable to a caller who waits.
+    Tell(Sender<Result<(), String>>),
+    /// Run this once they are durable (not if their commit failed).
+    Then(Box<dyn FnOnce() + Send>),
+}
 
 /// What the writer thread is sent.
 enum Msg {
-    /// Records, and where to say whether they are durable (`None`: nobody waits).
-    Records(Vec<Record>, Option<Reply>),
+    /// Records, and what is done once they are committed.
+    Records(Vec<Record>, Done),
     /// Commit what came before, then stop.
     Close,
 }
@@ -756,7 +763,8 @@ pub(crate) struct SqliteJournal {
     path: PathBuf,
     tx: Sender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Commits so far (each fsyncs once).
+    /// Commits so far (each fsyncs once), for the tests.
+    #[cfg(test)]
     commits: Arc<AtomicU64>,
 }
 
@@ -791,6 +799,7 @@ impl SqliteJournal {
                 path: path.to_owned(),
                 tx,
                 writer: Mutex::new(Some(writer)),
+                #[cfg(test)]
                 commits,
             },
             recovered,
@@ -829,7 +838,7 @@ fn run(
 ) {
     let mut compact_at: Option<Instant> = next_expiry.and_then(instant_of);
     let mut closing = false;
-    let mut batch: Vec<(Vec<Record>, Option<Reply>)> = Vec::new();
+    let mut batch: Vec<(Vec<Record>, Done)> = Vec::new();
     while !closing {
         let first = match compact_at {
             Some(at) => rx.recv_deadline(at),
@@ -868,15 +877,16 @@ fn run(
                 let soon = Instant::now() + COMPACT_AFTER;
                 compact_at = Some(compact_at.map_or(soon, |at| at.min(soon)));
             }
-            for (records, reply) in batch.drain(..) {
-                match (reply, &r) {
-                    (Some(reply), r) => {
+            for (records, done) in batch.drain(..) {
+                match (done, &r) {
+                    (Done::Tell(reply), r) => {
                         let _ = reply.send(r.as_ref().map(|_| ()).map_err(Clone::clone));
                     }
-                    (None, Err(e)) => {
+                    (Done::Then(then), Ok(_)) => then(),
+                    (Done::Nothing | Done::Then(_), Err(e)) => {
                         log::error!("{e}; {} records were lost", records.len());
                     }
-                    (None, Ok(_)) => {}
+                    (Done::Nothing, Ok(_)) => {}
                 }
             }
         }
@@ -901,7 +911,7 @@ impl Journal for SqliteJournal {
         let closed = || Error::Journal(format!("{}: the journal is closed", self.path.display()));
         let (reply, answer) = crossbeam_channel::bounded(1);
         self.tx
-            .send(Msg::Records(records, Some(reply)))
+            .send(Msg::Records(records, Done::Tell(reply)))
             .map_err(|_| closed())?;
         match answer.recv() {
             Ok(r) => r.map_err(Error::Journal),
@@ -910,7 +920,12 @@ impl Journal for SqliteJournal {
     }
 
     fn record(&self, records: Vec<Record>) {
-        if self.tx.send(Msg::Records(records, None)).is_err() {
+        self.record_then(records, None);
+    }
+
+    fn record_then(&self, records: Vec<Record>, then: Option<Box<dyn FnOnce() + Send>>) {
+        let done = then.map_or(Done::Nothing, Done::Then);
+        if self.tx.send(Msg::Records(records, done)).is_err() {
             log::debug!(
                 "{}: the journal is closed; records were dropped",
                 self.path.display()
@@ -1960,16 +1975,15 @@ mod tests {
             rlim_max: 0,
         };
         // SAFETY: `limit` is a valid rlimit for the call to fill.
-        assert_eq!(
-            unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) },
-            0
-        );
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) };
+        assert_eq!(read, 0);
         let original = limit;
         let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
         let biggest = len(path).max(len(&with_suffix(path, "-wal")));
         limit.rlim_cur = biggest + (64 << 10);
         // SAFETY: `limit` is a valid rlimit; the soft limit is below the hard one.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) }, 0);
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) };
+        assert_eq!(set, 0);
         let big = |id: u64| Record::Accepted {
             id: JobId(id),
             spec: JobSpec::new("cat").stdin(vec![b'z'; 16 << 10]),
@@ -1992,7 +2006,8 @@ mod tests {
         assert!(again.is_err(), "the disk is still full");
         // Space comes back: the same journal works again.
         // SAFETY: `original` is the rlimit read above.
-        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &original) }, 0);
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &original) };
+        assert_eq!(set, 0);
         j.write(vec![big(failed_id + 3)]).unwrap();
         j.close();
         let (_j, back) = open(path, KEEP_ALL).unwrap();

@@ -25,6 +25,7 @@ use super::sink::JobSink;
 use super::{ManagerEvent, WorkerInfo};
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobState, JobStatus, Outcome};
+use crate::journal::Record;
 use crate::link::Liveness;
 use crate::metrics::{Counters, Histogram, Stats, WorkerStats};
 use crate::protocol::{self, ManagerMessage, WorkerHello};
@@ -167,6 +168,8 @@ pub(crate) enum Action {
     Forget { worker: u64 },
     /// Tell the subscribers.
     Notify(ManagerEvent),
+    /// Add to the journal (without waiting), before the messages of the same round go.
+    Record(Record),
 }
 
 /// What the dispatcher is told at its start.
@@ -174,6 +177,19 @@ pub(crate) struct Settings {
     pub reconnect_grace: Duration,
     pub max_connections_per_certificate: usize,
     pub manager_id: u64,
+    /// The manager keeps a journal: where jobs go is recorded, and a shutdown keeps
+    /// them (they go on after a restart) instead of ending them.
+    pub journaled: bool,
+}
+
+/// A worker as the journal names it: its name and its certificate (DER).
+pub(crate) type NamedWorker = (String, Option<Vec<u8>>);
+
+/// A job read back from the journal at a restart, with its new sink.
+pub(crate) struct Restored {
+    pub job: QueuedJob,
+    /// The worker it was sent to, which may claim it; `None`: queued.
+    pub sent_to: Option<NamedWorker>,
 }
 
 struct WorkerEntry {
@@ -391,6 +407,12 @@ impl Dispatcher {
         self.actions.push_back(Action::Notify(ev));
     }
 
+    fn record(&mut self, r: impl FnOnce() -> Record) {
+        if self.settings.journaled {
+            self.actions.push_back(Action::Record(r()));
+        }
+    }
+
     // ---- inputs ----
 
     /// Time has passed: acts on every deadline up to `now`.
@@ -419,8 +441,7 @@ impl Dispatcher {
     pub(crate) fn submit(&mut self, now: Instant, job: QueuedJob) {
         if self.closing() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            job.events
-                .push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
+            self.end_for_shutdown(&job.events);
         } else {
             if let Some(w) = self.pick_worker(now, &job) {
                 self.dispatch_latency
@@ -432,6 +453,54 @@ impl Dispatcher {
             } else {
                 self.queue.push(job);
             }
+        }
+        self.tick(now);
+    }
+
+    /// After a restart, the jobs the journal holds (in id order): queued ones are queued
+    /// again in their order (the queue orders by priority, then by that order); those
+    /// sent to a worker wait for it to come back and claim them, as after a lost link,
+    /// for the reconnect grace (then they end `WorkerLost`, or are retried).
+    pub(crate) fn restore(&mut self, now: Instant, jobs: Vec<Restored>) {
+        let mut by_worker: BTreeMap<NamedWorker, Vec<(JobId, Route)>> = BTreeMap::new();
+        for Restored { job, sent_to } in jobs {
+            match sent_to {
+                None => {
+                    self.queued.fetch_add(1, Ordering::Relaxed);
+                    self.queue.push(job);
+                }
+                Some(worker) => {
+                    self.running.insert(
+                        job.id,
+                        Running {
+                            worker: None,
+                            spec: job.spec,
+                            attempt: job.attempt,
+                            since: now,
+                            cancelled: false,
+                            held: None,
+                        },
+                    );
+                    by_worker
+                        .entry(worker)
+                        .or_default()
+                        .push((job.id, Route::restored(job.events)));
+                }
+            }
+        }
+        let grace = self.settings.reconnect_grace;
+        for ((name, cert), jobs) in by_worker {
+            log::info!(
+                "{} job(s) of worker {name} wait {:.1} s for it to come back",
+                jobs.len(),
+                grace.as_secs_f64()
+            );
+            self.detached.push(Detached {
+                name,
+                cert,
+                jobs,
+                until: later(now, grace),
+            });
         }
         self.tick(now);
     }
@@ -472,9 +541,14 @@ impl Dispatcher {
     }
 
     /// Begins a graceful shutdown: queued jobs end `Rejected`, running ones have
-    /// `grace` to end, then they are cancelled and every worker is told goodbye.
+    /// `grace` to end, then they are cancelled and every worker is told goodbye. With a
+    /// journal, nothing ends: every worker is told goodbye at once and keeps its jobs
+    /// for its reconnect grace, and the restarted manager goes on with them and with
+    /// the queue (see [`JobSink::suspend`]).
     pub(crate) fn shutdown(&mut self, now: Instant, grace: Duration) {
-        if !self.closing() {
+        if !self.closing() && self.settings.journaled {
+            self.phase = Phase::Closing { deadline: now };
+        } else if !self.closing() {
             self.reject_queued();
             self.phase = Phase::Closing {
                 deadline: later(now, grace),
@@ -524,7 +598,8 @@ impl Dispatcher {
                 // are queued back to back, so the link's writer usually sends them in one
                 // write, and the worker starts the next job before it forgets the last.
                 self.fill(now, worker);
-                if known.is_some() {
+                // With a journal, the job's sink says `Ended` once the end is on disk.
+                if known.is_some() && !self.settings.journaled {
                     self.send(worker, ManagerMessage::Ended { job });
                 }
                 if let Some(x) = claimant {
@@ -560,6 +635,7 @@ impl Dispatcher {
             return;
         }
         let claimant = self.release_held(job);
+        self.record(|| Record::Started { id: job });
         let Some(r) = self.running.get_mut(&job) else {
             return;
         };
@@ -625,6 +701,10 @@ impl Dispatcher {
         match self.running.remove(&job) {
             Some(r) if r.cancelled => route.sink.push(JobEvent::Finished(Outcome::Cancelled)),
             Some(r) => {
+                self.record(|| Record::Queued {
+                    id: job,
+                    attempt: r.attempt,
+                });
                 route.sink.set_producer(None);
                 route.sink.push(JobEvent::Requeued { attempt: r.attempt });
                 self.queued.fetch_add(1, Ordering::Relaxed);
@@ -698,6 +778,7 @@ impl Dispatcher {
             dispatch_latency: self.dispatch_latency.clone(),
             output_bytes: c.output_bytes.load(Ordering::Relaxed),
             per_worker,
+            journal_bytes: None,
         }
     }
 
@@ -884,6 +965,17 @@ impl Dispatcher {
     /// job's sink is attached to the link after `Run`: a job whose submitter is still
     /// behind (a retry) is paused on its new worker, which by then knows the job.
     fn send_run(&mut self, now: Instant, worker: u64, job: QueuedJob, held: Option<Held>) {
+        if self.settings.journaled
+            && let Some(w) = self.workers.get(&worker)
+        {
+            let name = w.info.name.clone();
+            self.record(|| Record::Sent {
+                id: job.id,
+                attempt: job.attempt,
+                worker: name,
+                ahead: held.is_some(),
+            });
+        }
         self.send(
             worker,
             ManagerMessage::Run {
@@ -1079,8 +1171,12 @@ impl Dispatcher {
         if r.cancelled {
             sink.push(JobEvent::Finished(Outcome::Cancelled));
         } else if self.closing() {
-            sink.push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
+            self.end_for_shutdown(&sink);
         } else {
+            self.record(|| Record::Queued {
+                id: job,
+                attempt: r.attempt,
+            });
             self.queued.fetch_add(1, Ordering::Relaxed);
             self.queue.restore(
                 h.place,
@@ -1242,6 +1338,10 @@ impl Dispatcher {
             }
         );
         self.notify(ManagerEvent::WorkerJoined(info.clone()));
+        self.record(|| Record::Worker {
+            name: info.name.clone(),
+            cert: cert.clone(),
+        });
         self.workers.insert(
             id,
             WorkerEntry {
@@ -1317,6 +1417,7 @@ impl Dispatcher {
             }
             if let Some(worker) = route.held_by.take() {
                 // Sent ahead, and it started while the link was down.
+                self.record(|| Record::Started { id: job });
                 route.sink.push(JobEvent::Started { worker });
                 if let Some(r) = self.running.get_mut(&job)
                     && let Some(h) = r.held.take()
@@ -1460,6 +1561,10 @@ impl Dispatcher {
                 r.attempt + 1,
                 r.spec.retries + 1
             );
+            self.record(|| Record::Queued {
+                id: job,
+                attempt: r.attempt + 1,
+            });
             route.sink.set_producer(None);
             route.sink.push(JobEvent::Requeued {
                 attempt: r.attempt + 1,
@@ -1484,8 +1589,34 @@ impl Dispatcher {
         let queued: Vec<QueuedJob> = self.queue.drain().collect();
         self.queued.fetch_sub(queued.len(), Ordering::Relaxed);
         for job in queued {
-            job.events
-                .push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
+            self.end_for_shutdown(&job.events);
+        }
+    }
+
+    /// A job that does not start because the manager is closing: it ends `Rejected`,
+    /// or, with a journal, stays there for the next start of the manager.
+    fn end_for_shutdown(&self, sink: &Arc<JobSink>) {
+        if self.settings.journaled {
+            sink.suspend();
+        } else {
+            sink.push(JobEvent::Finished(Outcome::Rejected(SHUTTING_DOWN.into())));
+        }
+    }
+
+    /// With a journal, at the end of a shutdown: the jobs that run or wait for their
+    /// worker stay with their workers (told nothing but goodbye) and in the journal.
+    fn keep_for_restart(&mut self) {
+        for d in std::mem::take(&mut self.detached) {
+            for (_, route) in d.jobs {
+                route.sink.suspend();
+            }
+        }
+        let ids: Vec<u64> = self.workers.keys().copied().collect();
+        for worker in &ids {
+            let kept: Vec<(JobId, Route)> = lock(&self.workers[worker].routes).drain().collect();
+            for (_, route) in kept {
+                route.sink.suspend();
+            }
         }
     }
 
@@ -1494,6 +1625,9 @@ impl Dispatcher {
     /// [`LINK_CLOSE_WAIT`] to close before they are cut.
     fn finish(&mut self, now: Instant) {
         self.reject_queued();
+        if self.settings.journaled {
+            self.keep_for_restart();
+        }
         for d in std::mem::take(&mut self.detached) {
             for (job, route) in d.jobs {
                 self.running.remove(&job);

@@ -18,6 +18,7 @@ mod submitters;
 
 use crate::error::{Error, Result};
 use crate::job::{JobEvent, JobId, JobSpec, JobStatus};
+use crate::journal::{self, Journal, Record, Retention, Submitter};
 use crate::link::{self, Pace, Timing};
 use crate::metrics::{Counters, MetricsServer, Stats};
 use crate::protocol::DEFAULT_MAX_FRAME;
@@ -32,6 +33,7 @@ use queue::QueuedJob;
 use sink::JobSink;
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
@@ -148,6 +150,16 @@ pub struct ManagerConfig {
     pub detached_retention: Duration,
     /// Most ended detached jobs kept at once (1,000 by default); the oldest go first.
     pub detached_retention_count: usize,
+    /// Where the manager keeps its journal, an SQLite database (see
+    /// [`ManagerConfig::journal`]); `None` (the default): no journal, everything is in
+    /// memory and a restart loses the queue.
+    pub journal: Option<PathBuf>,
+    /// How long an ended job stays in the journal (1 hour by default); then it is
+    /// compacted away. Keep it at least `detached_retention`, or a detached job's end
+    /// cannot be attached to after a restart.
+    pub journal_retention: Duration,
+    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first).
+    pub journal_retention_count: usize,
 }
 
 impl ManagerConfig {
@@ -183,6 +195,18 @@ impl ManagerConfig {
         self
     }
 
+    /// Keeps a journal at `path` (an SQLite database; created if missing): a job is
+    /// accepted only once it is on disk, where each job is goes there too, and a
+    /// manager started again on the same journal goes on with its queue, its running
+    /// jobs (their workers keep them for their reconnect grace and come back), its job
+    /// ids and its detached jobs' ends. A journal that is corrupt, from a newer
+    /// version, or in use by another manager is refused ([`Error::Journal`]). With a
+    /// journal, shutting down ends no job: they go on when the manager starts again.
+    pub fn journal(mut self, path: impl Into<PathBuf>) -> ManagerConfig {
+        self.journal = Some(path.into());
+        self
+    }
+
     /// A manager without TLS. Anyone who can reach the port can take and answer jobs.
     pub fn insecure_plaintext(listen: impl Into<String>) -> ManagerConfig {
         ManagerConfig::with_security(listen, ManagerSecurity::InsecurePlaintext)
@@ -208,6 +232,9 @@ impl ManagerConfig {
             detached_output_limit: 1 << 20,
             detached_retention: Duration::from_secs(3600),
             detached_retention_count: 1000,
+            journal: None,
+            journal_retention: Duration::from_secs(3600),
+            journal_retention_count: 10_000,
         }
     }
 
@@ -242,6 +269,7 @@ impl ManagerConfig {
             ("shutdown_grace", self.shutdown_grace),
             ("reconnect_grace", self.reconnect_grace),
             ("detached_retention", self.detached_retention),
+            ("journal_retention", self.journal_retention),
         ] {
             if d > MAX_CONFIG_DURATION {
                 return Err(Error::InvalidConfig(format!(
@@ -316,6 +344,8 @@ pub(crate) struct Shared {
     link_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Remote submitters' sessions and the jobs they follow.
     submitters: Arc<Submitters>,
+    /// Where accepted jobs and their changes are kept, if anywhere.
+    journal: Option<Arc<dyn Journal>>,
 }
 
 /// The dispatcher, the acceptor, the handshake watchdog and the submitters' timer.
@@ -371,8 +401,28 @@ impl Manager {
         let local_addr = listener
             .local_addr()
             .map_err(|e| Error::io("reading the bound address", e))?;
+        let (journal, recovered) = match &config.journal {
+            Some(path) => {
+                let retention = Retention {
+                    keep_ended_for: config.journal_retention,
+                    keep_ended: config.journal_retention_count,
+                };
+                let started = Instant::now();
+                let (j, r) = journal::open(path, retention)?;
+                log::info!(
+                    "journal {}: {} job(s) to go on with, read in {:.3} s",
+                    path.display(),
+                    r.open.len(),
+                    started.elapsed().as_secs_f64()
+                );
+                (Some(j), Some(r))
+            }
+            None => (None, None),
+        };
         let (tx, rx) = unbounded();
-        let manager_id = crate::random::u64();
+        let manager_id = recovered
+            .as_ref()
+            .map_or_else(crate::random::u64, |r| r.manager_id);
         let queued = Arc::new(AtomicUsize::new(0));
         let counters: Arc<Counters> = Arc::default();
         let base = Timing {
@@ -395,7 +445,7 @@ impl Manager {
             events: tx,
             queued: queued.clone(),
             capacity: config.queue_capacity,
-            next_job: AtomicU64::new(1),
+            next_job: AtomicU64::new(recovered.as_ref().map_or(1, |r| r.next_job)),
             closing: AtomicBool::new(false),
             tls,
             pace: Arc::new(Pace::new(
@@ -416,16 +466,22 @@ impl Manager {
             next_connection: AtomicU64::new(1),
             link_threads: Mutex::new(Vec::new()),
             submitters,
+            journal: journal.clone(),
         });
         let settings = Settings {
             reconnect_grace: config.reconnect_grace,
             max_connections_per_certificate: config.max_connections_per_certificate,
             manager_id,
+            journaled: journal.is_some(),
         };
-        let d = Dispatcher::new(settings, queued, counters);
-        let dispatcher =
-            crate::thread::spawn("wp-dispatcher", move || dispatcher::driver::run(d, rx))
-                .map_err(|e| Error::io("starting the dispatcher thread", e))?;
+        let mut d = Dispatcher::new(settings, queued, counters);
+        if let Some(recovered) = recovered {
+            d.restore(Instant::now(), shared.restore(recovered));
+        }
+        let dispatcher = crate::thread::spawn("wp-dispatcher", move || {
+            dispatcher::driver::run(d, rx, journal)
+        })
+        .map_err(|e| Error::io("starting the dispatcher thread", e))?;
         let listener = Arc::new(listener);
         let (s, l) = (shared.clone(), listener.clone());
         let acceptor = crate::thread::spawn("wp-acceptor", move || acceptor::accept_loop(&l, s))
@@ -485,6 +541,10 @@ impl Manager {
         let stdin = spec
             .interactive
             .then(|| StdinPort::new(id, spec.pty.is_some(), None));
+        if let Err(e) = s.write_accepted(&[(id, &spec)], &Submitter::Local) {
+            s.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(e);
+        }
         let sink = JobSink::with_stdin(id, tx, s.counters.clone(), stdin.clone());
         s.enqueue(id, spec, sink)?;
         Ok(JobHandle::new(id, rx, self.shared.clone(), stdin))
@@ -529,6 +589,7 @@ impl Manager {
             dispatch_latency: Default::default(),
             output_bytes: self.shared.counters.output_bytes.load(Ordering::Relaxed),
             per_worker: Vec::new(),
+            journal_bytes: self.shared.journal.as_ref().map(|j| j.size_bytes()),
         })
     }
 
@@ -594,6 +655,11 @@ impl Manager {
         for t in threads {
             let _ = t.join();
         }
+        // Every thread that writes to the journal has ended: what it recorded is
+        // committed, and the journal is let go (another manager may open it).
+        if let Some(j) = &s.journal {
+            j.close();
+        }
         log::info!("manager on {} shut down", self.local_addr);
     }
 }
@@ -634,9 +700,69 @@ impl Shared {
         Ok(())
     }
 
+    /// With a journal, writes that these admitted jobs are accepted, and returns once
+    /// that is on disk (a failure, such as a full disk, is the submission's error: the
+    /// caller gives the queue places back). Without one, does nothing.
+    pub(crate) fn write_accepted(
+        &self,
+        jobs: &[(JobId, &JobSpec)],
+        submitter: &Submitter,
+    ) -> Result<()> {
+        let Some(journal) = &self.journal else {
+            return Ok(());
+        };
+        let records = jobs
+            .iter()
+            .map(|&(id, spec)| Record::Accepted {
+                id,
+                spec: spec.clone(),
+                submitter: submitter.clone(),
+            })
+            .collect();
+        journal.write(records)
+    }
+
+    /// The jobs a journal gave back at a restart, each with a new sink: a remote
+    /// submitter's job delivers to the submitters' hub (which has its sessions back), an
+    /// in-process submitter's to nobody (it runs to its end, which is journaled).
+    fn restore(&self, recovered: journal::Recovered) -> Vec<dispatcher::Restored> {
+        let mut restored = Vec::with_capacity(recovered.open.len());
+        let now = Instant::now();
+        for open in recovered.open {
+            let id = open.id;
+            let stdin = open
+                .spec
+                .interactive
+                .then(|| StdinPort::new(id, open.spec.pty.is_some(), None));
+            let (tx, _nobody) = bounded(1);
+            let sink = JobSink::with_stdin(id, tx, self.counters.clone(), stdin);
+            if let Some(j) = &self.journal {
+                sink.journal_to(j.clone());
+            }
+            let sent_to = match open.place {
+                journal::Place::Queued => None,
+                journal::Place::Sent { worker, cert } => Some((worker, cert)),
+            };
+            restored.push(dispatcher::Restored {
+                job: QueuedJob {
+                    id,
+                    spec: open.spec,
+                    events: sink,
+                    attempt: open.attempt,
+                    since: now,
+                },
+                sent_to,
+            });
+        }
+        restored
+    }
+
     /// Queues an admitted job whose events go to `sink`; fails only once shutdown
     /// has begun (and then gives its place in the queue back).
     fn enqueue(&self, id: JobId, spec: JobSpec, sink: Arc<JobSink>) -> Result<()> {
+        if let Some(j) = &self.journal {
+            sink.journal_to(j.clone());
+        }
         self.counters.submitted.fetch_add(1, Ordering::Relaxed);
         sink.push(JobEvent::Queued);
         let job = QueuedJob {
@@ -684,5 +810,7 @@ impl Shared {
 fn query_stats(shared: &Shared) -> Option<Stats> {
     let (tx, rx) = bounded(1);
     shared.events.send(Event::Stats(tx)).ok()?;
-    rx.recv_timeout(Duration::from_secs(5)).ok()
+    let mut stats = rx.recv_timeout(Duration::from_secs(5)).ok()?;
+    stats.journal_bytes = shared.journal.as_ref().map(|j| j.size_bytes());
+    Some(stats)
 }

@@ -36,6 +36,11 @@ pub(crate) struct Route {
     /// the job's `Started` event when the worker says it has started. `None` once it
     /// has (and for a run sent into a free slot, whose `Started` went with its `Run`).
     pub held_by: Option<String>,
+    /// Read back from the journal after a restart: what was delivered before is not
+    /// known here, so the first output `seq` that comes is where delivery goes on (the
+    /// worker sends again from the oldest output it kept; a remote submitter drops what
+    /// it already has).
+    pub restored: bool,
 }
 
 impl Route {
@@ -46,6 +51,15 @@ impl Route {
             lost: 0,
             gaps: 0,
             held_by: None,
+            restored: false,
+        }
+    }
+
+    /// The route of a job read back from the journal (see [`Route::restored`]).
+    pub(crate) fn restored(sink: Arc<JobSink>) -> Route {
+        Route {
+            restored: true,
+            ..Route::new(sink)
         }
     }
 
@@ -70,6 +84,9 @@ impl Route {
         let Some(next) = seq.checked_add(1) else {
             return Err(format!("job {job}: output seq {seq} is out of range"));
         };
+        if std::mem::take(&mut self.restored) {
+            self.next_seq = seq;
+        }
         if seq < self.next_seq {
             return Ok(false);
         }
@@ -219,7 +236,7 @@ pub(crate) fn on_worker_message(
                 log::debug!("{label}: output for job {job}, which it does not run (ignored)");
                 return Ok(());
             };
-            if seq < route.next_seq {
+            if seq < route.next_seq && !route.restored {
                 return Ok(()); // replayed after a reconnect, and already delivered
             }
             // Checked before the seq is taken: refused output is not counted as

@@ -13,13 +13,14 @@
 
 use super::stdin::StdinPort;
 use super::submitters::RemoteDest;
-use crate::job::{JobEvent, JobId};
+use crate::job::{JobEvent, JobId, Outcome};
+use crate::journal::{Journal, Record};
 use crate::link::Outbox;
 use crate::metrics::Counters;
 use crate::protocol::ManagerMessage;
 use crossbeam_channel::{SendError, Sender, TrySendError};
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Where a job's output comes from while it runs: its worker's link, to pause and resume.
 pub(crate) type Producer = Outbox<ManagerMessage>;
@@ -32,6 +33,10 @@ pub(crate) type Producer = Outbox<ManagerMessage>;
 pub(crate) const MAX_BACKLOG_BYTES: usize = 64 << 20;
 /// What one event costs in the backlog besides its output bytes.
 const EVENT_COST: usize = 64;
+/// What an in-process submitter's handle hears of a job the manager kept in its
+/// journal when it stopped.
+pub(crate) const SUSPENDED: &str =
+    "the manager stopped; the job is kept in its journal and goes on when it starts again";
 /// The most warnings one job delivers; later ones are counted and reported as one.
 pub(crate) const MAX_WARNINGS: u32 = 16;
 
@@ -74,6 +79,8 @@ pub(crate) struct JobSink {
     /// An interactive job's stdin: it goes to the same worker link as the output
     /// comes from, and closes at the job's end.
     stdin: Option<Arc<StdinPort>>,
+    /// The manager's journal, which hears of the job's end from here.
+    journal: OnceLock<Arc<dyn Journal>>,
 }
 
 #[derive(Default)]
@@ -87,6 +94,9 @@ struct State {
     warnings_left_out: u64,
     /// `Finished` has been accepted: nothing more is.
     ended: bool,
+    /// The manager stopped with the job kept in its journal: its end here is not its
+    /// end (see [`JobSink::suspend`]).
+    suspended: bool,
     /// The submitter dropped its handle: events are discarded.
     abandoned: bool,
     producer: Option<Producer>,
@@ -120,6 +130,7 @@ impl JobSink {
             counters,
             backlog_limit,
             stdin: None,
+            journal: OnceLock::new(),
         })
     }
 
@@ -137,7 +148,35 @@ impl JobSink {
             counters,
             backlog_limit: MAX_BACKLOG_BYTES,
             stdin,
+            journal: OnceLock::new(),
         })
+    }
+
+    /// Has the job's end written to `journal` when it comes.
+    pub(crate) fn journal_to(&self, journal: Arc<dyn Journal>) {
+        let _ = self.journal.set(journal);
+    }
+
+    /// The manager stops and keeps the job in its journal (it goes on after a restart):
+    /// an in-process submitter's handle ends `Rejected` with that said, and nothing is
+    /// journaled or counted; a remote submitter hears nothing (it follows the job
+    /// again through the restarted manager).
+    pub(crate) fn suspend(self: &Arc<Self>) {
+        let inline = {
+            let mut s = self.lock();
+            if s.ended {
+                return;
+            }
+            s.suspended = true;
+            if matches!(self.tx, Dest::Remote(_)) {
+                self.abandon(&mut s);
+            }
+            self.push_locked(
+                &mut s,
+                JobEvent::Finished(Outcome::Rejected(SUSPENDED.into())),
+            )
+        };
+        self.hand_over(inline);
     }
 
     /// An interactive job's stdin.
@@ -225,7 +264,25 @@ impl JobSink {
             if let Some(stdin) = &self.stdin {
                 stdin.end();
             }
-            self.counters.finished(outcome);
+            if !s.suspended {
+                self.counters.finished(outcome);
+                if let Some(journal) = self.journal.get() {
+                    // The worker forgets the job when told `Ended`: only once its end is
+                    // on disk, so that a restart never finds a job sent to a worker that
+                    // no longer has it although it ran (it would end lost, or run again).
+                    let job = self.job;
+                    let then = s.producer.clone().map(|link| {
+                        Box::new(move || {
+                            link.send(ManagerMessage::Ended { job });
+                        }) as Box<dyn FnOnce() + Send>
+                    });
+                    let ended = Record::Ended {
+                        id: job,
+                        outcome: outcome.clone(),
+                    };
+                    journal.record_then(vec![ended], then);
+                }
+            }
         }
         if s.abandoned {
             return;

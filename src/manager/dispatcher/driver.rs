@@ -12,6 +12,7 @@
 use super::{Action, Dispatcher, LinkEvent, LinkPorts, Registration};
 use crate::error::Result;
 use crate::job::{JobId, JobStatus};
+use crate::journal::Journal;
 use crate::link::{Liveness, Outbox};
 use crate::manager::ids::IdMap;
 use crate::manager::queue::QueuedJob;
@@ -66,14 +67,16 @@ pub(crate) enum Event {
 struct Ports {
     links: IdMap<u64, LinkHandle>,
     subscribers: Vec<Sender<ManagerEvent>>,
+    journal: Option<Arc<dyn Journal>>,
 }
 
 /// Runs the dispatcher until its shutdown is complete, then answers what is left in
 /// the channel.
-pub(crate) fn run(mut d: Dispatcher, rx: Receiver<Event>) {
+pub(crate) fn run(mut d: Dispatcher, rx: Receiver<Event>, journal: Option<Arc<dyn Journal>>) {
     let mut ports = Ports {
         links: IdMap::default(),
         subscribers: Vec::new(),
+        journal,
     };
     while !d.is_done() {
         let ev = match d.next_deadline() {
@@ -157,6 +160,7 @@ impl Ports {
         // Links sent to in this round, held (corked) until its end: the messages one
         // event gives a link (a `Run` and the `Ended` before it) go out in one write.
         let mut corked: Vec<(u64, Outbox<ManagerMessage>)> = Vec::new();
+        let mut records = Vec::new();
         while let Some(action) = d.poll_action() {
             match action {
                 Action::Send { worker, msg } => {
@@ -188,7 +192,13 @@ impl Ports {
                     self.links.remove(&worker);
                 }
                 Action::Notify(ev) => self.subscribers.retain(|s| s.send(ev.clone()).is_ok()),
+                Action::Record(r) => records.push(r),
             }
+        }
+        // Into the journal before the messages go: a job's `Sent` comes before anything
+        // its worker can answer (its end is journaled after it).
+        if let Some(j) = self.journal.as_ref().filter(|_| !records.is_empty()) {
+            j.record(records);
         }
         for (_, out) in corked {
             out.uncork();

@@ -7,6 +7,7 @@
 
 use super::*;
 use crate::job::Stream;
+use crate::journal::{self, Journal, MemoryJournal, Retention};
 use crate::link::Outbox;
 use crate::manager::dispatcher::driver::Event;
 use crate::manager::routing::{self, Complaints, Link};
@@ -40,6 +41,8 @@ struct Rig {
     notes: Vec<ManagerEvent>,
     /// The channel link readers report on (as to the dispatcher thread).
     reports: (Sender<Event>, Receiver<Event>),
+    /// The journal, if the manager keeps one.
+    journal: Option<Arc<MemoryJournal>>,
 }
 
 fn hello(name: &str, slots: u32) -> WorkerHello {
@@ -93,6 +96,7 @@ impl Rig {
             reconnect_grace,
             max_connections_per_certificate: max_per_cert,
             manager_id: MANAGER_ID,
+            journaled: false,
         };
         Rig {
             d: Dispatcher::new(settings, queued.clone(), counters.clone()),
@@ -106,7 +110,54 @@ impl Rig {
             jobs: HashMap::new(),
             notes: Vec::new(),
             reports: unbounded(),
+            journal: None,
         }
+    }
+
+    /// A manager with a journal (in memory) that it has just created.
+    fn journaled() -> Rig {
+        let j = Arc::new(MemoryJournal::new(Retention {
+            keep_ended_for: Duration::from_secs(3600),
+            keep_ended: 100,
+        }));
+        j.record(vec![Record::ManagerId(MANAGER_ID)]);
+        Rig::restarted(j)
+    }
+
+    /// A manager started on `j`: the jobs it holds come back, with new sinks (the
+    /// test reads their events as before: new channels under the same ids).
+    fn restarted(j: Arc<MemoryJournal>) -> Rig {
+        j.reopen();
+        let recovered = j.recovered();
+        assert_eq!(recovered.manager_id, MANAGER_ID, "the journal keeps the id");
+        let mut r = Rig::new();
+        r.d.settings.journaled = true;
+        r.next_job = recovered.next_job;
+        let mut restored = Vec::new();
+        for open in recovered.open {
+            let (tx, rx) = unbounded();
+            let sink = JobSink::new(open.id, tx, r.counters.clone());
+            sink.journal_to(j.clone());
+            r.jobs.insert(open.id, rx);
+            let sent_to = match open.place {
+                journal::Place::Queued => None,
+                journal::Place::Sent { worker, cert } => Some((worker, cert)),
+            };
+            restored.push(Restored {
+                job: QueuedJob {
+                    id: open.id,
+                    spec: open.spec,
+                    events: sink,
+                    attempt: open.attempt,
+                    since: r.now,
+                },
+                sent_to,
+            });
+        }
+        r.d.restore(r.now, restored);
+        r.journal = Some(j);
+        r.pump();
+        r
     }
 
     /// Carries out the dispatcher's actions, as the driver does.
@@ -130,6 +181,9 @@ impl Rig {
                     self.gone.insert(worker, l);
                 }
                 Action::Notify(ev) => self.notes.push(ev),
+                Action::Record(rec) => {
+                    self.journal.as_ref().expect("a journal").record(vec![rec]);
+                }
             }
         }
     }
@@ -208,6 +262,16 @@ impl Rig {
         self.queued.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = unbounded();
         let sink = JobSink::new(id, tx, self.counters.clone());
+        if let Some(j) = &self.journal {
+            // As `Manager::submit` does: accepted once it is in the journal.
+            j.write(vec![Record::Accepted {
+                id,
+                spec: spec.clone(),
+                submitter: journal::Submitter::Local,
+            }])
+            .unwrap();
+            sink.journal_to(j.clone());
+        }
         sink.push(JobEvent::Queued);
         self.jobs.insert(id, rx);
         self.d.submit(
@@ -1582,4 +1646,235 @@ fn a_retry_can_be_held_ahead_and_counts_one_start_per_attempt() {
             finished(Outcome::Exited(0)),
         ]
     );
+}
+
+// ---- with a journal: a restart loses nothing ----
+
+fn the_journal(r: &Rig) -> Arc<MemoryJournal> {
+    r.journal.clone().expect("a journal")
+}
+
+fn open_jobs(j: &MemoryJournal) -> Vec<(u64, u32, journal::Place)> {
+    j.recovered()
+        .open
+        .into_iter()
+        .map(|o| (o.id.0, o.attempt, o.place))
+        .collect()
+}
+
+fn sent_to(name: &str) -> journal::Place {
+    journal::Place::Sent {
+        worker: name.into(),
+        cert: Some(name.as_bytes().to_vec()),
+    }
+}
+
+#[test]
+fn queued_jobs_come_back_after_a_restart_in_their_order_and_ids_go_on() {
+    let mut r = Rig::journaled();
+    let low = r.submit_spec(JobSpec::new("low").priority(-1));
+    let a = r.submit();
+    let high = r.submit_spec(JobSpec::new("high").priority(5));
+    let b = r.submit();
+    let j = the_journal(&r);
+    drop(r); // a crash: nothing more is written
+
+    let mut r = Rig::restarted(j.clone());
+    assert_eq!(r.queued.load(Ordering::Relaxed), 4, "queued again, counted");
+    assert_eq!(r.d.jobs(r.now, None).len(), 4);
+    let w = r.join("w", 1);
+    let mut order = r.runs(w);
+    for _ in 0..3 {
+        let job = JobId(*order.last().unwrap());
+        r.finished(w, job, Outcome::Exited(0));
+        order.extend(r.runs(w));
+    }
+    assert_eq!(order, vec![high.0, a.0, b.0, low.0]);
+    // Ids go on past every id ever accepted.
+    let next = r.submit();
+    assert_eq!(next.0, b.0 + 1);
+    assert_eq!(r.runs(w), vec![], "one slot, still taken by {low}");
+    r.finished(w, low, Outcome::Exited(0));
+    r.finished(w, next, Outcome::Exited(3));
+    assert_eq!(open_jobs(&j), vec![], "every end is in the journal");
+}
+
+#[test]
+fn a_job_running_at_a_restart_is_claimed_by_its_worker_and_ends_once() {
+    let mut r = Rig::journaled();
+    let w = r.join("a", 1);
+    let job = r.submit();
+    assert_eq!(r.runs(w), vec![job.0]);
+    r.output(w, job, 0, "one ");
+    let j = the_journal(&r);
+    assert_eq!(open_jobs(&j), vec![(job.0, 1, sent_to("a"))]);
+    drop(r);
+
+    let mut r = Rig::restarted(j.clone());
+    assert!(
+        matches!(r.state(job), Some(JobState::Disconnected { worker }) if worker == "a"),
+        "{:?}",
+        r.state(job)
+    );
+    // The name is held for its certificate: another certificate cannot claim the job.
+    assert!(r.join_with(returning("a", 1, &[job]), Some(b"b")).is_err());
+    let (w, resume) = r
+        .join_with(returning("a", 1, &[job]), Some(b"a"))
+        .expect("its worker comes back");
+    assert_eq!(
+        resume,
+        vec![(job, 0)],
+        "sent again from the oldest output kept"
+    );
+    assert_eq!(r.sent(w), vec![], "nothing runs twice");
+    // The worker kept only its output from seq 3 on: delivery goes on from there with
+    // no warning of a gap (a remote submitter drops what it already has).
+    r.output(w, job, 3, "four ");
+    r.output(w, job, 3, "four ");
+    r.output(w, job, 4, "five");
+    r.finished(w, job, Outcome::Exited(0));
+    r.finished(w, job, Outcome::Exited(0));
+    assert_eq!(
+        r.events(job),
+        vec![out("four "), out("five"), finished(Outcome::Exited(0))]
+    );
+    assert_eq!(open_jobs(&j), vec![]);
+    assert_eq!(r.d.next_deadline(), None);
+}
+
+#[test]
+fn a_restored_job_whose_worker_does_not_come_back_ends_lost_or_runs_again() {
+    let mut r = Rig::journaled();
+    let w = r.join("a", 2);
+    let once = r.submit();
+    let twice = r.submit_spec(JobSpec::new("true").retries(1));
+    assert_eq!(r.runs(w), vec![once.0, twice.0]);
+    let j = the_journal(&r);
+    drop(r);
+
+    let mut r = Rig::restarted(j.clone());
+    r.advance(GRACE - Duration::from_millis(1));
+    assert_eq!(r.events(once), vec![], "still waiting for its worker");
+    r.advance(Duration::from_millis(1));
+    assert_eq!(r.events(once), vec![finished(Outcome::WorkerLost)]);
+    assert_eq!(r.events(twice), vec![JobEvent::Requeued { attempt: 2 }]);
+    assert_eq!(open_jobs(&j), vec![(twice.0, 2, journal::Place::Queued)]);
+    // The retry, after yet another restart, is still attempt 2 and still queued.
+    drop(r);
+    let mut r = Rig::restarted(j.clone());
+    let b = r.join("b", 1);
+    assert_eq!(r.runs(b), vec![twice.0]);
+    assert_eq!(open_jobs(&j), vec![(twice.0, 2, sent_to("b"))]);
+}
+
+#[test]
+fn a_returning_worker_that_does_not_list_a_restored_job_has_it_settled_never_run_twice() {
+    let mut r = Rig::journaled();
+    let w = r.join("a", 2);
+    let lost = r.submit();
+    let kept = r.submit();
+    assert_eq!(r.runs(w), vec![lost.0, kept.0]);
+    let j = the_journal(&r);
+    drop(r);
+
+    let mut r = Rig::restarted(j.clone());
+    // It never got the first `Run` (or lost it): it lists only the second.
+    let (_, resume) = r.join_with(returning("a", 2, &[kept]), Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(kept, 0)]);
+    assert_eq!(r.events(lost), vec![finished(Outcome::WorkerLost)]);
+    assert_eq!(open_jobs(&j), vec![(kept.0, 1, sent_to("a"))]);
+}
+
+#[test]
+fn a_journaled_shutdown_ends_no_job_and_the_next_manager_goes_on_with_them() {
+    let mut r = Rig::journaled();
+    let w = r.join("a", 1);
+    let running = r.submit();
+    let queued = r.submit();
+    assert_eq!(r.runs(w), vec![running.0]);
+    r.d.shutdown(r.now, Duration::from_secs(10));
+    r.pump();
+    let sent = r.sent(w);
+    assert!(
+        !sent
+            .iter()
+            .any(|m| matches!(m, ManagerMessage::Cancel { .. })),
+        "{sent:?}"
+    );
+    assert!(sent.contains(&ManagerMessage::Shutdown), "{sent:?}");
+    let suspended = finished(Outcome::Rejected(crate::manager::sink::SUSPENDED.into()));
+    assert_eq!(r.events(running).last(), Some(&suspended));
+    assert_eq!(r.events(queued).last(), Some(&suspended));
+    assert_eq!(
+        r.counters
+            .finished_by_outcome()
+            .iter()
+            .map(|(_, n)| n)
+            .sum::<u64>(),
+        0
+    );
+    let j = the_journal(&r);
+    assert_eq!(
+        open_jobs(&j),
+        vec![
+            (running.0, 1, sent_to("a")),
+            (queued.0, 1, journal::Place::Queued)
+        ]
+    );
+    drop(r);
+
+    let mut r = Rig::restarted(j.clone());
+    let (w, resume) = r
+        .join_with(returning("a", 1, &[running]), Some(b"a"))
+        .unwrap();
+    assert_eq!(resume, vec![(running, 0)]);
+    r.finished(w, running, Outcome::Exited(0));
+    assert_eq!(r.runs(w), vec![queued.0]);
+    assert_eq!(r.events(running), vec![finished(Outcome::Exited(0))]);
+}
+
+#[test]
+fn where_each_job_goes_is_journaled_declines_and_retries_included() {
+    let mut r = Rig::journaled();
+    let a = r.join("a", 1);
+    let job = r.submit_spec(JobSpec::new("true").retries(1));
+    let j = the_journal(&r);
+    assert_eq!(open_jobs(&j), vec![(job.0, 1, sent_to("a"))]);
+    decline(&mut r, a, job);
+    assert_eq!(open_jobs(&j), vec![(job.0, 1, journal::Place::Queued)]);
+    let b = r.join("b", 1);
+    assert_eq!(r.runs(b), vec![job.0]);
+    assert_eq!(open_jobs(&j), vec![(job.0, 1, sent_to("b"))]);
+    r.link_lost(b);
+    r.advance(GRACE);
+    // Retried, and `a` (its rest over) took the second attempt at once.
+    assert_eq!(
+        r.events(job).last(),
+        Some(&JobEvent::Started { worker: "a".into() })
+    );
+    assert_eq!(open_jobs(&j), vec![(job.0, 2, sent_to("a"))]);
+}
+
+#[test]
+fn with_a_journal_a_worker_is_told_a_job_ended_only_once_its_end_is_on_disk() {
+    let mut r = Rig::journaled();
+    let w = r.join("a", 1);
+    let first = r.submit();
+    assert_eq!(r.runs(w), vec![first.0]);
+    r.finished(w, first, Outcome::Exited(0));
+    assert!(
+        r.sent(w).contains(&ManagerMessage::Ended { job: first }),
+        "acknowledged after its commit"
+    );
+    let second = r.submit();
+    assert_eq!(r.runs(w), vec![second.0]);
+    let j = the_journal(&r);
+    j.fail_writes(Some("the disk is full"));
+    r.finished(w, second, Outcome::Exited(0));
+    let sent = r.sent(w);
+    assert!(
+        !sent.contains(&ManagerMessage::Ended { job: second }),
+        "its end is not on disk: the worker keeps the job ({sent:?})"
+    );
+    assert_eq!(r.events(second).last(), Some(&finished(Outcome::Exited(0))));
 }

@@ -1,0 +1,158 @@
+//! A manager with a journal, restarted in process: the queue, the ids, the manager's
+//! identity and the running jobs go on; a journal another manager holds, or one that is
+//! not a journal, is refused in one line.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+use workpool::job::{JobSpec, JobState};
+use workpool::manager::{Manager, ManagerConfig};
+use workpool::worker::Worker;
+use workpool::{Error, JobId};
+
+/// A manager on `port` (0: any) keeping its journal at `journal`.
+fn journaled(certs: &Certs, port: u16, journal: &Path) -> Manager {
+    let mut config = certs.manager_config().journal(journal);
+    config.listen = format!("127.0.0.1:{port}");
+    // Long enough for a restart in a loaded test run; the tests never wait it out.
+    config.reconnect_grace = Duration::from_secs(60);
+    Manager::bind(config).expect("the journaled manager starts")
+}
+
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn ended(m: &Manager) -> u64 {
+    m.stats().jobs_ended()
+}
+
+#[test]
+fn queued_jobs_come_back_in_priority_order_and_ids_go_on_after_a_restart() {
+    let dir = scratch("journal-queue");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let order = dir.join("order");
+    let m = journaled(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let job = |name: &str, priority: i32| {
+        JobSpec::new(format!("echo {name} >> {}", order.display())).priority(priority)
+    };
+    let low = m.submit(job("low", -1)).unwrap();
+    let a = m.submit(job("a", 0)).unwrap();
+    let high = m.submit(job("high", 5)).unwrap();
+    let ids = [low.id(), a.id(), high.id()];
+    let stats = m.stats();
+    assert!(stats.journal_bytes.is_some_and(|b| b > 0), "{stats:?}");
+    drop(m);
+
+    let m = journaled(&certs, port, &journal);
+    let queued: Vec<JobId> = m
+        .jobs()
+        .iter()
+        .filter(|j| j.state == JobState::Queued)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(queued, ids.to_vec(), "every accepted job is queued again");
+    let next = m.submit(job("next", -5)).unwrap();
+    assert!(next.id() > high.id(), "{} after {}", next.id(), high.id());
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    assert_eq!(next.wait().outcome, exited(0));
+    wait_until("the restored jobs end", || ended(&m) == 4);
+    assert_eq!(lines_of(&order), ["high", "a", "low", "next"]);
+    assert!(m.jobs().is_empty());
+    drop(m);
+
+    // Their ends are journaled: a third start finds nothing to do.
+    let m = journaled(&certs, port, &journal);
+    assert!(m.jobs().is_empty(), "{:?}", m.jobs());
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_job_running_through_a_graceful_restart_goes_on_and_runs_once() {
+    let dir = scratch("journal-running");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let log = dir.join("log");
+    let go_on = dir.join("go-on");
+    let m = journaled(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let script = format!(
+        "echo start >> {log}; while [ ! -e {go} ]; do sleep 0.02; done; echo end >> {log}",
+        log = log.display(),
+        go = go_on.display()
+    );
+    let h = m.submit(JobSpec::new(script)).unwrap();
+    let id = h.id();
+    wait_until("the job starts", || lines_of(&log) == ["start"]);
+    m.shutdown();
+    // The handle hears that the manager stopped, not that the job ended.
+    let r = h.wait();
+    assert!(
+        matches!(&r.outcome, workpool::job::Outcome::Rejected(why) if why.contains("journal")),
+        "{:?}",
+        r.outcome
+    );
+    drop(m);
+    assert_eq!(lines_of(&log), ["start"], "the job was not killed");
+
+    let m = journaled(&certs, port, &journal);
+    wait_until("its worker claims it", || {
+        matches!(m.job(id).map(|s| s.state), Some(JobState::Running { .. }))
+    });
+    std::fs::write(&go_on, "").unwrap();
+    wait_until("the job ends", || m.job(id).is_none());
+    assert_eq!(lines_of(&log), ["start", "end"], "it ran once");
+    let stats = m.stats();
+    let exited_count = stats.jobs_finished.iter().find(|(n, _)| *n == "exited");
+    assert_eq!(exited_count.map(|(_, n)| *n), Some(1), "{stats:?}");
+    drop(w);
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_journal_in_use_or_that_is_not_a_journal_is_refused_in_one_line() {
+    let dir = scratch("journal-refused");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let m = journaled(&certs, 0, &journal);
+    let second = Manager::bind(certs.manager_config().journal(&journal));
+    let Err(Error::Journal(why)) = second else {
+        panic!("a second manager on the journal: {:?}", second.err());
+    };
+    assert!(why.contains(&journal.display().to_string()), "{why}");
+    assert!(!why.contains('\n'), "{why}");
+    drop(m);
+
+    let garbage = dir.join("garbage.sqlite");
+    let junk = vec![0x5au8; 64 << 10];
+    std::fs::write(&garbage, &junk).unwrap();
+    let refused = Manager::bind(certs.manager_config().journal(&garbage));
+    let Err(Error::Journal(why)) = refused else {
+        panic!("a file that is not a journal: {:?}", refused.err());
+    };
+    assert!(
+        why.contains("garbage.sqlite") && !why.contains('\n'),
+        "{why}"
+    );
+    assert_eq!(std::fs::read(&garbage).unwrap(), junk, "left as it was");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn without_a_journal_nothing_is_written_and_stats_say_so() {
+    let c = Cluster::new(1);
+    assert_eq!(c.manager.stats().journal_bytes, None);
+    let config: ManagerConfig = Certs::new(1).manager_config();
+    assert!(config.journal.is_none());
+}
