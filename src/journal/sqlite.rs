@@ -36,6 +36,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -162,6 +163,7 @@ impl LockFile {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(|e| {
                 Error::Journal(format!(
@@ -293,6 +295,18 @@ impl Db {
                 return Err(OpenError::Corrupt("not an SQLite database".into()));
             }
         } else {
+            // Owner only: specs hold environments and stdin, kept output what jobs
+            // wrote. SQLite gives the WAL and shared-memory files the database's mode.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(OpenError::Other(one_line(e))),
+            }
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
         let conn = Connection::open_with_flags(path, flags)?;
@@ -1456,6 +1470,20 @@ mod tests {
             .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn a_new_journal_and_its_files_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("private");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        j.write(vec![accepted(1, Submitter::Local)]).unwrap();
+        for suffix in ["", "-wal", "-shm", ".lock"] {
+            let file = with_suffix(&path, suffix);
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{}: mode {mode:o}", file.display());
+        }
     }
 
     #[test]
