@@ -582,11 +582,10 @@ impl Db {
                 .conn
                 .pragma_query_value(None, "page_count", |r| r.get(0))?;
             if free > 64 && free * 4 > pages {
-                // Keep half for the jobs to come, give the rest back. The pragma frees a
-                // page per row it returns: it runs until its last row.
-                let mut vacuum = self
-                    .conn
-                    .prepare(&format!("PRAGMA incremental_vacuum({})", free / 2))?;
+                // A burst of ends was compacted (a steady flow of jobs reuses what each
+                // compaction frees): give it all back. The pragma frees a page per row it
+                // returns: it runs until its last row.
+                let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
                 let mut rows = vacuum.query([])?;
                 while rows.next()?.is_some() {}
             }
