@@ -13,7 +13,8 @@
 //! - `batches`: one thread writing 100 `Accepted` records per durable write (as an array
 //!   submit does).
 //!
-//! Usage: `cargo run --release -- [--seconds S] [--runs R] [--threads 1,4,16,64] [--dir D]`
+//! Usage: `cargo run --release -- [--seconds S] [--runs R] [--threads 1,4,16,64]
+//! [--stores sqlite,redb] [--dir D]`
 //! Prints every run and the median per store and load.
 
 use crossbeam_channel::{Receiver, Sender};
@@ -447,6 +448,7 @@ fn main() {
     let mut runs = 3;
     let mut threads = vec![1, 4, 16, 64];
     let mut dir = std::env::temp_dir().join(format!("journal-stores-{}", std::process::id()));
+    let mut kinds = vec![Kind::Sqlite, Kind::Redb];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
@@ -455,12 +457,21 @@ fn main() {
             "--runs" => runs = value().parse().unwrap(),
             "--threads" => threads = value().split(',').map(|n| n.parse().unwrap()).collect(),
             "--dir" => dir = PathBuf::from(value()),
+            "--stores" => {
+                kinds = value()
+                    .split(',')
+                    .map(|k| match k {
+                        "sqlite" => Kind::Sqlite,
+                        "redb" => Kind::Redb,
+                        other => panic!("unknown store {other}"),
+                    })
+                    .collect()
+            }
             other => panic!("unknown argument {other}"),
         }
     }
     let mut loads: Vec<Load> = threads.into_iter().map(Load::Threads).collect();
     loads.push(Load::Batches(100));
-    let kinds = [Kind::Sqlite, Kind::Redb];
     let mut results: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); loads.len()]; kinds.len()];
     println!("store\tload\trun\trecords/s\tcommits\trecords/commit\tbytes/job");
     // Runs interleave the stores and loads, so that a noisy moment hits both alike.
@@ -484,7 +495,8 @@ fn main() {
     }
     let _ = std::fs::remove_dir_all(&dir);
     println!("\nmedian durable records/s of {runs} runs of {seconds} s");
-    println!("load\t{}", kinds.map(Kind::name).join("\t"));
+    let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+    println!("load\t{}", names.join("\t"));
     for (li, load) in loads.iter().enumerate() {
         let cells: Vec<String> = (0..kinds.len())
             .map(|ki| format!("{:.0}", median(results[ki][li].clone())))
