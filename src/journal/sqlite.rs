@@ -532,7 +532,7 @@ impl Db {
         Ok(false)
     }
 
-    /// Forgets ended jobs past `retention` at `now` (as [`super::memory::State::compact`]
+    /// Forgets ended jobs past `retention` at `now` (as `memory::State::compact`
     /// does) and gives free pages back when a quarter of the file is free. Returns when
     /// the oldest ended job still kept expires, if one is kept.
     fn compact(
@@ -1486,6 +1486,33 @@ mod tests {
     }
 
     #[test]
+    fn what_follows_recorded_records_runs_once_they_are_on_disk() {
+        let dir = scratch("then");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader_path = path.clone();
+        j.record_then(
+            vec![
+                accepted(1, Submitter::Local),
+                Record::Ended {
+                    id: JobId(1),
+                    outcome: Outcome::Exited(0),
+                },
+            ],
+            Some(Box::new(move || {
+                // What another connection sees at that moment.
+                let state: String = Connection::open(&reader_path)
+                    .unwrap()
+                    .query_row("SELECT state FROM jobs WHERE id = 1", [], |r| r.get(0))
+                    .unwrap();
+                tx.send(state).unwrap();
+            })),
+        );
+        assert_eq!(rx.recv_timeout(DEADLINE).unwrap(), "ended");
+    }
+
+    #[test]
     fn writers_waiting_at_the_same_time_share_one_commit_and_all_are_durable() {
         let dir = scratch("group");
         let path = dir.join("journal.db");
@@ -2027,10 +2054,20 @@ mod tests {
         assert!(err.contains("disk is full"), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(!err.contains('\n'), "{err}");
-        // Records nobody waits for are lost with a log line, and nothing else breaks.
-        j.record(vec![big(failed_id + 1)]);
+        // Records nobody waits for are lost with a log line, and what was to follow
+        // their commit is not done; nothing else breaks.
+        let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = followed.clone();
+        j.record_then(
+            vec![big(failed_id + 1)],
+            Some(Box::new(move || f.store(true, Ordering::SeqCst))),
+        );
         let again = j.write(vec![big(failed_id + 2)]);
         assert!(again.is_err(), "the disk is still full");
+        assert!(
+            !followed.load(Ordering::SeqCst),
+            "run after a failed commit"
+        );
         // Space comes back: the same journal works again.
         // SAFETY: `original` is the rlimit read above.
         let set = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &original) };
