@@ -21,6 +21,10 @@
 //! jobs end and whenever the oldest kept end expires; the pages they took are reused,
 //! and given back to the file system when a quarter of the file is free.
 //!
+//! The writer thread opens and reads the database too, so that every write to it is made
+//! on that thread, which blocks SIGXFSZ: past a file size limit a commit fails as on a
+//! full disk (the error says so), and the process is not killed.
+//!
 //! Another manager is kept out by an exclusive `flock` on `PATH.lock` (a second open in
 //! the same process is refused too), taken before the database is touched. A journal
 //! that cannot be used (corrupt, a newer format, in use) is an error of one line that
@@ -368,6 +372,29 @@ impl Db {
             conn,
             path: path.to_owned(),
         })
+    }
+
+    /// Opens the database, compacts it and reads what it holds; returns it with when
+    /// the oldest ended job kept expires.
+    fn open_and_read(
+        path: &Path,
+        retention: Retention,
+    ) -> Result<(Db, Recovered, Option<SystemTime>)> {
+        let mut db = Db::open(path)?;
+        // Compacting now is not needed to start: on a full disk, the writer tries again.
+        let next = match db.compact(SystemTime::now(), retention) {
+            Ok(next) => next,
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot compact the journal: {}",
+                    path.display(),
+                    describe(&db.conn, &e)
+                );
+                Some(SystemTime::now() + COMPACT_AFTER)
+            }
+        };
+        let recovered = db.recovered()?;
+        Ok((db, recovered, next))
     }
 
     /// Applies `records`, written at `now`, in one transaction. Returns whether a job
@@ -782,31 +809,43 @@ pub(crate) struct SqliteJournal {
 }
 
 impl SqliteJournal {
-    /// Opens the journal at `path` and starts its writer thread.
+    /// Opens the journal at `path` and starts its writer thread, which opens and reads
+    /// the database (every write to it is on that thread, see [`block_sigxfsz`]).
     pub(crate) fn open(path: &Path, retention: Retention) -> Result<(SqliteJournal, Recovered)> {
         let lock = LockFile::take(path)?;
-        let mut db = Db::open(path)?;
-        // Compacting now is not needed to start: on a full disk, the writer tries again.
-        let next = match db.compact(SystemTime::now(), retention) {
-            Ok(next) => next,
-            Err(e) => {
-                log::warn!(
-                    "{}: cannot compact the journal: {}",
-                    path.display(),
-                    describe(&db.conn, &e)
-                );
-                Some(SystemTime::now() + COMPACT_AFTER)
-            }
-        };
-        let recovered = db.recovered()?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (opened_tx, opened) = crossbeam_channel::bounded(1);
         let commits = Arc::new(AtomicU64::new(0));
         let counted = commits.clone();
+        let at = path.to_owned();
         let writer = crate::thread::spawn("wp-journal", move || {
             let _lock = lock;
-            run(db, rx, retention, next, &counted);
+            block_sigxfsz();
+            match Db::open_and_read(&at, retention) {
+                Ok((db, recovered, next)) => {
+                    let _ = opened_tx.send(Ok(recovered));
+                    run(db, rx, retention, next, &counted);
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                }
+            }
         })
         .map_err(|e| Error::Journal(format!("{}: cannot start its writer: {e}", path.display())))?;
+        let recovered = opened.recv().unwrap_or_else(|_| {
+            Err(Error::Journal(format!(
+                "{}: the journal's writer stopped while opening it",
+                path.display()
+            )))
+        });
+        let recovered = match recovered {
+            Ok(r) => r,
+            Err(e) => {
+                // The lock is let go with the thread.
+                let _ = writer.join();
+                return Err(e);
+            }
+        };
         Ok((
             SqliteJournal {
                 path: path.to_owned(),
@@ -829,6 +868,22 @@ impl SqliteJournal {
     #[cfg(test)]
     fn waiting(&self) -> usize {
         self.tx.len()
+    }
+}
+
+/// Blocks SIGXFSZ on the calling thread. A write past the file size limit
+/// (`RLIMIT_FSIZE`) then fails with `EFBIG`, which the journal reports as a full disk,
+/// instead of the signal killing the process (its default), whatever the program that
+/// embeds the library does with the signal. The kernel sends it to the thread that
+/// wrote, where it stays pending.
+fn block_sigxfsz() {
+    // SAFETY: the set is a local that sigemptyset initialises before use; the old mask
+    // is not asked for (NULL).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGXFSZ);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
@@ -2017,11 +2072,9 @@ mod tests {
 
     /// In a child process (the file size limit is the whole process's): fills the
     /// "disk" with `RLIMIT_FSIZE`, checks the error, gives space back, writes again.
+    /// SIGXFSZ keeps its default action (ending the process): the journal's writes
+    /// must not raise it.
     fn full_disk_child(path: &Path) {
-        // SAFETY: sets the disposition of one signal to "ignore"; no handler runs.
-        unsafe {
-            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-        }
         let (j, _) = open(path, KEEP_ALL).unwrap();
         j.write(vec![accepted(1, Submitter::Local)]).unwrap();
         let mut limit = libc::rlimit {
