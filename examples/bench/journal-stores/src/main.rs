@@ -63,7 +63,8 @@ struct Sqlite {
 impl Sqlite {
     fn create(path: &Path) -> Sqlite {
         let conn = rusqlite::Connection::open(path).unwrap();
-        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").unwrap();
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .unwrap();
         conn.pragma_update(None, "journal_mode", "WAL").unwrap();
         conn.pragma_update(None, "synchronous", "FULL").unwrap();
         conn.execute_batch(
@@ -102,10 +103,12 @@ impl Store for Sqlite {
                     .unwrap()
                     .execute(rusqlite::params![*id as i64, priority, script, spec])
                     .unwrap();
-                    c.prepare_cached("UPDATE meta SET value = max(value, ?1) WHERE key = 'next_job'")
-                        .unwrap()
-                        .execute([*id as i64 + 1])
-                        .unwrap();
+                    c.prepare_cached(
+                        "UPDATE meta SET value = max(value, ?1) WHERE key = 'next_job'",
+                    )
+                    .unwrap()
+                    .execute([*id as i64 + 1])
+                    .unwrap();
                 }
                 Rec::Sent { id, worker } => {
                     c.prepare_cached(
@@ -154,7 +157,8 @@ struct Row {
 
 impl Row {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(32 + self.worker.len() + self.script.len() + self.spec.len());
+        let mut out =
+            Vec::with_capacity(32 + self.worker.len() + self.script.len() + self.spec.len());
         out.push(self.state);
         out.extend_from_slice(&self.attempt.to_le_bytes());
         out.extend_from_slice(&self.priority.to_le_bytes());
@@ -278,7 +282,11 @@ impl Store for Redb {
 type Reply = Sender<()>;
 
 /// The group-committing writer: every batch waiting is committed at once.
-fn writer(mut store: Box<dyn Store>, rx: Receiver<(Vec<Rec>, Reply)>, commits: Arc<AtomicU64>) -> u64 {
+fn writer(
+    mut store: Box<dyn Store>,
+    rx: Receiver<(Vec<Rec>, Reply)>,
+    commits: Arc<AtomicU64>,
+) -> u64 {
     let mut batch = Vec::new();
     let mut records = Vec::new();
     while let Ok(first) = rx.recv() {
@@ -383,7 +391,8 @@ fn run(kind: Kind, load: Load, seconds: f64, dir: &Path) -> Run {
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|t| {
-            let (tx, stop, next_id, records) = (tx.clone(), stop.clone(), next_id.clone(), records.clone());
+            let (tx, stop, next_id, records) =
+                (tx.clone(), stop.clone(), next_id.clone(), records.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match load {
@@ -398,8 +407,21 @@ fn run(kind: Kind, load: Load, seconds: f64, dir: &Path) -> Run {
                                     spec: spec_bytes(id),
                                 }],
                             );
-                            durable(&tx, vec![Rec::Sent { id, worker: format!("worker-{t}") }]);
-                            durable(&tx, vec![Rec::Ended { id, code: 0, at: now_ns() }]);
+                            durable(
+                                &tx,
+                                vec![Rec::Sent {
+                                    id,
+                                    worker: format!("worker-{t}"),
+                                }],
+                            );
+                            durable(
+                                &tx,
+                                vec![Rec::Ended {
+                                    id,
+                                    code: 0,
+                                    at: now_ns(),
+                                }],
+                            );
                             records.fetch_add(3, Ordering::Relaxed);
                         }
                         Load::Batches(n) => {
