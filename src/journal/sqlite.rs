@@ -30,6 +30,7 @@
 //! that cannot be used (corrupt, a newer format, in use) is an error of one line that
 //! names the file, and the file is left as it is.
 
+use super::gather::Gather;
 use super::{EndedJob, Journal, OpenJob, Place, Record, Recovered, Retention, Submitter};
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobSpec, Outcome, Stream};
@@ -895,8 +896,9 @@ fn instant_of(at: SystemTime) -> Option<Instant> {
     Instant::now().checked_add(wait)
 }
 
-/// The writer thread: takes every message waiting, commits their records as one
-/// transaction and answers their callers; compacts when it is time.
+/// The writer thread: takes every message waiting (and, on a slow disk, waits a little
+/// for more: [`Gather`]), commits their records as one transaction and answers their
+/// callers; compacts when it is time.
 fn run(
     mut db: Db,
     rx: Receiver<Msg>,
@@ -904,6 +906,7 @@ fn run(
     next_expiry: Option<SystemTime>,
     commits: &AtomicU64,
 ) {
+    let mut gather = Gather::default();
     let mut compact_at: Option<Instant> = next_expiry.and_then(instant_of);
     let mut closing = false;
     let mut batch: Vec<(Vec<Record>, Done)> = Vec::new();
@@ -931,6 +934,31 @@ fn run(
                 Err(TryRecvError::Empty) => break,
             }
         }
+        let callers = |batch: &[(Vec<Record>, Done)]| {
+            batch
+                .iter()
+                .filter(|(_, d)| matches!(d, Done::Tell(_)))
+                .count()
+        };
+        let until = gather.until(Instant::now(), callers(&batch));
+        if let Some(until) = until.filter(|_| !closing && !batch.is_empty()) {
+            while n < MAX_BATCH_RECORDS {
+                match rx.recv_deadline(Gather::next(Instant::now(), until)) {
+                    Ok(Msg::Records(records, reply)) => {
+                        n += records.len();
+                        batch.push((records, reply));
+                    }
+                    Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+        }
+        // The commit's time (with its answers), for the next round's gathering.
+        let committing = (!batch.is_empty()).then(|| (callers(&batch), Instant::now()));
+
         if !batch.is_empty() {
             let r = db.commit(batch.iter().flat_map(|(r, _)| r), SystemTime::now());
             commits.fetch_add(1, Ordering::Relaxed);
@@ -957,6 +985,10 @@ fn run(
                     (Done::Nothing, Ok(_)) => {}
                 }
             }
+        }
+
+        if let Some((callers, started)) = committing {
+            gather.committed(callers, started.elapsed());
         }
         if !closing && compact_at.is_some_and(|at| Instant::now() >= at) {
             compact_at = match db.compact(SystemTime::now(), retention) {
