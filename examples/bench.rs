@@ -26,7 +26,7 @@ use workpool::job::{JobEvent, JobSpec, Outcome};
 use workpool::manager::{Manager, ManagerConfig, ManagerEvent};
 use workpool::tls::{GeneratedCertificate, Identity, TrustRoots, generate_self_signed};
 use workpool::worker::{Worker, WorkerConfig};
-use workpool::{Client, ClientConfig};
+use workpool::{Client, ClientConfig, JobHandle};
 
 struct Sizes {
     throughput_jobs: usize,
@@ -40,6 +40,21 @@ struct Sizes {
     idle_window: Duration,
     queue_jobs: usize,
     drain_jobs: usize,
+    /// Durable submits per run from 4, 16 and 64 threads (from one thread: an eighth).
+    journal_submits: usize,
+    /// Runs of each journal measurement (their median is reported).
+    journal_runs: usize,
+    /// `fsync` calls timed before each run of durable submits (its baseline).
+    journal_fsyncs: usize,
+    /// Jobs queued in the journal before the timed restart.
+    journal_restart_jobs: usize,
+    /// Jobs run through a journal between two looks at its size.
+    journal_compact_jobs: usize,
+    /// Ended jobs the journal keeps in the compaction measurement.
+    journal_keep: usize,
+    /// How long the journal's files stay the same before its size is taken (its writer
+    /// compacts within a second of jobs ending).
+    journal_settle: Duration,
 }
 
 const FULL: Sizes = Sizes {
@@ -52,6 +67,13 @@ const FULL: Sizes = Sizes {
     idle_window: Duration::from_secs(5),
     queue_jobs: 100_000,
     drain_jobs: 2000,
+    journal_submits: 6400,
+    journal_runs: 3,
+    journal_fsyncs: 100,
+    journal_restart_jobs: 100_000,
+    journal_compact_jobs: 20_000,
+    journal_keep: 1000,
+    journal_settle: Duration::from_millis(2500),
 };
 
 const QUICK: Sizes = Sizes {
@@ -64,6 +86,13 @@ const QUICK: Sizes = Sizes {
     idle_window: Duration::from_millis(500),
     queue_jobs: 2000,
     drain_jobs: 40,
+    journal_submits: 128,
+    journal_runs: 1,
+    journal_fsyncs: 10,
+    journal_restart_jobs: 2000,
+    journal_compact_jobs: 100,
+    journal_keep: 20,
+    journal_settle: Duration::from_millis(1500),
 };
 
 /// One line of the table.
@@ -96,7 +125,11 @@ impl Certs {
     }
 
     fn manager(&self) -> Manager {
-        manager_config(
+        Manager::bind(self.config()).unwrap()
+    }
+
+    fn config(&self) -> ManagerConfig {
+        bench_config(
             self.host.cert_pem.as_bytes(),
             self.host.key_pem.as_bytes(),
             self.worker.cert_pem.as_bytes(),
@@ -107,6 +140,10 @@ impl Certs {
 /// The benchmark's manager: a large queue, no grace on shutdown, and admission limits
 /// opened for many workers that share one certificate and one source address.
 fn manager_config(host_cert: &[u8], host_key: &[u8], worker_cert: &[u8]) -> Manager {
+    Manager::bind(bench_config(host_cert, host_key, worker_cert)).unwrap()
+}
+
+fn bench_config(host_cert: &[u8], host_key: &[u8], worker_cert: &[u8]) -> ManagerConfig {
     let mut c = ManagerConfig::new(
         "127.0.0.1:0",
         Identity::from_pem(host_cert, host_key).unwrap(),
@@ -118,8 +155,7 @@ fn manager_config(host_cert: &[u8], host_key: &[u8], worker_cert: &[u8]) -> Mana
     c.max_connections_per_certificate = 100_000;
     c.max_handshakes_per_source = c.max_handshakes;
     // The benchmark's one certificate also submits (the remote streaming rows).
-    let c = c.submitter_trust(TrustRoots::from_pem(worker_cert).unwrap());
-    Manager::bind(c).unwrap()
+    c.submitter_trust(TrustRoots::from_pem(worker_cert).unwrap())
 }
 
 impl Drop for Certs {
@@ -1238,6 +1274,506 @@ fn queue(certs: &Certs, s: &Sizes, local_rate: f64, rows: &mut Vec<Row>) {
     manager.shutdown_within(Duration::ZERO);
 }
 
+/// The file system that holds `path`: its type, device and mount point, from
+/// `/proc/self/mountinfo` (the last mount on the longest matching mount point).
+fn file_system(path: &Path) -> String {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(dash) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
+        let (Some(mount), Some(fstype), Some(source)) =
+            (f.get(4), f.get(dash + 1), f.get(dash + 2))
+        else {
+            continue;
+        };
+        let mount = mount.replace("\\040", " ");
+        if path.starts_with(&mount) && best.as_ref().is_none_or(|(l, _)| mount.len() >= *l) {
+            best = Some((mount.len(), format!("{fstype} on {source} at {mount}")));
+        }
+    }
+    best.map_or_else(|| "an unknown file system".into(), |(_, s)| s)
+}
+
+/// The bytes of a journal's database and of its write-ahead log.
+fn journal_files(path: &Path) -> (u64, u64) {
+    let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    (len(path), len(Path::new(&wal)))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// " (runs a, b, c)" for more than one run.
+fn runs_of(v: &[f64], digits: usize) -> String {
+    if v.len() < 2 {
+        return String::new();
+    }
+    let each: Vec<String> = v.iter().map(|x| format!("{x:.digits$}")).collect();
+    format!(" (runs {})", each.join(", "))
+}
+
+/// `fsync`s per second one thread gets appending 200 bytes at a time to a file in `dir`
+/// (SQLite's commit ends with an `fsync` of its WAL): what a durable write costs on its
+/// own on that file system, at that moment.
+fn fsyncs_per_second(dir: &Path, n: usize) -> f64 {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let record = [b'x'; 200];
+    let t = Instant::now();
+    for _ in 0..n {
+        f.write_all(&record).unwrap();
+        f.sync_all().unwrap();
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    drop(f);
+    let _ = std::fs::remove_file(&path);
+    rate
+}
+
+/// `total` `true` jobs submitted from `threads` threads started together (as evenly as
+/// `total` divides); returns the seconds until the last submit returned, and the handles.
+fn submit_from(manager: &Manager, threads: usize, total: usize) -> (f64, Vec<JobHandle>) {
+    let start = std::sync::Barrier::new(threads + 1);
+    std::thread::scope(|sc| {
+        let submitters: Vec<_> = (0..threads)
+            .map(|i| {
+                let n = total / threads + usize::from(i < total % threads);
+                let start = &start;
+                sc.spawn(move || {
+                    start.wait();
+                    (0..n)
+                        .map(|_| manager.submit(JobSpec::new("true")).unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        let handles: Vec<JobHandle> = submitters
+            .into_iter()
+            .flat_map(|s| s.join().unwrap())
+            .collect();
+        (t.elapsed().as_secs_f64(), handles)
+    })
+}
+
+/// Seconds until `total` `true` jobs, submitted from `threads` threads started together
+/// (each waits for the jobs it submitted), have all ended `Exited(0)`.
+fn finish_jobs(manager: &Manager, threads: usize, total: usize) -> f64 {
+    let start = std::sync::Barrier::new(threads + 1);
+    std::thread::scope(|sc| {
+        let submitters: Vec<_> = (0..threads)
+            .map(|i| {
+                let n = total / threads + usize::from(i < total % threads);
+                let start = &start;
+                sc.spawn(move || {
+                    start.wait();
+                    let handles: Vec<JobHandle> = (0..n)
+                        .map(|_| manager.submit(JobSpec::new("true")).unwrap())
+                        .collect();
+                    for h in handles {
+                        assert_eq!(h.wait().outcome, Outcome::Exited(0));
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let t = Instant::now();
+        for s in submitters {
+            s.join().unwrap();
+        }
+        t.elapsed().as_secs_f64()
+    })
+}
+
+/// Seconds for `jobs` `true` jobs submitted from `submitters` threads to end on `k`
+/// fresh worker processes of one slot, against a fresh manager with the journal at
+/// `journal`, or without one.
+fn trivial_run(
+    certs: &Certs,
+    journal: Option<&Path>,
+    k: usize,
+    jobs: usize,
+    submitters: usize,
+) -> f64 {
+    let mut c = certs.config();
+    if let Some(path) = journal {
+        c = c.journal(path);
+    }
+    let manager = Manager::bind(c).unwrap();
+    let procs = worker_processes(certs, &manager, k, 1);
+    let secs = finish_jobs(&manager, submitters, jobs);
+    drop(procs);
+    manager.shutdown_within(Duration::ZERO);
+    secs
+}
+
+/// What a journal takes: its files, and as SQLite sees them (through the WAL) the bytes
+/// of its pages in use and free, and the ended jobs it keeps (`None`: not readable).
+struct JournalLook {
+    db: u64,
+    wal: u64,
+    used: Option<u64>,
+    free: Option<u64>,
+    ended: Option<u64>,
+}
+
+impl JournalLook {
+    fn of(path: &Path) -> JournalLook {
+        use rusqlite::{Connection, OpenFlags};
+        let (db, wal) = journal_files(path);
+        let read = || -> rusqlite::Result<(i64, i64, i64, i64)> {
+            let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+            let one = |sql: &str| c.query_row(sql, [], |r| r.get::<_, i64>(0));
+            Ok((
+                one("PRAGMA page_size")?,
+                one("PRAGMA page_count")?,
+                one("PRAGMA freelist_count")?,
+                one("SELECT count(*) FROM jobs WHERE state = 'ended'")?,
+            ))
+        };
+        let pages = read().ok();
+        JournalLook {
+            db,
+            wal,
+            used: pages.map(|(size, count, free, _)| ((count - free) * size) as u64),
+            free: pages.map(|(size, _, free, _)| (free * size) as u64),
+            ended: pages.map(|(.., ended)| ended as u64),
+        }
+    }
+
+    fn on_disk(&self) -> u64 {
+        self.db + self.wal
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!(
+            "{} on disk (database {} + WAL {})",
+            kib(self.on_disk() as f64),
+            kib(self.db as f64),
+            kib(self.wal as f64)
+        );
+        if let (Some(used), Some(free), Some(ended)) = (self.used, self.free, self.ended) {
+            s += &format!(
+                "; pages in use {}, free {}; {ended} ended jobs kept",
+                kib(used as f64),
+                kib(free as f64)
+            );
+        }
+        s
+    }
+}
+
+/// The journal once its files have not changed for `settle`, or after 60 s.
+fn settled_journal(path: &Path, settle: Duration) -> JournalLook {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut since) = (journal_files(path), Instant::now());
+    while since.elapsed() < settle && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = journal_files(path);
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    JournalLook::of(path)
+}
+
+/// Seconds SQLite alone takes to read the open jobs' rows (what a restart reads) from
+/// the journal at `path`, and how many it read; an error if the layout is not the one
+/// expected.
+fn raw_journal_read(path: &Path) -> Result<(f64, usize), String> {
+    use rusqlite::{Connection, OpenFlags};
+    let t = Instant::now();
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| e.to_string())?;
+    let mut stmt = conn
+        .prepare(
+            "SELECT id, spec, submitter, attempt, worker FROM jobs \
+             WHERE state != 'ended' ORDER BY id",
+        )
+        .map_err(|e| e.to_string())?;
+    let mut rows = stmt.query([]).map_err(|e| e.to_string())?;
+    let mut n = 0;
+    while let Some(r) = rows.next().map_err(|e| e.to_string())? {
+        let spec: Vec<u8> = r.get(1).map_err(|e| e.to_string())?;
+        std::hint::black_box(spec);
+        n += 1;
+    }
+    Ok((t.elapsed().as_secs_f64(), n))
+}
+
+fn journal(certs: &Certs, s: &Sizes, base: &Path, rows: &mut Vec<Row>) {
+    let fs = file_system(base);
+    eprintln!("journal: journals in {} ({fs})", base.display());
+    let fresh = |name: &str| -> PathBuf {
+        let d = base.join(format!("journal-{name}"));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d.join("journal.db")
+    };
+    let scenario = || "7 journal".to_string();
+    let k = 2;
+
+    // Durable submits, each run against what one fsync costs just before it (the disk's
+    // flushes are as fast as whatever else the host writes lets them be).
+    for n in [1, 4, 16, 64] {
+        let total = if n == 1 {
+            s.journal_submits / 8
+        } else {
+            s.journal_submits
+        };
+        eprintln!("journal: durable submits from {n} threads...");
+        let (mut rates, mut fsyncs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..s.journal_runs {
+            let fsync = fsyncs_per_second(base, s.journal_fsyncs);
+            let path = fresh("submits");
+            let manager = Manager::bind(certs.config().journal(&path)).unwrap();
+            let (secs, handles) = submit_from(&manager, n, total);
+            assert_eq!(handles.len(), total);
+            manager.shutdown_within(Duration::ZERO);
+            let rate = total as f64 / secs;
+            rates.push(rate);
+            fsyncs.push(fsync);
+            ratios.push(rate / fsync);
+        }
+        rows.push(Row {
+            scenario: scenario(),
+            metric: format!(
+                "durable submits, {n} thread(s) × {} `true` jobs, no worker (journal on {fs})",
+                total / n
+            ),
+            value: format!("{:.0} submits/s{}", median(&rates), runs_of(&rates, 0)),
+            baseline: format!(
+                "{:.0} fsync/s just before (one thread appending 200 bytes){}",
+                median(&fsyncs),
+                runs_of(&fsyncs, 0)
+            ),
+            ratio: Some(median(&ratios)),
+            goal: "≥ 5,000/s".into(),
+        });
+    }
+
+    // Trivial jobs with and without the journal, in turn.
+    for submitters in [1, 16] {
+        eprintln!("journal: throughput with and without, {submitters} submitting threads...");
+        let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..s.journal_runs {
+            let mut pair = [0.0; 2];
+            for journaled in [round % 2 == 1, round % 2 == 0] {
+                let path = fresh("throughput");
+                let secs = trivial_run(
+                    certs,
+                    journaled.then_some(path.as_path()),
+                    k,
+                    s.throughput_jobs,
+                    submitters,
+                );
+                pair[usize::from(journaled)] = s.throughput_jobs as f64 / secs;
+            }
+            without.push(pair[0]);
+            with.push(pair[1]);
+            ratios.push(pair[1] / pair[0]);
+        }
+        rows.push(Row {
+            scenario: scenario(),
+            metric: format!(
+                "{} `true` jobs, {k} worker processes × 1 slot, submitted from {submitters} thread(s), with the journal",
+                s.throughput_jobs
+            ),
+            value: format!("{:.0} jobs/s{}", median(&with), runs_of(&with, 0)),
+            baseline: format!(
+                "{:.0} jobs/s without a journal{}",
+                median(&without),
+                runs_of(&without, 0)
+            ),
+            ratio: Some(median(&ratios)),
+            goal: "≥ 0.9".into(),
+        });
+    }
+
+    // A restart with many queued jobs.
+    let n = s.journal_restart_jobs;
+    eprintln!("journal: {n} queued jobs...");
+    let path = fresh("restart");
+    let manager = Manager::bind(certs.config().journal(&path)).unwrap();
+    let (submit_secs, handles) = submit_from(&manager, 64, n);
+    drop(handles);
+    manager.shutdown_within(Duration::ZERO);
+    drop(manager);
+    let (mut restarts, mut listed, mut raws) = (Vec::new(), Vec::new(), Vec::new());
+    let mut raw_error = None;
+    let mut size = 0;
+    for _ in 0..s.journal_runs {
+        match raw_journal_read(&path) {
+            Ok((secs, read)) => {
+                assert_eq!(read, n);
+                raws.push(secs);
+            }
+            Err(e) => raw_error = Some(e),
+        }
+        let t = Instant::now();
+        let manager = Manager::bind(certs.config().journal(&path)).unwrap();
+        let stats = manager.stats();
+        let restart = t.elapsed().as_secs_f64();
+        assert_eq!(stats.jobs_queued, n);
+        assert_eq!(manager.jobs().len(), n);
+        listed.push(t.elapsed().as_secs_f64());
+        restarts.push(restart);
+        size = stats.journal_bytes.unwrap_or(0);
+        manager.shutdown_within(Duration::ZERO);
+    }
+    let restart = median(&restarts);
+    rows.push(Row {
+        scenario: scenario(),
+        metric: format!(
+            "restart with {n} queued jobs: `Manager::bind` until `stats()` counts them ({} s until `jobs()` lists them)",
+            format_args!("{:.2}", median(&listed))
+        ),
+        value: format!("{restart:.3} s{}", runs_of(&restarts, 3)),
+        baseline: match &raw_error {
+            None => format!(
+                "{:.3} s (SQLite alone reading their rows){}",
+                median(&raws),
+                runs_of(&raws, 3)
+            ),
+            Some(e) => format!("SQLite alone not measured: {e}"),
+        },
+        ratio: raw_error.is_none().then(|| median(&raws) / restart),
+        goal: "< 2 s".into(),
+    });
+    rows.push(Row {
+        scenario: scenario(),
+        metric: format!("journal with {n} queued jobs (submitted from 64 threads)"),
+        value: format!(
+            "{} ({:.0} bytes per job)",
+            mib(size),
+            size as f64 / n as f64
+        ),
+        baseline: format!(
+            "submitted in {submit_secs:.1} s, {:.0} submits/s",
+            n as f64 / submit_secs
+        ),
+        ratio: None,
+        goal: "".into(),
+    });
+
+    // Compaction: the journal's size after many jobs, keeping few.
+    let keep = s.journal_keep;
+    let each = s.journal_compact_jobs;
+    eprintln!("journal: {} jobs, keeping {keep} ended...", 2 * each);
+    let path = fresh("compaction");
+    let mut c = certs.config().journal(&path);
+    c.journal_retention_count = keep;
+    let manager = Manager::bind(c).unwrap();
+    let fresh_look = settled_journal(&path, s.journal_settle);
+    let procs = worker_processes(certs, &manager, k, 1);
+    let mut after = Vec::new();
+    for _ in 0..2 {
+        finish_jobs(&manager, 16, each);
+        after.push(settled_journal(&path, s.journal_settle));
+    }
+    drop(procs);
+    manager.shutdown_within(Duration::ZERO);
+    drop(manager);
+    let (rest, _) = journal_files(&path);
+    rows.push(Row {
+        scenario: scenario(),
+        metric: format!("journal after {each} `true` jobs, keeping {keep} ended"),
+        value: after[0].describe(),
+        baseline: format!("fresh: {}", fresh_look.describe()),
+        ratio: None,
+        goal: "".into(),
+    });
+    rows.push(Row {
+        scenario: scenario(),
+        metric: format!(
+            "journal after {} `true` jobs, keeping {keep} ended",
+            2 * each
+        ),
+        value: after[1].describe(),
+        baseline: format!("{} after {each}", kib(after[0].on_disk() as f64)),
+        ratio: Some(after[0].on_disk() as f64 / after[1].on_disk() as f64),
+        goal: "bounded (≈ 1)".into(),
+    });
+    let per_job = match (after[1].used, fresh_look.used, after[1].ended) {
+        (Some(u), Some(u0), Some(e)) if e > 0 => {
+            format!("{:.0} bytes", u.saturating_sub(u0) as f64 / e as f64)
+        }
+        _ => "not measured (the journal's pages or rows could not be read)".into(),
+    };
+    rows.push(Row {
+        scenario: scenario(),
+        metric: format!(
+            "bytes per ended job kept after {} jobs: pages in use over fresh ÷ jobs kept",
+            2 * each
+        ),
+        value: per_job,
+        baseline: format!(
+            "{} at rest (manager stopped, WAL checkpointed): {:.1} bytes per job run",
+            kib(rest as f64),
+            rest as f64 / (2 * each) as f64
+        ),
+        ratio: None,
+        goal: "".into(),
+    });
+}
+
+/// `__submits THREADS TOTAL DIR`: durable submits of TOTAL `true` jobs from THREADS
+/// threads to a manager with a fresh journal in DIR, no worker; prints submits/s. For
+/// looking at the journal's writer from outside (`perf stat`, `strace -c`).
+fn submits_main(args: &[String]) {
+    let threads: usize = args[0].parse().unwrap();
+    let total: usize = args[1].parse().unwrap();
+    let dir = Path::new(&args[2]).join(format!("submits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = Certs::new();
+    let manager = Manager::bind(certs.config().journal(dir.join("journal.db"))).unwrap();
+    let (secs, handles) = submit_from(&manager, threads, total);
+    println!("{:.0} submits/s", handles.len() as f64 / secs);
+    manager.shutdown_within(Duration::ZERO);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `__trivial JOURNAL SUBMITTERS JOBS DIR`: JOBS `true` jobs from SUBMITTERS threads on
+/// two worker processes of one slot, against a manager with a fresh journal in DIR
+/// (JOURNAL `yes`) or none (`no`); prints jobs/s and this process's CPU time per job
+/// (the manager's; the workers are other processes). For `perf stat` from outside.
+fn trivial_main(args: &[String]) {
+    let journaled = args[0] == "yes";
+    let submitters: usize = args[1].parse().unwrap();
+    let jobs: usize = args[2].parse().unwrap();
+    let dir = Path::new(&args[3]).join(format!("trivial-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let certs = Certs::new();
+    let path = dir.join("journal.db");
+    let cpu = || proc_figures(std::process::id()).cpu_ticks;
+    let before = cpu();
+    let secs = trivial_run(
+        &certs,
+        journaled.then_some(path.as_path()),
+        2,
+        jobs,
+        submitters,
+    );
+    let ticks = cpu() - before;
+    println!(
+        "{:.0} jobs/s, manager process {:.0} µs of CPU per job",
+        jobs as f64 / secs,
+        ticks as f64 / clock_ticks_per_second() / jobs as f64 * 1e6
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `__manager COUNT DIR`: a manager that prints its port, waits for one worker, runs
 /// COUNT `true` jobs (all submitted at once), prints `done`, and exits when stdin closes.
 fn manager_main(args: &[String]) {
@@ -1415,12 +1951,14 @@ fn numbers(args: &[String], flag: &str) -> Option<Vec<usize>> {
 }
 
 const USAGE: &str = "\
-usage: bench [--quick] [--only SCENARIO[,SCENARIO...]] [--json FILE]
+usage: bench [--quick] [--only SCENARIO[,SCENARIO...]] [--journal-dir DIR] [--json FILE]
        bench --workers N[,N...] [--per-process M] [--quick] [--json FILE]
        bench --instructions [--jobs SMALL,LARGE] [--keep-callgrind DIR] [--json FILE]
 
 With no mode, every scenario runs once (--quick: small sizes), or those --only names
-(throughput, latency, streaming, scale, queue). --workers runs the scale
+(throughput, latency, streaming, scale, queue, journal). The journal scenario keeps
+its journals under --journal-dir (the temporary directory by default: it should be
+on the disk to measure, not tmpfs). --workers runs the scale
 scenario alone at each size, M workers per worker process (1000 by default).
 --instructions counts instructions per trivial job with valgrind's callgrind in a
 manager process and a worker process (100 and 300 jobs by default).";
@@ -1435,7 +1973,8 @@ fn check_args(args: &[String]) {
                 std::process::exit(0);
             }
             "--quick" | "--instructions" => i += 1,
-            "--json" | "--workers" | "--per-process" | "--jobs" | "--keep-callgrind" | "--only" => {
+            "--json" | "--workers" | "--per-process" | "--jobs" | "--keep-callgrind" | "--only"
+            | "--journal-dir" => {
                 if args.get(i + 1).is_none_or(|v| v.starts_with("--")) {
                     eprintln!("bench: {} needs a value\n\n{USAGE}", args[i]);
                     std::process::exit(2);
@@ -1457,6 +1996,8 @@ fn main() {
         Some("__workers") => return workers_main(&args[1..]),
         Some("__manager") => return manager_main(&args[1..]),
         Some("__scale") => return scale_main(&args[1..]),
+        Some("__submits") => return submits_main(&args[1..]),
+        Some("__trivial") => return trivial_main(&args[1..]),
         _ => {}
     }
     check_args(&args);
@@ -1503,7 +2044,14 @@ fn main() {
     } else {
         let only: Option<Vec<String>> =
             value_of(&args, "--only").map(|v| v.split(',').map(String::from).collect());
-        let known = ["throughput", "latency", "streaming", "scale", "queue"];
+        let known = [
+            "throughput",
+            "latency",
+            "streaming",
+            "scale",
+            "queue",
+            "journal",
+        ];
         if let Some(bad) = only.iter().flatten().find(|o| !known.contains(&o.as_str())) {
             eprintln!(
                 "bench: unknown scenario {bad:?} (one of {})",
@@ -1534,6 +2082,21 @@ fn main() {
         if let Some(rate) = local_rate.filter(|_| runs("queue")) {
             eprintln!("queue...");
             queue(&certs, &s, rate, &mut rows);
+        }
+        if runs("journal") {
+            eprintln!("journal...");
+            let dir = match value_of(&args, "--journal-dir") {
+                Some(d) => Path::new(d).join(format!("workpool-bench-{}", std::process::id())),
+                None => certs.dir.clone(),
+            };
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| {
+                eprintln!("bench: --journal-dir: {}: {e}", dir.display());
+                std::process::exit(2)
+            });
+            journal(&certs, &s, &dir, &mut rows);
+            if dir != certs.dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         }
     }
     println!("| scenario | metric | value | baseline (same run) | ratio | goal |");

@@ -156,9 +156,11 @@ mod tests {
             // glibc hands a new thread the cached stack of an ended one when that is
             // large enough (up to four times the size asked for), and other tests end
             // threads of larger kinds: so several threads are alive at once, and at
-            // least one of them has a stack of its own.
-            let barrier = std::sync::Arc::new(std::sync::Barrier::new(16));
-            let handles: Vec<_> = (0..16)
+            // least one of them has a stack of its own. The cache holds at most 40 MiB
+            // (20 of the 2 MiB stacks of std's threads, which other tests end in
+            // numbers, and which are at most four times the `Job` size): 48 at once.
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(48));
+            let handles: Vec<_> = (0..48)
                 .map(|_| {
                     let b = barrier.clone();
                     spawn_with_stack("wp-test", stack, move || {

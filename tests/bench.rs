@@ -53,13 +53,25 @@ fn metrics(rows: &[serde_json::Value]) -> Vec<&str> {
 
 #[test]
 fn the_quick_benchmark_runs_every_scenario_and_writes_json() {
-    let (table, rows) = run("quick", &["--quick"]);
+    // The journal scenario keeps its journals where it is told, and takes them away.
+    let journals =
+        std::env::temp_dir().join(format!("workpool-bench-journals-{}", std::process::id()));
+    std::fs::create_dir_all(&journals).unwrap();
+    let (table, rows) = run(
+        "quick",
+        &["--quick", "--journal-dir", journals.to_str().unwrap()],
+    );
+    let left: Vec<_> = std::fs::read_dir(&journals).unwrap().collect();
+    assert!(left.is_empty(), "left in {}: {left:?}", journals.display());
+    std::fs::remove_dir(&journals).unwrap();
+    assert!(table.contains("(journal on "), "{table}");
     for scenario in [
         "1 throughput",
         "2 latency",
         "3 streaming",
         "4 scale",
         "5 queue",
+        "7 journal",
     ] {
         assert!(table.contains(scenario), "no {scenario} row in:\n{table}");
     }

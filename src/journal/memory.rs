@@ -11,6 +11,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
+/// Output chunks, in order.
+type KeptOutput = Vec<(Stream, Vec<u8>)>;
+
 /// One job as the journal holds it.
 #[derive(Clone, Debug)]
 struct Entry {
@@ -20,7 +23,8 @@ struct Entry {
     /// `None`: queued; `Some(name)`: sent to that worker.
     sent_to: Option<String>,
     end: Option<(Outcome, SystemTime)>,
-    kept: Option<(Vec<(Stream, Vec<u8>)>, u64)>,
+    /// A detached job's kept output at its end, and the bytes dropped before it.
+    kept: Option<(KeptOutput, u64)>,
 }
 
 /// What a journal holds: the state records build up.
@@ -211,11 +215,6 @@ impl MemoryJournal {
         lock(&self.inner).failing = why.map(str::to_owned);
     }
 
-    /// How many jobs it holds.
-    pub(crate) fn jobs_held(&self) -> usize {
-        lock(&self.inner).state.len()
-    }
-
     /// Opens it again for a new manager.
     pub(crate) fn reopen(&self) {
         lock(&self.inner).closed = false;
@@ -224,7 +223,8 @@ impl MemoryJournal {
     fn add(&self, records: Vec<Record>) -> Result<()> {
         let mut inner = lock(&self.inner);
         if inner.closed {
-            return Ok(());
+            // As the SQLite journal: nothing is said to be kept that was not.
+            return Err(Error::Journal("the journal is closed".into()));
         }
         if let Some(why) = &inner.failing {
             return Err(Error::Journal(why.clone()));

@@ -17,6 +17,7 @@
 //!
 //! The journal sits behind one small trait so that another store can sit behind it.
 
+mod gather;
 #[cfg(test)]
 pub(crate) mod memory;
 pub(crate) mod sqlite;

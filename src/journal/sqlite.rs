@@ -21,11 +21,16 @@
 //! jobs end and whenever the oldest kept end expires; the pages they took are reused,
 //! and given back to the file system when a quarter of the file is free.
 //!
+//! The writer thread opens and reads the database too, so that every write to it is made
+//! on that thread, which blocks SIGXFSZ: past a file size limit a commit fails as on a
+//! full disk (the error says so), and the process is not killed.
+//!
 //! Another manager is kept out by an exclusive `flock` on `PATH.lock` (a second open in
 //! the same process is refused too), taken before the database is touched. A journal
 //! that cannot be used (corrupt, a newer format, in use) is an error of one line that
 //! names the file, and the file is left as it is.
 
+use super::gather::Gather;
 use super::{EndedJob, Journal, OpenJob, Place, Record, Recovered, Retention, Submitter};
 use crate::error::{Error, Result};
 use crate::job::{JobId, JobSpec, Outcome, Stream};
@@ -36,6 +41,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -162,6 +168,7 @@ impl LockFile {
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(|e| {
                 Error::Journal(format!(
@@ -198,7 +205,7 @@ impl LockFile {
         let _ = file
             .set_len(0)
             .and_then(|()| file.rewind())
-            .and_then(|()| write!(file, "{}\n", std::process::id()))
+            .and_then(|()| writeln!(file, "{}", std::process::id()))
             .and_then(|()| file.flush());
         Ok(LockFile { _file: file })
     }
@@ -293,6 +300,18 @@ impl Db {
                 return Err(OpenError::Corrupt("not an SQLite database".into()));
             }
         } else {
+            // Owner only: specs hold environments and stdin, kept output what jobs
+            // wrote. SQLite gives the WAL and shared-memory files the database's mode.
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+            {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(OpenError::Other(one_line(e))),
+            }
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
         }
         let conn = Connection::open_with_flags(path, flags)?;
@@ -354,6 +373,29 @@ impl Db {
             conn,
             path: path.to_owned(),
         })
+    }
+
+    /// Opens the database, compacts it and reads what it holds; returns it with when
+    /// the oldest ended job kept expires.
+    fn open_and_read(
+        path: &Path,
+        retention: Retention,
+    ) -> Result<(Db, Recovered, Option<SystemTime>)> {
+        let mut db = Db::open(path)?;
+        // Compacting now is not needed to start: on a full disk, the writer tries again.
+        let next = match db.compact(SystemTime::now(), retention) {
+            Ok(next) => next,
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot compact the journal: {}",
+                    path.display(),
+                    describe(&db.conn, &e)
+                );
+                Some(SystemTime::now() + COMPACT_AFTER)
+            }
+        };
+        let recovered = db.recovered()?;
+        Ok((db, recovered, next))
     }
 
     /// Applies `records`, written at `now`, in one transaction. Returns whether a job
@@ -518,7 +560,7 @@ impl Db {
         Ok(false)
     }
 
-    /// Forgets ended jobs past `retention` at `now` (as [`super::memory::State::compact`]
+    /// Forgets ended jobs past `retention` at `now` (as `memory::State::compact`
     /// does) and gives free pages back when a quarter of the file is free. Returns when
     /// the oldest ended job still kept expires, if one is kept.
     fn compact(
@@ -568,10 +610,11 @@ impl Db {
                 .conn
                 .pragma_query_value(None, "page_count", |r| r.get(0))?;
             if free > 64 && free * 4 > pages {
-                // Keep half for the jobs to come, give the rest back. The pragma frees a
-                // page per row it returns: it runs until its last row.
-                let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum(?1)")?;
-                let mut rows = vacuum.query([free / 2])?;
+                // A burst of ends was compacted (a steady flow of jobs reuses what each
+                // compaction frees): give it all back. The pragma frees a page per row it
+                // returns: it runs until its last row.
+                let mut vacuum = self.conn.prepare("PRAGMA incremental_vacuum")?;
+                let mut rows = vacuum.query([])?;
                 while rows.next()?.is_some() {}
             }
         }
@@ -762,37 +805,55 @@ pub(crate) struct SqliteJournal {
     path: PathBuf,
     tx: Sender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Commits so far (each fsyncs once).
+    /// Commits so far (each fsyncs once), for the tests.
+    #[cfg(test)]
     commits: Arc<AtomicU64>,
 }
 
 impl SqliteJournal {
-    /// Opens the journal at `path` and starts its writer thread.
+    /// Opens the journal at `path` and starts its writer thread, which opens and reads
+    /// the database (every write to it is on that thread, see [`block_sigxfsz`]).
     pub(crate) fn open(path: &Path, retention: Retention) -> Result<(SqliteJournal, Recovered)> {
         let lock = LockFile::take(path)?;
-        let mut db = Db::open(path)?;
-        let now = SystemTime::now();
-        let next = db.compact(now, retention).map_err(|e| {
-            Error::Journal(format!(
-                "{}: cannot compact the journal: {}",
-                path.display(),
-                describe(&db.conn, &e)
-            ))
-        })?;
-        let recovered = db.recovered()?;
         let (tx, rx) = crossbeam_channel::unbounded();
+        let (opened_tx, opened) = crossbeam_channel::bounded(1);
         let commits = Arc::new(AtomicU64::new(0));
         let counted = commits.clone();
+        let at = path.to_owned();
         let writer = crate::thread::spawn("wp-journal", move || {
             let _lock = lock;
-            run(db, rx, retention, next, &counted);
+            block_sigxfsz();
+            match Db::open_and_read(&at, retention) {
+                Ok((db, recovered, next)) => {
+                    let _ = opened_tx.send(Ok(recovered));
+                    run(db, rx, retention, next, &counted);
+                }
+                Err(e) => {
+                    let _ = opened_tx.send(Err(e));
+                }
+            }
         })
         .map_err(|e| Error::Journal(format!("{}: cannot start its writer: {e}", path.display())))?;
+        let recovered = opened.recv().unwrap_or_else(|_| {
+            Err(Error::Journal(format!(
+                "{}: the journal's writer stopped while opening it",
+                path.display()
+            )))
+        });
+        let recovered = match recovered {
+            Ok(r) => r,
+            Err(e) => {
+                // The lock is let go with the thread.
+                let _ = writer.join();
+                return Err(e);
+            }
+        };
         Ok((
             SqliteJournal {
                 path: path.to_owned(),
                 tx,
                 writer: Mutex::new(Some(writer)),
+                #[cfg(test)]
                 commits,
             },
             recovered,
@@ -812,6 +873,22 @@ impl SqliteJournal {
     }
 }
 
+/// Blocks SIGXFSZ on the calling thread. A write past the file size limit
+/// (`RLIMIT_FSIZE`) then fails with `EFBIG`, which the journal reports as a full disk,
+/// instead of the signal killing the process (its default), whatever the program that
+/// embeds the library does with the signal. The kernel sends it to the thread that
+/// wrote, where it stays pending.
+fn block_sigxfsz() {
+    // SAFETY: the set is a local that sigemptyset initialises before use; the old mask
+    // is not asked for (NULL).
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGXFSZ);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
 /// An instant `at` stands for, seen from now (now if it has passed).
 fn instant_of(at: SystemTime) -> Option<Instant> {
     let wait = at
@@ -820,8 +897,9 @@ fn instant_of(at: SystemTime) -> Option<Instant> {
     Instant::now().checked_add(wait)
 }
 
-/// The writer thread: takes every message waiting, commits their records as one
-/// transaction and answers their callers; compacts when it is time.
+/// The writer thread: takes every message waiting (and, on a slow disk, waits a little
+/// for more: [`Gather`]), commits their records as one transaction and answers their
+/// callers; compacts when it is time.
 fn run(
     mut db: Db,
     rx: Receiver<Msg>,
@@ -829,6 +907,7 @@ fn run(
     next_expiry: Option<SystemTime>,
     commits: &AtomicU64,
 ) {
+    let mut gather = Gather::default();
     let mut compact_at: Option<Instant> = next_expiry.and_then(instant_of);
     let mut closing = false;
     let mut batch: Vec<(Vec<Record>, Done)> = Vec::new();
@@ -856,6 +935,31 @@ fn run(
                 Err(TryRecvError::Empty) => break,
             }
         }
+        let callers = |batch: &[(Vec<Record>, Done)]| {
+            batch
+                .iter()
+                .filter(|(_, d)| matches!(d, Done::Tell(_)))
+                .count()
+        };
+        let until = gather.until(Instant::now(), callers(&batch));
+        if let Some(until) = until.filter(|_| !closing && !batch.is_empty()) {
+            while n < MAX_BATCH_RECORDS {
+                match rx.recv_deadline(Gather::next(Instant::now(), until)) {
+                    Ok(Msg::Records(records, reply)) => {
+                        n += records.len();
+                        batch.push((records, reply));
+                    }
+                    Ok(Msg::Close) | Err(RecvTimeoutError::Disconnected) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => break,
+                }
+            }
+        }
+        // The commit's time (with its answers), for the next round's gathering.
+        let committing = (!batch.is_empty()).then(|| (callers(&batch), Instant::now()));
+
         if !batch.is_empty() {
             // Only calls to run, no records: what came before them was committed (or
             // failed) in an earlier round.
@@ -894,6 +998,10 @@ fn run(
                     (Done::Nothing, Ok(_)) => {}
                 }
             }
+        }
+
+        if let Some((callers, started)) = committing {
+            gather.committed(callers, started.elapsed());
         }
         if !closing && compact_at.is_some_and(|at| Instant::now() >= at) {
             compact_at = match db.compact(SystemTime::now(), retention) {
@@ -967,5 +1075,1329 @@ impl Journal for SqliteJournal {
 impl Drop for SqliteJournal {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::memory::State;
+    use super::*;
+    use std::io::BufRead;
+    use std::process::{Child, Command, Stdio};
+    use std::sync::mpsc;
+
+    /// A fresh private folder for one test.
+    fn scratch(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("workpool-journal-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    const KEEP_ALL: Retention = Retention {
+        keep_ended_for: Duration::from_secs(1 << 40),
+        keep_ended: usize::MAX,
+    };
+
+    const DEADLINE: Duration = Duration::from_secs(30);
+
+    fn t(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000) + Duration::from_millis(secs)
+    }
+
+    fn spec(script: &str) -> JobSpec {
+        JobSpec::new(script)
+            .priority(3)
+            .env("A", "b")
+            .timeout(Duration::from_secs(5))
+            .require_tag("gpu")
+    }
+
+    fn remote(session: u64, request: u64, detached: bool) -> Submitter {
+        Submitter::Remote {
+            cert: Some(vec![session as u8; 3]),
+            session,
+            request,
+            detached,
+        }
+    }
+
+    fn accepted(id: u64, submitter: Submitter) -> Record {
+        Record::Accepted {
+            id: JobId(id),
+            spec: spec(&format!("echo {id}")),
+            submitter,
+        }
+    }
+
+    /// Both journals, fed the same records at the same times.
+    struct Twins {
+        db: Db,
+        state: State,
+    }
+
+    impl Twins {
+        fn new(path: &Path) -> Twins {
+            let db = Db::open(path).unwrap();
+            let mut state = State::default();
+            state.apply(Record::ManagerId(db.recovered().unwrap().manager_id), t(0));
+            Twins { db, state }
+        }
+
+        fn commit(&mut self, records: &[Record], now: SystemTime) {
+            self.db.commit(records, now).unwrap();
+            for r in records {
+                self.state.apply(r.clone(), now);
+            }
+            self.same();
+        }
+
+        fn compact(&mut self, now: SystemTime, retention: Retention) {
+            self.db.compact(now, retention).unwrap();
+            self.state.compact(now, retention);
+            self.same();
+        }
+
+        /// Both give back the same, and hold as many jobs.
+        fn same(&self) {
+            let from_db = self.db.recovered().unwrap();
+            assert_eq!(from_db, self.state.recovered(u64::MAX));
+            let held: i64 = self
+                .db
+                .conn
+                .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(held as usize, self.state.len());
+        }
+    }
+
+    #[test]
+    fn the_same_records_give_back_what_the_memory_journal_gives() {
+        let dir = scratch("same");
+        let path = dir.join("journal.db");
+        let mut tw = Twins::new(&path);
+        let w1 = Record::Worker {
+            name: "w1".into(),
+            cert: Some(vec![1, 2, 3]),
+        };
+        let w2 = Record::Worker {
+            name: "w2".into(),
+            cert: None,
+        };
+        tw.commit(
+            &[
+                Record::ManagerId(7), // a second id changes nothing
+                accepted(1, Submitter::Local),
+                accepted(2, remote(10, 1, false)),
+                accepted(3, remote(10, 2, true)),
+                accepted(4, remote(11, 1, true)),
+                accepted(5, Submitter::Local),
+                w1.clone(),
+                w2,
+            ],
+            t(1),
+        );
+        tw.commit(
+            &[
+                Record::Sent {
+                    id: JobId(1),
+                    attempt: 1,
+                    worker: "w1".into(),
+                    ahead: false,
+                },
+                Record::Sent {
+                    id: JobId(2),
+                    attempt: 1,
+                    worker: "w2".into(),
+                    ahead: true,
+                },
+                Record::Started { id: JobId(2) },
+                Record::Sent {
+                    id: JobId(3),
+                    attempt: 1,
+                    worker: "gone".into(), // no Worker record: no certificate
+                    ahead: false,
+                },
+                Record::Sent {
+                    id: JobId(4),
+                    attempt: 1,
+                    worker: "w1".into(),
+                    ahead: false,
+                },
+                Record::Queued {
+                    id: JobId(1),
+                    attempt: 2,
+                },
+                Record::Kept {
+                    id: JobId(3),
+                    output: vec![(Stream::Stdout, b"early".to_vec())],
+                    dropped: 1,
+                },
+            ],
+            t(2),
+        );
+        tw.commit(
+            &[
+                Record::Ended {
+                    id: JobId(3),
+                    outcome: Outcome::Exited(4),
+                },
+                Record::Kept {
+                    id: JobId(3),
+                    output: vec![
+                        (Stream::Stdout, b"out".to_vec()),
+                        (Stream::Stderr, b"err".to_vec()),
+                        (Stream::Stdout, Vec::new()),
+                    ],
+                    dropped: 17,
+                },
+                Record::Ended {
+                    id: JobId(4),
+                    outcome: Outcome::Rejected("the manager stopped".into()),
+                },
+                Record::Ended {
+                    id: JobId(5),
+                    outcome: Outcome::Signaled(9),
+                },
+                // Once ended, a job stays as it ended.
+                Record::Ended {
+                    id: JobId(4),
+                    outcome: Outcome::Cancelled,
+                },
+                Record::Sent {
+                    id: JobId(5),
+                    attempt: 2,
+                    worker: "w1".into(),
+                    ahead: false,
+                },
+                Record::Queued {
+                    id: JobId(4),
+                    attempt: 3,
+                },
+                // Records about jobs the journal does not hold change nothing.
+                Record::Ended {
+                    id: JobId(99),
+                    outcome: Outcome::TimedOut,
+                },
+                Record::Kept {
+                    id: JobId(98),
+                    output: vec![(Stream::Stdout, b"x".to_vec())],
+                    dropped: 0,
+                },
+                Record::Started { id: JobId(97) },
+                // A worker that connects again with another certificate.
+                Record::Worker {
+                    name: "w1".into(),
+                    cert: Some(vec![9]),
+                },
+            ],
+            t(3),
+        );
+        for outcome in [
+            Outcome::TimedOut,
+            Outcome::WorkerLost,
+            Outcome::SpawnFailed("no bash".into()),
+            Outcome::Cancelled,
+            Outcome::Exited(0),
+        ] {
+            let id = 20 + tw.state.len() as u64;
+            tw.commit(
+                &[
+                    accepted(id, remote(12, id, true)),
+                    Record::Ended {
+                        id: JobId(id),
+                        outcome,
+                    },
+                ],
+                t(4),
+            );
+        }
+        let back = tw.db.recovered().unwrap();
+        assert_eq!(back.next_job, 30);
+        assert_eq!(back.open.len(), 2);
+        assert_eq!(
+            back.open[1].place,
+            Place::Sent {
+                worker: "w2".into(),
+                cert: None
+            }
+        );
+        assert_eq!(back.ended_detached.len(), 7);
+        assert_eq!(back.ended_detached[0].dropped, 17);
+
+        // Compaction by count, then by time; then everything.
+        tw.compact(
+            t(5),
+            Retention {
+                keep_ended_for: Duration::from_secs(3600),
+                keep_ended: 4,
+            },
+        );
+        tw.compact(
+            t(4_000),
+            Retention {
+                keep_ended_for: Duration::from_secs(0) + Duration::from_millis(3_997),
+                keep_ended: 100,
+            },
+        );
+        tw.compact(
+            t(100_000),
+            Retention {
+                keep_ended_for: Duration::from_secs(1),
+                keep_ended: 100,
+            },
+        );
+        let kept: i64 = tw
+            .db
+            .conn
+            .query_row("SELECT count(*) FROM kept_output", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(kept, 0, "compacted jobs take their kept output along");
+
+        // A reopened database gives back the same.
+        drop(tw.db);
+        tw.db = Db::open(&path).unwrap();
+        tw.same();
+    }
+
+    /// A small deterministic generator (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn any_record(rng: &mut Rng, next_id: &mut u64) -> Record {
+        let id = JobId(1 + rng.below(*next_id + 2));
+        let worker = format!("w{}", rng.below(3));
+        match rng.below(10) {
+            0 | 1 => {
+                // Mostly new ids; now and then one accepted again.
+                let id = if rng.below(20) == 0 {
+                    id.0
+                } else {
+                    *next_id += 1;
+                    *next_id
+                };
+                let submitter = match rng.below(3) {
+                    0 => Submitter::Local,
+                    _ => remote(rng.below(4), rng.below(100), rng.below(2) == 0),
+                };
+                Record::Accepted {
+                    id: JobId(id),
+                    spec: spec(&format!("job {id}")).priority(rng.below(5) as i32 - 2),
+                    submitter,
+                }
+            }
+            2 => Record::Worker {
+                name: worker,
+                cert: (rng.below(2) == 0).then(|| vec![rng.below(256) as u8; 4]),
+            },
+            3 => Record::Sent {
+                id,
+                attempt: 1 + rng.below(3) as u32,
+                worker,
+                ahead: rng.below(2) == 0,
+            },
+            4 => Record::Started { id },
+            5 => Record::Queued {
+                id,
+                attempt: 1 + rng.below(3) as u32,
+            },
+            6 | 7 => Record::Ended {
+                id,
+                outcome: match rng.below(4) {
+                    0 => Outcome::Exited(rng.below(3) as i32),
+                    1 => Outcome::Signaled(15),
+                    2 => Outcome::WorkerLost,
+                    _ => Outcome::Rejected(format!("r{}", rng.below(9))),
+                },
+            },
+            8 => Record::Kept {
+                id,
+                output: (0..rng.below(3))
+                    .map(|i| {
+                        let s = if rng.below(2) == 0 {
+                            Stream::Stdout
+                        } else {
+                            Stream::Stderr
+                        };
+                        (s, vec![i as u8; rng.below(40) as usize])
+                    })
+                    .collect(),
+                dropped: rng.below(1000),
+            },
+            _ => Record::ManagerId(rng.next()),
+        }
+    }
+
+    #[test]
+    fn random_records_compactions_and_reopens_give_back_what_the_memory_journal_gives() {
+        let dir = scratch("random");
+        let path = dir.join("journal.db");
+        let mut tw = Twins::new(&path);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut next_id = 0;
+        let mut now = t(0);
+        for round in 0..300 {
+            let records: Vec<Record> = (0..1 + rng.below(8))
+                .map(|_| any_record(&mut rng, &mut next_id))
+                .collect();
+            now += Duration::from_millis(rng.below(3_000));
+            tw.commit(&records, now);
+            if rng.below(4) == 0 {
+                let retention = Retention {
+                    keep_ended_for: Duration::from_millis(2_000 + rng.below(20_000)),
+                    keep_ended: rng.below(6) as usize,
+                };
+                tw.compact(now, retention);
+            }
+            if round % 50 == 49 {
+                drop(tw.db);
+                tw.db = Db::open(&path).unwrap();
+                tw.same();
+            }
+        }
+        assert!(next_id > 30, "the run accepted jobs");
+    }
+
+    #[test]
+    fn a_reopened_journal_gives_back_what_was_written_and_ids_continue_past_compaction() {
+        let dir = scratch("reopen");
+        let path = dir.join("journal.db");
+        let (j, first) = open(&path, KEEP_ALL).unwrap();
+        assert_eq!(first.next_job, 1);
+        assert!(first.open.is_empty() && first.ended_detached.is_empty());
+        let before = SystemTime::now();
+        j.write(vec![
+            accepted(1, Submitter::Local),
+            accepted(2, remote(5, 1, true)),
+            accepted(3, remote(5, 2, false)),
+        ])
+        .unwrap();
+        j.record(vec![
+            Record::Worker {
+                name: "w".into(),
+                cert: Some(vec![4]),
+            },
+            Record::Sent {
+                id: JobId(3),
+                attempt: 1,
+                worker: "w".into(),
+                ahead: false,
+            },
+            Record::Ended {
+                id: JobId(2),
+                outcome: Outcome::Exited(0),
+            },
+            Record::Kept {
+                id: JobId(2),
+                output: vec![(Stream::Stdout, b"hello\n".to_vec())],
+                dropped: 0,
+            },
+        ]);
+        j.close();
+        let after = SystemTime::now();
+        let err = j.write(vec![accepted(4, Submitter::Local)]).unwrap_err();
+        assert!(err.to_string().contains("closed"), "{err}");
+        drop(j);
+
+        let (j, back) = open(&path, KEEP_ALL).unwrap();
+        assert_eq!(back.manager_id, first.manager_id);
+        assert_eq!(back.next_job, 4);
+        assert_eq!(
+            back.open,
+            vec![
+                OpenJob {
+                    id: JobId(1),
+                    spec: spec("echo 1"),
+                    submitter: Submitter::Local,
+                    attempt: 1,
+                    place: Place::Queued,
+                },
+                OpenJob {
+                    id: JobId(3),
+                    spec: spec("echo 3"),
+                    submitter: remote(5, 2, false),
+                    attempt: 1,
+                    place: Place::Sent {
+                        worker: "w".into(),
+                        cert: Some(vec![4])
+                    },
+                },
+            ]
+        );
+        assert_eq!(back.ended_detached.len(), 1);
+        let e = &back.ended_detached[0];
+        assert_eq!(
+            (e.id, &e.outcome, &e.output[..]),
+            (
+                JobId(2),
+                &Outcome::Exited(0),
+                &[(Stream::Stdout, b"hello\n".to_vec())][..]
+            )
+        );
+        assert!(before <= e.ended_at && e.ended_at <= after);
+        assert_eq!(
+            back.remote_requests,
+            vec![(5, 1, JobId(2)), (5, 2, JobId(3))]
+        );
+        // Every job ends; the highest id is then compacted away.
+        j.write(vec![
+            Record::Ended {
+                id: JobId(1),
+                outcome: Outcome::Cancelled,
+            },
+            Record::Ended {
+                id: JobId(3),
+                outcome: Outcome::WorkerLost,
+            },
+        ])
+        .unwrap();
+        drop(j);
+        let forget_all = Retention {
+            keep_ended_for: Duration::from_secs(3600),
+            keep_ended: 0,
+        };
+        let (j, back) = open(&path, forget_all).unwrap();
+        assert_eq!(back.manager_id, first.manager_id);
+        assert!(back.open.is_empty() && back.ended_detached.is_empty());
+        assert!(back.remote_requests.is_empty());
+        assert_eq!(back.next_job, 4, "ids continue past compacted jobs");
+        drop(j);
+        let rows: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+    }
+
+    #[test]
+    fn a_new_journal_and_its_files_are_private_to_their_owner() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch("private");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        j.write(vec![accepted(1, Submitter::Local)]).unwrap();
+        for suffix in ["", "-wal", "-shm", ".lock"] {
+            let file = with_suffix(&path, suffix);
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{}: mode {mode:o}", file.display());
+        }
+    }
+
+    #[test]
+    fn what_follows_recorded_records_runs_once_they_are_on_disk() {
+        let dir = scratch("then");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader_path = path.clone();
+        j.record_then(
+            vec![
+                accepted(1, Submitter::Local),
+                Record::Ended {
+                    id: JobId(1),
+                    outcome: Outcome::Exited(0),
+                },
+            ],
+            Some(Box::new(move || {
+                // What another connection sees at that moment.
+                let state: String = Connection::open(&reader_path)
+                    .unwrap()
+                    .query_row("SELECT state FROM jobs WHERE id = 1", [], |r| r.get(0))
+                    .unwrap();
+                tx.send(state).unwrap();
+            })),
+        );
+        assert_eq!(rx.recv_timeout(DEADLINE).unwrap(), "ended");
+    }
+
+    #[test]
+    fn writers_waiting_at_the_same_time_share_one_commit_and_all_are_durable() {
+        let dir = scratch("group");
+        let path = dir.join("journal.db");
+        let (j, _) = SqliteJournal::open(&path, KEEP_ALL).unwrap();
+        let j = Arc::new(j);
+        // Hold the database's write lock, as an operator's transaction would: the
+        // writer takes the first record and waits for the lock.
+        let gate = Connection::open(&path).unwrap();
+        gate.execute_batch("BEGIN IMMEDIATE").unwrap();
+        j.record(vec![accepted(1, Submitter::Local)]);
+        wait_until("the writer takes the first record", || j.waiting() == 0);
+        let writers: Vec<_> = (0..16u64)
+            .map(|i| {
+                let j = j.clone();
+                std::thread::spawn(move || {
+                    j.write(vec![
+                        accepted(100 + i, remote(i, 1, false)),
+                        Record::Queued {
+                            id: JobId(100 + i),
+                            attempt: 1,
+                        },
+                    ])
+                })
+            })
+            .collect();
+        wait_until("all 16 writers wait", || j.waiting() == 16);
+        gate.execute_batch("COMMIT").unwrap();
+        for w in writers {
+            w.join().unwrap().unwrap();
+        }
+        assert_eq!(
+            j.commits(),
+            2,
+            "the first record, then all 16 writes at once"
+        );
+        j.close();
+        drop(j);
+        let (_j, back) = open(&path, KEEP_ALL).unwrap();
+        let ids: Vec<u64> = back.open.iter().map(|o| o.id.0).collect();
+        let want: Vec<u64> = std::iter::once(1).chain(100..116).collect();
+        assert_eq!(ids, want);
+    }
+
+    #[test]
+    fn many_threads_writing_at_once_all_return_and_all_are_kept() {
+        let dir = scratch("many");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        let threads = 32u64;
+        let each = 25u64;
+        let writers: Vec<_> = (0..threads)
+            .map(|t| {
+                let j = j.clone();
+                std::thread::spawn(move || {
+                    for n in 0..each {
+                        let id = 1 + t * each + n;
+                        j.write(vec![accepted(id, Submitter::Local)]).unwrap();
+                        j.record(vec![Record::Sent {
+                            id: JobId(id),
+                            attempt: 1,
+                            worker: format!("w{t}"),
+                            ahead: false,
+                        }]);
+                    }
+                })
+            })
+            .collect();
+        for w in writers {
+            w.join().unwrap();
+        }
+        j.close();
+        drop(j);
+        let (_j, back) = open(&path, KEEP_ALL).unwrap();
+        assert_eq!(back.open.len() as u64, threads * each);
+        assert_eq!(back.next_job, threads * each + 1);
+        for (i, o) in back.open.iter().enumerate() {
+            assert_eq!(o.id, JobId(i as u64 + 1));
+            assert!(matches!(&o.place, Place::Sent { worker, .. }
+                if *worker == format!("w{}", i as u64 / each)));
+        }
+    }
+
+    /// Writes jobs 1..=10 ended and job 11 open through a journal with `retention`, in
+    /// one write (so that no compaction comes between them); returns a reader of its
+    /// database.
+    fn ten_ended_one_open(path: &Path, retention: Retention) -> (Arc<dyn Journal>, Connection) {
+        let (j, _) = open(path, retention).unwrap();
+        let mut records = Vec::new();
+        for id in 1..=10 {
+            records.push(accepted(id, Submitter::Local));
+            records.push(Record::Ended {
+                id: JobId(id),
+                outcome: Outcome::Exited(0),
+            });
+        }
+        records.push(accepted(11, Submitter::Local));
+        j.write(records).unwrap();
+        (j, Connection::open(path).unwrap())
+    }
+
+    fn ids(reader: &Connection, state: &str) -> String {
+        reader
+            .query_row(
+                "SELECT coalesce(group_concat(id), '') FROM \
+                 (SELECT id FROM jobs WHERE state = ?1 ORDER BY id)",
+                [state],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn the_writer_compacts_ended_jobs_by_count_on_its_own() {
+        let dir = scratch("compact-count");
+        let retention = Retention {
+            keep_ended_for: Duration::from_secs(3600),
+            keep_ended: 3,
+        };
+        let (_j, reader) = ten_ended_one_open(&dir.join("journal.db"), retention);
+        wait_until("three ended jobs are left", || {
+            ids(&reader, "ended") != "1,2,3,4,5,6,7,8,9,10"
+        });
+        assert_eq!(ids(&reader, "ended"), "8,9,10", "the latest ends are kept");
+        assert_eq!(ids(&reader, "queued"), "11", "the open job stays");
+    }
+
+    #[test]
+    fn the_writer_compacts_ended_jobs_by_age_on_its_own() {
+        let dir = scratch("compact-age");
+        let retention = Retention {
+            keep_ended_for: Duration::from_secs(1),
+            keep_ended: 100,
+        };
+        let (_j, reader) = ten_ended_one_open(&dir.join("journal.db"), retention);
+        wait_until("ended jobs expire", || ids(&reader, "ended").is_empty());
+        assert_eq!(ids(&reader, "queued"), "11", "the open job stays");
+    }
+
+    #[test]
+    fn compacted_space_is_reused_so_the_file_stays_bounded() {
+        let dir = scratch("bounded");
+        let path = dir.join("journal.db");
+        let mut db = Db::open(&path).unwrap();
+        let retention = Retention {
+            keep_ended_for: Duration::from_secs(3600),
+            keep_ended: 200,
+        };
+        let pages = |db: &Db| -> i64 {
+            db.conn
+                .pragma_query_value(None, "page_count", |r| r.get(0))
+                .unwrap()
+        };
+        let mut id = 0;
+        let mut after_round = Vec::new();
+        for round in 0..6 {
+            for _ in 0..20 {
+                let mut records = Vec::new();
+                for _ in 0..100 {
+                    id += 1;
+                    records.push(accepted(id, remote(1, id, true)));
+                    records.push(Record::Ended {
+                        id: JobId(id),
+                        outcome: Outcome::Exited(0),
+                    });
+                    records.push(Record::Kept {
+                        id: JobId(id),
+                        output: vec![(Stream::Stdout, vec![b'x'; 300])],
+                        dropped: 0,
+                    });
+                }
+                db.commit(&records, t(round * 100 + id)).unwrap();
+            }
+            db.compact(t(round * 100 + id), retention).unwrap();
+            after_round.push(pages(&db));
+        }
+        // 2,000 jobs a round, 200 kept: every round after the first reuses its pages.
+        let first = after_round[0];
+        assert!(
+            after_round.iter().all(|&p| p <= first + first / 10),
+            "pages after each round: {after_round:?}"
+        );
+        let back = db.recovered().unwrap();
+        assert_eq!(back.ended_detached.len(), 200);
+        assert_eq!(back.next_job, id + 1);
+    }
+
+    #[test]
+    fn the_writer_thread_stack_holds_what_sqlite_needs() {
+        let dir = scratch("stack");
+        let path = dir.join("journal.db");
+        let (used, limit) = crate::thread::spawn("wp-journal-test", move || {
+            let mut db = Db::open(&path).unwrap();
+            let mut records = Vec::new();
+            for id in 1..=500u64 {
+                records.push(accepted(id, remote(1, id, true)));
+                records.push(Record::Ended {
+                    id: JobId(id),
+                    outcome: Outcome::SpawnFailed("x".repeat(100)),
+                });
+                records.push(Record::Kept {
+                    id: JobId(id),
+                    output: vec![(Stream::Stderr, vec![7; 2000])],
+                    dropped: 0,
+                });
+            }
+            db.commit(&records, t(1)).unwrap();
+            db.compact(
+                t(2),
+                Retention {
+                    keep_ended_for: Duration::from_secs(60),
+                    keep_ended: 10,
+                },
+            )
+            .unwrap();
+            db.recovered().unwrap();
+            drop(db);
+            Db::open(&path).unwrap().recovered().unwrap();
+            (
+                crate::thread::stack_use_here().1,
+                crate::thread::Stack::Full.bytes(),
+            )
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        assert!(
+            used * 3 <= limit,
+            "the journal's work touched {used} bytes of a {limit}-byte stack"
+        );
+    }
+
+    fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !ok() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The error opening `path` gives; checks that it is one line naming the file and
+    /// that the file was left as it was.
+    fn open_error(path: &Path) -> String {
+        let before = std::fs::read(path).unwrap();
+        let err = match open(path, KEEP_ALL) {
+            Ok(_) => panic!("{} opened", path.display()),
+            Err(Error::Journal(m)) => m,
+            Err(e) => panic!("not a journal error: {e}"),
+        };
+        assert!(!err.contains('\n'), "one line: {err:?}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert_eq!(std::fs::read(path).unwrap(), before, "{err}: file changed");
+        err
+    }
+
+    /// A closed journal holding 300 jobs.
+    fn journal_with_jobs(path: &Path) {
+        let (j, _) = open(path, KEEP_ALL).unwrap();
+        j.write((1..=300).map(|id| accepted(id, Submitter::Local)).collect())
+            .unwrap();
+        j.close();
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused_and_left_as_it_is() {
+        let dir = scratch("garbage");
+        let path = dir.join("journal.db");
+        std::fs::write(
+            &path,
+            b"these are not the bytes of a database\n".repeat(200),
+        )
+        .unwrap();
+        let err = open_error(&path);
+        assert!(err.contains("is corrupt"), "{err}");
+        assert!(!with_suffix(&path, "-wal").exists());
+    }
+
+    #[test]
+    fn a_damaged_page_is_refused_and_left_as_it_is() {
+        let dir = scratch("damaged");
+        let path = dir.join("journal.db");
+        journal_with_jobs(&path);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let page = 4096;
+        assert!(bytes.len() >= 6 * page, "{} bytes", bytes.len());
+        for b in &mut bytes[3 * page..4 * page] {
+            *b = 0x5a;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let err = open_error(&path);
+        assert!(err.contains("is corrupt"), "{err}");
+    }
+
+    #[test]
+    fn another_applications_database_is_refused_and_left_as_it_is() {
+        let dir = scratch("foreign");
+        let path = dir.join("journal.db");
+        let other = Connection::open(&path).unwrap();
+        other
+            .execute_batch("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO photos (name) VALUES ('cat');")
+            .unwrap();
+        drop(other);
+        let err = open_error(&path);
+        assert!(err.contains("not a workpool journal"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_from_a_newer_version_is_refused_and_left_as_it_is() {
+        let dir = scratch("newer");
+        let path = dir.join("journal.db");
+        journal_with_jobs(&path);
+        let c = Connection::open(&path).unwrap();
+        c.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'format'",
+            [FORMAT + 1],
+        )
+        .unwrap();
+        drop(c);
+        let err = open_error(&path);
+        assert!(err.contains("newer version"), "{err}");
+        assert!(err.contains(&format!("format {}", FORMAT + 1)), "{err}");
+    }
+
+    #[test]
+    fn a_row_that_cannot_be_read_back_is_refused() {
+        let dir = scratch("badrow");
+        let path = dir.join("journal.db");
+        journal_with_jobs(&path);
+        let c = Connection::open(&path).unwrap();
+        c.execute("UPDATE jobs SET spec = x'ff00ff' WHERE id = 7", [])
+            .unwrap();
+        drop(c);
+        let err = open_error(&path);
+        assert!(err.contains("is corrupt") && err.contains("job 7"), "{err}");
+    }
+
+    #[test]
+    fn a_journal_open_in_this_process_is_refused_until_it_is_closed() {
+        let dir = scratch("locked");
+        let path = dir.join("journal.db");
+        let (j, first) = open(&path, KEEP_ALL).unwrap();
+        j.write(vec![accepted(1, Submitter::Local)]).unwrap();
+        let err = match open(&path, KEEP_ALL) {
+            Ok(_) => panic!("opened twice"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("in use by another manager (in this process)"),
+            "{err}"
+        );
+        assert!(err.contains(&path.display().to_string()) && !err.contains('\n'));
+        // The first is untouched and goes on working.
+        j.write(vec![accepted(2, Submitter::Local)]).unwrap();
+        j.close();
+        let (j2, back) = open(&path, KEEP_ALL).unwrap();
+        assert_eq!(back.manager_id, first.manager_id);
+        assert_eq!(back.open.len(), 2);
+        drop(j2);
+        // Dropping it lets the next one in too.
+        let (_j3, back) = open(&path, KEEP_ALL).unwrap();
+        assert_eq!(back.open.len(), 2);
+    }
+
+    /// A child process running [`child_process`] in `mode` on `path`, its output lines
+    /// coming through a channel.
+    struct ChildRun {
+        child: Child,
+        lines: mpsc::Receiver<String>,
+    }
+
+    impl ChildRun {
+        fn start(mode: &str, path: &Path) -> ChildRun {
+            let mut child = Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "journal::sqlite::tests::child_process",
+                    "--exact",
+                    "--include-ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("WP_JOURNAL_TEST_CHILD", mode)
+                .env("WP_JOURNAL_TEST_PATH", path)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let out = child.stdout.take().unwrap();
+            let (tx, lines) = mpsc::channel();
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            ChildRun { child, lines }
+        }
+
+        /// Waits for a line holding `prefix` (the test harness may have written on the
+        /// same line before it); returns what follows it.
+        fn expect(&self, prefix: &str) -> String {
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.lines.recv_timeout(left) {
+                    Ok(line) => {
+                        if let Some((_, rest)) = line.split_once(prefix) {
+                            return rest.to_owned();
+                        }
+                    }
+                    Err(e) => panic!("no line {prefix:?} from the child: {e}"),
+                }
+            }
+        }
+
+        fn wait(mut self) -> std::process::ExitStatus {
+            drop(self.child.stdin.take());
+            let deadline = Instant::now() + DEADLINE;
+            loop {
+                if let Some(status) = self.child.try_wait().unwrap() {
+                    return status;
+                }
+                if Instant::now() >= deadline {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    panic!("the child did not end");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    /// What the tests below run in a child process (nothing without
+    /// `WP_JOURNAL_TEST_CHILD`).
+    #[test]
+    #[ignore = "the child process of other tests"]
+    fn child_process() {
+        let (Ok(mode), Some(path)) = (
+            std::env::var("WP_JOURNAL_TEST_CHILD"),
+            std::env::var_os("WP_JOURNAL_TEST_PATH"),
+        ) else {
+            return;
+        };
+        let path = PathBuf::from(path);
+        match mode.as_str() {
+            "hold" => {
+                let (_j, _) = open(&path, KEEP_ALL).unwrap();
+                println!("child: open");
+                // Until the parent closes our stdin.
+                let _ = std::io::stdin().read_to_end(&mut Vec::new());
+            }
+            "crash" => {
+                let (j, _) = open(&path, KEEP_ALL).unwrap();
+                for id in 1..=50 {
+                    j.write(vec![accepted(id, Submitter::Local)]).unwrap();
+                }
+                println!("child: written");
+                // SAFETY: sends a signal to this process; no memory is involved.
+                unsafe {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+            }
+            "full" => full_disk_child(&path),
+            other => panic!("unknown child mode {other}"),
+        }
+    }
+
+    #[test]
+    fn a_journal_in_use_by_another_process_is_refused_and_taken_once_it_has_gone() {
+        let dir = scratch("other-process");
+        let path = dir.join("journal.db");
+        let holder = ChildRun::start("hold", &path);
+        holder.expect("child: open");
+        let pid = holder.child.id();
+        let err = match open(&path, KEEP_ALL) {
+            Ok(_) => panic!("opened while another process holds it"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(&format!("in use by another manager (process {pid})")),
+            "{err}"
+        );
+        assert!(holder.wait().success());
+        let (_j, back) = open(&path, KEEP_ALL).unwrap();
+        assert!(back.open.is_empty());
+    }
+
+    #[test]
+    fn a_write_that_returned_survives_the_process_being_killed() {
+        let dir = scratch("crash");
+        let path = dir.join("journal.db");
+        let child = ChildRun::start("crash", &path);
+        child.expect("child: written");
+        let status = child.wait();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{status}");
+        let (_j, back) = open(&path, KEEP_ALL).unwrap();
+        let ids: Vec<u64> = back.open.iter().map(|o| o.id.0).collect();
+        assert_eq!(ids, (1..=50).collect::<Vec<_>>());
+        assert_eq!(back.next_job, 51);
+    }
+
+    /// In a child process (the file size limit is the whole process's): fills the
+    /// "disk" with `RLIMIT_FSIZE`, checks the error, gives space back, writes again.
+    /// SIGXFSZ keeps its default action (ending the process): the journal's writes
+    /// must not raise it.
+    fn full_disk_child(path: &Path) {
+        let (j, _) = open(path, KEEP_ALL).unwrap();
+        j.write(vec![accepted(1, Submitter::Local)]).unwrap();
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid rlimit for the call to fill.
+        let read = unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) };
+        assert_eq!(read, 0);
+        let original = limit;
+        let len = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+        let biggest = len(path).max(len(&with_suffix(path, "-wal")));
+        limit.rlim_cur = biggest + (64 << 10);
+        // SAFETY: `limit` is a valid rlimit; the soft limit is below the hard one.
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &limit) };
+        assert_eq!(set, 0);
+        let big = |id: u64| Record::Accepted {
+            id: JobId(id),
+            spec: JobSpec::new("cat").stdin(vec![b'z'; 16 << 10]),
+            submitter: Submitter::Local,
+        };
+        let mut failed = None;
+        for id in 2..100 {
+            if let Err(e) = j.write(vec![big(id)]) {
+                failed = Some((id, e.to_string()));
+                break;
+            }
+        }
+        let (failed_id, err) = failed.expect("a write failed once the file could not grow");
+        assert!(err.contains("disk is full"), "{err}");
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(!err.contains('\n'), "{err}");
+        // Records nobody waits for are lost with a log line, and what was to follow
+        // their commit is not done; nothing else breaks.
+        let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f = followed.clone();
+        j.record_then(
+            vec![big(failed_id + 1)],
+            Some(Box::new(move || f.store(true, Ordering::SeqCst))),
+        );
+        let again = j.write(vec![big(failed_id + 2)]);
+        assert!(again.is_err(), "the disk is still full");
+        assert!(
+            !followed.load(Ordering::SeqCst),
+            "run after a failed commit"
+        );
+        // Space comes back: the same journal works again.
+        // SAFETY: `original` is the rlimit read above.
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &original) };
+        assert_eq!(set, 0);
+        j.write(vec![big(failed_id + 3)]).unwrap();
+        j.close();
+        let (_j, back) = open(path, KEEP_ALL).unwrap();
+        let ids: Vec<u64> = back.open.iter().map(|o| o.id.0).collect();
+        let mut want: Vec<u64> = (1..failed_id).collect();
+        want.push(failed_id + 3);
+        assert_eq!(ids, want);
+        assert_eq!(back.next_job, failed_id + 4);
+        println!("child: full disk checked: write {failed_id} failed with: {err}");
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_write_with_a_clear_error_and_the_journal_works_again_after() {
+        let dir = scratch("full");
+        let path = dir.join("journal.db");
+        let child = ChildRun::start("full", &path);
+        let said = child.expect("child: full disk checked: ");
+        assert!(said.contains("disk is full"), "{said}");
+        assert!(child.wait().success());
+    }
+}
+
+/// Figures for docs/PERFORMANCE.md ("The journal"):
+/// `cargo test --release --lib journal::sqlite::measure -- --ignored --nocapture`.
+#[cfg(test)]
+mod measure {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "workpool-journal-measure-{name}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// A spec of about 200 bytes once encoded, as a typical job's.
+    fn spec(id: u64) -> JobSpec {
+        JobSpec::new(format!(
+            "./run-step --input data/{id}.csv --output out/{id}.json --verbose"
+        ))
+        .env("RUN", "nightly")
+        .env("STAGE", "transform")
+        .require_tag("linux")
+        .timeout(Duration::from_secs(600))
+        .retries(1)
+    }
+
+    /// The manager's default retention.
+    const RETENTION: Retention = Retention {
+        keep_ended_for: Duration::from_secs(3600),
+        keep_ended: 10_000,
+    };
+
+    /// `threads` submitters for `secs`: each writes a job's `Accepted` and waits for it
+    /// to be durable, then records its `Sent` and `Ended` (as the dispatcher and the
+    /// sink do). Returns durable submits per second.
+    fn submits(threads: u64, secs: f64) -> f64 {
+        let dir = scratch(&format!("submits-{threads}"));
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, RETENTION).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let next = Arc::new(AtomicU64::new(1));
+        let start = Instant::now();
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (j, stop, next) = (j.clone(), stop.clone(), next.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = JobId(next.fetch_add(1, Ordering::Relaxed));
+                        j.write(vec![Record::Accepted {
+                            id,
+                            spec: spec(id.0),
+                            submitter: Submitter::Local,
+                        }])
+                        .unwrap();
+                        j.record(vec![
+                            Record::Sent {
+                                id,
+                                attempt: 1,
+                                worker: format!("worker-{t}"),
+                                ahead: false,
+                            },
+                            Record::Ended {
+                                id,
+                                outcome: Outcome::Exited(0),
+                            },
+                        ]);
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        stop.store(true, Ordering::Relaxed);
+        let done: u64 = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        let rate = done as f64 / start.elapsed().as_secs_f64();
+        j.close();
+        drop(j);
+        // Every job whose write returned is there.
+        let (_j, back) = open(&path, KEEP_EVERYTHING).unwrap();
+        assert_eq!(back.next_job, next.load(Ordering::Relaxed));
+        let _ = std::fs::remove_dir_all(&dir);
+        rate
+    }
+
+    const KEEP_EVERYTHING: Retention = Retention {
+        keep_ended_for: Duration::from_secs(1 << 40),
+        keep_ended: usize::MAX,
+    };
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    }
+
+    #[test]
+    #[ignore = "a measurement: run by hand in release"]
+    fn measure() {
+        let runs = 3;
+        let secs = 3.0;
+        println!("durable submits/s, median of {runs} runs of {secs} s:");
+        for threads in [1, 16, 64] {
+            let all: Vec<f64> = (0..runs).map(|_| submits(threads, secs)).collect();
+            println!(
+                "  {threads:>2} threads: {:.0}  (runs: {})",
+                median(all.clone()),
+                all.iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+
+        // 100,000 jobs through their end, with the default retention (10,000 ended
+        // jobs for an hour), in writes of 1,000 jobs.
+        let dir = scratch("bytes");
+        let path = dir.join("journal.db");
+        let jobs = 100_000u64;
+        let (j, _) = open(&path, RETENTION).unwrap();
+        for first in (1..=jobs).step_by(1000) {
+            let mut records = Vec::new();
+            for id in (first..first + 1000).map(JobId) {
+                records.push(Record::Accepted {
+                    id,
+                    spec: spec(id.0),
+                    submitter: Submitter::Local,
+                });
+                records.push(Record::Sent {
+                    id,
+                    attempt: 1,
+                    worker: "worker-1".into(),
+                    ahead: false,
+                });
+                records.push(Record::Ended {
+                    id,
+                    outcome: Outcome::Exited(0),
+                });
+            }
+            j.write(records).unwrap();
+        }
+        let live = j.size_bytes();
+        j.close();
+        drop(j);
+        // Opening compacts what the writer had not yet.
+        let (j, back) = open(&path, RETENTION).unwrap();
+        assert_eq!(back.next_job, jobs + 1);
+        j.close();
+        drop(j);
+        let held: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM jobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(held as usize, RETENTION.keep_ended);
+        let size = std::fs::metadata(&path).unwrap().len();
+        println!(
+            "{jobs} jobs ended, {held} kept: {size} bytes on disk after compaction \
+             ({:.0} bytes per finished job kept; {live} bytes with the WAL while running)",
+            size as f64 / held as f64
+        );
+
+        // Opening a journal with 100,000 queued jobs.
+        let dir = scratch("queued");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, RETENTION).unwrap();
+        for first in (1..=jobs).step_by(1000) {
+            j.write(
+                (first..first + 1000)
+                    .map(|id| Record::Accepted {
+                        id: JobId(id),
+                        spec: spec(id),
+                        submitter: Submitter::Local,
+                    })
+                    .collect(),
+            )
+            .unwrap();
+        }
+        j.close();
+        drop(j);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let started = Instant::now();
+            let (j, back) = open(&path, RETENTION).unwrap();
+            times.push(started.elapsed().as_secs_f64());
+            assert_eq!(back.open.len() as u64, jobs);
+            drop(j);
+        }
+        println!(
+            "opening {jobs} queued jobs ({size} bytes): {:.3} s (median of {runs})",
+            median(times)
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
