@@ -1611,7 +1611,8 @@ mod tests {
                     outcome: Outcome::Exited(0),
                 },
             ],
-            Some(Box::new(move || {
+            Some(Box::new(move |durable| {
+                assert!(durable);
                 // What another connection sees at that moment.
                 let state: String = Connection::open(&reader_path)
                     .unwrap()
@@ -2164,18 +2165,21 @@ mod tests {
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(!err.contains('\n'), "{err}");
         // Records nobody waits for are lost with a log line, and what was to follow
-        // their commit is not done; nothing else breaks.
-        let followed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // their commit is told they are not durable; nothing else breaks.
+        let followed = Arc::new(std::sync::atomic::AtomicU8::new(0));
         let f = followed.clone();
         j.record_then(
             vec![big(failed_id + 1)],
-            Some(Box::new(move || f.store(true, Ordering::SeqCst))),
+            Some(Box::new(move |durable| {
+                f.store(if durable { 1 } else { 2 }, Ordering::SeqCst)
+            })),
         );
         let again = j.write(vec![big(failed_id + 2)]);
         assert!(again.is_err(), "the disk is still full");
-        assert!(
-            !followed.load(Ordering::SeqCst),
-            "run after a failed commit"
+        assert_eq!(
+            followed.load(Ordering::SeqCst),
+            2,
+            "run after the failed commit, told it did not hold"
         );
         // Space comes back: the same journal works again.
         // SAFETY: `original` is the rlimit read above.
