@@ -205,13 +205,30 @@ impl Pool {
 impl Drop for Pool {
     fn drop(&mut self) {
         for &pid in &self.children {
-            // SAFETY: kill takes no pointers; each PID is a child this test started (a
-            // reaped one may have been reused only if this test waited for it, and it
-            // then is not in the way of the signal: its exit was seen, so this is a
-            // no-op or hits nothing of ours).
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            if running_child(pid) {
+                // SAFETY: kill takes no pointers; the PID is a child of this process
+                // that has not exited (so not one reaped whose number was reused).
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
         }
     }
+}
+
+/// Whether `pid` is a child of this process that is still running.
+fn running_child(pid: u32) -> bool {
+    // SAFETY: an all-zero siginfo_t is a valid value for waitid to fill in.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `info` is valid for the call; WNOWAIT leaves an exited child unreaped.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    // SAFETY: waitid filled `info` in, or left it zeroed (no child has exited).
+    r == 0 && unsafe { info.si_pid() } == 0
 }
 
 /// A running CLI manager.
@@ -638,7 +655,9 @@ fn kill_9_at_random_moments_loses_no_accepted_job_and_runs_none_twice() {
         if life == 0 || life == kills / 2 {
             for _ in 0..long_jobs / 2 {
                 let token = format!("long{}", followers.len() + 1);
-                followers.push(follow_long_job(&conn, &pool, &token, long_lines));
+                let f = follow_long_job(&conn, &pool, &token, long_lines);
+                pool.children.push(f.child.id());
+                followers.push(f);
             }
         }
         // A chunk of console submissions in flight at a time; the next once it is
