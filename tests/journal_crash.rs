@@ -42,7 +42,7 @@ impl Pool {
         let dir = scratch(name);
         Certs::new(3).write_to(&dir);
         Pool {
-            port: free_port(),
+            port: port_outside_the_ephemeral_range(),
             journal: dir.join("journal.sqlite"),
             starts: dir.join("starts"),
             ends: dir.join("ends"),
@@ -212,6 +212,28 @@ impl Drop for Pool {
             }
         }
     }
+}
+
+/// A free port below the range the kernel picks local ports of outgoing connections
+/// from: while a killed manager is down, no connection (a worker or a submitter dialling
+/// it again) can take its port, or connect to itself on it.
+fn port_outside_the_ephemeral_range() -> u16 {
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let (first, span) = (10_000u16, low.saturating_sub(10_000).max(1));
+    // Each call starts elsewhere (tests run in parallel, each with its own port).
+    static CALLS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = (std::process::id() as u16)
+        .wrapping_mul(7919)
+        .wrapping_add(call.wrapping_mul(1009))
+        % span;
+    (0..span)
+        .map(|i| first + (start + i) % span)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 /// Whether `pid` is a child of this process that is still running.
