@@ -957,17 +957,18 @@ fn run(
                 }
             }
         }
-        // The commit's time (with its answers), for the next round's gathering.
-        let committing = (!batch.is_empty()).then(|| (callers(&batch), Instant::now()));
-
         if !batch.is_empty() {
             // Only calls to run, no records: what came before them was committed (or
             // failed) in an earlier round.
             let r = if batch.iter().all(|(r, _)| r.is_empty()) {
                 Ok(false)
             } else {
+                let started = Instant::now();
                 let r = db.commit(batch.iter().flat_map(|(r, _)| r), SystemTime::now());
                 commits.fetch_add(1, Ordering::Relaxed);
+                // The commit's time, for the next round's gathering (what runs after
+                // it, below, is not the disk's).
+                gather.committed(callers(&batch), started.elapsed());
                 r.map_err(|e| {
                     format!(
                         "{}: cannot write the journal: {}",
@@ -1000,9 +1001,6 @@ fn run(
             }
         }
 
-        if let Some((callers, started)) = committing {
-            gather.committed(callers, started.elapsed());
-        }
         if !closing && compact_at.is_some_and(|at| Instant::now() >= at) {
             compact_at = match db.compact(SystemTime::now(), retention) {
                 Ok(next) => next.and_then(instant_of),
