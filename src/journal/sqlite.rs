@@ -1810,6 +1810,45 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_that_frees_a_quarter_of_the_file_gives_the_free_pages_back() {
+        let dir = scratch("give-back");
+        let path = dir.join("journal.db");
+        let mut db = Db::open(&path).unwrap();
+        let pragma = |db: &Db, name: &str| -> i64 {
+            db.conn
+                .pragma_query_value(None, name, |r| r.get(0))
+                .unwrap()
+        };
+        // A burst of 2,000 ended detached jobs with some kept output each.
+        let mut records = Vec::new();
+        for id in 1..=2000u64 {
+            records.push(accepted(id, remote(1, id, true)));
+            records.push(Record::Ended {
+                id: JobId(id),
+                outcome: Outcome::Exited(0),
+            });
+            records.push(Record::Kept {
+                id: JobId(id),
+                output: vec![(Stream::Stdout, vec![b'x'; 300])],
+                dropped: 0,
+            });
+        }
+        db.commit(&records, t(1)).unwrap();
+        let before = pragma(&db, "page_count");
+        let retention = Retention {
+            keep_ended_for: Duration::from_secs(3600),
+            keep_ended: 10,
+        };
+        db.compact(t(2), retention).unwrap();
+        let (after, free) = (pragma(&db, "page_count"), pragma(&db, "freelist_count"));
+        assert!(
+            after * 4 < before && free == 0,
+            "pages {before} before, {after} after ({free} free)"
+        );
+        assert_eq!(db.recovered().unwrap().ended_detached.len(), 10);
+    }
+
+    #[test]
     fn the_writer_thread_stack_holds_what_sqlite_needs() {
         let dir = scratch("stack");
         let path = dir.join("journal.db");
