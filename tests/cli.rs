@@ -132,6 +132,43 @@ fn exit_is_not_a_job_and_rejects_what_is_still_queued() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn exit_with_a_journal_says_the_jobs_are_kept_not_rejected() {
+    let dir = scratch("cli-exit-journal");
+    Certs::new(1).write_to(&dir);
+    let journal = dir.join("journal.sqlite");
+    // Human output: the shutdown is told in words.
+    let args = manager_args(&dir).into_iter().filter(|a| a != "--json");
+    let out = Command::new(cli())
+        .args(args)
+        .args(["--journal", journal.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"echo waits\nexit\n")?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let said = err
+        .lines()
+        .find(|l| l.contains("shutting down (exit)"))
+        .unwrap_or_else(|| panic!("no shutdown line in:\n{err}"));
+    assert!(
+        said.contains("kept in the journal") && !said.contains("rejected"),
+        "{said}"
+    );
+    // And so it is: a manager started again on the journal has the job queued.
+    let m =
+        Manager::bind(ManagerConfig::insecure_plaintext("127.0.0.1:0").journal(&journal)).unwrap();
+    assert_eq!(m.jobs().len(), 1, "{:?}", m.jobs());
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 fn run_cli(args: &[&str]) -> (i32, String, String) {
     let out = Command::new(cli())
         .args(args)

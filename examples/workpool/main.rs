@@ -554,6 +554,7 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
     if let Some(n) = a.journal_retention_count {
         config.journal_retention_count = n;
     }
+    let journal = config.journal.clone();
     let manager = Arc::new(Manager::bind(config).map_err(failed)?);
     let (sig_tx, sig_rx) = unbounded();
     std::thread::spawn(move || {
@@ -564,7 +565,8 @@ fn run_manager(a: ManagerArgs) -> Result<ExitCode, Failure> {
         }
     });
     let m = manager.clone();
-    let console = Console::new(manager.clone(), a.json, Box::new(move || m.shutdown()));
+    let mut console = Console::new(manager.clone(), a.json, Box::new(move || m.shutdown()));
+    console.journal = journal;
     // SAFETY: isatty only reads the state of descriptor 1; any value is a valid argument.
     if !a.json && unsafe { libc::isatty(1) } == 1 {
         show_progress(manager.clone());
@@ -1484,6 +1486,8 @@ struct Console {
     announced: HashSet<u64>,
     /// Shuts the manager down (on a thread of its own, while the loop goes on printing).
     shutdown: Option<Box<dyn FnOnce() + Send>>,
+    /// The manager's journal, if it keeps one: shutting down then ends no job.
+    journal: Option<PathBuf>,
     /// The jobs that ended, by outcome name, and how many did not succeed.
     ended: std::collections::BTreeMap<&'static str, u64>,
     failed: u64,
@@ -1531,6 +1535,7 @@ impl Console {
             pool_events: None,
             announced: HashSet::new(),
             shutdown: None,
+            journal: None,
             ended: Default::default(),
             failed: 0,
             last: None,
@@ -1729,8 +1734,15 @@ impl Console {
                 signal: why.signal(),
             });
         } else if why != Stop::EndOfInput {
+            let what = match &self.journal {
+                Some(path) => format!(
+                    "no job ends: queued and running jobs are kept in the journal {} and go on when the manager starts again on it",
+                    path.display()
+                ),
+                None => "queued jobs are rejected, running ones may finish".to_owned(),
+            };
             self.out.say_err(&format!(
-                "workpool manager: shutting down ({}): queued jobs are rejected, running ones may finish",
+                "workpool manager: shutting down ({}): {what}",
                 why.describe()
             ));
         }
