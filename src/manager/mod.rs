@@ -110,11 +110,16 @@ pub struct ManagerConfig {
     pub heartbeat_interval: Duration,
     /// A link that has heard nothing for this long is closed (its jobs end `WorkerLost`).
     pub heartbeat_timeout: Duration,
-    /// On shutdown, how long running jobs may go on before they are cancelled.
+    /// On shutdown, how long running jobs may go on before they are cancelled (without
+    /// a journal: with one, shutting down ends no job, see [`ManagerConfig::journal`]).
     pub shutdown_grace: Duration,
     /// How long the jobs of a worker whose connection dropped wait for that worker (same
     /// name, same certificate) to come back and go on with them; then they end
-    /// `WorkerLost` (or are retried). Zero ends them at once.
+    /// `WorkerLost` (or are retried). Zero ends them at once. With a journal, the jobs
+    /// found running at a restart wait as long for their workers. A worker learns it
+    /// when it connects, and holds its jobs while away for this long less a heartbeat
+    /// timeout and interval (4 s with the defaults), so a manager restarted later than
+    /// that finds them killed: raise it before a slow upgrade.
     pub reconnect_grace: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`, plain HTTP), if anywhere;
     /// e.g. `127.0.0.1:9100`.
@@ -198,8 +203,9 @@ impl ManagerConfig {
     /// Keeps a journal at `path` (an SQLite database; created if missing): a job is
     /// accepted only once it is on disk, where each job is goes there too, and a
     /// manager started again on the same journal goes on with its queue, its running
-    /// jobs (their workers keep them for their reconnect grace and come back), its job
-    /// ids and its detached jobs' ends. A journal that is corrupt, from a newer
+    /// jobs (their workers keep them while away, see
+    /// [`ManagerConfig::reconnect_grace`], and come back), its job ids and its detached
+    /// jobs' ends. A journal that is corrupt, from a newer
     /// version, or in use by another manager is refused ([`Error::Journal`]). With a
     /// journal, shutting down ends no job: they go on when the manager starts again.
     pub fn journal(mut self, path: impl Into<PathBuf>) -> ManagerConfig {
@@ -535,7 +541,9 @@ impl Manager {
 
     /// Queues a job; it starts as soon as a matching worker has a free slot.
     /// Fails with [`Error::QueueFull`] when the queue holds its capacity, and with
-    /// [`Error::ShutDown`] once shutdown has begun.
+    /// [`Error::ShutDown`] once shutdown has begun. With a journal it returns once the
+    /// job's record is on disk, and fails with [`Error::Journal`] when it cannot be
+    /// written (a full disk).
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle> {
         let s = &self.shared;
         s.admit(&spec, 1)?;
@@ -619,6 +627,9 @@ impl Manager {
     /// Shuts down gracefully: stops taking jobs, ends queued jobs `Rejected`, lets
     /// running jobs finish within the configured grace period and cancels the rest,
     /// says goodbye to the workers, and returns when every manager thread has ended.
+    /// With a journal no job ends: queued jobs stay in the journal, running ones go on
+    /// on their workers, and a manager started again on the journal goes on with them
+    /// (this process's [`JobHandle`]s end `Rejected`, saying so).
     pub fn shutdown(&self) {
         self.shutdown_within(self.grace);
     }
