@@ -163,7 +163,9 @@ pub struct ManagerConfig {
     /// compacted away. Keep it at least `detached_retention`, or a detached job's end
     /// cannot be attached to after a restart.
     pub journal_retention: Duration,
-    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first).
+    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first). It
+    /// counts every ended job, detached or not: a detached job compacted away cannot be
+    /// attached to after a restart.
     pub journal_retention_count: usize,
 }
 
