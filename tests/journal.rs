@@ -242,3 +242,37 @@ fn a_remote_submitter_follows_its_job_through_a_restart_with_every_byte_once_in_
     drop(m);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_job_that_ended_while_the_manager_was_down_is_acknowledged_so_its_worker_can_drain() {
+    let dir = scratch("journal-ended-while-down");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let log = dir.join("log");
+    let go_on = dir.join("go-on");
+    let m = journaled(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let script = format!(
+        "echo start >> {log}; while [ ! -e {go} ]; do sleep 0.02; done; echo end >> {log}",
+        log = log.display(),
+        go = go_on.display()
+    );
+    let id = m.submit(JobSpec::new(script)).unwrap().id();
+    wait_until("the job starts", || lines_of(&log) == ["start"]);
+    m.shutdown();
+    drop(m);
+    // The job ends while no manager is there: its worker keeps its end.
+    std::fs::write(&go_on, "").unwrap();
+    wait_until("the job ends", || lines_of(&log) == ["start", "end"]);
+
+    let m = journaled(&certs, port, &journal);
+    wait_until("its worker reports its end", || {
+        m.stats().jobs_ended() == 1 && m.job(id).is_none()
+    });
+    // The worker was told `Ended`, so it holds nothing: a drain ends.
+    w.drain(None);
+    assert!(w.wait(DEADLINE), "the worker still holds the ended job");
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}

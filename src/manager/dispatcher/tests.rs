@@ -315,12 +315,14 @@ impl Rig {
     /// the dispatcher, as on a real link.
     fn says(&mut self, worker: u64, msg: WorkerMessage) {
         let routes = self.links[&worker].routes.clone();
+        let out = self.links[&worker].out.clone();
         let link = Link {
             events: &self.reports.0,
             counters: &self.counters,
             worker,
             label: "test worker",
             routes: &routes,
+            out: &out,
         };
         routing::on_worker_message(&link, &mut Complaints::default(), msg)
             .expect("a message within the protocol");
