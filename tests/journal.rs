@@ -276,3 +276,47 @@ fn a_job_that_ended_while_the_manager_was_down_is_acknowledged_so_its_worker_can
     drop(m);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_submit_refused_as_the_manager_shuts_down_leaves_no_job_behind_in_the_journal() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = scratch("journal-submit-shutdown");
+    let certs = Certs::new(1);
+    for trial in 0..10 {
+        let journal = dir.join(format!("journal-{trial}.sqlite"));
+        let m = Arc::new(journaled(&certs, 0, &journal));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let tries = Arc::new(AtomicUsize::new(0));
+        let submitters: Vec<_> = (0..4)
+            .map(|_| {
+                let (m, accepted, tries) = (m.clone(), accepted.clone(), tries.clone());
+                std::thread::spawn(move || {
+                    loop {
+                        tries.fetch_add(1, Ordering::Relaxed);
+                        match m.submit(JobSpec::new("true")) {
+                            Ok(h) => accepted.lock().unwrap().push(h.id()),
+                            Err(Error::ShutDown) => return,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        wait_until("submits go on", || tries.load(Ordering::Relaxed) > 40);
+        m.shutdown();
+        for t in submitters {
+            t.join().unwrap();
+        }
+        drop(m);
+        // Whatever the journal holds was accepted: a refused submit left nothing.
+        let m = journaled(&certs, 0, &journal);
+        let mut kept: Vec<JobId> = m.jobs().iter().map(|j| j.id).collect();
+        kept.sort();
+        let mut accepted = accepted.lock().unwrap().clone();
+        accepted.sort();
+        assert_eq!(kept, accepted, "trial {trial}");
+        drop(m);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

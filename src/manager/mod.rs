@@ -328,6 +328,12 @@ pub(crate) struct Shared {
     capacity: usize,
     next_job: AtomicU64,
     closing: AtomicBool,
+    /// Held (shared) by each submission from its admission until its jobs are queued,
+    /// and taken (exclusive) by shutdown once `closing` is set: every job admitted
+    /// before the shutdown, and perhaps already in the journal, reaches the dispatcher
+    /// before it shuts down (a submission whose journal write was on disk never fails
+    /// as shut down while its job stays in the journal).
+    submitting: std::sync::RwLock<()>,
     tls: Option<tls::ServerTls>,
     /// The links' timing and grace, stretched with the number of workers.
     pace: Arc<Pace>,
@@ -447,6 +453,7 @@ impl Manager {
             capacity: config.queue_capacity,
             next_job: AtomicU64::new(recovered.as_ref().map_or(1, |r| r.next_job)),
             closing: AtomicBool::new(false),
+            submitting: std::sync::RwLock::new(()),
             tls,
             pace: Arc::new(Pace::new(
                 base,
@@ -538,7 +545,7 @@ impl Manager {
     /// [`Error::ShutDown`] once shutdown has begun.
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle> {
         let s = &self.shared;
-        s.admit(&spec, 1)?;
+        let _admitted = s.admit(&spec, 1)?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
         let stdin = spec
@@ -631,6 +638,8 @@ impl Manager {
         let s = &self.shared;
         drop(lock(&self.metrics).take());
         s.closing.store(true, Ordering::Release);
+        // Submissions admitted before `closing` was set queue their jobs first.
+        drop(s.submitting.write().unwrap_or_else(|p| p.into_inner()));
         let _ = s.events.send(Event::Shutdown { grace });
         let _ = dispatcher.join();
         crate::net::wake_acceptor(&self.listener, Duration::from_secs(1));
@@ -674,8 +683,10 @@ impl Drop for Manager {
 }
 
 impl Shared {
-    /// Checks a job and takes `n` places in the queue for it, all or none.
-    fn admit(&self, spec: &JobSpec, n: usize) -> Result<()> {
+    /// Checks a job and takes `n` places in the queue for it, all or none. The guard
+    /// it returns is kept until the jobs are queued (see [`Shared::submitting`]).
+    fn admit(&self, spec: &JobSpec, n: usize) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+        let admitted = self.submitting.read().unwrap_or_else(|p| p.into_inner());
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
@@ -700,7 +711,7 @@ impl Shared {
             .map_err(|_| Error::QueueFull {
                 capacity: self.capacity,
             })?;
-        Ok(())
+        Ok(admitted)
     }
 
     /// With a journal, writes that these admitted jobs are accepted, and returns once

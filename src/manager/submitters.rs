@@ -1591,15 +1591,19 @@ impl Conn<'_> {
             return;
         }
         let s = self.shared;
-        if let Err(e) = s.admit(&spec, count) {
-            let e = match e {
-                Error::QueueFull { capacity } => RequestError::QueueFull { capacity },
-                Error::InvalidJob(why) => RequestError::InvalidJob(why),
-                _ => RequestError::ShutDown,
-            };
-            self.reply(seq, Reply::Failed(e));
-            return;
-        }
+        // Kept until the jobs are queued (see `Shared::submitting`).
+        let _admitted = match s.admit(&spec, count) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                let e = match e {
+                    Error::QueueFull { capacity } => RequestError::QueueFull { capacity },
+                    Error::InvalidJob(why) => RequestError::InvalidJob(why),
+                    _ => RequestError::ShutDown,
+                };
+                self.reply(seq, Reply::Failed(e));
+                return;
+            }
+        };
         let first = s.next_job.fetch_add(count as u64, Ordering::Relaxed);
         let ids: Vec<JobId> = (0..count as u64).map(|i| JobId(first + i)).collect();
         let specs: Vec<JobSpec> = (0..count)
