@@ -569,33 +569,43 @@ impl Db {
         retention: Retention,
     ) -> rusqlite::Result<Option<SystemTime>> {
         let cutoff = now.checked_sub(retention.keep_ended_for).map(to_ns);
-        let (count, oldest): (i64, Option<i64>) = self.conn.query_row(
-            "SELECT count(*), min(ended_at) FROM jobs WHERE state = 'ended'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        // Each kind of ended job is kept to the count on its own: detached jobs' ends
+        // (kept for a later attach) are not pushed out by the ends of the others.
+        let counts = |conn: &Connection| -> rusqlite::Result<(i64, i64, Option<i64>)> {
+            conn.query_row(
+                "SELECT coalesce(sum(NOT kept), 0), coalesce(sum(kept), 0), min(ended_at) \
+                 FROM (SELECT (submitter = 'remote' AND detached) AS kept, ended_at \
+                 FROM jobs WHERE state = 'ended')",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+        };
+        let (others, detached, oldest) = counts(&self.conn)?;
         let keep = i64::try_from(retention.keep_ended).unwrap_or(i64::MAX);
         let expired = matches!((oldest, cutoff), (Some(o), Some(c)) if o <= c);
-        if count > keep || expired {
+        if others > keep || detached > keep || expired {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
             let r = (|| {
-                let old = match cutoff {
-                    Some(c) => self
-                        .conn
+                if let Some(c) = cutoff {
+                    self.conn
                         .prepare_cached(
                             "DELETE FROM jobs WHERE state = 'ended' AND ended_at <= ?1",
                         )?
-                        .execute([c])?,
-                    None => 0,
-                };
-                let over = (count - old as i64 - keep).max(0);
-                if over > 0 {
-                    self.conn
-                        .prepare_cached(
-                            "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
-                             WHERE state = 'ended' ORDER BY ended_at, id LIMIT ?1)",
-                        )?
-                        .execute([over])?;
+                        .execute([c])?;
+                }
+                let (others, detached, _) = counts(&self.conn)?;
+                for (count, kept) in [(others, false), (detached, true)] {
+                    let over = (count - keep).max(0);
+                    if over > 0 {
+                        self.conn
+                            .prepare_cached(
+                                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs \
+                                 WHERE state = 'ended' \
+                                 AND (submitter = 'remote' AND detached) = ?2 \
+                                 ORDER BY ended_at, id LIMIT ?1)",
+                            )?
+                            .execute(params![over, kept])?;
+                    }
                 }
                 self.conn.execute_batch("COMMIT")
             })();
@@ -1703,6 +1713,47 @@ mod tests {
             assert!(matches!(&o.place, Place::Sent { worker, .. }
                 if *worker == format!("w{}", i as u64 / each)));
         }
+    }
+
+    #[test]
+    fn a_detached_job_s_end_is_not_compacted_away_by_the_count_of_other_ends() {
+        let dir = scratch("compact-detached");
+        let mut tw = Twins::new(&dir.join("journal.db"));
+        let retention = Retention {
+            keep_ended_for: Duration::from_secs(3600),
+            keep_ended: 2,
+        };
+        let end = |id: u64| Record::Ended {
+            id: JobId(id),
+            outcome: Outcome::Exited(0),
+        };
+        // A detached job ends, kept for a later attach; then many ordinary jobs end.
+        tw.commit(&[accepted(1, remote(40, 0, true)), end(1)], t(1));
+        for id in 2..=5 {
+            tw.commit(&[accepted(id, Submitter::Local), end(id)], t(id));
+            tw.compact(t(id), retention);
+        }
+        let r = tw.db.recovered().unwrap();
+        let kept: Vec<JobId> = r.ended_detached.iter().map(|e| e.id).collect();
+        assert_eq!(kept, vec![JobId(1)], "its end can still be attached to");
+        let held: i64 = tw
+            .db
+            .conn
+            .query_row(
+                "SELECT count(*) FROM jobs WHERE submitter = 'local'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(held, 2, "the others are kept to the count");
+        // Detached ends have their own count.
+        for id in 6..=8 {
+            tw.commit(&[accepted(id, remote(40, id, true)), end(id)], t(id));
+            tw.compact(t(id), retention);
+        }
+        let r = tw.db.recovered().unwrap();
+        let kept: Vec<JobId> = r.ended_detached.iter().map(|e| e.id).collect();
+        assert_eq!(kept, vec![JobId(7), JobId(8)]);
     }
 
     /// Writes jobs 1..=10 ended and job 11 open through a journal with `retention`, in

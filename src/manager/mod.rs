@@ -158,7 +158,9 @@ pub struct ManagerConfig {
     /// compacted away. Keep it at least `detached_retention`, or a detached job's end
     /// cannot be attached to after a restart.
     pub journal_retention: Duration,
-    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first).
+    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first), and
+    /// as many detached jobs' ends besides (kept for a later attach: keep it at least
+    /// `detached_retention_count`).
     pub journal_retention_count: usize,
 }
 
