@@ -320,3 +320,59 @@ fn a_submit_refused_as_the_manager_shuts_down_leaves_no_job_behind_in_the_journa
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_submitter_attached_to_a_detached_job_gets_its_output_once_through_a_restart() {
+    use workpool::job::{JobEvent, Stream};
+    let dir = scratch("journal-attached");
+    let journal = dir.join("journal.sqlite");
+    let printed = dir.join("printed");
+    let flag = dir.join("go-on");
+    let certs = Certs::new(2);
+    let m = journaled_for_submitters(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let client = workpool::Client::connect(client_config(&certs, port)).unwrap();
+    let script = format!(
+        "echo one; echo two; touch {p}; while [ ! -e {f} ]; do sleep 0.02; done; echo three",
+        p = printed.display(),
+        f = flag.display()
+    );
+    // Submitted detached, its handle let go at once: the client follows it no more.
+    let id = client.submit(JobSpec::new(script).detached()).unwrap().id();
+    wait_until("the job has written", || printed.exists());
+    // Attached by the same client (whose session the journal knows, as the job's
+    // submitter's): what the job kept, and nothing new yet.
+    let mut attached = None;
+    wait_until("the client attaches", || {
+        attached = client.attach(id).ok();
+        attached.is_some()
+    });
+    let mut job = attached.unwrap();
+    let mut got = Vec::new();
+    while got.len() < b"one\ntwo\n".len() {
+        match job.events().recv_timeout(DEADLINE).expect("output in time") {
+            JobEvent::Output {
+                stream: Stream::Stdout,
+                bytes,
+            } => got.extend_from_slice(&bytes),
+            JobEvent::Finished(o) => panic!("ended early: {o:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(got, b"one\ntwo\n");
+    drop(m);
+
+    let m = journaled_for_submitters(&certs, port, &journal);
+    std::fs::write(&flag, "").unwrap();
+    let r = job.wait_timeout(DEADLINE).expect("the job ends in time");
+    assert_eq!(r.outcome, exited(0));
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "three\n",
+        "what came after the restart: the rest, once"
+    );
+    client.close();
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}

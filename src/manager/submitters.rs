@@ -264,6 +264,10 @@ struct Kept {
     events: VecDeque<JobEvent>,
     output: usize,
     dropped: u64,
+    /// The attempt and worker's `seq` of the last output message kept, if it came
+    /// numbered: the last kept output is replayed with them, so that a submitter that
+    /// attached drops that output when the worker sends it again after a restart.
+    last_out: Option<(u32, u64)>,
 }
 
 impl Kept {
@@ -990,8 +994,25 @@ impl Hub {
                     reply: &Reply::Attached,
                 });
                 if let Some(k) = &r.kept {
-                    for ev in k.replay() {
-                        s.emit(SessionEventRef::Job { job, event: &ev });
+                    let events = k.replay();
+                    let last = events
+                        .iter()
+                        .rposition(|e| matches!(e, JobEvent::Output { .. }));
+                    for (i, ev) in events.iter().enumerate() {
+                        match (ev, k.last_out) {
+                            (JobEvent::Output { stream, bytes }, Some((attempt, seq)))
+                                if Some(i) == last =>
+                            {
+                                s.emit(SessionEventRef::Output {
+                                    job,
+                                    attempt,
+                                    seq,
+                                    stream: *stream,
+                                    bytes,
+                                })
+                            }
+                            _ => s.emit(SessionEventRef::Job { job, event: ev }),
+                        }
                     }
                 }
                 if !r.ended && !r.watchers.contains(&session) {
@@ -1060,6 +1081,9 @@ impl Hub {
             }
         }
         if let Some(k) = &mut r.kept {
+            if let JobEvent::Output { .. } = ev {
+                k.last_out = seq.map(|seq| (r.attempt, seq));
+            }
             k.push(&ev, self.settings.kept_output);
         }
         if matches!(ev, JobEvent::Finished(_)) {
@@ -2706,6 +2730,37 @@ mod tests {
             .collect();
         assert_eq!(numbers, vec![0, 1, 2, 3, 4]);
         assert_eq!(got.len(), 6, "{got:?}");
+    }
+
+    #[test]
+    fn an_attach_replays_the_last_kept_output_with_its_worker_s_number() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.follow_new(s, JobId(1), true);
+        hub.push(t0, JobId(1), JobEvent::Started { worker: "w".into() });
+        for seq in 0..3 {
+            hub.push_numbered(t0, JobId(1), out(10), Some(seq));
+        }
+        let (tx, o) = link();
+        let other = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.attach(other, 0, JobId(1));
+        let got: Vec<SessionEvent> = events(&o).into_iter().map(|(_, e)| e).collect();
+        // The three messages were kept as one chunk: it goes as the last of them, so
+        // that the worker's sending them again after a restart is dropped by the client.
+        assert!(
+            matches!(
+                got.last(),
+                Some(SessionEvent::Output {
+                    attempt: 1,
+                    seq: 2,
+                    bytes,
+                    ..
+                }) if bytes.len() == 30
+            ),
+            "{got:?}"
+        );
     }
 
     #[test]
