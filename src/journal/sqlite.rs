@@ -37,6 +37,7 @@ use crate::job::{JobId, JobSpec, Outcome, Stream};
 use crate::sync::lock;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
+use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -59,9 +60,17 @@ const COMPACT_AFTER: Duration = Duration::from_secs(1);
 /// writers keep coming).
 const MAX_BATCH_RECORDS: usize = 65_536;
 
+/// At most this many records (and [`MAX_RETAINED_BYTES`] of kept output) of failed
+/// commits are kept to be committed with the next one; beyond, the oldest are lost.
+const MAX_RETAINED_RECORDS: usize = 65_536;
+const MAX_RETAINED_BYTES: usize = 64 << 20;
+
 /// How long a commit waits for the database's write lock (only an operator's own write
 /// transaction can hold it) before it fails.
+#[cfg(not(test))]
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const BUSY_TIMEOUT: Duration = Duration::from_millis(200);
 
 /// The WAL is cut back to this size after a checkpoint.
 const WAL_SIZE_LIMIT: i64 = 4 << 20;
@@ -919,6 +928,10 @@ fn run(
 ) {
     let mut gather = Gather::default();
     let mut compact_at: Option<Instant> = next_expiry.and_then(instant_of);
+    // State changes of failed commits (a full disk), committed first with the next one:
+    // the manager went on as they say (a run was sent, a job ended), and a restart must
+    // find it so once there is room again.
+    let mut retained = Retained::default();
     let mut closing = false;
     let mut batch: Vec<(Vec<Record>, Done)> = Vec::new();
     while !closing {
@@ -970,11 +983,18 @@ fn run(
         if !batch.is_empty() {
             // Only calls to run, no records: what came before them was committed (or
             // failed) in an earlier round.
-            let r = if batch.iter().all(|(r, _)| r.is_empty()) {
+            let r = if retained.records.is_empty() && batch.iter().all(|(r, _)| r.is_empty()) {
                 Ok(false)
             } else {
                 let started = Instant::now();
-                let r = db.commit(batch.iter().flat_map(|(r, _)| r), SystemTime::now());
+                let records = retained
+                    .records
+                    .iter()
+                    .chain(batch.iter().flat_map(|(r, _)| r));
+                let r = db.commit(records, SystemTime::now());
+                if r.is_ok() {
+                    retained = Retained::default();
+                }
                 commits.fetch_add(1, Ordering::Relaxed);
                 // The commit's time, for the next round's gathering (what runs after
                 // it, below, is not the disk's).
@@ -998,14 +1018,10 @@ fn run(
                     }
                     (Done::Then(then), Ok(_)) => then(true),
                     (Done::Then(then), Err(e)) => {
-                        if !records.is_empty() {
-                            log::error!("{e}; {} records were lost", records.len());
-                        }
+                        retained.keep(records, e);
                         then(false);
                     }
-                    (Done::Nothing, Err(e)) => {
-                        log::error!("{e}; {} records were lost", records.len());
-                    }
+                    (Done::Nothing, Err(e)) => retained.keep(records, e),
                     (Done::Nothing, Ok(_)) => {}
                 }
             }
@@ -1031,6 +1047,52 @@ fn run(
     while let Ok(msg) = rx.try_recv() {
         if let Msg::Records(_, Done::Then(then)) = msg {
             then(false);
+        }
+    }
+}
+
+/// Records of failed commits that nobody was told are lost (those of `record` and
+/// `record_then`, not of `write`, whose caller is told), in their order, to be
+/// committed first with the next commit. Only state changes are kept so: their
+/// statements are fixed, so that only the disk (full, failing, held) fails them.
+#[derive(Default)]
+struct Retained {
+    records: VecDeque<Record>,
+    bytes: usize,
+}
+
+impl Retained {
+    /// What a record costs here: its kept output, or a little.
+    fn cost(r: &Record) -> usize {
+        match r {
+            Record::Kept { output, .. } => 64 + output.iter().map(|(_, b)| b.len()).sum::<usize>(),
+            _ => 64,
+        }
+    }
+
+    /// Keeps the records of a commit that failed with `e`; the oldest kept go beyond
+    /// the bounds.
+    fn keep(&mut self, records: Vec<Record>, e: &str) {
+        if records.is_empty() {
+            return;
+        }
+        if self.records.is_empty() {
+            log::error!("{e}; its records are kept to be written with the next commit");
+        }
+        for r in records {
+            self.bytes += Retained::cost(&r);
+            self.records.push_back(r);
+        }
+        let mut lost = 0;
+        while self.records.len() > MAX_RETAINED_RECORDS || self.bytes > MAX_RETAINED_BYTES {
+            let Some(r) = self.records.pop_front() else {
+                break;
+            };
+            self.bytes -= Retained::cost(&r);
+            lost += 1;
+        }
+        if lost > 0 {
+            log::error!("{e}; {lost} records kept for the next commit were lost");
         }
     }
 }
@@ -1633,6 +1695,63 @@ mod tests {
     }
 
     #[test]
+    fn state_changes_of_a_failed_commit_are_kept_and_committed_with_the_next() {
+        let dir = scratch("failed-commit");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        j.write(vec![
+            accepted(1, Submitter::Local),
+            accepted(2, Submitter::Local),
+        ])
+        .unwrap();
+        // An operator's write transaction holds the database past the busy timeout:
+        // the next commit fails.
+        let operator = Connection::open(&path).unwrap();
+        operator.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (tx, rx) = mpsc::channel();
+        j.record_then(
+            vec![Record::Sent {
+                id: JobId(1),
+                attempt: 1,
+                worker: "w".into(),
+                ahead: false,
+            }],
+            Some(Box::new(move |durable| tx.send(durable).unwrap())),
+        );
+        j.record(vec![Record::Ended {
+            id: JobId(2),
+            outcome: Outcome::Exited(0),
+        }]);
+        let refused = j.write(vec![accepted(3, Submitter::Local)]);
+        assert!(refused.is_err(), "the database is held");
+        assert_eq!(rx.recv_timeout(DEADLINE), Ok(false), "told it did not hold");
+        operator.execute_batch("ROLLBACK").unwrap();
+        // The next commit carries what the failed one lost: job 1 went to its worker
+        // (its run was sent all the same), job 2 ended; job 3 was refused.
+        j.write(vec![accepted(4, Submitter::Local)]).unwrap();
+        j.close();
+        let (_j, back) = open(&path, KEEP_ALL).unwrap();
+        let open: Vec<(u64, Place)> = back
+            .open
+            .iter()
+            .map(|o| (o.id.0, o.place.clone()))
+            .collect();
+        assert_eq!(
+            open,
+            vec![
+                (
+                    1,
+                    Place::Sent {
+                        worker: "w".into(),
+                        cert: None
+                    }
+                ),
+                (4, Place::Queued)
+            ]
+        );
+    }
+
+    #[test]
     fn writers_waiting_at_the_same_time_share_one_commit_and_all_are_durable() {
         let dir = scratch("group");
         let path = dir.join("journal.db");
@@ -2213,8 +2332,9 @@ mod tests {
         assert!(err.contains("disk is full"), "{err}");
         assert!(err.contains(&path.display().to_string()), "{err}");
         assert!(!err.contains('\n'), "{err}");
-        // Records nobody waits for are lost with a log line, and what was to follow
-        // their commit is told they are not durable; nothing else breaks.
+        // What was to follow the commit of records nobody waits for is told they are
+        // not durable; the records are kept to be written with the next commit that
+        // holds; nothing else breaks.
         let followed = Arc::new(std::sync::atomic::AtomicU8::new(0));
         let f = followed.clone();
         j.record_then(
@@ -2239,6 +2359,7 @@ mod tests {
         let (_j, back) = open(path, KEEP_ALL).unwrap();
         let ids: Vec<u64> = back.open.iter().map(|o| o.id.0).collect();
         let mut want: Vec<u64> = (1..failed_id).collect();
+        want.push(failed_id + 1);
         want.push(failed_id + 3);
         assert_eq!(ids, want);
         assert_eq!(back.next_job, failed_id + 4);
