@@ -318,7 +318,15 @@ impl Db {
                 .open(path)
             {
                 Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // An empty file made beforehand (`touch`): made private as well.
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(path)
+                        .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o600)))
+                        .map_err(|e| OpenError::Other(one_line(e)))?;
+                }
                 Err(e) => return Err(OpenError::Other(one_line(e))),
             }
             flags |= OpenFlags::SQLITE_OPEN_CREATE;
@@ -1661,6 +1669,17 @@ mod tests {
         j.write(vec![accepted(1, Submitter::Local)]).unwrap();
         for suffix in ["", "-wal", "-shm", ".lock"] {
             let file = with_suffix(&path, suffix);
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o077, 0, "{}: mode {mode:o}", file.display());
+        }
+        // An empty file made beforehand for it, readable by all, is made private too.
+        let made = dir.join("made.db");
+        std::fs::write(&made, b"").unwrap();
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (j, _) = open(&made, KEEP_ALL).unwrap();
+        j.write(vec![accepted(1, Submitter::Local)]).unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let file = with_suffix(&made, suffix);
             let mode = std::fs::metadata(&file).unwrap().permissions().mode();
             assert_eq!(mode & 0o077, 0, "{}: mode {mode:o}", file.display());
         }
