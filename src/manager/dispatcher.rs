@@ -1398,6 +1398,7 @@ impl Dispatcher {
                 }
                 ahead
             });
+            let mut starts_later = false;
             match listed {
                 // Not listed by a worker that names this manager: such a worker holds
                 // every run it was sent and not told ended (one that gave its runs up
@@ -1422,6 +1423,11 @@ impl Dispatcher {
                     self.settle(now, job, route, false);
                     continue;
                 }
+                // Read back from the journal, which does not say which runs were sent
+                // ahead: one the worker still holds ahead goes on as a running one (it
+                // starts in the worker's next free slot), and its start is told when it
+                // comes. (It has sent no output yet: its route is still `restored`.)
+                Some(true) if route.restored => starts_later = true,
                 // Sent ahead and still not started: taken back (the worker drops it).
                 Some(true) if route.held_by.is_some() => {
                     self.settle(now, job, route, true);
@@ -1429,7 +1435,9 @@ impl Dispatcher {
                 }
                 Some(_) => {}
             }
-            if let Some(worker) = route.held_by.take() {
+            if starts_later {
+                route.held_by = Some(d.name.clone());
+            } else if let Some(worker) = route.held_by.take() {
                 // Sent ahead, and it started while the link was down.
                 self.record(|| Record::Started { id: job });
                 route.sink.push(JobEvent::Started { worker });

@@ -1951,3 +1951,35 @@ fn with_a_journal_a_worker_is_told_a_job_ended_only_once_its_end_is_on_disk() {
     );
     assert_eq!(r.events(second).last(), Some(&finished(Outcome::Exited(0))));
 }
+
+#[test]
+fn a_run_sent_ahead_before_a_restart_tells_its_start_when_it_starts() {
+    let mut r = Rig::journaled();
+    let w = r.join_ahead("a", 1, 1);
+    let first = r.submit();
+    let ahead = r.submit();
+    assert_eq!(r.runs_sent(w), vec![(first.0, false), (ahead.0, true)]);
+    let j = the_journal(&r);
+    drop(r);
+
+    // The worker comes back holding both: the first running, the other still ahead.
+    let mut r = Rig::restarted(j.clone());
+    let mut back = returning("a", 1, &[first, ahead]);
+    back.ahead = 1;
+    back.jobs[1].ahead = true;
+    let (w, resume) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(first, 0), (ahead, 0)]);
+    // A blip before it starts: it is still held ahead, and still not started.
+    r.link_lost(w);
+    let mut back = returning("a", 1, &[first, ahead]);
+    back.ahead = 1;
+    back.jobs[1].ahead = true;
+    let (w, resume) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(first, 0), (ahead, 0)]);
+    r.finished(w, first, Outcome::Exited(0));
+    assert_eq!(r.events(ahead), vec![], "not started yet");
+    r.says(w, WorkerMessage::Started { job: ahead });
+    assert_eq!(r.events(ahead), vec![started("a")]);
+    r.finished(w, ahead, Outcome::Exited(0));
+    assert_eq!(r.events(ahead), vec![finished(Outcome::Exited(0))]);
+}
