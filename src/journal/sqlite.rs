@@ -1049,6 +1049,17 @@ fn run(
             };
         }
     }
+    // What failed commits left is tried once more (the disk may have room by now).
+    if !retained.records.is_empty()
+        && let Err(e) = db.commit(retained.records.iter(), SystemTime::now())
+    {
+        log::error!(
+            "{}: cannot write the journal: {}; {} records were lost",
+            db.path.display(),
+            describe(&db.conn, &e),
+            retained.records.len()
+        );
+    }
     // Sent after the close: nothing more is written. A caller of `write` hears that the
     // journal is closed (its answer is dropped); what was to run once records were
     // committed runs, told they are not durable.
@@ -1748,6 +1759,18 @@ mod tests {
         // The next commit carries what the failed one lost: job 1 went to its worker
         // (its run was sent all the same), job 2 ended; job 3 was refused.
         j.write(vec![accepted(4, Submitter::Local)]).unwrap();
+        // What a failed commit left is written at the close as well.
+        operator.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (tx, rx) = mpsc::channel();
+        j.record_then(
+            vec![Record::Ended {
+                id: JobId(4),
+                outcome: Outcome::Exited(0),
+            }],
+            Some(Box::new(move |durable| tx.send(durable).unwrap())),
+        );
+        assert_eq!(rx.recv_timeout(DEADLINE), Ok(false));
+        operator.execute_batch("ROLLBACK").unwrap();
         j.close();
         let (_j, back) = open(&path, KEEP_ALL).unwrap();
         let open: Vec<(u64, Place)> = back
@@ -1757,16 +1780,13 @@ mod tests {
             .collect();
         assert_eq!(
             open,
-            vec![
-                (
-                    1,
-                    Place::Sent {
-                        worker: "w".into(),
-                        cert: None
-                    }
-                ),
-                (4, Place::Queued)
-            ]
+            vec![(
+                1,
+                Place::Sent {
+                    worker: "w".into(),
+                    cert: None
+                }
+            ),]
         );
     }
 
