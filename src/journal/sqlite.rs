@@ -1786,7 +1786,7 @@ mod tests {
                     worker: "w".into(),
                     cert: None
                 }
-            ),]
+            )]
         );
     }
 
