@@ -427,3 +427,33 @@ fn a_submitter_attached_from_another_session_follows_the_job_through_a_restart()
     drop(m);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn an_interactive_job_whose_in_process_submitter_is_gone_after_a_restart_gets_the_end_of_its_stdin()
+{
+    use std::io::Write;
+    let dir = scratch("journal-interactive");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let log = dir.join("log");
+    let m = journaled(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    // Reads its stdin to its end.
+    let script = format!("cat >> {}; echo end >> {}", log.display(), log.display());
+    let h = m.submit(JobSpec::new(script).interactive()).unwrap();
+    let id = h.id();
+    let mut stdin = h.stdin().unwrap();
+    stdin.write_all(b"one\n").unwrap();
+    stdin.flush().unwrap();
+    wait_until("the job reads", || lines_of(&log) == ["one"]);
+    m.shutdown();
+    drop(m);
+
+    // Its writer was in the old process: nobody can write to it or end its stdin now.
+    let m = journaled(&certs, port, &journal);
+    wait_until("the job ends", || m.job(id).is_none());
+    assert_eq!(lines_of(&log), ["one", "end"]);
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}

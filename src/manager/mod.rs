@@ -759,10 +759,11 @@ impl Shared {
                     JobSink::with_stdin(id, dest, self.counters.clone(), ports.remove(&id))
                 }
                 Submitter::Local => {
+                    // Its writer was in the old process: its stdin ends.
                     let stdin = open
                         .spec
                         .interactive
-                        .then(|| StdinPort::new(id, open.spec.pty.is_some(), None));
+                        .then(|| StdinPort::orphaned(id, open.spec.pty.is_some()));
                     let (tx, _nobody) = bounded(1);
                     JobSink::with_stdin(id, tx, self.counters.clone(), stdin)
                 }
