@@ -171,7 +171,16 @@ struct LockFile {
 
 impl LockFile {
     fn take(path: &Path) -> Result<LockFile> {
-        let lock_path = with_suffix(path, ".lock");
+        // Next to the file itself, whatever symbolic links name it (or its folder): a
+        // second manager reaching the journal by another name finds the same lock.
+        let real = std::fs::canonicalize(path).ok().or_else(|| {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+        });
+        let lock_path = with_suffix(real.as_deref().unwrap_or(path), ".lock");
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -2192,6 +2201,26 @@ mod tests {
         // Dropping it lets the next one in too.
         let (_j3, back) = open(&path, KEEP_ALL).unwrap();
         assert_eq!(back.open.len(), 2);
+    }
+
+    #[test]
+    fn a_journal_in_use_is_refused_under_another_name_for_it() {
+        let dir = scratch("locked-other-name");
+        let path = dir.join("journal.db");
+        let (j, _) = open(&path, KEEP_ALL).unwrap();
+        j.write(vec![accepted(1, Submitter::Local)]).unwrap();
+        // A symbolic link to it, and a path through a symbolic link to its folder.
+        let link = dir.join("link.db");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let folder = scratch("locked-other-name-folder");
+        let _ = std::fs::remove_dir(&folder);
+        std::os::unix::fs::symlink(&dir, &folder).unwrap();
+        for other in [link, folder.join("journal.db")] {
+            match open(&other, KEEP_ALL) {
+                Ok(_) => panic!("{} opened while in use", other.display()),
+                Err(e) => assert!(e.to_string().contains("in use by another manager"), "{e}"),
+            }
+        }
     }
 
     /// A child process running [`child_process`] in `mode` on `path`, its output lines
