@@ -22,6 +22,8 @@ struct Entry {
     attempt: u32,
     /// `None`: queued; `Some(name)`: sent to that worker.
     sent_to: Option<String>,
+    /// Sent ahead and not started.
+    ahead: bool,
     end: Option<(Outcome, SystemTime)>,
     /// A detached job's kept output at its end, and the bytes dropped before it.
     kept: Option<(KeptOutput, u64)>,
@@ -56,6 +58,7 @@ impl State {
                         submitter,
                         attempt: 1,
                         sent_to: None,
+                        ahead: false,
                         end: None,
                         kept: None,
                     },
@@ -68,18 +71,24 @@ impl State {
                 id,
                 attempt,
                 worker,
-                ahead: _,
+                ahead,
             } => {
                 if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.end.is_none()) {
                     e.attempt = attempt;
                     e.sent_to = Some(worker);
+                    e.ahead = ahead;
                 }
             }
-            Record::Started { id: _ } => {}
+            Record::Started { id } => {
+                if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.end.is_none()) {
+                    e.ahead = false;
+                }
+            }
             Record::Queued { id, attempt } => {
                 if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.end.is_none()) {
                     e.attempt = attempt;
                     e.sent_to = None;
+                    e.ahead = false;
                 }
             }
             Record::Ended { id, outcome } => {
@@ -154,6 +163,7 @@ impl State {
                         Some(name) => Place::Sent {
                             worker: name.clone(),
                             cert: self.workers.get(name).cloned().flatten(),
+                            ahead: e.ahead,
                         },
                     },
                 }),

@@ -685,7 +685,7 @@ impl Db {
         let mut open = Vec::new();
         let mut stmt = c.prepare(
             "SELECT j.id, j.spec, j.submitter, j.session, j.request, j.detached, \
-             j.submitter_cert, j.attempt, j.worker, w.cert \
+             j.submitter_cert, j.attempt, j.worker, w.cert, j.state = 'ahead' \
              FROM jobs j LEFT JOIN workers w ON w.name = j.worker \
              WHERE j.state != 'ended' ORDER BY j.id",
         )?;
@@ -710,6 +710,7 @@ impl Db {
                     Some(worker) => Place::Sent {
                         worker,
                         cert: r.get(9)?,
+                        ahead: r.get(10)?,
                     },
                 },
             });
@@ -1418,7 +1419,8 @@ mod tests {
             back.open[1].place,
             Place::Sent {
                 worker: "w2".into(),
-                cert: None
+                cert: None,
+                ahead: false
             }
         );
         assert_eq!(back.ended_detached.len(), 7);
@@ -1630,7 +1632,8 @@ mod tests {
                     attempt: 1,
                     place: Place::Sent {
                         worker: "w".into(),
-                        cert: Some(vec![4])
+                        cert: Some(vec![4]),
+                        ahead: false
                     },
                 },
             ]
@@ -1793,7 +1796,8 @@ mod tests {
                 1,
                 Place::Sent {
                     worker: "w".into(),
-                    cert: None
+                    cert: None,
+                    ahead: false
                 }
             )]
         );

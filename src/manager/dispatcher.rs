@@ -188,8 +188,9 @@ pub(crate) type NamedWorker = (String, Option<Vec<u8>>);
 /// A job read back from the journal at a restart, with its new sink.
 pub(crate) struct Restored {
     pub job: QueuedJob,
-    /// The worker it was sent to, which may claim it; `None`: queued.
-    pub sent_to: Option<NamedWorker>,
+    /// The worker it was sent to, which may claim it, and whether it was sent ahead
+    /// (and not known to have started); `None`: queued.
+    pub sent_to: Option<(String, Option<Vec<u8>>, bool)>,
 }
 
 struct WorkerEntry {
@@ -469,7 +470,7 @@ impl Dispatcher {
                     self.queued.fetch_add(1, Ordering::Relaxed);
                     self.queue.push(job);
                 }
-                Some(worker) => {
+                Some((name, cert, ahead)) => {
                     self.running.insert(
                         job.id,
                         Running {
@@ -481,10 +482,16 @@ impl Dispatcher {
                             held: None,
                         },
                     );
+                    // A run sent ahead tells its start when its worker says it has
+                    // started (it may have while the manager was down).
+                    let mut route = Route::restored(job.events);
+                    if ahead {
+                        route.held_by = Some(name.clone());
+                    }
                     by_worker
-                        .entry(worker)
+                        .entry((name, cert))
                         .or_default()
-                        .push((job.id, Route::restored(job.events)));
+                        .push((job.id, route));
                 }
             }
         }

@@ -773,7 +773,11 @@ impl Shared {
             }
             let sent_to = match open.place {
                 journal::Place::Queued => None,
-                journal::Place::Sent { worker, cert } => Some((worker, cert)),
+                journal::Place::Sent {
+                    worker,
+                    cert,
+                    ahead,
+                } => Some((worker, cert, ahead)),
             };
             restored.push(dispatcher::Restored {
                 job: QueuedJob {

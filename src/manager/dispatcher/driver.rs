@@ -563,7 +563,7 @@ mod tests {
                 attempt: 1,
                 since: now,
             },
-            sent_to: Some(("w".into(), None)),
+            sent_to: Some(("w".into(), None, false)),
         };
         d.restore(now, vec![restored]);
         ports.carry_out(&mut d);

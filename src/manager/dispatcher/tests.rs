@@ -141,7 +141,11 @@ impl Rig {
             r.jobs.insert(open.id, rx);
             let sent_to = match open.place {
                 journal::Place::Queued => None,
-                journal::Place::Sent { worker, cert } => Some((worker, cert)),
+                journal::Place::Sent {
+                    worker,
+                    cert,
+                    ahead,
+                } => Some((worker, cert, ahead)),
             };
             restored.push(Restored {
                 job: QueuedJob {
@@ -1714,6 +1718,7 @@ fn sent_to(name: &str) -> journal::Place {
     journal::Place::Sent {
         worker: name.into(),
         cert: Some(name.as_bytes().to_vec()),
+        ahead: false,
     }
 }
 
@@ -1980,6 +1985,33 @@ fn a_run_sent_ahead_before_a_restart_tells_its_start_when_it_starts() {
     assert_eq!(r.events(ahead), vec![], "not started yet");
     r.says(w, WorkerMessage::Started { job: ahead });
     assert_eq!(r.events(ahead), vec![started("a")]);
+    r.finished(w, ahead, Outcome::Exited(0));
+    assert_eq!(r.events(ahead), vec![finished(Outcome::Exited(0))]);
+}
+
+#[test]
+fn a_run_sent_ahead_that_started_while_the_manager_was_down_tells_its_start() {
+    let mut r = Rig::journaled();
+    let w = r.join_ahead("a", 1, 1);
+    let first = r.submit();
+    let ahead = r.submit();
+    assert_eq!(r.runs_sent(w), vec![(first.0, false), (ahead.0, true)]);
+    let j = the_journal(&r);
+    drop(r);
+
+    // Meanwhile the first ended and the other started: the worker holds both as running.
+    let mut r = Rig::restarted(j.clone());
+    let (w, resume) = r
+        .join_with(returning("a", 1, &[first, ahead]), Some(b"a"))
+        .unwrap();
+    assert_eq!(resume, vec![(first, 0), (ahead, 0)]);
+    assert_eq!(
+        r.events(first),
+        vec![],
+        "its start was told before the restart"
+    );
+    assert_eq!(r.events(ahead), vec![started("a")]);
+    r.finished(w, first, Outcome::Exited(0));
     r.finished(w, ahead, Outcome::Exited(0));
     assert_eq!(r.events(ahead), vec![finished(Outcome::Exited(0))]);
 }
