@@ -564,7 +564,8 @@ pub enum SessionEvent {
     /// restart of the manager the worker sends again from the oldest output it kept, so
     /// the submitter drops what it has (an `attempt` below the one it has, or a `seq`
     /// below the next it expects for that attempt). Output kept for an `Attach` comes
-    /// as [`SessionEvent::Job`].
+    /// as [`SessionEvent::Job`], but for its last chunk, which comes as this, numbered
+    /// as the last message it holds.
     Output {
         /// The job.
         job: JobId,

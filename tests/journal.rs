@@ -242,3 +242,218 @@ fn a_remote_submitter_follows_its_job_through_a_restart_with_every_byte_once_in_
     drop(m);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_job_that_ended_while_the_manager_was_down_is_acknowledged_so_its_worker_can_drain() {
+    let dir = scratch("journal-ended-while-down");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let log = dir.join("log");
+    let go_on = dir.join("go-on");
+    let m = journaled(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let script = format!(
+        "echo start >> {log}; while [ ! -e {go} ]; do sleep 0.02; done; echo end >> {log}",
+        log = log.display(),
+        go = go_on.display()
+    );
+    let id = m.submit(JobSpec::new(script)).unwrap().id();
+    wait_until("the job starts", || lines_of(&log) == ["start"]);
+    m.shutdown();
+    drop(m);
+    // The job ends while no manager is there: its worker keeps its end.
+    std::fs::write(&go_on, "").unwrap();
+    wait_until("the job ends", || lines_of(&log) == ["start", "end"]);
+
+    let m = journaled(&certs, port, &journal);
+    wait_until("its worker reports its end", || {
+        m.stats().jobs_ended() == 1 && m.job(id).is_none()
+    });
+    // The worker was told `Ended`, so it holds nothing: a drain ends.
+    w.drain(None);
+    assert!(w.wait(DEADLINE), "the worker still holds the ended job");
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_submit_refused_as_the_manager_shuts_down_leaves_no_job_behind_in_the_journal() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = scratch("journal-submit-shutdown");
+    let certs = Certs::new(1);
+    for trial in 0..10 {
+        let journal = dir.join(format!("journal-{trial}.sqlite"));
+        let m = Arc::new(journaled(&certs, 0, &journal));
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let tries = Arc::new(AtomicUsize::new(0));
+        let submitters: Vec<_> = (0..4)
+            .map(|_| {
+                let (m, accepted, tries) = (m.clone(), accepted.clone(), tries.clone());
+                std::thread::spawn(move || {
+                    loop {
+                        tries.fetch_add(1, Ordering::Relaxed);
+                        match m.submit(JobSpec::new("true")) {
+                            Ok(h) => accepted.lock().unwrap().push(h.id()),
+                            Err(Error::ShutDown) => return,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        wait_until("submits go on", || tries.load(Ordering::Relaxed) > 40);
+        m.shutdown();
+        for t in submitters {
+            t.join().unwrap();
+        }
+        drop(m);
+        // Whatever the journal holds was accepted: a refused submit left nothing.
+        let m = journaled(&certs, 0, &journal);
+        let mut kept: Vec<JobId> = m.jobs().iter().map(|j| j.id).collect();
+        kept.sort();
+        let mut accepted = accepted.lock().unwrap().clone();
+        accepted.sort();
+        assert_eq!(kept, accepted, "trial {trial}");
+        drop(m);
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_submitter_attached_to_a_detached_job_gets_its_output_once_through_a_restart() {
+    use workpool::job::{JobEvent, Stream};
+    let dir = scratch("journal-attached");
+    let journal = dir.join("journal.sqlite");
+    let printed = dir.join("printed");
+    let flag = dir.join("go-on");
+    let certs = Certs::new(2);
+    let m = journaled_for_submitters(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let client = workpool::Client::connect(client_config(&certs, port)).unwrap();
+    let script = format!(
+        "echo one; echo two; touch {p}; while [ ! -e {f} ]; do sleep 0.02; done; echo three",
+        p = printed.display(),
+        f = flag.display()
+    );
+    // Submitted detached, its handle let go at once: the client follows it no more.
+    let id = client.submit(JobSpec::new(script).detached()).unwrap().id();
+    wait_until("the job has written", || printed.exists());
+    // Attached by the same client (whose session the journal knows, as the job's
+    // submitter's): what the job kept, and nothing new yet.
+    let mut attached = None;
+    wait_until("the client attaches", || {
+        attached = client.attach(id).ok();
+        attached.is_some()
+    });
+    let mut job = attached.unwrap();
+    let mut got = Vec::new();
+    while got.len() < b"one\ntwo\n".len() {
+        match job.events().recv_timeout(DEADLINE).expect("output in time") {
+            JobEvent::Output {
+                stream: Stream::Stdout,
+                bytes,
+            } => got.extend_from_slice(&bytes),
+            JobEvent::Finished(o) => panic!("ended early: {o:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(got, b"one\ntwo\n");
+    drop(m);
+
+    let m = journaled_for_submitters(&certs, port, &journal);
+    std::fs::write(&flag, "").unwrap();
+    let r = job.wait_timeout(DEADLINE).expect("the job ends in time");
+    assert_eq!(r.outcome, exited(0));
+    assert_eq!(
+        String::from_utf8_lossy(&r.stdout),
+        "three\n",
+        "what came after the restart: the rest, once"
+    );
+    client.close();
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Not met yet: the journal knows a remote session only through the jobs it submitted
+/// (`Hub::restore`), so a session that only attached to a job is not restored, and a
+/// restart ends its attachment with "contact with the manager was lost" although the
+/// job runs on. Meeting it needs the journal to keep sessions (or attaches), or a
+/// restarted manager to take back a session it does not know as restored.
+#[test]
+#[ignore = "a session that only attached to a job is not restored after a restart"]
+fn a_submitter_attached_from_another_session_follows_the_job_through_a_restart() {
+    use workpool::job::{JobEvent, Stream};
+    let dir = scratch("journal-attached-elsewhere");
+    let journal = dir.join("journal.sqlite");
+    let flag = dir.join("go-on");
+    let certs = Certs::new(2);
+    let m = journaled_for_submitters(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    let submitter = workpool::Client::connect(client_config(&certs, port)).unwrap();
+    let script = format!(
+        "echo one; while [ ! -e {f} ]; do sleep 0.02; done; echo two",
+        f = flag.display()
+    );
+    let id = submitter
+        .submit(JobSpec::new(script).detached())
+        .unwrap()
+        .id();
+    submitter.close();
+    let client = workpool::Client::connect(client_config(&certs, port)).unwrap();
+    let mut job = client.attach(id).unwrap();
+    let mut got = Vec::new();
+    while got != b"one\n" {
+        match job.events().recv_timeout(DEADLINE).expect("output in time") {
+            JobEvent::Output {
+                stream: Stream::Stdout,
+                bytes,
+            } => got.extend_from_slice(&bytes),
+            JobEvent::Finished(o) => panic!("ended early: {o:?}"),
+            _ => {}
+        }
+    }
+    drop(m);
+
+    let m = journaled_for_submitters(&certs, port, &journal);
+    std::fs::write(&flag, "").unwrap();
+    let r = job.wait_timeout(DEADLINE).expect("the job ends in time");
+    assert_eq!(r.outcome, exited(0));
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "two\n");
+    client.close();
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn an_interactive_job_whose_in_process_submitter_is_gone_after_a_restart_gets_the_end_of_its_stdin()
+{
+    use std::io::Write;
+    let dir = scratch("journal-interactive");
+    let journal = dir.join("journal.sqlite");
+    let certs = Certs::new(1);
+    let log = dir.join("log");
+    let m = journaled(&certs, 0, &journal);
+    let port = m.local_addr().port();
+    let _w = Worker::start(certs.worker_config(port, 0, "w0")).unwrap();
+    // Reads its stdin to its end.
+    let script = format!("cat >> {}; echo end >> {}", log.display(), log.display());
+    let h = m.submit(JobSpec::new(script).interactive()).unwrap();
+    let id = h.id();
+    let mut stdin = h.stdin().unwrap();
+    stdin.write_all(b"one\n").unwrap();
+    stdin.flush().unwrap();
+    wait_until("the job reads", || lines_of(&log) == ["one"]);
+    m.shutdown();
+    drop(m);
+
+    // Its writer was in the old process: nobody can write to it or end its stdin now.
+    let m = journaled(&certs, port, &journal);
+    wait_until("the job ends", || m.job(id).is_none());
+    assert_eq!(lines_of(&log), ["one", "end"]);
+    drop(m);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -97,7 +97,8 @@ struct Follow {
     ended: bool,
     /// The run its output comes from: the attempt, and the `seq` of the next output
     /// message expected. `None` until its first numbered output, for a job attached to
-    /// (its kept output is not numbered; the live output goes on from anywhere).
+    /// (its kept output is not numbered but for its last chunk; the live output goes on
+    /// from anywhere).
     run: Option<(u32, u64)>,
     /// Whether a `Started` was handed over for the current run.
     started: bool,

@@ -22,6 +22,8 @@ struct Entry {
     attempt: u32,
     /// `None`: queued; `Some(name)`: sent to that worker.
     sent_to: Option<String>,
+    /// Sent ahead and not started.
+    ahead: bool,
     end: Option<(Outcome, SystemTime)>,
     /// A detached job's kept output at its end, and the bytes dropped before it.
     kept: Option<(KeptOutput, u64)>,
@@ -56,6 +58,7 @@ impl State {
                         submitter,
                         attempt: 1,
                         sent_to: None,
+                        ahead: false,
                         end: None,
                         kept: None,
                     },
@@ -68,18 +71,24 @@ impl State {
                 id,
                 attempt,
                 worker,
-                ahead: _,
+                ahead,
             } => {
                 if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.end.is_none()) {
                     e.attempt = attempt;
                     e.sent_to = Some(worker);
+                    e.ahead = ahead;
                 }
             }
-            Record::Started { id: _ } => {}
+            Record::Started { id } => {
+                if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.end.is_none()) {
+                    e.ahead = false;
+                }
+            }
             Record::Queued { id, attempt } => {
                 if let Some(e) = self.jobs.get_mut(&id).filter(|e| e.end.is_none()) {
                     e.attempt = attempt;
                     e.sent_to = None;
+                    e.ahead = false;
                 }
             }
             Record::Ended { id, outcome } => {
@@ -99,21 +108,33 @@ impl State {
         }
     }
 
-    /// Forgets ended jobs past the retention at `now`.
+    /// Forgets ended jobs past the retention at `now`: past its time, and beyond its
+    /// count, which each kind of ended job (a detached job's, kept for a later attach,
+    /// or another's) is kept to on its own.
     pub(crate) fn compact(&mut self, now: SystemTime, retention: Retention) {
-        let mut ended: Vec<(SystemTime, JobId)> = self
-            .jobs
-            .iter()
-            .filter_map(|(&id, e)| e.end.as_ref().map(|(_, at)| (*at, id)))
-            .collect();
-        ended.sort();
-        let over = ended.len().saturating_sub(retention.keep_ended);
-        for (i, (at, id)) in ended.into_iter().enumerate() {
-            let old = now
-                .duration_since(at)
-                .is_ok_and(|age| age >= retention.keep_ended_for);
-            if i < over || old {
-                self.jobs.remove(&id);
+        for detached in [false, true] {
+            let mut ended: Vec<(SystemTime, JobId)> = self
+                .jobs
+                .iter()
+                .filter(|(_, e)| {
+                    matches!(e.submitter, Submitter::Remote { detached: true, .. }) == detached
+                })
+                .filter_map(|(&id, e)| e.end.as_ref().map(|(_, at)| (*at, id)))
+                .collect();
+            ended.sort();
+            let old = |at: SystemTime| {
+                now.duration_since(at)
+                    .is_ok_and(|age| age >= retention.keep_ended_for)
+            };
+            let young = ended.iter().filter(|(at, _)| !old(*at)).count();
+            let mut over = young.saturating_sub(retention.keep_ended);
+            for (at, id) in ended {
+                if old(at) {
+                    self.jobs.remove(&id);
+                } else if over > 0 {
+                    over -= 1;
+                    self.jobs.remove(&id);
+                }
             }
         }
     }
@@ -142,6 +163,7 @@ impl State {
                         Some(name) => Place::Sent {
                             worker: name.clone(),
                             cert: self.workers.get(name).cloned().flatten(),
+                            ahead: e.ahead,
                         },
                     },
                 }),

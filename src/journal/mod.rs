@@ -100,6 +100,9 @@ pub(crate) enum Place {
     Sent {
         worker: String,
         cert: Option<Vec<u8>>,
+        /// Sent ahead (to hold until one of the worker's slots frees), and not known
+        /// to have started.
+        ahead: bool,
     },
 }
 

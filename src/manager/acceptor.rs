@@ -189,6 +189,7 @@ fn serve_worker(shared: &Arc<Shared>, mut est: Established, hello: WorkerHello, 
     let peer = Some(peer);
     let live = est.tx.live().clone();
     let out = Outbox::new(est.tx.clone());
+    let reported = out.clone();
     let routes: Arc<Routes> = Arc::default();
     let (reply_tx, reply_rx) = bounded(1);
     let name = hello.name.clone();
@@ -241,6 +242,7 @@ fn serve_worker(shared: &Arc<Shared>, mut est: Established, hello: WorkerHello, 
             worker: worker_id,
             label: &label,
             routes: &routes,
+            out: &reported,
         };
         // What the link's own thread sends: heartbeats, and timing changes.
         let own = Outbox::<ManagerMessage>::new(est.tx.clone());

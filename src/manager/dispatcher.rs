@@ -188,8 +188,9 @@ pub(crate) type NamedWorker = (String, Option<Vec<u8>>);
 /// A job read back from the journal at a restart, with its new sink.
 pub(crate) struct Restored {
     pub job: QueuedJob,
-    /// The worker it was sent to, which may claim it; `None`: queued.
-    pub sent_to: Option<NamedWorker>,
+    /// The worker it was sent to, which may claim it, and whether it was sent ahead
+    /// (and not known to have started); `None`: queued.
+    pub sent_to: Option<(String, Option<Vec<u8>>, bool)>,
 }
 
 struct WorkerEntry {
@@ -469,7 +470,7 @@ impl Dispatcher {
                     self.queued.fetch_add(1, Ordering::Relaxed);
                     self.queue.push(job);
                 }
-                Some(worker) => {
+                Some((name, cert, ahead)) => {
                     self.running.insert(
                         job.id,
                         Running {
@@ -481,10 +482,16 @@ impl Dispatcher {
                             held: None,
                         },
                     );
+                    // A run sent ahead tells its start when its worker says it has
+                    // started (it may have while the manager was down).
+                    let mut route = Route::restored(job.events);
+                    if ahead {
+                        route.held_by = Some(name.clone());
+                    }
                     by_worker
-                        .entry(worker)
+                        .entry((name, cert))
                         .or_default()
-                        .push((job.id, Route::restored(job.events)));
+                        .push((job.id, route));
                 }
             }
         }
@@ -1398,6 +1405,7 @@ impl Dispatcher {
                 }
                 ahead
             });
+            let mut starts_later = false;
             match listed {
                 // Not listed by a worker that names this manager: such a worker holds
                 // every run it was sent and not told ended (one that gave its runs up
@@ -1422,6 +1430,11 @@ impl Dispatcher {
                     self.settle(now, job, route, false);
                     continue;
                 }
+                // Read back from the journal, which does not say which runs were sent
+                // ahead: one the worker still holds ahead goes on as a running one (it
+                // starts in the worker's next free slot), and its start is told when it
+                // comes. (It has sent no output yet: its route is still `restored`.)
+                Some(true) if route.restored => starts_later = true,
                 // Sent ahead and still not started: taken back (the worker drops it).
                 Some(true) if route.held_by.is_some() => {
                     self.settle(now, job, route, true);
@@ -1429,7 +1442,9 @@ impl Dispatcher {
                 }
                 Some(_) => {}
             }
-            if let Some(worker) = route.held_by.take() {
+            if starts_later {
+                route.held_by = Some(d.name.clone());
+            } else if let Some(worker) = route.held_by.take() {
                 // Sent ahead, and it started while the link was down.
                 self.record(|| Record::Started { id: job });
                 route.sink.push(JobEvent::Started { worker });

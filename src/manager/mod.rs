@@ -163,9 +163,9 @@ pub struct ManagerConfig {
     /// compacted away. Keep it at least `detached_retention`, or a detached job's end
     /// cannot be attached to after a restart.
     pub journal_retention: Duration,
-    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first). It
-    /// counts every ended job, detached or not: a detached job compacted away cannot be
-    /// attached to after a restart.
+    /// Most ended jobs the journal keeps (10,000 by default; the oldest go first), and
+    /// as many detached jobs' ends besides (kept for a later attach: keep it at least
+    /// `detached_retention_count`).
     pub journal_retention_count: usize,
 }
 
@@ -336,6 +336,12 @@ pub(crate) struct Shared {
     capacity: usize,
     next_job: AtomicU64,
     closing: AtomicBool,
+    /// Held (shared) by each submission from its admission until its jobs are queued,
+    /// and taken (exclusive) by shutdown once `closing` is set: every job admitted
+    /// before the shutdown, and perhaps already in the journal, reaches the dispatcher
+    /// before it shuts down (a submission whose journal write was on disk never fails
+    /// as shut down while its job stays in the journal).
+    submitting: std::sync::RwLock<()>,
     tls: Option<tls::ServerTls>,
     /// The links' timing and grace, stretched with the number of workers.
     pace: Arc<Pace>,
@@ -455,6 +461,7 @@ impl Manager {
             capacity: config.queue_capacity,
             next_job: AtomicU64::new(recovered.as_ref().map_or(1, |r| r.next_job)),
             closing: AtomicBool::new(false),
+            submitting: std::sync::RwLock::new(()),
             tls,
             pace: Arc::new(Pace::new(
                 base,
@@ -548,7 +555,7 @@ impl Manager {
     /// written (a full disk).
     pub fn submit(&self, spec: JobSpec) -> Result<JobHandle> {
         let s = &self.shared;
-        s.admit(&spec, 1)?;
+        let _admitted = s.admit(&spec, 1)?;
         let id = JobId(s.next_job.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = bounded(JOB_EVENT_CAPACITY);
         let stdin = spec
@@ -644,6 +651,8 @@ impl Manager {
         let s = &self.shared;
         drop(lock(&self.metrics).take());
         s.closing.store(true, Ordering::Release);
+        // Submissions admitted before `closing` was set queue their jobs first.
+        drop(s.submitting.write().unwrap_or_else(|p| p.into_inner()));
         let _ = s.events.send(Event::Shutdown { grace });
         let _ = dispatcher.join();
         crate::net::wake_acceptor(&self.listener, Duration::from_secs(1));
@@ -687,8 +696,10 @@ impl Drop for Manager {
 }
 
 impl Shared {
-    /// Checks a job and takes `n` places in the queue for it, all or none.
-    fn admit(&self, spec: &JobSpec, n: usize) -> Result<()> {
+    /// Checks a job and takes `n` places in the queue for it, all or none. The guard
+    /// it returns is kept until the jobs are queued (see [`Shared::submitting`]).
+    fn admit(&self, spec: &JobSpec, n: usize) -> Result<std::sync::RwLockReadGuard<'_, ()>> {
+        let admitted = self.submitting.read().unwrap_or_else(|p| p.into_inner());
         if self.closing.load(Ordering::Acquire) {
             return Err(Error::ShutDown);
         }
@@ -713,7 +724,7 @@ impl Shared {
             .map_err(|_| Error::QueueFull {
                 capacity: self.capacity,
             })?;
-        Ok(())
+        Ok(admitted)
     }
 
     /// With a journal, writes that these admitted jobs are accepted, and returns once
@@ -759,10 +770,11 @@ impl Shared {
                     JobSink::with_stdin(id, dest, self.counters.clone(), ports.remove(&id))
                 }
                 Submitter::Local => {
+                    // Its writer was in the old process: its stdin ends.
                     let stdin = open
                         .spec
                         .interactive
-                        .then(|| StdinPort::new(id, open.spec.pty.is_some(), None));
+                        .then(|| StdinPort::orphaned(id, open.spec.pty.is_some()));
                     let (tx, _nobody) = bounded(1);
                     JobSink::with_stdin(id, tx, self.counters.clone(), stdin)
                 }
@@ -772,7 +784,11 @@ impl Shared {
             }
             let sent_to = match open.place {
                 journal::Place::Queued => None,
-                journal::Place::Sent { worker, cert } => Some((worker, cert)),
+                journal::Place::Sent {
+                    worker,
+                    cert,
+                    ahead,
+                } => Some((worker, cert, ahead)),
             };
             restored.push(dispatcher::Restored {
                 job: QueuedJob {

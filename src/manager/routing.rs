@@ -132,6 +132,8 @@ pub(crate) struct Link<'a> {
     pub worker: u64,
     pub label: &'a str,
     pub routes: &'a Routes,
+    /// The link's outbox: a job's end it reports is acknowledged on it.
+    pub out: &'a crate::link::Outbox<crate::protocol::ManagerMessage>,
 }
 
 impl Link<'_> {
@@ -273,7 +275,7 @@ pub(crate) fn on_worker_message(
                         log::warn!("{label}: job {job}: {e}");
                         route.sink.push(JobEvent::Warning(e));
                     }
-                    route.sink.push(JobEvent::Finished(peer_outcome(outcome)));
+                    route.sink.finished_on(peer_outcome(outcome), link.out);
                 }
                 None => {
                     if complaints.ignored(label) {

@@ -105,6 +105,8 @@ struct State {
     /// The submitter dropped its handle: events are discarded.
     abandoned: bool,
     producer: Option<Producer>,
+    /// The link whose worker reported the job's end (see [`JobSink::finished_on`]).
+    reported_on: Option<Producer>,
     paused: bool,
 }
 
@@ -236,6 +238,19 @@ impl JobSink {
         self.hand_over(inline);
     }
 
+    /// The job's worker reported its end on `link`: `Finished` is pushed, and with a
+    /// journal that worker is told `Ended` on `link` once the end is on disk.
+    pub(crate) fn finished_on(self: &Arc<Self>, outcome: Outcome, link: &Producer) {
+        let inline = {
+            let mut s = self.lock();
+            s.reported_on = Some(link.clone());
+            let inline = self.push_locked(&mut s, JobEvent::Finished(outcome), None);
+            s.reported_on = None;
+            inline
+        };
+        self.hand_over(inline);
+    }
+
     /// Adds the worker's output message `seq` (see [`JobSink::push`]).
     pub(crate) fn push_output(self: &Arc<Self>, seq: u64, stream: Stream, bytes: Vec<u8>) {
         let ev = JobEvent::Output { stream, bytes };
@@ -294,8 +309,13 @@ impl JobSink {
                     // The worker forgets the job when told `Ended`: only once its end is
                     // on disk, so that a restart never finds a job sent to a worker that
                     // no longer has it although it ran (it would end lost, or run again).
+                    // The worker told is the one that reported the end, on its link: the
+                    // job's producer may still be an older link of the same worker, or
+                    // none yet (a job resumed after a reconnect or a restart is attached
+                    // to its new link after the round's records are on disk, and the
+                    // worker may report its end before that).
                     let job = self.job;
-                    let then = s.producer.clone().map(|link| {
+                    let then = s.reported_on.take().map(|link| {
                         Box::new(move |durable| {
                             if durable {
                                 link.send(ManagerMessage::Ended { job });

@@ -79,6 +79,19 @@ impl StdinPort {
         port
     }
 
+    /// The stdin of an in-process submitter's job found in the journal after a restart:
+    /// its writer was in the old process, so the stream ends where the job's worker (on
+    /// its return) says it took it, or at once for a run that starts now.
+    pub(crate) fn orphaned(job: JobId, pty: bool) -> Arc<StdinPort> {
+        let port = StdinPort::new(job, pty, None);
+        {
+            let mut s = port.lock();
+            s.adopt_worker = true;
+            let _ = s.w.finish();
+        }
+        port
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         lock(&self.state)
     }
@@ -398,6 +411,19 @@ mod tests {
         // A job without a terminal has nothing to resize.
         let plain = StdinPort::new(JobId(2), false, None);
         assert!(plain.resize(PtySize { rows: 1, cols: 1 }).is_err());
+    }
+
+    #[test]
+    fn an_orphaned_stdin_ends_where_its_worker_took_it_or_at_once() {
+        let port = StdinPort::orphaned(JobId(1), false);
+        port.resume_from(700);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link), (vec![], Some(700), vec![]));
+        let port = StdinPort::orphaned(JobId(2), true);
+        let link = producer();
+        port.set_producer(Some(link.clone()));
+        assert_eq!(sent(&link), (vec![], Some(0), vec![]));
     }
 
     #[test]

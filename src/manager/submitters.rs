@@ -264,6 +264,10 @@ struct Kept {
     events: VecDeque<JobEvent>,
     output: usize,
     dropped: u64,
+    /// The attempt and worker's `seq` of the last output message kept, if it came
+    /// numbered: the last kept output is replayed with them, so that a submitter that
+    /// attached drops that output when the worker sends it again after a restart.
+    last_out: Option<(u32, u64)>,
 }
 
 impl Kept {
@@ -405,6 +409,9 @@ pub(crate) struct Hub {
     /// The jobs each request of a restored session submitted, as the journal holds
     /// them: a request sent again is answered with them (see [`Hub::answer_again`]).
     requests: HashMap<u64, HashMap<u64, Vec<JobId>>>,
+    /// Per restored session, the last request the journal holds jobs of: the old
+    /// manager took every request up to it (a session's requests are taken in order).
+    taken_upto: HashMap<u64, u64>,
 }
 
 /// The end given to a job that a submitter follows and a restarted manager no longer
@@ -427,6 +434,7 @@ impl Hub {
             orphaned_stdin: Vec::new(),
             journal: None,
             requests: HashMap::new(),
+            taken_upto: HashMap::new(),
         }
     }
 
@@ -520,6 +528,8 @@ impl Hub {
         for &(session, request, job) in remote_requests {
             if let Some(s) = self.sessions.get_mut(&session) {
                 s.unknown_ends += 1;
+                let upto = self.taken_upto.entry(session).or_default();
+                *upto = (*upto).max(request);
                 self.requests
                     .entry(session)
                     .or_default()
@@ -653,6 +663,7 @@ impl Hub {
             return Vec::new();
         };
         self.requests.remove(&session);
+        self.taken_upto.remove(&session);
         if let Some(l) = &s.link {
             l.close(std::net::Shutdown::Write);
         }
@@ -803,15 +814,39 @@ impl Hub {
     /// jobs before the restart: it is answered with them (true), and not carried out
     /// again. The session follows them: those still running already did since the
     /// restore; for one that has ended it is sent what the job kept (a detached job's
-    /// last output and end), or an end saying its outcome is not known.
+    /// last output and end), or an end saying its outcome is not known. A submit the
+    /// journal no longer holds that the old manager took all the same (one before the
+    /// last request the journal holds: its jobs ended and were compacted away) is
+    /// answered with a failure (true): it is never submitted twice.
     pub(crate) fn answer_again(&mut self, session: u64, request: u64) -> bool {
-        let Some(ids) = self
+        // An answered request's jobs are left empty (the journal holds none without).
+        let ids = self
             .requests
             .get_mut(&session)
-            .and_then(|r| r.remove(&request))
-        else {
+            .and_then(|r| r.get_mut(&request))
+            .map(std::mem::take);
+        let Some(ids) = ids else {
+            if self
+                .taken_upto
+                .get(&session)
+                .is_some_and(|&upto| request < upto)
+                && let Some(s) = self.sessions.get_mut(&session)
+            {
+                let why = "the manager took this submission before it restarted, and its jobs \
+                           ended and were compacted out of its journal since: it is not \
+                           submitted again, and its jobs' ids are not known"
+                    .to_owned();
+                s.emit(SessionEventRef::Reply {
+                    request,
+                    reply: &Reply::Failed(RequestError::Journal(why)),
+                });
+                return true;
+            }
             return false;
         };
+        if ids.is_empty() {
+            return true; // answered already: neither answered nor carried out again
+        }
         let Some(s) = self.sessions.get_mut(&session) else {
             return false;
         };
@@ -990,8 +1025,25 @@ impl Hub {
                     reply: &Reply::Attached,
                 });
                 if let Some(k) = &r.kept {
-                    for ev in k.replay() {
-                        s.emit(SessionEventRef::Job { job, event: &ev });
+                    let events = k.replay();
+                    let last = events
+                        .iter()
+                        .rposition(|e| matches!(e, JobEvent::Output { .. }));
+                    for (i, ev) in events.iter().enumerate() {
+                        match (ev, k.last_out) {
+                            (JobEvent::Output { stream, bytes }, Some((attempt, seq)))
+                                if Some(i) == last =>
+                            {
+                                s.emit(SessionEventRef::Output {
+                                    job,
+                                    attempt,
+                                    seq,
+                                    stream: *stream,
+                                    bytes,
+                                })
+                            }
+                            _ => s.emit(SessionEventRef::Job { job, event: ev }),
+                        }
                     }
                 }
                 if !r.ended && !r.watchers.contains(&session) {
@@ -1060,6 +1112,9 @@ impl Hub {
             }
         }
         if let Some(k) = &mut r.kept {
+            if let JobEvent::Output { .. } = ev {
+                k.last_out = seq.map(|seq| (r.attempt, seq));
+            }
             k.push(&ev, self.settings.kept_output);
         }
         if matches!(ev, JobEvent::Finished(_)) {
@@ -1591,15 +1646,19 @@ impl Conn<'_> {
             return;
         }
         let s = self.shared;
-        if let Err(e) = s.admit(&spec, count) {
-            let e = match e {
-                Error::QueueFull { capacity } => RequestError::QueueFull { capacity },
-                Error::InvalidJob(why) => RequestError::InvalidJob(why),
-                _ => RequestError::ShutDown,
-            };
-            self.reply(seq, Reply::Failed(e));
-            return;
-        }
+        // Kept until the jobs are queued (see `Shared::submitting`).
+        let _admitted = match s.admit(&spec, count) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                let e = match e {
+                    Error::QueueFull { capacity } => RequestError::QueueFull { capacity },
+                    Error::InvalidJob(why) => RequestError::InvalidJob(why),
+                    _ => RequestError::ShutDown,
+                };
+                self.reply(seq, Reply::Failed(e));
+                return;
+            }
+        };
         let first = s.next_job.fetch_add(count as u64, Ordering::Relaxed);
         let ids: Vec<JobId> = (0..count as u64).map(|i| JobId(first + i)).collect();
         let specs: Vec<JobSpec> = (0..count)
@@ -2386,7 +2445,10 @@ mod tests {
         assert!(!hub.answer_again(40, 5), "not in the journal: carried out");
         // Once taken, a request is not taken again.
         assert_eq!(hub.take_request(40, 4), Take::Again);
-        assert!(!hub.answer_again(40, 2), "answered once");
+        assert!(
+            hub.answer_again(40, 2),
+            "answered once: neither carried out nor answered again"
+        );
         let got = events(&o);
         assert_eq!(
             got,
@@ -2702,6 +2764,74 @@ mod tests {
             .collect();
         assert_eq!(numbers, vec![0, 1, 2, 3, 4]);
         assert_eq!(got.len(), 6, "{got:?}");
+    }
+
+    #[test]
+    fn an_attach_replays_the_last_kept_output_with_its_worker_s_number() {
+        let t0 = Instant::now();
+        let mut hub = Hub::new(settings());
+        let (tx, _o) = link();
+        let s = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.follow_new(s, JobId(1), true);
+        hub.push(t0, JobId(1), JobEvent::Started { worker: "w".into() });
+        for seq in 0..3 {
+            hub.push_numbered(t0, JobId(1), out(10), Some(seq));
+        }
+        let (tx, o) = link();
+        let other = hub.open(owner("a"), tx, None, 1).unwrap().session;
+        hub.attach(other, 0, JobId(1));
+        let got: Vec<SessionEvent> = events(&o).into_iter().map(|(_, e)| e).collect();
+        // The three messages were kept as one chunk: it goes as the last of them, so
+        // that the worker's sending them again after a restart is dropped by the client.
+        assert!(
+            matches!(
+                got.last(),
+                Some(SessionEvent::Output {
+                    attempt: 1,
+                    seq: 2,
+                    bytes,
+                    ..
+                }) if bytes.len() == 30
+            ),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_submit_sent_again_that_was_taken_before_the_restart_is_not_taken_twice() {
+        let t0 = Instant::now();
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let mut hub = Hub::new(settings());
+        // Request 4 of session 40 submitted job 9, still running. Request 2 submitted
+        // a job that ended and was compacted away: its answer never reached the
+        // submitter, which sends request 2 again.
+        let running = open_job(9, remote("a", 40, 4, false), 1);
+        hub.restore(t0, wall, &[&running], vec![], &[(40, 4, JobId(9))]);
+        let (tx, o) = link();
+        hub.open(owner("a"), tx, Some(&resume(40, 0)), 1).unwrap();
+        hub.follow_again(40, &[]);
+        assert_eq!(hub.take_request(40, 2), Take::New);
+        assert!(
+            hub.answer_again(40, 2),
+            "taken before the restart (requests are taken in order): not carried out again"
+        );
+        let got = events(&o);
+        assert!(
+            matches!(
+                &got[..],
+                [(
+                    _,
+                    SessionEvent::Reply {
+                        request: 2,
+                        reply: Reply::Failed(RequestError::Journal(_))
+                    }
+                )]
+            ),
+            "{got:?}"
+        );
+        // A request the old manager never took is carried out.
+        assert_eq!(hub.take_request(40, 5), Take::New);
+        assert!(!hub.answer_again(40, 5));
     }
 
     #[test]

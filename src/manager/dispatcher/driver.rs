@@ -372,4 +372,218 @@ mod tests {
         journal.commit(false);
         assert_eq!(runs(&out), vec![JobId(2)]);
     }
+
+    /// A journaled dispatcher and its driver's ports, on `journal`.
+    fn journaled(journal: &Arc<Held>, counters: &Arc<Counters>) -> (Dispatcher, Ports) {
+        let settings = super::super::Settings {
+            reconnect_grace: Duration::from_secs(10),
+            max_connections_per_certificate: 4,
+            manager_id: 7,
+            journaled: true,
+        };
+        let d = Dispatcher::new(settings, Arc::new(AtomicUsize::new(0)), counters.clone());
+        let ports = Ports {
+            links: IdMap::default(),
+            subscribers: Vec::new(),
+            journal: Some(journal.clone()),
+        };
+        (d, ports)
+    }
+
+    /// A worker registered on a link of its own.
+    struct Joined {
+        id: u64,
+        resume: Vec<(JobId, u64)>,
+        out: Outbox<ManagerMessage>,
+        routes: Arc<Routes>,
+    }
+
+    /// A worker named "w" registers on a new link.
+    fn register(
+        d: &mut Dispatcher,
+        ports: &mut Ports,
+        now: Instant,
+        manager_id: Option<u64>,
+        jobs: Vec<crate::protocol::HeldJob>,
+    ) -> Joined {
+        let live = Liveness::new();
+        let out = Outbox::detached(live.clone(), crate::link::PENDING_LIMIT);
+        let routes: Arc<Routes> = Arc::default();
+        let (reply, answer) = bounded(1);
+        let hello = WorkerHello {
+            name: "w".into(),
+            tags: Default::default(),
+            platform: "linux-x86_64".into(),
+            slots: 2,
+            ahead: 0,
+            manager_id,
+            jobs,
+            draining: false,
+        };
+        let link = LinkHandle {
+            out: out.clone(),
+            routes: routes.clone(),
+            live,
+        };
+        let event = Event::Register {
+            hello,
+            peer: None,
+            cert: None,
+            link,
+            reply,
+        };
+        ports.handle(d, now, event);
+        ports.carry_out(d);
+        let (id, resume) = answer.try_recv().unwrap().unwrap();
+        Joined {
+            id,
+            resume,
+            out,
+            routes,
+        }
+    }
+
+    /// The worker reports `job` finished on its link, as the link's reader does.
+    fn reader_finished(
+        d: &mut Dispatcher,
+        ports: &mut Ports,
+        now: Instant,
+        counters: &Counters,
+        w: &Joined,
+        job: JobId,
+    ) {
+        let (tx, rx) = unbounded();
+        let link = crate::manager::routing::Link {
+            events: &tx,
+            counters,
+            worker: w.id,
+            label: "worker w",
+            routes: &w.routes,
+            out: &w.out,
+        };
+        let msg = crate::protocol::WorkerMessage::Finished {
+            job,
+            outcome: crate::job::Outcome::Exited(0),
+            cleanup_error: None,
+        };
+        crate::manager::routing::on_worker_message(
+            &link,
+            &mut crate::manager::routing::Complaints::default(),
+            msg,
+        )
+        .unwrap();
+        for ev in rx.try_iter() {
+            ports.handle(d, now, ev);
+            ports.carry_out(d);
+        }
+    }
+
+    fn ended(out: &Outbox<ManagerMessage>) -> Vec<JobId> {
+        out.take_sent()
+            .0
+            .into_iter()
+            .filter_map(|m| match m {
+                ManagerMessage::Ended { job } => Some(job),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_job_that_ended_while_its_worker_was_away_is_acknowledged_on_the_link_it_came_back_on() {
+        let journal = Arc::new(Held::default());
+        let counters: Arc<Counters> = Arc::default();
+        let (mut d, mut ports) = journaled(&journal, &counters);
+        let now = Instant::now();
+        let first = register(&mut d, &mut ports, now, None, vec![]);
+        journal.commit(true);
+        let (tx, _rx) = unbounded();
+        let sink = JobSink::new(JobId(1), tx, counters.clone());
+        sink.journal_to(journal.clone());
+        let job = QueuedJob {
+            id: JobId(1),
+            spec: JobSpec::new("true"),
+            events: sink,
+            attempt: 1,
+            since: now,
+        };
+        ports.handle(&mut d, now, Event::Submit(job));
+        ports.carry_out(&mut d);
+        journal.commit(true);
+        assert_eq!(runs(&first.out), vec![JobId(1)]);
+        // The link drops; the worker keeps the job, which ends meanwhile.
+        let closed = super::super::LinkEvent::Closed {
+            reason: "cut".into(),
+        };
+        ports.handle(
+            &mut d,
+            now,
+            Event::Link {
+                worker: first.id,
+                event: closed,
+            },
+        );
+        ports.carry_out(&mut d);
+        journal.commit(true);
+        let held = crate::protocol::HeldJob {
+            job: JobId(1),
+            finished: true,
+            ahead: false,
+            stdin_taken: 0,
+        };
+        let back = register(&mut d, &mut ports, now, Some(7), vec![held]);
+        assert_eq!(back.resume, vec![(JobId(1), 0)]);
+        // Welcomed, the worker sends its `Finished` again at once: its reader hands it on
+        // before the round that registered the worker is on disk.
+        reader_finished(&mut d, &mut ports, now, &counters, &back, JobId(1));
+        journal.commit(true);
+        assert_eq!(
+            ended(&back.out),
+            vec![JobId(1)],
+            "the worker forgets the job only once told `Ended` on the link it is on"
+        );
+        assert_eq!(ended(&first.out), vec![], "not on the link that dropped");
+    }
+
+    #[test]
+    fn after_a_restart_a_job_that_ended_while_the_manager_was_down_is_acknowledged() {
+        let journal = Arc::new(Held::default());
+        let counters: Arc<Counters> = Arc::default();
+        let (mut d, mut ports) = journaled(&journal, &counters);
+        let now = Instant::now();
+        // The journal had job 1 sent to "w"; the restarted manager waits for it.
+        let (tx, _rx) = unbounded();
+        let sink = JobSink::new(JobId(1), tx, counters.clone());
+        sink.journal_to(journal.clone());
+        let restored = super::super::Restored {
+            job: QueuedJob {
+                id: JobId(1),
+                spec: JobSpec::new("true"),
+                events: sink,
+                attempt: 1,
+                since: now,
+            },
+            sent_to: Some(("w".into(), None, false)),
+        };
+        d.restore(now, vec![restored]);
+        ports.carry_out(&mut d);
+        journal.commit(true);
+        let held = crate::protocol::HeldJob {
+            job: JobId(1),
+            finished: true,
+            ahead: false,
+            stdin_taken: 0,
+        };
+        let w = register(&mut d, &mut ports, now, Some(7), vec![held]);
+        assert_eq!(w.resume, vec![(JobId(1), 0)]);
+        reader_finished(&mut d, &mut ports, now, &counters, &w, JobId(1));
+        let records = journal.commit(true);
+        assert!(
+            records
+                .iter()
+                .any(|r| matches!(r, Record::Ended { id: JobId(1), .. })),
+            "{records:?}"
+        );
+        assert_eq!(ended(&w.out), vec![JobId(1)]);
+    }
 }

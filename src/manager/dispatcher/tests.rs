@@ -141,7 +141,11 @@ impl Rig {
             r.jobs.insert(open.id, rx);
             let sent_to = match open.place {
                 journal::Place::Queued => None,
-                journal::Place::Sent { worker, cert } => Some((worker, cert)),
+                journal::Place::Sent {
+                    worker,
+                    cert,
+                    ahead,
+                } => Some((worker, cert, ahead)),
             };
             restored.push(Restored {
                 job: QueuedJob {
@@ -315,12 +319,14 @@ impl Rig {
     /// the dispatcher, as on a real link.
     fn says(&mut self, worker: u64, msg: WorkerMessage) {
         let routes = self.links[&worker].routes.clone();
+        let out = self.links[&worker].out.clone();
         let link = Link {
             events: &self.reports.0,
             counters: &self.counters,
             worker,
             label: "test worker",
             routes: &routes,
+            out: &out,
         };
         routing::on_worker_message(&link, &mut Complaints::default(), msg)
             .expect("a message within the protocol");
@@ -1712,6 +1718,7 @@ fn sent_to(name: &str) -> journal::Place {
     journal::Place::Sent {
         worker: name.into(),
         cert: Some(name.as_bytes().to_vec()),
+        ahead: false,
     }
 }
 
@@ -1948,4 +1955,63 @@ fn with_a_journal_a_worker_is_told_a_job_ended_only_once_its_end_is_on_disk() {
         "its end is not on disk: the worker keeps the job ({sent:?})"
     );
     assert_eq!(r.events(second).last(), Some(&finished(Outcome::Exited(0))));
+}
+
+#[test]
+fn a_run_sent_ahead_before_a_restart_tells_its_start_when_it_starts() {
+    let mut r = Rig::journaled();
+    let w = r.join_ahead("a", 1, 1);
+    let first = r.submit();
+    let ahead = r.submit();
+    assert_eq!(r.runs_sent(w), vec![(first.0, false), (ahead.0, true)]);
+    let j = the_journal(&r);
+    drop(r);
+
+    // The worker comes back holding both: the first running, the other still ahead.
+    let mut r = Rig::restarted(j.clone());
+    let mut back = returning("a", 1, &[first, ahead]);
+    back.ahead = 1;
+    back.jobs[1].ahead = true;
+    let (w, resume) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(first, 0), (ahead, 0)]);
+    // A blip before it starts: it is still held ahead, and still not started.
+    r.link_lost(w);
+    let mut back = returning("a", 1, &[first, ahead]);
+    back.ahead = 1;
+    back.jobs[1].ahead = true;
+    let (w, resume) = r.join_with(back, Some(b"a")).unwrap();
+    assert_eq!(resume, vec![(first, 0), (ahead, 0)]);
+    r.finished(w, first, Outcome::Exited(0));
+    assert_eq!(r.events(ahead), vec![], "not started yet");
+    r.says(w, WorkerMessage::Started { job: ahead });
+    assert_eq!(r.events(ahead), vec![started("a")]);
+    r.finished(w, ahead, Outcome::Exited(0));
+    assert_eq!(r.events(ahead), vec![finished(Outcome::Exited(0))]);
+}
+
+#[test]
+fn a_run_sent_ahead_that_started_while_the_manager_was_down_tells_its_start() {
+    let mut r = Rig::journaled();
+    let w = r.join_ahead("a", 1, 1);
+    let first = r.submit();
+    let ahead = r.submit();
+    assert_eq!(r.runs_sent(w), vec![(first.0, false), (ahead.0, true)]);
+    let j = the_journal(&r);
+    drop(r);
+
+    // Meanwhile the first ended and the other started: the worker holds both as running.
+    let mut r = Rig::restarted(j.clone());
+    let (w, resume) = r
+        .join_with(returning("a", 1, &[first, ahead]), Some(b"a"))
+        .unwrap();
+    assert_eq!(resume, vec![(first, 0), (ahead, 0)]);
+    assert_eq!(
+        r.events(first),
+        vec![],
+        "its start was told before the restart"
+    );
+    assert_eq!(r.events(ahead), vec![started("a")]);
+    r.finished(w, first, Outcome::Exited(0));
+    r.finished(w, ahead, Outcome::Exited(0));
+    assert_eq!(r.events(ahead), vec![finished(Outcome::Exited(0))]);
 }
