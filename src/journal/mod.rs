@@ -106,6 +106,20 @@ pub(crate) enum Place {
     },
 }
 
+impl Place {
+    /// The worker it was sent to (name, certificate, whether ahead); `None`: queued.
+    pub(crate) fn sent_to(self) -> Option<(String, Option<Vec<u8>>, bool)> {
+        match self {
+            Place::Queued => None,
+            Place::Sent {
+                worker,
+                cert,
+                ahead,
+            } => Some((worker, cert, ahead)),
+        }
+    }
+}
+
 /// A job that had not ended when the journal was last written.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct OpenJob {

@@ -708,20 +708,7 @@ impl Dispatcher {
         match self.running.remove(&job) {
             Some(r) if r.cancelled => route.sink.push(JobEvent::Finished(Outcome::Cancelled)),
             Some(r) => {
-                self.record(|| Record::Queued {
-                    id: job,
-                    attempt: r.attempt,
-                });
-                route.sink.set_producer(None);
-                route.sink.push(JobEvent::Requeued { attempt: r.attempt });
-                self.queued.fetch_add(1, Ordering::Relaxed);
-                self.queue.push(QueuedJob {
-                    id: job,
-                    spec: r.spec,
-                    events: route.sink,
-                    attempt: r.attempt,
-                    since: now,
-                });
+                self.queue_again(now, job, r.spec, route.sink, r.attempt);
                 self.fill_all(now);
             }
             None => route.sink.push(JobEvent::Finished(Outcome::WorkerLost)),
@@ -1198,6 +1185,29 @@ impl Dispatcher {
         }
     }
 
+    /// A job that ran, or was sent, goes back to the end of the queue as `attempt`
+    /// (its submitter hears `Requeued`); the caller fills.
+    fn queue_again(
+        &mut self,
+        now: Instant,
+        job: JobId,
+        spec: JobSpec,
+        sink: Arc<JobSink>,
+        attempt: u32,
+    ) {
+        self.record(|| Record::Queued { id: job, attempt });
+        sink.set_producer(None);
+        sink.push(JobEvent::Requeued { attempt });
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.queue.push(QueuedJob {
+            id: job,
+            spec,
+            events: sink,
+            attempt,
+            since: now,
+        });
+    }
+
     fn fill_all(&mut self, now: Instant) {
         if self.queue.len() == 0 {
             return;
@@ -1488,20 +1498,7 @@ impl Dispatcher {
         } else if self.closing() {
             self.end_for_shutdown(&route.sink);
         } else {
-            self.record(|| Record::Queued {
-                id: job,
-                attempt: r.attempt,
-            });
-            route.sink.set_producer(None);
-            route.sink.push(JobEvent::Requeued { attempt: r.attempt });
-            self.queued.fetch_add(1, Ordering::Relaxed);
-            self.queue.push(QueuedJob {
-                id: job,
-                spec: r.spec,
-                events: route.sink,
-                attempt: r.attempt,
-                since: now,
-            });
+            self.queue_again(now, job, r.spec, route.sink, r.attempt);
         }
         if let Some(x) = claimant {
             self.fill(now, x);
@@ -1628,22 +1625,7 @@ impl Dispatcher {
                 r.attempt + 1,
                 r.spec.retries + 1
             );
-            self.record(|| Record::Queued {
-                id: job,
-                attempt: r.attempt + 1,
-            });
-            route.sink.set_producer(None);
-            route.sink.push(JobEvent::Requeued {
-                attempt: r.attempt + 1,
-            });
-            self.queued.fetch_add(1, Ordering::Relaxed);
-            self.queue.push(QueuedJob {
-                id: job,
-                spec: r.spec,
-                events: route.sink,
-                attempt: r.attempt + 1,
-                since: now,
-            });
+            self.queue_again(now, job, r.spec, route.sink, r.attempt + 1);
             self.fill_all(now);
         } else {
             route.sink.push(JobEvent::Finished(Outcome::WorkerLost));

@@ -782,14 +782,7 @@ impl Shared {
             if let Some(j) = &self.journal {
                 sink.journal_to(j.clone());
             }
-            let sent_to = match open.place {
-                journal::Place::Queued => None,
-                journal::Place::Sent {
-                    worker,
-                    cert,
-                    ahead,
-                } => Some((worker, cert, ahead)),
-            };
+            let sent_to = open.place.sent_to();
             restored.push(dispatcher::Restored {
                 job: QueuedJob {
                     id,

@@ -139,14 +139,7 @@ impl Rig {
             let sink = JobSink::new(open.id, tx, r.counters.clone());
             sink.journal_to(j.clone());
             r.jobs.insert(open.id, rx);
-            let sent_to = match open.place {
-                journal::Place::Queued => None,
-                journal::Place::Sent {
-                    worker,
-                    cert,
-                    ahead,
-                } => Some((worker, cert, ahead)),
-            };
+            let sent_to = open.place.sent_to();
             restored.push(Restored {
                 job: QueuedJob {
                     id: open.id,
