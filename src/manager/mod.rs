@@ -812,18 +812,8 @@ impl Shared {
             attempt: 1,
             since: Instant::now(),
         };
-        if let Err(refused) = self.events.send(Event::Submit(job)) {
+        if self.events.send(Event::Submit(job)).is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            // Shutdown came after its acceptance was written: the job is the journal's
-            // now, kept for the next start like every job a journaled shutdown keeps
-            // (refusing it here would leave a job that runs after a restart although
-            // its submission failed).
-            if self.journal.is_some()
-                && let Event::Submit(job) = refused.0
-            {
-                job.events.suspend();
-                return Ok(());
-            }
             return Err(Error::ShutDown);
         }
         Ok(())
